@@ -1,0 +1,11 @@
+//! causeway-tests: the harness that starts Causeway's local environment (a real
+//! kube-apiserver and controller-manager, moto, nodes and pods as network
+//! namespaces) and the helpers the integration tests share.
+#![forbid(unsafe_code)]
+
+pub mod cluster;
+pub mod datapath;
+pub mod netns;
+pub mod paths;
+
+pub use cluster::{Cluster, ClusterOptions, Pod};
