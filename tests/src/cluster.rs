@@ -41,6 +41,8 @@ const MOTO_PORT: u16 = 5000;
 /// seed articles' target ports.
 pub const ECHO_PORTS: &[u16] = &[80, 443, 3000, 8080, 9376];
 pub const REGION: &str = "us-east-1";
+/// The Kubernetes release e2e/k8s-bins builds; Node objects report it.
+pub const K8S_VERSION: &str = "1.34.4";
 
 /// How to build an environment.
 #[derive(Clone, Debug)]
@@ -339,7 +341,12 @@ impl Cluster {
             ],
             &dir,
         )?;
-        wait_tcp(&format!("{host}:2379"), Duration::from_secs(30), "etcd")?;
+        wait_tcp(
+            &format!("{host}:2379"),
+            Duration::from_secs(30),
+            "etcd",
+            &mut || p.ensure_running(),
+        )?;
         p.spawn(
             "kube-apiserver",
             &bin_dir.join("kube-apiserver"),
@@ -367,7 +374,7 @@ impl Cluster {
             ],
             &dir,
         )?;
-        let client = wait_apiserver(&kubeconfig).await?;
+        let client = wait_apiserver(&kubeconfig, &mut || p.ensure_running()).await?;
         p.spawn(
             "kube-controller-manager",
             &bin_dir.join("kube-controller-manager"),
@@ -396,7 +403,9 @@ impl Cluster {
             &["-H", &host.to_string(), "-p", &MOTO_PORT.to_string()],
             &dir,
         )?;
-        wait_tcp(&moto_addr, Duration::from_secs(60), "moto")?;
+        wait_tcp(&moto_addr, Duration::from_secs(60), "moto", &mut || {
+            p.ensure_running()
+        })?;
         let node_names: Vec<String> = (1..=options.nodes).map(|i| format!("node-{i}")).collect();
         let aws = seed_moto(
             &venv,
@@ -836,7 +845,7 @@ impl Cluster {
     /// with [`Cluster::detach`], or drop it to tear it down.
     pub async fn attach(dir: &Path, info: &DetachedInfo) -> Result<Cluster> {
         let state = EnvState::load(dir)?;
-        let client = wait_apiserver(&info.kubeconfig).await?;
+        let client = wait_apiserver(&info.kubeconfig, &mut || Ok(())).await?;
         Ok(Cluster {
             state: Mutex::new(state),
             children: Mutex::new(Vec::new()),
@@ -973,6 +982,27 @@ impl Partial {
         });
         self.children.push(child);
         self.state.save()
+    }
+
+    /// Fails when a component has already exited: there is no point waiting for
+    /// a server whose process died (a port in use, a bad flag); its log says why.
+    fn ensure_running(&mut self) -> Result<()> {
+        for (child, recorded) in self.children.iter_mut().zip(&self.state.processes) {
+            if let Some(status) = child.try_wait()? {
+                let log = fs::read_to_string(self.state.dir.join(format!("{}.log", recorded.name)))
+                    .unwrap_or_default();
+                let last = log
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("(empty log)");
+                bail!(
+                    "{} exited ({status}) while the environment was starting: {last}",
+                    recorded.name
+                );
+            }
+        }
+        Ok(())
     }
 
     fn disarm(&mut self) -> EnvState {
@@ -1178,7 +1208,14 @@ fn write_kubeconfig(path: &Path, host: Ipv4Addr, pki: &Pki) -> Result<()> {
     Ok(())
 }
 
-fn wait_tcp(address: &str, timeout: Duration, what: &str) -> Result<()> {
+/// Waits until `address` accepts connections; `alive` fails early when the
+/// process that should listen there has died (a port taken, a bad flag).
+fn wait_tcp(
+    address: &str,
+    timeout: Duration,
+    what: &str,
+    alive: &mut dyn FnMut() -> Result<()>,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let sock = address
         .parse()
@@ -1187,6 +1224,7 @@ fn wait_tcp(address: &str, timeout: Duration, what: &str) -> Result<()> {
         if TcpStream::connect_timeout(&sock, Duration::from_millis(200)).is_ok() {
             return Ok(());
         }
+        alive()?;
         if Instant::now() > deadline {
             bail!("{what} did not listen on {address} within {timeout:?}");
         }
@@ -1195,7 +1233,10 @@ fn wait_tcp(address: &str, timeout: Duration, what: &str) -> Result<()> {
 }
 
 /// Waits for `/readyz` to answer `ok`.
-async fn wait_apiserver(kubeconfig: &Path) -> Result<kube::Client> {
+async fn wait_apiserver(
+    kubeconfig: &Path,
+    alive: &mut dyn FnMut() -> Result<()>,
+) -> Result<kube::Client> {
     let config = kube::Config::from_custom_kubeconfig(
         kube::config::Kubeconfig::read_from(kubeconfig)?,
         &kube::config::KubeConfigOptions::default(),
@@ -1205,11 +1246,15 @@ async fn wait_apiserver(kubeconfig: &Path) -> Result<kube::Client> {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let request = http::Request::get("/readyz").body(Vec::new())?;
-        let last = match client.request_text(request).await {
-            Ok(body) if body.trim() == "ok" => return Ok(client),
-            Ok(body) => body,
-            Err(e) => e.to_string(),
+        // A bounded wait per attempt: whatever holds the port may accept and
+        // never answer.
+        let last = match tokio::time::timeout(Duration::from_secs(2), client.request_text(request)).await {
+            Ok(Ok(body)) if body.trim() == "ok" => return Ok(client),
+            Ok(Ok(body)) => body,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer within 2 s".to_string(),
         };
+        alive()?;
         if Instant::now() > deadline {
             bail!("kube-apiserver was not ready within 90 s: {last}");
         }
@@ -1286,6 +1331,12 @@ async fn register_nodes(client: &kube::Client, nodes: &[NodeInfo]) -> Result<()>
                     "type": "Ready", "status": "True", "reason": "KubeletReady",
                     "message": "node namespace is up", "lastHeartbeatTime": now, "lastTransitionTime": now
                 }],
+                "nodeInfo": {
+                    "machineID": node.instance_id, "systemUUID": node.instance_id, "bootID": node.netns,
+                    "kernelVersion": "", "osImage": "causeway namespace node", "containerRuntimeVersion": "none",
+                    "kubeletVersion": format!("v{K8S_VERSION}"), "kubeProxyVersion": "",
+                    "operatingSystem": "linux", "architecture": "amd64"
+                },
                 "capacity": {"cpu": "2", "memory": "4Gi", "pods": "110"},
                 "allocatable": {"cpu": "2", "memory": "4Gi", "pods": "110"}
             }
