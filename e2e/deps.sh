@@ -19,6 +19,7 @@ need iptables-legacy-restore iptables
 need conntrack conntrack
 need nft nftables
 need openssl openssl
+need curl curl
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   # shellcheck disable=SC2207

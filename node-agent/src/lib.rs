@@ -1,3 +1,15 @@
 //! causeway-agent: the kube-proxy compatible iptables data path of every node,
 //! and the health checks the NLB probes.
 #![forbid(unsafe_code)]
+
+pub mod addr;
+pub mod agent;
+pub mod config;
+pub mod debug;
+pub mod health;
+pub mod manifests;
+pub mod metrics;
+pub mod model;
+pub mod netfilter;
+pub mod rules;
+pub mod trace;

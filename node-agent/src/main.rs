@@ -1,7 +1,22 @@
-//! Command line of causeway-agent.
+//! Command line of causeway-agent: `render` (manifests → payload, no cluster)
+//! and `run` (watch the API, program this node).
 #![forbid(unsafe_code)]
 
-use clap::{Parser, Subcommand};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{ArgAction, Args, Parser, Subcommand};
+
+use causeway_agent::addr::IpFamily;
+use causeway_agent::agent::{self, RunConfig};
+use causeway_agent::config::{DetectLocalMode, ProxyOptions};
+use causeway_agent::manifests;
+use causeway_agent::model::{self, NodeInfo};
+use causeway_agent::netfilter::Backend;
+use causeway_agent::rules::{self, RenderOptions};
+use causeway_agent::trace;
 
 /// Programs Services into iptables on this node, like kube-proxy.
 #[derive(Parser)]
@@ -13,14 +28,571 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Watch the API and program this node (not built yet).
-    Run,
+    /// Print the iptables-restore payload for YAML manifests, without a cluster.
+    Render(RenderArgs),
+    /// Watch the API server and keep this node's iptables rules in sync.
+    Run(RunArgs),
+    /// Explain one packet's fate through the rules: the running agent's
+    /// (live), a saved payload, or one rendered from manifests.
+    Trace(TraceArgs),
+    /// Remove every rule and chain the agent created (both IP families), and
+    /// nothing else; run after stopping the agent.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Args, Debug)]
+struct CleanupArgs {
+    /// Which iptables to clean: auto (the `iptables` on PATH), nft or legacy.
+    #[arg(long, env = "CAUSEWAY_IPTABLES_BACKEND", value_enum, default_value_t = Backend::Auto)]
+    iptables_backend: Backend,
+}
+
+/// Data-path flags shared by `render` and `run` (kube-proxy's names).
+#[derive(Args, Debug, Clone)]
+struct ProxyFlags {
+    /// Pod network CIDR(s), at most one per IP family; used by
+    /// `--detect-local-mode ClusterCIDR`.
+    #[arg(long, env = "CAUSEWAY_CLUSTER_CIDR", value_delimiter = ',')]
+    cluster_cidr: Vec<String>,
+    /// How traffic from local pods is recognised:
+    /// ClusterCIDR, NodeCIDR, BridgeInterface, InterfaceNamePrefix or None.
+    #[arg(
+        long,
+        env = "CAUSEWAY_DETECT_LOCAL_MODE",
+        default_value = "ClusterCIDR"
+    )]
+    detect_local_mode: DetectLocalMode,
+    /// The pod bridge, for `--detect-local-mode BridgeInterface`.
+    #[arg(long, env = "CAUSEWAY_POD_BRIDGE_INTERFACE")]
+    pod_bridge_interface: Option<String>,
+    /// The pod interface name prefix, for `--detect-local-mode InterfaceNamePrefix`.
+    #[arg(long, env = "CAUSEWAY_POD_INTERFACE_NAME_PREFIX")]
+    pod_interface_name_prefix: Option<String>,
+    /// Masquerade all traffic sent to cluster IPs.
+    #[arg(long, env = "CAUSEWAY_MASQUERADE_ALL", action = ArgAction::Set, num_args = 0..=1,
+          default_value_t = false, default_missing_value = "true")]
+    masquerade_all: bool,
+    /// The fwmark bit that marks packets to masquerade (mark 1<<bit).
+    #[arg(long, env = "CAUSEWAY_MASQUERADE_BIT", default_value_t = 14,
+          value_parser = clap::value_parser!(u8).range(0..=31))]
+    masquerade_bit: u8,
+    /// Addresses NodePorts answer on: CIDRs, or `primary` for the node's
+    /// InternalIP(s). Default: every local address.
+    #[arg(long, env = "CAUSEWAY_NODEPORT_ADDRESSES", value_delimiter = ',')]
+    nodeport_addresses: Vec<String>,
+    /// Answer IPv4 NodePorts on 127.0.0.1 (sets net.ipv4.conf.all.route_localnet=1).
+    #[arg(long, env = "CAUSEWAY_LOCALHOST_NODEPORTS", action = ArgAction::Set, num_args = 0..=1,
+          default_value_t = true, default_missing_value = "true")]
+    localhost_nodeports: bool,
+}
+
+impl ProxyFlags {
+    fn options(
+        &self,
+        node_ips: &[IpAddr],
+        random_fully: bool,
+        conntrack_tcp_liberal: bool,
+    ) -> ProxyOptions {
+        let ProxyFlags {
+            cluster_cidr,
+            detect_local_mode,
+            pod_bridge_interface,
+            pod_interface_name_prefix,
+            masquerade_all,
+            masquerade_bit,
+            nodeport_addresses,
+            localhost_nodeports,
+        } = self.clone();
+        ProxyOptions {
+            cluster_cidrs: cluster_cidr,
+            detect_local_mode,
+            pod_bridge_interface,
+            pod_interface_name_prefix,
+            masquerade_all,
+            masquerade_bit,
+            nodeport_addresses,
+            localhost_nodeports,
+            random_fully,
+            node_ips: node_ips.to_vec(),
+            conntrack_tcp_liberal,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct RenderArgs {
+    /// YAML files or directories (multi-document; Service, EndpointSlice,
+    /// Endpoints, Node; other kinds are ignored).
+    #[arg(long, required = true, num_args = 1.., value_delimiter = ',')]
+    manifests: Vec<PathBuf>,
+    /// The node to render for: decides which endpoints are local.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// This node's IP(s), in addition to a Node manifest's InternalIPs.
+    #[arg(long, value_delimiter = ',')]
+    node_ip: Vec<IpAddr>,
+    /// 4 for iptables-restore, 6 for ip6tables-restore.
+    #[arg(long, default_value_t = 4, value_parser = parse_ip_family)]
+    ip_family: u8,
+    /// Add --random-fully to MASQUERADE rules.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_value_t = true, default_missing_value = "true")]
+    random_fully: bool,
+    /// Include the jump rules from PREROUTING/INPUT/FORWARD/OUTPUT/POSTROUTING
+    /// (as `-I CHAIN 1`); load such a payload once into a fresh namespace.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_value_t = true, default_missing_value = "true")]
+    jump_rules: bool,
+    /// Print the payload even when some objects could not be used (they are
+    /// reported on stderr and left out).
+    #[arg(long)]
+    skip_invalid: bool,
+    #[command(flatten)]
+    proxy: ProxyFlags,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// This node's name (as in the Node object).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// kubeconfig file; default: in-cluster config, then ~/.kube/config.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Extra addresses of this node (default: the Node's InternalIPs).
+    #[arg(long, value_delimiter = ',')]
+    node_ip: Vec<IpAddr>,
+    /// Full resync interval, also how fast a flushed ruleset is restored.
+    #[arg(long, env = "CAUSEWAY_SYNC_PERIOD", default_value = "30s", value_parser = parse_duration)]
+    sync_period: Duration,
+    /// Minimum time between syncs; bursts of changes are batched.
+    #[arg(long, env = "CAUSEWAY_MIN_SYNC_PERIOD", default_value = "1s", value_parser = parse_duration)]
+    min_sync_period: Duration,
+    /// Log as JSON lines.
+    #[arg(long, env = "CAUSEWAY_LOG_JSON")]
+    log_json: bool,
+    /// Where /healthz and /livez answer.
+    #[arg(
+        long,
+        env = "CAUSEWAY_HEALTHZ_BIND_ADDRESS",
+        default_value = "0.0.0.0:10256"
+    )]
+    healthz_bind_address: String,
+    /// Where /metrics and /debug/rules answer (keep it local: the rules are
+    /// an inventory of the cluster).
+    #[arg(
+        long,
+        env = "CAUSEWAY_METRICS_BIND_ADDRESS",
+        default_value = "127.0.0.1:10249"
+    )]
+    metrics_bind_address: String,
+    /// Which iptables to program: auto (the `iptables` on PATH), nft or legacy.
+    #[arg(long, env = "CAUSEWAY_IPTABLES_BACKEND", value_enum, default_value_t = Backend::Auto)]
+    iptables_backend: Backend,
+    #[command(flatten)]
+    proxy: ProxyFlags,
+}
+
+#[derive(Args, Debug)]
+struct TraceArgs {
+    /// Source address of the packet.
+    #[arg(long)]
+    src: IpAddr,
+    /// Destination address (a cluster IP, node IP, load-balancer IP…).
+    #[arg(long)]
+    dst: IpAddr,
+    /// Destination port.
+    #[arg(long)]
+    dport: u16,
+    /// tcp, udp or sctp.
+    #[arg(long, default_value = "tcp")]
+    proto: String,
+    /// Interface the packet arrives on (for interface-based local detection).
+    #[arg(long)]
+    in_interface: Option<String>,
+    /// More addresses of the node (the packet is the node's own when its
+    /// source is one of them).
+    #[arg(long, value_delimiter = ',')]
+    local_address: Vec<IpAddr>,
+    /// Trace a saved payload (what `render` printed) instead.
+    #[arg(long, conflicts_with = "manifests")]
+    payload: Option<PathBuf>,
+    /// Trace the rules rendered from these manifests instead (needs --node-name).
+    #[arg(long, num_args = 1.., value_delimiter = ',')]
+    manifests: Vec<PathBuf>,
+    /// With --manifests: the node to render for.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// With --manifests: this node's IP(s).
+    #[arg(long, value_delimiter = ',')]
+    node_ip: Vec<IpAddr>,
+    /// Live: the running agent's debug address (its --metrics-bind-address).
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    debug_address: String,
+    #[command(flatten)]
+    proxy: ProxyFlags,
+}
+
+fn parse_ip_family(text: &str) -> Result<u8, String> {
+    match text {
+        "4" | "ipv4" | "IPv4" => Ok(4),
+        "6" | "ipv6" | "IPv6" => Ok(6),
+        _ => Err(format!("{text:?} is not 4 or 6")),
+    }
+}
+
+/// `30s`, `1m`, `500ms`, `2h` or plain seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 30s"))?;
+    let seconds = match unit {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("{text:?}: unit must be ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Run => anyhow::bail!(
-            "this build of causeway-agent has no data path yet: see the open agent issues"
-        ),
+        Command::Render(args) => render(args),
+        Command::Run(args) => run(args),
+        Command::Trace(args) => trace(args),
+        Command::Cleanup(args) => cleanup(args),
+    }
+}
+
+fn render(args: RenderArgs) -> anyhow::Result<()> {
+    let rendered = render_manifests(&args)?;
+    print!("{}", rendered.payload);
+    Ok(())
+}
+
+/// A payload rendered from manifests, with what `trace` needs besides it.
+struct Rendered {
+    payload: String,
+    node_ips: Vec<IpAddr>,
+}
+
+fn render_manifests(args: &RenderArgs) -> anyhow::Result<Rendered> {
+    let family = if args.ip_family == 6 {
+        IpFamily::V6
+    } else {
+        IpFamily::V4
+    };
+    let manifests = manifests::load(&args.manifests)?;
+
+    let mut issues = Vec::new();
+    let node = match manifests.node(&args.node_name) {
+        Some(node) => NodeInfo::from_node(node, &mut issues),
+        None => NodeInfo::named(args.node_name.clone()),
+    };
+    let (model, model_issues) = model::build(
+        &manifests.services,
+        &manifests.endpoint_slices,
+        &node,
+        family,
+    );
+    issues.extend(model_issues);
+    for issue in &issues {
+        match manifests.origins.get(&issue.object.to_string()) {
+            Some(path) => eprintln!("{}: {issue}", path.display()),
+            None => eprintln!("{issue}"),
+        }
+    }
+    if !issues.is_empty() && !args.skip_invalid {
+        anyhow::bail!(
+            "{} problem(s) in the manifests (listed above); fix them or pass --skip-invalid",
+            issues.len()
+        );
+    }
+
+    let options = args.proxy.options(&args.node_ip, args.random_fully, false);
+    let config = options
+        .render_config(family, &node)
+        .with_context(|| format!("configuring the IPv{} rules", args.ip_family))?;
+    let jumps = if args.jump_rules {
+        rules::builtin_jumps(&config)
+    } else {
+        Vec::new()
+    };
+    let payload = rules::render(
+        &model,
+        &config,
+        &RenderOptions {
+            builtin_jumps: &jumps,
+            delete_nat_chains: &[],
+        },
+    );
+    Ok(Rendered {
+        payload: payload.text,
+        node_ips: config.node_ips,
+    })
+}
+
+fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
+    let mut failed = false;
+    for family in [IpFamily::V4, IpFamily::V6] {
+        let netfilter = causeway_agent::netfilter::Netfilter::new(family, args.iptables_backend);
+        match netfilter.cleanup() {
+            Ok(report) => println!(
+                "{family:?}: removed {} jump rule(s) and {} chain(s){}",
+                report.jump_rules,
+                report.chains.len(),
+                if report.chains.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", report.chains.join(" "))
+                }
+            ),
+            Err(e) => {
+                eprintln!("{family:?}: {e:#}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        anyhow::bail!("cleanup did not finish (see above)");
+    }
+    Ok(())
+}
+
+fn trace(args: TraceArgs) -> anyhow::Result<()> {
+    let TraceArgs {
+        src,
+        dst,
+        dport,
+        proto,
+        in_interface,
+        local_address,
+        payload,
+        manifests,
+        node_name,
+        node_ip,
+        debug_address,
+        proxy,
+    } = args;
+    let proto = trace::Proto::parse(&proto)
+        .with_context(|| format!("--proto {proto:?}: use tcp, udp or sctp"))?;
+    let (text, mut local_addresses) = if let Some(path) = payload {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        (text, Vec::new())
+    } else if !manifests.is_empty() {
+        let node_name = node_name.context("--manifests needs --node-name")?;
+        let rendered = render_manifests(&RenderArgs {
+            manifests,
+            node_name,
+            node_ip,
+            ip_family: if dst.is_ipv6() { 6 } else { 4 },
+            random_fully: true,
+            jump_rules: true,
+            skip_invalid: true,
+            proxy,
+        })?;
+        (rendered.payload, rendered.node_ips)
+    } else {
+        let text = live_rules(&debug_address, dst.is_ipv6()).with_context(|| {
+            format!(
+                "asking the running agent at {debug_address} for its rules \
+                 (or pass --manifests or --payload)"
+            )
+        })?;
+        (text, local_addresses_here())
+    };
+    local_addresses.extend(local_address);
+    // A live payload leaves out the jump rules that already existed when it
+    // was applied; kube-proxy's standard ones stand in for them.
+    let family = if dst.is_ipv6() {
+        IpFamily::V6
+    } else {
+        IpFamily::V4
+    };
+    let jumps: Vec<(&str, String)> = rules::builtin_jumps(&rules::RenderConfig::new(family))
+        .iter()
+        .map(|j| (j.table.as_str(), j.restore_line()))
+        .collect();
+    let rules = trace::Ruleset::parse(&text)
+        .and_then(|r| r.with_builtin_jumps(&jumps))
+        .context("the rules do not parse")?;
+    let traced = trace::trace(
+        &rules,
+        &trace::Packet {
+            src,
+            dst,
+            dport,
+            proto,
+        },
+        &trace::NodeView {
+            local_addresses,
+            in_interface,
+        },
+    );
+    print!("{traced}");
+    Ok(())
+}
+
+/// The payload the running agent last applied, from its debug endpoint.
+fn live_rules(address: &str, ipv6: bool) -> anyhow::Result<String> {
+    let family = if ipv6 { "6" } else { "4" };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let text = causeway_agent::debug::fetch(
+            address,
+            &format!("/debug/rules?family={family}&which=applied"),
+        )
+        .await?;
+        Ok(text)
+    })
+}
+
+/// This network namespace's addresses, for `addrtype LOCAL` in live traces.
+fn local_addresses_here() -> Vec<IpAddr> {
+    let Ok(out) = std::process::Command::new("ip")
+        .args(["-o", "addr", "show"])
+        .output()
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            words.find(|w| *w == "inet" || *w == "inet6")?;
+            words.next()?.split('/').next()?.parse().ok()
+        })
+        .collect()
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let RunArgs {
+        node_name,
+        kubeconfig,
+        node_ip,
+        sync_period,
+        min_sync_period,
+        log_json,
+        iptables_backend,
+        healthz_bind_address,
+        metrics_bind_address,
+        proxy,
+    } = args;
+    init_logging(log_json);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let client = kube_client(kubeconfig.as_deref()).await?;
+        let config = RunConfig {
+            node_name,
+            options: proxy.options(&node_ip, true, false),
+            sync_period,
+            min_sync_period,
+            backend: iptables_backend,
+            healthz_bind_address,
+            metrics_bind_address,
+        };
+        agent::run(client, config).await
+    })
+}
+
+/// A client from `--kubeconfig`, else the in-cluster config, else ~/.kube/config.
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig: pass --kubeconfig, or run in a pod")?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_kube_proxy_flags() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn flags_accept_kube_proxy_spellings() {
+        let cli = Cli::try_parse_from([
+            "causeway-agent",
+            "render",
+            "--manifests",
+            "a.yaml",
+            "b",
+            "--node-name",
+            "n1",
+            "--localhost-nodeports=false",
+            "--masquerade-all",
+            "--detect-local-mode",
+            "NodeCIDR",
+            "--nodeport-addresses",
+            "primary,10.0.0.0/8",
+            "--cluster-cidr=10.244.0.0/16,fd00::/48",
+        ])
+        .unwrap();
+        let Command::Render(args) = cli.command else {
+            panic!("render")
+        };
+        assert_eq!(
+            args.manifests,
+            [PathBuf::from("a.yaml"), PathBuf::from("b")]
+        );
+        assert!(!args.proxy.localhost_nodeports);
+        assert!(args.proxy.masquerade_all);
+        assert_eq!(args.proxy.detect_local_mode, DetectLocalMode::NodeCidr);
+        assert_eq!(args.proxy.nodeport_addresses, ["primary", "10.0.0.0/8"]);
+        assert_eq!(args.proxy.cluster_cidr.len(), 2);
+        assert_eq!(args.ip_family, 4);
+        assert!(
+            Cli::try_parse_from([
+                "causeway-agent",
+                "render",
+                "--manifests",
+                "a",
+                "--node-name",
+                "n",
+                "--ip-family",
+                "5"
+            ])
+            .is_err()
+        );
     }
 }

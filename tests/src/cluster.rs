@@ -1248,7 +1248,9 @@ async fn wait_apiserver(
         let request = http::Request::get("/readyz").body(Vec::new())?;
         // A bounded wait per attempt: whatever holds the port may accept and
         // never answer.
-        let last = match tokio::time::timeout(Duration::from_secs(2), client.request_text(request)).await {
+        let last = match tokio::time::timeout(Duration::from_secs(2), client.request_text(request))
+            .await
+        {
             Ok(Ok(body)) if body.trim() == "ok" => return Ok(client),
             Ok(Ok(body)) => body,
             Ok(Err(e)) => e.to_string(),

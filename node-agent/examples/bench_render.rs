@@ -1,0 +1,243 @@
+//! Render benchmark: a synthetic cluster of S ClusterIP Services × E endpoints
+//! → model build time, render time, payload size, and chain/rule counts per
+//! table against kube-proxy's shape (nat rules 5 + 2S + 3SE, one chain per
+//! Service and per endpoint). `--apply nft,legacy` also times loading the
+//! payload into a throwaway network namespace with each iptables backend.
+//!
+//! cargo run --release -p causeway-agent --example bench_render -- --services 10000 --endpoints 10
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use k8s_openapi::api::core::v1::{Service, ServicePort as ApiServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use causeway_agent::addr::IpFamily;
+use causeway_agent::config::ProxyOptions;
+use causeway_agent::model::{self, LABEL_SERVICE_NAME, NodeInfo};
+use causeway_agent::rules::{self, RenderOptions};
+
+#[derive(Parser)]
+struct Args {
+    /// Services (one TCP port each).
+    #[arg(long, default_value_t = 10_000)]
+    services: usize,
+    /// Ready endpoints per Service.
+    #[arg(long, default_value_t = 10)]
+    endpoints: usize,
+    /// Nodes the endpoints are spread over; this node is node-0.
+    #[arg(long, default_value_t = 100)]
+    nodes: usize,
+    /// Render runs to time.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Also time `iptables-restore --noflush` into a fresh netns with these
+    /// backends (comma-separated: nft, legacy). Needs root.
+    #[arg(long, value_delimiter = ',')]
+    apply: Vec<String>,
+    /// Write the payload here.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+}
+
+fn ip(index: usize, base: u32) -> String {
+    let value = base + index as u32;
+    std::net::Ipv4Addr::from(value).to_string()
+}
+
+fn objects(args: &Args) -> (Vec<Service>, Vec<EndpointSlice>) {
+    let cluster_base = u32::from(std::net::Ipv4Addr::new(10, 96, 0, 0));
+    let pod_base = u32::from(std::net::Ipv4Addr::new(10, 128, 0, 0));
+    let mut services = Vec::with_capacity(args.services);
+    let mut slices = Vec::with_capacity(args.services);
+    for s in 0..args.services {
+        let name = format!("svc-{s}");
+        services.push(Service {
+            metadata: ObjectMeta {
+                namespace: Some("bench".into()),
+                name: Some(name.clone()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(ip(s + 1, cluster_base)),
+                ports: Some(vec![ApiServicePort {
+                    name: Some("http".into()),
+                    port: 80,
+                    protocol: Some("TCP".into()),
+                    ..ApiServicePort::default()
+                }]),
+                ..ServiceSpec::default()
+            }),
+            status: None,
+        });
+        let endpoints = (0..args.endpoints)
+            .map(|e| {
+                let index = s * args.endpoints + e;
+                Endpoint {
+                    addresses: vec![ip(index + 1, pod_base)],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(true),
+                        serving: Some(true),
+                        terminating: Some(false),
+                    }),
+                    node_name: Some(format!("node-{}", index % args.nodes.max(1))),
+                    ..Endpoint::default()
+                }
+            })
+            .collect();
+        slices.push(EndpointSlice {
+            metadata: ObjectMeta {
+                namespace: Some("bench".into()),
+                name: Some(format!("{name}-abcde")),
+                labels: Some([(LABEL_SERVICE_NAME.to_string(), name)].into()),
+                ..ObjectMeta::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints,
+            ports: Some(vec![EndpointPort {
+                name: Some("http".into()),
+                port: Some(8080),
+                protocol: Some("TCP".into()),
+                app_protocol: None,
+            }]),
+        });
+    }
+    (services, slices)
+}
+
+fn millis(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn apply(backend: &str, payload: &str) -> Result<Duration, String> {
+    let namespace = format!("cwbench-{}", std::process::id());
+    let status = Command::new("ip")
+        .args(["netns", "add", &namespace])
+        .status()
+        .map_err(|e| e.to_string())?;
+    if !status.success() {
+        return Err(format!("ip netns add {namespace} failed"));
+    }
+    let result = (|| {
+        let start = Instant::now();
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &namespace,
+                &format!("iptables-{backend}-restore"),
+                "--noflush",
+            ])
+            .stdin(Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(payload.as_bytes())
+            .map_err(|e| e.to_string())?;
+        let status = child.wait().map_err(|e| e.to_string())?;
+        let elapsed = start.elapsed();
+        if status.success() {
+            Ok(elapsed)
+        } else {
+            Err(format!("iptables-{backend}-restore failed: {status}"))
+        }
+    })();
+    let _ = Command::new("ip")
+        .args(["netns", "del", &namespace])
+        .status();
+    result
+}
+
+fn main() {
+    let args = Args::parse();
+    let (s, e) = (args.services, args.endpoints);
+    println!(
+        "synthetic cluster: {s} ClusterIP services × {e} ready endpoints over {} nodes",
+        args.nodes
+    );
+
+    let (services, slices) = objects(&args);
+    let node = NodeInfo::named("node-0");
+    let start = Instant::now();
+    let (model, issues) = model::build(&services, &slices, &node, IpFamily::V4);
+    let build_time = start.elapsed();
+    assert!(issues.is_empty(), "{issues:?}");
+    println!(
+        "model build from Service/EndpointSlice objects: {}",
+        millis(build_time)
+    );
+
+    let options = ProxyOptions {
+        cluster_cidrs: vec!["10.128.0.0/9".into()],
+        ..ProxyOptions::default()
+    };
+    let config = options.render_config(IpFamily::V4, &node).expect("config");
+    let jumps = rules::builtin_jumps(&config);
+    let render_options = RenderOptions {
+        builtin_jumps: &jumps,
+        delete_nat_chains: &[],
+    };
+    let mut times = Vec::new();
+    let mut payload = rules::render(&model, &config, &render_options);
+    for _ in 0..args.runs.max(1) {
+        let start = Instant::now();
+        payload = rules::render(&model, &config, &render_options);
+        times.push(start.elapsed());
+    }
+    times.sort();
+    println!(
+        "render: min {}, median {}, max {} ({} runs)",
+        millis(times[0]),
+        millis(times[times.len() / 2]),
+        millis(times[times.len() - 1]),
+        times.len()
+    );
+    println!(
+        "payload: {} bytes ({:.1} MiB), {} lines",
+        payload.text.len(),
+        payload.text.len() as f64 / 1_048_576.0,
+        payload.text.lines().count()
+    );
+    for (table, stats) in [
+        ("mangle", payload.mangle),
+        ("filter", payload.filter),
+        ("nat", payload.nat),
+    ] {
+        println!(
+            "  {table:6} chains {:>7}  rules {:>7}",
+            stats.chains, stats.rules
+        );
+    }
+    let kube_proxy_rules = 5 + 2 * s + 3 * s * e;
+    let kube_proxy_chains = 4 + s + s * e;
+    println!(
+        "nat rules: {} vs kube-proxy 5 + 2S + 3SE = {} ({:.2}×)",
+        payload.nat.rules,
+        kube_proxy_rules,
+        payload.nat.rules as f64 / kube_proxy_rules as f64
+    );
+    println!(
+        "nat chains: {} vs kube-proxy ≈ 4 + S + SE = {} (one chain per Service and per endpoint)",
+        payload.nat.chains, kube_proxy_chains
+    );
+    let problems = rules::check::check(&payload.text);
+    println!("consistency check: {} problem(s)", problems.len());
+    if let Some(path) = &args.out {
+        std::fs::write(path, &payload.text).expect("write payload");
+    }
+    for backend in &args.apply {
+        match apply(backend, &payload.text) {
+            Ok(elapsed) => println!(
+                "apply (iptables-{backend}-restore --noflush, fresh netns): {:.2} s",
+                elapsed.as_secs_f64()
+            ),
+            Err(error) => println!("apply with {backend}: {error}"),
+        }
+    }
+}

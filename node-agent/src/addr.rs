@@ -1,0 +1,216 @@
+//! IP addresses and CIDRs as Kubernetes writes them, normalized.
+//!
+//! The API server historically accepted IPv4 octets with leading zeros
+//! (`010.000.000.001`) and kube-proxy parses them "sloppily" as decimal, so a
+//! drop-in replacement must too; whitespace around values is trimmed the same
+//! way kube-proxy trims `loadBalancerSourceRanges`.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// The IP family one ruleset is rendered for (`iptables` or `ip6tables`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub fn of(ip: &IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+
+    /// The EndpointSlice `addressType` that carries this family.
+    pub fn address_type(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.address_type())
+    }
+}
+
+/// Parses an IP address the way kube-proxy's `ParseIPSloppy` does: surrounding
+/// whitespace ignored, IPv4 octets with leading zeros read as decimal.
+pub fn parse_ip(text: &str) -> Option<IpAddr> {
+    let text = text.trim();
+    if text.contains(':') {
+        return text.parse::<Ipv6Addr>().ok().map(IpAddr::V6);
+    }
+    let mut octets = [0u8; 4];
+    let mut parts = text.split('.');
+    for octet in &mut octets {
+        let part = parts.next()?;
+        if part.is_empty() || part.len() > 3 || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        *octet = part.parse().ok()?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(IpAddr::V4(Ipv4Addr::from(octets)))
+}
+
+/// A network prefix with its host bits cleared (`10.1.2.3/8` becomes `10.0.0.0/8`,
+/// as Go's `net.ParseCIDR` returns it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix_len: u8,
+}
+
+impl Cidr {
+    pub fn new(ip: IpAddr, prefix_len: u8) -> Option<Self> {
+        let max = match ip {
+            IpAddr::V4(_) => 32,
+            IpAddr::V6(_) => 128,
+        };
+        if prefix_len > max {
+            return None;
+        }
+        let network = match ip {
+            IpAddr::V4(v4) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(prefix_len))
+                    .unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
+            }
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(prefix_len))
+                    .unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+            }
+        };
+        Some(Cidr {
+            network,
+            prefix_len,
+        })
+    }
+
+    /// A single-address prefix (`/32` or `/128`).
+    pub fn host(ip: IpAddr) -> Self {
+        let len = match ip {
+            IpAddr::V4(_) => 32,
+            IpAddr::V6(_) => 128,
+        };
+        Cidr {
+            network: ip,
+            prefix_len: len,
+        }
+    }
+
+    pub fn network(&self) -> IpAddr {
+        self.network
+    }
+
+    pub fn prefix_len(&self) -> u8 {
+        self.prefix_len
+    }
+
+    /// True for `/32` (IPv4) or `/128` (IPv6).
+    pub fn is_host(&self) -> bool {
+        match self.network {
+            IpAddr::V4(_) => self.prefix_len == 32,
+            IpAddr::V6(_) => self.prefix_len == 128,
+        }
+    }
+
+    pub fn family(&self) -> IpFamily {
+        IpFamily::of(&self.network)
+    }
+
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        match (self.network, ip) {
+            (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => {
+                Cidr::new(*ip, self.prefix_len).is_some_and(|c| c.network == self.network)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix_len)
+    }
+}
+
+/// Parses `addr/len` sloppily (see [`parse_ip`]); a bare address is not a CIDR.
+pub fn parse_cidr(text: &str) -> Option<Cidr> {
+    let (ip, len) = text.trim().split_once('/')?;
+    let ip = parse_ip(ip)?;
+    let len = len.trim();
+    if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Cidr::new(ip, len.parse().ok()?)
+}
+
+/// `ip:port` as kube-proxy prints an endpoint (`[ip]:port` for IPv6); this
+/// string is also part of the `KUBE-SEP-` hash.
+pub fn join_host_port(ip: &IpAddr, port: u16) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("{v4}:{port}"),
+        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leading_zeros_and_whitespace_are_normalized() {
+        assert_eq!(
+            parse_ip(" 010.000.000.001 "),
+            Some("10.0.0.1".parse().unwrap())
+        );
+        assert_eq!(parse_ip("fd00::0001"), Some("fd00::1".parse().unwrap()));
+        assert_eq!(parse_ip("1.2.3"), None);
+        assert_eq!(parse_ip("1.2.3.4.5"), None);
+        assert_eq!(parse_ip("256.1.1.1"), None);
+        assert_eq!(parse_ip("1.2.3.-4"), None);
+        assert_eq!(parse_ip(""), None);
+    }
+
+    #[test]
+    fn cidrs_are_masked_and_trimmed() {
+        let cidr = parse_cidr(" 010.001.002.003/8\t").unwrap();
+        assert_eq!(cidr.to_string(), "10.0.0.0/8");
+        assert!(cidr.contains(&"10.200.0.1".parse().unwrap()));
+        assert!(!cidr.contains(&"11.0.0.1".parse().unwrap()));
+        assert!(!cidr.contains(&"::1".parse().unwrap()));
+        assert_eq!(parse_cidr("fd00::1/64").unwrap().to_string(), "fd00::/64");
+        assert_eq!(parse_cidr("0.0.0.0/0").unwrap().to_string(), "0.0.0.0/0");
+        assert!(
+            parse_cidr("0.0.0.0/0")
+                .unwrap()
+                .contains(&"8.8.8.8".parse().unwrap())
+        );
+        assert_eq!(parse_cidr("10.0.0.0/33"), None);
+        assert_eq!(parse_cidr("10.0.0.0"), None);
+        assert_eq!(parse_cidr("10.0.0.0/"), None);
+    }
+
+    #[test]
+    fn endpoints_print_like_go_join_host_port() {
+        assert_eq!(
+            join_host_port(&"10.0.0.1".parse().unwrap(), 80),
+            "10.0.0.1:80"
+        );
+        assert_eq!(
+            join_host_port(&"fd00::1".parse().unwrap(), 80),
+            "[fd00::1]:80"
+        );
+    }
+}

@@ -1,0 +1,658 @@
+//! `causeway-agent run`: watch Services, EndpointSlices and this Node through
+//! the API server and keep this node's rules in sync.
+//!
+//! Three reflectors fill in-memory caches; nothing is applied before all three
+//! have listed once, because a payload built from a half-filled cache would
+//! REJECT traffic to Services that merely have not arrived yet. Each sync
+//! builds the model from the caches, renders one payload per IP family and
+//! applies it with `iptables-restore --noflush --wait`: chains we declare are
+//! replaced atomically, nothing is flushed first, so traffic never sees an
+//! empty ruleset, not even across an agent restart.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Api, Client};
+use tokio::sync::Notify;
+use tracing::{debug, error, info, warn};
+
+use crate::addr::IpFamily;
+use crate::config::{ProxyOptions, needs_route_localnet};
+use crate::debug::{self, RulesLog};
+use crate::health::{self, BindFailure, ProxyHealth, ServiceHealth, ServiceHealthServers};
+use crate::metrics::Metrics;
+use crate::model::{self, Issue, NodeInfo};
+use crate::netfilter::{Backend, Netfilter};
+use crate::rules::{self, RenderOptions};
+
+/// Services kube-proxy does not program either: another proxy's, and
+/// headless ones (the model ignores them too; the selector saves the memory).
+const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+const SERVICE_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+/// What `run` needs besides the API client.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub node_name: String,
+    pub options: ProxyOptions,
+    pub sync_period: Duration,
+    pub min_sync_period: Duration,
+    pub backend: Backend,
+    /// Where `/healthz` and `/livez` answer (kube-proxy: 0.0.0.0:10256).
+    pub healthz_bind_address: String,
+    /// Where `/metrics` and `/debug/rules` answer (kube-proxy: 127.0.0.1:10249).
+    pub metrics_bind_address: String,
+}
+
+/// State the sync loop shares with the HTTP servers.
+pub struct Shared {
+    pub health: Arc<ProxyHealth>,
+    pub metrics: Arc<Metrics>,
+    pub rules: Arc<RulesLog>,
+    service_changes: AtomicI64,
+    endpoint_changes: AtomicI64,
+}
+
+impl Shared {
+    fn new(sync_period: Duration) -> Self {
+        Shared {
+            health: Arc::new(ProxyHealth::new(sync_period)),
+            metrics: Arc::new(Metrics::new()),
+            rules: Arc::new(RulesLog::default()),
+            service_changes: AtomicI64::new(0),
+            endpoint_changes: AtomicI64::new(0),
+        }
+    }
+
+    /// A watch event arrived: the next sync must apply it.
+    fn queued(&self, kind: ChangeKind) {
+        self.health.queued();
+        self.metrics
+            .last_queued_timestamp
+            .set(Timestamp::now().as_millisecond() as f64 / 1000.0);
+        let counter = match kind {
+            ChangeKind::Service => &self.service_changes,
+            ChangeKind::Endpoints => &self.endpoint_changes,
+            ChangeKind::Node => return,
+        };
+        let pending = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        match kind {
+            ChangeKind::Service => self.metrics.service_changes_pending.set(pending),
+            _ => self.metrics.endpoint_changes_pending.set(pending),
+        };
+    }
+
+    /// A sync is taking every pending change.
+    fn take_pending(&self) {
+        self.service_changes.store(0, Ordering::Relaxed);
+        self.endpoint_changes.store(0, Ordering::Relaxed);
+        self.metrics.service_changes_pending.set(0);
+        self.metrics.endpoint_changes_pending.set(0);
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ChangeKind {
+    Service,
+    Endpoints,
+    Node,
+}
+
+/// The caches the model is built from.
+#[derive(Clone)]
+struct Caches {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+}
+
+/// Watches the API and syncs until the process is stopped. Rules stay in
+/// place on exit: the next agent replaces them atomically.
+pub async fn run(client: Client, config: RunConfig) -> anyhow::Result<()> {
+    let shared = Arc::new(Shared::new(config.sync_period));
+    // The servers start first: a probe during the cache sync should get an
+    // answer (unhealthy until the first sync), not a refused connection.
+    serve(
+        &config.healthz_bind_address,
+        health::proxy_router(shared.health.clone()),
+        "health",
+    )
+    .await?;
+    serve(
+        &config.metrics_bind_address,
+        debug::router(shared.metrics.clone(), shared.rules.clone()),
+        "metrics",
+    )
+    .await?;
+    shared.health.queued();
+    let changed = Arc::new(Notify::new());
+    let (services, services_writer) = reflector::store();
+    let (slices, slices_writer) = reflector::store();
+    let (nodes, nodes_writer) = reflector::store();
+
+    let service_watch = watcher(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default().labels(SERVICE_SELECTOR),
+    );
+    let slice_watch = watcher(
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let node_watch = watcher(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default().fields(&format!("metadata.name={}", config.node_name)),
+    );
+    tokio::spawn(drive(
+        ChangeKind::Service,
+        reflector::reflector(services_writer, service_watch.default_backoff()),
+        changed.clone(),
+        shared.clone(),
+    ));
+    tokio::spawn(drive(
+        ChangeKind::Endpoints,
+        reflector::reflector(slices_writer, slice_watch.default_backoff()),
+        changed.clone(),
+        shared.clone(),
+    ));
+    tokio::spawn(drive(
+        ChangeKind::Node,
+        reflector::reflector(nodes_writer, node_watch.default_backoff()),
+        changed.clone(),
+        shared.clone(),
+    ));
+
+    info!("waiting for the Service, EndpointSlice and Node caches to sync");
+    services.wait_until_ready().await?;
+    slices.wait_until_ready().await?;
+    nodes.wait_until_ready().await?;
+    info!(
+        services = services.state().len(),
+        endpoint_slices = slices.state().len(),
+        "caches synced"
+    );
+
+    let caches = Caches {
+        services,
+        slices,
+        nodes,
+    };
+    let recorder = Recorder::new(
+        client,
+        Reporter {
+            controller: "causeway-agent".into(),
+            instance: Some(config.node_name.clone()),
+        },
+    );
+    let mut syncer = Syncer::new(config.clone(), shared.clone());
+    let mut health_checks = ServiceHealthServers::new(shared.health.clone());
+    let mut reported_bind_failures = BTreeSet::new();
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    loop {
+        let started = Instant::now();
+        let outcome = tokio::task::block_in_place(|| syncer.sync(&caches));
+        for issue in &outcome.new_issues {
+            publish_issue(&recorder, issue).await;
+        }
+        let failures = health_checks.sync(outcome.service_checks).await;
+        let mut still_failing = BTreeSet::new();
+        for failure in failures {
+            let key = (
+                failure.port,
+                failure.service.namespace.clone(),
+                failure.service.name.clone(),
+            );
+            if !reported_bind_failures.contains(&key) {
+                publish_bind_failure(&recorder, &failure).await;
+            }
+            still_failing.insert(key);
+        }
+        reported_bind_failures = still_failing;
+        // A failed restore is retried soon; otherwise wait for a change, or
+        // for the sync period that bounds how stale the rules can get.
+        let idle = if outcome.failed {
+            config.min_sync_period.max(Duration::from_secs(1))
+        } else {
+            config.sync_period
+        };
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = tokio::time::sleep(idle) => {}
+            _ = &mut shutdown => {
+                info!("stopping; the rules stay in place");
+                return Ok(());
+            }
+        }
+        // Batch bursts: no two syncs closer than --min-sync-period.
+        let next = started + config.min_sync_period;
+        tokio::select! {
+            _ = tokio::time::sleep_until(next.into()) => {}
+            _ = &mut shutdown => {
+                info!("stopping; the rules stay in place");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Binds `address` and serves `router` in the background.
+async fn serve(address: &str, router: axum::Router, what: &str) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("binding the {what} server to {address}"))?;
+    info!(address = %address, "serving {what}");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            error!(error = %e, "a server stopped");
+        }
+    });
+    Ok(())
+}
+
+/// Drives one reflector, waking the sync loop on every change.
+async fn drive<S, K>(kind: ChangeKind, stream: S, changed: Arc<Notify>, shared: Arc<Shared>)
+where
+    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+{
+    let what = match kind {
+        ChangeKind::Service => "Services",
+        ChangeKind::Endpoints => "EndpointSlices",
+        ChangeKind::Node => "the Node",
+    };
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(_) => {
+                shared.queued(kind);
+                changed.notify_one();
+            }
+            // The backoff retries; say why the cache may be stale meanwhile.
+            Err(e) => warn!(error = %e, "watching {what} failed; retrying"),
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// A Warning event on the object the agent had to skip (or partly skip).
+async fn publish_issue(recorder: &Recorder, issue: &Issue) {
+    let api_version = match issue.object.kind {
+        "EndpointSlice" => "discovery.k8s.io/v1",
+        _ => "v1",
+    };
+    let reference = ObjectReference {
+        api_version: Some(api_version.into()),
+        kind: Some(issue.object.kind.into()),
+        namespace: issue.object.namespace.clone(),
+        name: Some(issue.object.name.clone()),
+        ..ObjectReference::default()
+    };
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "InvalidObject".into(),
+        note: Some(format!(
+            "{}: {} (skipped by causeway-agent)",
+            issue.field, issue.message
+        )),
+        action: "Sync".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &reference).await {
+        warn!(object = %issue.object, error = %e, "could not publish a Warning event");
+    }
+}
+
+/// A Warning event on a Service whose health-check port could not be opened.
+async fn publish_bind_failure(recorder: &Recorder, failure: &BindFailure) {
+    warn!(port = failure.port, error = %failure.message, "cannot serve a Service health check");
+    let reference = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Service".into()),
+        namespace: Some(failure.service.namespace.clone()),
+        name: Some(failure.service.name.clone()),
+        ..ObjectReference::default()
+    };
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "HealthCheckBindFailed".into(),
+        note: Some(format!(
+            "cannot serve the health check on healthCheckNodePort {}: {}",
+            failure.port, failure.message
+        )),
+        action: "Serve".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &reference).await {
+        warn!(error = %e, "could not publish a Warning event");
+    }
+}
+
+/// What one sync did, for the loop.
+#[derive(Debug, Default)]
+struct SyncOutcome {
+    /// Problems not reported before (they become events once each).
+    new_issues: Vec<Issue>,
+    failed: bool,
+    /// The health-check servers the Services ask for.
+    service_checks: BTreeMap<u16, ServiceHealth>,
+}
+
+/// Per-family state between syncs.
+struct FamilyState {
+    netfilter: Netfilter,
+    /// Per-service nat chains in the last applied payload; `None` until the
+    /// first sync has read what exists.
+    applied_chains: Option<Vec<String>>,
+}
+
+/// Builds and applies the payloads; remembers what it applied.
+struct Syncer {
+    config: RunConfig,
+    shared: Arc<Shared>,
+    families: Vec<FamilyState>,
+    reported: BTreeSet<String>,
+    route_localnet_set: bool,
+    /// EndpointSlice UID → trigger time already measured.
+    trigger_times: BTreeMap<String, String>,
+}
+
+impl Syncer {
+    fn new(config: RunConfig, shared: Arc<Shared>) -> Self {
+        Syncer {
+            config,
+            shared,
+            families: Vec::new(),
+            reported: BTreeSet::new(),
+            route_localnet_set: false,
+            trigger_times: BTreeMap::new(),
+        }
+    }
+
+    fn sync(&mut self, caches: &Caches) -> SyncOutcome {
+        let started = Instant::now();
+        let started_at = Timestamp::now();
+        self.shared.take_pending();
+        let mut issues = Vec::new();
+        let node_object = caches.nodes.state().first().cloned();
+        self.shared
+            .health
+            .set_node_eligible(node_object.as_deref().is_none_or(health::node_eligible));
+        let node = match node_object.as_deref() {
+            Some(node) => NodeInfo::from_node(node, &mut issues),
+            None => {
+                warn!(node = %self.config.node_name, "no Node object by this name; using --node-ip only");
+                NodeInfo::named(self.config.node_name.clone())
+            }
+        };
+        let services: Vec<Service> = caches
+            .services
+            .state()
+            .iter()
+            .map(|s| Service::clone(s))
+            .collect();
+        let slices: Vec<EndpointSlice> = caches
+            .slices
+            .state()
+            .iter()
+            .map(|s| EndpointSlice::clone(s))
+            .collect();
+
+        for family in wanted_families(&self.config.options, &node) {
+            if !self.families.iter().any(|f| f.netfilter.family == family) {
+                self.families.push(FamilyState {
+                    netfilter: Netfilter::new(family, self.config.backend),
+                    applied_chains: None,
+                });
+            }
+        }
+
+        let mut failed = false;
+        let mut models = Vec::new();
+        let mut rule_counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for state in &mut self.families {
+            let family = state.netfilter.family;
+            let (model, model_issues) = model::build(&services, &slices, &node, family);
+            issues.extend(model_issues);
+            let render_config = match self.config.options.render_config(family, &node) {
+                Ok(c) => c,
+                Err(e) => {
+                    error!(family = ?family, error = %e, "cannot configure the rules; not syncing this family");
+                    failed = true;
+                    continue;
+                }
+            };
+            if needs_route_localnet(&render_config) && !self.route_localnet_set {
+                match std::fs::write("/proc/sys/net/ipv4/conf/all/route_localnet", "1") {
+                    Ok(()) => self.route_localnet_set = true,
+                    Err(e) => {
+                        warn!(error = %e, "cannot set net.ipv4.conf.all.route_localnet=1; NodePorts on 127.0.0.1 will not answer")
+                    }
+                }
+            }
+            let previous = match &state.applied_chains {
+                Some(chains) => chains.clone(),
+                None => match state.netfilter.existing_service_chains() {
+                    Ok(chains) => chains,
+                    Err(e) => {
+                        warn!(error = %e, "cannot list existing chains; stale ones stay until the next start");
+                        Vec::new()
+                    }
+                },
+            };
+            let jumps = state
+                .netfilter
+                .missing_jumps(&rules::builtin_jumps(&render_config));
+            let payload = rules::render(
+                &model,
+                &render_config,
+                &RenderOptions {
+                    builtin_jumps: &jumps,
+                    delete_nat_chains: &previous,
+                },
+            );
+            self.shared
+                .metrics
+                .restore_bytes
+                .observe(payload.text.len() as f64);
+            match state.netfilter.restore(&payload.text) {
+                Ok(()) => {
+                    self.shared.rules.applied(family, &payload.text);
+                    for (table, stats) in [
+                        ("filter", payload.filter),
+                        ("nat", payload.nat),
+                        ("mangle", payload.mangle),
+                    ] {
+                        *rule_counts.entry(table).or_default() += stats.rules;
+                    }
+                    info!(
+                        family = ?family,
+                        service_ports = model.service_ports.len(),
+                        nat_rules = payload.nat.rules,
+                        filter_rules = payload.filter.rules,
+                        bytes = payload.text.len(),
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "synced"
+                    );
+                    state.applied_chains = Some(payload.service_chains);
+                    models.push(model);
+                }
+                Err(e) => {
+                    // Nothing of the payload was applied; the previous rules
+                    // still stand. Retry soon from scratch.
+                    error!("{e}");
+                    self.shared
+                        .rules
+                        .failed(family, &payload.text, &e.to_string());
+                    self.shared.metrics.restore_failures.inc();
+                    state.applied_chains = None;
+                    failed = true;
+                }
+            }
+        }
+
+        let elapsed = started.elapsed().as_secs_f64();
+        self.shared.metrics.sync_duration.observe(elapsed);
+        self.shared.metrics.sync_full_duration.observe(elapsed);
+        if failed {
+            // The changes stay pending: health turns 503 if this persists.
+            self.shared.health.queued();
+        } else {
+            for (table, rules) in &rule_counts {
+                self.shared.metrics.set_rules(table, *rules);
+            }
+            self.shared.health.updated(started_at);
+            self.shared
+                .metrics
+                .last_sync_timestamp
+                .set(Timestamp::now().as_millisecond() as f64 / 1000.0);
+            self.observe_programming_latency(caches);
+        }
+        let service_checks = health::wanted_service_checks(&models.iter().collect::<Vec<_>>());
+        SyncOutcome {
+            new_issues: self.remember(issues),
+            failed,
+            service_checks,
+        }
+    }
+
+    /// Network programming latency: from the EndpointSlice controller's
+    /// trigger time (the change that caused the slice update) to now, once
+    /// per new trigger time, as kube-proxy measures it.
+    fn observe_programming_latency(&mut self, caches: &Caches) {
+        let now = Timestamp::now();
+        let mut seen = BTreeMap::new();
+        for slice in caches.slices.state() {
+            let Some(uid) = slice.metadata.uid.clone() else {
+                continue;
+            };
+            let Some(trigger) = slice
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+            else {
+                continue;
+            };
+            if self.trigger_times.get(&uid) != Some(trigger)
+                && let Ok(at) = trigger.parse::<Timestamp>()
+            {
+                let latency = now.duration_since(at).as_secs_f64();
+                if latency >= 0.0 {
+                    self.shared
+                        .metrics
+                        .network_programming_duration
+                        .observe(latency);
+                }
+            }
+            seen.insert(uid, trigger.clone());
+        }
+        self.trigger_times = seen;
+    }
+
+    /// Logs every issue, and returns those not reported before; forgets the
+    /// ones that went away, so a problem that comes back is reported again.
+    fn remember(&mut self, issues: Vec<Issue>) -> Vec<Issue> {
+        let current: BTreeSet<String> = issues.iter().map(Issue::to_string).collect();
+        let fresh: Vec<Issue> = issues
+            .into_iter()
+            .filter(|i| !self.reported.contains(&i.to_string()))
+            .collect();
+        for issue in &fresh {
+            warn!("skipped: {issue}");
+        }
+        debug!(count = current.len(), "objects with problems");
+        self.reported = current;
+        let mut seen = BTreeSet::new();
+        fresh
+            .into_iter()
+            .filter(|i| seen.insert(i.to_string()))
+            .collect()
+    }
+}
+
+/// The IP families this node proxies: those of its addresses and of the
+/// cluster CIDRs; IPv4 when nothing says otherwise.
+fn wanted_families(options: &ProxyOptions, node: &NodeInfo) -> Vec<IpFamily> {
+    let mut families: Vec<IpFamily> = options
+        .node_ips
+        .iter()
+        .chain(&node.internal_ips)
+        .map(IpFamily::of)
+        .chain(
+            options
+                .cluster_cidrs
+                .iter()
+                .filter_map(|c| crate::addr::parse_cidr(c))
+                .map(|c| c.family()),
+        )
+        .collect();
+    families.sort_by_key(|f| matches!(f, IpFamily::V6));
+    families.dedup();
+    if families.is_empty() {
+        families.push(IpFamily::V4);
+    }
+    families
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DetectLocalMode;
+    use std::net::IpAddr;
+
+    fn options(node_ips: &[&str], cidrs: &[&str]) -> ProxyOptions {
+        ProxyOptions {
+            node_ips: node_ips
+                .iter()
+                .map(|s| s.parse::<IpAddr>().unwrap())
+                .collect(),
+            cluster_cidrs: cidrs.iter().map(|s| s.to_string()).collect(),
+            detect_local_mode: DetectLocalMode::ClusterCidr,
+            pod_bridge_interface: None,
+            pod_interface_name_prefix: None,
+            masquerade_all: false,
+            masquerade_bit: 14,
+            nodeport_addresses: Vec::new(),
+            localhost_nodeports: true,
+            random_fully: true,
+            conntrack_tcp_liberal: false,
+        }
+    }
+
+    #[test]
+    fn families_follow_node_addresses_and_cluster_cidrs() {
+        let node = NodeInfo::named("n");
+        assert_eq!(wanted_families(&options(&[], &[]), &node), [IpFamily::V4]);
+        assert_eq!(
+            wanted_families(&options(&["fd00::1"], &["10.0.0.0/8"]), &node),
+            [IpFamily::V4, IpFamily::V6]
+        );
+        assert_eq!(
+            wanted_families(&options(&["fd00::1"], &[]), &node),
+            [IpFamily::V6]
+        );
+    }
+}

@@ -1,0 +1,345 @@
+//! kube-proxy style settings (`--cluster-cidr`, `--detect-local-mode`,
+//! `--nodeport-addresses`, …) + this node → the [`RenderConfig`] of one IP
+//! family. Shared by `render` and `run`, so both build the same rules.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use crate::addr::{Cidr, IpFamily, parse_cidr};
+use crate::model::NodeInfo;
+use crate::rules::{LocalTraffic, NodePortAddresses, RenderConfig};
+
+/// `--detect-local-mode`, with kube-proxy's spelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DetectLocalMode {
+    #[default]
+    ClusterCidr,
+    NodeCidr,
+    BridgeInterface,
+    InterfaceNamePrefix,
+    None,
+}
+
+impl FromStr for DetectLocalMode {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value {
+            "ClusterCIDR" | "" => Ok(DetectLocalMode::ClusterCidr),
+            "NodeCIDR" => Ok(DetectLocalMode::NodeCidr),
+            "BridgeInterface" => Ok(DetectLocalMode::BridgeInterface),
+            "InterfaceNamePrefix" => Ok(DetectLocalMode::InterfaceNamePrefix),
+            "None" => Ok(DetectLocalMode::None),
+            other => Err(format!(
+                "{other:?} is not one of ClusterCIDR, NodeCIDR, BridgeInterface, InterfaceNamePrefix, None"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for DetectLocalMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DetectLocalMode::ClusterCidr => "ClusterCIDR",
+            DetectLocalMode::NodeCidr => "NodeCIDR",
+            DetectLocalMode::BridgeInterface => "BridgeInterface",
+            DetectLocalMode::InterfaceNamePrefix => "InterfaceNamePrefix",
+            DetectLocalMode::None => "None",
+        })
+    }
+}
+
+/// The data-path flags, as typed values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyOptions {
+    /// `--cluster-cidr`: at most one per family.
+    pub cluster_cidrs: Vec<String>,
+    pub detect_local_mode: DetectLocalMode,
+    pub pod_bridge_interface: Option<String>,
+    pub pod_interface_name_prefix: Option<String>,
+    pub masquerade_all: bool,
+    pub masquerade_bit: u8,
+    /// `--nodeport-addresses`: CIDRs, or `primary` for the node's InternalIPs.
+    pub nodeport_addresses: Vec<String>,
+    pub localhost_nodeports: bool,
+    pub random_fully: bool,
+    /// `--node-ip`: addresses of this node in addition to its InternalIPs.
+    pub node_ips: Vec<IpAddr>,
+    pub conntrack_tcp_liberal: bool,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            cluster_cidrs: Vec::new(),
+            detect_local_mode: DetectLocalMode::ClusterCidr,
+            pod_bridge_interface: None,
+            pod_interface_name_prefix: None,
+            masquerade_all: false,
+            masquerade_bit: 14,
+            nodeport_addresses: Vec::new(),
+            localhost_nodeports: true,
+            random_fully: true,
+            node_ips: Vec::new(),
+            conntrack_tcp_liberal: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--cluster-cidr: {0:?} is not a CIDR")]
+    BadClusterCidr(String),
+    #[error("--cluster-cidr: more than one {0} CIDR ({1} and {2}); give at most one per family")]
+    TwoClusterCidrs(IpFamily, Cidr, Cidr),
+    #[error("--nodeport-addresses: {0:?} is neither a CIDR nor \"primary\"")]
+    BadNodePortAddress(String),
+    #[error("--masquerade-bit: {0} is not in 0..=31")]
+    BadMasqueradeBit(u8),
+    #[error("--detect-local-mode NodeCIDR: node {node} has no {family} podCIDR yet")]
+    NoPodCidr { node: String, family: IpFamily },
+    #[error("--detect-local-mode BridgeInterface needs --pod-bridge-interface")]
+    NoBridgeInterface,
+    #[error("--detect-local-mode InterfaceNamePrefix needs --pod-interface-name-prefix")]
+    NoInterfacePrefix,
+}
+
+impl ConfigError {
+    /// A bounded label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ConfigError::BadClusterCidr(_) | ConfigError::TwoClusterCidrs(..) => "cluster_cidr",
+            ConfigError::BadNodePortAddress(_) => "nodeport_addresses",
+            ConfigError::BadMasqueradeBit(_) => "masquerade_bit",
+            ConfigError::NoPodCidr { .. } => "no_pod_cidr",
+            ConfigError::NoBridgeInterface | ConfigError::NoInterfacePrefix => "detect_local_mode",
+        }
+    }
+}
+
+impl ProxyOptions {
+    /// The render configuration for `family` on `node`.
+    pub fn render_config(
+        &self,
+        family: IpFamily,
+        node: &NodeInfo,
+    ) -> Result<RenderConfig, ConfigError> {
+        if self.masquerade_bit > 31 {
+            return Err(ConfigError::BadMasqueradeBit(self.masquerade_bit));
+        }
+        let node_ips: Vec<IpAddr> = {
+            let mut ips: Vec<IpAddr> = self
+                .node_ips
+                .iter()
+                .chain(&node.internal_ips)
+                .copied()
+                .collect();
+            ips.retain(|ip| IpFamily::of(ip) == family);
+            ips.dedup();
+            ips
+        };
+        let local_traffic = match self.detect_local_mode {
+            DetectLocalMode::ClusterCidr => {
+                let mut found: Option<Cidr> = None;
+                for text in &self.cluster_cidrs {
+                    let cidr = parse_cidr(text)
+                        .ok_or_else(|| ConfigError::BadClusterCidr(text.clone()))?;
+                    if cidr.family() != family {
+                        continue;
+                    }
+                    if let Some(first) = found {
+                        return Err(ConfigError::TwoClusterCidrs(family, first, cidr));
+                    }
+                    found = Some(cidr);
+                }
+                // kube-proxy, too, runs without detection when no CIDR is given.
+                found.map_or(LocalTraffic::None, LocalTraffic::Cidr)
+            }
+            DetectLocalMode::NodeCidr => {
+                let cidr = node
+                    .pod_cidrs
+                    .iter()
+                    .find(|c| c.family() == family)
+                    .ok_or_else(|| ConfigError::NoPodCidr {
+                        node: node.name.clone(),
+                        family,
+                    })?;
+                LocalTraffic::Cidr(*cidr)
+            }
+            DetectLocalMode::BridgeInterface => LocalTraffic::Bridge(
+                self.pod_bridge_interface
+                    .clone()
+                    .filter(|s| !s.is_empty())
+                    .ok_or(ConfigError::NoBridgeInterface)?,
+            ),
+            DetectLocalMode::InterfaceNamePrefix => LocalTraffic::InterfacePrefix(
+                self.pod_interface_name_prefix
+                    .clone()
+                    .filter(|s| !s.is_empty())
+                    .ok_or(ConfigError::NoInterfacePrefix)?,
+            ),
+            DetectLocalMode::None => LocalTraffic::None,
+        };
+        let nodeport_addresses = if self.nodeport_addresses.is_empty() {
+            NodePortAddresses::All
+        } else {
+            let mut cidrs = Vec::new();
+            for entry in &self.nodeport_addresses {
+                if entry.trim() == "primary" {
+                    cidrs.extend(node_ips.iter().map(|ip| Cidr::host(*ip)));
+                    continue;
+                }
+                let cidr = parse_cidr(entry)
+                    .ok_or_else(|| ConfigError::BadNodePortAddress(entry.clone()))?;
+                if cidr.family() == family {
+                    cidrs.push(cidr);
+                }
+            }
+            NodePortAddresses::Cidrs(cidrs)
+        };
+        Ok(RenderConfig {
+            family,
+            masquerade_bit: self.masquerade_bit,
+            masquerade_all: self.masquerade_all,
+            random_fully: self.random_fully,
+            local_traffic,
+            nodeport_addresses,
+            localhost_nodeports: self.localhost_nodeports && family == IpFamily::V4,
+            node_ips,
+            conntrack_tcp_liberal: self.conntrack_tcp_liberal,
+        })
+    }
+}
+
+/// Whether the rules for `config` answer NodePorts on 127.0.0.1, which needs
+/// `net.ipv4.conf.all.route_localnet=1`.
+pub fn needs_route_localnet(config: &RenderConfig) -> bool {
+    if !config.localhost_nodeports_effective() {
+        return false;
+    }
+    let loopback: IpAddr = "127.0.0.1".parse().expect("literal");
+    match &config.nodeport_addresses {
+        NodePortAddresses::All => true,
+        NodePortAddresses::Cidrs(cidrs) => cidrs.iter().any(|c| c.contains(&loopback)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node() -> NodeInfo {
+        NodeInfo {
+            name: "node-a".into(),
+            zone: None,
+            internal_ips: vec!["192.168.0.10".parse().unwrap(), "fd00::10".parse().unwrap()],
+            pod_cidrs: vec![parse_cidr("10.244.1.0/24").unwrap()],
+        }
+    }
+
+    #[test]
+    fn cluster_cidr_detection_picks_the_family() {
+        let options = ProxyOptions {
+            cluster_cidrs: vec!["10.244.0.0/16".into(), "fd00:244::/48".into()],
+            ..ProxyOptions::default()
+        };
+        let v4 = options.render_config(IpFamily::V4, &node()).unwrap();
+        assert_eq!(
+            v4.local_traffic,
+            LocalTraffic::Cidr(parse_cidr("10.244.0.0/16").unwrap())
+        );
+        assert_eq!(v4.node_ips, ["192.168.0.10".parse::<IpAddr>().unwrap()]);
+        assert!(v4.localhost_nodeports);
+        let v6 = options.render_config(IpFamily::V6, &node()).unwrap();
+        assert_eq!(
+            v6.local_traffic,
+            LocalTraffic::Cidr(parse_cidr("fd00:244::/48").unwrap())
+        );
+        assert!(!v6.localhost_nodeports);
+        let none = ProxyOptions::default()
+            .render_config(IpFamily::V4, &node())
+            .unwrap();
+        assert_eq!(none.local_traffic, LocalTraffic::None);
+    }
+
+    #[test]
+    fn detection_modes_need_their_inputs() {
+        let mode = |detect_local_mode| ProxyOptions {
+            detect_local_mode,
+            ..ProxyOptions::default()
+        };
+        assert_eq!(
+            mode(DetectLocalMode::NodeCidr)
+                .render_config(IpFamily::V4, &node())
+                .unwrap()
+                .local_traffic,
+            LocalTraffic::Cidr(parse_cidr("10.244.1.0/24").unwrap())
+        );
+        assert_eq!(
+            mode(DetectLocalMode::NodeCidr)
+                .render_config(IpFamily::V6, &node())
+                .unwrap_err()
+                .kind(),
+            "no_pod_cidr"
+        );
+        assert_eq!(
+            mode(DetectLocalMode::BridgeInterface).render_config(IpFamily::V4, &node()),
+            Err(ConfigError::NoBridgeInterface)
+        );
+        let bridge = ProxyOptions {
+            pod_bridge_interface: Some("cbr0".into()),
+            ..mode(DetectLocalMode::BridgeInterface)
+        };
+        assert_eq!(
+            bridge
+                .render_config(IpFamily::V4, &node())
+                .unwrap()
+                .local_traffic,
+            LocalTraffic::Bridge("cbr0".into())
+        );
+        let two = ProxyOptions {
+            cluster_cidrs: vec!["10.0.0.0/8".into(), "172.16.0.0/12".into()],
+            ..ProxyOptions::default()
+        };
+        assert_eq!(
+            two.render_config(IpFamily::V4, &node()).unwrap_err().kind(),
+            "cluster_cidr"
+        );
+        assert!(
+            "Bogus"
+                .parse::<DetectLocalMode>()
+                .unwrap_err()
+                .contains("ClusterCIDR")
+        );
+    }
+
+    #[test]
+    fn nodeport_addresses_resolve_primary_and_filter_family() {
+        let options = ProxyOptions {
+            nodeport_addresses: vec!["primary".into(), "10.0.0.0/8".into(), "fd00::/8".into()],
+            ..ProxyOptions::default()
+        };
+        let v4 = options.render_config(IpFamily::V4, &node()).unwrap();
+        assert_eq!(
+            v4.nodeport_addresses,
+            NodePortAddresses::Cidrs(vec![
+                parse_cidr("192.168.0.10/32").unwrap(),
+                parse_cidr("10.0.0.0/8").unwrap()
+            ])
+        );
+        assert!(!needs_route_localnet(&v4), "loopback not in the addresses");
+        let all = ProxyOptions::default()
+            .render_config(IpFamily::V4, &node())
+            .unwrap();
+        assert!(needs_route_localnet(&all));
+        let bad = ProxyOptions {
+            nodeport_addresses: vec!["eth0".into()],
+            ..ProxyOptions::default()
+        };
+        assert_eq!(
+            bad.render_config(IpFamily::V4, &node()).unwrap_err().kind(),
+            "nodeport_addresses"
+        );
+    }
+}

@@ -1,0 +1,182 @@
+//! The local metrics and debug server (`--metrics-bind-address`, localhost by
+//! default): `/metrics`, and `/debug/rules` with the payload the agent last
+//! applied and the last one iptables refused (SPEC 2.4) — what
+//! `causeway-agent trace` reads for a live trace. Also the small client that
+//! `trace` uses to fetch it.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+
+use crate::addr::IpFamily;
+use crate::metrics::Metrics;
+
+/// The payloads worth looking at when something is wrong.
+#[derive(Debug, Default)]
+pub struct RulesLog {
+    inner: Mutex<RulesInner>,
+}
+
+#[derive(Debug, Default)]
+struct RulesInner {
+    applied: BTreeMap<u8, String>,
+    failed: BTreeMap<u8, (String, String)>,
+}
+
+fn family_number(family: IpFamily) -> u8 {
+    match family {
+        IpFamily::V4 => 4,
+        IpFamily::V6 => 6,
+    }
+}
+
+impl RulesLog {
+    pub fn applied(&self, family: IpFamily, payload: &str) {
+        let mut inner = self.lock();
+        inner
+            .applied
+            .insert(family_number(family), payload.to_string());
+    }
+
+    pub fn failed(&self, family: IpFamily, payload: &str, error: &str) {
+        let mut inner = self.lock();
+        inner.failed.insert(
+            family_number(family),
+            (payload.to_string(), error.to_string()),
+        );
+    }
+
+    /// The applied or failed payload of one family.
+    pub fn get(&self, family: u8, which: Which) -> Option<String> {
+        let inner = self.lock();
+        match which {
+            Which::Applied => inner.applied.get(&family).cloned(),
+            Which::Failed => inner
+                .failed
+                .get(&family)
+                .map(|(payload, error)| format!("# {}\n{payload}", error.replace('\n', "\n# "))),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RulesInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Which {
+    #[default]
+    Applied,
+    Failed,
+}
+
+#[derive(Debug, Deserialize)]
+struct RulesQuery {
+    #[serde(default = "default_family")]
+    family: u8,
+    #[serde(default)]
+    which: Which,
+}
+
+fn default_family() -> u8 {
+    4
+}
+
+type DebugState = (Arc<Metrics>, Arc<RulesLog>);
+
+/// `/metrics` and `/debug/rules?family=4|6&which=applied|failed`.
+pub fn router(metrics: Arc<Metrics>, rules: Arc<RulesLog>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/debug/rules", get(debug_rules))
+        .with_state((metrics, rules))
+}
+
+async fn metrics_text(State((metrics, _)): State<DebugState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn debug_rules(
+    State((_, rules)): State<DebugState>,
+    Query(query): Query<RulesQuery>,
+) -> Response {
+    match rules.get(query.family, query.which) {
+        Some(text) => text.into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            format!("no {:?} IPv{} payload yet\n", query.which, query.family).to_lowercase(),
+        )
+            .into_response(),
+    }
+}
+
+/// GETs `path` from the agent's debug server at `address` (`host:port`).
+pub async fn fetch(address: &str, path: &str) -> anyhow::Result<String> {
+    let stream = tokio::net::TcpStream::connect(address)
+        .await
+        .with_context(|| format!("connecting to {address}"))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = http::Request::get(path)
+        .header(header::HOST, address)
+        .body(Empty::<Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    let text = String::from_utf8_lossy(&body).into_owned();
+    if !status.is_success() {
+        anyhow::bail!("{path}: HTTP {status}: {}", text.trim());
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_last_applied_and_failed_payloads_are_served() {
+        let metrics = Arc::new(Metrics::new());
+        let rules = Arc::new(RulesLog::default());
+        rules.applied(IpFamily::V4, "*nat\nCOMMIT\n");
+        rules.failed(IpFamily::V4, "*nat\n-A BAD\nCOMMIT\n", "line 2 failed");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            axum::serve(listener, router(metrics, rules)).await.unwrap();
+        });
+        assert_eq!(
+            fetch(&address, "/debug/rules?family=4").await.unwrap(),
+            "*nat\nCOMMIT\n"
+        );
+        assert_eq!(
+            fetch(&address, "/debug/rules?family=4&which=failed")
+                .await
+                .unwrap(),
+            "# line 2 failed\n*nat\n-A BAD\nCOMMIT\n"
+        );
+        let missing = fetch(&address, "/debug/rules?family=6").await.unwrap_err();
+        assert!(missing.to_string().contains("404"), "{missing}");
+        let metrics = fetch(&address, "/metrics").await.unwrap();
+        assert!(metrics.contains("kubeproxy_sync_proxy_rules_iptables_restore_failures_total"));
+    }
+}

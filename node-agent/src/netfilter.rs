@@ -1,0 +1,482 @@
+//! The I/O edge to netfilter: `iptables-restore --noflush --wait` for the
+//! payload, `iptables -C` for the jump rules in the built-in chains (kube-proxy's
+//! EnsureRule), and one `iptables-save` at start to learn which service chains
+//! an earlier run (or kube-proxy) left behind.
+//!
+//! Everything that interprets the tools' output is a pure function below, so
+//! it is unit-tested without netfilter.
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use crate::addr::IpFamily;
+use std::collections::BTreeMap;
+
+use crate::rules::{
+    JumpRule, KUBE_EXTERNAL_SERVICES, KUBE_FIREWALL, KUBE_FORWARD, KUBE_MARK_MASQ, KUBE_NODEPORTS,
+    KUBE_POSTROUTING, KUBE_PROXY_CANARY, KUBE_PROXY_FIREWALL, KUBE_SERVICES, RenderConfig, Table,
+    builtin_jumps,
+};
+
+/// Which iptables binaries to call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Backend {
+    /// Whatever `iptables` is on this machine (the alternatives link).
+    #[default]
+    Auto,
+    /// `iptables-nft*`.
+    Nft,
+    /// `iptables-legacy*`.
+    Legacy,
+}
+
+/// The iptables tools of one IP family and backend.
+#[derive(Debug, Clone)]
+pub struct Netfilter {
+    pub family: IpFamily,
+    iptables: String,
+    restore: String,
+    save: String,
+}
+
+/// A restore that iptables refused; nothing of it was applied (a restore is
+/// one transaction per table, and all our tables are in one input).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{program} failed: {message}{}", context_text(.context))]
+pub struct RestoreError {
+    pub program: String,
+    pub message: String,
+    /// The line iptables named, 1-based, when it named one.
+    pub line: Option<usize>,
+    /// The offending line and its neighbours, numbered, for the log.
+    pub context: Vec<String>,
+}
+
+fn context_text(context: &[String]) -> String {
+    if context.is_empty() {
+        String::new()
+    } else {
+        format!("\n{}", context.join("\n"))
+    }
+}
+
+impl Netfilter {
+    pub fn new(family: IpFamily, backend: Backend) -> Self {
+        let base = match family {
+            IpFamily::V4 => "iptables",
+            IpFamily::V6 => "ip6tables",
+        };
+        let suffix = match backend {
+            Backend::Auto => "",
+            Backend::Nft => "-nft",
+            Backend::Legacy => "-legacy",
+        };
+        Netfilter {
+            family,
+            iptables: format!("{base}{suffix}"),
+            restore: format!("{base}{suffix}-restore"),
+            save: format!("{base}{suffix}-save"),
+        }
+    }
+
+    /// The restore program's name, for logs.
+    pub fn restore_program(&self) -> &str {
+        &self.restore
+    }
+
+    /// Applies `payload` with `--noflush --wait`: chains the payload declares
+    /// are flushed and refilled, every other chain is left alone.
+    pub fn restore(&self, payload: &str) -> Result<(), RestoreError> {
+        let failed = |message: String| RestoreError {
+            program: self.restore.clone(),
+            message,
+            line: None,
+            context: Vec::new(),
+        };
+        let mut child = Command::new(&self.restore)
+            .args(["--noflush", "--wait"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| failed(format!("cannot start it: {e}")))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // A write error shows up as the exit status and stderr below.
+            let _ = stdin.write_all(payload.as_bytes());
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| failed(format!("waiting for it: {e}")))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        let line = failed_line(&stderr);
+        Err(RestoreError {
+            context: line
+                .map(|n| lines_around(payload, n, 2))
+                .unwrap_or_default(),
+            line,
+            ..failed(if stderr.is_empty() {
+                format!("exit status {}", out.status)
+            } else {
+                stderr
+            })
+        })
+    }
+
+    /// The jump rules among `jumps` that are not in their built-in chain.
+    pub fn missing_jumps(&self, jumps: &[JumpRule]) -> Vec<JumpRule> {
+        jumps
+            .iter()
+            .filter(|jump| !self.has_rule(jump))
+            .cloned()
+            .collect()
+    }
+
+    fn has_rule(&self, jump: &JumpRule) -> bool {
+        // `-C` also fails when the target chain does not exist yet; then the
+        // rule is indeed missing, and the payload creates both.
+        Command::new(&self.iptables)
+            .args(["-w", "-t", jump.table.as_str(), "-C", jump.chain])
+            .args(&jump.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Per-service nat chains that exist now (ours from an earlier run, or
+    /// kube-proxy's), so the first sync can delete the ones no longer wanted.
+    pub fn existing_service_chains(&self) -> anyhow::Result<Vec<String>> {
+        let out = Command::new(&self.save)
+            .args(["-t", Table::Nat.as_str()])
+            .output()
+            .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", self.save))?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "{} -t nat failed: {}",
+                self.save,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(service_chains_in_save(&String::from_utf8_lossy(
+            &out.stdout,
+        )))
+    }
+}
+
+/// What `cleanup` removed from one family.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CleanupReport {
+    pub jump_rules: usize,
+    /// `table/CHAIN` of every chain deleted.
+    pub chains: Vec<String>,
+}
+
+/// The martian guard the agent writes into KUBE-FIREWALL (kubelet writes the
+/// same rule; only ours is removed, and the chain only when it is then empty).
+const MARTIAN_GUARD: &[&str] = &[
+    "-d",
+    "127.0.0.0/8",
+    "!",
+    "-s",
+    "127.0.0.0/8",
+    "-m",
+    "comment",
+    "--comment",
+    "block incoming localnet connections",
+    "-m",
+    "conntrack",
+    "!",
+    "--ctstate",
+    "RELATED,ESTABLISHED,DNAT",
+    "-j",
+    "DROP",
+];
+
+impl Netfilter {
+    /// Removes everything the agent creates in this family, and nothing else:
+    /// its jump rules in the built-in chains, then its chains.
+    pub fn cleanup(&self) -> anyhow::Result<CleanupReport> {
+        let mut report = CleanupReport::default();
+        let config = RenderConfig::new(self.family);
+        let (firewall_jumps, jumps): (Vec<JumpRule>, Vec<JumpRule>) = builtin_jumps(&config)
+            .into_iter()
+            .partition(|j| j.args.last().is_some_and(|t| t == KUBE_FIREWALL));
+        for jump in &jumps {
+            while self.delete_rule(jump.table.as_str(), jump.chain, &jump.args) {
+                report.jump_rules += 1;
+            }
+        }
+        let guard: Vec<String> = MARTIAN_GUARD.iter().map(|s| s.to_string()).collect();
+        while self.delete_rule("filter", KUBE_FIREWALL, &guard) {}
+        let saved = self.save_all()?;
+        let firewall_empty = chain_is_empty(&saved, "filter", KUBE_FIREWALL);
+        if firewall_empty {
+            for jump in &firewall_jumps {
+                while self.delete_rule(jump.table.as_str(), jump.chain, &jump.args) {
+                    report.jump_rules += 1;
+                }
+            }
+        }
+        let owned = owned_chains(&saved, firewall_empty);
+        if !owned.is_empty() {
+            let mut payload = String::new();
+            for (table, chains) in &owned {
+                payload.push_str(&format!("*{table}\n"));
+                for chain in chains {
+                    payload.push_str(&format!(":{chain} - [0:0]\n"));
+                }
+                for chain in chains {
+                    payload.push_str(&format!("-X {chain}\n"));
+                    report.chains.push(format!("{table}/{chain}"));
+                }
+                payload.push_str("COMMIT\n");
+            }
+            self.restore(&payload)?;
+        }
+        Ok(report)
+    }
+
+    fn delete_rule(&self, table: &str, chain: &str, args: &[String]) -> bool {
+        Command::new(&self.iptables)
+            .args(["-w", "-t", table, "-D", chain])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn save_all(&self) -> anyhow::Result<String> {
+        let out = Command::new(&self.save)
+            .output()
+            .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", self.save))?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "{} failed: {}",
+                self.save,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// The chains in `iptables-save` output that the agent created, per table.
+pub fn owned_chains(save: &str, include_firewall: bool) -> BTreeMap<String, Vec<String>> {
+    const FIXED: [&str; 8] = [
+        KUBE_SERVICES,
+        KUBE_EXTERNAL_SERVICES,
+        KUBE_FORWARD,
+        KUBE_NODEPORTS,
+        KUBE_PROXY_FIREWALL,
+        KUBE_PROXY_CANARY,
+        KUBE_POSTROUTING,
+        KUBE_MARK_MASQ,
+    ];
+    const PER_SERVICE: [&str; 5] = [
+        "KUBE-SVC-",
+        "KUBE-SVL-",
+        "KUBE-EXT-",
+        "KUBE-FW-",
+        "KUBE-SEP-",
+    ];
+    let mut owned: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut table = String::new();
+    for line in save.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            table = name.trim().to_string();
+        } else if let Some(decl) = line.strip_prefix(':') {
+            let name = decl.split_whitespace().next().unwrap_or("");
+            let ours = FIXED.contains(&name)
+                || (table == "nat" && PER_SERVICE.iter().any(|p| name.starts_with(p)))
+                || (include_firewall && table == "filter" && name == KUBE_FIREWALL);
+            if ours {
+                owned
+                    .entry(table.clone())
+                    .or_default()
+                    .push(name.to_string());
+            }
+        }
+    }
+    owned
+}
+
+/// Whether `chain` in `table` exists and holds no rule.
+fn chain_is_empty(save: &str, table: &str, chain: &str) -> bool {
+    let mut current = "";
+    let mut declared = false;
+    let rule_prefix = format!("-A {chain} ");
+    for line in save.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            current = name.trim();
+        } else if current == table {
+            if line
+                .strip_prefix(':')
+                .and_then(|d| d.split_whitespace().next())
+                == Some(chain)
+            {
+                declared = true;
+            } else if line.starts_with(&rule_prefix) {
+                return false;
+            }
+        }
+    }
+    declared
+}
+
+/// The line number in iptables-restore's "line N failed" message.
+pub fn failed_line(stderr: &str) -> Option<usize> {
+    let words: Vec<&str> = stderr.split_whitespace().collect();
+    words.windows(3).find_map(|w| {
+        (w[0] == "line" && w[2].starts_with("failed"))
+            .then(|| w[1].trim_end_matches(':').parse().ok())
+            .flatten()
+    })
+}
+
+/// Lines `n - around ..= n + around` of `text` (1-based), numbered, the
+/// offending one marked.
+pub fn lines_around(text: &str, n: usize, around: usize) -> Vec<String> {
+    let first = n.saturating_sub(around).max(1);
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| (i + 1, line))
+        .filter(|(i, _)| *i >= first && *i <= n + around)
+        .map(|(i, line)| {
+            let mark = if i == n { ">" } else { " " };
+            format!("{mark}{i:>6} | {line}")
+        })
+        .collect()
+}
+
+/// Chain declarations in `iptables-save -t nat` output that belong to one
+/// Service: `KUBE-SVC-`, `KUBE-SVL-`, `KUBE-EXT-`, `KUBE-FW-`, and kube-proxy's
+/// `KUBE-SEP-`.
+pub fn service_chains_in_save(text: &str) -> Vec<String> {
+    const PREFIXES: [&str; 5] = [
+        "KUBE-SVC-",
+        "KUBE-SVL-",
+        "KUBE-EXT-",
+        "KUBE-FW-",
+        "KUBE-SEP-",
+    ];
+    let mut in_nat = false;
+    let mut chains = Vec::new();
+    for line in text.lines() {
+        if let Some(table) = line.strip_prefix('*') {
+            in_nat = table.trim() == "nat";
+        } else if in_nat && let Some(decl) = line.strip_prefix(':') {
+            let name = decl.split_whitespace().next().unwrap_or("");
+            if PREFIXES.iter().any(|p| name.starts_with(p)) {
+                chains.push(name.to_string());
+            }
+        }
+    }
+    chains
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_failed_line_is_found_in_both_backends_messages() {
+        assert_eq!(failed_line("iptables-restore: line 12 failed"), Some(12));
+        assert_eq!(
+            failed_line(
+                "iptables-restore v1.8.9 (nf_tables): line 7: RULE_APPEND failed (No such file or directory): rule in chain KUBE-SVC-X\nline 9 failed"
+            ),
+            Some(9)
+        );
+        assert_eq!(
+            failed_line("iptables-restore: unable to initialize table 'nat'"),
+            None
+        );
+    }
+
+    #[test]
+    fn context_marks_the_offending_line() {
+        let text = "*nat\n:A - [0:0]\n-A A -j BAD\n-A A -j ACCEPT\nCOMMIT\n";
+        assert_eq!(
+            lines_around(text, 3, 1),
+            [
+                "      2 | :A - [0:0]",
+                ">     3 | -A A -j BAD",
+                "      4 | -A A -j ACCEPT"
+            ]
+        );
+        assert_eq!(lines_around(text, 1, 2).len(), 3);
+    }
+
+    #[test]
+    fn only_per_service_nat_chains_are_listed() {
+        let save = "\
+# Generated by iptables-save
+*filter
+:KUBE-SVC-IGNORED - [0:0]
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-SVC-ABCDEFGHIJKLMNOP - [0:0]
+:KUBE-SEP-QRSTUVWXYZ234567 - [0:0]
+:KUBE-EXT-ABCDEFGHIJKLMNOP - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+-A KUBE-SERVICES -j KUBE-SVC-ABCDEFGHIJKLMNOP
+COMMIT
+";
+        assert_eq!(
+            service_chains_in_save(save),
+            [
+                "KUBE-SVC-ABCDEFGHIJKLMNOP",
+                "KUBE-SEP-QRSTUVWXYZ234567",
+                "KUBE-EXT-ABCDEFGHIJKLMNOP"
+            ]
+        );
+    }
+
+    #[test]
+    fn cleanup_takes_only_our_chains() {
+        let save = "\
+*filter
+:INPUT ACCEPT [0:0]
+:KUBE-FIREWALL - [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-KUBELET-CANARY - [0:0]
+:MY-CHAIN - [0:0]
+-A KUBE-FIREWALL -j DROP
+COMMIT
+*nat
+:KUBE-SVC-ABCDEFGHIJKLMNOP - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-SVCX - [0:0]
+COMMIT
+*filter
+";
+        let owned = owned_chains(save, false);
+        assert_eq!(owned["filter"], ["KUBE-SERVICES"]);
+        assert_eq!(
+            owned["nat"],
+            ["KUBE-SVC-ABCDEFGHIJKLMNOP", "KUBE-MARK-MASQ"]
+        );
+        assert!(!chain_is_empty(save, "filter", "KUBE-FIREWALL"));
+        assert!(chain_is_empty(save, "filter", "MY-CHAIN"));
+        assert!(!chain_is_empty(save, "filter", "NOT-THERE"));
+        assert_eq!(
+            owned_chains(save, true)["filter"],
+            ["KUBE-FIREWALL", "KUBE-SERVICES"]
+        );
+    }
+
+    #[test]
+    fn binaries_follow_family_and_backend() {
+        let nf = Netfilter::new(IpFamily::V6, Backend::Legacy);
+        assert_eq!(nf.restore_program(), "ip6tables-legacy-restore");
+        assert_eq!(nf.iptables, "ip6tables-legacy");
+        let nf = Netfilter::new(IpFamily::V4, Backend::Auto);
+        assert_eq!(nf.save, "iptables-save");
+    }
+}

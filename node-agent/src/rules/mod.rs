@@ -1,0 +1,934 @@
+//! The model → one `iptables-restore` payload (mangle canary, filter, nat),
+//! with kube-proxy's chain layout and names.
+//!
+//! Pure. The shape differs from kube-proxy's in one place, because it decides
+//! whether a node can carry 10 000 Services (DESIGN.md, "Measured here"):
+//! there is no `KUBE-SEP-` chain per endpoint. Each `KUBE-SVC-`/`KUBE-SVL-`
+//! chain holds its DNAT candidates directly; session affinity keeps kube-proxy's
+//! `-m recent` list names (`KUBE-SEP-<h>`) inside those rules; and hairpin
+//! traffic (an endpoint reaching itself through a Service) is masqueraded by one
+//! rule per possibly-local endpoint IP in `KUBE-POSTROUTING`, matching
+//! post-DNAT `source == destination`, which is exact where kube-proxy's
+//! per-endpoint `-s <ip> -j KUBE-MARK-MASQ` is.
+//!
+//! Jump rules from the built-in chains cannot be made idempotent inside an
+//! `iptables-restore --noflush` (a second `-I` duplicates them), so the caller
+//! chooses which to include: `render` prints all of them for a fresh netns;
+//! `run` checks which exist (`iptables -C`, like kube-proxy's EnsureRule) and
+//! includes only the missing ones.
+
+pub mod check;
+pub mod names;
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use crate::addr::{Cidr, IpFamily};
+use crate::model::{Endpoint, Locality, Model, ServicePort};
+use names::{ServiceChains, endpoint_chain};
+
+pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
+pub const KUBE_EXTERNAL_SERVICES: &str = "KUBE-EXTERNAL-SERVICES";
+pub const KUBE_NODEPORTS: &str = "KUBE-NODEPORTS";
+pub const KUBE_POSTROUTING: &str = "KUBE-POSTROUTING";
+pub const KUBE_MARK_MASQ: &str = "KUBE-MARK-MASQ";
+pub const KUBE_FORWARD: &str = "KUBE-FORWARD";
+pub const KUBE_PROXY_FIREWALL: &str = "KUBE-PROXY-FIREWALL";
+pub const KUBE_PROXY_CANARY: &str = "KUBE-PROXY-CANARY";
+/// kubelet's chain holding the martian-packet guard; kube-proxy writes the
+/// same rule when it enables localhost NodePorts.
+pub const KUBE_FIREWALL: &str = "KUBE-FIREWALL";
+
+/// kube-proxy stops writing per-endpoint comments above this many endpoints
+/// ("large cluster mode"); they repeat what `--to-destination` already says.
+const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
+
+const NODEPORTS_COMMENT: &str =
+    "\"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    Mangle,
+    Filter,
+    Nat,
+}
+
+impl Table {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Table::Mangle => "mangle",
+            Table::Filter => "filter",
+            Table::Nat => "nat",
+        }
+    }
+}
+
+/// How traffic from this node's pods is told apart (`--detect-local-mode`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalTraffic {
+    /// No detection: no masquerade of off-cluster ClusterIP traffic and no
+    /// ETP=Local short-circuit for pods (the node is still short-circuited).
+    None,
+    /// `ClusterCIDR` or `NodeCIDR`: sources inside the CIDR.
+    Cidr(Cidr),
+    /// `BridgeInterface`: packets arriving on the pod bridge.
+    Bridge(String),
+    /// `InterfaceNamePrefix`: packets arriving on interfaces named `prefix*`.
+    InterfacePrefix(String),
+}
+
+impl LocalTraffic {
+    fn if_local(&self) -> Option<String> {
+        match self {
+            LocalTraffic::None => None,
+            LocalTraffic::Cidr(cidr) => Some(format!("-s {cidr}")),
+            LocalTraffic::Bridge(name) => Some(format!("-i {name}")),
+            LocalTraffic::InterfacePrefix(prefix) => Some(format!("-i {prefix}+")),
+        }
+    }
+
+    fn if_not_local(&self) -> Option<String> {
+        self.if_local().map(|m| format!("! {m}"))
+    }
+}
+
+/// Which destinations NodePorts answer on (`--nodeport-addresses`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// Every local address (`-m addrtype --dst-type LOCAL`).
+    All,
+    /// Local addresses inside these prefixes; a host prefix is one address
+    /// (`primary` resolves to the node's InternalIP this way).
+    Cidrs(Vec<Cidr>),
+}
+
+/// Everything besides the model that shapes the rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderConfig {
+    pub family: IpFamily,
+    /// `--masquerade-bit` (default 14, mark 0x4000).
+    pub masquerade_bit: u8,
+    pub masquerade_all: bool,
+    /// Add `--random-fully` to MASQUERADE (iptables ≥ 1.6.2 and a kernel that
+    /// supports it; the caller finds out).
+    pub random_fully: bool,
+    pub local_traffic: LocalTraffic,
+    pub nodeport_addresses: NodePortAddresses,
+    /// NodePorts on 127.0.0.1 (IPv4 only; needs `route_localnet=1`, which the
+    /// agent sets, and brings the martian-packet guard).
+    pub localhost_nodeports: bool,
+    /// This node's addresses of the family; a source range that contains one
+    /// also admits traffic the node sends to its own LoadBalancer IPs.
+    pub node_ips: Vec<IpAddr>,
+    /// `nf_conntrack_tcp_be_liberal` is set, so INVALID packets need no DROP.
+    pub conntrack_tcp_liberal: bool,
+}
+
+impl RenderConfig {
+    /// kube-proxy's defaults for `family`.
+    pub fn new(family: IpFamily) -> Self {
+        RenderConfig {
+            family,
+            masquerade_bit: 14,
+            masquerade_all: false,
+            random_fully: true,
+            local_traffic: LocalTraffic::None,
+            nodeport_addresses: NodePortAddresses::All,
+            localhost_nodeports: family == IpFamily::V4,
+            node_ips: Vec::new(),
+            conntrack_tcp_liberal: false,
+        }
+    }
+
+    pub fn masquerade_mark(&self) -> String {
+        format!("{:#x}", 1u32 << self.masquerade_bit)
+    }
+
+    /// Localhost NodePorts only exist for IPv4 (kube-proxy's rule).
+    pub fn localhost_nodeports_effective(&self) -> bool {
+        self.localhost_nodeports && self.family == IpFamily::V4
+    }
+}
+
+/// A rule in a built-in chain that links it to one of ours.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct JumpRule {
+    pub table: Table,
+    pub chain: &'static str,
+    /// The rule's arguments as separate words, as `iptables -C` takes them.
+    pub args: Vec<String>,
+}
+
+impl JumpRule {
+    fn new(
+        table: Table,
+        chain: &'static str,
+        extra: &[&str],
+        comment: Option<&str>,
+        target: &str,
+    ) -> Self {
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if let Some(comment) = comment {
+            args.extend([
+                "-m".into(),
+                "comment".into(),
+                "--comment".into(),
+                comment.into(),
+            ]);
+        }
+        args.extend(["-j".into(), target.into()]);
+        JumpRule { table, chain, args }
+    }
+
+    /// The rule as an `iptables-restore` line inserting it at the top.
+    pub fn restore_line(&self) -> String {
+        let mut line = format!("-I {} 1", self.chain);
+        for arg in &self.args {
+            line.push(' ');
+            if arg.contains(' ') {
+                let _ = write!(line, "\"{arg}\"");
+            } else {
+                line.push_str(arg);
+            }
+        }
+        line
+    }
+}
+
+/// kube-proxy's jump rules (`iptablesJumpChains`, plus kubelet's KUBE-FIREWALL
+/// jumps when the martian guard is needed), in the order that inserting each
+/// at position 1 leaves them where kube-proxy leaves them.
+pub fn builtin_jumps(config: &RenderConfig) -> Vec<JumpRule> {
+    const NEW: &[&str] = &["-m", "conntrack", "--ctstate", "NEW"];
+    let external = Some("kubernetes externally-visible service portals");
+    let portals = Some("kubernetes service portals");
+    let firewall = Some("kubernetes load balancer firewall");
+    let mut jumps = vec![
+        JumpRule::new(
+            Table::Filter,
+            "INPUT",
+            NEW,
+            external,
+            KUBE_EXTERNAL_SERVICES,
+        ),
+        JumpRule::new(
+            Table::Filter,
+            "FORWARD",
+            NEW,
+            external,
+            KUBE_EXTERNAL_SERVICES,
+        ),
+        JumpRule::new(
+            Table::Filter,
+            "INPUT",
+            &[],
+            Some("kubernetes health check service ports"),
+            KUBE_NODEPORTS,
+        ),
+        JumpRule::new(Table::Filter, "FORWARD", NEW, portals, KUBE_SERVICES),
+        JumpRule::new(Table::Filter, "OUTPUT", NEW, portals, KUBE_SERVICES),
+        JumpRule::new(
+            Table::Filter,
+            "FORWARD",
+            &[],
+            Some("kubernetes forwarding rules"),
+            KUBE_FORWARD,
+        ),
+        JumpRule::new(Table::Filter, "INPUT", NEW, firewall, KUBE_PROXY_FIREWALL),
+        JumpRule::new(Table::Filter, "OUTPUT", NEW, firewall, KUBE_PROXY_FIREWALL),
+        JumpRule::new(Table::Filter, "FORWARD", NEW, firewall, KUBE_PROXY_FIREWALL),
+        JumpRule::new(Table::Nat, "OUTPUT", &[], portals, KUBE_SERVICES),
+        JumpRule::new(Table::Nat, "PREROUTING", &[], portals, KUBE_SERVICES),
+        JumpRule::new(
+            Table::Nat,
+            "POSTROUTING",
+            &[],
+            Some("kubernetes postrouting rules"),
+            KUBE_POSTROUTING,
+        ),
+    ];
+    if config.localhost_nodeports_effective() {
+        jumps.push(JumpRule::new(
+            Table::Filter,
+            "INPUT",
+            &[],
+            None,
+            KUBE_FIREWALL,
+        ));
+        jumps.push(JumpRule::new(
+            Table::Filter,
+            "OUTPUT",
+            &[],
+            None,
+            KUBE_FIREWALL,
+        ));
+    }
+    jumps
+}
+
+/// What this render adds to the model's own rules.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RenderOptions<'a> {
+    /// Jump rules to insert into the built-in chains (see the module docs).
+    pub builtin_jumps: &'a [JumpRule],
+    /// Per-service nat chains applied before and no longer wanted: flushed and
+    /// deleted in the same transaction.
+    pub delete_nat_chains: &'a [String],
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableStats {
+    /// Chains declared (`:CHAIN - [0:0]`).
+    pub chains: usize,
+    /// Rules written (`-A`/`-I`).
+    pub rules: usize,
+}
+
+/// One `iptables-restore` input, and what it contains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payload {
+    pub text: String,
+    pub mangle: TableStats,
+    pub filter: TableStats,
+    pub nat: TableStats,
+    /// The per-service nat chains this payload declares and fills; whatever
+    /// was applied before and is not here is stale next time.
+    pub service_chains: Vec<String>,
+}
+
+/// One table's section while it is being written: chain declarations first,
+/// then rules, as iptables-restore wants them.
+#[derive(Default)]
+struct TableWriter {
+    chains: String,
+    rules: String,
+    stats: TableStats,
+}
+
+impl TableWriter {
+    fn chain(&mut self, name: &str) {
+        self.chains.push(':');
+        self.chains.push_str(name);
+        self.chains.push_str(" - [0:0]\n");
+        self.stats.chains += 1;
+    }
+
+    /// Starts `-A chain`; the caller finishes the line with [`TableWriter::end`].
+    fn append(&mut self, chain: &str) -> &mut String {
+        self.stats.rules += 1;
+        self.rules.push_str("-A ");
+        self.rules.push_str(chain);
+        &mut self.rules
+    }
+
+    fn end(&mut self) {
+        self.rules.push('\n');
+    }
+
+    fn line(&mut self, line: &str) {
+        self.rules.push_str(line);
+        self.rules.push('\n');
+    }
+
+    fn finish(self, name: &str, out: &mut String) -> TableStats {
+        out.push('*');
+        out.push_str(name);
+        out.push('\n');
+        out.push_str(&self.chains);
+        out.push_str(&self.rules);
+        out.push_str("COMMIT\n");
+        self.stats
+    }
+}
+
+/// `1/n` with 10 decimals, as kube-proxy prints it; index = n.
+fn probabilities(max: usize) -> Vec<String> {
+    (0..=max)
+        .map(|n| {
+            if n == 0 {
+                String::new()
+            } else {
+                format!("{:.10}", 1.0 / n as f64)
+            }
+        })
+        .collect()
+}
+
+/// Renders the whole ruleset this node needs for `model`.
+pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>) -> Payload {
+    let mark = config.masquerade_mark();
+    let random_fully = if config.random_fully {
+        " --random-fully"
+    } else {
+        ""
+    };
+    let mut filter = TableWriter::default();
+    let mut nat = TableWriter::default();
+    let mut mangle = TableWriter::default();
+    mangle.chain(KUBE_PROXY_CANARY);
+
+    for chain in [
+        KUBE_SERVICES,
+        KUBE_EXTERNAL_SERVICES,
+        KUBE_FORWARD,
+        KUBE_NODEPORTS,
+        KUBE_PROXY_FIREWALL,
+        KUBE_PROXY_CANARY,
+    ] {
+        filter.chain(chain);
+    }
+    for chain in [
+        KUBE_SERVICES,
+        KUBE_NODEPORTS,
+        KUBE_POSTROUTING,
+        KUBE_MARK_MASQ,
+        KUBE_PROXY_CANARY,
+    ] {
+        nat.chain(chain);
+    }
+
+    // Hairpin first: those packets carry no mark, and the next rule returns
+    // every unmarked packet.
+    let hairpin = hairpin_ips(model);
+    for ip in &hairpin {
+        let r = nat.append(KUBE_POSTROUTING);
+        let _ = write!(
+            r,
+            " -m comment --comment \"masquerade hairpin traffic to {ip}\" -s {ip} -d {ip} -m conntrack --ctstate DNAT -j MASQUERADE{random_fully}"
+        );
+        nat.end();
+    }
+    let r = nat.append(KUBE_POSTROUTING);
+    let _ = write!(r, " -m mark ! --mark {mark}/{mark} -j RETURN");
+    nat.end();
+    // Clear the mark so a packet that traverses the stack again is not
+    // masqueraded twice.
+    let r = nat.append(KUBE_POSTROUTING);
+    let _ = write!(r, " -j MARK --xor-mark {mark}");
+    nat.end();
+    let r = nat.append(KUBE_POSTROUTING);
+    let _ = write!(
+        r,
+        " -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE{random_fully}"
+    );
+    nat.end();
+    let r = nat.append(KUBE_MARK_MASQ);
+    let _ = write!(r, " -j MARK --or-mark {mark}");
+    nat.end();
+
+    if config.localhost_nodeports_effective() {
+        // route_localnet lets remote hosts reach 127.0.0.0/8 services; only
+        // DNATed (NodePort) traffic may pass (https://issues.k8s.io/90259).
+        filter.chain(KUBE_FIREWALL);
+        let r = filter.append(KUBE_FIREWALL);
+        r.push_str(
+            " -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
+        );
+        filter.end();
+    }
+
+    let total_endpoints: usize = model
+        .service_ports
+        .iter()
+        .map(|p| p.cluster_endpoints.len() + p.local_endpoints.len())
+        .sum();
+    let max_endpoints = model
+        .service_ports
+        .iter()
+        .map(|p| p.cluster_endpoints.len().max(p.local_endpoints.len()))
+        .max()
+        .unwrap_or(0);
+    let mut ctx = ServiceContext {
+        config,
+        probabilities: probabilities(max_endpoints),
+        endpoint_comments: total_endpoints <= LARGE_CLUSTER_ENDPOINTS,
+        local_if: config.local_traffic.if_local(),
+        not_local_if: config.local_traffic.if_not_local(),
+        service_chains: Vec::new(),
+    };
+    for port in &model.service_ports {
+        render_service_port(port, &mut ctx, &mut filter, &mut nat);
+    }
+
+    render_nodeports_jump(config, &mut nat);
+
+    if !config.conntrack_tcp_liberal {
+        // INVALID packets would otherwise reach pods un-NATed and reset
+        // connections (kubernetes#74839).
+        let r = filter.append(KUBE_FORWARD);
+        r.push_str(" -m conntrack --ctstate INVALID -j DROP");
+        filter.end();
+    }
+    let r = filter.append(KUBE_FORWARD);
+    let _ = write!(
+        r,
+        " -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {mark}/{mark} -j ACCEPT"
+    );
+    filter.end();
+    let r = filter.append(KUBE_FORWARD);
+    r.push_str(
+        " -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+    );
+    filter.end();
+
+    let declared: BTreeSet<&str> = ctx.service_chains.iter().map(String::as_str).collect();
+    for chain in options.delete_nat_chains {
+        if declared.contains(chain.as_str()) {
+            continue;
+        }
+        nat.chain(chain);
+        nat.line(&format!("-X {chain}"));
+    }
+
+    for jump in options.builtin_jumps {
+        let writer = match jump.table {
+            Table::Filter => &mut filter,
+            Table::Nat => &mut nat,
+            Table::Mangle => &mut mangle,
+        };
+        writer.stats.rules += 1;
+        writer.line(&jump.restore_line());
+    }
+
+    let mut text = String::with_capacity(
+        filter.chains.len() + filter.rules.len() + nat.chains.len() + nat.rules.len() + 256,
+    );
+    let mangle = mangle.finish("mangle", &mut text);
+    let filter = filter.finish("filter", &mut text);
+    let nat = nat.finish("nat", &mut text);
+    Payload {
+        text,
+        mangle,
+        filter,
+        nat,
+        service_chains: ctx.service_chains,
+    }
+}
+
+/// Endpoint IPs that may be on this node and so may reach themselves through a
+/// Service. Endpoints without a node name (hand-written ones) count as local:
+/// masquerading one too many hairpin never breaks a connection.
+fn hairpin_ips(model: &Model) -> BTreeSet<IpAddr> {
+    let mut ips = BTreeSet::new();
+    for port in &model.service_ports {
+        for endpoint in port.cluster_endpoints.iter().chain(&port.local_endpoints) {
+            if endpoint.locality != Locality::Remote {
+                ips.insert(endpoint.ip);
+            }
+        }
+    }
+    ips
+}
+
+/// The last rule of nat KUBE-SERVICES: local destinations go on to NodePorts.
+fn render_nodeports_jump(config: &RenderConfig, nat: &mut TableWriter) {
+    let loopback: Cidr = match config.family {
+        IpFamily::V4 => Cidr::new("127.0.0.0".parse().expect("literal"), 8),
+        IpFamily::V6 => Cidr::new("::1".parse().expect("literal"), 128),
+    }
+    .expect("valid prefix");
+    let loopback_allowed = config.localhost_nodeports_effective();
+    let exclude_loopback = if loopback_allowed {
+        String::new()
+    } else {
+        format!(" ! -d {loopback}")
+    };
+    let all = |nat: &mut TableWriter| {
+        let r = nat.append(KUBE_SERVICES);
+        let _ = write!(
+            r,
+            " -m comment --comment {NODEPORTS_COMMENT} -m addrtype --dst-type LOCAL{exclude_loopback} -j {KUBE_NODEPORTS}"
+        );
+        nat.end();
+    };
+    match &config.nodeport_addresses {
+        NodePortAddresses::All => all(nat),
+        NodePortAddresses::Cidrs(cidrs) => {
+            for cidr in cidrs.iter().filter(|c| c.family() == config.family) {
+                if cidr.prefix_len() == 0 {
+                    all(nat);
+                    continue;
+                }
+                let within_loopback = cidr.prefix_len() >= loopback.prefix_len()
+                    && loopback.contains(&cidr.network());
+                if within_loopback && !loopback_allowed {
+                    continue;
+                }
+                let r = nat.append(KUBE_SERVICES);
+                if cidr.is_host() {
+                    let _ = write!(
+                        r,
+                        " -m comment --comment {NODEPORTS_COMMENT} -d {cidr} -j {KUBE_NODEPORTS}"
+                    );
+                } else {
+                    let _ = write!(
+                        r,
+                        " -m comment --comment {NODEPORTS_COMMENT} -d {cidr} -m addrtype --dst-type LOCAL -j {KUBE_NODEPORTS}"
+                    );
+                }
+                nat.end();
+            }
+        }
+    }
+}
+
+struct ServiceContext<'a> {
+    config: &'a RenderConfig,
+    probabilities: Vec<String>,
+    endpoint_comments: bool,
+    local_if: Option<String>,
+    not_local_if: Option<String>,
+    service_chains: Vec<String>,
+}
+
+/// kube-proxy's `syncProxyRules` body for one service port.
+fn render_service_port(
+    port: &ServicePort,
+    ctx: &mut ServiceContext<'_>,
+    filter: &mut TableWriter,
+    nat: &mut TableWriter,
+) {
+    let chains = ServiceChains::new(&port.name, port.protocol);
+    let name = port.name.to_string();
+    let proto = port.protocol.as_str();
+    let has_endpoints = port.has_endpoints;
+
+    let uses_cluster_chain = !port.cluster_endpoints.is_empty() && port.uses_cluster_endpoints();
+    let uses_local_chain = !port.local_endpoints.is_empty() && port.uses_local_endpoints();
+
+    let (internal_chain, has_internal_endpoints) = if port.internal_policy_local() {
+        (
+            &chains.local,
+            has_endpoints && !port.local_endpoints.is_empty(),
+        )
+    } else {
+        (&chains.cluster, has_endpoints)
+    };
+    let (external_policy_chain, has_external_endpoints) = if port.external_policy_local() {
+        (
+            &chains.local,
+            has_endpoints && !port.local_endpoints.is_empty(),
+        )
+    } else {
+        (&chains.cluster, has_endpoints)
+    };
+    // Needed even without externally usable endpoints: the EXT chain carries
+    // the short-circuit for pods and the node.
+    let uses_external_chain = has_endpoints && port.externally_accessible();
+    let uses_firewall_chain = has_endpoints
+        && !port.load_balancer_ips.is_empty()
+        && !port.load_balancer_source_ranges.is_empty();
+    let load_balancer_chain = if uses_firewall_chain {
+        &chains.firewall
+    } else {
+        &chains.external
+    };
+
+    let no_endpoints = format!("\"{name} has no endpoints\"");
+    let no_local_endpoints = format!("\"{name} has no local endpoints\"");
+    let (internal_filter, external_filter) = if !has_endpoints {
+        (
+            Some(("REJECT", &no_endpoints)),
+            Some(("REJECT", &no_endpoints)),
+        )
+    } else {
+        (
+            (!has_internal_endpoints).then_some(("DROP", &no_local_endpoints)),
+            (!has_external_endpoints).then_some(("DROP", &no_local_endpoints)),
+        )
+    };
+    let match_proto = format!("-m {proto} -p {proto}");
+
+    // Cluster IP.
+    if has_internal_endpoints {
+        let r = nat.append(KUBE_SERVICES);
+        let _ = write!(
+            r,
+            " -m comment --comment \"{name} cluster IP\" {match_proto} -d {} --dport {} -j {internal_chain}",
+            port.cluster_ip, port.port
+        );
+        nat.end();
+    } else if let Some((target, comment)) = internal_filter {
+        let r = filter.append(KUBE_SERVICES);
+        let _ = write!(
+            r,
+            " -m comment --comment {comment} {match_proto} -d {} --dport {} -j {target}",
+            port.cluster_ip, port.port
+        );
+        filter.end();
+    }
+
+    // External IPs.
+    for ip in &port.external_ips {
+        if has_endpoints {
+            let r = nat.append(KUBE_SERVICES);
+            let _ = write!(
+                r,
+                " -m comment --comment \"{name} external IP\" {match_proto} -d {ip} --dport {} -j {}",
+                port.port, chains.external
+            );
+            nat.end();
+        }
+        if let Some((target, comment)) = external_filter {
+            let r = filter.append(KUBE_EXTERNAL_SERVICES);
+            let _ = write!(
+                r,
+                " -m comment --comment {comment} {match_proto} -d {ip} --dport {} -j {target}",
+                port.port
+            );
+            filter.end();
+        }
+    }
+
+    // Load balancer IPs.
+    for ip in &port.load_balancer_ips {
+        if has_endpoints {
+            let r = nat.append(KUBE_SERVICES);
+            let _ = write!(
+                r,
+                " -m comment --comment \"{name} loadbalancer IP\" {match_proto} -d {ip} --dport {} -j {load_balancer_chain}",
+                port.port
+            );
+            nat.end();
+        }
+        if uses_firewall_chain {
+            // Whatever the KUBE-FW chain did not DNAT is still addressed to the
+            // load balancer IP when it reaches filter, and is dropped here.
+            let r = filter.append(KUBE_PROXY_FIREWALL);
+            let _ = write!(
+                r,
+                " -m comment --comment \"{name} traffic not accepted by {}\" {match_proto} -d {ip} --dport {} -j DROP",
+                chains.firewall, port.port
+            );
+            filter.end();
+        }
+    }
+    if let Some((target, comment)) = external_filter {
+        for ip in &port.load_balancer_ips {
+            let r = filter.append(KUBE_EXTERNAL_SERVICES);
+            let _ = write!(
+                r,
+                " -m comment --comment {comment} {match_proto} -d {ip} --dport {} -j {target}",
+                port.port
+            );
+            filter.end();
+        }
+    }
+
+    // NodePort. Not subject to loadBalancerSourceRanges (kube-proxy semantics).
+    if let Some(node_port) = port.node_port {
+        if has_endpoints {
+            let r = nat.append(KUBE_NODEPORTS);
+            let _ = write!(
+                r,
+                " -m comment --comment \"{name}\" {match_proto} --dport {node_port} -j {}",
+                chains.external
+            );
+            nat.end();
+        }
+        if let Some((target, comment)) = external_filter {
+            let r = filter.append(KUBE_EXTERNAL_SERVICES);
+            let _ = write!(
+                r,
+                " -m comment --comment {comment} -m addrtype --dst-type LOCAL {match_proto} --dport {node_port} -j {target}"
+            );
+            filter.end();
+        }
+    }
+
+    // The health check server for ETP=Local answers whether or not endpoints exist.
+    if let Some(health_port) = port.health_check_node_port {
+        let r = filter.append(KUBE_NODEPORTS);
+        let _ = write!(
+            r,
+            " -m comment --comment \"{name} health check node port\" -m tcp -p tcp --dport {health_port} -j ACCEPT"
+        );
+        filter.end();
+    }
+
+    // Internal traffic: masquerade what did not come from a local pod, since
+    // the reply may otherwise bypass this node.
+    if has_internal_endpoints {
+        let masquerade_match = if ctx.config.masquerade_all {
+            Some(String::new())
+        } else {
+            ctx.not_local_if.as_ref().map(|m| format!(" {m}"))
+        };
+        if let Some(extra) = masquerade_match {
+            let r = nat.append(internal_chain);
+            let _ = write!(
+                r,
+                " -m comment --comment \"{name} cluster IP\" {match_proto} -d {} --dport {}{extra} -j {KUBE_MARK_MASQ}",
+                port.cluster_ip, port.port
+            );
+            nat.end();
+        }
+    }
+
+    if uses_external_chain {
+        nat.chain(&chains.external);
+        ctx.service_chains.push(chains.external.clone());
+        if !port.external_policy_local() {
+            // Endpoints may be on other nodes, so the reply must come back here.
+            let r = nat.append(&chains.external);
+            let _ = write!(
+                r,
+                " -m comment --comment \"masquerade traffic for {name} external destinations\" -j {KUBE_MARK_MASQ}"
+            );
+            nat.end();
+        } else {
+            // Pods and the node itself reach every endpoint, as if they had gone
+            // out to the load balancer and come back in.
+            if let Some(local_if) = &ctx.local_if {
+                let r = nat.append(&chains.external);
+                let _ = write!(
+                    r,
+                    " -m comment --comment \"pod traffic for {name} external destinations\" {local_if} -j {}",
+                    chains.cluster
+                );
+                nat.end();
+            }
+            // The node's source address would be the service IP itself.
+            let r = nat.append(&chains.external);
+            let _ = write!(
+                r,
+                " -m comment --comment \"masquerade LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j {KUBE_MARK_MASQ}"
+            );
+            nat.end();
+            let r = nat.append(&chains.external);
+            let _ = write!(
+                r,
+                " -m comment --comment \"route LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j {}",
+                chains.cluster
+            );
+            nat.end();
+        }
+        if has_external_endpoints {
+            let r = nat.append(&chains.external);
+            let _ = write!(r, " -j {external_policy_chain}");
+            nat.end();
+        }
+    }
+
+    if uses_firewall_chain {
+        nat.chain(&chains.firewall);
+        ctx.service_chains.push(chains.firewall.clone());
+        let mut allow_from_node = false;
+        for cidr in &port.load_balancer_source_ranges {
+            let r = nat.append(&chains.firewall);
+            let _ = write!(
+                r,
+                " -m comment --comment \"{name} loadbalancer IP\" -s {cidr} -j {}",
+                chains.external
+            );
+            nat.end();
+            allow_from_node |= ctx.config.node_ips.iter().any(|ip| cidr.contains(ip));
+        }
+        // A node reaching its own LB IP (often a local address) arrives with the
+        // LB IP as source; admit it when the node itself is admitted.
+        if allow_from_node {
+            for ip in &port.load_balancer_ips {
+                let r = nat.append(&chains.firewall);
+                let _ = write!(
+                    r,
+                    " -m comment --comment \"{name} loadbalancer IP\" -s {ip} -j {}",
+                    chains.external
+                );
+                nat.end();
+            }
+        }
+        let r = nat.append(&chains.firewall);
+        let _ = write!(
+            r,
+            " -m comment --comment \"other traffic to {name} will be dropped by KUBE-PROXY-FIREWALL\""
+        );
+        nat.end();
+    }
+
+    if uses_cluster_chain {
+        nat.chain(&chains.cluster);
+        ctx.service_chains.push(chains.cluster.clone());
+        write_endpoint_rules(
+            nat,
+            ctx,
+            port,
+            &name,
+            &match_proto,
+            &chains.cluster,
+            &port.cluster_endpoints,
+        );
+    }
+    if uses_local_chain {
+        nat.chain(&chains.local);
+        ctx.service_chains.push(chains.local.clone());
+        write_endpoint_rules(
+            nat,
+            ctx,
+            port,
+            &name,
+            &match_proto,
+            &chains.local,
+            &port.local_endpoints,
+        );
+    }
+}
+
+/// The DNAT candidates of one service chain: affinity rules first (a client
+/// seen recently goes back to its endpoint), then a uniform random choice
+/// where candidate `i` of `n` matches with probability `1/(n-i)`.
+fn write_endpoint_rules(
+    nat: &mut TableWriter,
+    ctx: &ServiceContext<'_>,
+    port: &ServicePort,
+    name: &str,
+    match_proto: &str,
+    chain: &str,
+    endpoints: &[Endpoint],
+) {
+    let comment = |r: &mut String, address: &str| {
+        if ctx.endpoint_comments {
+            let _ = write!(r, " -m comment --comment \"{name} -> {address}\"");
+        }
+    };
+    let addresses: Vec<String> = endpoints.iter().map(Endpoint::address).collect();
+    let affinity_lists: Vec<String> = if port.affinity_timeout_seconds.is_some() {
+        endpoints
+            .iter()
+            .map(|e| endpoint_chain(&port.name, port.protocol, e))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if let Some(timeout) = port.affinity_timeout_seconds {
+        for (address, list) in addresses.iter().zip(&affinity_lists) {
+            let r = nat.append(chain);
+            comment(r, address);
+            let _ = write!(
+                r,
+                " -m recent --name {list} --update --seconds {timeout} --reap {match_proto} -j DNAT --to-destination {address}"
+            );
+            nat.end();
+        }
+    }
+    let n = endpoints.len();
+    for (i, address) in addresses.iter().enumerate() {
+        let r = nat.append(chain);
+        comment(r, address);
+        if i + 1 < n {
+            let _ = write!(
+                r,
+                " -m statistic --mode random --probability {}",
+                ctx.probabilities[n - i]
+            );
+        }
+        if let Some(list) = affinity_lists.get(i) {
+            let _ = write!(r, " -m recent --name {list} --set");
+        }
+        let _ = write!(r, " {match_proto} -j DNAT --to-destination {address}");
+        nat.end();
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,643 @@
+use super::check::check;
+use super::*;
+use crate::addr::parse_cidr;
+use crate::model::fixtures::{EndpointBuilder as Ep, NodeBuilder, ServiceBuilder, SliceBuilder};
+use crate::model::{self, NodeInfo};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+fn node(family: IpFamily) -> NodeInfo {
+    let builder = match family {
+        IpFamily::V4 => NodeBuilder::new("node-a")
+            .internal_ip("192.168.0.10")
+            .pod_cidrs(&["10.244.1.0/24"]),
+        IpFamily::V6 => NodeBuilder::new("node-a")
+            .internal_ip("fd00::10")
+            .pod_cidrs(&["fd00:244:1::/64"]),
+    };
+    NodeInfo::from_node(&builder.build(), &mut Vec::new())
+}
+
+fn config() -> RenderConfig {
+    RenderConfig {
+        local_traffic: LocalTraffic::Cidr(parse_cidr("10.244.0.0/16").unwrap()),
+        node_ips: vec!["192.168.0.10".parse().unwrap()],
+        ..RenderConfig::new(IpFamily::V4)
+    }
+}
+
+/// Renders with every jump rule, and asserts the payload is consistent.
+fn render_with(services: &[Service], slices: &[EndpointSlice], config: &RenderConfig) -> Payload {
+    let (model, issues) = model::build(services, slices, &node(config.family), config.family);
+    assert!(issues.is_empty(), "{issues:?}");
+    let jumps = builtin_jumps(config);
+    let payload = render(
+        &model,
+        config,
+        &RenderOptions {
+            builtin_jumps: &jumps,
+            ..RenderOptions::default()
+        },
+    );
+    let problems = check(&payload.text);
+    assert!(problems.is_empty(), "{problems:#?}\n{}", payload.text);
+    payload
+}
+
+fn lines_with<'a>(payload: &'a Payload, needle: &str) -> Vec<&'a str> {
+    payload
+        .text
+        .lines()
+        .filter(|l| l.contains(needle))
+        .collect()
+}
+
+fn web() -> ServiceBuilder {
+    ServiceBuilder::new("default", "web").port("http", 80, "TCP")
+}
+
+fn slice(endpoints: &[(&str, &str)]) -> EndpointSlice {
+    let mut builder = SliceBuilder::new("default", "web", "web-1").port("http", 8080, "TCP");
+    for (ip, node) in endpoints {
+        builder = builder.endpoint(Ep::new(ip).node(node));
+    }
+    builder.build()
+}
+
+const SVC: &str = "KUBE-SVC-CDGGSHYLG3RE2FKL";
+
+#[test]
+fn cluster_ip_spreads_uniformly_over_ready_endpoints() {
+    let payload = render_with(
+        &[web().build()],
+        &[slice(&[
+            ("10.244.2.1", "node-b"),
+            ("10.244.2.2", "node-b"),
+            ("10.244.3.1", "node-c"),
+        ])],
+        &config(),
+    );
+    let chain = names::ServiceChains::new(
+        &model::ServicePortName {
+            namespace: "default".into(),
+            name: "web".into(),
+            port: "http".into(),
+        },
+        model::Protocol::Tcp,
+    )
+    .cluster;
+    assert_eq!(chain, SVC);
+    assert_eq!(
+        lines_with(&payload, &format!("-A {SVC}")),
+        [
+            "-A KUBE-SVC-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http cluster IP\" -m tcp -p tcp -d 10.96.0.10 --dport 80 ! -s 10.244.0.0/16 -j KUBE-MARK-MASQ",
+            "-A KUBE-SVC-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http -> 10.244.2.1:8080\" -m statistic --mode random --probability 0.3333333333 -m tcp -p tcp -j DNAT --to-destination 10.244.2.1:8080",
+            "-A KUBE-SVC-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http -> 10.244.2.2:8080\" -m statistic --mode random --probability 0.5000000000 -m tcp -p tcp -j DNAT --to-destination 10.244.2.2:8080",
+            "-A KUBE-SVC-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http -> 10.244.3.1:8080\" -m tcp -p tcp -j DNAT --to-destination 10.244.3.1:8080",
+        ]
+    );
+    assert_eq!(
+        lines_with(
+            &payload,
+            "-A KUBE-SERVICES -m comment --comment \"default/web"
+        ),
+        [
+            "-A KUBE-SERVICES -m comment --comment \"default/web:http cluster IP\" -m tcp -p tcp -d 10.96.0.10 --dport 80 -j KUBE-SVC-CDGGSHYLG3RE2FKL"
+        ]
+    );
+    assert!(
+        lines_with(&payload, "KUBE-SEP-").is_empty(),
+        "no per-endpoint chains"
+    );
+    assert!(
+        lines_with(&payload, "hairpin").is_empty(),
+        "remote endpoints cannot hairpin here"
+    );
+}
+
+#[test]
+fn no_endpoints_reject_every_entry_point() {
+    let service = web()
+        .type_("LoadBalancer")
+        .node_port(30080)
+        .external_ips(&["192.0.2.1"])
+        .ingress("198.51.100.1", None)
+        .build();
+    let payload = render_with(&[service], &[], &config());
+    assert_eq!(
+        lines_with(&payload, "has no endpoints"),
+        [
+            "-A KUBE-SERVICES -m comment --comment \"default/web:http has no endpoints\" -m tcp -p tcp -d 10.96.0.10 --dport 80 -j REJECT",
+            "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"default/web:http has no endpoints\" -m tcp -p tcp -d 192.0.2.1 --dport 80 -j REJECT",
+            "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"default/web:http has no endpoints\" -m tcp -p tcp -d 198.51.100.1 --dport 80 -j REJECT",
+            "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"default/web:http has no endpoints\" -m addrtype --dst-type LOCAL -m tcp -p tcp --dport 30080 -j REJECT",
+        ]
+    );
+    assert!(payload.service_chains.is_empty());
+    assert_eq!(payload.nat.chains, 5, "only the top-level nat chains");
+}
+
+#[test]
+fn internal_traffic_policy_local_without_local_endpoints_drops() {
+    let payload = render_with(
+        &[web().internal_traffic_policy("Local").build()],
+        &[slice(&[("10.244.2.1", "node-b")])],
+        &config(),
+    );
+    assert_eq!(
+        lines_with(&payload, "has no local endpoints"),
+        [
+            "-A KUBE-SERVICES -m comment --comment \"default/web:http has no local endpoints\" -m tcp -p tcp -d 10.96.0.10 --dport 80 -j DROP"
+        ]
+    );
+    assert!(payload.service_chains.is_empty());
+}
+
+#[test]
+fn internal_traffic_policy_local_uses_the_local_chain() {
+    let payload = render_with(
+        &[web().internal_traffic_policy("Local").build()],
+        &[slice(&[("10.244.2.1", "node-b"), ("10.244.1.7", "node-a")])],
+        &config(),
+    );
+    assert_eq!(payload.service_chains, ["KUBE-SVL-CDGGSHYLG3RE2FKL"]);
+    assert_eq!(
+        lines_with(&payload, "-j DNAT"),
+        [
+            "-A KUBE-SVL-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http -> 10.244.1.7:8080\" -m tcp -p tcp -j DNAT --to-destination 10.244.1.7:8080"
+        ]
+    );
+}
+
+#[test]
+fn external_traffic_policy_local_short_circuits_pods_and_the_node() {
+    let service = web()
+        .type_("NodePort")
+        .node_port(30080)
+        .external_traffic_policy("Local")
+        .build();
+    let payload = render_with(
+        &[service],
+        &[slice(&[("10.244.2.1", "node-b"), ("10.244.1.7", "node-a")])],
+        &config(),
+    );
+    assert_eq!(
+        lines_with(&payload, "-A KUBE-EXT-"),
+        [
+            "-A KUBE-EXT-CDGGSHYLG3RE2FKL -m comment --comment \"pod traffic for default/web:http external destinations\" -s 10.244.0.0/16 -j KUBE-SVC-CDGGSHYLG3RE2FKL",
+            "-A KUBE-EXT-CDGGSHYLG3RE2FKL -m comment --comment \"masquerade LOCAL traffic for default/web:http external destinations\" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ",
+            "-A KUBE-EXT-CDGGSHYLG3RE2FKL -m comment --comment \"route LOCAL traffic for default/web:http external destinations\" -m addrtype --src-type LOCAL -j KUBE-SVC-CDGGSHYLG3RE2FKL",
+            "-A KUBE-EXT-CDGGSHYLG3RE2FKL -j KUBE-SVL-CDGGSHYLG3RE2FKL",
+        ]
+    );
+    assert_eq!(
+        lines_with(&payload, "-A KUBE-SVL-"),
+        [
+            "-A KUBE-SVL-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http -> 10.244.1.7:8080\" -m tcp -p tcp -j DNAT --to-destination 10.244.1.7:8080"
+        ]
+    );
+    assert_eq!(
+        lines_with(&payload, "-A KUBE-NODEPORTS"),
+        [
+            "-A KUBE-NODEPORTS -m comment --comment \"default/web:http\" -m tcp -p tcp --dport 30080 -j KUBE-EXT-CDGGSHYLG3RE2FKL"
+        ]
+    );
+    assert_eq!(
+        lines_with(&payload, "hairpin"),
+        [
+            "-A KUBE-POSTROUTING -m comment --comment \"masquerade hairpin traffic to 10.244.1.7\" -s 10.244.1.7 -d 10.244.1.7 -m conntrack --ctstate DNAT -j MASQUERADE --random-fully"
+        ]
+    );
+}
+
+#[test]
+fn external_traffic_policy_local_without_local_endpoints_drops_external_traffic_only() {
+    let service = web()
+        .type_("LoadBalancer")
+        .node_port(30080)
+        .external_traffic_policy("Local")
+        .health_check_node_port(32000)
+        .ingress("198.51.100.1", None)
+        .build();
+    let payload = render_with(&[service], &[slice(&[("10.244.2.1", "node-b")])], &config());
+    assert_eq!(
+        lines_with(&payload, "has no local endpoints"),
+        [
+            "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"default/web:http has no local endpoints\" -m tcp -p tcp -d 198.51.100.1 --dport 80 -j DROP",
+            "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"default/web:http has no local endpoints\" -m addrtype --dst-type LOCAL -m tcp -p tcp --dport 30080 -j DROP",
+        ]
+    );
+    // Pods and the node still get through the EXT chain to the cluster endpoints.
+    assert_eq!(lines_with(&payload, "-A KUBE-EXT-").len(), 3);
+    assert_eq!(
+        lines_with(&payload, "health check node port"),
+        [
+            "-A KUBE-NODEPORTS -m comment --comment \"default/web:http health check node port\" -m tcp -p tcp --dport 32000 -j ACCEPT"
+        ]
+    );
+}
+
+#[test]
+fn external_traffic_policy_cluster_masquerades_external_traffic() {
+    let service = web().type_("NodePort").node_port(30080).build();
+    let payload = render_with(&[service], &[slice(&[("10.244.2.1", "node-b")])], &config());
+    assert_eq!(
+        lines_with(&payload, "-A KUBE-EXT-"),
+        [
+            "-A KUBE-EXT-CDGGSHYLG3RE2FKL -m comment --comment \"masquerade traffic for default/web:http external destinations\" -j KUBE-MARK-MASQ",
+            "-A KUBE-EXT-CDGGSHYLG3RE2FKL -j KUBE-SVC-CDGGSHYLG3RE2FKL",
+        ]
+    );
+}
+
+#[test]
+fn source_ranges_filter_load_balancer_traffic_but_not_node_ports() {
+    let service = web()
+        .type_("LoadBalancer")
+        .node_port(30080)
+        .ingress("198.51.100.1", None)
+        .source_ranges(&["203.0.113.0/25", "192.168.0.0/24"])
+        .build();
+    let payload = render_with(&[service], &[slice(&[("10.244.2.1", "node-b")])], &config());
+    assert_eq!(
+        lines_with(&payload, "KUBE-FW-CDGGSHYLG3RE2FKL"),
+        [
+            "-A KUBE-PROXY-FIREWALL -m comment --comment \"default/web:http traffic not accepted by KUBE-FW-CDGGSHYLG3RE2FKL\" -m tcp -p tcp -d 198.51.100.1 --dport 80 -j DROP",
+            ":KUBE-FW-CDGGSHYLG3RE2FKL - [0:0]",
+            "-A KUBE-SERVICES -m comment --comment \"default/web:http loadbalancer IP\" -m tcp -p tcp -d 198.51.100.1 --dport 80 -j KUBE-FW-CDGGSHYLG3RE2FKL",
+            "-A KUBE-FW-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http loadbalancer IP\" -s 203.0.113.0/25 -j KUBE-EXT-CDGGSHYLG3RE2FKL",
+            "-A KUBE-FW-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http loadbalancer IP\" -s 192.168.0.0/24 -j KUBE-EXT-CDGGSHYLG3RE2FKL",
+            "-A KUBE-FW-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http loadbalancer IP\" -s 198.51.100.1 -j KUBE-EXT-CDGGSHYLG3RE2FKL",
+            "-A KUBE-FW-CDGGSHYLG3RE2FKL -m comment --comment \"other traffic to default/web:http will be dropped by KUBE-PROXY-FIREWALL\"",
+        ]
+    );
+    // The NodePort goes straight to the EXT chain.
+    assert_eq!(
+        lines_with(&payload, "--dport 30080 -j KUBE-EXT-CDGGSHYLG3RE2FKL").len(),
+        1
+    );
+}
+
+#[test]
+fn client_ip_affinity_uses_kube_proxy_recent_lists() {
+    let service = web().client_ip_affinity(Some(300)).build();
+    let payload = render_with(
+        &[service],
+        &[slice(&[("10.244.2.1", "node-b"), ("10.244.2.2", "node-b")])],
+        &config(),
+    );
+    let dnat = lines_with(&payload, "-j DNAT");
+    assert_eq!(dnat.len(), 4);
+    assert!(
+        dnat[0].contains("-m recent --name KUBE-SEP-")
+            && dnat[0].contains("--update --seconds 300 --reap")
+    );
+    assert!(dnat[0].ends_with("--to-destination 10.244.2.1:8080"));
+    assert!(dnat[1].ends_with("--to-destination 10.244.2.2:8080"));
+    assert!(
+        dnat[2].contains("--probability 0.5000000000 -m recent --name KUBE-SEP-")
+            && dnat[2].contains("--set")
+    );
+    assert!(dnat[3].contains("--set") && !dnat[3].contains("statistic"));
+    // The list that remembers a client is the one its endpoint's DNAT sets.
+    let list = |line: &str| split_list(line);
+    assert_eq!(list(dnat[0]), list(dnat[2]));
+    assert_eq!(list(dnat[1]), list(dnat[3]));
+    assert_ne!(list(dnat[0]), list(dnat[1]));
+}
+
+fn split_list(line: &str) -> String {
+    let words = check::split_words(line);
+    let i = words.iter().position(|w| w == "--name").unwrap();
+    words[i + 1].clone()
+}
+
+#[test]
+fn hairpin_masquerade_covers_local_and_unknown_endpoints_once() {
+    let other = ServiceBuilder::new("default", "other")
+        .cluster_ip("10.96.0.11")
+        .port("http", 80, "TCP")
+        .build();
+    let other_slice = SliceBuilder::new("default", "other", "other-1")
+        .port("http", 8080, "TCP")
+        .endpoint(Ep::new("10.244.1.7").node("node-a"))
+        .endpoint(Ep::new("192.0.2.42"))
+        .build();
+    let payload = render_with(
+        &[web().build(), other],
+        &[
+            slice(&[("10.244.1.7", "node-a"), ("10.244.2.1", "node-b")]),
+            other_slice,
+        ],
+        &config(),
+    );
+    let hairpin = lines_with(&payload, "hairpin");
+    assert_eq!(hairpin.len(), 2, "{hairpin:#?}");
+    assert!(hairpin[0].contains("-s 10.244.1.7 -d 10.244.1.7"));
+    assert!(hairpin[1].contains("-s 192.0.2.42 -d 192.0.2.42"));
+    let postrouting = lines_with(&payload, "-A KUBE-POSTROUTING");
+    assert!(
+        postrouting[2].contains("! --mark 0x4000/0x4000 -j RETURN"),
+        "hairpin rules come before the mark check"
+    );
+}
+
+#[test]
+fn masquerade_all_bit_and_random_fully_are_configurable() {
+    let config = RenderConfig {
+        masquerade_all: true,
+        masquerade_bit: 10,
+        random_fully: false,
+        ..config()
+    };
+    let payload = render_with(
+        &[web().build()],
+        &[slice(&[("10.244.2.1", "node-b")])],
+        &config,
+    );
+    assert_eq!(
+        lines_with(&payload, "-A KUBE-MARK-MASQ"),
+        ["-A KUBE-MARK-MASQ -j MARK --or-mark 0x400"]
+    );
+    assert!(lines_with(&payload, "--random-fully").is_empty());
+    assert_eq!(
+        lines_with(
+            &payload,
+            "cluster IP\" -m tcp -p tcp -d 10.96.0.10 --dport 80 -j KUBE-MARK-MASQ"
+        )
+        .len(),
+        1,
+        "masquerade-all marks every cluster IP packet"
+    );
+}
+
+#[test]
+fn local_traffic_detection_modes() {
+    let cases = [
+        (
+            LocalTraffic::Bridge("cbr0".into()),
+            "! -i cbr0 -j KUBE-MARK-MASQ",
+        ),
+        (
+            LocalTraffic::InterfacePrefix("veth".into()),
+            "! -i veth+ -j KUBE-MARK-MASQ",
+        ),
+        (
+            LocalTraffic::Cidr(parse_cidr("10.244.1.0/24").unwrap()),
+            "! -s 10.244.1.0/24 -j KUBE-MARK-MASQ",
+        ),
+    ];
+    for (local_traffic, expected) in cases {
+        let config = RenderConfig {
+            local_traffic,
+            ..config()
+        };
+        let payload = render_with(
+            &[web().build()],
+            &[slice(&[("10.244.2.1", "node-b")])],
+            &config,
+        );
+        assert_eq!(lines_with(&payload, expected).len(), 1, "{expected}");
+    }
+    let config = RenderConfig {
+        local_traffic: LocalTraffic::None,
+        ..config()
+    };
+    let payload = render_with(
+        &[web().build()],
+        &[slice(&[("10.244.2.1", "node-b")])],
+        &config,
+    );
+    assert!(
+        lines_with(
+            &payload,
+            "cluster IP\" -m tcp -p tcp -d 10.96.0.10 --dport 80 ! "
+        )
+        .is_empty()
+    );
+    assert!(lines_with(&payload, "-j KUBE-MARK-MASQ").is_empty());
+}
+
+#[test]
+fn node_ports_on_all_local_addresses_with_localhost_guard() {
+    let payload = render_with(&[web().build()], &[], &config());
+    assert_eq!(
+        lines_with(&payload, "-j KUBE-NODEPORTS"),
+        [
+            "-I INPUT 1 -m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS",
+            "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS",
+        ]
+    );
+    assert_eq!(
+        lines_with(&payload, "-A KUBE-FIREWALL"),
+        [
+            "-A KUBE-FIREWALL -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
+        ]
+    );
+
+    let no_localhost = RenderConfig {
+        localhost_nodeports: false,
+        ..config()
+    };
+    let payload = render_with(&[web().build()], &[], &no_localhost);
+    assert_eq!(
+        lines_with(
+            &payload,
+            "--dst-type LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS"
+        )
+        .len(),
+        1
+    );
+    assert!(lines_with(&payload, "KUBE-FIREWALL").is_empty());
+}
+
+#[test]
+fn node_port_addresses_restrict_destinations() {
+    let config = RenderConfig {
+        nodeport_addresses: NodePortAddresses::Cidrs(vec![
+            parse_cidr("192.168.0.10/32").unwrap(),
+            parse_cidr("10.0.0.0/8").unwrap(),
+            parse_cidr("127.0.0.0/8").unwrap(),
+            parse_cidr("fd00::/8").unwrap(),
+        ]),
+        localhost_nodeports: false,
+        ..config()
+    };
+    let payload = render_with(&[web().build()], &[], &config);
+    let jumps: Vec<String> = lines_with(
+        &payload,
+        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports",
+    )
+    .iter()
+    .map(|l| l.split("chain\" ").nth(1).unwrap().to_string())
+    .collect();
+    assert_eq!(
+        jumps,
+        [
+            "-d 192.168.0.10/32 -j KUBE-NODEPORTS",
+            "-d 10.0.0.0/8 -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
+        ]
+    );
+}
+
+#[test]
+fn ipv6_payload() {
+    let service = ServiceBuilder::new("default", "web")
+        .cluster_ip("fd00:96::10")
+        .type_("NodePort")
+        .port("http", 80, "TCP")
+        .node_port(30080)
+        .build();
+    let slice = SliceBuilder::new("default", "web", "web-1")
+        .address_type("IPv6")
+        .port("http", 8080, "TCP")
+        .endpoint(Ep::new("fd00:244:2::1").node("node-b"))
+        .build();
+    let config = RenderConfig {
+        local_traffic: LocalTraffic::Cidr(parse_cidr("fd00:244::/48").unwrap()),
+        ..RenderConfig::new(IpFamily::V6)
+    };
+    let payload = render_with(&[service], &[slice], &config);
+    assert!(lines_with(&payload, "KUBE-FIREWALL").is_empty());
+    assert_eq!(
+        lines_with(&payload, "--dst-type LOCAL ! -d ::1/128 -j KUBE-NODEPORTS").len(),
+        1
+    );
+    assert_eq!(
+        lines_with(&payload, "--to-destination [fd00:244:2::1]:8080").len(),
+        1
+    );
+    assert_eq!(
+        lines_with(
+            &payload,
+            "-d fd00:96::10 --dport 80 ! -s fd00:244::/48 -j KUBE-MARK-MASQ"
+        )
+        .len(),
+        1
+    );
+}
+
+#[test]
+fn sctp_and_udp_match_their_own_protocol() {
+    let service = ServiceBuilder::new("default", "multi")
+        .port("sctp", 9000, "SCTP")
+        .port("dns", 53, "UDP")
+        .build();
+    let slice = SliceBuilder::new("default", "multi", "multi-1")
+        .port("sctp", 9000, "SCTP")
+        .port("dns", 53, "UDP")
+        .endpoint(Ep::new("10.244.2.1").node("node-b"))
+        .build();
+    let payload = render_with(&[service], &[slice], &config());
+    assert_eq!(
+        lines_with(
+            &payload,
+            "-m sctp -p sctp -j DNAT --to-destination 10.244.2.1:9000"
+        )
+        .len(),
+        1
+    );
+    assert_eq!(
+        lines_with(
+            &payload,
+            "-m udp -p udp -j DNAT --to-destination 10.244.2.1:53"
+        )
+        .len(),
+        1
+    );
+    assert_eq!(
+        lines_with(
+            &payload,
+            "-m sctp -p sctp -d 10.96.0.10 --dport 9000 -j KUBE-SVC-"
+        )
+        .len(),
+        1
+    );
+}
+
+#[test]
+fn jump_rules_can_be_left_out_and_stale_chains_deleted() {
+    let (model, _) = model::build(
+        &[web().build()],
+        &[slice(&[("10.244.2.1", "node-b")])],
+        &node(IpFamily::V4),
+        IpFamily::V4,
+    );
+    let stale = vec!["KUBE-SVC-OLDOLDOLDOLDOLDO".to_string(), SVC.to_string()];
+    let payload = render(
+        &model,
+        &config(),
+        &RenderOptions {
+            builtin_jumps: &[],
+            delete_nat_chains: &stale,
+        },
+    );
+    assert!(lines_with(&payload, "-I ").is_empty());
+    assert_eq!(
+        lines_with(&payload, "KUBE-SVC-OLDOLDOLDOLDOLDO"),
+        [
+            ":KUBE-SVC-OLDOLDOLDOLDOLDO - [0:0]",
+            "-X KUBE-SVC-OLDOLDOLDOLDOLDO"
+        ]
+    );
+    assert!(
+        lines_with(&payload, &format!("-X {SVC}")).is_empty(),
+        "a chain still in use is never deleted"
+    );
+}
+
+#[test]
+fn jump_rules_match_kube_proxy() {
+    let jumps = builtin_jumps(&config());
+    let lines: Vec<String> = jumps.iter().map(JumpRule::restore_line).collect();
+    assert_eq!(lines.len(), 14);
+    assert_eq!(
+        lines[10],
+        "-I PREROUTING 1 -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
+    );
+    assert_eq!(
+        jumps[0].args,
+        [
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "NEW",
+            "-m",
+            "comment",
+            "--comment",
+            "kubernetes externally-visible service portals",
+            "-j",
+            "KUBE-EXTERNAL-SERVICES"
+        ]
+    );
+    assert_eq!(
+        builtin_jumps(&RenderConfig::new(IpFamily::V6)).len(),
+        12,
+        "no martian guard for IPv6"
+    );
+}
+
+#[test]
+fn large_clusters_drop_per_endpoint_comments() {
+    let services: Vec<Service> = (0..101)
+        .map(|i| {
+            ServiceBuilder::new("default", &format!("s{i}"))
+                .cluster_ip(&format!("10.96.1.{i}"))
+                .port("", 80, "TCP")
+                .build()
+        })
+        .collect();
+    let slices: Vec<EndpointSlice> = (0..101)
+        .map(|i| {
+            let mut b = SliceBuilder::new("default", &format!("s{i}"), &format!("s{i}-1"))
+                .port("", 80, "TCP");
+            for e in 0..10 {
+                b = b.endpoint(Ep::new(&format!("10.245.{i}.{e}")).node("node-b"));
+            }
+            b.build()
+        })
+        .collect();
+    let payload = render_with(&services, &slices, &config());
+    assert_eq!(lines_with(&payload, "-j DNAT").len(), 1010);
+    assert!(lines_with(&payload, " -> ").is_empty());
+}

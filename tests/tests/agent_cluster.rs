@@ -1,0 +1,448 @@
+//! causeway-agent on the real control plane: `causeway-agent run` inside a node
+//! namespace watches the real apiserver, and real packets from a pod follow the
+//! Service and EndpointSlice changes made through it.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use causeway_tests::cluster::ClusterOptions;
+use causeway_tests::paths::workspace_bin;
+use causeway_tests::{Cluster, netns};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+/// Probes `target` `count` times from namespace `ns`; returns replies tallied by
+/// pod name (`refused`/`timeout` for failures).
+fn tally(ns: &str, proto: &str, target: &str, count: usize) -> Result<BTreeMap<String, usize>> {
+    tally_within(ns, proto, target, count, 700)
+}
+
+/// [`tally`] with a per-connection timeout in milliseconds.
+fn tally_within(
+    ns: &str,
+    proto: &str,
+    target: &str,
+    count: usize,
+    timeout_ms: u64,
+) -> Result<BTreeMap<String, usize>> {
+    let echo = workspace_bin("causeway-echo").display().to_string();
+    let out = netns::exec_in(
+        ns,
+        &echo,
+        &[
+            "probe",
+            &format!("--{proto}"),
+            target,
+            "--count",
+            &count.to_string(),
+            "--tally-by-name",
+            "--timeout-ms",
+            &timeout_ms.to_string(),
+        ],
+    )?;
+    let mut counts = BTreeMap::new();
+    for line in out.lines() {
+        // "<n> ok <pod> <src>" or "<n> refused"
+        let mut words = line.split_whitespace();
+        let n: usize = words.next().unwrap_or("0").parse()?;
+        let outcome = match (words.next(), words.next()) {
+            (Some("ok"), Some(pod)) => pod.to_string(),
+            (Some(other), _) => other.to_string(),
+            _ => continue,
+        };
+        *counts.entry(outcome).or_insert(0) += n;
+    }
+    Ok(counts)
+}
+
+/// Probes until every one of `count` attempts lands on one of `pods` and each
+/// of them answered at least once.
+fn wait_for_pods(
+    ns: &str,
+    proto: &str,
+    target: &str,
+    pods: &[&str],
+    what: &str,
+) -> Result<BTreeMap<String, usize>> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let counts = tally(ns, proto, target, 30)?;
+        let only_expected = counts.keys().all(|k| pods.contains(&k.as_str()));
+        let all_seen = pods.iter().all(|p| counts.contains_key(*p));
+        if only_expected && all_seen {
+            return Ok(counts);
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: after 30 s {target} still answers {counts:?}, expected only {pods:?}");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// `GET url` from namespace `ns` with curl: status, raw headers, body.
+fn http_get(ns: &str, url: &str) -> Result<(u16, String, String)> {
+    let out = netns::exec_in(ns, "curl", &["-s", "-i", "--max-time", "3", url])?;
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, head.to_string(), body.to_string()))
+}
+
+/// Polls `url` until it answers `status` with a body containing `needle`.
+fn wait_http(ns: &str, url: &str, status: u16, needle: &str) -> Result<(String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let last = http_get(ns, url);
+        if let Ok((got, head, body)) = &last
+            && *got == status
+            && body.contains(needle)
+        {
+            return Ok((head.clone(), body.clone()));
+        }
+        if Instant::now() > deadline {
+            bail!("{url}: expected HTTP {status} with {needle:?}, last answer {last:?}");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+async fn cluster_ip(services: &Api<Service>, name: &str) -> Result<String> {
+    let svc = services.get(name).await?;
+    Ok(svc.spec.and_then(|s| s.cluster_ip).unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> Result<()> {
+    let cluster = Cluster::start(ClusterOptions::nodes(2)).await?;
+    let node1 = cluster.node("node-1").clone();
+    let agent = workspace_bin("causeway-agent");
+    let kubeconfig = cluster.kubeconfig().display().to_string();
+    let cluster_cidr = cluster.cluster_cidr();
+    cluster.spawn_in(
+        &node1.netns,
+        "agent-node-1",
+        &agent,
+        &[
+            "run",
+            "--node-name",
+            "node-1",
+            "--kubeconfig",
+            &kubeconfig,
+            "--cluster-cidr",
+            &cluster_cidr,
+        ],
+    )?;
+
+    let client_pod = cluster
+        .add_pod("node-1", "client", &[("app", "client")])
+        .await?;
+    let web1 = cluster
+        .add_pod("node-1", "web-1", &[("app", "web")])
+        .await?;
+    let web2 = cluster
+        .add_pod("node-2", "web-2", &[("app", "web")])
+        .await?;
+
+    let services: Api<Service> = Api::namespaced(cluster.client(), "default");
+    let service: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [
+            {"name": "http", "port": 80, "targetPort": 80, "protocol": "TCP"},
+            {"name": "dns", "port": 53, "targetPort": 9376, "protocol": "UDP"}
+        ]}
+    }))?;
+    services.create(&PostParams::default(), &service).await?;
+    let ip = cluster_ip(&services, "web").await?;
+
+    // New Service: both pods answer on its ClusterIP, over TCP and UDP.
+    wait_for_pods(
+        &client_pod.netns,
+        "tcp",
+        &format!("{ip}:80"),
+        &["web-1", "web-2"],
+        "Service created",
+    )?;
+    wait_for_pods(
+        &client_pod.netns,
+        "udp",
+        &format!("{ip}:53"),
+        &["web-1", "web-2"],
+        "UDP port",
+    )?;
+
+    // web-2 stops being ready: the EndpointSlice drops it and so do the rules.
+    cluster
+        .set_pod_ready("default", "web-2", web2.ip, cluster.node("node-2"), false)
+        .await?;
+    wait_for_pods(
+        &client_pod.netns,
+        "tcp",
+        &format!("{ip}:80"),
+        &["web-1"],
+        "endpoint became unready",
+    )?;
+
+    // `trace` asks the running agent for its rules and agrees with the packets.
+    let traced = netns::exec_in(
+        &node1.netns,
+        &agent.display().to_string(),
+        &[
+            "trace",
+            "--src",
+            &client_pod.ip.to_string(),
+            "--dst",
+            &ip,
+            "--dport",
+            "80",
+        ],
+    )?;
+    assert!(
+        traced.contains(&format!("{}:80", web1.ip)) && !traced.contains(&web2.ip.to_string()),
+        "live trace lists web-1 only:\n{traced}"
+    );
+
+    // Metrics: kube-proxy's names, with the programming latency measured
+    // from the EndpointSlice controller's trigger time.
+    let (status, _, metrics) = http_get(&node1.netns, "http://127.0.0.1:10249/metrics")?;
+    assert_eq!(status, 200);
+    let programmed: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kubeproxy_network_programming_duration_seconds_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        programmed > 0,
+        "no network programming latency measured:\n{metrics}"
+    );
+    assert!(metrics.contains("kubeproxy_sync_proxy_rules_iptables_total{table=\"nat\"}"));
+
+    // The agent's own health, as the NLB and kubelet probe it.
+    let (_, body) = wait_http(
+        &cluster.external_netns(),
+        &format!("http://{}:10256/healthz", node1.ip),
+        200,
+        "\"nodeEligible\":true",
+    )?;
+    assert!(body.contains("lastUpdated"), "{body}");
+
+    // A NodePort reaches the Service from outside the cluster.
+    let patch = json!({"spec": {"type": "NodePort"}});
+    services
+        .patch("web", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    let svc = services.get("web").await?;
+    let node_port = svc
+        .spec
+        .and_then(|s| s.ports)
+        .and_then(|ports| ports.into_iter().find(|p| p.port == 80))
+        .and_then(|p| p.node_port)
+        .expect("a nodePort was allocated");
+    wait_for_pods(
+        &cluster.external_netns(),
+        "tcp",
+        &format!("{}:{node_port}", node1.ip),
+        &["web-1"],
+        "NodePort",
+    )?;
+
+    // externalTrafficPolicy: Local — the health-check node port answers 200
+    // with the local endpoint count while web-1 (on node-1) is ready, 503 after.
+    let patch = json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local"}});
+    services
+        .patch("web", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    let health_port = services
+        .get("web")
+        .await?
+        .spec
+        .and_then(|s| s.health_check_node_port)
+        .expect("a healthCheckNodePort was allocated");
+    let url = format!("http://{}:{health_port}/", node1.ip);
+    let (head, body) = wait_http(&cluster.external_netns(), &url, 200, "\"localEndpoints\":1")?;
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-load-balancing-endpoint-weight: 1"),
+        "weight header: {head}"
+    );
+    assert!(body.contains("\"name\":\"web\""), "{body}");
+    cluster
+        .set_pod_ready("default", "web-1", web1.ip, cluster.node("node-1"), false)
+        .await?;
+    wait_http(&cluster.external_netns(), &url, 503, "\"localEndpoints\":0")?;
+
+    // Service deleted: its ClusterIP no longer leads anywhere.
+    services.delete("web", &DeleteParams::default()).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let counts = tally(&client_pod.netns, "tcp", &format!("{ip}:80"), 5)?;
+        if !counts.contains_key("web-1") && !counts.contains_key("web-2") {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the deleted Service still answers: {counts:?}");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    Ok(())
+}
+
+/// `iptables-save` of a namespace, for comparing before and after.
+fn iptables_save(ns: &str) -> Result<String> {
+    netns::exec_in(ns, "iptables-save", &[])
+}
+
+/// The rules and user-defined chains, per table; built-in chains and empty
+/// tables (which merely exist once any program used them) are left out.
+fn rule_lines(save: &str) -> Vec<String> {
+    let mut table = "";
+    let mut lines = Vec::new();
+    for line in save.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            table = name;
+        } else if line.starts_with("-A ") {
+            lines.push(format!("{table}: {line}"));
+        } else if let Some(decl) = line.strip_prefix(':')
+            && decl.split_whitespace().nth(1) == Some("-")
+        {
+            let chain = decl.split_whitespace().next().unwrap_or("");
+            lines.push(format!("{table}: chain {chain}"));
+        }
+    }
+    lines.sort();
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_heals_flushed_rules_restarts_without_loss_and_cleans_up() -> Result<()> {
+    let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
+    let node1 = cluster.node("node-1").clone();
+    let agent = workspace_bin("causeway-agent");
+    let kubeconfig = cluster.kubeconfig().display().to_string();
+    let cluster_cidr = cluster.cluster_cidr();
+    // A rule and a chain of another program, which the agent must not touch.
+    let before = {
+        netns::exec_in(
+            &node1.netns,
+            "iptables",
+            &["-t", "nat", "-N", "OTHER-PROGRAM"],
+        )?;
+        netns::exec_in(
+            &node1.netns,
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-s",
+                "198.51.100.0/24",
+                "-j",
+                "OTHER-PROGRAM",
+            ],
+        )?;
+        rule_lines(&iptables_save(&node1.netns)?)
+    };
+    let args = [
+        "run",
+        "--node-name",
+        "node-1",
+        "--kubeconfig",
+        &kubeconfig,
+        "--cluster-cidr",
+        &cluster_cidr,
+        "--sync-period",
+        "3s",
+    ];
+    let first = cluster.spawn_in(&node1.netns, "agent-1", &agent, &args)?;
+
+    let client = cluster
+        .add_pod("node-1", "client", &[("app", "client")])
+        .await?;
+    cluster
+        .add_pod("node-1", "web-1", &[("app", "web")])
+        .await?;
+    let services: Api<Service> = Api::namespaced(cluster.client(), "default");
+    let service: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 80}]}
+    }))?;
+    services.create(&PostParams::default(), &service).await?;
+    let ip = cluster_ip(&services, "web").await?;
+    let target = format!("{ip}:80");
+    // Wait for the rules before the first connection: a connection attempted
+    // before them leaves an un-DNATed SYN_SENT conntrack entry behind for two
+    // minutes, which is not what this test is about.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !netns::exec_in(
+        &node1.netns,
+        "iptables",
+        &["-t", "nat", "-S", "KUBE-SERVICES"],
+    )?
+    .contains("default/web cluster IP")
+    {
+        if Instant::now() > deadline {
+            bail!("the agent did not program default/web within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_for_pods(&client.netns, "tcp", &target, &["web-1"], "Service created")?;
+
+    // Restart: while the agent is down and while the new one starts, every
+    // connection lands at once (the rules stay until replaced atomically).
+    netns::run("kill", &["-TERM", &first.to_string()])?;
+    let during = tally(&client.netns, "tcp", &target, 20)?;
+    assert_eq!(during.get("web-1"), Some(&20), "while stopped: {during:?}");
+    let second = cluster.spawn_in(&node1.netns, "agent-2", &agent, &args)?;
+    let start = Instant::now();
+    let mut answered = 0;
+    while start.elapsed() < Duration::from_secs(4) {
+        let counts = tally(&client.netns, "tcp", &target, 10)?;
+        assert_eq!(
+            counts.get("web-1"),
+            Some(&10),
+            "during the restart: {counts:?}"
+        );
+        answered += 10;
+    }
+    assert!(answered >= 40, "only {answered} connections tried");
+
+    // Another program flushes our dispatch chain: the next periodic sync
+    // (--sync-period 3s) restores it, with no API change to trigger it. (This
+    // comes last: connections attempted while the chain is empty leave
+    // un-DNATed SYN_SENT conntrack entries for 2 minutes, and a later
+    // connection that reuses one of their source ports would stall.)
+    netns::exec_in(
+        &node1.netns,
+        "iptables",
+        &["-t", "nat", "-F", "KUBE-SERVICES"],
+    )?;
+    let flushed = netns::exec_in(
+        &node1.netns,
+        "iptables",
+        &["-t", "nat", "-S", "KUBE-SERVICES"],
+    )?;
+    assert!(
+        !flushed.contains("default/web"),
+        "the flush took effect: {flushed}"
+    );
+    wait_for_pods(&client.netns, "tcp", &target, &["web-1"], "after a flush")?;
+
+    // Stop, clean up: exactly what was there before the agent remains.
+    netns::run("kill", &["-TERM", &second.to_string()])?;
+    std::thread::sleep(Duration::from_millis(500));
+    let report = netns::exec_in(&node1.netns, &agent.display().to_string(), &["cleanup"])?;
+    assert!(report.contains("chain(s)"), "{report}");
+    let after = rule_lines(&iptables_save(&node1.netns)?);
+    assert_eq!(
+        after, before,
+        "cleanup left exactly the other program's rules"
+    );
+    Ok(())
+}
