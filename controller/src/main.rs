@@ -1,7 +1,28 @@
-//! Command line of causeway-controller.
+//! Command line of causeway-controller: `run` (the controller) and `plan`
+//! (what the next reconcile would do, writing nothing). SPEC 1.6.
 #![forbid(unsafe_code)]
 
-use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use causeway_controller::aws::Aws;
+use causeway_controller::desired::{ClusterConfig, desired, owns};
+use causeway_controller::leader::{self, LeaseSettings};
+use causeway_controller::metrics::{self, Metrics};
+use causeway_controller::model::Scheme;
+use causeway_controller::plan::plan;
+use causeway_controller::reconcile::{self, Context, FINALIZER, Settings};
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Service};
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 
 /// Gives Kubernetes LoadBalancer Services a real AWS Network Load Balancer.
 #[derive(Parser)]
@@ -13,16 +34,341 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Reconcile owned LoadBalancer Services into NLBs (not built yet).
-    Run,
-    /// Print the actions the next reconcile would take (not built yet).
-    Plan,
+    /// Reconcile owned LoadBalancer Services into NLBs.
+    Run(RunArgs),
+    /// Print the actions the next reconcile would take; writes nothing.
+    Plan(PlanArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::Run | Command::Plan => anyhow::bail!(
-            "this build of causeway-controller has no reconciler yet: see the open controller issues"
-        ),
+/// What both commands need to see the cluster and AWS as the controller does.
+#[derive(Args)]
+struct ClusterArgs {
+    /// Cluster name: in tags, names and subnet discovery.
+    #[arg(long, env = "CAUSEWAY_CLUSTER_NAME")]
+    cluster_name: String,
+    /// Kubeconfig file (default: in-cluster or $KUBECONFIG).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// AWS region (default: the SDK's configuration, e.g. AWS_REGION).
+    #[arg(long)]
+    region: Option<String>,
+    /// The spec.loadBalancerClass this controller owns.
+    #[arg(long, default_value = "causeway.dev/nlb")]
+    load_balancer_class: String,
+    /// Also own LoadBalancer Services without a class.
+    #[arg(long)]
+    default_class: bool,
+    /// Scheme when no annotation says: internet-facing or internal.
+    #[arg(long, default_value = "internet-facing", value_parser = parse_scheme)]
+    default_scheme: Scheme,
+    /// The agent's health port, probed for externalTrafficPolicy: Cluster.
+    #[arg(long, default_value_t = 10256)]
+    node_health_port: u16,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Services reconciled in parallel.
+    #[arg(long, default_value_t = 4)]
+    workers: u16,
+    /// Read back every Service's resources this often, correcting drift (e.g. 10m, 30s).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    drift_audit_period: Duration,
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:8081")]
+    health_addr: SocketAddr,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+    /// Elect a leader on a Lease; only the leader writes. `--leader-elect=false` for one replica.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    leader_elect: bool,
+    /// Namespace of the `causeway-controller` Lease (the controller's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    leader_election_namespace: String,
+    /// Seconds a lease stays valid after its last renewal.
+    #[arg(long, default_value_t = 15)]
+    leader_election_lease_duration: u64,
+    /// Seconds between renewals by the leader.
+    #[arg(long, default_value_t = 10)]
+    leader_election_renew_deadline: u64,
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Only Services in this namespace.
+    #[arg(long, short = 'n')]
+    namespace: Option<String>,
+    /// Service names (default: every owned Service).
+    services: Vec<String>,
+}
+
+fn parse_scheme(s: &str) -> Result<Scheme, String> {
+    match s {
+        "internet-facing" => Ok(Scheme::InternetFacing),
+        "internal" => Ok(Scheme::Internal),
+        _ => Err(format!("{s:?}: accepted: internet-facing, internal")),
     }
+}
+
+/// `90`, `90s`, `15m`, `1h`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration like 30s, 10m or 1h"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{s:?}: expected a duration like 30s, 10m or 1h")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+impl ClusterArgs {
+    fn config(&self) -> ClusterConfig {
+        ClusterConfig {
+            cluster_name: self.cluster_name.clone(),
+            load_balancer_class: self.load_balancer_class.clone(),
+            default_class: self.default_class,
+            default_scheme: self.default_scheme,
+            node_health_port: self.node_health_port,
+        }
+    }
+
+    async fn client(&self) -> Result<kube::Client> {
+        let config = match &self.kubeconfig {
+            Some(path) => {
+                let kubeconfig = Kubeconfig::read_from(path)
+                    .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
+                kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                    .await?
+            }
+            None => kube::Config::infer().await?,
+        };
+        Ok(kube::Client::try_from(config)?)
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Run(args) => run(args).await,
+        Command::Plan(args) => plan_command(args).await,
+    }
+}
+
+fn init_logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let RunArgs {
+        cluster,
+        workers,
+        drift_audit_period,
+        metrics_addr,
+        health_addr,
+        log_json,
+        leader_elect,
+        leader_election_namespace,
+        leader_election_lease_duration,
+        leader_election_renew_deadline,
+    } = args;
+    if leader_elect && leader_election_renew_deadline >= leader_election_lease_duration {
+        bail!(
+            "--leader-election-renew-deadline must be shorter than --leader-election-lease-duration"
+        );
+    }
+    init_logs(log_json);
+    let client = cluster.client().await?;
+    let metrics = Arc::new(Metrics::default());
+    let aws = Aws::from_env(
+        &cluster.cluster_name,
+        cluster.region.clone(),
+        metrics.aws_calls.clone(),
+    )
+    .await;
+
+    for addr in
+        std::iter::once(metrics_addr).chain((health_addr != metrics_addr).then_some(health_addr))
+    {
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, metrics).await {
+                tracing::error!(%addr, error = %e, "cannot serve metrics/health");
+                std::process::exit(1);
+            }
+        });
+    }
+
+    // Node cache, fed by its own task so it syncs whatever the controller
+    // does. Each change (applied to the cache first) triggers a reconcile of
+    // every Service, so a reconcile never sees an older node list than its trigger.
+    let (nodes, node_writer) = reflector::store::<Node>();
+    let (node_tx, node_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let node_watch = reflector(
+        node_writer,
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects();
+    tokio::spawn(async move {
+        let mut node_watch = std::pin::pin!(node_watch);
+        while let Some(event) = node_watch.next().await {
+            match event {
+                // A full channel already holds a pending "reconcile all".
+                Ok(_) => {
+                    let _ = node_tx.try_send(());
+                }
+                Err(e) => tracing::warn!(error = %e, "node watch"),
+            }
+        }
+    });
+    let node_changes = futures::stream::unfold(node_rx, |mut rx| async move {
+        rx.recv().await.map(|()| ((), rx))
+    });
+
+    let settings = Settings {
+        cluster: cluster.config(),
+        drift_audit_period,
+    };
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        aws,
+        settings,
+        nodes.clone(),
+        metrics.clone(),
+    ));
+    let controller = Controller::new(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .with_config(kube::runtime::controller::Config::default().concurrency(workers))
+    .reconcile_all_on(node_changes)
+    .shutdown_on_signal();
+
+    // Reconciling before the node list is known would deregister every node.
+    let ready_nodes = nodes.clone();
+    let ready_flag = metrics.clone();
+    tokio::spawn(async move {
+        if ready_nodes.wait_until_ready().await.is_ok() {
+            ready_flag.ready.store(true, Ordering::Relaxed);
+        }
+    });
+    if leader_elect {
+        let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        });
+        leader::acquire(
+            client.clone(),
+            LeaseSettings {
+                name: "causeway-controller".into(),
+                namespace: leader_election_namespace,
+                identity,
+                duration_seconds: leader_election_lease_duration,
+                renew_seconds: leader_election_renew_deadline,
+            },
+            metrics.clone(),
+        )
+        .await?;
+    }
+    let gate_nodes = nodes.clone();
+    tracing::info!(cluster = %cluster.cluster_name, class = %cluster.load_balancer_class, "causeway-controller running");
+    controller
+        .run(
+            move |svc, ctx: Arc<Context>| {
+                let gate_nodes = gate_nodes.clone();
+                async move {
+                    let _ = gate_nodes.wait_until_ready().await;
+                    reconcile::reconcile(svc, ctx).await
+                }
+            },
+            reconcile::error_policy,
+            ctx,
+        )
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "controller");
+            }
+        })
+        .await;
+    Ok(())
+}
+
+async fn plan_command(args: PlanArgs) -> Result<()> {
+    let PlanArgs {
+        cluster,
+        namespace,
+        services,
+    } = args;
+    let client = cluster.client().await?;
+    let cfg = cluster.config();
+    let metrics = Metrics::default();
+    let aws = Aws::from_env(
+        &cluster.cluster_name,
+        cluster.region.clone(),
+        metrics.aws_calls.clone(),
+    )
+    .await;
+    let api: Api<Service> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let mut listed = api.list(&ListParams::default()).await?.items;
+    if !services.is_empty() {
+        listed.retain(|s| services.contains(&s.name_any()));
+        if listed.is_empty() {
+            bail!("no Service named {} found", services.join(", "));
+        }
+    }
+    let nodes = Api::<Node>::all(client)
+        .list(&ListParams::default())
+        .await?
+        .items;
+    for svc in &listed {
+        let name = format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any());
+        let uid = svc.uid().unwrap_or_default();
+        let ours = owns(svc, &cfg) && svc.metadata.deletion_timestamp.is_none();
+        let has_finalizer = svc.finalizers().iter().any(|f| f == FINALIZER);
+        let actions = if ours {
+            match desired(svc, &nodes, &[], &cfg) {
+                Ok(d) => plan(Some(&d), &aws.observe(&uid, Some(&d)).await?),
+                Err(e) => {
+                    println!("{name}: not reconciled: {e}");
+                    continue;
+                }
+            }
+        } else if has_finalizer {
+            plan(None, &aws.observe(&uid, None).await?)
+        } else {
+            if !services.is_empty() {
+                println!("{name}: not owned by this controller");
+            }
+            continue;
+        };
+        if actions.is_empty() {
+            println!("{name}: up to date");
+        } else {
+            println!("{name}: {} action(s)", actions.len());
+            for (i, action) in actions.iter().enumerate() {
+                println!("  {}. {action}", i + 1);
+            }
+        }
+    }
+    Ok(())
 }

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cluster;
+pub mod controller;
 pub mod datapath;
 pub mod netns;
 pub mod paths;

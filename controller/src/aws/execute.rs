@@ -1,0 +1,645 @@
+//! Performing a plan, action by action, in the plan's order. Each action is
+//! idempotent where AWS allows: a rule that already exists, or a resource that
+//! is already gone, counts as done, so a plan cut short by a crash or an error
+//! is finished by the next reconcile (which plans again from what it observes).
+
+use std::collections::HashMap;
+
+use aws_sdk_ec2::types::{
+    IpPermission, IpRange, Ipv6Range, PrefixListId, ResourceType, TagSpecification, UserIdGroupPair,
+};
+use aws_sdk_elasticloadbalancingv2::types::{
+    ActionTypeEnum, Certificate, IpAddressType as ElbIpAddressType, LoadBalancerAttribute,
+    LoadBalancerSchemeEnum, LoadBalancerTypeEnum, Matcher, ProtocolEnum,
+    SubnetMapping as ElbSubnetMapping, Tag, TargetDescription, TargetGroupAttribute,
+    TargetTypeEnum,
+};
+
+use super::observe::filter;
+use super::{Aws, AwsError, AwsErrorKind};
+use crate::model::{
+    HealthCheck, HealthCheckPort, HealthCheckProtocol, Listener, Observed, RuleSource,
+    SecurityGroupRef, SecurityGroupSelection, SgRule, SubnetRef, Target,
+};
+use crate::plan::{Action, Ref, SgRef};
+
+/// Sets every health-check field on a Create/ModifyTargetGroup request; path
+/// and matcher only for HTTP(S), which is all ELBv2 accepts.
+macro_rules! apply_health_check {
+    ($request:expr, $hc:expr) => {{
+        let hc: &HealthCheck = $hc;
+        let http = hc.protocol != HealthCheckProtocol::Tcp;
+        $request
+            .health_check_protocol(ProtocolEnum::from(hc.protocol.as_str()))
+            .health_check_port(health_check_port(hc.port))
+            .health_check_interval_seconds(i32::from(hc.interval_seconds))
+            .health_check_timeout_seconds(i32::from(hc.timeout_seconds))
+            .healthy_threshold_count(i32::from(hc.healthy_threshold))
+            .unhealthy_threshold_count(i32::from(hc.unhealthy_threshold))
+            .set_health_check_path(if http { hc.path.clone() } else { None })
+            .set_matcher(if http {
+                hc.success_codes
+                    .as_ref()
+                    .map(|c| Matcher::builder().http_code(c).build())
+            } else {
+                None
+            })
+    }};
+}
+
+/// ARNs and IDs known while a plan runs: observed ones, then created ones.
+#[derive(Default)]
+struct Known {
+    /// LB and TG names → ARNs.
+    arns: HashMap<String, String>,
+    /// Managed SG name → ID.
+    groups: HashMap<String, String>,
+    managed_sg: Option<String>,
+    node_sg: Option<String>,
+}
+
+impl Known {
+    fn arn(&self, r: &Ref) -> Result<String, AwsError> {
+        match r {
+            Ref::Arn(arn) => Ok(arn.clone()),
+            Ref::New(name) => self.arns.get(name).cloned().ok_or_else(|| {
+                AwsError::setup(
+                    "plan",
+                    format!("the plan refers to {name}, which no earlier action created"),
+                )
+            }),
+        }
+    }
+
+    fn managed_sg(&self) -> Result<String, AwsError> {
+        self.managed_sg.clone().ok_or_else(|| {
+            AwsError::setup(
+                "plan",
+                "the plan needs the managed security group, which does not exist".into(),
+            )
+        })
+    }
+}
+
+/// A failure that means the step is already done.
+fn already_done(e: &AwsError, codes: &[&str]) -> bool {
+    e.kind == AwsErrorKind::NotFound || e.code.as_deref().is_some_and(|c| codes.contains(&c))
+}
+
+fn done_if(result: Result<(), AwsError>, codes: &[&str]) -> Result<(), AwsError> {
+    match result {
+        Err(e) if already_done(&e, codes) => Ok(()),
+        other => other,
+    }
+}
+
+fn elb_tags(tags: &std::collections::BTreeMap<String, String>) -> Vec<Tag> {
+    tags.iter()
+        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+        .collect()
+}
+
+fn health_check_port(port: HealthCheckPort) -> String {
+    match port {
+        HealthCheckPort::TrafficPort => "traffic-port".into(),
+        HealthCheckPort::Port(p) => p.to_string(),
+    }
+}
+
+fn targets(targets: &[Target]) -> Vec<TargetDescription> {
+    targets
+        .iter()
+        .map(|t| {
+            TargetDescription::builder()
+                .id(&t.id)
+                .port(i32::from(t.port))
+                .build()
+        })
+        .collect()
+}
+
+impl Aws {
+    /// Executes `actions` (from [`crate::plan::plan`] against `observed`), in order,
+    /// stopping at the first failure.
+    pub async fn execute(&self, actions: &[Action], observed: &Observed) -> Result<(), AwsError> {
+        let mut known = Known::default();
+        for lb in &observed.load_balancers {
+            known.arns.insert(lb.name.clone(), lb.arn.clone());
+        }
+        for tg in &observed.target_groups {
+            known.arns.insert(tg.name.clone(), tg.arn.clone());
+        }
+        for sg in &observed.security_groups {
+            known.groups.insert(sg.name.clone(), sg.id.clone());
+        }
+        known.managed_sg = observed.security_groups.first().map(|g| g.id.clone());
+        for action in actions {
+            tracing::debug!(%action, "executing");
+            self.execute_one(action, &mut known).await?;
+        }
+        Ok(())
+    }
+
+    async fn execute_one(&self, action: &Action, known: &mut Known) -> Result<(), AwsError> {
+        match action {
+            Action::CreateSecurityGroup {
+                name,
+                description,
+                tags,
+            } => {
+                let vpc = self.vpc().await?;
+                let mut spec =
+                    TagSpecification::builder().resource_type(ResourceType::SecurityGroup);
+                for (k, v) in tags {
+                    spec = spec.tags(aws_sdk_ec2::types::Tag::builder().key(k).value(v).build());
+                }
+                let resp = self
+                    .call(
+                        "CreateSecurityGroup",
+                        self.ec2
+                            .create_security_group()
+                            .group_name(name)
+                            .description(description)
+                            .vpc_id(vpc)
+                            .tag_specifications(spec.build())
+                            .send(),
+                    )
+                    .await?;
+                let id = resp.group_id().unwrap_or_default().to_string();
+                known.groups.insert(name.clone(), id.clone());
+                known.managed_sg = Some(id);
+            }
+            Action::AuthorizeIngress { group, rules } => {
+                let group_id = self.group_id(group, known).await?;
+                let mut permissions = Vec::new();
+                for rule in rules {
+                    permissions.push(self.permission(rule, known).await?);
+                }
+                let result = self
+                    .call(
+                        "AuthorizeSecurityGroupIngress",
+                        self.ec2
+                            .authorize_security_group_ingress()
+                            .group_id(group_id)
+                            .set_ip_permissions(Some(permissions))
+                            .send(),
+                    )
+                    .await
+                    .map(|_| ());
+                done_if(result, &["InvalidPermission.Duplicate"])?;
+            }
+            Action::RevokeIngress { group, rules } => {
+                let group_id = self.group_id(group, known).await?;
+                let mut permissions = Vec::new();
+                for rule in rules {
+                    permissions.push(self.permission(&rule.rule, known).await?);
+                }
+                let result = self
+                    .call(
+                        "RevokeSecurityGroupIngress",
+                        self.ec2
+                            .revoke_security_group_ingress()
+                            .group_id(group_id)
+                            .set_ip_permissions(Some(permissions))
+                            .send(),
+                    )
+                    .await
+                    .map(|_| ());
+                done_if(result, &["InvalidPermission.NotFound"])?;
+            }
+            Action::CreateLoadBalancer {
+                load_balancer: lb,
+                subnets,
+            } => {
+                let mut mappings = Vec::new();
+                for m in subnets {
+                    let id = self.subnet_id(&m.subnet).await?;
+                    mappings.push(
+                        ElbSubnetMapping::builder()
+                            .subnet_id(id)
+                            .set_allocation_id(m.allocation_id.clone())
+                            .set_private_ipv4_address(m.private_ipv4.map(|a| a.to_string()))
+                            .set_ipv6_address(m.ipv6.map(|a| a.to_string()))
+                            .build(),
+                    );
+                }
+                let mut groups = Vec::new();
+                for sg in &lb.security_groups {
+                    groups.push(match sg {
+                        SecurityGroupSelection::Managed => known.managed_sg()?,
+                        SecurityGroupSelection::User(r) => self.security_group_id(r).await?,
+                    });
+                }
+                let resp = self
+                    .call(
+                        "CreateLoadBalancer",
+                        self.elb
+                            .create_load_balancer()
+                            .name(&lb.name)
+                            .r#type(LoadBalancerTypeEnum::Network)
+                            .scheme(LoadBalancerSchemeEnum::from(lb.scheme.as_str()))
+                            .ip_address_type(ElbIpAddressType::from(lb.ip_address_type.as_str()))
+                            .set_subnet_mappings(Some(mappings))
+                            .set_security_groups(Some(groups))
+                            .set_tags(Some(elb_tags(&lb.tags)))
+                            .send(),
+                    )
+                    .await?;
+                let arn = resp
+                    .load_balancers()
+                    .first()
+                    .and_then(|l| l.load_balancer_arn())
+                    .unwrap_or_default();
+                known.arns.insert(lb.name.clone(), arn.to_string());
+            }
+            Action::ModifyLoadBalancerAttributes {
+                load_balancer,
+                attributes,
+            } => {
+                let arn = known.arn(load_balancer)?;
+                self.call(
+                    "ModifyLoadBalancerAttributes",
+                    self.elb
+                        .modify_load_balancer_attributes()
+                        .load_balancer_arn(arn)
+                        .set_attributes(Some(
+                            attributes
+                                .iter()
+                                .map(|(k, v)| {
+                                    LoadBalancerAttribute::builder().key(k).value(v).build()
+                                })
+                                .collect(),
+                        ))
+                        .send(),
+                )
+                .await?;
+            }
+            Action::CreateTargetGroup { target_group: tg } => {
+                let vpc = self.vpc().await?;
+                let hc = &tg.health_check;
+                let mut request = self
+                    .elb
+                    .create_target_group()
+                    .name(&tg.name)
+                    .protocol(ProtocolEnum::from(tg.protocol.as_str()))
+                    .port(i32::from(tg.port))
+                    .vpc_id(vpc)
+                    .target_type(TargetTypeEnum::from(tg.target_type.as_str()))
+                    .set_tags(Some(elb_tags(&tg.tags)));
+                request = apply_health_check!(request, hc);
+                let resp = self.call("CreateTargetGroup", request.send()).await?;
+                let arn = resp
+                    .target_groups()
+                    .first()
+                    .and_then(|t| t.target_group_arn())
+                    .unwrap_or_default();
+                known.arns.insert(tg.name.clone(), arn.to_string());
+            }
+            Action::ModifyTargetGroupHealthCheck {
+                target_group,
+                health_check: hc,
+            } => {
+                let arn = known.arn(target_group)?;
+                let mut request = self.elb.modify_target_group().target_group_arn(arn);
+                request = apply_health_check!(request, hc);
+                self.call("ModifyTargetGroup", request.send()).await?;
+            }
+            Action::ModifyTargetGroupAttributes {
+                target_group,
+                attributes,
+            } => {
+                let arn = known.arn(target_group)?;
+                self.call(
+                    "ModifyTargetGroupAttributes",
+                    self.elb
+                        .modify_target_group_attributes()
+                        .target_group_arn(arn)
+                        .set_attributes(Some(
+                            attributes
+                                .iter()
+                                .map(|(k, v)| {
+                                    TargetGroupAttribute::builder().key(k).value(v).build()
+                                })
+                                .collect(),
+                        ))
+                        .send(),
+                )
+                .await?;
+            }
+            Action::RegisterTargets {
+                target_group,
+                targets: t,
+            } => {
+                let arn = known.arn(target_group)?;
+                self.call(
+                    "RegisterTargets",
+                    self.elb
+                        .register_targets()
+                        .target_group_arn(arn)
+                        .set_targets(Some(targets(t)))
+                        .send(),
+                )
+                .await?;
+            }
+            Action::DeregisterTargets {
+                target_group,
+                targets: t,
+            } => {
+                let arn = known.arn(target_group)?;
+                let result = self
+                    .call(
+                        "DeregisterTargets",
+                        self.elb
+                            .deregister_targets()
+                            .target_group_arn(arn)
+                            .set_targets(Some(targets(t)))
+                            .send(),
+                    )
+                    .await
+                    .map(|_| ());
+                done_if(result, &["InvalidTarget"])?;
+            }
+            Action::CreateListener {
+                load_balancer,
+                listener,
+                target_group,
+            } => {
+                let lb_arn = known.arn(load_balancer)?;
+                let tg_arn = known.arn(target_group)?;
+                let (certificates, alpn) = listener_tls(listener);
+                self.call(
+                    "CreateListener",
+                    self.elb
+                        .create_listener()
+                        .load_balancer_arn(lb_arn)
+                        .protocol(ProtocolEnum::from(listener.protocol.as_str()))
+                        .port(i32::from(listener.port))
+                        .default_actions(forward(tg_arn))
+                        .set_certificates(certificates)
+                        .set_ssl_policy(listener.ssl_policy.clone())
+                        .set_alpn_policy(alpn)
+                        .send(),
+                )
+                .await?;
+            }
+            Action::ModifyListener {
+                arn,
+                listener,
+                target_group,
+            } => {
+                let tg_arn = known.arn(target_group)?;
+                let (certificates, alpn) = listener_tls(listener);
+                self.call(
+                    "ModifyListener",
+                    self.elb
+                        .modify_listener()
+                        .listener_arn(arn)
+                        .protocol(ProtocolEnum::from(listener.protocol.as_str()))
+                        .port(i32::from(listener.port))
+                        .default_actions(forward(tg_arn))
+                        .set_certificates(certificates)
+                        .set_ssl_policy(listener.ssl_policy.clone())
+                        .set_alpn_policy(alpn)
+                        .send(),
+                )
+                .await?;
+            }
+            Action::AddTags { resource, tags } => {
+                let arn = known.arn(resource)?;
+                self.call(
+                    "AddTags",
+                    self.elb
+                        .add_tags()
+                        .resource_arns(arn)
+                        .set_tags(Some(elb_tags(tags)))
+                        .send(),
+                )
+                .await?;
+            }
+            Action::RemoveTags { resource, keys } => {
+                let arn = known.arn(resource)?;
+                self.call(
+                    "RemoveTags",
+                    self.elb
+                        .remove_tags()
+                        .resource_arns(arn)
+                        .set_tag_keys(Some(keys.clone()))
+                        .send(),
+                )
+                .await?;
+            }
+            Action::DeleteListener { arn, .. } => {
+                let result = self
+                    .call(
+                        "DeleteListener",
+                        self.elb.delete_listener().listener_arn(arn).send(),
+                    )
+                    .await
+                    .map(|_| ());
+                done_if(result, &[])?;
+            }
+            Action::DeleteLoadBalancer { arn, .. } => {
+                let result = self
+                    .call(
+                        "DeleteLoadBalancer",
+                        self.elb
+                            .delete_load_balancer()
+                            .load_balancer_arn(arn)
+                            .send(),
+                    )
+                    .await
+                    .map(|_| ());
+                done_if(result, &[])?;
+            }
+            Action::DeleteTargetGroup { arn, .. } => {
+                let result = self
+                    .call(
+                        "DeleteTargetGroup",
+                        self.elb.delete_target_group().target_group_arn(arn).send(),
+                    )
+                    .await
+                    .map(|_| ());
+                done_if(result, &[])?;
+            }
+            Action::DeleteSecurityGroup { id, .. } => {
+                let result = self
+                    .call(
+                        "DeleteSecurityGroup",
+                        self.ec2.delete_security_group().group_id(id).send(),
+                    )
+                    .await
+                    .map(|_| ());
+                done_if(result, &["InvalidGroup.NotFound"])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The cluster's VPC: from the node SG, else from the tagged subnets.
+    async fn vpc(&self) -> Result<String, AwsError> {
+        if let Some(vpc) = self.vpc_id.get() {
+            return Ok(vpc.clone());
+        }
+        self.node_security_group_opt().await?;
+        if let Some(vpc) = self.vpc_id.get() {
+            return Ok(vpc.clone());
+        }
+        self.discover_subnets(crate::model::Scheme::InternetFacing)
+            .await?;
+        self.vpc_id.get().cloned().ok_or_else(|| {
+            AwsError::setup(
+                "DescribeSubnets",
+                format!(
+                    "cannot tell the cluster's VPC: no security group or subnet carries the tag {}",
+                    self.cluster_tag()
+                ),
+            )
+        })
+    }
+
+    async fn group_id(&self, group: &SgRef, known: &mut Known) -> Result<String, AwsError> {
+        match group {
+            SgRef::Id(id) => Ok(id.clone()),
+            SgRef::New(name) => known.groups.get(name).cloned().ok_or_else(|| {
+                AwsError::setup(
+                    "plan",
+                    format!(
+                        "the plan refers to security group {name}, which no earlier action created"
+                    ),
+                )
+            }),
+            SgRef::Nodes => {
+                if let Some(id) = &known.node_sg {
+                    return Ok(id.clone());
+                }
+                let sg = self.node_security_group_opt().await?.ok_or_else(|| {
+                    AwsError::setup(
+                        "DescribeSecurityGroups",
+                        format!(
+                            "no node security group carries the tag {}; tag it, or set aws-load-balancer-manage-backend-security-group-rules: \"false\"",
+                            self.cluster_tag()
+                        ),
+                    )
+                })?;
+                let id = sg.group_id().unwrap_or_default().to_string();
+                known.node_sg = Some(id.clone());
+                Ok(id)
+            }
+        }
+    }
+
+    async fn permission(&self, rule: &SgRule, known: &Known) -> Result<IpPermission, AwsError> {
+        let mut p = IpPermission::builder()
+            .ip_protocol(rule.protocol.as_str())
+            .from_port(rule.from_port)
+            .to_port(rule.to_port);
+        let description = rule.description.clone();
+        p = match &rule.source {
+            RuleSource::Cidr(c) if c.is_ipv6() => p.ipv6_ranges(
+                Ipv6Range::builder()
+                    .cidr_ipv6(c.to_string())
+                    .description(description)
+                    .build(),
+            ),
+            RuleSource::Cidr(c) => p.ip_ranges(
+                IpRange::builder()
+                    .cidr_ip(c.to_string())
+                    .description(description)
+                    .build(),
+            ),
+            RuleSource::PrefixList(id) => p.prefix_list_ids(
+                PrefixListId::builder()
+                    .prefix_list_id(id)
+                    .description(description)
+                    .build(),
+            ),
+            RuleSource::ManagedSecurityGroup => p.user_id_group_pairs(
+                UserIdGroupPair::builder()
+                    .group_id(known.managed_sg()?)
+                    .description(description)
+                    .build(),
+            ),
+            RuleSource::SecurityGroup(r) => p.user_id_group_pairs(
+                UserIdGroupPair::builder()
+                    .group_id(self.security_group_id(r).await?)
+                    .description(description)
+                    .build(),
+            ),
+        };
+        Ok(p.build())
+    }
+
+    async fn security_group_id(&self, r: &SecurityGroupRef) -> Result<String, AwsError> {
+        match r {
+            SecurityGroupRef::Id(id) => Ok(id.clone()),
+            SecurityGroupRef::Name(name) => {
+                let resp = self
+                    .call(
+                        "DescribeSecurityGroups",
+                        self.ec2
+                            .describe_security_groups()
+                            .filters(filter("tag:Name", &[name]))
+                            .send(),
+                    )
+                    .await?;
+                match resp.security_groups() {
+                    [one] => Ok(one.group_id().unwrap_or_default().to_string()),
+                    found => Err(AwsError::setup(
+                        "DescribeSecurityGroups",
+                        format!(
+                            "security group Name={name} matches {} groups; name exactly one, or use its ID",
+                            found.len()
+                        ),
+                    )),
+                }
+            }
+        }
+    }
+
+    async fn subnet_id(&self, r: &SubnetRef) -> Result<String, AwsError> {
+        match r {
+            SubnetRef::Id(id) => Ok(id.clone()),
+            SubnetRef::Name(name) => {
+                let resp = self
+                    .call(
+                        "DescribeSubnets",
+                        self.ec2
+                            .describe_subnets()
+                            .filters(filter("tag:Name", &[name]))
+                            .send(),
+                    )
+                    .await?;
+                match resp.subnets() {
+                    [one] => Ok(one.subnet_id().unwrap_or_default().to_string()),
+                    found => Err(AwsError {
+                        operation: "DescribeSubnets",
+                        code: None,
+                        message: format!(
+                            "subnet Name={name} matches {} subnets; name exactly one, or use its ID",
+                            found.len()
+                        ),
+                        kind: AwsErrorKind::Refused,
+                    }),
+                }
+            }
+        }
+    }
+}
+
+/// The ELBv2 forward action to one target group.
+fn forward(tg_arn: String) -> aws_sdk_elasticloadbalancingv2::types::Action {
+    aws_sdk_elasticloadbalancingv2::types::Action::builder()
+        .r#type(ActionTypeEnum::Forward)
+        .target_group_arn(tg_arn)
+        .build()
+}
+
+/// Default certificate and ALPN policy of a TLS listener (None otherwise).
+fn listener_tls(listener: &Listener) -> (Option<Vec<Certificate>>, Option<Vec<String>>) {
+    let certificates = listener
+        .certificates
+        .first()
+        .map(|arn| vec![Certificate::builder().certificate_arn(arn).build()]);
+    let alpn = listener.alpn_policy.map(|p| vec![p.as_str().to_string()]);
+    (certificates, alpn)
+}

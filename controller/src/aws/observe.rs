@@ -1,0 +1,629 @@
+//! Reading one Service's resources back from AWS. Identity is in tags
+//! (SPEC 1.2): a load balancer or target group is the Service's when it
+//! carries our cluster tag and its UID tag; never by name alone. moto pages
+//! Describe calls at 50 and ignores missing ARNs, so every listing follows
+//! `NextMarker` and every result is filtered by tag.
+
+use std::collections::{BTreeMap, HashMap};
+
+use aws_sdk_ec2::types::{Filter, IpPermission, SecurityGroup as Ec2SecurityGroup};
+use aws_sdk_elasticloadbalancingv2::types::{
+    LoadBalancer as ElbLoadBalancer, TargetGroup as ElbTargetGroup, TargetHealthStateEnum,
+};
+
+use super::{Aws, AwsError};
+use crate::model::{
+    AlpnPolicy, Cidr, Desired, HealthCheck, HealthCheckPort, HealthCheckProtocol, IpAddressType,
+    IpProtocol, Observed, ObservedListener, ObservedLoadBalancer, ObservedSecurityGroup,
+    ObservedSecurityGroupRef, ObservedSgRule, ObservedSubnetMapping, ObservedTargetGroup, Protocol,
+    RuleSource, Scheme, SecurityGroupRef, SgRule, SubnetSelection, Target, TargetType, tags,
+};
+
+/// DescribeTags takes at most 20 ARNs.
+const TAG_BATCH: usize = 20;
+
+/// Subnet discovery's choice: one subnet per availability zone, the lowest
+/// subnet ID winning a tie, so repeated discoveries agree.
+pub fn pick_subnets(mut candidates: Vec<(String, String)>) -> Vec<String> {
+    candidates.sort_by(|(id_a, az_a), (id_b, az_b)| az_a.cmp(az_b).then(id_a.cmp(id_b)));
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out: Vec<String> = candidates
+        .into_iter()
+        .filter(|(_, az)| seen.insert(az.clone()))
+        .map(|(id, _)| id)
+        .collect();
+    out.sort();
+    out
+}
+
+fn tag_map<'a>(
+    pairs: impl Iterator<Item = (Option<&'a str>, Option<&'a str>)>,
+) -> BTreeMap<String, String> {
+    pairs
+        .filter_map(|(k, v)| Some((k?.to_string(), v.unwrap_or_default().to_string())))
+        .collect()
+}
+
+fn protocol(p: Option<&str>) -> Option<Protocol> {
+    match p? {
+        "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        "TCP_UDP" => Some(Protocol::TcpUdp),
+        "TLS" => Some(Protocol::Tls),
+        _ => None,
+    }
+}
+
+fn health_check_protocol(p: Option<&str>) -> HealthCheckProtocol {
+    match p {
+        Some("HTTP") => HealthCheckProtocol::Http,
+        Some("HTTPS") => HealthCheckProtocol::Https,
+        _ => HealthCheckProtocol::Tcp,
+    }
+}
+
+fn health_check(tg: &ElbTargetGroup) -> HealthCheck {
+    let protocol = health_check_protocol(tg.health_check_protocol().map(|p| p.as_str()));
+    let http = protocol != HealthCheckProtocol::Tcp;
+    let small = |v: Option<i32>| v.and_then(|v| u16::try_from(v).ok()).unwrap_or(0);
+    HealthCheck {
+        protocol,
+        port: match tg.health_check_port() {
+            Some(p) => p
+                .parse()
+                .map(HealthCheckPort::Port)
+                .unwrap_or(HealthCheckPort::TrafficPort),
+            None => HealthCheckPort::TrafficPort,
+        },
+        path: if http {
+            tg.health_check_path().map(str::to_string)
+        } else {
+            None
+        },
+        interval_seconds: small(tg.health_check_interval_seconds()),
+        timeout_seconds: small(tg.health_check_timeout_seconds()),
+        healthy_threshold: small(tg.healthy_threshold_count()).try_into().unwrap_or(0),
+        unhealthy_threshold: small(tg.unhealthy_threshold_count())
+            .try_into()
+            .unwrap_or(0),
+        success_codes: if http {
+            tg.matcher().and_then(|m| m.http_code()).map(str::to_string)
+        } else {
+            None
+        },
+    }
+}
+
+fn ip_protocol(p: Option<&str>) -> Option<IpProtocol> {
+    match p? {
+        "tcp" | "6" => Some(IpProtocol::Tcp),
+        "udp" | "17" => Some(IpProtocol::Udp),
+        "icmp" | "1" => Some(IpProtocol::Icmp),
+        "icmpv6" | "58" => Some(IpProtocol::Icmpv6),
+        _ => None,
+    }
+}
+
+/// Every (source, description) of an EC2 permission as our rule type.
+/// `managed_sg` turns a reference to the Service's own SG back into
+/// [`RuleSource::ManagedSecurityGroup`], as `desired` writes it.
+fn rules_of(perm: &IpPermission, managed_sg: Option<&str>) -> Vec<SgRule> {
+    let Some(protocol) = ip_protocol(perm.ip_protocol()) else {
+        return Vec::new();
+    };
+    let mut sources: Vec<(RuleSource, Option<&str>)> = Vec::new();
+    for r in perm.ip_ranges() {
+        if let Some(c) = r.cidr_ip().and_then(Cidr::parse) {
+            sources.push((RuleSource::Cidr(c), r.description()));
+        }
+    }
+    for r in perm.ipv6_ranges() {
+        if let Some(c) = r.cidr_ipv6().and_then(Cidr::parse) {
+            sources.push((RuleSource::Cidr(c), r.description()));
+        }
+    }
+    for p in perm.prefix_list_ids() {
+        if let Some(id) = p.prefix_list_id() {
+            sources.push((RuleSource::PrefixList(id.to_string()), p.description()));
+        }
+    }
+    for g in perm.user_id_group_pairs() {
+        if let Some(id) = g.group_id() {
+            let source = if Some(id) == managed_sg {
+                RuleSource::ManagedSecurityGroup
+            } else {
+                RuleSource::SecurityGroup(SecurityGroupRef::Id(id.to_string()))
+            };
+            sources.push((source, g.description()));
+        }
+    }
+    sources
+        .into_iter()
+        .map(|(source, description)| SgRule {
+            protocol,
+            from_port: perm.from_port().unwrap_or(0),
+            to_port: perm.to_port().unwrap_or(0),
+            source,
+            description: description.unwrap_or_default().to_string(),
+        })
+        .collect()
+}
+
+/// EC2 has no IDs for rules in DescribeSecurityGroups; revocation goes by the
+/// rule's content, so the "ID" is its printed form (for plans and logs).
+fn observed_rule(rule: SgRule) -> ObservedSgRule {
+    ObservedSgRule {
+        rule_id: rule.to_string(),
+        rule,
+    }
+}
+
+pub(super) fn filter(name: &str, values: &[&str]) -> Filter {
+    let mut f = Filter::builder().name(name);
+    for v in values {
+        f = f.values(*v);
+    }
+    f.build()
+}
+
+fn sg_tags(sg: &Ec2SecurityGroup) -> BTreeMap<String, String> {
+    tag_map(sg.tags().iter().map(|t| (t.key(), t.value())))
+}
+
+impl Aws {
+    /// Everything tagged with `uid` in our cluster, plus subnet discovery when
+    /// `desired` needs an LB created from discovered subnets.
+    pub async fn observe(
+        &self,
+        uid: &str,
+        desired: Option<&Desired>,
+    ) -> Result<Observed, AwsError> {
+        let cluster_tag = self.cluster_tag();
+        let ours = |t: &BTreeMap<String, String>| {
+            t.contains_key(&cluster_tag)
+                && t.get(tags::SERVICE_UID).map(String::as_str) == Some(uid)
+        };
+
+        let frontend = self.frontend_security_groups(uid).await?;
+        let managed_sg = frontend
+            .first()
+            .and_then(|g| g.group_id())
+            .map(str::to_string);
+
+        let all_lbs = self.all_load_balancers().await?;
+        let lb_tags = self
+            .tags_of(all_lbs.iter().filter_map(|l| l.load_balancer_arn()))
+            .await?;
+        let mut observed = Observed::default();
+        for lb in &all_lbs {
+            let Some(arn) = lb.load_balancer_arn() else {
+                continue;
+            };
+            let Some(tags) = lb_tags.get(arn).filter(|t| ours(t)) else {
+                continue;
+            };
+            observed.load_balancers.push(ObservedLoadBalancer {
+                arn: arn.to_string(),
+                dns_name: lb.dns_name().unwrap_or_default().to_string(),
+                name: lb.load_balancer_name().unwrap_or_default().to_string(),
+                scheme: match lb.scheme().map(|s| s.as_str()) {
+                    Some("internal") => Scheme::Internal,
+                    _ => Scheme::InternetFacing,
+                },
+                ip_address_type: match lb.ip_address_type().map(|t| t.as_str()) {
+                    Some("dualstack") => IpAddressType::Dualstack,
+                    _ => IpAddressType::Ipv4,
+                },
+                subnets: lb
+                    .availability_zones()
+                    .iter()
+                    .map(|az| ObservedSubnetMapping {
+                        subnet_id: az.subnet_id().unwrap_or_default().to_string(),
+                        subnet_name: None,
+                        allocation_id: az
+                            .load_balancer_addresses()
+                            .iter()
+                            .find_map(|a| a.allocation_id())
+                            .map(str::to_string),
+                        private_ipv4: None,
+                        ipv6: None,
+                    })
+                    .collect(),
+                security_groups: lb
+                    .security_groups()
+                    .iter()
+                    .map(|id| ObservedSecurityGroupRef {
+                        id: id.clone(),
+                        name: None,
+                        managed: Some(id) == managed_sg.as_ref(),
+                    })
+                    .collect(),
+                attributes: self.load_balancer_attributes(arn).await?,
+                enforce_sg_inbound_rules_on_private_link: None,
+                tags: tags.clone(),
+            });
+            observed.listeners.extend(self.listeners(arn).await?);
+        }
+
+        let all_tgs = self.all_target_groups().await?;
+        let tg_tags = self
+            .tags_of(all_tgs.iter().filter_map(|t| t.target_group_arn()))
+            .await?;
+        for tg in &all_tgs {
+            let Some(arn) = tg.target_group_arn() else {
+                continue;
+            };
+            let Some(tags) = tg_tags.get(arn).filter(|t| ours(t)) else {
+                continue;
+            };
+            observed.target_groups.push(ObservedTargetGroup {
+                arn: arn.to_string(),
+                name: tg.target_group_name().unwrap_or_default().to_string(),
+                port: tg.port().and_then(|p| u16::try_from(p).ok()).unwrap_or(0),
+                protocol: protocol(tg.protocol().map(|p| p.as_str())).unwrap_or(Protocol::Tcp),
+                target_type: match tg.target_type().map(|t| t.as_str()) {
+                    Some("ip") => TargetType::Ip,
+                    _ => TargetType::Instance,
+                },
+                health_check: health_check(tg),
+                attributes: self.target_group_attributes(arn).await?,
+                targets: self.targets(arn).await?,
+                tags: tags.clone(),
+            });
+        }
+
+        for sg in &frontend {
+            let id = sg.group_id().unwrap_or_default();
+            let mut ingress: Vec<ObservedSgRule> = sg
+                .ip_permissions()
+                .iter()
+                .flat_map(|p| rules_of(p, Some(id)))
+                .map(observed_rule)
+                .collect();
+            ingress.sort();
+            observed.security_groups.push(ObservedSecurityGroup {
+                id: id.to_string(),
+                name: sg.group_name().unwrap_or_default().to_string(),
+                ingress,
+                tags: sg_tags(sg),
+            });
+        }
+
+        if desired.is_none_or(|d| !d.backend_rules.is_empty()) {
+            let owned_prefix = format!("causeway {uid} ");
+            if let Some(node_sg) = self.node_security_group_opt().await? {
+                let mut rules: Vec<ObservedSgRule> = node_sg
+                    .ip_permissions()
+                    .iter()
+                    .flat_map(|p| rules_of(p, managed_sg.as_deref()))
+                    .filter(|r| r.description.starts_with(&owned_prefix))
+                    .map(observed_rule)
+                    .collect();
+                rules.sort();
+                observed.backend_rules = rules;
+            }
+        }
+
+        if let Some(d) = desired {
+            let exists = observed
+                .load_balancers
+                .iter()
+                .any(|lb| lb.name == d.load_balancer.name);
+            if d.load_balancer.subnets == SubnetSelection::Discover && !exists {
+                observed.discovered_subnets =
+                    Some(self.discover_subnets(d.load_balancer.scheme).await?);
+            }
+        }
+        Ok(observed)
+    }
+
+    async fn all_load_balancers(&self) -> Result<Vec<ElbLoadBalancer>, AwsError> {
+        let mut out = Vec::new();
+        let mut marker = None;
+        loop {
+            let page = self
+                .call(
+                    "DescribeLoadBalancers",
+                    self.elb.describe_load_balancers().set_marker(marker).send(),
+                )
+                .await?;
+            out.extend(page.load_balancers().iter().cloned());
+            marker = page.next_marker().map(str::to_string);
+            if marker.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+
+    async fn all_target_groups(&self) -> Result<Vec<ElbTargetGroup>, AwsError> {
+        let mut out = Vec::new();
+        let mut marker = None;
+        loop {
+            let page = self
+                .call(
+                    "DescribeTargetGroups",
+                    self.elb.describe_target_groups().set_marker(marker).send(),
+                )
+                .await?;
+            out.extend(page.target_groups().iter().cloned());
+            marker = page.next_marker().map(str::to_string);
+            if marker.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+
+    async fn tags_of<'a>(
+        &self,
+        arns: impl Iterator<Item = &'a str>,
+    ) -> Result<HashMap<String, BTreeMap<String, String>>, AwsError> {
+        let arns: Vec<String> = arns.map(str::to_string).collect();
+        let mut out = HashMap::new();
+        for batch in arns.chunks(TAG_BATCH) {
+            let resp = self
+                .call(
+                    "DescribeTags",
+                    self.elb
+                        .describe_tags()
+                        .set_resource_arns(Some(batch.to_vec()))
+                        .send(),
+                )
+                .await?;
+            for d in resp.tag_descriptions() {
+                if let Some(arn) = d.resource_arn() {
+                    out.insert(
+                        arn.to_string(),
+                        tag_map(d.tags().iter().map(|t| (t.key(), t.value()))),
+                    );
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn load_balancer_attributes(
+        &self,
+        arn: &str,
+    ) -> Result<BTreeMap<String, String>, AwsError> {
+        let resp = self
+            .call(
+                "DescribeLoadBalancerAttributes",
+                self.elb
+                    .describe_load_balancer_attributes()
+                    .load_balancer_arn(arn)
+                    .send(),
+            )
+            .await?;
+        Ok(tag_map(
+            resp.attributes().iter().map(|a| (a.key(), a.value())),
+        ))
+    }
+
+    async fn target_group_attributes(
+        &self,
+        arn: &str,
+    ) -> Result<BTreeMap<String, String>, AwsError> {
+        let resp = self
+            .call(
+                "DescribeTargetGroupAttributes",
+                self.elb
+                    .describe_target_group_attributes()
+                    .target_group_arn(arn)
+                    .send(),
+            )
+            .await?;
+        Ok(tag_map(
+            resp.attributes().iter().map(|a| (a.key(), a.value())),
+        ))
+    }
+
+    async fn listeners(&self, lb_arn: &str) -> Result<Vec<ObservedListener>, AwsError> {
+        let mut out = Vec::new();
+        let mut marker = None;
+        loop {
+            let page = self
+                .call(
+                    "DescribeListeners",
+                    self.elb
+                        .describe_listeners()
+                        .load_balancer_arn(lb_arn)
+                        .set_marker(marker)
+                        .send(),
+                )
+                .await?;
+            for l in page.listeners() {
+                let Some(protocol) = protocol(l.protocol().map(|p| p.as_str())) else {
+                    continue;
+                };
+                // Default certificate first, as `desired` lists them.
+                let mut certificates: Vec<(bool, String)> = l
+                    .certificates()
+                    .iter()
+                    .filter_map(|c| {
+                        Some((
+                            !c.is_default().unwrap_or(false),
+                            c.certificate_arn()?.to_string(),
+                        ))
+                    })
+                    .collect();
+                certificates.sort_by_key(|(not_default, _)| *not_default);
+                // TLS settings mean nothing on other listeners; moto reports
+                // a policy anyway.
+                let tls = protocol == Protocol::Tls;
+                out.push(ObservedListener {
+                    arn: l.listener_arn().unwrap_or_default().to_string(),
+                    load_balancer_arn: lb_arn.to_string(),
+                    port: l.port().and_then(|p| u16::try_from(p).ok()).unwrap_or(0),
+                    protocol,
+                    certificates: if tls {
+                        certificates.into_iter().map(|(_, c)| c).collect()
+                    } else {
+                        Vec::new()
+                    },
+                    ssl_policy: l.ssl_policy().filter(|_| tls).map(str::to_string),
+                    alpn_policy: l
+                        .alpn_policy()
+                        .first()
+                        .filter(|_| tls)
+                        .and_then(|p| AlpnPolicy::ALL.into_iter().find(|a| a.as_str() == p)),
+                    target_group_arn: l
+                        .default_actions()
+                        .iter()
+                        .find_map(|a| {
+                            a.target_group_arn().map(str::to_string).or_else(|| {
+                                a.forward_config()?
+                                    .target_groups()
+                                    .first()?
+                                    .target_group_arn()
+                                    .map(str::to_string)
+                            })
+                        })
+                        .unwrap_or_default(),
+                    attributes: BTreeMap::new(),
+                });
+            }
+            marker = page.next_marker().map(str::to_string);
+            if marker.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Registered targets, without those already draining (they are leaving).
+    async fn targets(&self, tg_arn: &str) -> Result<Vec<Target>, AwsError> {
+        let resp = self
+            .call(
+                "DescribeTargetHealth",
+                self.elb
+                    .describe_target_health()
+                    .target_group_arn(tg_arn)
+                    .send(),
+            )
+            .await?;
+        let mut out: Vec<Target> = resp
+            .target_health_descriptions()
+            .iter()
+            .filter(|d| {
+                d.target_health().and_then(|h| h.state()) != Some(&TargetHealthStateEnum::Draining)
+            })
+            .filter_map(|d| {
+                let t = d.target()?;
+                Some(Target {
+                    id: t.id()?.to_string(),
+                    port: u16::try_from(t.port()?).ok()?,
+                })
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    async fn frontend_security_groups(&self, uid: &str) -> Result<Vec<Ec2SecurityGroup>, AwsError> {
+        let resp = self
+            .call(
+                "DescribeSecurityGroups",
+                self.ec2
+                    .describe_security_groups()
+                    .filters(filter(&format!("tag:{}", tags::SERVICE_UID), &[uid]))
+                    .filters(filter(&format!("tag:{}", self.cluster_tag()), &["owned"]))
+                    .send(),
+            )
+            .await?;
+        Ok(resp.security_groups().to_vec())
+    }
+
+    /// The node SG: tagged with our cluster tag and not one of ours. None when
+    /// the account has none; an error when the choice is ambiguous.
+    pub(super) async fn node_security_group_opt(
+        &self,
+    ) -> Result<Option<Ec2SecurityGroup>, AwsError> {
+        let resp = self
+            .call(
+                "DescribeSecurityGroups",
+                self.ec2
+                    .describe_security_groups()
+                    .filters(filter("tag-key", &[&self.cluster_tag()]))
+                    .send(),
+            )
+            .await?;
+        let mut nodes: Vec<&Ec2SecurityGroup> = resp
+            .security_groups()
+            .iter()
+            .filter(|g| !g.tags().iter().any(|t| t.key() == Some(tags::RESOURCE)))
+            .collect();
+        match nodes.len() {
+            0 => Ok(None),
+            1 => {
+                let sg = nodes.remove(0);
+                if let Some(vpc) = sg.vpc_id() {
+                    let _ = self.vpc_id.set(vpc.to_string());
+                }
+                Ok(Some(sg.clone()))
+            }
+            n => Err(AwsError::setup(
+                "DescribeSecurityGroups",
+                format!(
+                    "{n} security groups carry the tag {} ({}); tag exactly one node security group, or set aws-load-balancer-manage-backend-security-group-rules: \"false\"",
+                    self.cluster_tag(),
+                    nodes
+                        .iter()
+                        .filter_map(|g| g.group_id())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+        }
+    }
+
+    /// Subnets tagged for the scheme's role and our cluster (SPEC 1.2).
+    pub(super) async fn discover_subnets(&self, scheme: Scheme) -> Result<Vec<String>, AwsError> {
+        let role = match scheme {
+            Scheme::InternetFacing => "kubernetes.io/role/elb",
+            Scheme::Internal => "kubernetes.io/role/internal-elb",
+        };
+        let resp = self
+            .call(
+                "DescribeSubnets",
+                self.ec2
+                    .describe_subnets()
+                    .filters(filter("tag-key", &[role]))
+                    .filters(filter(
+                        &format!("tag:{}", self.cluster_tag()),
+                        &["owned", "shared"],
+                    ))
+                    .send(),
+            )
+            .await?;
+        if let Some(vpc) = resp.subnets().iter().find_map(|s| s.vpc_id()) {
+            let _ = self.vpc_id.set(vpc.to_string());
+        }
+        Ok(pick_subnets(
+            resp.subnets()
+                .iter()
+                .filter_map(|s| {
+                    Some((
+                        s.subnet_id()?.to_string(),
+                        s.availability_zone()?.to_string(),
+                    ))
+                })
+                .collect(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_subnet_per_zone_lowest_id_first() {
+        let picked = pick_subnets(vec![
+            ("subnet-0c".into(), "us-east-1b".into()),
+            ("subnet-0b".into(), "us-east-1a".into()),
+            ("subnet-0a".into(), "us-east-1a".into()),
+            ("subnet-0d".into(), "us-east-1b".into()),
+        ]);
+        assert_eq!(picked, ["subnet-0a", "subnet-0c"]);
+        assert!(pick_subnets(Vec::new()).is_empty());
+    }
+}

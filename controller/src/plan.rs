@@ -1,0 +1,740 @@
+//! `plan = diff(desired, observed)`: the ordered AWS actions that take one
+//! Service's resources from what the adapter observed to what `desired` says
+//! (SPEC 1.4). Pure: no I/O. The same list is what `causeway-controller plan`
+//! prints and what the adapter executes.
+//!
+//! Order matters and is fixed here, not in the adapter:
+//! 1. LBs that block the desired one (same name, different scheme) are deleted;
+//! 2. targets of ineligible nodes are deregistered first (drain-safe);
+//! 3. the frontend SG and its rules, then the node-SG rules, exist before the
+//!    NLB (an NLB's SGs can only be set at creation);
+//! 4. the NLB, its target groups and targets, then listeners (a listener needs
+//!    both ends);
+//! 5. whatever is no longer desired goes last, in the deletion order
+//!    listeners → LBs → TGs → SG rules → SGs, so a replacement is created
+//!    before the old resource is deleted.
+//!
+//! `desired = None` means "the Service should have nothing" (deleted or no
+//! longer ours): the plan is the deletion state machine over whatever is observed,
+//! so a deletion that stopped half-way just continues.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::desired::{lb_attribute_defaults, tg_attribute_defaults};
+use crate::model::{
+    Desired, HealthCheck, Listener, LoadBalancer, Observed, ObservedListener, ObservedLoadBalancer,
+    ObservedSgRule, ObservedTargetGroup, SecurityGroup, SgRule, SubnetMapping, SubnetRef,
+    SubnetSelection, Target, TargetGroup,
+};
+
+/// An ELBv2 resource: one that exists (by ARN), or one an earlier action of the
+/// same plan creates (by name; the adapter learns its ARN when it creates it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ref {
+    Arn(String),
+    New(String),
+}
+
+impl fmt::Display for Ref {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ref::Arn(arn) => f.write_str(arn),
+            Ref::New(name) => write!(f, "{name} (new)"),
+        }
+    }
+}
+
+/// A security group an action works on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SgRef {
+    /// An existing group (the managed frontend SG).
+    Id(String),
+    /// The managed frontend SG created earlier in this plan.
+    New(String),
+    /// The cluster's node SG, which the adapter finds by the cluster tag.
+    Nodes,
+}
+
+impl fmt::Display for SgRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SgRef::Id(id) => f.write_str(id),
+            SgRef::New(name) => write!(f, "{name} (new)"),
+            SgRef::Nodes => f.write_str("node security group"),
+        }
+    }
+}
+
+/// One AWS change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    CreateSecurityGroup {
+        name: String,
+        description: String,
+        tags: BTreeMap<String, String>,
+    },
+    AuthorizeIngress {
+        group: SgRef,
+        rules: Vec<SgRule>,
+    },
+    RevokeIngress {
+        group: SgRef,
+        rules: Vec<ObservedSgRule>,
+    },
+    /// The LB with its subnets resolved (discovered ones included) and its SGs.
+    CreateLoadBalancer {
+        load_balancer: LoadBalancer,
+        subnets: Vec<SubnetMapping>,
+    },
+    ModifyLoadBalancerAttributes {
+        load_balancer: Ref,
+        attributes: BTreeMap<String, String>,
+    },
+    /// Targets are registered by a separate [`Action::RegisterTargets`];
+    /// `target_group.targets` is empty here.
+    CreateTargetGroup {
+        target_group: TargetGroup,
+    },
+    ModifyTargetGroupHealthCheck {
+        target_group: Ref,
+        health_check: HealthCheck,
+    },
+    ModifyTargetGroupAttributes {
+        target_group: Ref,
+        attributes: BTreeMap<String, String>,
+    },
+    RegisterTargets {
+        target_group: Ref,
+        targets: Vec<Target>,
+    },
+    DeregisterTargets {
+        target_group: Ref,
+        targets: Vec<Target>,
+    },
+    CreateListener {
+        load_balancer: Ref,
+        listener: Listener,
+        target_group: Ref,
+    },
+    ModifyListener {
+        arn: String,
+        listener: Listener,
+        target_group: Ref,
+    },
+    AddTags {
+        resource: Ref,
+        tags: BTreeMap<String, String>,
+    },
+    RemoveTags {
+        resource: Ref,
+        keys: Vec<String>,
+    },
+    DeleteListener {
+        arn: String,
+        port: u16,
+    },
+    DeleteLoadBalancer {
+        arn: String,
+        name: String,
+    },
+    DeleteTargetGroup {
+        arn: String,
+        name: String,
+    },
+    DeleteSecurityGroup {
+        id: String,
+        name: String,
+    },
+}
+
+impl Action {
+    /// The ELBv2/EC2 operation, as counted by the adapter's metrics.
+    pub fn operation(&self) -> &'static str {
+        match self {
+            Action::CreateSecurityGroup { .. } => "CreateSecurityGroup",
+            Action::AuthorizeIngress { .. } => "AuthorizeSecurityGroupIngress",
+            Action::RevokeIngress { .. } => "RevokeSecurityGroupIngress",
+            Action::CreateLoadBalancer { .. } => "CreateLoadBalancer",
+            Action::ModifyLoadBalancerAttributes { .. } => "ModifyLoadBalancerAttributes",
+            Action::CreateTargetGroup { .. } => "CreateTargetGroup",
+            Action::ModifyTargetGroupHealthCheck { .. } => "ModifyTargetGroup",
+            Action::ModifyTargetGroupAttributes { .. } => "ModifyTargetGroupAttributes",
+            Action::RegisterTargets { .. } => "RegisterTargets",
+            Action::DeregisterTargets { .. } => "DeregisterTargets",
+            Action::CreateListener { .. } => "CreateListener",
+            Action::ModifyListener { .. } => "ModifyListener",
+            Action::AddTags { .. } => "AddTags",
+            Action::RemoveTags { .. } => "RemoveTags",
+            Action::DeleteListener { .. } => "DeleteListener",
+            Action::DeleteLoadBalancer { .. } => "DeleteLoadBalancer",
+            Action::DeleteTargetGroup { .. } => "DeleteTargetGroup",
+            Action::DeleteSecurityGroup { .. } => "DeleteSecurityGroup",
+        }
+    }
+
+    /// True for actions that only move targets: a plan made of these alone
+    /// is a node change, which the reconciler applies without re-reading AWS.
+    pub fn is_target_change(&self) -> bool {
+        matches!(
+            self,
+            Action::RegisterTargets { .. } | Action::DeregisterTargets { .. }
+        )
+    }
+}
+
+fn join<T: fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn pairs(map: &BTreeMap<String, String>) -> String {
+    map.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::CreateSecurityGroup { name, .. } => {
+                write!(f, "create security group {name}")
+            }
+            Action::AuthorizeIngress { group, rules } => {
+                write!(f, "authorize on {group}: {}", join(rules))
+            }
+            Action::RevokeIngress { group, rules } => {
+                let rules: Vec<&SgRule> = rules.iter().map(|r| &r.rule).collect();
+                write!(f, "revoke on {group}: {}", join(&rules))
+            }
+            Action::CreateLoadBalancer {
+                load_balancer,
+                subnets,
+            } => {
+                let subnets: Vec<&SubnetRef> = subnets.iter().map(|s| &s.subnet).collect();
+                write!(
+                    f,
+                    "create load balancer {} ({}, {}, subnets {}, security groups {})",
+                    load_balancer.name,
+                    load_balancer.scheme,
+                    load_balancer.ip_address_type,
+                    join(&subnets),
+                    join(&load_balancer.security_groups)
+                )
+            }
+            Action::ModifyLoadBalancerAttributes {
+                load_balancer,
+                attributes,
+            } => write!(
+                f,
+                "set attributes of load balancer {load_balancer}: {}",
+                pairs(attributes)
+            ),
+            Action::CreateTargetGroup { target_group: tg } => write!(
+                f,
+                "create target group {} ({} {} {} targets, health check {})",
+                tg.name, tg.protocol, tg.port, tg.target_type, tg.health_check
+            ),
+            Action::ModifyTargetGroupHealthCheck {
+                target_group,
+                health_check,
+            } => write!(
+                f,
+                "set health check of target group {target_group}: {health_check}"
+            ),
+            Action::ModifyTargetGroupAttributes {
+                target_group,
+                attributes,
+            } => write!(
+                f,
+                "set attributes of target group {target_group}: {}",
+                pairs(attributes)
+            ),
+            Action::RegisterTargets {
+                target_group,
+                targets,
+            } => write!(
+                f,
+                "register in target group {target_group}: {}",
+                join(targets)
+            ),
+            Action::DeregisterTargets {
+                target_group,
+                targets,
+            } => write!(
+                f,
+                "deregister from target group {target_group}: {}",
+                join(targets)
+            ),
+            Action::CreateListener {
+                load_balancer,
+                listener,
+                target_group,
+            } => write!(
+                f,
+                "create listener {} {} on {load_balancer} → {target_group}",
+                listener.protocol, listener.port
+            ),
+            Action::ModifyListener {
+                arn,
+                listener,
+                target_group,
+            } => write!(
+                f,
+                "modify listener {arn}: {} {} → {target_group}",
+                listener.protocol, listener.port
+            ),
+            Action::AddTags { resource, tags } => {
+                write!(f, "tag {resource}: {}", pairs(tags))
+            }
+            Action::RemoveTags { resource, keys } => {
+                write!(f, "untag {resource}: {}", keys.join(", "))
+            }
+            Action::DeleteListener { arn, port } => write!(f, "delete listener {port} ({arn})"),
+            Action::DeleteLoadBalancer { arn, name } => {
+                write!(f, "delete load balancer {name} ({arn})")
+            }
+            Action::DeleteTargetGroup { arn, name } => {
+                write!(f, "delete target group {name} ({arn})")
+            }
+            Action::DeleteSecurityGroup { id, name } => {
+                write!(f, "delete security group {name} ({id})")
+            }
+        }
+    }
+}
+
+/// The actions that take `observed` to `desired` (`None`: to nothing).
+/// An empty list means converged.
+pub fn plan(desired: Option<&Desired>, observed: &Observed) -> Vec<Action> {
+    match desired {
+        Some(desired) => converge(desired, observed),
+        None => delete_all(observed),
+    }
+}
+
+/// Whether the plan could not create the NLB because subnet discovery found
+/// nothing: the caller reports it instead of executing (SPEC 1.2).
+pub fn lacks_subnets(desired: &Desired, observed: &Observed) -> bool {
+    let exists = observed
+        .load_balancers
+        .iter()
+        .any(|lb| lb.name == desired.load_balancer.name);
+    !exists && resolved_subnets(&desired.load_balancer, observed).is_empty()
+}
+
+fn resolved_subnets(lb: &LoadBalancer, observed: &Observed) -> Vec<SubnetMapping> {
+    match &lb.subnets {
+        SubnetSelection::Explicit(mappings) => mappings.clone(),
+        SubnetSelection::Discover => observed
+            .discovered_subnets
+            .iter()
+            .flatten()
+            .map(|id| SubnetMapping {
+                subnet: SubnetRef::Id(id.clone()),
+                allocation_id: None,
+                private_ipv4: None,
+                ipv6: None,
+            })
+            .collect(),
+    }
+}
+
+/// Attributes of `desired` whose value differs from `current`, where a key
+/// `current` does not report has AWS's default (moto reports only attributes
+/// that were set).
+fn changed_from_defaults(
+    desired: &BTreeMap<String, String>,
+    mut defaults: BTreeMap<String, String>,
+    current: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    defaults.extend(current.iter().map(|(k, v)| (k.clone(), v.clone())));
+    changed(desired, &defaults)
+}
+
+/// Attributes of `desired` whose value differs from `current`.
+fn changed(
+    desired: &BTreeMap<String, String>,
+    current: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    desired
+        .iter()
+        .filter(|(k, v)| current.get(*k) != Some(*v))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Tag actions for one resource. Tags set by AWS itself (`aws:`) are left alone.
+fn tag_actions(
+    resource: &Ref,
+    desired: &BTreeMap<String, String>,
+    current: &BTreeMap<String, String>,
+    out: &mut Vec<Action>,
+) {
+    let add = changed(desired, current);
+    if !add.is_empty() {
+        out.push(Action::AddTags {
+            resource: resource.clone(),
+            tags: add,
+        });
+    }
+    let remove: Vec<String> = current
+        .keys()
+        .filter(|k| !desired.contains_key(*k) && !k.starts_with("aws:"))
+        .cloned()
+        .collect();
+    if !remove.is_empty() {
+        out.push(Action::RemoveTags {
+            resource: resource.clone(),
+            keys: remove,
+        });
+    }
+}
+
+fn converge(d: &Desired, o: &Observed) -> Vec<Action> {
+    let mut out = Vec::new();
+    let want_lb = &d.load_balancer;
+
+    // An LB is kept only if it is the desired one; anything else is replaced.
+    let current_lb = o
+        .load_balancers
+        .iter()
+        .find(|lb| lb.name == want_lb.name && lb.scheme == want_lb.scheme);
+    let (blocking, stale_lbs): (Vec<&ObservedLoadBalancer>, Vec<&ObservedLoadBalancer>) = o
+        .load_balancers
+        .iter()
+        .filter(|lb| Some(lb.arn.as_str()) != current_lb.map(|c| c.arn.as_str()))
+        .partition(|lb| lb.name == want_lb.name);
+    // 1. Same name, different scheme: names are unique per region, so the old
+    //    one must go before the new one can exist.
+    for lb in &blocking {
+        delete_load_balancer(lb, o, &mut out);
+    }
+
+    let current_tg = |tg: &TargetGroup| o.target_groups.iter().find(|t| t.name == tg.name);
+
+    // 2. Drain first.
+    for tg in &d.target_groups {
+        if let Some(have) = current_tg(tg) {
+            let gone: Vec<Target> = have
+                .targets
+                .iter()
+                .filter(|t| !tg.targets.contains(t))
+                .cloned()
+                .collect();
+            if !gone.is_empty() {
+                out.push(Action::DeregisterTargets {
+                    target_group: Ref::Arn(have.arn.clone()),
+                    targets: gone,
+                });
+            }
+        }
+    }
+
+    // 3. Security groups and rules.
+    let current_sg = d
+        .frontend_security_group
+        .as_ref()
+        .and_then(|want| o.security_groups.iter().find(|sg| sg.name == want.name));
+    if let Some(want) = &d.frontend_security_group {
+        frontend_sg_actions(want, current_sg, &mut out);
+    }
+    let missing_backend: Vec<SgRule> = d
+        .backend_rules
+        .iter()
+        .filter(|r| !o.backend_rules.iter().any(|h| h.rule.same_traffic(r)))
+        .cloned()
+        .collect();
+    if !missing_backend.is_empty() {
+        out.push(Action::AuthorizeIngress {
+            group: SgRef::Nodes,
+            rules: missing_backend,
+        });
+    }
+
+    // 4a. The load balancer.
+    let lb_ref = match current_lb {
+        Some(lb) => {
+            let lb_ref = Ref::Arn(lb.arn.clone());
+            let attributes =
+                changed_from_defaults(&want_lb.attributes, lb_attribute_defaults(), &lb.attributes);
+            if !attributes.is_empty() {
+                out.push(Action::ModifyLoadBalancerAttributes {
+                    load_balancer: lb_ref.clone(),
+                    attributes,
+                });
+            }
+            tag_actions(&lb_ref, &want_lb.tags, &lb.tags, &mut out);
+            lb_ref
+        }
+        None => {
+            out.push(Action::CreateLoadBalancer {
+                load_balancer: want_lb.clone(),
+                subnets: resolved_subnets(want_lb, o),
+            });
+            let lb_ref = Ref::New(want_lb.name.clone());
+            let attributes = changed(&want_lb.attributes, &lb_attribute_defaults());
+            if !attributes.is_empty() {
+                out.push(Action::ModifyLoadBalancerAttributes {
+                    load_balancer: lb_ref.clone(),
+                    attributes,
+                });
+            }
+            lb_ref
+        }
+    };
+
+    // 4b. Target groups and their targets.
+    let mut tg_refs: BTreeMap<&str, Ref> = BTreeMap::new();
+    for tg in &d.target_groups {
+        let tg_ref = match current_tg(tg) {
+            Some(have) => {
+                let tg_ref = Ref::Arn(have.arn.clone());
+                if have.health_check != tg.health_check {
+                    out.push(Action::ModifyTargetGroupHealthCheck {
+                        target_group: tg_ref.clone(),
+                        health_check: tg.health_check.clone(),
+                    });
+                }
+                let attributes = changed_from_defaults(
+                    &tg.attributes,
+                    tg_attribute_defaults(tg.target_type, tg.protocol),
+                    &have.attributes,
+                );
+                if !attributes.is_empty() {
+                    out.push(Action::ModifyTargetGroupAttributes {
+                        target_group: tg_ref.clone(),
+                        attributes,
+                    });
+                }
+                tag_actions(&tg_ref, &tg.tags, &have.tags, &mut out);
+                register_missing(&tg_ref, tg, &have.targets, &mut out);
+                tg_ref
+            }
+            None => {
+                out.push(Action::CreateTargetGroup {
+                    target_group: TargetGroup {
+                        targets: Vec::new(),
+                        ..tg.clone()
+                    },
+                });
+                let tg_ref = Ref::New(tg.name.clone());
+                let attributes = changed(
+                    &tg.attributes,
+                    &tg_attribute_defaults(tg.target_type, tg.protocol),
+                );
+                if !attributes.is_empty() {
+                    out.push(Action::ModifyTargetGroupAttributes {
+                        target_group: tg_ref.clone(),
+                        attributes,
+                    });
+                }
+                register_missing(&tg_ref, tg, &[], &mut out);
+                tg_ref
+            }
+        };
+        tg_refs.insert(tg.name.as_str(), tg_ref);
+    }
+
+    // 4c. Listeners: drop ports no longer served, then create or fix the rest.
+    let current_listeners: Vec<&ObservedListener> = match current_lb {
+        Some(lb) => o
+            .listeners
+            .iter()
+            .filter(|l| l.load_balancer_arn == lb.arn)
+            .collect(),
+        None => Vec::new(),
+    };
+    for have in &current_listeners {
+        if !d.listeners.iter().any(|l| l.port == have.port) {
+            out.push(Action::DeleteListener {
+                arn: have.arn.clone(),
+                port: have.port,
+            });
+        }
+    }
+    for want in &d.listeners {
+        let tg_ref = tg_refs
+            .get(want.target_group.as_str())
+            .cloned()
+            .unwrap_or_else(|| Ref::New(want.target_group.clone()));
+        match current_listeners.iter().find(|l| l.port == want.port) {
+            None => out.push(Action::CreateListener {
+                load_balancer: lb_ref.clone(),
+                listener: want.clone(),
+                target_group: tg_ref,
+            }),
+            Some(have) => {
+                let forwards_right =
+                    matches!(&tg_ref, Ref::Arn(arn) if *arn == have.target_group_arn);
+                let same = forwards_right
+                    && have.protocol == want.protocol
+                    && have.certificates == want.certificates
+                    && have.ssl_policy == want.ssl_policy
+                    && have.alpn_policy == want.alpn_policy;
+                if !same {
+                    out.push(Action::ModifyListener {
+                        arn: have.arn.clone(),
+                        listener: want.clone(),
+                        target_group: tg_ref,
+                    });
+                }
+            }
+        }
+    }
+
+    // 5. Whatever is not desired, in deletion order.
+    for lb in &stale_lbs {
+        delete_load_balancer(lb, o, &mut out);
+    }
+    for tg in &o.target_groups {
+        if !d.target_groups.iter().any(|t| t.name == tg.name) {
+            out.push(delete_target_group(tg));
+        }
+    }
+    let extra_backend: Vec<ObservedSgRule> = o
+        .backend_rules
+        .iter()
+        .filter(|h| !d.backend_rules.iter().any(|r| r.same_traffic(&h.rule)))
+        .cloned()
+        .collect();
+    if !extra_backend.is_empty() {
+        out.push(Action::RevokeIngress {
+            group: SgRef::Nodes,
+            rules: extra_backend,
+        });
+    }
+    for sg in &o.security_groups {
+        if Some(sg.id.as_str()) != current_sg.map(|c| c.id.as_str()) {
+            out.push(Action::DeleteSecurityGroup {
+                id: sg.id.clone(),
+                name: sg.name.clone(),
+            });
+        }
+    }
+    out
+}
+
+fn register_missing(tg_ref: &Ref, tg: &TargetGroup, have: &[Target], out: &mut Vec<Action>) {
+    let missing: Vec<Target> = tg
+        .targets
+        .iter()
+        .filter(|t| !have.contains(t))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        out.push(Action::RegisterTargets {
+            target_group: tg_ref.clone(),
+            targets: missing,
+        });
+    }
+}
+
+fn frontend_sg_actions(
+    want: &SecurityGroup,
+    have: Option<&crate::model::ObservedSecurityGroup>,
+    out: &mut Vec<Action>,
+) {
+    match have {
+        None => {
+            out.push(Action::CreateSecurityGroup {
+                name: want.name.clone(),
+                description: want.description.clone(),
+                tags: want.tags.clone(),
+            });
+            if !want.ingress.is_empty() {
+                out.push(Action::AuthorizeIngress {
+                    group: SgRef::New(want.name.clone()),
+                    rules: want.ingress.clone(),
+                });
+            }
+        }
+        Some(have) => {
+            let missing: Vec<SgRule> = want
+                .ingress
+                .iter()
+                .filter(|r| !have.ingress.iter().any(|h| h.rule.same_traffic(r)))
+                .cloned()
+                .collect();
+            if !missing.is_empty() {
+                out.push(Action::AuthorizeIngress {
+                    group: SgRef::Id(have.id.clone()),
+                    rules: missing,
+                });
+            }
+            let extra: Vec<ObservedSgRule> = have
+                .ingress
+                .iter()
+                .filter(|h| !want.ingress.iter().any(|r| r.same_traffic(&h.rule)))
+                .cloned()
+                .collect();
+            if !extra.is_empty() {
+                out.push(Action::RevokeIngress {
+                    group: SgRef::Id(have.id.clone()),
+                    rules: extra,
+                });
+            }
+        }
+    }
+}
+
+fn delete_load_balancer(lb: &ObservedLoadBalancer, o: &Observed, out: &mut Vec<Action>) {
+    for l in o.listeners.iter().filter(|l| l.load_balancer_arn == lb.arn) {
+        out.push(Action::DeleteListener {
+            arn: l.arn.clone(),
+            port: l.port,
+        });
+    }
+    out.push(Action::DeleteLoadBalancer {
+        arn: lb.arn.clone(),
+        name: lb.name.clone(),
+    });
+}
+
+fn delete_target_group(tg: &ObservedTargetGroup) -> Action {
+    Action::DeleteTargetGroup {
+        arn: tg.arn.clone(),
+        name: tg.name.clone(),
+    }
+}
+
+/// Deletion state machine: listeners → LBs → TGs → SG rules → SGs. Each step
+/// is derived from what still exists, so a rerun resumes where it stopped.
+fn delete_all(o: &Observed) -> Vec<Action> {
+    let mut out = Vec::new();
+    for l in &o.listeners {
+        out.push(Action::DeleteListener {
+            arn: l.arn.clone(),
+            port: l.port,
+        });
+    }
+    for lb in &o.load_balancers {
+        out.push(Action::DeleteLoadBalancer {
+            arn: lb.arn.clone(),
+            name: lb.name.clone(),
+        });
+    }
+    for tg in &o.target_groups {
+        out.push(delete_target_group(tg));
+    }
+    if !o.backend_rules.is_empty() {
+        out.push(Action::RevokeIngress {
+            group: SgRef::Nodes,
+            rules: o.backend_rules.clone(),
+        });
+    }
+    for sg in &o.security_groups {
+        out.push(Action::DeleteSecurityGroup {
+            id: sg.id.clone(),
+            name: sg.name.clone(),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,711 @@
+//! The reconciler: kube-runtime Controller wiring over Services (Nodes
+//! watched), the finalizer protocol, status, events and the per-Service cache
+//! that makes a steady state cost no AWS call (SPEC 1.2, 1.4).
+//!
+//! One reconcile of a live, owned Service:
+//! 1. `desired` from the Service and the node cache; a parse error is a
+//!    Warning event and nothing else (no AWS call, the LB stays as it is);
+//! 2. unchanged since the last successful apply and audited recently → done;
+//! 3. only targets changed → the target actions are planned against the
+//!    cached observation and executed (one call per target group);
+//! 4. otherwise: finalizer, observe, plan, execute, observe again, status.
+//!
+//! A deleted or no-longer-owned Service with our finalizer runs the deletion
+//! plan until nothing tagged with its UID remains, then drops the finalizer.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{LoadBalancerIngress, Node, PortStatus, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action as Requeue;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use crate::aws::{Aws, AwsError};
+use crate::desired::{ClusterConfig, DesiredError, desired, ownership};
+use crate::metrics::Metrics;
+use crate::model::{Desired, Observed, Protocol};
+use crate::plan::{Action, lacks_subnets, plan};
+
+/// Added before the first AWS write; removed when nothing tagged with the UID remains.
+pub const FINALIZER: &str = "causeway.dev/load-balancer-cleanup";
+/// The Service condition reporting provisioning state.
+pub const READY_CONDITION: &str = "causeway.dev/LoadBalancerReady";
+
+/// Event reasons (as in the Kubernetes service controller, SPEC 1.2).
+pub mod reasons {
+    pub const ENSURING: &str = "EnsuringLoadBalancer";
+    pub const ENSURED: &str = "EnsuredLoadBalancer";
+    pub const SYNC_FAILED: &str = "SyncLoadBalancerFailed";
+    pub const UPDATED: &str = "UpdatedLoadBalancer";
+    pub const DELETING: &str = "DeletingLoadBalancer";
+    pub const DELETED: &str = "DeletedLoadBalancer";
+    pub const DELETE_FAILED: &str = "DeleteLoadBalancerFailed";
+    pub const UNAVAILABLE: &str = "UnAvailableLoadBalancer";
+    pub const INVALID_ANNOTATION: &str = "InvalidAnnotation";
+    pub const DRIFT_CORRECTED: &str = "DriftCorrected";
+}
+
+/// Why a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Aws(#[from] AwsError),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// Deletion ran but AWS still lists resources tagged with the Service UID.
+    #[error("{0} resource(s) tagged with the Service UID remain after deletion; retrying")]
+    Remaining(usize),
+}
+
+impl Error {
+    /// Bounded label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Error::Aws(e) => e.label(),
+            Error::Kube(_) => "kube_api",
+            Error::Remaining(_) => "cleanup_incomplete",
+        }
+    }
+}
+
+/// Controller settings beyond the desired-state config.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub cluster: ClusterConfig,
+    /// How long a cached observation is trusted before it is read back (drift audit).
+    pub drift_audit_period: Duration,
+}
+
+/// What the last successful reconcile of one Service applied and saw.
+struct Applied {
+    desired: Desired,
+    observed: Observed,
+    audited_at: Instant,
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: kube::Client,
+    pub aws: Aws,
+    pub settings: Settings,
+    pub nodes: Store<Node>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    applied: Mutex<HashMap<String, Applied>>,
+    failures: Mutex<HashMap<String, Failure>>,
+}
+
+/// A Service in retry backoff.
+struct Failure {
+    count: u32,
+    retry_at: Instant,
+    /// What the failed reconcile saw; a different Service is retried at once.
+    fingerprint: u64,
+}
+
+/// What a user changes on a Service (not its status, which we write).
+fn fingerprint(svc: &Service) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(&svc.spec)
+        .unwrap_or_default()
+        .hash(&mut h);
+    svc.metadata.annotations.hash(&mut h);
+    svc.metadata.finalizers.hash(&mut h);
+    svc.metadata.deletion_timestamp.is_some().hash(&mut h);
+    h.finish()
+}
+
+impl Context {
+    pub fn new(
+        client: kube::Client,
+        aws: Aws,
+        settings: Settings,
+        nodes: Store<Node>,
+        metrics: Arc<Metrics>,
+    ) -> Context {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "causeway-controller".into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        );
+        Context {
+            client,
+            aws,
+            settings,
+            nodes,
+            recorder,
+            metrics,
+            applied: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn event(&self, svc: &Service, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(truncate(note, 1000)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &svc.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "cannot publish event");
+        }
+    }
+
+    fn forget(&self, uid: &str) {
+        self.applied.lock().expect("cache lock").remove(uid);
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+/// Per-Service retry delay: 5 s doubling to 5 min.
+pub fn retry_delay(failures: u32) -> Duration {
+    let secs = 5u64.saturating_mul(1 << failures.min(6));
+    Duration::from_secs(secs.min(300))
+}
+
+/// Spreads drift audits of many Services over the period.
+fn audit_requeue(period: Duration, uid: &str) -> Duration {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    uid.hash(&mut h);
+    let spread = period.as_millis() as u64 / 10;
+    period + Duration::from_millis(h.finish() % spread.max(1))
+}
+
+/// Same resources, possibly different targets: a node change.
+fn same_except_targets(a: &Desired, b: &Desired) -> bool {
+    let strip = |d: &Desired| {
+        let mut d = d.clone();
+        for tg in &mut d.target_groups {
+            tg.targets.clear();
+        }
+        d.skipped_nodes.clear();
+        d
+    };
+    strip(a) == strip(b)
+}
+
+/// Entry point for the kube-runtime Controller.
+pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let uid = svc.uid().unwrap_or_default();
+    // Our own status writes trigger reconciles too; they must not cut a
+    // backoff short (only a change to the Service itself does).
+    if let Some(f) = ctx.failures.lock().expect("failures lock").get(&uid)
+        && f.fingerprint == fingerprint(&svc)
+        && let Some(wait) = f.retry_at.checked_duration_since(Instant::now())
+    {
+        return Ok(Requeue::requeue(wait));
+    }
+    let mut timer = ctx.metrics.reconcile_timer();
+    let result = reconcile_inner(&svc, &ctx).await;
+    match &result {
+        Ok(_) => {
+            ctx.failures.lock().expect("failures lock").remove(&uid);
+        }
+        Err(e) => {
+            timer.failed(e.label());
+            ctx.forget(&uid);
+        }
+    }
+    result
+}
+
+/// Entry point for the Controller's error policy: event, condition, backoff.
+pub fn error_policy(svc: Arc<Service>, error: &Error, ctx: Arc<Context>) -> Requeue {
+    let uid = svc.uid().unwrap_or_default();
+    let failures = {
+        let mut f = ctx.failures.lock().expect("failures lock");
+        let count = f.get(&uid).map_or(0, |f| f.count) + 1;
+        f.insert(
+            uid,
+            Failure {
+                count,
+                retry_at: Instant::now() + retry_delay(count - 1),
+                fingerprint: fingerprint(&svc),
+            },
+        );
+        count
+    };
+    let delay = retry_delay(failures - 1);
+    tracing::warn!(service = %svc.name_any(), namespace = svc.namespace().unwrap_or_default(), error = %error, label = error.label(), retry_in = ?delay, "reconcile failed");
+    let deleting = svc.metadata.deletion_timestamp.is_some()
+        || ownership(&svc, &ctx.settings.cluster).is_err();
+    let ctx2 = ctx.clone();
+    let message = format!("{error} (retry in {}s)", delay.as_secs());
+    tokio::spawn(async move {
+        let reason = if deleting {
+            reasons::DELETE_FAILED
+        } else {
+            reasons::SYNC_FAILED
+        };
+        ctx2.event(&svc, EventType::Warning, reason, message.clone())
+            .await;
+        if !deleting && let Err(e) = set_condition(&ctx2, &svc, false, "Error", &message).await {
+            tracing::warn!(error = %e, "cannot set condition");
+        }
+    });
+    Requeue::requeue(delay)
+}
+
+async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Requeue, Error> {
+    let uid = svc.uid().unwrap_or_default();
+    let has_finalizer = svc.finalizers().iter().any(|f| f == FINALIZER);
+    let owned = ownership(svc, &ctx.settings.cluster).is_ok();
+    if svc.metadata.deletion_timestamp.is_some() || !owned {
+        if has_finalizer {
+            cleanup(svc, ctx, &uid).await?;
+        }
+        return Ok(Requeue::await_change());
+    }
+
+    let nodes = ctx.nodes.state();
+    let nodes: Vec<Node> = nodes.iter().map(|n| (**n).clone()).collect();
+    let desired = match desired(svc, &nodes, &[], &ctx.settings.cluster) {
+        Ok(d) => d,
+        Err(e @ (DesiredError::InvalidAnnotations(_) | DesiredError::InvalidService { .. })) => {
+            // Nothing is written: the existing LB (if any) stays as it is
+            // until the Service is fixed, which triggers the next reconcile.
+            let reason = match e {
+                DesiredError::InvalidAnnotations(_) => reasons::INVALID_ANNOTATION,
+                _ => reasons::SYNC_FAILED,
+            };
+            ctx.event(svc, EventType::Warning, reason, e.to_string())
+                .await;
+            set_condition(ctx, svc, false, "InvalidSpec", &e.to_string()).await?;
+            ctx.forget(&uid);
+            return Ok(Requeue::await_change());
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "not reconciling");
+            return Ok(Requeue::await_change());
+        }
+    };
+    let audit = audit_requeue(ctx.settings.drift_audit_period, &uid);
+
+    // Steady state and node changes: work from the cache.
+    let cached = {
+        let cache = ctx.applied.lock().expect("cache lock");
+        cache.get(&uid).and_then(|a| {
+            (a.audited_at.elapsed() < ctx.settings.drift_audit_period)
+                .then(|| (a.desired.clone(), a.observed.clone()))
+        })
+    };
+    let drift_audit =
+        ctx.applied.lock().expect("cache lock").contains_key(&uid) && cached.is_none();
+    if let Some((cached_desired, cached_observed)) = &cached {
+        if *cached_desired == desired {
+            return Ok(Requeue::requeue(audit));
+        }
+        if same_except_targets(cached_desired, &desired) {
+            let actions = plan(Some(&desired), cached_observed);
+            if actions.iter().all(Action::is_target_change) {
+                report_nodes(svc, ctx, &desired).await;
+                ctx.aws.execute(&actions, cached_observed).await?;
+                let mut observed = cached_observed.clone();
+                for tg in &mut observed.target_groups {
+                    if let Some(want) = desired.target_groups.iter().find(|t| t.name == tg.name) {
+                        tg.targets = want.targets.clone();
+                    }
+                }
+                tracing::info!(service = %desired.service, actions = actions.len(), "targets updated");
+                remember(ctx, &uid, desired, observed, cached_at(ctx, &uid));
+                return Ok(Requeue::requeue(audit));
+            }
+        }
+    }
+
+    report_nodes(svc, ctx, &desired).await;
+    let calls_before = ctx.aws.calls().total();
+    let mut observed = ctx.aws.observe(&uid, Some(&desired)).await?;
+    if lacks_subnets(&desired, &observed) {
+        let message = format!(
+            "no subnet found for a {} load balancer: tag subnets kubernetes.io/role/{} and kubernetes.io/cluster/{} (owned or shared), or set service.beta.kubernetes.io/aws-load-balancer-subnets",
+            desired.load_balancer.scheme,
+            match desired.load_balancer.scheme {
+                crate::model::Scheme::InternetFacing => "elb",
+                crate::model::Scheme::Internal => "internal-elb",
+            },
+            ctx.settings.cluster.cluster_name
+        );
+        ctx.event(
+            svc,
+            EventType::Warning,
+            reasons::SYNC_FAILED,
+            message.clone(),
+        )
+        .await;
+        set_condition(ctx, svc, false, "NoSubnets", &message).await?;
+        return Ok(Requeue::requeue(Duration::from_secs(60)));
+    }
+    let actions = plan(Some(&desired), &observed);
+    if !actions.is_empty() {
+        let creating = observed.load_balancers.is_empty();
+        ensure_finalizer(svc, ctx).await?;
+        let summary = actions
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        if creating {
+            ctx.event(
+                svc,
+                EventType::Normal,
+                reasons::ENSURING,
+                "Ensuring load balancer".into(),
+            )
+            .await;
+        }
+        if let Err(e) = set_condition(ctx, svc, false, "Provisioning", &summary).await {
+            tracing::warn!(error = %e, "cannot set condition");
+        }
+        tracing::info!(service = %desired.service, actions = actions.len(), plan = %summary, "applying");
+        ctx.aws.execute(&actions, &observed).await?;
+        observed = ctx.aws.observe(&uid, Some(&desired)).await?;
+        let left = plan(Some(&desired), &observed);
+        if !left.is_empty() {
+            // AWS did not keep what we set: the next reconcile tries again.
+            tracing::warn!(service = %desired.service, left = ?left, "not converged after apply");
+        }
+        let (reason, note) = if drift_audit {
+            (
+                reasons::DRIFT_CORRECTED,
+                format!("Corrected drift: {summary}"),
+            )
+        } else if creating {
+            (reasons::ENSURED, "Ensured load balancer".to_string())
+        } else {
+            (
+                reasons::UPDATED,
+                format!("Updated load balancer: {summary}"),
+            )
+        };
+        ctx.event(svc, EventType::Normal, reason, note).await;
+    }
+    tracing::info!(
+        service = %desired.service,
+        actions = actions.len(),
+        aws_calls = ctx.aws.calls().total() - calls_before,
+        "reconciled"
+    );
+    let dns = observed
+        .load_balancers
+        .iter()
+        .find(|lb| lb.name == desired.load_balancer.name)
+        .map(|lb| lb.dns_name.clone());
+    if let Some(dns) = &dns {
+        set_ingress(svc, ctx, dns).await?;
+        set_condition(
+            ctx,
+            svc,
+            true,
+            "Ready",
+            &format!("Load balancer {dns} is ready"),
+        )
+        .await?;
+    }
+    remember(ctx, &uid, desired, observed, Instant::now());
+    Ok(Requeue::requeue(audit))
+}
+
+fn cached_at(ctx: &Context, uid: &str) -> Instant {
+    ctx.applied
+        .lock()
+        .expect("cache lock")
+        .get(uid)
+        .map_or_else(Instant::now, |a| a.audited_at)
+}
+
+fn remember(ctx: &Context, uid: &str, desired: Desired, observed: Observed, audited_at: Instant) {
+    ctx.applied.lock().expect("cache lock").insert(
+        uid.to_string(),
+        Applied {
+            desired,
+            observed,
+            audited_at,
+        },
+    );
+}
+
+/// Node-related warnings: unusable nodes and an LB with no target at all.
+async fn report_nodes(svc: &Service, ctx: &Context, desired: &Desired) {
+    if !desired.skipped_nodes.is_empty() {
+        let names = desired
+            .skipped_nodes
+            .iter()
+            .map(|n| format!("{} ({})", n.node, n.reason))
+            .collect::<Vec<_>>()
+            .join(", ");
+        ctx.event(
+            svc,
+            EventType::Warning,
+            reasons::SYNC_FAILED,
+            format!("Nodes skipped as targets: {names}"),
+        )
+        .await;
+    }
+    if desired.has_no_targets() {
+        ctx.event(
+            svc,
+            EventType::Warning,
+            reasons::UNAVAILABLE,
+            "There are no available nodes for the load balancer".into(),
+        )
+        .await;
+    }
+}
+
+/// Deletes everything tagged with the Service UID, then drops the finalizer.
+async fn cleanup(svc: &Service, ctx: &Context, uid: &str) -> Result<(), Error> {
+    let observed = ctx.aws.observe(uid, None).await?;
+    let actions = plan(None, &observed);
+    if !actions.is_empty() {
+        ctx.event(
+            svc,
+            EventType::Normal,
+            reasons::DELETING,
+            "Deleting load balancer".into(),
+        )
+        .await;
+        ctx.aws.execute(&actions, &observed).await?;
+        let left = plan(None, &ctx.aws.observe(uid, None).await?);
+        if !left.is_empty() {
+            return Err(Error::Remaining(left.len()));
+        }
+    }
+    ctx.forget(uid);
+    let api: Api<Service> =
+        Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
+    let name = svc.name_any();
+    if svc.metadata.deletion_timestamp.is_none() {
+        // No longer ours but still alive: its status no longer describes an LB.
+        api.patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": null}}})),
+        )
+        .await?;
+    }
+    let remaining: Vec<String> = svc
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    api.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {
+            "resourceVersion": svc.resource_version(),
+            "finalizers": remaining,
+        }})),
+    )
+    .await?;
+    ctx.event(
+        svc,
+        EventType::Normal,
+        reasons::DELETED,
+        "Deleted load balancer".into(),
+    )
+    .await;
+    Ok(())
+}
+
+/// Adds the finalizer (optimistically, by resourceVersion) before any AWS write.
+async fn ensure_finalizer(svc: &Service, ctx: &Context) -> Result<(), Error> {
+    if svc.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(());
+    }
+    let mut finalizers = svc.finalizers().to_vec();
+    finalizers.push(FINALIZER.to_string());
+    let api: Api<Service> =
+        Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
+    api.patch(
+        &svc.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {
+            "resourceVersion": svc.resource_version(),
+            "finalizers": finalizers,
+        }})),
+    )
+    .await?;
+    Ok(())
+}
+
+/// `status.loadBalancer.ingress`: the NLB hostname and the Service's ports.
+pub fn ingress(svc: &Service, hostname: &str) -> Vec<LoadBalancerIngress> {
+    let ports = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .map(|ports| {
+            ports
+                .iter()
+                .map(|p| PortStatus {
+                    port: p.port,
+                    protocol: p
+                        .protocol
+                        .clone()
+                        .unwrap_or_else(|| Protocol::Tcp.as_str().into()),
+                    error: None,
+                })
+                .collect()
+        });
+    vec![LoadBalancerIngress {
+        hostname: Some(hostname.to_string()),
+        ports,
+        ..Default::default()
+    }]
+}
+
+async fn set_ingress(svc: &Service, ctx: &Context, hostname: &str) -> Result<(), Error> {
+    let want = ingress(svc, hostname);
+    let have = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.clone())
+        .unwrap_or_default();
+    if have == want {
+        return Ok(());
+    }
+    let api: Api<Service> =
+        Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
+    api.patch_status(
+        &svc.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": want}}})),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Sets our condition when its status, reason or message changed.
+async fn set_condition(
+    ctx: &Context,
+    svc: &Service,
+    ready: bool,
+    reason: &str,
+    message: &str,
+) -> Result<(), Error> {
+    let status = if ready { "True" } else { "False" };
+    let message = truncate(message.to_string(), 32 * 1024);
+    let mut conditions = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let current = conditions.iter().find(|c| c.type_ == READY_CONDITION);
+    if current.is_some_and(|c| c.status == status && c.reason == reason && c.message == message) {
+        return Ok(());
+    }
+    let last_transition_time = match current {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        _ => Time(k8s_openapi::jiff::Timestamp::now()),
+    };
+    conditions.retain(|c| c.type_ != READY_CONDITION);
+    conditions.push(Condition {
+        type_: READY_CONDITION.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        last_transition_time,
+        observed_generation: svc.metadata.generation,
+    });
+    let api: Api<Service> =
+        Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
+    api.patch_status(
+        &svc.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"conditions": conditions}})),
+    )
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{NodeBuilder, ServiceBuilder, cluster_config};
+
+    #[test]
+    fn retry_grows_from_five_seconds_to_five_minutes() {
+        let delays: Vec<u64> = (0..9).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+    }
+
+    #[test]
+    fn our_status_writes_do_not_change_the_backoff_fingerprint() {
+        let svc = ServiceBuilder::new().build();
+        let mut with_status = svc.clone();
+        with_status.status = Some(Default::default());
+        assert_eq!(fingerprint(&svc), fingerprint(&with_status));
+        let edited = ServiceBuilder::new()
+            .annotation(
+                "service.beta.kubernetes.io/aws-load-balancer-scheme",
+                "internal",
+            )
+            .build();
+        assert_ne!(fingerprint(&svc), fingerprint(&edited));
+    }
+
+    #[test]
+    fn a_node_change_is_recognised_as_targets_only() {
+        let svc = ServiceBuilder::new().build();
+        let cfg = cluster_config();
+        let two = desired(
+            &svc,
+            &[
+                NodeBuilder::new("a", "i-0a").build(),
+                NodeBuilder::new("b", "i-0b").build(),
+            ],
+            &[],
+            &cfg,
+        )
+        .unwrap();
+        let one = desired(&svc, &[NodeBuilder::new("a", "i-0a").build()], &[], &cfg).unwrap();
+        assert!(same_except_targets(&two, &one));
+        let local = desired(
+            &ServiceBuilder::new().etp_local(32000).build(),
+            &[NodeBuilder::new("a", "i-0a").build()],
+            &[],
+            &cfg,
+        )
+        .unwrap();
+        assert!(!same_except_targets(&one, &local));
+    }
+
+    #[test]
+    fn ingress_lists_hostname_and_every_port() {
+        let svc = ServiceBuilder::new().port("dns", 53, "UDP", 30053).build();
+        let got = ingress(&svc, "lb.example");
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].hostname.as_deref(), Some("lb.example"));
+        let ports: Vec<(i32, String)> = got[0]
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.port, p.protocol.clone()))
+            .collect();
+        assert_eq!(ports, [(80, "TCP".to_string()), (53, "UDP".to_string())]);
+    }
+}

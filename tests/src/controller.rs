@@ -1,0 +1,286 @@
+//! Helpers for the controller's integration tests: run `causeway-controller`
+//! against an environment, read its `/metrics`, and read moto's state the way
+//! a user would check their account (boto3 from the moto venv), by tags.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::Cluster;
+use crate::cluster::REGION;
+
+/// A running `causeway-controller run`, killed when dropped.
+pub struct ControllerProcess {
+    child: Child,
+    metrics_port: u16,
+    log: std::path::PathBuf,
+}
+
+impl ControllerProcess {
+    /// Starts the controller in the root namespace (where moto and the
+    /// apiserver are reachable), with the environment's AWS and kube settings.
+    pub fn start(cluster: &Cluster, extra_args: &[&str]) -> Result<ControllerProcess> {
+        let metrics_port = free_port()?;
+        let addr = format!("127.0.0.1:{metrics_port}");
+        let log = cluster.dir().join(format!("controller-{metrics_port}.log"));
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(crate::paths::workspace_bin("causeway-controller"))
+            .args([
+                "run",
+                "--cluster-name",
+                cluster.cluster_name(),
+                "--kubeconfig",
+                &cluster.kubeconfig().display().to_string(),
+                "--metrics-addr",
+                &addr,
+                "--health-addr",
+                &addr,
+            ])
+            .args(extra_args)
+            .envs(cluster.env_vars())
+            .env("RUST_LOG", "info,causeway_controller=debug")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .context("cannot start causeway-controller")?;
+        Ok(ControllerProcess {
+            child,
+            metrics_port,
+            log,
+        })
+    }
+
+    /// The controller's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `/metrics`, parsed into `name{labels}` → value.
+    pub fn metrics(&self) -> Result<BTreeMap<String, f64>> {
+        let body = http_get(self.metrics_port, "/metrics")?;
+        Ok(body
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                Some((name.to_string(), value.parse().ok()?))
+            })
+            .collect())
+    }
+
+    /// AWS calls so far by operation (all outcomes).
+    pub fn aws_calls(&self) -> Result<BTreeMap<String, u64>> {
+        let mut out = BTreeMap::new();
+        for (name, value) in self.metrics()? {
+            if let Some(labels) = name.strip_prefix("causeway_aws_calls_total{")
+                && let Some(op) = labels
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix("operation=\""))
+                    .and_then(|v| v.split('"').next())
+            {
+                *out.entry(op.to_string()).or_insert(0) += value as u64;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reconciles finished so far (any outcome).
+    pub fn reconciles(&self) -> Result<u64> {
+        Ok(self
+            .metrics()?
+            .iter()
+            .filter(|(k, _)| k.starts_with("causeway_reconciles_total"))
+            .map(|(_, v)| *v as u64)
+            .sum())
+    }
+
+    /// Whether this replica holds the leader lease (`causeway_leader`).
+    pub fn is_leader(&self) -> Result<bool> {
+        Ok(self.metrics()?.get("causeway_leader") == Some(&1.0))
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if http_get(self.metrics_port, "/readyz").is_ok_and(|b| b.trim() == "ok") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "controller not ready after {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `causeway-controller plan ARGS…` against the environment; its stdout.
+pub fn plan(cluster: &Cluster, args: &[&str]) -> Result<String> {
+    let out = Command::new(crate::paths::workspace_bin("causeway-controller"))
+        .args([
+            "plan",
+            "--cluster-name",
+            cluster.cluster_name(),
+            "--kubeconfig",
+            &cluster.kubeconfig().display().to_string(),
+        ])
+        .args(args)
+        .envs(cluster.env_vars())
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run causeway-controller plan")?;
+    if !out.status.success() {
+        bail!(
+            "causeway-controller plan failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Deletes, behind the controller's back, every load balancer tagged with `uid`.
+pub fn delete_load_balancers_of(cluster: &Cluster, uid: &str) -> Result<()> {
+    let script = format!(
+        r#"
+import boto3
+elb = boto3.client('elbv2', endpoint_url='{endpoint}', region_name='{REGION}', aws_access_key_id='testing', aws_secret_access_key='testing')
+for lb in elb.describe_load_balancers()['LoadBalancers']:
+    tags = elb.describe_tags(ResourceArns=[lb['LoadBalancerArn']])['TagDescriptions'][0]['Tags']
+    if any(t['Key'] == 'causeway.dev/service-uid' and t['Value'] == '{uid}' for t in tags):
+        elb.delete_load_balancer(LoadBalancerArn=lb['LoadBalancerArn'])
+"#,
+        endpoint = cluster.aws_endpoint(),
+    );
+    run_python(&crate::cluster::moto_venv()?.join("bin/python"), &script)?;
+    Ok(())
+}
+
+/// Calls made between two [`ControllerProcess::aws_calls`] readings.
+pub fn calls_between(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(op, n)| (op.clone(), n - before.get(op).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A minimal HTTP/1.0 GET; returns the body of a 200 answer.
+fn http_get(port: u16, path: &str) -> Result<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP answer")?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_string())
+}
+
+/// Everything in moto tagged with `causeway.dev/service-uid=<uid>`: load
+/// balancers (with tags, attributes and listeners), target groups (with tags,
+/// health check and registered targets), security groups, and the rules on
+/// any security group whose description names the UID.
+pub fn aws_resources_of(cluster: &Cluster, uid: &str) -> Result<Value> {
+    let script = format!(
+        r#"
+import boto3, json
+kw = dict(endpoint_url='{endpoint}', region_name='{REGION}', aws_access_key_id='testing', aws_secret_access_key='testing')
+elb = boto3.client('elbv2', **kw)
+ec2 = boto3.client('ec2', **kw)
+uid = '{uid}'
+def tags_of(arns):
+    out = {{}}
+    for i in range(0, len(arns), 20):
+        for d in elb.describe_tags(ResourceArns=arns[i:i+20])['TagDescriptions']:
+            out[d['ResourceArn']] = {{t['Key']: t['Value'] for t in d['Tags']}}
+    return out
+lbs = [lb for page in elb.get_paginator('describe_load_balancers').paginate() for lb in page['LoadBalancers']]
+tgs = [tg for page in elb.get_paginator('describe_target_groups').paginate() for tg in page['TargetGroups']]
+lb_tags = tags_of([lb['LoadBalancerArn'] for lb in lbs])
+tg_tags = tags_of([tg['TargetGroupArn'] for tg in tgs])
+out = {{'load_balancers': [], 'target_groups': [], 'security_groups': [], 'rules_naming_uid': []}}
+for lb in lbs:
+    t = lb_tags.get(lb['LoadBalancerArn'], {{}})
+    if t.get('causeway.dev/service-uid') != uid:
+        continue
+    listeners = elb.describe_listeners(LoadBalancerArn=lb['LoadBalancerArn'])['Listeners']
+    out['load_balancers'].append({{
+        'name': lb['LoadBalancerName'], 'arn': lb['LoadBalancerArn'], 'dns': lb['DNSName'],
+        'type': lb['Type'], 'scheme': lb['Scheme'], 'tags': t,
+        'subnets': sorted(az['SubnetId'] for az in lb['AvailabilityZones']),
+        'security_groups': lb.get('SecurityGroups', []),
+        'listeners': [{{'port': l['Port'], 'protocol': l['Protocol'],
+                        'target_group': l['DefaultActions'][0].get('TargetGroupArn')}} for l in listeners],
+    }})
+for tg in tgs:
+    t = tg_tags.get(tg['TargetGroupArn'], {{}})
+    if t.get('causeway.dev/service-uid') != uid:
+        continue
+    health = elb.describe_target_health(TargetGroupArn=tg['TargetGroupArn'])['TargetHealthDescriptions']
+    out['target_groups'].append({{
+        'name': tg['TargetGroupName'], 'arn': tg['TargetGroupArn'], 'port': tg['Port'],
+        'protocol': tg['Protocol'], 'target_type': tg.get('TargetType'), 'tags': t,
+        'health_check': {{'protocol': tg.get('HealthCheckProtocol'), 'port': tg.get('HealthCheckPort'),
+            'path': tg.get('HealthCheckPath'), 'interval': tg.get('HealthCheckIntervalSeconds'),
+            'timeout': tg.get('HealthCheckTimeoutSeconds'), 'healthy': tg.get('HealthyThresholdCount'),
+            'unhealthy': tg.get('UnhealthyThresholdCount')}},
+        'targets': sorted([h['Target']['Id'], h['Target']['Port']] for h in health
+                          if h.get('TargetHealth', {{}}).get('State') != 'draining'),
+    }})
+for sg in ec2.describe_security_groups()['SecurityGroups']:
+    t = {{x['Key']: x['Value'] for x in sg.get('Tags', [])}}
+    if t.get('causeway.dev/service-uid') == uid:
+        out['security_groups'].append({{'id': sg['GroupId'], 'name': sg['GroupName'], 'tags': t}})
+    for p in sg.get('IpPermissions', []):
+        for source in p.get('IpRanges', []) + p.get('UserIdGroupPairs', []):
+            if uid in source.get('Description', ''):
+                out['rules_naming_uid'].append({{'group': sg['GroupId'], 'port': p.get('FromPort'),
+                                                 'description': source.get('Description')}})
+print(json.dumps(out))
+"#,
+        endpoint = cluster.aws_endpoint(),
+    );
+    let python = crate::cluster::moto_venv()?.join("bin/python");
+    let out = run_python(&python, &script)?;
+    Ok(serde_json::from_str(out.trim())?)
+}
+
+fn run_python(python: &Path, script: &str) -> Result<String> {
+    let out = Command::new(python)
+        .args(["-c", script])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {}", python.display()))?;
+    if !out.status.success() {
+        bail!("python failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -1,0 +1,555 @@
+//! causeway-controller against a real kube-apiserver and moto: a LoadBalancer
+//! Service becomes an NLB with the right listener, target group, targets,
+//! health check and tags; a no-op resync costs no AWS call; excluding a node
+//! only deregisters it; deleting the Service leaves nothing tagged with its UID;
+//! an invalid annotation is reported and writes nothing.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use causeway_tests::controller::{
+    ControllerProcess, aws_resources_of, calls_between, delete_load_balancers_of, plan,
+};
+use causeway_tests::{Cluster, ClusterOptions};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+const CLASS: &str = "causeway.dev/nlb";
+const FINALIZER: &str = "causeway.dev/load-balancer-cleanup";
+const EXCLUDE: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+
+/// Polls `check` until it returns Some or `timeout` passes.
+async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The seed article's `service-python` LoadBalancer Service, with our class.
+fn service_python(annotations: Value) -> Result<Service> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "service-python", "annotations": annotations},
+        "spec": {
+            "type": "LoadBalancer",
+            "loadBalancerClass": CLASS,
+            "selector": {"run": "pod-python"},
+            "ports": [{"port": 3000, "protocol": "TCP", "targetPort": 443, "nodePort": 30080}]
+        }
+    }))?)
+}
+
+async fn events_of(client: &kube::Client, uid: &str) -> Result<Vec<(String, String, String)>> {
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    Ok(events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(uid))
+        .map(|e| {
+            (
+                e.type_.unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+            )
+        })
+        .collect())
+}
+
+fn targets(tg: &Value) -> Vec<(String, u64)> {
+    tg["targets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            (
+                t[0].as_str().unwrap_or_default().to_string(),
+                t[1].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_python_gets_an_nlb_follows_nodes_and_is_cleaned_up() -> Result<()> {
+    let cluster = Cluster::start(ClusterOptions::nodes(3)).await?;
+    let client = cluster.client();
+    let controller = ControllerProcess::start(&cluster, &[])?;
+    controller.wait_ready(Duration::from_secs(60))?;
+
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let created = services
+        .create(&PostParams::default(), &service_python(json!({}))?)
+        .await?;
+    let uid = created.metadata.uid.clone().unwrap_or_default();
+
+    // The Service gets the NLB's hostname and its port in its status.
+    let hostname = eventually(Duration::from_secs(60), "an ingress hostname", || {
+        let services = services.clone();
+        async move {
+            let svc = services.get("service-python").await?;
+            let ingress = svc
+                .status
+                .and_then(|s| s.load_balancer)
+                .and_then(|lb| lb.ingress)
+                .unwrap_or_default();
+            Ok(ingress.first().and_then(|i| {
+                let ports: Vec<(i32, String)> = i
+                    .ports
+                    .iter()
+                    .flatten()
+                    .map(|p| (p.port, p.protocol.clone()))
+                    .collect();
+                assert_eq!(ports, [(3000, "TCP".to_string())]);
+                i.hostname.clone()
+            }))
+        }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))?;
+
+    // moto holds exactly one NLB, one TCP listener on 3000, one target group
+    // whose targets are every node's instance on NodePort 30080.
+    let aws = aws_resources_of(&cluster, &uid)?;
+    let lbs = aws["load_balancers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(lbs.len(), 1, "{aws:#}");
+    let lb = &lbs[0];
+    assert_eq!(lb["dns"].as_str(), Some(hostname.as_str()));
+    assert_eq!(lb["type"], "network");
+    assert_eq!(lb["scheme"], "internet-facing");
+    let mut public: Vec<String> = cluster
+        .aws()
+        .subnets
+        .iter()
+        .filter(|s| s.role == "elb")
+        .map(|s| s.id.clone())
+        .collect();
+    public.sort();
+    assert_eq!(lb["subnets"], json!(public), "one public subnet per zone");
+    let tgs = aws["target_groups"].as_array().cloned().unwrap_or_default();
+    assert_eq!(tgs.len(), 1, "{aws:#}");
+    let tg = &tgs[0];
+    assert_eq!(
+        lb["listeners"],
+        json!([{"port": 3000, "protocol": "TCP", "target_group": tg["arn"]}])
+    );
+    assert_eq!(tg["protocol"], "TCP");
+    assert_eq!(tg["target_type"], "instance");
+    let mut every_node: Vec<(String, u64)> = cluster
+        .nodes()
+        .iter()
+        .map(|n| (n.instance_id.clone(), 30080))
+        .collect();
+    every_node.sort();
+    assert_eq!(targets(tg), every_node);
+    // externalTrafficPolicy Cluster: the agent's /healthz on 10256, 10 s, 3/3.
+    assert_eq!(
+        tg["health_check"],
+        json!({"protocol": "HTTP", "port": "10256", "path": "/healthz", "interval": 10,
+               "timeout": 6, "healthy": 3, "unhealthy": 3})
+    );
+    for (resource, tags) in [("lb", &lb["tags"]), ("tg-3000-tcp", &tg["tags"])] {
+        assert_eq!(
+            tags[format!("kubernetes.io/cluster/{}", cluster.cluster_name())],
+            "owned"
+        );
+        assert_eq!(tags["kubernetes.io/service-name"], "default/service-python");
+        assert_eq!(tags["causeway.dev/service-uid"], uid.as_str());
+        assert_eq!(tags["causeway.dev/resource"], resource);
+    }
+    let sgs = aws["security_groups"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(sgs.len(), 1, "the managed frontend SG: {aws:#}");
+    assert_eq!(lb["security_groups"], json!([sgs[0]["id"]]));
+    let rule_ports: Vec<u64> = aws["rules_naming_uid"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["group"] == cluster.aws().node_security_group.as_str())
+        .filter_map(|r| r["port"].as_u64())
+        .collect();
+    assert_eq!(
+        rule_ports.len(),
+        2,
+        "NodePort and health port on the node SG: {aws:#}"
+    );
+    assert!(rule_ports.contains(&30080) && rule_ports.contains(&10256));
+
+    let svc = services.get("service-python").await?;
+    assert!(
+        svc.metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .any(|f| f == FINALIZER)
+    );
+    let events = events_of(&client, &uid).await?;
+    assert!(
+        events
+            .iter()
+            .any(|(_, reason, _)| reason == "EnsuredLoadBalancer"),
+        "{events:?}"
+    );
+
+    // A resync that changes nothing the LB depends on makes no AWS call.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let calls_before = controller.aws_calls()?;
+    let reconciles_before = controller.reconciles()?;
+    services
+        .patch(
+            "service-python",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"touched": "yes"}}})),
+        )
+        .await?;
+    eventually(
+        Duration::from_secs(20),
+        "a reconcile after the touch",
+        || {
+            let n = controller.reconciles();
+            async move { Ok((n? > reconciles_before).then_some(())) }
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        calls_between(&calls_before, &controller.aws_calls()?),
+        Default::default(),
+        "a no-op reconcile must not call AWS"
+    );
+
+    // Excluding a node deregisters it, and that is the only AWS call.
+    let excluded = cluster.nodes()[0].clone();
+    let calls_before = controller.aws_calls()?;
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .patch(
+            &excluded.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {EXCLUDE: "true"}}})),
+        )
+        .await?;
+    let remaining: Vec<(String, u64)> = every_node
+        .iter()
+        .filter(|(id, _)| *id != excluded.instance_id)
+        .cloned()
+        .collect();
+    eventually(
+        Duration::from_secs(30),
+        "the excluded node deregistered",
+        || {
+            let remaining = remaining.clone();
+            let cluster = &cluster;
+            let uid = uid.clone();
+            async move {
+                let aws = aws_resources_of(cluster, &uid)?;
+                Ok((targets(&aws["target_groups"][0]) == remaining).then_some(()))
+            }
+        },
+    )
+    .await?;
+    assert_eq!(
+        calls_between(&calls_before, &controller.aws_calls()?),
+        [("DeregisterTargets".to_string(), 1)].into_iter().collect(),
+        "a node change touches only targets; controller log:\n{}",
+        controller.log()
+    );
+
+    // Bringing the node back registers it, and that is the only AWS call.
+    let calls_before = controller.aws_calls()?;
+    nodes
+        .patch(
+            &excluded.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {EXCLUDE: null}}})),
+        )
+        .await?;
+    eventually(Duration::from_secs(30), "the node registered again", || {
+        let every_node = every_node.clone();
+        let cluster = &cluster;
+        let uid = uid.clone();
+        async move {
+            let aws = aws_resources_of(cluster, &uid)?;
+            Ok((targets(&aws["target_groups"][0]) == every_node).then_some(()))
+        }
+    })
+    .await?;
+    assert_eq!(
+        calls_between(&calls_before, &controller.aws_calls()?),
+        [("RegisterTargets".to_string(), 1)].into_iter().collect(),
+        "a node change touches only targets"
+    );
+
+    // Deleting the Service deletes everything tagged with its UID, then the finalizer.
+    services
+        .delete("service-python", &Default::default())
+        .await?;
+    eventually(Duration::from_secs(60), "the Service to be gone", || {
+        let services = services.clone();
+        async move {
+            Ok(services
+                .get_opt("service-python")
+                .await?
+                .is_none()
+                .then_some(()))
+        }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))?;
+    let aws = aws_resources_of(&cluster, &uid)?;
+    assert_eq!(
+        aws,
+        json!({"load_balancers": [], "target_groups": [], "security_groups": [], "rules_naming_uid": []}),
+        "nothing tagged with (or describing) the UID remains"
+    );
+    let events = events_of(&client, &uid).await?;
+    assert!(
+        events
+            .iter()
+            .any(|(_, reason, _)| reason == "DeletedLoadBalancer"),
+        "{events:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_annotation_is_a_warning_event_and_no_aws_write() -> Result<()> {
+    let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
+    let client = cluster.client();
+    let controller = ControllerProcess::start(&cluster, &[])?;
+    controller.wait_ready(Duration::from_secs(60))?;
+
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let created = services
+        .create(
+            &PostParams::default(),
+            &service_python(
+                json!({"service.beta.kubernetes.io/aws-load-balancer-scheme": "public"}),
+            )?,
+        )
+        .await?;
+    let uid = created.metadata.uid.clone().unwrap_or_default();
+
+    let note = eventually(
+        Duration::from_secs(30),
+        "an InvalidAnnotation event",
+        || {
+            let client = client.clone();
+            let uid = uid.clone();
+            async move {
+                Ok(events_of(&client, &uid)
+                    .await?
+                    .into_iter()
+                    .find(|(type_, reason, _)| type_ == "Warning" && reason == "InvalidAnnotation")
+                    .map(|(_, _, note)| note))
+            }
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))?;
+    for needle in [
+        "service.beta.kubernetes.io/aws-load-balancer-scheme",
+        "\"public\"",
+        "internet-facing",
+        "internal",
+    ] {
+        assert!(note.contains(needle), "{needle:?} not in {note:?}");
+    }
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let calls = controller.aws_calls()?;
+    let writes: Vec<&String> = calls
+        .keys()
+        .filter(|op| !op.starts_with("Describe"))
+        .collect();
+    assert!(
+        writes.is_empty(),
+        "no AWS write for an invalid Service: {calls:?}"
+    );
+    let svc = services.get("service-python").await?;
+    assert!(
+        !svc.metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .any(|f| f == FINALIZER),
+        "no finalizer without an AWS write"
+    );
+    assert!(
+        svc.status
+            .and_then(|s| s.load_balancer)
+            .and_then(|l| l.ingress)
+            .is_none()
+    );
+    let aws = aws_resources_of(&cluster, &uid)?;
+    assert_eq!(aws["load_balancers"], json!([]));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_shows_the_next_actions_and_drift_is_corrected() -> Result<()> {
+    let cluster = Cluster::start(ClusterOptions::nodes(2)).await?;
+    let client = cluster.client();
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let created = services
+        .create(&PostParams::default(), &service_python(json!({}))?)
+        .await?;
+    let uid = created.metadata.uid.clone().unwrap_or_default();
+
+    // Before any controller runs, `plan` says what it would build, and builds nothing.
+    let printed = plan(&cluster, &["--namespace", "default"])?;
+    assert!(
+        printed.starts_with("default/service-python: 7 action(s)"),
+        "{printed}"
+    );
+    for needle in [
+        "create security group k8s-default-servicep-",
+        "create load balancer k8s-default-servicep-",
+        "create listener TCP 3000",
+    ] {
+        assert!(printed.contains(needle), "{needle:?} not in {printed}");
+    }
+    let aws = aws_resources_of(&cluster, &uid)?;
+    assert_eq!(aws["load_balancers"], json!([]));
+    assert_eq!(aws["security_groups"], json!([]));
+
+    let controller = ControllerProcess::start(&cluster, &["--drift-audit-period", "3s"])?;
+    controller.wait_ready(Duration::from_secs(60))?;
+    let first = eventually(Duration::from_secs(60), "an NLB", || {
+        let cluster = &cluster;
+        let uid = uid.clone();
+        async move {
+            let aws = aws_resources_of(cluster, &uid)?;
+            Ok(aws["load_balancers"][0]["arn"].as_str().map(str::to_string))
+        }
+    })
+    .await?;
+    eventually(Duration::from_secs(30), "plan to say up to date", || {
+        let printed = plan(&cluster, &["service-python", "-n", "default"]);
+        async move { Ok((printed?.trim() == "default/service-python: up to date").then_some(())) }
+    })
+    .await?;
+
+    // Someone deletes the NLB in the console: the next drift audit recreates it.
+    delete_load_balancers_of(&cluster, &uid)?;
+    let second = eventually(Duration::from_secs(30), "a recreated NLB", || {
+        let cluster = &cluster;
+        let uid = uid.clone();
+        let first = first.clone();
+        async move {
+            let aws = aws_resources_of(cluster, &uid)?;
+            let listeners = aws["load_balancers"][0]["listeners"]
+                .as_array()
+                .map_or(0, Vec::len);
+            Ok(aws["load_balancers"][0]["arn"]
+                .as_str()
+                .filter(|arn| *arn != first && listeners == 1)
+                .map(str::to_string))
+        }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))?;
+    assert_ne!(second, first);
+    let events = events_of(&client, &uid).await?;
+    assert!(
+        events
+            .iter()
+            .any(|(_, reason, _)| reason == "DriftCorrected"),
+        "{events:?}"
+    );
+    let aws = aws_resources_of(&cluster, &uid)?;
+    assert_eq!(aws["load_balancers"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        aws["target_groups"].as_array().map(Vec::len),
+        Some(1),
+        "the TG was reused"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_writes_and_a_follower_takes_over() -> Result<()> {
+    let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
+    let client = cluster.client();
+    let leader = ControllerProcess::start(&cluster, &[])?;
+    leader.wait_ready(Duration::from_secs(60))?;
+    eventually(Duration::from_secs(30), "the first replica to lead", || {
+        let leading = leader.is_leader();
+        async move { Ok(leading?.then_some(())) }
+    })
+    .await?;
+    let follower = ControllerProcess::start(&cluster, &[])?;
+    follower.wait_ready(Duration::from_secs(60))?;
+
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let created = services
+        .create(&PostParams::default(), &service_python(json!({}))?)
+        .await?;
+    let uid = created.metadata.uid.clone().unwrap_or_default();
+    eventually(Duration::from_secs(60), "an NLB", || {
+        let cluster = &cluster;
+        let uid = uid.clone();
+        async move {
+            let aws = aws_resources_of(cluster, &uid)?;
+            Ok((aws["load_balancers"].as_array().map(Vec::len) == Some(1)).then_some(()))
+        }
+    })
+    .await?;
+    assert!(!follower.is_leader()?);
+    assert_eq!(
+        follower.aws_calls()?,
+        Default::default(),
+        "a follower calls no AWS API"
+    );
+
+    // SIGKILL the leader: the follower leads within the lease duration + 5 s
+    // and finishes the job (here: the Service's deletion).
+    let killed_at = Instant::now();
+    drop(leader);
+    eventually(Duration::from_secs(20), "the follower to lead", || {
+        let leading = follower.is_leader();
+        async move { Ok(leading?.then_some(())) }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; follower log:\n{}", follower.log()))?;
+    assert!(killed_at.elapsed() <= Duration::from_secs(20));
+    services
+        .delete("service-python", &Default::default())
+        .await?;
+    eventually(Duration::from_secs(60), "the Service to be gone", || {
+        let services = services.clone();
+        async move {
+            Ok(services
+                .get_opt("service-python")
+                .await?
+                .is_none()
+                .then_some(()))
+        }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; follower log:\n{}", follower.log()))?;
+    let aws = aws_resources_of(&cluster, &uid)?;
+    assert_eq!(aws["load_balancers"], json!([]));
+    assert_eq!(aws["target_groups"], json!([]));
+    assert_eq!(aws["security_groups"], json!([]));
+    Ok(())
+}
