@@ -28,10 +28,11 @@ use tracing::{debug, error, info, warn};
 
 use crate::addr::IpFamily;
 use crate::config::{ProxyOptions, needs_route_localnet};
+use crate::conntrack;
 use crate::debug::{self, RulesLog};
 use crate::health::{self, BindFailure, ProxyHealth, ServiceHealth, ServiceHealthServers};
 use crate::metrics::Metrics;
-use crate::model::{self, Issue, NodeInfo};
+use crate::model::{self, Issue, Model, NodeInfo};
 use crate::netfilter::{Backend, Netfilter};
 use crate::rules::{self, RenderOptions};
 
@@ -366,6 +367,8 @@ struct FamilyState {
     /// Per-service nat chains in the last applied payload; `None` until the
     /// first sync has read what exists.
     applied_chains: Option<Vec<String>>,
+    /// The model of the last applied payload, for the conntrack cleanup.
+    applied_model: Option<Model>,
 }
 
 /// Builds and applies the payloads; remembers what it applied.
@@ -425,6 +428,7 @@ impl Syncer {
                 self.families.push(FamilyState {
                     netfilter: Netfilter::new(family, self.config.backend),
                     applied_chains: None,
+                    applied_model: None,
                 });
             }
         }
@@ -497,6 +501,26 @@ impl Syncer {
                         "synced"
                     );
                     state.applied_chains = Some(payload.service_chains);
+                    // Only now do the new rules steer fresh packets, so only
+                    // now may the stale flows go.
+                    // After a (re)start the previous rules are unknown: every
+                    // UDP Service counts as new, whose un-DNATed flows (from
+                    // before its rules existed) may go.
+                    {
+                        let empty = Model {
+                            family,
+                            node: model.node.clone(),
+                            service_ports: Vec::new(),
+                        };
+                        let previous = state.applied_model.as_ref().unwrap_or(&empty);
+                        let stale = conntrack::stale_udp_flows(previous, &model);
+                        if !stale.is_empty() {
+                            let deleted = conntrack::delete(&stale, family);
+                            self.shared.metrics.conntrack_deleted.inc_by(deleted);
+                            debug!(filters = stale.len(), deleted, "deleted stale UDP flows");
+                        }
+                    }
+                    state.applied_model = Some(model.clone());
                     models.push(model);
                 }
                 Err(e) => {

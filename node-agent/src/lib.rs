@@ -5,6 +5,7 @@
 pub mod addr;
 pub mod agent;
 pub mod config;
+pub mod conntrack;
 pub mod debug;
 pub mod health;
 pub mod manifests;

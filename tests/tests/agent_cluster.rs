@@ -446,3 +446,137 @@ async fn agent_heals_flushed_rules_restarts_without_loss_and_cleans_up() -> Resu
     );
     Ok(())
 }
+
+/// One UDP probe from a fixed source port: the pod that answered, or
+/// `timeout`/`refused`.
+fn udp_from_port(ns: &str, target: &str, source_port: u16) -> Result<String> {
+    let echo = workspace_bin("causeway-echo").display().to_string();
+    let out = netns::exec_in(
+        ns,
+        &echo,
+        &[
+            "probe",
+            "--udp",
+            target,
+            "--source-port",
+            &source_port.to_string(),
+            "--timeout-ms",
+            "700",
+        ],
+    )?;
+    let mut words = out.split_whitespace();
+    Ok(match words.next() {
+        Some("ok") => words.next().unwrap_or("").to_string(),
+        other => other.unwrap_or("").to_string(),
+    })
+}
+
+/// Probes from `source_port` until `pod` answers (30 s at most).
+fn wait_udp_answer(ns: &str, target: &str, source_port: u16, pod: &str, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = udp_from_port(ns, target, source_port)?;
+        if got == pod {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: {target} from port {source_port} still answers {got:?}, expected {pod}");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_clients_are_moved_off_stale_conntrack_entries() -> Result<()> {
+    let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
+    let node1 = cluster.node("node-1").clone();
+    let agent = workspace_bin("causeway-agent");
+    let kubeconfig = cluster.kubeconfig().display().to_string();
+    let cluster_cidr = cluster.cluster_cidr();
+    let args = [
+        "run",
+        "--node-name",
+        "node-1",
+        "--kubeconfig",
+        &kubeconfig,
+        "--cluster-cidr",
+        &cluster_cidr,
+    ];
+    let client = cluster
+        .add_pod("node-1", "client", &[("app", "client")])
+        .await?;
+    let dns_a = cluster
+        .add_pod("node-1", "dns-a", &[("app", "dns")])
+        .await?;
+    let services: Api<Service> = Api::namespaced(cluster.client(), "default");
+    let service: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "dns"},
+        "spec": {"selector": {"app": "dns"}, "ports": [
+            {"name": "dns", "port": 53, "targetPort": 9376, "protocol": "UDP"}]}
+    }))?;
+    services.create(&PostParams::default(), &service).await?;
+    let target = format!("{}:53", cluster_ip(&services, "dns").await?);
+
+    // No agent yet, so no rules: the client's datagrams to the cluster IP are
+    // tracked un-DNATed and go nowhere. Without cleanup that entry would keep
+    // the client (same source port) blackholed for as long as it sends.
+    // (A real node's conntrack is always on, for its CNI's and kubelet's
+    // rules; this fresh namespace gets one such rule to switch it on.)
+    netns::exec_in(
+        &node1.netns,
+        "iptables",
+        &[
+            "-A",
+            "FORWARD",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "INVALID",
+            "-j",
+            "DROP",
+        ],
+    )?;
+    assert_eq!(udp_from_port(&client.netns, &target, 40053)?, "timeout");
+    let tracked = netns::exec_in(&node1.netns, "conntrack", &["-L", "-p", "udp"])?;
+    assert!(
+        tracked.contains("sport=40053") && tracked.contains("UNREPLIED"),
+        "an un-DNATed entry exists: {tracked}"
+    );
+
+    // The agent starts: its first sync deletes the un-DNATed entry, so the
+    // same client reaches the endpoint right away.
+    cluster.spawn_in(&node1.netns, "agent", &agent, &args)?;
+    wait_udp_answer(
+        &client.netns,
+        &target,
+        40053,
+        "dns-a",
+        "after the first sync",
+    )?;
+
+    // The endpoint stops serving, another one takes over: the client's entry
+    // to dns-a (which still answers, it is only unready) is deleted and the
+    // same source port lands on dns-b.
+    cluster
+        .add_pod("node-1", "dns-b", &[("app", "dns")])
+        .await?;
+    cluster
+        .set_pod_ready("default", "dns-a", dns_a.ip, cluster.node("node-1"), false)
+        .await?;
+    wait_udp_answer(
+        &client.netns,
+        &target,
+        40053,
+        "dns-b",
+        "after dns-a stopped serving",
+    )?;
+    let (_, _, metrics) = http_get(&node1.netns, "http://127.0.0.1:10249/metrics")?;
+    let deleted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("causeway_agent_conntrack_entries_deleted_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(deleted >= 2, "conntrack deletions counted: {deleted}");
+    Ok(())
+}

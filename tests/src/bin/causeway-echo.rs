@@ -21,7 +21,7 @@ use std::time::Duration;
 fn usage() -> ExitCode {
     eprintln!(
         "usage: causeway-echo serve --name NAME --port PORT [--port PORT…]\n       \
-         causeway-echo probe (--tcp|--udp) ADDR:PORT [--count N] [--bind IP] [--timeout-ms MS] [--tally-by-name]"
+         causeway-echo probe (--tcp|--udp) ADDR:PORT [--count N] [--bind IP] [--source-port N] [--timeout-ms MS] [--tally-by-name]"
     );
     ExitCode::from(2)
 }
@@ -115,6 +115,9 @@ struct Probe {
     target: SocketAddr,
     udp: bool,
     bind: Option<IpAddr>,
+    /// UDP: send from this source port, so repeated probes share one
+    /// conntrack entry, as a long-lived UDP client would.
+    source_port: u16,
     timeout: Duration,
 }
 
@@ -123,6 +126,7 @@ fn probe(args: &[String]) -> ExitCode {
     let mut udp = false;
     let mut count = None;
     let mut bind = None;
+    let mut source_port = 0;
     let mut timeout = Duration::from_millis(1500);
     let mut tally_by_name = false;
     let mut it = args.iter();
@@ -146,6 +150,10 @@ fn probe(args: &[String]) -> ExitCode {
                 .next()
                 .and_then(|v| v.parse().ok())
                 .map(|ip| bind = Some(ip)),
+            "--source-port" => it
+                .next()
+                .and_then(|v| v.parse().ok())
+                .map(|p| source_port = p),
             "--timeout-ms" => it
                 .next()
                 .and_then(|v| v.parse().ok())
@@ -161,6 +169,7 @@ fn probe(args: &[String]) -> ExitCode {
         target,
         udp,
         bind,
+        source_port,
         timeout,
     };
     match count {
@@ -227,9 +236,9 @@ impl Probe {
 
     fn udp_once(&self) -> std::io::Result<String> {
         let local: SocketAddr = match (self.bind, self.target) {
-            (Some(ip), _) => (ip, 0).into(),
-            (None, SocketAddr::V4(_)) => ([0, 0, 0, 0], 0).into(),
-            (None, SocketAddr::V6(_)) => (IpAddr::from([0u16; 8]), 0).into(),
+            (Some(ip), _) => (ip, self.source_port).into(),
+            (None, SocketAddr::V4(_)) => ([0, 0, 0, 0], self.source_port).into(),
+            (None, SocketAddr::V6(_)) => (IpAddr::from([0u16; 8]), self.source_port).into(),
         };
         let sock = UdpSocket::bind(local)?;
         sock.connect(self.target)?;
