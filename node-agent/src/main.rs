@@ -486,6 +486,18 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         proxy,
     } = args;
     init_logging(log_json);
+    // Before anything else: two backends with Service rules is a node that
+    // silently misroutes, so say so and stop.
+    let mut families = vec![IpFamily::V4];
+    if node_ip.iter().any(IpAddr::is_ipv6) || proxy.cluster_cidr.iter().any(|c| c.contains(':')) {
+        families.push(IpFamily::V6);
+    }
+    let mut backend = iptables_backend;
+    for family in families {
+        let resolved = causeway_agent::netfilter::resolve_backend(iptables_backend, family)?;
+        causeway_agent::netfilter::refuse_other_backend(resolved, family)?;
+        backend = resolved;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -497,7 +509,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             options: proxy.options(&node_ip, true, false),
             sync_period,
             min_sync_period,
-            backend: iptables_backend,
+            backend,
             healthz_bind_address,
             metrics_bind_address,
         };

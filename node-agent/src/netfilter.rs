@@ -14,8 +14,7 @@ use std::collections::BTreeMap;
 
 use crate::rules::{
     JumpRule, KUBE_EXTERNAL_SERVICES, KUBE_FIREWALL, KUBE_FORWARD, KUBE_MARK_MASQ, KUBE_NODEPORTS,
-    KUBE_POSTROUTING, KUBE_PROXY_CANARY, KUBE_PROXY_FIREWALL, KUBE_SERVICES, RenderConfig, Table,
-    builtin_jumps,
+    KUBE_POSTROUTING, KUBE_PROXY_CANARY, KUBE_PROXY_FIREWALL, KUBE_SERVICES, Table,
 };
 
 /// Which iptables binaries to call.
@@ -166,6 +165,75 @@ impl Netfilter {
     }
 }
 
+/// Resolves `auto` to the backend `iptables` on this machine uses (kube-proxy
+/// does the same), so the check below knows which one is "the other".
+pub fn resolve_backend(backend: Backend, family: IpFamily) -> anyhow::Result<Backend> {
+    if backend != Backend::Auto {
+        return Ok(backend);
+    }
+    let program = match family {
+        IpFamily::V4 => "iptables",
+        IpFamily::V6 => "ip6tables",
+    };
+    let out = Command::new(program)
+        .arg("--version")
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run {program}: {e}"))?;
+    let version = String::from_utf8_lossy(&out.stdout);
+    backend_in_version(&version)
+        .ok_or_else(|| anyhow::anyhow!("cannot tell the backend of {program} from {version:?}"))
+}
+
+/// `nf_tables` or `legacy` from `iptables --version` ("iptables v1.8.9 (nf_tables)").
+pub fn backend_in_version(version: &str) -> Option<Backend> {
+    if version.contains("(nf_tables)") {
+        Some(Backend::Nft)
+    } else if version.contains("(legacy)") {
+        Some(Backend::Legacy)
+    } else {
+        None
+    }
+}
+
+/// Refuses to run when the other backend holds kube-proxy's (or our) chains:
+/// both would steer packets, and whichever the kernel consults first wins.
+pub fn refuse_other_backend(chosen: Backend, family: IpFamily) -> anyhow::Result<()> {
+    let other = match chosen {
+        Backend::Nft => Backend::Legacy,
+        Backend::Legacy => Backend::Nft,
+        Backend::Auto => return Ok(()),
+    };
+    let netfilter = Netfilter::new(family, other);
+    // A machine without the other backend's tools has no rules in it either.
+    let Ok(saved) = netfilter.save_all() else {
+        return Ok(());
+    };
+    let found: Vec<String> = owned_chains(&saved, false)
+        .into_iter()
+        .flat_map(|(table, chains)| chains.into_iter().map(move |c| format!("{table}/{c}")))
+        .collect();
+    if found.is_empty() {
+        return Ok(());
+    }
+    let name = |b: Backend| match b {
+        Backend::Nft => "nft",
+        _ => "legacy",
+    };
+    anyhow::bail!(
+        "{} already holds Service rules ({}{}), probably from kube-proxy or an agent run with \
+         --iptables-backend {}; programming {} as well would leave two rulesets steering packets. \
+         Remove them with `causeway-agent cleanup --iptables-backend {}`, or run with \
+         --iptables-backend {}",
+        netfilter.save,
+        found.iter().take(3).cloned().collect::<Vec<_>>().join(", "),
+        if found.len() > 3 { ", …" } else { "" },
+        name(other),
+        name(chosen),
+        name(other),
+        name(other),
+    )
+}
+
 /// What `cleanup` removed from one family.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct CleanupReport {
@@ -197,43 +265,18 @@ const MARTIAN_GUARD: &[&str] = &[
 
 impl Netfilter {
     /// Removes everything the agent creates in this family, and nothing else:
-    /// its jump rules in the built-in chains, then its chains.
+    /// every rule elsewhere that jumps to one of its chains (kube-proxy's
+    /// jump rules, whatever their comments), then its chains.
     pub fn cleanup(&self) -> anyhow::Result<CleanupReport> {
-        let mut report = CleanupReport::default();
-        let config = RenderConfig::new(self.family);
-        let (firewall_jumps, jumps): (Vec<JumpRule>, Vec<JumpRule>) = builtin_jumps(&config)
-            .into_iter()
-            .partition(|j| j.args.last().is_some_and(|t| t == KUBE_FIREWALL));
-        for jump in &jumps {
-            while self.delete_rule(jump.table.as_str(), jump.chain, &jump.args) {
-                report.jump_rules += 1;
-            }
-        }
+        // Our martian guard first: KUBE-FIREWALL is kubelet's chain too, and
+        // goes only if nothing else is left in it.
         let guard: Vec<String> = MARTIAN_GUARD.iter().map(|s| s.to_string()).collect();
         while self.delete_rule("filter", KUBE_FIREWALL, &guard) {}
         let saved = self.save_all()?;
         let firewall_empty = chain_is_empty(&saved, "filter", KUBE_FIREWALL);
-        if firewall_empty {
-            for jump in &firewall_jumps {
-                while self.delete_rule(jump.table.as_str(), jump.chain, &jump.args) {
-                    report.jump_rules += 1;
-                }
-            }
-        }
         let owned = owned_chains(&saved, firewall_empty);
-        if !owned.is_empty() {
-            let mut payload = String::new();
-            for (table, chains) in &owned {
-                payload.push_str(&format!("*{table}\n"));
-                for chain in chains {
-                    payload.push_str(&format!(":{chain} - [0:0]\n"));
-                }
-                for chain in chains {
-                    payload.push_str(&format!("-X {chain}\n"));
-                    report.chains.push(format!("{table}/{chain}"));
-                }
-                payload.push_str("COMMIT\n");
-            }
+        let (payload, report) = cleanup_payload(&saved, &owned);
+        if !payload.is_empty() {
             self.restore(&payload)?;
         }
         Ok(report)
@@ -262,6 +305,52 @@ impl Netfilter {
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+}
+
+/// The restore input that deletes `owned` chains and every other rule that
+/// jumps to them, from `iptables-save` output; empty when there is nothing.
+pub fn cleanup_payload(
+    save: &str,
+    owned: &BTreeMap<String, Vec<String>>,
+) -> (String, CleanupReport) {
+    let mut report = CleanupReport::default();
+    let mut payload = String::new();
+    for (table, chains) in owned {
+        let mut section = format!("*{table}\n");
+        for chain in chains {
+            section.push_str(&format!(":{chain} - [0:0]\n"));
+        }
+        let mut current = "";
+        for line in save.lines() {
+            if let Some(name) = line.strip_prefix('*') {
+                current = name.trim();
+                continue;
+            }
+            let Some(rule) = line.strip_prefix("-A ") else {
+                continue;
+            };
+            let chain = rule.split_whitespace().next().unwrap_or("");
+            if current != table || chains.iter().any(|c| c == chain) {
+                continue;
+            }
+            let words: Vec<&str> = rule.split_whitespace().collect();
+            let target = words
+                .windows(2)
+                .find(|w| w[0] == "-j" || w[0] == "-g")
+                .map(|w| w[1]);
+            if target.is_some_and(|t| chains.iter().any(|c| c == t)) {
+                section.push_str(&format!("-D {rule}\n"));
+                report.jump_rules += 1;
+            }
+        }
+        for chain in chains {
+            section.push_str(&format!("-X {chain}\n"));
+            report.chains.push(format!("{table}/{chain}"));
+        }
+        section.push_str("COMMIT\n");
+        payload.push_str(&section);
+    }
+    (payload, report)
 }
 
 /// The chains in `iptables-save` output that the agent created, per table.
@@ -469,6 +558,45 @@ COMMIT
             owned_chains(save, true)["filter"],
             ["KUBE-FIREWALL", "KUBE-SERVICES"]
         );
+    }
+
+    #[test]
+    fn cleanup_deletes_every_jump_to_our_chains_and_only_those() {
+        let save = "\
+*nat
+:PREROUTING ACCEPT [0:0]
+:KUBE-SERVICES - [0:0]
+:OTHER - [0:0]
+-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A PREROUTING -j OTHER
+-A OTHER -g KUBE-SERVICES
+-A KUBE-SERVICES -j RETURN
+COMMIT
+";
+        let owned = owned_chains(save, false);
+        let (payload, report) = cleanup_payload(save, &owned);
+        assert_eq!(
+            payload,
+            "*nat\n:KUBE-SERVICES - [0:0]\n\
+             -D PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+             -D OTHER -g KUBE-SERVICES\n-X KUBE-SERVICES\nCOMMIT\n"
+        );
+        assert_eq!(report.jump_rules, 2);
+        assert_eq!(report.chains, ["nat/KUBE-SERVICES"]);
+        assert_eq!(cleanup_payload("*nat\nCOMMIT\n", &BTreeMap::new()).0, "");
+    }
+
+    #[test]
+    fn the_backend_is_read_from_the_version() {
+        assert_eq!(
+            backend_in_version("iptables v1.8.9 (nf_tables)\n"),
+            Some(Backend::Nft)
+        );
+        assert_eq!(
+            backend_in_version("iptables v1.8.9 (legacy)\n"),
+            Some(Backend::Legacy)
+        );
+        assert_eq!(backend_in_version("iptables v1.4.21\n"), None);
     }
 
     #[test]

@@ -1,0 +1,86 @@
+//! The agent refuses to program one iptables backend while the other already
+//! holds Service rules (SPEC 2.2), and `cleanup` takes exactly those away.
+
+use anyhow::Result;
+use causeway_tests::netns;
+use causeway_tests::paths::workspace_bin;
+
+/// A network namespace deleted on drop, even when the test fails.
+struct Namespace(String);
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        netns::del_netns(&self.0);
+    }
+}
+
+fn agent(ns: &str, args: &[&str]) -> Result<(bool, String)> {
+    let out = netns::exec_in_raw(
+        ns,
+        &workspace_bin("causeway-agent").display().to_string(),
+        args,
+    )?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
+}
+
+#[test]
+fn rules_in_the_other_backend_stop_the_agent_with_a_clear_message() -> Result<()> {
+    netns::preflight()?;
+    let ns = Namespace(format!("cwbk-{}", std::process::id()));
+    netns::add_netns(&ns.0)?;
+    // What kube-proxy in legacy mode leaves behind, plus a rule of its own
+    // that cleanup must keep.
+    netns::exec_in(
+        &ns.0,
+        "iptables-legacy",
+        &["-t", "nat", "-N", "KUBE-SERVICES"],
+    )?;
+    netns::exec_in(
+        &ns.0,
+        "iptables-legacy",
+        &["-t", "nat", "-A", "PREROUTING", "-j", "KUBE-SERVICES"],
+    )?;
+    netns::exec_in(
+        &ns.0,
+        "iptables-legacy",
+        &["-t", "filter", "-N", "SOMEONE-ELSE"],
+    )?;
+
+    let run = [
+        "run",
+        "--node-name",
+        "node-1",
+        "--kubeconfig",
+        "/nonexistent/kubeconfig",
+        "--iptables-backend",
+        "nft",
+    ];
+    let (ok, text) = agent(&ns.0, &run)?;
+    assert!(!ok, "the agent must not start: {text}");
+    assert!(
+        text.contains("iptables-legacy-save already holds Service rules (nat/KUBE-SERVICES)")
+            && text.contains("causeway-agent cleanup --iptables-backend legacy"),
+        "{text}"
+    );
+    let nft = netns::exec_in(&ns.0, "iptables-nft-save", &[])?;
+    assert!(!nft.contains("KUBE-"), "nothing was written to nft: {nft}");
+
+    let (ok, text) = agent(&ns.0, &["cleanup", "--iptables-backend", "legacy"])?;
+    assert!(ok, "{text}");
+    let legacy = netns::exec_in(&ns.0, "iptables-legacy-save", &[])?;
+    assert!(!legacy.contains("KUBE-"), "{legacy}");
+    assert!(
+        legacy.contains(":SOMEONE-ELSE"),
+        "cleanup kept the other chain: {legacy}"
+    );
+
+    // Now the backend check passes and the agent gets as far as its kubeconfig.
+    let (ok, text) = agent(&ns.0, &run)?;
+    assert!(!ok && text.contains("/nonexistent/kubeconfig"), "{text}");
+    Ok(())
+}
