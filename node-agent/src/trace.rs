@@ -580,8 +580,14 @@ pub fn trace(rules: &Ruleset, packet: &Packet, node: &NodeView) -> Trace {
             continue;
         }
         // Routing decision: after DNAT, a local destination is delivered to the
-        // node (filter INPUT), anything else is forwarded (filter FORWARD).
+        // node (filter INPUT), anything else is forwarded (filter FORWARD). The
+        // node's own packet for a local destination passes OUTPUT and then, over
+        // loopback, INPUT too (where e.g. a NodePort without endpoints is
+        // rejected: KUBE-EXTERNAL-SERVICES hangs off INPUT and FORWARD only).
         let filter: Vec<&str> = match origin {
+            Origin::Node if node.is_local(&branch.state.dst) => {
+                filter_hooks.iter().copied().chain(["INPUT"]).collect()
+            }
             Origin::Node => filter_hooks.to_vec(),
             Origin::Arriving(_) if node.is_local(&branch.state.dst) => vec!["INPUT"],
             Origin::Arriving(_) => vec!["FORWARD"],
@@ -606,7 +612,7 @@ pub fn trace(rules: &Ruleset, packet: &Packet, node: &NodeView) -> Trace {
             }
         }
     }
-    summarize(rules, packet, origin, finished)
+    summarize(rules, packet, node, origin, finished)
 }
 
 fn terminal(end: End) -> bool {
@@ -822,7 +828,13 @@ fn service_name(comment: &str) -> String {
         .to_string()
 }
 
-fn summarize(rules: &Ruleset, packet: &Packet, origin: Origin, mut branches: Vec<Branch>) -> Trace {
+fn summarize(
+    rules: &Ruleset,
+    packet: &Packet,
+    node: &NodeView,
+    origin: Origin,
+    mut branches: Vec<Branch>,
+) -> Trace {
     branches.sort_by(|a, b| b.probability.total_cmp(&a.probability));
     let mut outcomes: Vec<Outcome> = Vec::new();
     for b in &branches {
@@ -862,7 +874,7 @@ fn summarize(rules: &Ruleset, packet: &Packet, origin: Origin, mut branches: Vec
         .collect();
     unmodelled.sort();
     unmodelled.dedup();
-    let verdict = verdict(rules, packet, &outcomes, best);
+    let verdict = verdict(rules, packet, node, &outcomes, best);
     Trace {
         packet: packet.clone(),
         origin,
@@ -876,6 +888,7 @@ fn summarize(rules: &Ruleset, packet: &Packet, origin: Origin, mut branches: Vec
 fn verdict(
     rules: &Ruleset,
     packet: &Packet,
+    node: &NodeView,
     outcomes: &[Outcome],
     best: Option<&Branch>,
 ) -> Verdict {
@@ -910,21 +923,27 @@ fn verdict(
             None => format!("REJECT: {comment}"),
         },
         VerdictKind::Drop => drop_reason(packet, &comment),
-        VerdictKind::Untouched => untouched_reason(rules, packet),
+        VerdictKind::Untouched => untouched_reason(rules, packet, node),
     };
     Verdict { kind, text }
 }
 
-/// The Service named by the dispatch rule that led to the DNAT.
+/// The Service named by the dispatch rule that led to the DNAT: the rule in
+/// KUBE-SERVICES (ClusterIP, external and load-balancer IPs) or KUBE-NODEPORTS
+/// whose comment names a Service (`ns/name[:port] …`); the jump from
+/// KUBE-SERVICES to KUBE-NODEPORTS ("kubernetes service nodeports") names none.
 fn dnat_service(best: Option<&Branch>) -> Option<String> {
-    let step = best?
+    best?
         .state
         .steps
         .iter()
-        .find(|s| s.rule.contains("--comment") && s.chain == "KUBE-SERVICES")?;
-    let words = split_words(&step.rule)?;
-    let at = words.iter().position(|w| w == "--comment")?;
-    words.get(at + 1).map(|c| service_name(c))
+        .filter(|s| s.chain == "KUBE-SERVICES" || s.chain == "KUBE-NODEPORTS")
+        .filter_map(|s| {
+            let words = split_words(&s.rule)?;
+            let at = words.iter().position(|w| w == "--comment")?;
+            words.get(at + 1).map(|c| service_name(c))
+        })
+        .find(|name| name.contains('/'))
 }
 
 fn drop_reason(packet: &Packet, comment: &str) -> String {
@@ -948,7 +967,7 @@ fn drop_reason(packet: &Packet, comment: &str) -> String {
     }
 }
 
-fn untouched_reason(rules: &Ruleset, packet: &Packet) -> String {
+fn untouched_reason(rules: &Ruleset, packet: &Packet, node: &NodeView) -> String {
     let services = rules.services_at(&packet.dst);
     let same_port = services.iter().any(|(_, port)| *port == Some(packet.dport));
     match services.first() {
@@ -961,6 +980,10 @@ fn untouched_reason(rules: &Ruleset, packet: &Packet) -> String {
             packet.proto.as_str(),
             packet.dst,
             packet.dport
+        ),
+        None if node.is_local(&packet.dst) => format!(
+            "no rule: {} is an address of this node with no Service on port {}; delivered to the node itself",
+            packet.dst, packet.dport
         ),
         None => format!(
             "no rule: {} is not a Service address on this node; routed normally",
@@ -1258,5 +1281,73 @@ COMMIT
             ]
         );
         assert!(traced.outcomes.iter().all(|o| !o.masquerade), "{traced}");
+    }
+
+    /// Found side by side with real packets: a NodePort's DNAT verdict named
+    /// "kubernetes" (the comment of the jump to KUBE-NODEPORTS), not the Service.
+    #[test]
+    fn a_node_port_verdict_names_the_service_not_the_nodeports_jump() {
+        let payload = include_str!("../tests/golden/ipv6-nodeport.txt");
+        let rules = Ruleset::parse(payload).unwrap();
+        let traced = trace(
+            &rules,
+            &Packet {
+                src: ip("2001:db8::99"),
+                dst: ip("fd00:10::1"),
+                dport: 30082,
+                proto: Proto::Tcp,
+            },
+            &NodeView {
+                local_addresses: vec![ip("fd00:10::1")],
+                in_interface: Some("eth0".into()),
+            },
+        );
+        assert_eq!(traced.verdict.kind, VerdictKind::Dnat, "{traced}");
+        assert_eq!(
+            traced.verdict.text,
+            "DNAT: default/web6 → one of 2 endpoints, chosen at random"
+        );
+        assert!(traced.outcomes.iter().all(|o| o.masquerade), "{traced}");
+    }
+
+    /// Found side by side with real packets: a packet for one of the node's own
+    /// addresses that no rule touches is delivered to the node (and refused
+    /// there when nothing listens), not "routed normally".
+    #[test]
+    fn an_untouched_packet_for_a_node_address_is_delivered_to_the_node() {
+        let rules = Ruleset::parse(RULES).unwrap();
+        let t = trace(&rules, &packet("192.168.5.5", "10.0.0.11", 30080), &node());
+        assert_eq!(t.verdict.kind, VerdictKind::Untouched);
+        assert_eq!(
+            t.verdict.text,
+            "no rule: 10.0.0.11 is an address of this node with no Service on port 30080; delivered to the node itself"
+        );
+    }
+
+    /// Found side by side with real packets: the node's own connection to one
+    /// of its NodePorts without endpoints is refused by the REJECT in
+    /// KUBE-EXTERNAL-SERVICES, which only INPUT reaches; trace walked OUTPUT
+    /// alone and called the packet untouched.
+    #[test]
+    fn the_nodes_own_packet_to_a_local_node_port_also_passes_input() {
+        let payload = include_str!("../tests/golden/no-endpoints.txt");
+        let rules = Ruleset::parse(payload).unwrap();
+        let t = trace(
+            &rules,
+            &packet("192.168.0.10", "192.168.0.10", 30081),
+            &NodeView {
+                local_addresses: vec![ip("192.168.0.10")],
+                in_interface: None,
+            },
+        );
+        assert_eq!(t.origin, Origin::Node);
+        assert_eq!(
+            t.verdict,
+            Verdict {
+                kind: VerdictKind::Reject,
+                text: "REJECT: default/empty:http has no endpoints".into()
+            },
+            "{t}"
+        );
     }
 }

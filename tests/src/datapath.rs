@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use causeway_agent::trace;
 use serde_json::{Value, json};
 
 use crate::netns::{
@@ -817,6 +818,9 @@ pub struct EchoPod {
     pub ip6: String,
     pub node_name: String,
     pub ports: Vec<u16>,
+    /// The pod's veth in its node's namespace (`veth<k>`); on node-a, bridged
+    /// pods' packets arrive on [`POD_BRIDGE`] instead.
+    pub host_interface: String,
 }
 
 impl EchoPod {
@@ -862,6 +866,8 @@ pub struct DataPath {
     local_pods: usize,
     remote_pods: usize,
     payload: Option<String>,
+    /// The address family `payload` was loaded with.
+    payload_family: Family,
     focus: Vec<String>,
     probe_timeout: Duration,
 }
@@ -891,6 +897,7 @@ impl DataPath {
             local_pods: 0,
             remote_pods: 0,
             payload: None,
+            payload_family: Family::V4,
             focus: Vec::new(),
             probe_timeout: Duration::from_millis(1500),
         };
@@ -1175,6 +1182,7 @@ impl DataPath {
             ip6: ip6.into(),
             node_name: node_name.into(),
             ports: ports.to_vec(),
+            host_interface: host_if.clone(),
         };
         self.pods.push(pod.clone());
         Ok(pod)
@@ -1232,6 +1240,7 @@ impl DataPath {
     pub fn load(&mut self, payload: &str, family: Family, backend: Backend) -> Result<()> {
         restore_into(&self.node_ns(), payload, family, backend)?;
         self.payload = Some(payload.to_string());
+        self.payload_family = family;
         Ok(())
     }
 
@@ -1317,7 +1326,10 @@ impl DataPath {
     pub fn expect_answer(&self, from: &Origin, proto: Proto, target: &str, pod: &str) -> IpAddr {
         let got = self.probe(from, proto, target);
         match &got {
-            Outcome::Answered { pod: p, source } if p == pod => *source,
+            Outcome::Answered { pod: p, source } if p == pod => {
+                self.check_trace(from, proto, target, &[Seen::One(got.clone())]);
+                *source
+            }
             _ => panic!(
                 "{from} → {target} ({proto:?}): expected an answer from {pod}, got {got}\nrules involved:\n{}",
                 self.explain(target)
@@ -1375,6 +1387,7 @@ impl DataPath {
             "{from} → {target} ({proto:?}): expected refused at once (within {limit:?}), got {got} after {took:?}\nrules involved:\n{}",
             self.explain(target)
         );
+        self.check_trace(from, proto, target, &[Seen::One(got)]);
     }
 
     /// Asserts silence: the packet was dropped.
@@ -1386,6 +1399,7 @@ impl DataPath {
             "{from} → {target} ({proto:?}): expected a timeout (DROP), got {got}\nrules involved:\n{}",
             self.explain(target)
         );
+        self.check_trace(from, proto, target, &[Seen::One(got)]);
     }
 
     /// Asserts that no pod answers (refused, dropped or unroutable alike).
@@ -1397,6 +1411,7 @@ impl DataPath {
             "{from} → {target} ({proto:?}): expected no pod to answer, got {got}\nrules involved:\n{}",
             self.explain(target)
         );
+        self.check_trace(from, proto, target, &[Seen::One(got)]);
     }
 
     /// `count` separate probes; asserts every one is answered by one of `pods`
@@ -1422,6 +1437,16 @@ impl DataPath {
                 ),
             }
         }
+        let each: Vec<Seen> = seen
+            .iter()
+            .map(|(pod, source)| {
+                Seen::One(Outcome::Answered {
+                    pod: pod.clone(),
+                    source: *source,
+                })
+            })
+            .collect();
+        self.check_trace(from, proto, target, &each);
         seen
     }
 
@@ -1445,6 +1470,8 @@ impl DataPath {
             "{from} → {target} ({proto:?}) ×{count}: expected answers from exactly {want:?}, got {tally:?}\nrules involved:\n{}",
             self.explain(target)
         );
+        let pods = want.iter().map(|p| p.to_string()).collect();
+        self.check_trace(from, proto, target, &[Seen::Pods(pods)]);
         tally
     }
 
@@ -1558,6 +1585,357 @@ impl DataPath {
     pub fn pods(&self) -> &[EchoPod] {
         &self.pods
     }
+}
+
+// ---------------------------------------------------------------------------
+// `causeway-agent trace`, side by side with every packet assertion.
+// ---------------------------------------------------------------------------
+
+/// What real packets showed, for [`DataPath::check_trace`] to hold the trace to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// The outcome of one probe (with the source the pod saw, when answered).
+    One(Outcome),
+    /// Many probes, every one answered, by exactly these pods (sources unknown:
+    /// a tally does not report them).
+    Pods(std::collections::BTreeSet<String>),
+}
+
+/// The trace of one probe, with the inputs it was computed from.
+#[derive(Debug)]
+pub struct TracedProbe {
+    pub packet: trace::Packet,
+    pub node: trace::NodeView,
+    pub trace: trace::Trace,
+}
+
+impl DataPath {
+    /// Traces the first packet of `from → target` through the loaded payload
+    /// with the agent's own evaluator (`causeway-agent trace`), describing node-a
+    /// as the probe finds it: its addresses (`ip addr`), the source address the
+    /// packet leaves with (`ip route get` for the node's own packets, the pod's or
+    /// client's address otherwise) and the interface it arrives on (the bridge
+    /// `cbr0` or the pod's own veth for node-a's pods, the uplink `eth0` for
+    /// node-b's pods and for the external client).
+    pub fn trace(&self, from: &Origin, proto: Proto, target: &str) -> Result<TracedProbe> {
+        let dst: std::net::SocketAddr = normalize_target(target)?.parse()?;
+        let six = dst.is_ipv6();
+        let family = if six { Family::V6 } else { Family::V4 };
+        let node_ns = self.node_ns();
+        let (src, in_interface): (IpAddr, Option<String>) = match from {
+            Origin::Pod(pod) => {
+                let ip = if six { &pod.ip6 } else { &pod.ip };
+                let iface = if pod.node_name != NODE_NAME {
+                    "eth0".to_string()
+                } else if self.pod_network == PodNetwork::Bridge {
+                    POD_BRIDGE.to_string()
+                } else {
+                    pod.host_interface.clone()
+                };
+                (ip.parse()?, Some(iface))
+            }
+            Origin::Client(ip) => (ip.parse()?, Some("eth0".to_string())),
+            Origin::Node => {
+                // The kernel picks the source from the route to the original
+                // destination, before OUTPUT's DNAT.
+                let dst_ip = dst.ip().to_string();
+                let route = ipn(&node_ns, &["route", "get", &dst_ip])?;
+                let src = route
+                    .split_whitespace()
+                    .skip_while(|w| *w != "src")
+                    .nth(1)
+                    .with_context(|| format!("no source in `ip route get {dst_ip}`: {route}"))?;
+                (src.parse()?, None)
+            }
+        };
+        let local_addresses = ipn(&node_ns, &["-o", "addr", "show"])?
+            .lines()
+            .filter_map(|l| {
+                let mut words = l
+                    .split_whitespace()
+                    .skip_while(|w| *w != "inet" && *w != "inet6");
+                words.next()?;
+                words.next()?.split('/').next()?.parse().ok()
+            })
+            .collect();
+        let node = trace::NodeView {
+            local_addresses,
+            in_interface,
+        };
+        let packet = trace::Packet {
+            src,
+            dst: dst.ip(),
+            dport: dst.port(),
+            proto: match proto {
+                Proto::Tcp => trace::Proto::Tcp,
+                Proto::Udp => trace::Proto::Udp,
+            },
+        };
+        // The other family's tables hold nothing of ours (only one payload is
+        // loaded at a time, with one family's restore program).
+        let payload = match &self.payload {
+            Some(p) if self.payload_family == family => p.as_str(),
+            _ => "",
+        };
+        let rules = trace::Ruleset::parse(payload)
+            .map_err(|e| anyhow::anyhow!("trace cannot parse the loaded payload: {e}"))?;
+        let trace = trace::trace(&rules, &packet, &node);
+        Ok(TracedProbe {
+            packet,
+            node,
+            trace,
+        })
+    }
+
+    /// Requires the trace of `from → target` to give the answer real packets
+    /// gave (`seen`); panics with both when they disagree. Every `expect_*`
+    /// assertion calls it once its own check has passed. Agreement means:
+    ///
+    /// - answered by pod P: verdict DNAT with P's address and one of P's ports
+    ///   among the candidates (probability > 0); or, for a probe sent straight
+    ///   to P's own address, no rule touched it (verdict untouched).
+    /// - the source P saw: the candidate's masquerade flag says masqueraded iff
+    ///   P saw an address of node-a; not masqueraded iff P saw the packet's own
+    ///   source. (For the node's own packets the two can coincide: a masquerade
+    ///   to the address the node already used is invisible, so then seeing a
+    ///   node address is all that can be required.)
+    /// - many probes answered by exactly the pods S: every outcome is DNAT and
+    ///   the candidates are exactly S's endpoints, unless the Service has
+    ///   ClientIP affinity: trace models a first connection (`recent --rcheck`
+    ///   / `--update` never match), later ones stick to the first choice, so S
+    ///   need only be among the candidates.
+    /// - refused at once: REJECT; or untouched with a destination that is an
+    ///   address of node-a (delivered locally, nothing listens: the kernel
+    ///   refuses, as for a NodePort that `--nodeport-addresses` excludes).
+    /// - timeout: DROP; or untouched with a destination that is neither node-a's
+    ///   nor a pod's (routed to the node's default gateway, which does not exist
+    ///   in this fixture: lost).
+    /// - any other failure (no route, …): anything but DNAT.
+    #[track_caller]
+    pub fn check_trace(&self, from: &Origin, proto: Proto, target: &str, seen: &[Seen]) {
+        let traced = match self.trace(from, proto, target) {
+            Ok(t) => t,
+            Err(e) => panic!("{from} → {target} ({proto:?}): cannot trace the probe: {e:#}"),
+        };
+        for s in seen {
+            let agreed = self
+                .agrees(&traced, s)
+                .and_then(|()| self.verdict_names_the_service(&traced.trace));
+            if let Err(why) = agreed {
+                panic!(
+                    "{from} → {target} ({proto:?}): trace disagrees with real packets: {why}\n\
+                     packet: {:?}\nnode view: {:?}\n--- trace ---\n{}\n--- rules involved ---\n{}",
+                    traced.packet,
+                    traced.node,
+                    traced.trace,
+                    self.explain(target)
+                );
+            }
+            eprintln!(
+                "trace agrees: {from} → {target} ({proto:?}): {s:?} ~ {}",
+                traced.trace.verdict.text
+            );
+        }
+    }
+
+    fn agrees(&self, traced: &TracedProbe, seen: &Seen) -> std::result::Result<(), String> {
+        use trace::VerdictKind as K;
+        let TracedProbe {
+            packet,
+            node,
+            trace: t,
+        } = traced;
+        let kind = t.verdict.kind;
+        let is_local = |ip: &IpAddr| ip.is_loopback() || node.local_addresses.contains(ip);
+        let pod_at = |ip: &IpAddr| {
+            self.pods
+                .iter()
+                .find(|p| p.ip.parse().ok() == Some(*ip) || p.ip6.parse().ok() == Some(*ip))
+        };
+        // DNAT candidates with a probability: (pod name or "?", port ok, masquerade).
+        let candidates: Vec<(String, bool, bool)> = t
+            .outcomes
+            .iter()
+            .filter(|o| o.kind == K::Dnat && o.probability > 1e-9)
+            .map(|o| {
+                let endpoint = o.endpoint.as_deref().and_then(parse_endpoint);
+                match endpoint.and_then(|(ip, port)| pod_at(&ip).map(|p| (p, port))) {
+                    Some((pod, port)) => {
+                        (pod.name.clone(), pod.ports.contains(&port), o.masquerade)
+                    }
+                    None => (
+                        format!("? ({})", o.endpoint.as_deref().unwrap_or("")),
+                        false,
+                        o.masquerade,
+                    ),
+                }
+            })
+            .collect();
+        let masquerade_agrees = |masquerade: bool, source: &IpAddr| {
+            if masquerade {
+                is_local(source)
+            } else {
+                *source == packet.src
+            }
+        };
+        match seen {
+            Seen::One(Outcome::Answered { pod, source }) => {
+                let direct = pod_at(&packet.dst).is_some_and(|p| &p.name == pod);
+                if kind == K::Untouched && direct {
+                    let masquerade = t.outcomes.first().is_some_and(|o| o.masquerade);
+                    return if masquerade_agrees(masquerade, source) {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "{pod} saw source {source}; trace says masquerade: {masquerade}"
+                        ))
+                    };
+                }
+                if kind != K::Dnat {
+                    return Err(format!(
+                        "{pod} answered; trace's verdict is {kind:?}, not DNAT"
+                    ));
+                }
+                let theirs: Vec<&(String, bool, bool)> =
+                    candidates.iter().filter(|c| &c.0 == pod).collect();
+                if theirs.is_empty() {
+                    return Err(format!(
+                        "{pod} answered; it is not among trace's candidates {candidates:?}"
+                    ));
+                }
+                if !theirs.iter().any(|c| c.1) {
+                    return Err(format!(
+                        "{pod} answered; trace DNATs it to a port it does not listen on"
+                    ));
+                }
+                if !theirs.iter().any(|c| masquerade_agrees(c.2, source)) {
+                    return Err(format!(
+                        "{pod} saw source {source} (packet source {}); trace says masquerade: {}",
+                        packet.src, theirs[0].2
+                    ));
+                }
+                Ok(())
+            }
+            Seen::One(Outcome::Refused) => match kind {
+                K::Reject => Ok(()),
+                K::Untouched if is_local(&packet.dst) => Ok(()),
+                _ => Err(format!(
+                    "refused at once; trace's verdict is {kind:?} (REJECT, or untouched to an address of the node, expected)"
+                )),
+            },
+            Seen::One(Outcome::Timeout) => match kind {
+                K::Drop => Ok(()),
+                K::Untouched if !is_local(&packet.dst) && pod_at(&packet.dst).is_none() => Ok(()),
+                _ => Err(format!(
+                    "timed out; trace's verdict is {kind:?} (DROP, or untouched to an address nobody has, expected)"
+                )),
+            },
+            Seen::One(Outcome::Error(e)) => match kind {
+                K::Dnat => Err(format!("failed ({e}); trace DNATs it")),
+                _ => Ok(()),
+            },
+            Seen::Pods(pods) => {
+                if kind != K::Dnat {
+                    return Err(format!(
+                        "{pods:?} answered every probe; trace's verdict is {kind:?}, not DNAT"
+                    ));
+                }
+                if let Some(o) = t
+                    .outcomes
+                    .iter()
+                    .find(|o| o.kind != K::Dnat && o.probability > 1e-9)
+                {
+                    return Err(format!(
+                        "every probe was answered; trace gives {:?} a probability of {:.3}",
+                        o.kind, o.probability
+                    ));
+                }
+                if let Some(c) = candidates.iter().find(|c| !c.1) {
+                    return Err(format!(
+                        "trace DNATs to {} on a port it does not listen on",
+                        c.0
+                    ));
+                }
+                let traced: std::collections::BTreeSet<String> =
+                    candidates.iter().map(|c| c.0.clone()).collect();
+                let exact = traced == *pods;
+                let subset = pods.is_subset(&traced);
+                if exact || (subset && self.has_affinity(t)) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "answers came from exactly {pods:?}; trace's candidates are {traced:?}"
+                    ))
+                }
+            }
+        }
+    }
+
+    /// A DNAT, REJECT or DROP verdict must name the Service responsible (SPEC
+    /// 2.4: "REJECT: default/web:http has no endpoints"): a `ns/name[:port]`
+    /// that the payload's comments use, and for a DNAT one whose rules DNAT to
+    /// a candidate endpoint.
+    fn verdict_names_the_service(&self, t: &trace::Trace) -> std::result::Result<(), String> {
+        use trace::VerdictKind as K;
+        let payload = self.payload();
+        // A hand-written payload without comments names no Service to report.
+        if t.verdict.kind == K::Untouched || !payload.contains("--comment") {
+            return Ok(());
+        }
+        let named: Vec<&str> = t
+            .verdict
+            .text
+            .split_whitespace()
+            .map(|w| w.trim_end_matches([',', '.', ';', ')']))
+            .filter(|w| w.contains('/') && w.starts_with(|c: char| c.is_ascii_alphabetic()))
+            .filter(|w| payload.contains(&format!("\"{w}")) || payload.contains(&format!(" {w} ")))
+            .collect();
+        let ok = match t.verdict.kind {
+            K::Dnat => t
+                .outcomes
+                .iter()
+                .filter_map(|o| o.endpoint.as_deref())
+                .any(|ep| {
+                    let to = format!("--to-destination {ep}");
+                    payload.lines().any(|l| {
+                        l.contains(&to)
+                            && named.iter().any(|n| {
+                                l.contains(&format!("\"{n} ")) || l.contains(&format!("\"{n}\""))
+                            })
+                    })
+                }),
+            _ => !named.is_empty(),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "the verdict {:?} does not name the Service whose rules decided",
+                t.verdict.text
+            ))
+        }
+    }
+
+    /// Whether a chain on the traced path holds a `recent --rcheck` or
+    /// `--update` rule (ClientIP session affinity).
+    fn has_affinity(&self, t: &trace::Trace) -> bool {
+        let payload = self.payload();
+        t.steps.iter().any(|s| {
+            let prefix = format!("-A {} ", s.chain);
+            payload.lines().any(|l| {
+                l.starts_with(&prefix)
+                    && l.contains("-m recent")
+                    && (l.contains("--rcheck") || l.contains("--update"))
+            })
+        })
+    }
+}
+
+/// `ip:port` or `[ip6]:port`.
+fn parse_endpoint(text: &str) -> Option<(IpAddr, u16)> {
+    let (host, port) = text.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Some((host.parse().ok()?, port.parse().ok()?))
 }
 
 impl Drop for DataPath {

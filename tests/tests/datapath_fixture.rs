@@ -2,17 +2,17 @@
 //! the pods, and a hand-written payload loads with both backends and DNATs,
 //! including hairpin. When these pass and an agent test fails, the rules are
 //! at fault, not the topology.
+//!
+//! Every probe goes through the fixture's `expect_*` assertions, so that each
+//! is also traced (`causeway-agent trace`) and must get the same answer: with
+//! no payload loaded, "untouched" everywhere.
 
 use causeway_tests::datapath::{
-    Backend, CLIENT_IP, DataPath, Family, NODE_IP, Origin, Outcome, POD_GATEWAY, Placement,
-    PodNetwork, Proto, v6,
+    Backend, CLIENT_IP, DataPath, Family, NODE_IP, Origin, POD_GATEWAY, Placement, PodNetwork,
+    Proto, v6,
 };
 
 const ECHO: &str = env!("CARGO_BIN_EXE_causeway-echo");
-
-fn answered_by(outcome: &Outcome, pod: &str) -> bool {
-    outcome.pod() == Some(pod)
-}
 
 fn reaches_pods_directly(network: PodNetwork) {
     let mut dp = DataPath::new(ECHO, network).expect("fixture");
@@ -23,56 +23,27 @@ fn reaches_pods_directly(network: PodNetwork) {
     // Without any rule, the client's address arrives unchanged everywhere.
     for pod in [&a, &b, &r] {
         for proto in [Proto::Tcp, Proto::Udp] {
-            let got = dp.probe(&Origin::client(), proto, &format!("{}:8080", pod.ip));
-            assert_eq!(
-                got.pod(),
-                Some(pod.name.as_str()),
-                "client → {} ({proto:?}): {got}",
-                pod.name
+            dp.expect_answer_from(
+                &Origin::client(),
+                proto,
+                &pod.at(8080),
+                &pod.name,
+                CLIENT_IP,
             );
-            assert_eq!(got.source(), Some(CLIENT_IP.parse().unwrap()), "{got}");
         }
-        let got = dp.probe(
-            &Origin::Client(v6::CLIENT_IP.into()),
+        dp.expect_answer_from(
+            &Origin::client6(),
             Proto::Tcp,
             &format!("[{}]:8080", pod.ip6),
-        );
-        assert_eq!(
-            got.source(),
-            Some(v6::CLIENT_IP.parse().unwrap()),
-            "client → {} over IPv6: {got}",
-            pod.name
+            &pod.name,
+            v6::CLIENT_IP,
         );
     }
-    let got = dp.probe(
-        &Origin::Pod(a.clone()),
-        Proto::Tcp,
-        &format!("{}:8080", r.ip),
-    );
-    assert!(
-        answered_by(&got, "pod-r") && got.source() == Some(a.ip.parse().unwrap()),
-        "{got}"
-    );
-    let got = dp.probe(
-        &Origin::Pod(a.clone()),
-        Proto::Tcp,
-        &format!("{}:8080", b.ip),
-    );
-    assert!(
-        answered_by(&got, "pod-b") && got.source() == Some(a.ip.parse().unwrap()),
-        "{got}"
-    );
-    let got = dp.probe(&Origin::Node, Proto::Tcp, &format!("{}:8080", r.ip));
-    assert_eq!(
-        got.source(),
-        Some(NODE_IP.parse().unwrap()),
-        "node → remote pod: {got}"
-    );
+    dp.expect_answer_from(&a.origin(), Proto::Tcp, &r.at(8080), "pod-r", &a.ip);
+    dp.expect_answer_from(&a.origin(), Proto::Tcp, &b.at(8080), "pod-b", &a.ip);
+    dp.expect_answer_from(&Origin::Node, Proto::Tcp, &r.at(8080), "pod-r", NODE_IP);
     // Nothing listens on the node itself: refused, not a timeout.
-    assert_eq!(
-        dp.probe(&Origin::client(), Proto::Tcp, &format!("{NODE_IP}:30080")),
-        Outcome::Refused
-    );
+    dp.expect_refused(&Origin::client(), Proto::Tcp, &format!("{NODE_IP}:30080"));
 }
 
 #[test]
@@ -108,23 +79,16 @@ fn hand_written_rules_load_and_hairpin(network: PodNetwork, backend: Backend) {
     dp.load(&hand_written_payload(&a.ip), Family::V4, backend)
         .expect("load");
 
-    let got = dp.probe(&Origin::Pod(b.clone()), Proto::Tcp, "100.127.0.1:80");
-    assert!(answered_by(&got, "pod-a"), "pod-b → VIP: {got}");
-    assert_eq!(
-        got.source(),
-        Some(b.ip.parse().unwrap()),
-        "pod-b → VIP unmasqueraded: {got}"
-    );
-    // Hairpin: pod-a reaches itself through the VIP and sees the node's address.
-    let got = dp.probe(&Origin::Pod(a.clone()), Proto::Tcp, "100.127.0.1:80");
-    assert!(
-        answered_by(&got, "pod-a"),
-        "hairpin ({network:?}, {backend:?}): {got}"
-    );
-    assert_eq!(
-        got.source(),
-        Some(POD_GATEWAY.parse().unwrap()),
-        "hairpin masqueraded: {got}"
+    // pod-b → VIP, unmasqueraded.
+    dp.expect_answer_from(&b.origin(), Proto::Tcp, "100.127.0.1:80", "pod-a", &b.ip);
+    // Hairpin: pod-a reaches itself through the VIP
+    // and sees the node's address.
+    dp.expect_answer_from(
+        &a.origin(),
+        Proto::Tcp,
+        "100.127.0.1:80",
+        "pod-a",
+        POD_GATEWAY,
     );
     assert!(dp.saved_rules(Family::V4, backend).contains("100.127.0.1"));
 }
