@@ -112,7 +112,9 @@ fn millis(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
-fn apply(backend: &str, payload: &str) -> Result<Duration, String> {
+/// Applies each payload in turn into one fresh network namespace and times
+/// each apply.
+fn apply(backend: &str, payloads: &[&str]) -> Result<Vec<Duration>, String> {
     let namespace = format!("cwbench-{}", std::process::id());
     let status = Command::new("ip")
         .args(["netns", "add", &namespace])
@@ -122,31 +124,33 @@ fn apply(backend: &str, payload: &str) -> Result<Duration, String> {
         return Err(format!("ip netns add {namespace} failed"));
     }
     let result = (|| {
-        let start = Instant::now();
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &namespace,
-                &format!("iptables-{backend}-restore"),
-                "--noflush",
-            ])
-            .stdin(Stdio::piped())
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        child
-            .stdin
-            .take()
-            .expect("piped stdin")
-            .write_all(payload.as_bytes())
-            .map_err(|e| e.to_string())?;
-        let status = child.wait().map_err(|e| e.to_string())?;
-        let elapsed = start.elapsed();
-        if status.success() {
-            Ok(elapsed)
-        } else {
-            Err(format!("iptables-{backend}-restore failed: {status}"))
+        let mut times = Vec::new();
+        for payload in payloads {
+            let start = Instant::now();
+            let mut child = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &namespace,
+                    &format!("iptables-{backend}-restore"),
+                    "--noflush",
+                ])
+                .stdin(Stdio::piped())
+                .spawn()
+                .map_err(|e| e.to_string())?;
+            child
+                .stdin
+                .take()
+                .expect("piped stdin")
+                .write_all(payload.as_bytes())
+                .map_err(|e| e.to_string())?;
+            let status = child.wait().map_err(|e| e.to_string())?;
+            if !status.success() {
+                return Err(format!("iptables-{backend}-restore failed: {status}"));
+            }
+            times.push(start.elapsed());
         }
+        Ok(times)
     })();
     let _ = Command::new("ip")
         .args(["netns", "del", &namespace])
@@ -182,6 +186,7 @@ fn main() {
     let render_options = RenderOptions {
         builtin_jumps: &jumps,
         delete_nat_chains: &[],
+        only: None,
     };
     let mut times = Vec::new();
     let mut payload = rules::render(&model, &config, &render_options);
@@ -231,11 +236,36 @@ fn main() {
     if let Some(path) = &args.out {
         std::fs::write(path, &payload.text).expect("write payload");
     }
+    // A partial sync as `run` makes it when one Service gains an endpoint:
+    // that port's chains plus the dispatch chains.
+    let mut changed_model = model.clone();
+    let first = &mut changed_model.service_ports[0];
+    let mut extra = first.cluster_endpoints[0].clone();
+    extra.ip = "10.255.255.254".parse().expect("literal");
+    first.cluster_endpoints.push(extra);
+    let only = std::collections::BTreeSet::from([(first.name.clone(), first.protocol)]);
+    let start = Instant::now();
+    let partial = rules::render(
+        &changed_model,
+        &config,
+        &RenderOptions {
+            builtin_jumps: &[],
+            delete_nat_chains: &payload.service_chains,
+            only: Some(&only),
+        },
+    );
+    println!(
+        "partial render (one Service changed): {}, {} bytes, {} nat rules written",
+        millis(start.elapsed()),
+        partial.text.len(),
+        partial.nat.rules
+    );
     for backend in &args.apply {
-        match apply(backend, &payload.text) {
-            Ok(elapsed) => println!(
-                "apply (iptables-{backend}-restore --noflush, fresh netns): {:.2} s",
-                elapsed.as_secs_f64()
+        match apply(backend, &[&payload.text, &partial.text]) {
+            Ok(times) => println!(
+                "apply (iptables-{backend}-restore --noflush, fresh netns): full {:.2} s, then partial {:.2} s",
+                times[0].as_secs_f64(),
+                times[1].as_secs_f64()
             ),
             Err(error) => println!("apply with {backend}: {error}"),
         }

@@ -32,9 +32,9 @@ use crate::conntrack;
 use crate::debug::{self, RulesLog};
 use crate::health::{self, BindFailure, ProxyHealth, ServiceHealth, ServiceHealthServers};
 use crate::metrics::Metrics;
-use crate::model::{self, Issue, Model, NodeInfo};
+use crate::model::{self, Issue, Model, NodeInfo, Protocol, ServicePort, ServicePortName};
 use crate::netfilter::{Backend, Netfilter};
-use crate::rules::{self, RenderOptions};
+use crate::rules::{self, RenderConfig, RenderOptions};
 
 /// Services kube-proxy does not program either: another proxy's, and
 /// headless ones (the model ignores them too; the selector saves the memory).
@@ -367,8 +367,13 @@ struct FamilyState {
     /// Per-service nat chains in the last applied payload; `None` until the
     /// first sync has read what exists.
     applied_chains: Option<Vec<String>>,
-    /// The model of the last applied payload, for the conntrack cleanup.
+    /// The model of the last applied payload: the base of partial syncs and
+    /// of the conntrack cleanup. `None` forces a full sync.
     applied_model: Option<Model>,
+    /// The configuration it was rendered with; a change forces a full sync.
+    applied_config: Option<RenderConfig>,
+    /// When the last full sync was applied.
+    last_full: Option<Instant>,
 }
 
 /// Builds and applies the payloads; remembers what it applied.
@@ -429,11 +434,14 @@ impl Syncer {
                     netfilter: Netfilter::new(family, self.config.backend),
                     applied_chains: None,
                     applied_model: None,
+                    applied_config: None,
+                    last_full: None,
                 });
             }
         }
 
         let mut failed = false;
+        let mut all_full = true;
         let mut models = Vec::new();
         let mut rule_counts: BTreeMap<&str, usize> = BTreeMap::new();
         for state in &mut self.families {
@@ -466,17 +474,42 @@ impl Syncer {
                     }
                 },
             };
-            let jumps = state
-                .netfilter
-                .missing_jumps(&rules::builtin_jumps(&render_config));
+            // Full: at start, after a failure, when the configuration changed,
+            // and once per --sync-period (which also restores whatever another
+            // program flushed). Otherwise only the service ports that changed
+            // get their chains rewritten; the dispatch chains are always whole.
+            let full = state.applied_model.is_none()
+                || state.applied_config.as_ref() != Some(&render_config)
+                || state
+                    .last_full
+                    .is_none_or(|t| t.elapsed() >= self.config.sync_period);
+            let changed: BTreeSet<(ServicePortName, Protocol)> = match (&state.applied_model, full)
+            {
+                (Some(before), false) => changed_ports(before, &model),
+                _ => BTreeSet::new(),
+            };
+            if !full && changed.is_empty() && state.applied_model.as_ref() == Some(&model) {
+                debug!(family = ?family, "nothing changed");
+                models.push(model);
+                continue;
+            }
+            let jumps = if full {
+                state
+                    .netfilter
+                    .missing_jumps(&rules::builtin_jumps(&render_config))
+            } else {
+                Vec::new()
+            };
             let payload = rules::render(
                 &model,
                 &render_config,
                 &RenderOptions {
                     builtin_jumps: &jumps,
                     delete_nat_chains: &previous,
+                    only: (!full).then_some(&changed),
                 },
             );
+            all_full &= full;
             self.shared
                 .metrics
                 .restore_bytes
@@ -484,15 +517,17 @@ impl Syncer {
             match state.netfilter.restore(&payload.text) {
                 Ok(()) => {
                     self.shared.rules.applied(family, &payload.text);
-                    for (table, stats) in [
-                        ("filter", payload.filter),
-                        ("nat", payload.nat),
-                        ("mangle", payload.mangle),
+                    for (table, rules) in [
+                        ("filter", payload.filter.rules),
+                        ("nat", payload.nat.rules + payload.nat_kept.rules),
+                        ("mangle", payload.mangle.rules),
                     ] {
-                        *rule_counts.entry(table).or_default() += stats.rules;
+                        *rule_counts.entry(table).or_default() += rules;
                     }
                     info!(
                         family = ?family,
+                        full,
+                        rewritten_service_ports = if full { model.service_ports.len() } else { changed.len() },
                         service_ports = model.service_ports.len(),
                         nat_rules = payload.nat.rules,
                         filter_rules = payload.filter.rules,
@@ -521,6 +556,10 @@ impl Syncer {
                         }
                     }
                     state.applied_model = Some(model.clone());
+                    state.applied_config = Some(render_config);
+                    if full {
+                        state.last_full = Some(Instant::now());
+                    }
                     models.push(model);
                 }
                 Err(e) => {
@@ -531,7 +570,11 @@ impl Syncer {
                         .rules
                         .failed(family, &payload.text, &e.to_string());
                     self.shared.metrics.restore_failures.inc();
+                    if !full {
+                        self.shared.metrics.partial_restore_failures.inc();
+                    }
                     state.applied_chains = None;
+                    state.applied_model = None;
                     failed = true;
                 }
             }
@@ -539,7 +582,11 @@ impl Syncer {
 
         let elapsed = started.elapsed().as_secs_f64();
         self.shared.metrics.sync_duration.observe(elapsed);
-        self.shared.metrics.sync_full_duration.observe(elapsed);
+        if all_full {
+            self.shared.metrics.sync_full_duration.observe(elapsed);
+        } else {
+            self.shared.metrics.sync_partial_duration.observe(elapsed);
+        }
         if failed {
             // The changes stay pending: health turns 503 if this persists.
             self.shared.health.queued();
@@ -617,6 +664,22 @@ impl Syncer {
     }
 }
 
+/// The service ports whose rules differ between two models: added or changed
+/// (removed ones are handled by deleting their chains).
+fn changed_ports(before: &Model, after: &Model) -> BTreeSet<(ServicePortName, Protocol)> {
+    let old: BTreeMap<(&ServicePortName, Protocol), &ServicePort> = before
+        .service_ports
+        .iter()
+        .map(|p| ((&p.name, p.protocol), p))
+        .collect();
+    after
+        .service_ports
+        .iter()
+        .filter(|p| old.get(&(&p.name, p.protocol)) != Some(p))
+        .map(|p| (p.name.clone(), p.protocol))
+        .collect()
+}
+
 /// The IP families this node proxies: those of its addresses and of the
 /// cluster CIDRs; IPv4 when nothing says otherwise.
 fn wanted_families(options: &ProxyOptions, node: &NodeInfo) -> Vec<IpFamily> {
@@ -677,6 +740,49 @@ mod tests {
         assert_eq!(
             wanted_families(&options(&["fd00::1"], &[]), &node),
             [IpFamily::V6]
+        );
+    }
+
+    #[test]
+    fn only_added_and_changed_ports_count_as_changed() {
+        use crate::model::fixtures::{EndpointBuilder, ServiceBuilder, SliceBuilder};
+        let node = NodeInfo::named("node-a");
+        let build = |endpoints: &[&str], extra: bool| {
+            let mut services = vec![
+                ServiceBuilder::new("default", "web")
+                    .cluster_ip("10.96.0.10")
+                    .port("http", 80, "TCP")
+                    .build(),
+            ];
+            if extra {
+                services.push(
+                    ServiceBuilder::new("default", "api")
+                        .cluster_ip("10.96.0.20")
+                        .port("http", 80, "TCP")
+                        .build(),
+                );
+            }
+            let mut slice = SliceBuilder::new("default", "web", "web-1").port("http", 8080, "TCP");
+            for ip in endpoints {
+                slice = slice.endpoint(EndpointBuilder::new(ip).node("node-b"));
+            }
+            model::build(&services, &[slice.build()], &node, IpFamily::V4).0
+        };
+        let before = build(&["10.244.2.1"], false);
+        assert!(changed_ports(&before, &before).is_empty());
+        let names = |set: BTreeSet<(ServicePortName, Protocol)>| -> Vec<String> {
+            set.into_iter().map(|(n, _)| n.to_string()).collect()
+        };
+        assert_eq!(
+            names(changed_ports(
+                &before,
+                &build(&["10.244.2.1", "10.244.2.2"], false)
+            )),
+            ["default/web:http"]
+        );
+        assert_eq!(
+            names(changed_ports(&before, &build(&["10.244.2.1"], true))),
+            ["default/api:http"]
         );
     }
 }

@@ -328,6 +328,7 @@ fn render_manifests(args: &RenderArgs) -> anyhow::Result<Rendered> {
         &RenderOptions {
             builtin_jumps: &jumps,
             delete_nat_chains: &[],
+            only: None,
         },
     );
     Ok(Rendered {

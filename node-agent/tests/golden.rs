@@ -42,6 +42,7 @@ fn render_case(name: &str, family: IpFamily) -> String {
         &RenderOptions {
             builtin_jumps: &jumps,
             delete_nat_chains: &[],
+            only: None,
         },
     );
     let problems = check(&payload.text);

@@ -221,6 +221,13 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
         "no network programming latency measured:\n{metrics}"
     );
     assert!(metrics.contains("kubeproxy_sync_proxy_rules_iptables_total{table=\"nat\"}"));
+    // Changes since the first sync were applied as partial syncs.
+    let partial: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kubeproxy_sync_partial_proxy_rules_duration_seconds_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(partial > 0, "no partial sync:\n{metrics}");
 
     // The agent's own health, as the NLB and kubelet probe it.
     let (_, body) = wait_http(

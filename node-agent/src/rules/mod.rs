@@ -25,7 +25,7 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use crate::addr::{Cidr, IpFamily};
-use crate::model::{Endpoint, Locality, Model, ServicePort};
+use crate::model::{Endpoint, Locality, Model, Protocol, ServicePort, ServicePortName};
 use names::{ServiceChains, endpoint_chain};
 
 pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
@@ -275,6 +275,11 @@ pub struct RenderOptions<'a> {
     /// Per-service nat chains applied before and no longer wanted: flushed and
     /// deleted in the same transaction.
     pub delete_nat_chains: &'a [String],
+    /// A partial sync: write the own chains (`KUBE-SVC-`, `KUBE-SVL-`,
+    /// `KUBE-EXT-`, `KUBE-FW-`) of these service ports only; every other port's
+    /// chains stay as applied before, untouched by `--noflush`. The dispatch
+    /// chains are always written whole. `None` writes everything.
+    pub only: Option<&'a BTreeSet<(ServicePortName, Protocol)>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -292,9 +297,13 @@ pub struct Payload {
     pub mangle: TableStats,
     pub filter: TableStats,
     pub nat: TableStats,
-    /// The per-service nat chains this payload declares and fills; whatever
-    /// was applied before and is not here is stale next time.
+    /// The per-service nat chains of the whole model (declared here, or left
+    /// in place by a partial render); whatever was applied before and is not
+    /// here is stale next time.
     pub service_chains: Vec<String>,
+    /// Rules and chains a partial render left in place (not in `text`), so
+    /// `nat` + `nat_kept` is what the nat table holds after applying.
+    pub nat_kept: TableStats,
 }
 
 /// One table's section while it is being written: chain declarations first,
@@ -329,6 +338,21 @@ impl TableWriter {
     fn line(&mut self, line: &str) {
         self.rules.push_str(line);
         self.rules.push('\n');
+    }
+
+    fn clear(&mut self) {
+        self.chains.clear();
+        self.rules.clear();
+        self.stats = TableStats::default();
+    }
+
+    /// Appends what `other` holds (declarations and rules), emptying it.
+    fn take_from(&mut self, other: &mut TableWriter) {
+        self.chains.push_str(&other.chains);
+        self.rules.push_str(&other.rules);
+        self.stats.chains += other.stats.chains;
+        self.stats.rules += other.stats.rules;
+        other.clear();
     }
 
     fn finish(self, name: &str, out: &mut String) -> TableStats {
@@ -447,8 +471,22 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
         not_local_if: config.local_traffic.if_not_local(),
         service_chains: Vec::new(),
     };
+    // Each port's own chains are written aside and kept only when this
+    // render is to (re)write them; the dispatch rules always stay.
+    let mut own = TableWriter::default();
+    let mut nat_kept = TableStats::default();
     for port in &model.service_ports {
-        render_service_port(port, &mut ctx, &mut filter, &mut nat);
+        render_service_port(port, &mut ctx, &mut filter, &mut nat, &mut own);
+        let write_own = options
+            .only
+            .is_none_or(|only| only.contains(&(port.name.clone(), port.protocol)));
+        if write_own {
+            nat.take_from(&mut own);
+        } else {
+            nat_kept.chains += own.stats.chains;
+            nat_kept.rules += own.stats.rules;
+            own.clear();
+        }
     }
 
     render_nodeports_jump(config, &mut nat);
@@ -503,6 +541,7 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
         filter,
         nat,
         service_chains: ctx.service_chains,
+        nat_kept,
     }
 }
 
@@ -588,6 +627,7 @@ fn render_service_port(
     ctx: &mut ServiceContext<'_>,
     filter: &mut TableWriter,
     nat: &mut TableWriter,
+    own: &mut TableWriter,
 ) {
     let chains = ServiceChains::new(&port.name, port.protocol);
     let name = port.name.to_string();
@@ -756,101 +796,101 @@ fn render_service_port(
             ctx.not_local_if.as_ref().map(|m| format!(" {m}"))
         };
         if let Some(extra) = masquerade_match {
-            let r = nat.append(internal_chain);
+            let r = own.append(internal_chain);
             let _ = write!(
                 r,
                 " -m comment --comment \"{name} cluster IP\" {match_proto} -d {} --dport {}{extra} -j {KUBE_MARK_MASQ}",
                 port.cluster_ip, port.port
             );
-            nat.end();
+            own.end();
         }
     }
 
     if uses_external_chain {
-        nat.chain(&chains.external);
+        own.chain(&chains.external);
         ctx.service_chains.push(chains.external.clone());
         if !port.external_policy_local() {
             // Endpoints may be on other nodes, so the reply must come back here.
-            let r = nat.append(&chains.external);
+            let r = own.append(&chains.external);
             let _ = write!(
                 r,
                 " -m comment --comment \"masquerade traffic for {name} external destinations\" -j {KUBE_MARK_MASQ}"
             );
-            nat.end();
+            own.end();
         } else {
             // Pods and the node itself reach every endpoint, as if they had gone
             // out to the load balancer and come back in.
             if let Some(local_if) = &ctx.local_if {
-                let r = nat.append(&chains.external);
+                let r = own.append(&chains.external);
                 let _ = write!(
                     r,
                     " -m comment --comment \"pod traffic for {name} external destinations\" {local_if} -j {}",
                     chains.cluster
                 );
-                nat.end();
+                own.end();
             }
             // The node's source address would be the service IP itself.
-            let r = nat.append(&chains.external);
+            let r = own.append(&chains.external);
             let _ = write!(
                 r,
                 " -m comment --comment \"masquerade LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j {KUBE_MARK_MASQ}"
             );
-            nat.end();
-            let r = nat.append(&chains.external);
+            own.end();
+            let r = own.append(&chains.external);
             let _ = write!(
                 r,
                 " -m comment --comment \"route LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j {}",
                 chains.cluster
             );
-            nat.end();
+            own.end();
         }
         if has_external_endpoints {
-            let r = nat.append(&chains.external);
+            let r = own.append(&chains.external);
             let _ = write!(r, " -j {external_policy_chain}");
-            nat.end();
+            own.end();
         }
     }
 
     if uses_firewall_chain {
-        nat.chain(&chains.firewall);
+        own.chain(&chains.firewall);
         ctx.service_chains.push(chains.firewall.clone());
         let mut allow_from_node = false;
         for cidr in &port.load_balancer_source_ranges {
-            let r = nat.append(&chains.firewall);
+            let r = own.append(&chains.firewall);
             let _ = write!(
                 r,
                 " -m comment --comment \"{name} loadbalancer IP\" -s {cidr} -j {}",
                 chains.external
             );
-            nat.end();
+            own.end();
             allow_from_node |= ctx.config.node_ips.iter().any(|ip| cidr.contains(ip));
         }
         // A node reaching its own LB IP (often a local address) arrives with the
         // LB IP as source; admit it when the node itself is admitted.
         if allow_from_node {
             for ip in &port.load_balancer_ips {
-                let r = nat.append(&chains.firewall);
+                let r = own.append(&chains.firewall);
                 let _ = write!(
                     r,
                     " -m comment --comment \"{name} loadbalancer IP\" -s {ip} -j {}",
                     chains.external
                 );
-                nat.end();
+                own.end();
             }
         }
-        let r = nat.append(&chains.firewall);
+        let r = own.append(&chains.firewall);
         let _ = write!(
             r,
             " -m comment --comment \"other traffic to {name} will be dropped by KUBE-PROXY-FIREWALL\""
         );
-        nat.end();
+        own.end();
     }
 
     if uses_cluster_chain {
-        nat.chain(&chains.cluster);
+        own.chain(&chains.cluster);
         ctx.service_chains.push(chains.cluster.clone());
         write_endpoint_rules(
-            nat,
+            own,
             ctx,
             port,
             &name,
@@ -860,10 +900,10 @@ fn render_service_port(
         );
     }
     if uses_local_chain {
-        nat.chain(&chains.local);
+        own.chain(&chains.local);
         ctx.service_chains.push(chains.local.clone());
         write_endpoint_rules(
-            nat,
+            own,
             ctx,
             port,
             &name,

@@ -570,6 +570,7 @@ fn jump_rules_can_be_left_out_and_stale_chains_deleted() {
         &RenderOptions {
             builtin_jumps: &[],
             delete_nat_chains: &stale,
+            only: None,
         },
     );
     assert!(lines_with(&payload, "-I ").is_empty());
@@ -640,4 +641,54 @@ fn large_clusters_drop_per_endpoint_comments() {
     let payload = render_with(&services, &slices, &config());
     assert_eq!(lines_with(&payload, "-j DNAT").len(), 1010);
     assert!(lines_with(&payload, " -> ").is_empty());
+}
+
+#[test]
+fn a_partial_render_rewrites_only_the_changed_ports_chains() {
+    let api = ServiceBuilder::new("default", "api")
+        .cluster_ip("10.96.0.20")
+        .port("http", 80, "TCP")
+        .build();
+    let api_slice = SliceBuilder::new("default", "api", "api-1")
+        .port("http", 8080, "TCP")
+        .endpoint(Ep::new("10.244.2.7").node("node-b"))
+        .build();
+    let (model, _) = model::build(
+        &[web().build(), api],
+        &[slice(&[("10.244.2.1", "node-b")]), api_slice],
+        &node(IpFamily::V4),
+        IpFamily::V4,
+    );
+    let full = render(&model, &config(), &RenderOptions::default());
+    let api_port = model
+        .service_ports
+        .iter()
+        .find(|p| p.name.name == "api")
+        .unwrap();
+    let only = BTreeSet::from([(api_port.name.clone(), api_port.protocol)]);
+    let partial = render(
+        &model,
+        &config(),
+        &RenderOptions {
+            only: Some(&only),
+            ..RenderOptions::default()
+        },
+    );
+    let api_chain = names::ServiceChains::new(&api_port.name, api_port.protocol).cluster;
+    // The changed port's chain is declared and refilled…
+    assert_eq!(lines_with(&partial, &format!(":{api_chain} ")).len(), 1);
+    assert!(!lines_with(&partial, "--to-destination 10.244.2.7:8080").is_empty());
+    // …the unchanged one is left alone (not declared, so not flushed)…
+    assert!(lines_with(&partial, &format!(":{SVC} ")).is_empty());
+    assert!(lines_with(&partial, &format!("-A {SVC} ")).is_empty());
+    // …but the dispatch chains still lead to both.
+    assert_eq!(lines_with(&partial, &format!("-j {SVC}")).len(), 1);
+    assert_eq!(lines_with(&partial, &format!("-j {api_chain}")).len(), 1);
+    assert_eq!(partial.service_chains, full.service_chains);
+    assert_eq!(
+        partial.nat.rules + partial.nat_kept.rules,
+        full.nat.rules,
+        "the kept rules are accounted for"
+    );
+    assert!(partial.nat_kept.rules > 0);
 }
