@@ -678,6 +678,42 @@ impl Cluster {
         Ok(pid)
     }
 
+    /// Starts a long-running program in the host namespace (where the apiserver
+    /// and moto are reachable), with extra environment variables; it is recorded
+    /// and killed at tear-down like the environment's own processes. Output goes
+    /// to `<dir>/<log_name>.log`.
+    pub fn spawn_host(
+        &self,
+        log_name: &str,
+        program: &Path,
+        args: &[&str],
+        envs: &[(String, String)],
+    ) -> Result<u32> {
+        let log_path = self.dir().join(format!("{log_name}.log"));
+        let log = fs::File::create(&log_path)
+            .with_context(|| format!("cannot create {}", log_path.display()))?;
+        let child = Command::new(program)
+            .args(args)
+            .envs(envs.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", program.display()))?;
+        let pid = child.id();
+        let name = program
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        {
+            let mut state = self.state.lock().expect("state lock");
+            state.processes.push(RecordedProcess { name, pid });
+            state.save()?;
+        }
+        self.children.lock().expect("children lock").push(child);
+        Ok(pid)
+    }
+
     /// Adds a pod on `node`: a namespace behind a veth on the node's `cbr0`,
     /// running causeway-echo on [`ECHO_PORTS`], a Pod object bound to the node,
     /// and its status patched Running/Ready with its IP.

@@ -4,10 +4,14 @@
 #![forbid(unsafe_code)]
 
 use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use causeway_tests::cluster::{self, Cluster, ClusterOptions, DetachedInfo};
+use causeway_tests::paths;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -46,6 +50,14 @@ struct UpArgs {
     /// Cluster name (the kubernetes.io/cluster/<name> tag in moto).
     #[arg(long, default_value = "causeway-local")]
     cluster_name: String,
+    /// Also run Causeway: `causeway-agent run` in every node namespace and two
+    /// leader-elected `causeway-controller run` replicas against the apiserver
+    /// and moto (logs in the state directory; `down` stops them).
+    #[arg(long)]
+    with_causeway: bool,
+    /// Controller replicas started by `--with-causeway`.
+    #[arg(long, default_value_t = 2, requires = "with_causeway")]
+    controllers: usize,
 }
 
 #[derive(clap::Args)]
@@ -76,6 +88,8 @@ async fn up(
     UpArgs {
         nodes,
         cluster_name,
+        with_causeway,
+        controllers,
     }: UpArgs,
 ) -> Result<()> {
     if down(env_dir).is_err() {
@@ -87,7 +101,7 @@ async fn up(
     eprintln!(
         "causeway-env: starting etcd, kube-apiserver, kube-controller-manager, moto and {nodes} node namespaces…"
     );
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let cluster = Cluster::start(ClusterOptions {
         nodes,
         cluster_name,
@@ -102,6 +116,30 @@ async fn up(
         "export PATH='{}':\"$PATH\"\n",
         cluster.bin_dir().display()
     ));
+    exports.push_str(&format!(
+        "export CAUSEWAY_STATE_DIR='{}'\n",
+        cluster.dir().display()
+    ));
+    exports.push_str(&format!(
+        "export CAUSEWAY_EXTERNAL_NETNS='{}'\n",
+        cluster.external_netns()
+    ));
+    let causeway = if with_causeway {
+        let started = start_causeway(&cluster, controllers).await?;
+        let list: Vec<String> = started
+            .controllers
+            .iter()
+            .map(|(name, addr)| format!("{name}={addr}"))
+            .collect();
+        exports.push_str(&format!(
+            "# causeway-controller replicas: identity=metrics address (/metrics, /readyz)\n\
+             export CAUSEWAY_CONTROLLERS='{}'\n",
+            list.join(" ")
+        ));
+        Some(started)
+    } else {
+        None
+    };
     fs::write(&env_file, exports)?;
     let nodes_summary: Vec<String> = cluster
         .nodes()
@@ -118,6 +156,20 @@ async fn up(
     );
     println!("  nodes:        {}", nodes_summary.join(", "));
     println!("  AWS (moto):   {endpoint}");
+    if let Some(started) = &causeway {
+        println!(
+            "  agents:       causeway-agent run in {} (health :10256 on each node)",
+            started.agents.join(", ")
+        );
+        for (name, addr) in &started.controllers {
+            let role = if Some(name) == started.leader.as_ref() {
+                "leader"
+            } else {
+                "follower"
+            };
+            println!("  controller:   {name} ({role}), metrics http://{addr}/metrics");
+        }
+    }
     println!("  logs, state:  {}", dir.display());
     println!(
         "Use it:  . {}   then e.g.  kubectl get nodes",
@@ -125,6 +177,163 @@ async fn up(
     );
     println!("Stop it: make down");
     Ok(())
+}
+
+/// What `--with-causeway` started.
+struct Started {
+    agents: Vec<String>,
+    /// (identity, metrics address) per controller replica.
+    controllers: Vec<(String, String)>,
+    leader: Option<String>,
+}
+
+/// Starts the agents and the controller replicas, recorded in the environment
+/// (so tear-down stops them), and waits until every agent answers its health
+/// port, every replica is ready and one holds the lease. On error the caller
+/// drops the environment, which tears everything down.
+async fn start_causeway(cluster: &Cluster, replicas: usize) -> Result<Started> {
+    if replicas == 0 {
+        bail!("--controllers must be at least 1");
+    }
+    let kubeconfig = cluster.kubeconfig().display().to_string();
+    let cluster_cidr = cluster.cluster_cidr();
+    let agent = paths::workspace_bin("causeway-agent");
+    let controller = paths::workspace_bin("causeway-controller");
+    eprintln!(
+        "causeway-env: starting causeway-agent on {} nodes and {replicas} causeway-controller replicas…",
+        cluster.nodes().len()
+    );
+    let mut agents = Vec::new();
+    let mut agent_pids = Vec::new();
+    for node in cluster.nodes() {
+        let pid = cluster.spawn_in(
+            &node.netns,
+            &format!("agent-{}", node.name),
+            &agent,
+            &[
+                "run",
+                "--node-name",
+                &node.name,
+                "--kubeconfig",
+                &kubeconfig,
+                "--cluster-cidr",
+                &cluster_cidr,
+                "--healthz-bind-address",
+                "0.0.0.0:10256",
+                "--metrics-bind-address",
+                "127.0.0.1:10249",
+            ],
+        )?;
+        agents.push(node.name.clone());
+        agent_pids.push((format!("agent-{}", node.name), pid));
+    }
+    let mut controllers = Vec::new();
+    let mut controller_pids = Vec::new();
+    for i in 1..=replicas {
+        let identity = format!("causeway-controller-{i}");
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let address = format!("127.0.0.1:{port}");
+        let mut envs = cluster.env_vars();
+        envs.push(("POD_NAME".into(), identity.clone()));
+        envs.push(("RUST_LOG".into(), "info".into()));
+        let pid = cluster.spawn_host(
+            &identity,
+            &controller,
+            &[
+                "run",
+                "--cluster-name",
+                cluster.cluster_name(),
+                "--kubeconfig",
+                &kubeconfig,
+                "--metrics-addr",
+                &address,
+                "--health-addr",
+                &address,
+            ],
+            &envs,
+        )?;
+        controllers.push((identity.clone(), address));
+        controller_pids.push((identity, pid));
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let alive = |dir: &Path, procs: &[(String, u32)]| -> Result<()> {
+        for (log, pid) in procs {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let text = fs::read_to_string(dir.join(format!("{log}.log"))).unwrap_or_default();
+                let last = text
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("(empty log)");
+                bail!("{log} exited while starting: {last}");
+            }
+        }
+        Ok(())
+    };
+    let dir = cluster.dir();
+    for node in cluster.nodes() {
+        let address = SocketAddr::from((node.ip, 10256));
+        while TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_err() {
+            alive(&dir, &agent_pids)?;
+            if Instant::now() > deadline {
+                bail!(
+                    "causeway-agent on {} did not answer on {address} within 60 s (log: {})",
+                    node.name,
+                    dir.join(format!("agent-{}.log", node.name)).display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let leader = loop {
+        alive(&dir, &controller_pids)?;
+        let mut ready = 0;
+        let mut leader = None;
+        for (identity, address) in &controllers {
+            if http_get(address, "/readyz").is_ok_and(|b| b.trim() == "ok") {
+                ready += 1;
+            }
+            if http_get(address, "/metrics")
+                .is_ok_and(|m| m.lines().any(|l| l.trim() == "causeway_leader 1"))
+            {
+                leader = Some(identity.clone());
+            }
+        }
+        if ready == controllers.len() && leader.is_some() {
+            break leader;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the controllers were not ready with a leader within 60 s ({ready}/{} ready, leader: {}); logs in {}",
+                controllers.len(),
+                leader.as_deref().unwrap_or("none"),
+                dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    Ok(Started {
+        agents,
+        controllers,
+        leader,
+    })
+}
+
+/// A minimal HTTP/1.0 GET against `address`; the body of a 200 answer.
+fn http_get(address: &str, path: &str) -> Result<String> {
+    let mut stream = TcpStream::connect_timeout(&address.parse()?, Duration::from_secs(1))?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP answer")?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_string())
 }
 
 fn down(env_dir: &Path) -> Result<()> {
