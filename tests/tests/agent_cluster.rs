@@ -3,6 +3,7 @@
 //! Service and EndpointSlice changes made through it.
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
@@ -135,6 +136,10 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
             &kubeconfig,
             "--cluster-cidr",
             &cluster_cidr,
+            // No periodic full sync during the test: every sync it sees is
+            // caused by an API change.
+            "--sync-period",
+            "10m",
         ],
     )?;
 
@@ -282,6 +287,79 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
         .set_pod_ready("default", "web-1", web1.ip, cluster.node("node-1"), false)
         .await?;
     wait_http(&cluster.external_netns(), &url, 503, "\"localEndpoints\":0")?;
+
+    // A change that does not touch the rules (a label) applies nothing.
+    let restores = |metrics: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("causeway_agent_restore_bytes_count "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before = restores(&http_get(&node1.netns, "http://127.0.0.1:10249/metrics")?.2);
+    let patch = json!({"metadata": {"labels": {"team": "payments"}}});
+    services
+        .patch("web", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    std::thread::sleep(Duration::from_secs(3));
+    let after = restores(&http_get(&node1.netns, "http://127.0.0.1:10249/metrics")?.2);
+    assert_eq!(after, before, "a no-op change ran iptables-restore");
+
+    // Garbage on the health ports takes nothing down: a half-sent request
+    // held open, random bytes and a 1 MiB header, while probes go on.
+    let healthz = format!("http://{}:10256/healthz", node1.ip);
+    let mut held = Vec::new();
+    for port in [10256u16, u16::try_from(health_port)?] {
+        let address = std::net::SocketAddr::new(node1.ip.into(), port);
+        let mut slow = std::net::TcpStream::connect(address)?;
+        slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")?;
+        held.push(slow);
+        let mut noise = std::net::TcpStream::connect(address)?;
+        noise.write_all(
+            &(0..4096u32)
+                .map(|i| (i * 7919 % 251) as u8)
+                .collect::<Vec<_>>(),
+        )?;
+        held.push(noise);
+        let mut huge = std::net::TcpStream::connect(address)?;
+        let _ = huge
+            .write_all(format!("GET / HTTP/1.1\r\nX-Big: {}\r\n", "a".repeat(1 << 20)).as_bytes());
+        held.push(huge);
+    }
+    wait_http(&cluster.external_netns(), &healthz, 200, "lastUpdated")?;
+    wait_http(&cluster.external_netns(), &url, 503, "\"localEndpoints\":0")?;
+    drop(held);
+
+    // The autoscaler is about to remove node-1: /healthz says 503 so load
+    // balancers drain it, /livez stays 200 (the agent itself is fine).
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(cluster.client());
+    let taint = json!({"spec": {"taints": [
+        {"key": "ToBeDeletedByClusterAutoscaler", "value": "1700000000", "effect": "NoSchedule"}]}});
+    nodes
+        .patch("node-1", &PatchParams::default(), &Patch::Merge(&taint))
+        .await?;
+    wait_http(
+        &cluster.external_netns(),
+        &healthz,
+        503,
+        "\"nodeEligible\":false",
+    )?;
+    wait_http(
+        &cluster.external_netns(),
+        &format!("http://{}:10256/livez", node1.ip),
+        200,
+        "lastUpdated",
+    )?;
+    let untaint = json!({"spec": {"taints": null}});
+    nodes
+        .patch("node-1", &PatchParams::default(), &Patch::Merge(&untaint))
+        .await?;
+    wait_http(
+        &cluster.external_netns(),
+        &healthz,
+        200,
+        "\"nodeEligible\":true",
+    )?;
 
     // Service deleted: its ClusterIP no longer leads anywhere.
     services.delete("web", &DeleteParams::default()).await?;
