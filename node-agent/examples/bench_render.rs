@@ -187,6 +187,7 @@ fn main() {
         builtin_jumps: &jumps,
         delete_nat_chains: &[],
         only: None,
+        previous: None,
     };
     let mut times = Vec::new();
     let mut payload = rules::render(&model, &config, &render_options);
@@ -252,6 +253,7 @@ fn main() {
             builtin_jumps: &[],
             delete_nat_chains: &payload.service_chains,
             only: Some(&only),
+            previous: Some(&model),
         },
     );
     println!(

@@ -32,7 +32,7 @@ use crate::conntrack;
 use crate::debug::{self, RulesLog};
 use crate::health::{self, BindFailure, ProxyHealth, ServiceHealth, ServiceHealthServers};
 use crate::metrics::Metrics;
-use crate::model::{self, Issue, Model, NodeInfo, Protocol, ServicePort, ServicePortName};
+use crate::model::{self, Issue, Model, NodeInfo, Protocol, ServicePortName};
 use crate::netfilter::{Backend, Netfilter};
 use crate::rules::{self, RenderConfig, RenderOptions};
 
@@ -485,7 +485,7 @@ impl Syncer {
                     .is_none_or(|t| t.elapsed() >= self.config.sync_period);
             let changed: BTreeSet<(ServicePortName, Protocol)> = match (&state.applied_model, full)
             {
-                (Some(before), false) => changed_ports(before, &model),
+                (Some(before), false) => rules::changed_ports(before, &model),
                 _ => BTreeSet::new(),
             };
             if !full && changed.is_empty() && state.applied_model.as_ref() == Some(&model) {
@@ -507,6 +507,7 @@ impl Syncer {
                     builtin_jumps: &jumps,
                     delete_nat_chains: &previous,
                     only: (!full).then_some(&changed),
+                    previous: state.applied_model.as_ref(),
                 },
             );
             all_full &= full;
@@ -516,10 +517,12 @@ impl Syncer {
                 .observe(payload.text.len() as f64);
             match state.netfilter.restore(&payload.text) {
                 Ok(()) => {
-                    self.shared.rules.applied(family, &payload.text);
+                    self.shared
+                        .rules
+                        .applied(family, model.clone(), render_config.clone());
                     for (table, rules) in [
                         ("filter", payload.filter.rules),
-                        ("nat", payload.nat.rules + payload.nat_kept.rules),
+                        ("nat", payload.nat_total_rules),
                         ("mangle", payload.mangle.rules),
                     ] {
                         *rule_counts.entry(table).or_default() += rules;
@@ -664,22 +667,6 @@ impl Syncer {
     }
 }
 
-/// The service ports whose rules differ between two models: added or changed
-/// (removed ones are handled by deleting their chains).
-fn changed_ports(before: &Model, after: &Model) -> BTreeSet<(ServicePortName, Protocol)> {
-    let old: BTreeMap<(&ServicePortName, Protocol), &ServicePort> = before
-        .service_ports
-        .iter()
-        .map(|p| ((&p.name, p.protocol), p))
-        .collect();
-    after
-        .service_ports
-        .iter()
-        .filter(|p| old.get(&(&p.name, p.protocol)) != Some(p))
-        .map(|p| (p.name.clone(), p.protocol))
-        .collect()
-}
-
 /// The IP families this node proxies: those of its addresses and of the
 /// cluster CIDRs; IPv4 when nothing says otherwise.
 fn wanted_families(options: &ProxyOptions, node: &NodeInfo) -> Vec<IpFamily> {
@@ -769,20 +756,26 @@ mod tests {
             model::build(&services, &[slice.build()], &node, IpFamily::V4).0
         };
         let before = build(&["10.244.2.1"], false);
-        assert!(changed_ports(&before, &before).is_empty());
+        assert!(rules::changed_ports(&before, &before).is_empty());
         let names = |set: BTreeSet<(ServicePortName, Protocol)>| -> Vec<String> {
             set.into_iter().map(|(n, _)| n.to_string()).collect()
         };
         assert_eq!(
-            names(changed_ports(
+            names(rules::changed_ports(
                 &before,
                 &build(&["10.244.2.1", "10.244.2.2"], false)
             )),
             ["default/web:http"]
         );
+        let with_api = build(&["10.244.2.1"], true);
         assert_eq!(
-            names(changed_ports(&before, &build(&["10.244.2.1"], true))),
+            names(rules::changed_ports(&before, &with_api)),
             ["default/api:http"]
+        );
+        assert_eq!(
+            names(rules::changed_ports(&with_api, &before)),
+            ["default/api:http"],
+            "a removed port counts too"
         );
     }
 }

@@ -20,6 +20,8 @@ use serde::Deserialize;
 
 use crate::addr::IpFamily;
 use crate::metrics::Metrics;
+use crate::model::Model;
+use crate::rules::{RenderConfig, RenderOptions, render};
 
 /// The payloads worth looking at when something is wrong.
 #[derive(Debug, Default)]
@@ -29,7 +31,10 @@ pub struct RulesLog {
 
 #[derive(Debug, Default)]
 struct RulesInner {
-    applied: BTreeMap<u8, String>,
+    /// What was last applied, as the model and configuration it was rendered
+    /// from: after partial syncs no single payload holds the whole ruleset,
+    /// so `/debug/rules` renders it whole on request.
+    applied: BTreeMap<u8, (Model, RenderConfig)>,
     failed: BTreeMap<u8, (String, String)>,
 }
 
@@ -41,11 +46,9 @@ fn family_number(family: IpFamily) -> u8 {
 }
 
 impl RulesLog {
-    pub fn applied(&self, family: IpFamily, payload: &str) {
+    pub fn applied(&self, family: IpFamily, model: Model, config: RenderConfig) {
         let mut inner = self.lock();
-        inner
-            .applied
-            .insert(family_number(family), payload.to_string());
+        inner.applied.insert(family_number(family), (model, config));
     }
 
     pub fn failed(&self, family: IpFamily, payload: &str, error: &str) {
@@ -60,7 +63,12 @@ impl RulesLog {
     pub fn get(&self, family: u8, which: Which) -> Option<String> {
         let inner = self.lock();
         match which {
-            Which::Applied => inner.applied.get(&family).cloned(),
+            // The jump rules from the built-in chains are left out, as in a
+            // live payload; `trace` adds kube-proxy's standard ones.
+            Which::Applied => inner
+                .applied
+                .get(&family)
+                .map(|(model, config)| render(model, config, &RenderOptions::default()).text),
             Which::Failed => inner
                 .failed
                 .get(&family)
@@ -152,21 +160,28 @@ pub async fn fetch(address: &str, path: &str) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::NodeInfo;
 
     #[tokio::test]
     async fn the_last_applied_and_failed_payloads_are_served() {
         let metrics = Arc::new(Metrics::new());
         let rules = Arc::new(RulesLog::default());
-        rules.applied(IpFamily::V4, "*nat\nCOMMIT\n");
+        let empty = Model {
+            family: IpFamily::V4,
+            node: NodeInfo::named("n"),
+            service_ports: Vec::new(),
+        };
+        rules.applied(IpFamily::V4, empty, RenderConfig::new(IpFamily::V4));
         rules.failed(IpFamily::V4, "*nat\n-A BAD\nCOMMIT\n", "line 2 failed");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         tokio::spawn(async move {
             axum::serve(listener, router(metrics, rules)).await.unwrap();
         });
-        assert_eq!(
-            fetch(&address, "/debug/rules?family=4").await.unwrap(),
-            "*nat\nCOMMIT\n"
+        let applied = fetch(&address, "/debug/rules?family=4").await.unwrap();
+        assert!(
+            applied.contains("*nat\n") && applied.contains(":KUBE-SERVICES - [0:0]"),
+            "{applied}"
         );
         assert_eq!(
             fetch(&address, "/debug/rules?family=4&which=failed")

@@ -329,6 +329,7 @@ fn render_manifests(args: &RenderArgs) -> anyhow::Result<Rendered> {
             builtin_jumps: &jumps,
             delete_nat_chains: &[],
             only: None,
+            previous: None,
         },
     );
     Ok(Rendered {

@@ -43,6 +43,7 @@ fn render_case(name: &str, family: IpFamily) -> String {
             builtin_jumps: &jumps,
             delete_nat_chains: &[],
             only: None,
+            previous: None,
         },
     );
     let problems = check(&payload.text);

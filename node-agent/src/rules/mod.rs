@@ -20,7 +20,7 @@
 pub mod check;
 pub mod names;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
@@ -280,6 +280,9 @@ pub struct RenderOptions<'a> {
     /// chains stay as applied before, untouched by `--noflush`. The dispatch
     /// chains are always written whole. `None` writes everything.
     pub only: Option<&'a BTreeSet<(ServicePortName, Protocol)>>,
+    /// With `only`: the model last applied, whose dispatch rules for the
+    /// ports in `only` are deleted where they differ from the new ones.
+    pub previous: Option<&'a Model>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -301,9 +304,9 @@ pub struct Payload {
     /// in place by a partial render); whatever was applied before and is not
     /// here is stale next time.
     pub service_chains: Vec<String>,
-    /// Rules and chains a partial render left in place (not in `text`), so
-    /// `nat` + `nat_kept` is what the nat table holds after applying.
-    pub nat_kept: TableStats,
+    /// The rules the nat table holds once this payload is applied (for a
+    /// partial render, more than it writes).
+    pub nat_total_rules: usize,
 }
 
 /// One table's section while it is being written: chain declarations first,
@@ -379,6 +382,25 @@ fn probabilities(max: usize) -> Vec<String> {
         .collect()
 }
 
+/// The service ports whose rules differ between two models: added, changed
+/// or removed.
+pub fn changed_ports(before: &Model, after: &Model) -> BTreeSet<(ServicePortName, Protocol)> {
+    fn index(model: &Model) -> BTreeMap<(&ServicePortName, Protocol), &ServicePort> {
+        model
+            .service_ports
+            .iter()
+            .map(|p| ((&p.name, p.protocol), p))
+            .collect()
+    }
+    let old = index(before);
+    let new = index(after);
+    old.keys()
+        .chain(new.keys())
+        .filter(|key| old.get(*key) != new.get(*key))
+        .map(|(name, protocol)| ((*name).clone(), *protocol))
+        .collect()
+}
+
 /// Renders the whole ruleset this node needs for `model`.
 pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>) -> Payload {
     let mark = config.masquerade_mark();
@@ -392,6 +414,9 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
     let mut mangle = TableWriter::default();
     mangle.chain(KUBE_PROXY_CANARY);
 
+    // A partial render edits the dispatch chains rule by rule instead of
+    // declaring (and so flushing) them.
+    let partial = options.only.is_some();
     for chain in [
         KUBE_SERVICES,
         KUBE_EXTERNAL_SERVICES,
@@ -400,7 +425,9 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
         KUBE_PROXY_FIREWALL,
         KUBE_PROXY_CANARY,
     ] {
-        filter.chain(chain);
+        if !(partial && FILTER_DISPATCH.contains(&chain)) {
+            filter.chain(chain);
+        }
     }
     for chain in [
         KUBE_SERVICES,
@@ -409,7 +436,9 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
         KUBE_MARK_MASQ,
         KUBE_PROXY_CANARY,
     ] {
-        nat.chain(chain);
+        if !(partial && NAT_DISPATCH.contains(&chain)) {
+            nat.chain(chain);
+        }
     }
 
     // Hairpin first: those packets carry no mark, and the next rule returns
@@ -417,10 +446,7 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
     let hairpin = hairpin_ips(model);
     for ip in &hairpin {
         let r = nat.append(KUBE_POSTROUTING);
-        let _ = write!(
-            r,
-            " -m comment --comment \"masquerade hairpin traffic to {ip}\" -s {ip} -d {ip} -m conntrack --ctstate DNAT -j MASQUERADE{random_fully}"
-        );
+        r.push_str(&hairpin_spec(ip, random_fully));
         nat.end();
     }
     let r = nat.append(KUBE_POSTROUTING);
@@ -452,6 +478,36 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
         filter.end();
     }
 
+    // A partial render leaves these chains alone (they follow from the
+    // configuration, which has not changed) except for the hairpin rules,
+    // which follow the endpoints and are edited one by one, new ones first
+    // (they must precede KUBE-POSTROUTING's RETURN). The rest is only
+    // counted.
+    let mut kept_rules: isize = 0;
+    if partial {
+        kept_rules += nat.stats.rules as isize;
+        filter.clear();
+        nat.clear();
+        mangle.clear();
+        let before = options.previous.map(hairpin_ips).unwrap_or_default();
+        for ip in before.difference(&hairpin) {
+            nat.line(&format!(
+                "-D {KUBE_POSTROUTING}{}",
+                hairpin_spec(ip, random_fully)
+            ));
+            nat.stats.rules += 1;
+            kept_rules -= 1;
+        }
+        for ip in hairpin.difference(&before) {
+            nat.line(&format!(
+                "-I {KUBE_POSTROUTING} 1{}",
+                hairpin_spec(ip, random_fully)
+            ));
+            nat.stats.rules += 1;
+            kept_rules -= 1;
+        }
+    }
+
     let total_endpoints: usize = model
         .service_ports
         .iter()
@@ -471,45 +527,109 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
         not_local_if: config.local_traffic.if_not_local(),
         service_chains: Vec::new(),
     };
-    // Each port's own chains are written aside and kept only when this
-    // render is to (re)write them; the dispatch rules always stay.
+    // Each port's rules are written aside: its own chains, and its entries
+    // in the dispatch chains. A full render keeps all of them. A partial one
+    // keeps the own chains of the ports in `only`, and turns their dispatch
+    // entries into a delta against the previous model: `-D` for entries that
+    // went, `-I … 1` for new ones (first, so the NodePort catch-all stays
+    // last in nat KUBE-SERVICES; the entries of different ports match
+    // different packets, so their order is free).
     let mut own = TableWriter::default();
-    let mut nat_kept = TableStats::default();
+    let mut port_filter = TableWriter::default();
+    let mut port_nat = TableWriter::default();
+    let previous_ports: BTreeMap<(&ServicePortName, Protocol), &ServicePort> = options
+        .previous
+        .map(|m| {
+            m.service_ports
+                .iter()
+                .map(|p| ((&p.name, p.protocol), p))
+                .collect()
+        })
+        .unwrap_or_default();
     for port in &model.service_ports {
-        render_service_port(port, &mut ctx, &mut filter, &mut nat, &mut own);
-        let write_own = options
-            .only
-            .is_none_or(|only| only.contains(&(port.name.clone(), port.protocol)));
-        if write_own {
+        render_service_port(port, &mut ctx, &mut port_filter, &mut port_nat, &mut own);
+        let Some(only) = options.only else {
+            filter.take_from(&mut port_filter);
+            nat.take_from(&mut port_nat);
             nat.take_from(&mut own);
+            continue;
+        };
+        if only.contains(&(port.name.clone(), port.protocol)) {
+            nat.take_from(&mut own);
+            let before = previous_ports.get(&(&port.name, port.protocol)).copied();
+            kept_rules += dispatch_delta(
+                before,
+                Some(port),
+                &ctx,
+                &mut port_filter,
+                &mut port_nat,
+                &mut filter,
+                &mut nat,
+            );
         } else {
-            nat_kept.chains += own.stats.chains;
-            nat_kept.rules += own.stats.rules;
+            kept_rules += (own.stats.rules + port_nat.stats.rules) as isize;
             own.clear();
+            port_filter.clear();
+            port_nat.clear();
+        }
+    }
+    // Ports that are gone: their dispatch entries go too (their chains are
+    // deleted through `delete_nat_chains`).
+    if let Some(only) = options.only {
+        let present: BTreeSet<(&ServicePortName, Protocol)> = model
+            .service_ports
+            .iter()
+            .map(|p| (&p.name, p.protocol))
+            .collect();
+        for (name, protocol) in only {
+            if present.contains(&(name, *protocol)) {
+                continue;
+            }
+            if let Some(before) = previous_ports.get(&(name, *protocol)) {
+                kept_rules += dispatch_delta(
+                    Some(before),
+                    None,
+                    &ctx,
+                    &mut port_filter,
+                    &mut port_nat,
+                    &mut filter,
+                    &mut nat,
+                );
+            }
         }
     }
 
-    render_nodeports_jump(config, &mut nat);
+    if partial {
+        // Unchanged, since the configuration is; counted, not written.
+        let mut nodeports = TableWriter::default();
+        render_nodeports_jump(config, &mut nodeports);
+        kept_rules += nodeports.stats.rules as isize;
+    } else {
+        render_nodeports_jump(config, &mut nat);
+    }
 
-    if !config.conntrack_tcp_liberal {
-        // INVALID packets would otherwise reach pods un-NATed and reset
-        // connections (kubernetes#74839).
+    if !partial {
+        if !config.conntrack_tcp_liberal {
+            // INVALID packets would otherwise reach pods un-NATed and reset
+            // connections (kubernetes#74839).
+            let r = filter.append(KUBE_FORWARD);
+            r.push_str(" -m conntrack --ctstate INVALID -j DROP");
+            filter.end();
+        }
         let r = filter.append(KUBE_FORWARD);
-        r.push_str(" -m conntrack --ctstate INVALID -j DROP");
+        let _ = write!(
+            r,
+            " -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {mark}/{mark} -j ACCEPT"
+        );
+        filter.end();
+        let r = filter.append(KUBE_FORWARD);
+        r.push_str(
+            " -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        );
         filter.end();
     }
-    let r = filter.append(KUBE_FORWARD);
-    let _ = write!(
-        r,
-        " -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {mark}/{mark} -j ACCEPT"
-    );
-    filter.end();
-    let r = filter.append(KUBE_FORWARD);
-    r.push_str(
-        " -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-    );
-    filter.end();
 
+    let nat_total_rules = (nat.stats.rules as isize + kept_rules).max(0) as usize;
     let declared: BTreeSet<&str> = ctx.service_chains.iter().map(String::as_str).collect();
     for chain in options.delete_nat_chains {
         if declared.contains(chain.as_str()) {
@@ -541,8 +661,102 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
         filter,
         nat,
         service_chains: ctx.service_chains,
-        nat_kept,
+        nat_total_rules,
     }
+}
+
+/// The arguments of the hairpin masquerade rule for endpoint `ip`.
+fn hairpin_spec(ip: &IpAddr, random_fully: &str) -> String {
+    format!(
+        " -m comment --comment \"masquerade hairpin traffic to {ip}\" -s {ip} -d {ip} -m conntrack --ctstate DNAT -j MASQUERADE{random_fully}"
+    )
+}
+
+/// The dispatch chains: one entry per Service address, in every sync.
+const FILTER_DISPATCH: [&str; 4] = [
+    KUBE_SERVICES,
+    KUBE_EXTERNAL_SERVICES,
+    KUBE_NODEPORTS,
+    KUBE_PROXY_FIREWALL,
+];
+const NAT_DISPATCH: [&str; 2] = [KUBE_SERVICES, KUBE_NODEPORTS];
+
+/// Writes the edits that turn `before`'s dispatch entries into `after`'s
+/// (either may be absent) into `filter` and `nat`; returns how the nat
+/// table's rule count differs from the lines written (entries that stay,
+/// minus the `-D` lines). `port_filter`/`port_nat` hold `after`'s
+/// entries on entry and are left empty.
+fn dispatch_delta(
+    before: Option<&ServicePort>,
+    after: Option<&ServicePort>,
+    ctx: &ServiceContext<'_>,
+    port_filter: &mut TableWriter,
+    port_nat: &mut TableWriter,
+    filter: &mut TableWriter,
+    nat: &mut TableWriter,
+) -> isize {
+    let mut old_filter = TableWriter::default();
+    let mut old_nat = TableWriter::default();
+    if let Some(before) = before {
+        // The previous entries, rendered as they were applied; the scratch
+        // context keeps this from counting as a chain of the new model.
+        let mut scratch = ServiceContext {
+            config: ctx.config,
+            // The old port may have had more endpoints than any port now.
+            probabilities: probabilities(
+                before
+                    .cluster_endpoints
+                    .len()
+                    .max(before.local_endpoints.len()),
+            ),
+            endpoint_comments: ctx.endpoint_comments,
+            local_if: ctx.local_if.clone(),
+            not_local_if: ctx.not_local_if.clone(),
+            service_chains: Vec::new(),
+        };
+        let mut old_own = TableWriter::default();
+        render_service_port(
+            before,
+            &mut scratch,
+            &mut old_filter,
+            &mut old_nat,
+            &mut old_own,
+        );
+    }
+    if after.is_none() {
+        port_filter.clear();
+        port_nat.clear();
+    }
+    let mut kept: isize = 0;
+    for (old, new, out, is_nat) in [
+        (&old_filter, &*port_filter, &mut *filter, false),
+        (&old_nat, &*port_nat, &mut *nat, true),
+    ] {
+        let old_lines: Vec<&str> = old.rules.lines().collect();
+        let new_lines: Vec<&str> = new.rules.lines().collect();
+        for line in &old_lines {
+            if !new_lines.contains(line)
+                && let Some(rule) = line.strip_prefix("-A ")
+            {
+                out.line(&format!("-D {rule}"));
+                out.stats.rules += 1;
+                kept -= isize::from(is_nat);
+            }
+        }
+        for line in &new_lines {
+            if old_lines.contains(line) {
+                kept += isize::from(is_nat);
+            } else if let Some(rule) = line.strip_prefix("-A ")
+                && let Some((chain, spec)) = rule.split_once(' ')
+            {
+                out.line(&format!("-I {chain} 1 {spec}"));
+                out.stats.rules += 1;
+            }
+        }
+    }
+    port_filter.clear();
+    port_nat.clear();
+    kept
 }
 
 /// Endpoint IPs that may be on this node and so may reach themselves through a

@@ -571,6 +571,7 @@ fn jump_rules_can_be_left_out_and_stale_chains_deleted() {
             builtin_jumps: &[],
             delete_nat_chains: &stale,
             only: None,
+            previous: None,
         },
     );
     assert!(lines_with(&payload, "-I ").is_empty());
@@ -643,52 +644,134 @@ fn large_clusters_drop_per_endpoint_comments() {
     assert!(lines_with(&payload, " -> ").is_empty());
 }
 
-#[test]
-fn a_partial_render_rewrites_only_the_changed_ports_chains() {
-    let api = ServiceBuilder::new("default", "api")
-        .cluster_ip("10.96.0.20")
-        .port("http", 80, "TCP")
-        .build();
-    let api_slice = SliceBuilder::new("default", "api", "api-1")
-        .port("http", 8080, "TCP")
-        .endpoint(Ep::new("10.244.2.7").node("node-b"))
-        .build();
-    let (model, _) = model::build(
-        &[web().build(), api],
-        &[slice(&[("10.244.2.1", "node-b")]), api_slice],
-        &node(IpFamily::V4),
-        IpFamily::V4,
-    );
-    let full = render(&model, &config(), &RenderOptions::default());
-    let api_port = model
+fn two_services(api_endpoints: &[&str], with_api: bool) -> Model {
+    let mut services = vec![web().build()];
+    let mut slices = vec![slice(&[("10.244.2.1", "node-b")])];
+    if with_api {
+        services.push(
+            ServiceBuilder::new("default", "api")
+                .cluster_ip("10.96.0.20")
+                .port("http", 80, "TCP")
+                .build(),
+        );
+        let mut api_slice = SliceBuilder::new("default", "api", "api-1").port("http", 8080, "TCP");
+        for ip in api_endpoints {
+            api_slice = api_slice.endpoint(Ep::new(ip).node("node-b"));
+        }
+        slices.push(api_slice.build());
+    }
+    model::build(&services, &slices, &node(IpFamily::V4), IpFamily::V4).0
+}
+
+fn api_key(model: &Model) -> (ServicePortName, Protocol) {
+    let port = model
         .service_ports
         .iter()
         .find(|p| p.name.name == "api")
-        .unwrap();
-    let only = BTreeSet::from([(api_port.name.clone(), api_port.protocol)]);
-    let partial = render(
-        &model,
+        .expect("api port");
+    (port.name.clone(), port.protocol)
+}
+
+fn partial(before: &Model, after: &Model, key: &(ServicePortName, Protocol)) -> Payload {
+    let only = BTreeSet::from([key.clone()]);
+    let previous_chains = render(before, &config(), &RenderOptions::default()).service_chains;
+    render(
+        after,
         &config(),
         &RenderOptions {
             only: Some(&only),
+            previous: Some(before),
+            delete_nat_chains: &previous_chains,
             ..RenderOptions::default()
         },
-    );
-    let api_chain = names::ServiceChains::new(&api_port.name, api_port.protocol).cluster;
+    )
+}
+
+#[test]
+fn a_partial_render_rewrites_only_the_changed_ports_chains_and_entries() {
+    let before = two_services(&["10.244.2.7"], true);
+    let after = two_services(&["10.244.2.7", "10.244.2.8"], true);
+    let key = api_key(&after);
+    let api_chain = names::ServiceChains::new(&key.0, key.1).cluster;
+    let payload = partial(&before, &after, &key);
     // The changed port's chain is declared and refilled…
-    assert_eq!(lines_with(&partial, &format!(":{api_chain} ")).len(), 1);
-    assert!(!lines_with(&partial, "--to-destination 10.244.2.7:8080").is_empty());
-    // …the unchanged one is left alone (not declared, so not flushed)…
-    assert!(lines_with(&partial, &format!(":{SVC} ")).is_empty());
-    assert!(lines_with(&partial, &format!("-A {SVC} ")).is_empty());
-    // …but the dispatch chains still lead to both.
-    assert_eq!(lines_with(&partial, &format!("-j {SVC}")).len(), 1);
-    assert_eq!(lines_with(&partial, &format!("-j {api_chain}")).len(), 1);
-    assert_eq!(partial.service_chains, full.service_chains);
-    assert_eq!(
-        partial.nat.rules + partial.nat_kept.rules,
-        full.nat.rules,
-        "the kept rules are accounted for"
+    assert_eq!(lines_with(&payload, &format!(":{api_chain} ")).len(), 1);
+    assert!(!lines_with(&payload, "--to-destination 10.244.2.8:8080").is_empty());
+    // …nothing else of any Service is touched: an endpoint change leaves the
+    // dispatch entries as they are.
+    assert!(lines_with(&payload, SVC).is_empty(), "{}", payload.text);
+    assert!(
+        lines_with(&payload, "KUBE-SERVICES").is_empty(),
+        "{}",
+        payload.text
     );
-    assert!(partial.nat_kept.rules > 0);
+    assert!(
+        lines_with(&payload, "KUBE-NODEPORTS").is_empty(),
+        "{}",
+        payload.text
+    );
+    assert!(payload.text.len() < 16 * 1024);
+    let full = render(&after, &config(), &RenderOptions::default());
+    assert_eq!(payload.service_chains, full.service_chains);
+    assert_eq!(payload.nat_total_rules, full.nat.rules);
+    // And back: the previous port had more endpoints than any port has now.
+    let back = partial(&after, &before, &key);
+    assert!(lines_with(&back, "10.244.2.8").is_empty(), "{}", back.text);
+    assert_eq!(
+        back.nat_total_rules,
+        render(&before, &config(), &RenderOptions::default())
+            .nat
+            .rules
+    );
+}
+
+#[test]
+fn a_partial_render_inserts_and_deletes_dispatch_entries() {
+    let without = two_services(&[], false);
+    let with = two_services(&["10.244.2.7"], true);
+    let key = api_key(&with);
+    let api_chain = names::ServiceChains::new(&key.0, key.1).cluster;
+
+    let added = partial(&without, &with, &key);
+    assert_eq!(
+        lines_with(&added, "KUBE-SERVICES"),
+        [format!(
+            "-I KUBE-SERVICES 1 -m comment --comment \"default/api:http cluster IP\" -m tcp -p tcp -d 10.96.0.20 --dport 80 -j {api_chain}"
+        )]
+    );
+    assert_eq!(
+        added.nat_total_rules,
+        render(&with, &config(), &RenderOptions::default())
+            .nat
+            .rules
+    );
+
+    let removed = partial(&with, &without, &key);
+    assert_eq!(
+        lines_with(&removed, "KUBE-SERVICES"),
+        [format!(
+            "-D KUBE-SERVICES -m comment --comment \"default/api:http cluster IP\" -m tcp -p tcp -d 10.96.0.20 --dport 80 -j {api_chain}"
+        )]
+    );
+    assert_eq!(lines_with(&removed, &format!("-X {api_chain}")).len(), 1);
+    assert_eq!(
+        removed.nat_total_rules,
+        render(&without, &config(), &RenderOptions::default())
+            .nat
+            .rules
+    );
+
+    // Losing every endpoint swaps the DNAT entry for the filter REJECT.
+    let empty = two_services(&[], true);
+    let emptied = partial(&with, &empty, &key);
+    assert_eq!(lines_with(&emptied, "-D KUBE-SERVICES").len(), 1);
+    assert_eq!(
+        lines_with(&emptied, "-I KUBE-SERVICES 1")
+            .iter()
+            .filter(|l| l.contains("-j REJECT"))
+            .count(),
+        1,
+        "{}",
+        emptied.text
+    );
 }

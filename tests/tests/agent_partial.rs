@@ -1,0 +1,257 @@
+//! A partial sync leaves netfilter exactly as a full sync would: one
+//! namespace gets the full ruleset of "before" and then the partial payload
+//! for "after"; another gets the full ruleset of "after"; their rules must be
+//! the same, with both iptables backends.
+
+use std::collections::BTreeSet;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use anyhow::{Result, bail};
+use causeway_agent::addr::IpFamily;
+use causeway_agent::manifests;
+use causeway_agent::model::{self, Model, NodeInfo};
+use causeway_agent::rules::{self, RenderConfig, RenderOptions};
+use causeway_tests::netns;
+
+struct Namespace(String);
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        netns::del_netns(&self.0);
+    }
+}
+
+const BEFORE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.244.1.5], nodeName: node-a}
+- {addresses: [10.244.2.5], nodeName: node-b}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: dns, namespace: shop}
+spec:
+  clusterIP: 10.96.0.53
+  ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dns-1, namespace: shop, labels: {kubernetes.io/service-name: dns}}
+addressType: IPv4
+ports: [{name: dns, port: 5353, protocol: UDP}, {name: dns-tcp, port: 5353, protocol: TCP}]
+endpoints:
+- {addresses: [10.244.2.9], nodeName: node-b}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: gone, namespace: shop}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.77
+  ports: [{name: http, port: 80, nodePort: 30077}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: gone-1, namespace: shop, labels: {kubernetes.io/service-name: gone}}
+addressType: IPv4
+ports: [{name: http, port: 80}]
+endpoints:
+- {addresses: [10.244.1.7], nodeName: node-a}
+"#;
+
+const AFTER: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.244.1.5], nodeName: node-a}
+- {addresses: [10.244.3.5], nodeName: node-c}
+- {addresses: [10.244.3.6], nodeName: node-c}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: dns, namespace: shop}
+spec:
+  clusterIP: 10.96.0.53
+  ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: shop-lb, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.88
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  loadBalancerSourceRanges: [203.0.113.0/24]
+  ports: [{name: https, port: 443, nodePort: 30443}]
+status:
+  loadBalancer: {ingress: [{ip: 198.51.100.7}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: shop-lb-1, namespace: shop, labels: {kubernetes.io/service-name: shop-lb}}
+addressType: IPv4
+ports: [{name: https, port: 443}]
+endpoints:
+- {addresses: [10.244.1.8], nodeName: node-a}
+"#;
+
+fn model_of(yaml: &str, dir: &std::path::Path, name: &str) -> Result<Model> {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml)?;
+    let manifests = manifests::load(&[path])?;
+    let node = NodeInfo {
+        name: "node-a".into(),
+        zone: None,
+        internal_ips: vec!["192.168.0.10".parse()?],
+        pod_cidrs: Vec::new(),
+    };
+    let (model, issues) = model::build(
+        &manifests.services,
+        &manifests.endpoint_slices,
+        &node,
+        IpFamily::V4,
+    );
+    if !issues.is_empty() {
+        bail!("{issues:?}");
+    }
+    Ok(model)
+}
+
+fn restore(ns: &str, program: &str, payload: &str) -> Result<()> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, program, "--noflush"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(payload.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{program}: {}\n{payload}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Chains and rules of the filter and nat tables, order within a chain kept
+/// only where it matters to us: compared as sets, since a partial sync
+/// inserts new dispatch entries first. The NodePort catch-all must still be
+/// the last rule of nat KUBE-SERVICES, checked separately.
+fn ruleset(ns: &str, save: &str) -> Result<BTreeSet<String>> {
+    let mut set = BTreeSet::new();
+    for table in ["filter", "nat"] {
+        let text = netns::exec_in(ns, save, &["-t", table])?;
+        for line in text.lines() {
+            if line.starts_with("-A ") {
+                set.insert(format!("{table} {line}"));
+            } else if let Some(decl) = line.strip_prefix(':') {
+                set.insert(format!(
+                    "{table} chain {}",
+                    decl.split_whitespace().next().unwrap_or("")
+                ));
+            }
+        }
+    }
+    Ok(set)
+}
+
+#[test]
+fn a_partial_sync_ends_where_a_full_sync_would_with_both_backends() -> Result<()> {
+    netns::preflight()?;
+    let dir = tempfile::tempdir()?;
+    let before = model_of(BEFORE, dir.path(), "before")?;
+    let after = model_of(AFTER, dir.path(), "after")?;
+    let config = RenderConfig {
+        node_ips: vec!["192.168.0.10".parse()?],
+        ..RenderConfig::new(IpFamily::V4)
+    };
+    let jumps = rules::builtin_jumps(&config);
+    let full = |model: &Model| {
+        rules::render(
+            model,
+            &config,
+            &RenderOptions {
+                builtin_jumps: &jumps,
+                ..RenderOptions::default()
+            },
+        )
+    };
+    let first = full(&before);
+    let changed = rules::changed_ports(&before, &after);
+    assert_eq!(changed.len(), 5, "web, dns ×2, gone, shop-lb: {changed:?}");
+    let partial = rules::render(
+        &after,
+        &config,
+        &RenderOptions {
+            only: Some(&changed),
+            previous: Some(&before),
+            delete_nat_chains: &first.service_chains,
+            ..RenderOptions::default()
+        },
+    );
+    assert!(
+        !partial.text.contains(":KUBE-SERVICES "),
+        "a partial payload never flushes a dispatch chain"
+    );
+
+    for (restore_program, save) in [
+        ("iptables-nft-restore", "iptables-nft-save"),
+        ("iptables-legacy-restore", "iptables-legacy-save"),
+    ] {
+        let pid = std::process::id();
+        let stepped = Namespace(format!("cwpa-{pid}"));
+        let direct = Namespace(format!("cwpb-{pid}"));
+        netns::add_netns(&stepped.0)?;
+        netns::add_netns(&direct.0)?;
+        restore(&stepped.0, restore_program, &first.text)?;
+        restore(&stepped.0, restore_program, &partial.text)?;
+        restore(&direct.0, restore_program, &full(&after).text)?;
+        let got = ruleset(&stepped.0, save)?;
+        let want = ruleset(&direct.0, save)?;
+        let missing: Vec<&String> = want.difference(&got).collect();
+        let extra: Vec<&String> = got.difference(&want).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{restore_program}: after the partial sync\n  missing {missing:#?}\n  extra {extra:#?}"
+        );
+        let services = netns::exec_in(&stepped.0, save, &["-t", "nat"])?;
+        let last = services
+            .lines()
+            .filter(|l| l.starts_with("-A KUBE-SERVICES "))
+            .last()
+            .unwrap_or("");
+        assert!(
+            last.contains("-j KUBE-NODEPORTS"),
+            "{restore_program}: last rule {last}"
+        );
+    }
+    Ok(())
+}
