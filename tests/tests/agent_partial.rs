@@ -245,8 +245,7 @@ fn a_partial_sync_ends_where_a_full_sync_would_with_both_backends() -> Result<()
         let services = netns::exec_in(&stepped.0, save, &["-t", "nat"])?;
         let last = services
             .lines()
-            .filter(|l| l.starts_with("-A KUBE-SERVICES "))
-            .last()
+            .rfind(|l| l.starts_with("-A KUBE-SERVICES "))
             .unwrap_or("");
         assert!(
             last.contains("-j KUBE-NODEPORTS"),
