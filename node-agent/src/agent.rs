@@ -157,13 +157,16 @@ pub async fn run(client: Client, config: RunConfig) -> anyhow::Result<()> {
     );
     tokio::spawn(drive(
         ChangeKind::Service,
-        reflector::reflector(services_writer, service_watch.default_backoff()),
+        reflector::reflector(
+            services_writer,
+            service_watch.default_backoff().modify(slim),
+        ),
         changed.clone(),
         shared.clone(),
     ));
     tokio::spawn(drive(
         ChangeKind::Endpoints,
-        reflector::reflector(slices_writer, slice_watch.default_backoff()),
+        reflector::reflector(slices_writer, slice_watch.default_backoff().modify(slim)),
         changed.clone(),
         shared.clone(),
     ));
@@ -259,6 +262,17 @@ async fn serve(address: &str, router: axum::Router, what: &str) -> anyhow::Resul
         }
     });
     Ok(())
+}
+
+/// Drops what the agent never reads before an object enters a cache: the
+/// managed-fields bookkeeping and kubectl's last-applied copy are often
+/// larger than the rest of a Service or EndpointSlice.
+fn slim<K: kube::Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
 }
 
 /// Drives one reflector, waking the sync loop on every change.
@@ -369,7 +383,7 @@ struct FamilyState {
     applied_chains: Option<Vec<String>>,
     /// The model of the last applied payload: the base of partial syncs and
     /// of the conntrack cleanup. `None` forces a full sync.
-    applied_model: Option<Model>,
+    applied_model: Option<Arc<Model>>,
     /// The configuration it was rendered with; a change forces a full sync.
     applied_config: Option<RenderConfig>,
     /// When the last full sync was applied.
@@ -415,18 +429,8 @@ impl Syncer {
                 NodeInfo::named(self.config.node_name.clone())
             }
         };
-        let services: Vec<Service> = caches
-            .services
-            .state()
-            .iter()
-            .map(|s| Service::clone(s))
-            .collect();
-        let slices: Vec<EndpointSlice> = caches
-            .slices
-            .state()
-            .iter()
-            .map(|s| EndpointSlice::clone(s))
-            .collect();
+        let services = caches.services.state();
+        let slices = caches.slices.state();
 
         for family in wanted_families(&self.config.options, &node) {
             if !self.families.iter().any(|f| f.netfilter.family == family) {
@@ -476,21 +480,28 @@ impl Syncer {
             };
             // Full: at start, after a failure, when the configuration changed,
             // and once per --sync-period (which also restores whatever another
-            // program flushed). Otherwise only the service ports that changed
-            // get their chains rewritten; the dispatch chains are always whole.
+            // program flushed). Otherwise only what changed is written.
+            let periodic = state
+                .last_full
+                .is_some_and(|t| t.elapsed() >= self.config.sync_period);
+            if periodic && state.applied_model.is_some() && !state.netfilter.canary_present() {
+                // Not needed for the repair (this sync rewrites everything),
+                // but worth saying: someone else is editing our tables.
+                warn!(family = ?family, "the KUBE-PROXY-CANARY chain is gone: another program flushed the rules; restoring them");
+                self.shared.metrics.canary_lost.inc();
+            }
             let full = state.applied_model.is_none()
                 || state.applied_config.as_ref() != Some(&render_config)
-                || state
-                    .last_full
-                    .is_none_or(|t| t.elapsed() >= self.config.sync_period);
+                || state.last_full.is_none()
+                || periodic;
             let changed: BTreeSet<(ServicePortName, Protocol)> = match (&state.applied_model, full)
             {
                 (Some(before), false) => rules::changed_ports(before, &model),
                 _ => BTreeSet::new(),
             };
-            if !full && changed.is_empty() && state.applied_model.as_ref() == Some(&model) {
+            if !full && changed.is_empty() && state.applied_model.as_deref() == Some(&model) {
                 debug!(family = ?family, "nothing changed");
-                models.push(model);
+                models.push(Arc::new(model));
                 continue;
             }
             let jumps = if full {
@@ -507,7 +518,7 @@ impl Syncer {
                     builtin_jumps: &jumps,
                     delete_nat_chains: &previous,
                     only: (!full).then_some(&changed),
-                    previous: state.applied_model.as_ref(),
+                    previous: state.applied_model.as_deref(),
                 },
             );
             all_full &= full;
@@ -517,6 +528,7 @@ impl Syncer {
                 .observe(payload.text.len() as f64);
             match state.netfilter.restore(&payload.text) {
                 Ok(()) => {
+                    let model = Arc::new(model);
                     self.shared
                         .rules
                         .applied(family, model.clone(), render_config.clone());
@@ -550,7 +562,7 @@ impl Syncer {
                             node: model.node.clone(),
                             service_ports: Vec::new(),
                         };
-                        let previous = state.applied_model.as_ref().unwrap_or(&empty);
+                        let previous = state.applied_model.as_deref().unwrap_or(&empty);
                         let stale = conntrack::stale_udp_flows(previous, &model);
                         if !stale.is_empty() {
                             let deleted = conntrack::delete(&stale, family);
@@ -604,7 +616,8 @@ impl Syncer {
                 .set(Timestamp::now().as_millisecond() as f64 / 1000.0);
             self.observe_programming_latency(caches);
         }
-        let service_checks = health::wanted_service_checks(&models.iter().collect::<Vec<_>>());
+        let service_checks =
+            health::wanted_service_checks(&models.iter().map(|m| m.as_ref()).collect::<Vec<_>>());
         SyncOutcome {
             new_issues: self.remember(issues),
             failed,

@@ -34,7 +34,7 @@ struct RulesInner {
     /// What was last applied, as the model and configuration it was rendered
     /// from: after partial syncs no single payload holds the whole ruleset,
     /// so `/debug/rules` renders it whole on request.
-    applied: BTreeMap<u8, (Model, RenderConfig)>,
+    applied: BTreeMap<u8, (Arc<Model>, RenderConfig)>,
     failed: BTreeMap<u8, (String, String)>,
 }
 
@@ -46,7 +46,7 @@ fn family_number(family: IpFamily) -> u8 {
 }
 
 impl RulesLog {
-    pub fn applied(&self, family: IpFamily, model: Model, config: RenderConfig) {
+    pub fn applied(&self, family: IpFamily, model: Arc<Model>, config: RenderConfig) {
         let mut inner = self.lock();
         inner.applied.insert(family_number(family), (model, config));
     }
@@ -171,7 +171,11 @@ mod tests {
             node: NodeInfo::named("n"),
             service_ports: Vec::new(),
         };
-        rules.applied(IpFamily::V4, empty, RenderConfig::new(IpFamily::V4));
+        rules.applied(
+            IpFamily::V4,
+            Arc::new(empty),
+            RenderConfig::new(IpFamily::V4),
+        );
         rules.failed(IpFamily::V4, "*nat\n-A BAD\nCOMMIT\n", "line 2 failed");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();

@@ -28,6 +28,7 @@ pub struct Metrics {
     pub last_queued_timestamp: Gauge<f64, AtomicU64>,
     pub restore_bytes: Histogram,
     pub conntrack_deleted: Counter,
+    pub canary_lost: Counter,
 }
 
 /// kube-proxy's sync-duration buckets: 1 ms doubling to about 16 s.
@@ -59,6 +60,7 @@ impl Metrics {
         let last_queued_timestamp = Gauge::<f64, AtomicU64>::default();
         let restore_bytes = Histogram::new(exponential_buckets(1024.0, 4.0, 10));
         let conntrack_deleted = Counter::default();
+        let canary_lost = Counter::default();
 
         registry.register(
             "kubeproxy_sync_proxy_rules_duration_seconds",
@@ -125,6 +127,11 @@ impl Metrics {
             "Stale UDP conntrack entries deleted after syncs",
             conntrack_deleted.clone(),
         );
+        registry.register(
+            "causeway_agent_canary_lost",
+            "Periodic checks that found the canary chain gone (another program flushed the rules)",
+            canary_lost.clone(),
+        );
         Metrics {
             registry,
             sync_duration,
@@ -140,6 +147,7 @@ impl Metrics {
             last_queued_timestamp,
             restore_bytes,
             conntrack_deleted,
+            canary_lost,
         }
     }
 

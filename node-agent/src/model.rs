@@ -7,6 +7,7 @@
 //! and the local list), never non-serving ones; topology hints only when every
 //! ready endpoint carries them. One model is built per IP family.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
@@ -292,15 +293,15 @@ pub struct Model {
 /// Builds the model for `family`. Objects or fields that cannot be used are
 /// skipped and reported in the returned issues.
 pub fn build(
-    services: &[Service],
-    slices: &[EndpointSlice],
+    services: &[impl Borrow<Service>],
+    slices: &[impl Borrow<EndpointSlice>],
     node: &NodeInfo,
     family: IpFamily,
 ) -> (Model, Vec<Issue>) {
     let mut issues = Vec::new();
     let endpoints = collect_endpoints(slices, family, &node.name, &mut issues);
     let mut service_ports = Vec::new();
-    for service in services {
+    for service in services.iter().map(Borrow::borrow) {
         service_ports_of(
             service,
             family,
@@ -335,12 +336,12 @@ struct CandidateEndpoint {
 type EndpointIndex = BTreeMap<(String, String, String, Protocol), Vec<CandidateEndpoint>>;
 
 fn collect_endpoints(
-    slices: &[EndpointSlice],
+    slices: &[impl Borrow<EndpointSlice>],
     family: IpFamily,
     node_name: &str,
     issues: &mut Vec<Issue>,
 ) -> EndpointIndex {
-    let mut ordered: Vec<&EndpointSlice> = slices.iter().collect();
+    let mut ordered: Vec<&EndpointSlice> = slices.iter().map(Borrow::borrow).collect();
     ordered.sort_by(|a, b| {
         (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
     });

@@ -145,6 +145,17 @@ impl Netfilter {
             .is_ok_and(|s| s.success())
     }
 
+    /// Whether the mangle table's KUBE-PROXY-CANARY chain (which only we
+    /// write) still exists; when it is gone, someone flushed our tables.
+    pub fn canary_present(&self) -> bool {
+        Command::new(&self.iptables)
+            .args(["-w", "-t", "mangle", "-S", KUBE_PROXY_CANARY])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
     /// Per-service nat chains that exist now (ours from an earlier run, or
     /// kube-proxy's), so the first sync can delete the ones no longer wanted.
     pub fn existing_service_chains(&self) -> anyhow::Result<Vec<String>> {

@@ -4,7 +4,7 @@
 //!
 //! Every environment takes a free *slot* and lives entirely inside it: addresses
 //! `100.(64+slot).0.0/16` (node network `.0.0/24` with the bridge at `.0.1`, node
-//! `i` at `.0.(10+i)` with pod CIDR `.(128+i).0/24`, Service range `.64.0/20`),
+//! `i` at `.0.(10+i)` with pod CIDR `.(128+i).0/24`, Service range `.64.0/18` (16 382 addresses)),
 //! names prefixed `cw<slot>`, and a state directory under `/tmp/causeway-env`.
 //! Each thing is written to the state file *before* it is created, so tear-down
 //! (on drop, on `causeway-env down`, or the sweep of an environment whose owner
@@ -366,7 +366,7 @@ impl Cluster {
                     "--service-account-signing-key-file={}",
                     pki.sa_key.display()
                 ),
-                &format!("--service-cluster-ip-range={}/20", addr(slot, 64, 0)),
+                &format!("--service-cluster-ip-range={}/18", addr(slot, 64, 0)),
                 "--service-node-port-range=30000-32767",
                 &format!("--cert-dir={}", dir.join("apiserver-certs").display()),
                 "--enable-priority-and-fairness=false",
@@ -585,7 +585,7 @@ impl Cluster {
 
     /// The Service ClusterIP range given to the apiserver.
     pub fn service_cidr(&self) -> String {
-        format!("{}/20", addr(self.slot, 64, 0))
+        format!("{}/18", addr(self.slot, 64, 0))
     }
 
     /// The range every pod address of this environment falls in.

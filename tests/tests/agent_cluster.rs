@@ -508,6 +508,12 @@ async fn agent_heals_flushed_rules_restarts_without_loss_and_cleans_up() -> Resu
         "iptables",
         &["-t", "nat", "-F", "KUBE-SERVICES"],
     )?;
+    // (It also removes the canary chain, which the agent notices and says.)
+    netns::exec_in(
+        &node1.netns,
+        "iptables",
+        &["-t", "mangle", "-X", "KUBE-PROXY-CANARY"],
+    )?;
     let flushed = netns::exec_in(
         &node1.netns,
         "iptables",
@@ -518,6 +524,16 @@ async fn agent_heals_flushed_rules_restarts_without_loss_and_cleans_up() -> Resu
         "the flush took effect: {flushed}"
     );
     wait_for_pods(&client.netns, "tcp", &target, &["web-1"], "after a flush")?;
+    let (_, _, metrics) = http_get(&node1.netns, "http://127.0.0.1:10249/metrics")?;
+    assert!(
+        metrics.contains("causeway_agent_canary_lost_total 1"),
+        "the lost canary is counted:\n{metrics}"
+    );
+    netns::exec_in(
+        &node1.netns,
+        "iptables",
+        &["-t", "mangle", "-S", "KUBE-PROXY-CANARY"],
+    )?;
 
     // Stop, clean up: exactly what was there before the agent remains.
     netns::run("kill", &["-TERM", &second.to_string()])?;

@@ -21,7 +21,8 @@ use std::time::Duration;
 fn usage() -> ExitCode {
     eprintln!(
         "usage: causeway-echo serve --name NAME --port PORT [--port PORT…]\n       \
-         causeway-echo probe (--tcp|--udp) ADDR:PORT [--count N] [--bind IP] [--source-port N] [--timeout-ms MS] [--tally-by-name]"
+         causeway-echo probe (--tcp|--udp) ADDR:PORT [--count N] [--bind IP] [--source-port N] [--timeout-ms MS] [--tally-by-name]\n       \
+         causeway-echo connect-time ADDR:PORT [--count N]"
     );
     ExitCode::from(2)
 }
@@ -31,6 +32,7 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
         Some("probe") => probe(&args[1..]),
+        Some("connect-time") => connect_time(&args[1..]),
         _ => usage(),
     }
 }
@@ -109,6 +111,43 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
         },
         IpAddr::V4(_) => addr,
     }
+}
+
+/// TCP connect latency (SYN to established), measured `count` times one
+/// after another: prints `median_us p90_us p99_us failures`.
+fn connect_time(args: &[String]) -> ExitCode {
+    let Some(target) = args.first().and_then(|a| a.parse::<SocketAddr>().ok()) else {
+        return usage();
+    };
+    let count = match args.get(1).map(String::as_str) {
+        Some("--count") => match args.get(2).and_then(|v| v.parse::<usize>().ok()) {
+            Some(n) if n > 0 => n,
+            _ => return usage(),
+        },
+        None => 1000,
+        Some(_) => return usage(),
+    };
+    let mut times = Vec::with_capacity(count);
+    let mut failures = 0;
+    for _ in 0..count {
+        let start = std::time::Instant::now();
+        match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+            Ok(stream) => {
+                times.push(start.elapsed().as_micros());
+                drop(stream);
+            }
+            Err(_) => failures += 1,
+        }
+    }
+    times.sort_unstable();
+    let at = |q: f64| {
+        times
+            .get(((times.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    println!("{} {} {} {failures}", at(0.5), at(0.9), at(0.99));
+    ExitCode::SUCCESS
 }
 
 struct Probe {

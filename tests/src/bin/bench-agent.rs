@@ -1,0 +1,311 @@
+//! bench-agent: `causeway-agent run` at scale on the real control plane.
+//!
+//! For each S it starts a one-node environment, creates S selector-less
+//! ClusterIP Services with one EndpointSlice of E (remote, fake) endpoints
+//! each through the apiserver, plus one real Service `zz-target` (sorted
+//! last, so its dispatch entry is the last one a packet reaches) backed by an
+//! echo pod, then starts the agent in the node namespace and reports:
+//! the first (full) sync's duration, the agent's RSS, the network programming
+//! latency of endpoint changes (API write → sync applied, read from the
+//! agent's `kubeproxy_sync_proxy_rules_last_timestamp_seconds`) with the
+//! restore payload size of those syncs, and the first-connection latency to
+//! `zz-target` from a pod (median/p90/p99 of 1 000 connects).
+//!
+//! Run as root: `cargo build --release -p causeway-agent -p causeway-tests`
+//! then `target/release/bench-agent [--services 100,10000] [--endpoints 10]`.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use causeway_tests::cluster::{Cluster, ClusterOptions};
+use causeway_tests::netns;
+use causeway_tests::paths::workspace_bin;
+use clap::Parser;
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "bench-agent")]
+struct Args {
+    /// Service counts (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "100,10000")]
+    services: Vec<usize>,
+    /// Endpoints per Service.
+    #[arg(long, default_value_t = 10)]
+    endpoints: usize,
+    /// Endpoint changes timed per size.
+    #[arg(long, default_value_t = 20)]
+    changes: usize,
+    /// Connections timed per size.
+    #[arg(long, default_value_t = 1000)]
+    connects: usize,
+    /// The causeway-agent binary (default: next to this program).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    match run(Args::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let agent = match &args.agent {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("no directory")?
+            .join("causeway-agent"),
+    };
+    println!("agent: {}", agent.display());
+    println!(
+        "| S × E | first full sync s | agent RSS MB (peak) | programming latency ms median / p90 | sync payload bytes median | first connect µs median / p90 / p99 |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for &services in &args.services {
+        let row = measure(&args, &agent, services)
+            .await
+            .with_context(|| format!("S = {services}"))?;
+        println!("{row}");
+    }
+    Ok(())
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+fn now_seconds() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn slice_json(name: &str, endpoints: usize, generation: usize) -> serde_json::Value {
+    let eps: Vec<serde_json::Value> = (0..endpoints)
+        .map(|i| {
+            json!({
+                "addresses": [format!("10.{}.{}.{}", 200 + generation % 50, (i / 250) % 250, i % 250 + 1)],
+                "nodeName": "node-elsewhere",
+                "conditions": {"ready": true}
+            })
+        })
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("{name}-1"),
+            "labels": {
+                "kubernetes.io/service-name": name,
+                "endpointslice.kubernetes.io/managed-by": "bench-agent"
+            }
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": eps
+    })
+}
+
+async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<String> {
+    let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
+    let client = cluster.client();
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
+
+    let target_pod = cluster
+        .add_pod("node-1", "target", &[("app", "target")])
+        .await?;
+    let client_pod = cluster
+        .add_pod("node-1", "client", &[("app", "client")])
+        .await?;
+
+    let started = Instant::now();
+    let creates = futures::stream::iter(0..count)
+        .map(|i| {
+            let services = services.clone();
+            let slices = slices.clone();
+            let endpoints = args.endpoints;
+            async move {
+                let name = format!("svc-{i:05}");
+                let svc: Service = serde_json::from_value(json!({
+                    "apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": name},
+                    "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+                }))?;
+                services.create(&PostParams::default(), &svc).await?;
+                let slice: EndpointSlice = serde_json::from_value(slice_json(&name, endpoints, 0))?;
+                slices.create(&PostParams::default(), &slice).await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(24)
+        .collect::<Vec<_>>()
+        .await;
+    for result in creates {
+        result?;
+    }
+    let target: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "zz-target"},
+        "spec": {"selector": {"app": "target"}, "ports": [{"port": 80, "targetPort": 80}]}
+    }))?;
+    services.create(&PostParams::default(), &target).await?;
+    let target_ip = services
+        .get("zz-target")
+        .await?
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .context("no cluster IP")?;
+    eprintln!(
+        "S = {count}: created {count} Services and EndpointSlices in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let node = cluster.node("node-1").clone();
+    let kubeconfig = cluster.kubeconfig().display().to_string();
+    let cluster_cidr = cluster.cluster_cidr();
+    let pid = cluster.spawn_in(
+        &node.netns,
+        "agent",
+        agent,
+        &[
+            "run",
+            "--node-name",
+            "node-1",
+            "--kubeconfig",
+            &kubeconfig,
+            "--cluster-cidr",
+            &cluster_cidr,
+            "--sync-period",
+            "30m",
+        ],
+    )?;
+    let metrics = || -> Result<String> {
+        netns::exec_in(
+            &node.netns,
+            "curl",
+            &["-s", "--max-time", "5", "http://127.0.0.1:10249/metrics"],
+        )
+    };
+
+    // The first sync: everything, in one restore.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let first_sync = loop {
+        if let Ok(text) = metrics()
+            && let Some(n) = metric(
+                &text,
+                "kubeproxy_sync_full_proxy_rules_duration_seconds_count",
+            )
+            && n >= 1.0
+        {
+            break metric(
+                &text,
+                "kubeproxy_sync_full_proxy_rules_duration_seconds_sum",
+            )
+            .unwrap_or(0.0);
+        }
+        if Instant::now() > deadline {
+            bail!("the agent did not finish its first sync in 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    // Endpoint changes: API write → the sync that applied it.
+    let mut latencies = Vec::new();
+    let mut payloads = Vec::new();
+    for change in 0..args.changes {
+        let name = format!("svc-{:05}", change % count.max(1));
+        let before = metrics()?;
+        let last_before =
+            metric(&before, "kubeproxy_sync_proxy_rules_last_timestamp_seconds").unwrap_or(0.0);
+        let bytes_before = metric(&before, "causeway_agent_restore_bytes_sum").unwrap_or(0.0);
+        let written = now_seconds();
+        let patch = slice_json(&name, args.endpoints, change + 1);
+        slices
+            .patch(
+                &format!("{name}-1"),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = metrics()?;
+            let last =
+                metric(&text, "kubeproxy_sync_proxy_rules_last_timestamp_seconds").unwrap_or(0.0);
+            if last > last_before && last >= written {
+                latencies.push((last - written) * 1000.0);
+                payloads.push(
+                    metric(&text, "causeway_agent_restore_bytes_sum").unwrap_or(0.0) - bytes_before,
+                );
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("change {change} was not applied within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Let --min-sync-period (1 s) pass, so every change is its own sync.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    latencies.sort_by(f64::total_cmp);
+    payloads.sort_by(f64::total_cmp);
+
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb = |key: &str| -> f64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let (rss, peak) = (kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0);
+
+    let echo = workspace_bin("causeway-echo").display().to_string();
+    let out = netns::exec_in(
+        &client_pod.netns,
+        &echo,
+        &[
+            "connect-time",
+            &format!("{target_ip}:80"),
+            "--count",
+            &args.connects.to_string(),
+        ],
+    )?;
+    let connect: Vec<&str> = out.split_whitespace().collect();
+    if connect.get(3).is_some_and(|f| *f != "0") {
+        bail!("{} of the connections to zz-target failed", connect[3]);
+    }
+    drop(target_pod);
+    Ok(format!(
+        "| {count} × {} | {first_sync:.2} | {rss:.0} ({peak:.0}) | {:.0} / {:.0} | {:.0} | {} / {} / {} |",
+        args.endpoints,
+        quantile(&latencies, 0.5),
+        quantile(&latencies, 0.9),
+        quantile(&payloads, 0.5),
+        connect.first().unwrap_or(&"?"),
+        connect.get(1).unwrap_or(&"?"),
+        connect.get(2).unwrap_or(&"?"),
+    ))
+}
