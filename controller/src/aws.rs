@@ -9,7 +9,10 @@
 //!
 //! The SDK's standard retry mode (jittered exponential backoff) retries
 //! throttling, 5xx and transport errors inside one call; a failure that
-//! survives it fails the reconcile, which is retried per Service.
+//! survives it fails the reconcile, which is retried per Service. Before a
+//! call is sent it takes a token from its category's client-side bucket
+//! ([`RateLimits`]: Describe, Register, Modify), so many Services at once
+//! queue here rather than get throttled by AWS.
 
 mod execute;
 mod observe;
@@ -28,6 +31,112 @@ use tokio::sync::OnceCell;
 
 pub use observe::pick_subnets;
 
+/// Client-side rate limits (calls per second; 0 = unlimited), one token
+/// bucket per category, each with a burst of twice its rate (at least 1).
+#[derive(Clone, Copy, Debug)]
+pub struct RateLimits {
+    /// Describe* calls (ELBv2 and EC2).
+    pub describe: f64,
+    /// RegisterTargets and DeregisterTargets.
+    pub register: f64,
+    /// Every other write.
+    pub modify: f64,
+}
+
+impl Default for RateLimits {
+    /// Below AWS's per-account ELBv2 request limits, which a whole account
+    /// shares: 10/s for reads and writes, 4/s for target registration.
+    fn default() -> Self {
+        RateLimits {
+            describe: 10.0,
+            register: 4.0,
+            modify: 10.0,
+        }
+    }
+}
+
+/// The category an operation's token comes from.
+fn category(operation: &str) -> &'static str {
+    if is_read(operation) {
+        "describe"
+    } else if operation == "RegisterTargets" || operation == "DeregisterTargets" {
+        "register"
+    } else {
+        "modify"
+    }
+}
+
+/// A token bucket that hands out reservations: a caller takes a token now
+/// (the level may go negative) and sleeps until its token would have been
+/// there, so waiters are served in order and the rate holds under any
+/// concurrency.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    /// Tokens and when they were counted.
+    level: std::sync::Mutex<(f64, std::time::Instant)>,
+}
+
+impl TokenBucket {
+    fn new(rate: f64) -> Option<TokenBucket> {
+        (rate > 0.0).then(|| {
+            let burst = (2.0 * rate).max(1.0);
+            TokenBucket {
+                rate,
+                burst,
+                level: std::sync::Mutex::new((burst, std::time::Instant::now())),
+            }
+        })
+    }
+
+    /// How long the caller must wait for its token (already taken).
+    fn reserve(&self) -> std::time::Duration {
+        let mut level = self.level.lock().expect("token bucket lock");
+        let now = std::time::Instant::now();
+        let refilled = now.duration_since(level.1).as_secs_f64() * self.rate;
+        let tokens = (level.0 + refilled).min(self.burst) - 1.0;
+        *level = (tokens, now);
+        if tokens >= 0.0 {
+            std::time::Duration::ZERO
+        } else {
+            std::time::Duration::from_secs_f64(-tokens / self.rate)
+        }
+    }
+}
+
+/// The three buckets.
+#[derive(Debug)]
+struct Limiter {
+    describe: Option<TokenBucket>,
+    register: Option<TokenBucket>,
+    modify: Option<TokenBucket>,
+}
+
+impl Limiter {
+    fn new(limits: RateLimits) -> Limiter {
+        Limiter {
+            describe: TokenBucket::new(limits.describe),
+            register: TokenBucket::new(limits.register),
+            modify: TokenBucket::new(limits.modify),
+        }
+    }
+
+    fn bucket(&self, category: &str) -> Option<&TokenBucket> {
+        match category {
+            "describe" => self.describe.as_ref(),
+            "register" => self.register.as_ref(),
+            _ => self.modify.as_ref(),
+        }
+    }
+}
+
+/// Label set of `causeway_aws_throttle_waits_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ThrottleLabels {
+    pub category: &'static str,
+}
+
 /// Label set of `causeway_aws_calls_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AwsCallLabels {
@@ -42,6 +151,10 @@ pub struct AwsCalls {
     by_operation: Family<AwsCallLabels, Counter>,
     total: AtomicU64,
     writes: AtomicU64,
+    /// Writes that succeeded (for the test-only stop point).
+    ok_writes: AtomicU64,
+    throttle_waits: Family<ThrottleLabels, Counter>,
+    throttle_wait_seconds: Family<ThrottleLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl AwsCalls {
@@ -51,6 +164,24 @@ impl AwsCalls {
             "AWS API calls by operation and outcome",
             self.by_operation.clone(),
         );
+        registry.register(
+            "causeway_aws_throttle_waits",
+            "AWS calls that waited for the client-side rate limit, by category",
+            self.throttle_waits.clone(),
+        );
+        registry.register(
+            "causeway_aws_throttle_wait_seconds",
+            "Time AWS calls waited for the client-side rate limit, by category",
+            self.throttle_wait_seconds.clone(),
+        );
+    }
+
+    fn throttled(&self, category: &'static str, waited: std::time::Duration) {
+        let labels = ThrottleLabels { category };
+        self.throttle_waits.get_or_create(&labels).inc();
+        self.throttle_wait_seconds
+            .get_or_create(&labels)
+            .inc_by(waited.as_secs_f64());
     }
 
     fn record(&self, operation: &'static str, outcome: &'static str) {
@@ -142,7 +273,20 @@ pub struct Aws {
     calls: std::sync::Arc<AwsCalls>,
     /// The cluster's VPC (target groups need it), from the node SG.
     vpc_id: OnceCell<String>,
+    /// The node SG's ID, from its last lookup (rules are always read fresh).
+    node_sg_id: std::sync::Mutex<Option<String>>,
+    /// Subnet discovery results by scheme, reused for [`SUBNET_CACHE_TTL`].
+    subnets: std::sync::Mutex<
+        std::collections::HashMap<crate::model::Scheme, (std::time::Instant, Vec<String>)>,
+    >,
+    /// Test-only stop point: abort the process after this many successful
+    /// writes (`CAUSEWAY_TEST_EXIT_AFTER_WRITES`), to test crash safety.
+    exit_after_writes: Option<u64>,
+    limiter: Limiter,
 }
+
+/// How long a subnet discovery is reused for new load balancers.
+const SUBNET_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Aws {
     /// Clients from the standard SDK configuration; `region` overrides it.
@@ -163,7 +307,19 @@ impl Aws {
             cluster_name: cluster_name.to_string(),
             calls,
             vpc_id: OnceCell::new(),
+            node_sg_id: Default::default(),
+            subnets: Default::default(),
+            exit_after_writes: std::env::var("CAUSEWAY_TEST_EXIT_AFTER_WRITES")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+            limiter: Limiter::new(RateLimits::default()),
         }
+    }
+
+    /// Replaces the client-side rate limits.
+    pub fn with_rate_limits(mut self, limits: RateLimits) -> Aws {
+        self.limiter = Limiter::new(limits);
+        self
     }
 
     pub fn calls(&self) -> &AwsCalls {
@@ -188,9 +344,27 @@ impl Aws {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
         R: std::fmt::Debug,
     {
+        let category = category(operation);
+        if let Some(bucket) = self.limiter.bucket(category) {
+            let wait = bucket.reserve();
+            if !wait.is_zero() {
+                self.calls.throttled(category, wait);
+                tokio::time::sleep(wait).await;
+            }
+        }
         match request.await {
             Ok(v) => {
                 self.calls.record(operation, "ok");
+                if let Some(limit) = self.exit_after_writes
+                    && !is_read(operation)
+                    && self.calls.ok_writes.fetch_add(1, Ordering::Relaxed) + 1 >= limit
+                {
+                    // Like SIGKILL: no cleanup, no flush, nothing after this write.
+                    eprintln!(
+                        "CAUSEWAY_TEST_EXIT_AFTER_WRITES={limit}: aborting after {operation}"
+                    );
+                    std::process::abort();
+                }
                 Ok(v)
             }
             Err(err) => {
@@ -225,5 +399,30 @@ impl Aws {
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_its_rate() {
+        let bucket = TokenBucket::new(10.0).unwrap();
+        let waits: Vec<std::time::Duration> = (0..25).map(|_| bucket.reserve()).collect();
+        assert!(waits[..20].iter().all(|w| w.is_zero()), "{waits:?}");
+        // The 21st token is 0.1 s away, the 25th 0.5 s (less the time the
+        // loop took, which a busy machine can stretch).
+        assert!(waits[20].as_secs_f64() > 0.05 && waits[20].as_secs_f64() <= 0.1);
+        assert!(waits[24].as_secs_f64() > 0.45 && waits[24].as_secs_f64() <= 0.5);
+        assert!(TokenBucket::new(0.0).is_none());
+    }
+
+    #[test]
+    fn operations_fall_into_three_categories() {
+        assert_eq!(category("DescribeTags"), "describe");
+        assert_eq!(category("DeregisterTargets"), "register");
+        assert_eq!(category("CreateLoadBalancer"), "modify");
+        assert_eq!(category("AuthorizeSecurityGroupIngress"), "modify");
     }
 }

@@ -9,13 +9,13 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use causeway_controller::aws::Aws;
+use causeway_controller::aws::{Aws, RateLimits};
 use causeway_controller::desired::{ClusterConfig, desired, owns};
 use causeway_controller::leader::{self, LeaseSettings};
 use causeway_controller::metrics::{self, Metrics};
 use causeway_controller::model::Scheme;
 use causeway_controller::plan::plan;
-use causeway_controller::reconcile::{self, Context, FINALIZER, Settings};
+use causeway_controller::reconcile::{self, Context, FINALIZER, OrphanSweep, Settings};
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -76,6 +76,19 @@ struct RunArgs {
     /// Read back every Service's resources this often, correcting drift (e.g. 10m, 30s).
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     drift_audit_period: Duration,
+    /// Delete resources tagged with our cluster whose Service no longer
+    /// exists, at start and every drift-audit period (`dry-run`: only log).
+    #[arg(long, value_enum, default_value = "on")]
+    orphan_sweep: OrphanSweep,
+    /// Client-side limit on AWS Describe calls per second (0: none).
+    #[arg(long, default_value_t = RateLimits::default().describe)]
+    aws_describe_rate: f64,
+    /// Client-side limit on RegisterTargets/DeregisterTargets per second (0: none).
+    #[arg(long, default_value_t = RateLimits::default().register)]
+    aws_register_rate: f64,
+    /// Client-side limit on other AWS writes per second (0: none).
+    #[arg(long, default_value_t = RateLimits::default().modify)]
+    aws_modify_rate: f64,
     #[arg(long, default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:8081")]
@@ -180,6 +193,10 @@ async fn run(args: RunArgs) -> Result<()> {
         cluster,
         workers,
         drift_audit_period,
+        orphan_sweep,
+        aws_describe_rate,
+        aws_register_rate,
+        aws_modify_rate,
         metrics_addr,
         health_addr,
         log_json,
@@ -201,7 +218,12 @@ async fn run(args: RunArgs) -> Result<()> {
         cluster.region.clone(),
         metrics.aws_calls.clone(),
     )
-    .await;
+    .await
+    .with_rate_limits(RateLimits {
+        describe: aws_describe_rate,
+        register: aws_register_rate,
+        modify: aws_modify_rate,
+    });
 
     for addr in
         std::iter::once(metrics_addr).chain((health_addr != metrics_addr).then_some(health_addr))
@@ -286,6 +308,27 @@ async fn run(args: RunArgs) -> Result<()> {
             metrics.clone(),
         )
         .await?;
+    }
+    // Leader only: followers call no AWS API.
+    ctx.aws.warm_up().await;
+    // The first orphan sweep runs before any reconcile, then one per
+    // drift-audit period.
+    if orphan_sweep != OrphanSweep::Off {
+        let ctx = ctx.clone();
+        let sweep = async move || match reconcile::sweep_orphans(&ctx, orphan_sweep).await {
+            Ok(swept) if !swept.is_empty() => {
+                tracing::info!(?swept, mode = ?orphan_sweep, "orphan sweep done");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "orphan sweep failed; next period retries"),
+        };
+        sweep().await;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(drift_audit_period).await;
+                sweep().await;
+            }
+        });
     }
     let gate_nodes = nodes.clone();
     tracing::info!(cluster = %cluster.cluster_name, class = %cluster.load_balancer_class, "causeway-controller running");

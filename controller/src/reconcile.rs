@@ -320,13 +320,7 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Requeue, Error>
             let actions = plan(Some(&desired), cached_observed);
             if actions.iter().all(Action::is_target_change) {
                 report_nodes(svc, ctx, &desired).await;
-                ctx.aws.execute(&actions, cached_observed).await?;
-                let mut observed = cached_observed.clone();
-                for tg in &mut observed.target_groups {
-                    if let Some(want) = desired.target_groups.iter().find(|t| t.name == tg.name) {
-                        tg.targets = want.targets.clone();
-                    }
-                }
+                let observed = ctx.aws.execute(&actions, cached_observed).await?;
                 tracing::info!(service = %desired.service, actions = actions.len(), "targets updated");
                 remember(ctx, &uid, desired, observed, cached_at(ctx, &uid));
                 return Ok(Requeue::requeue(audit));
@@ -336,7 +330,16 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Requeue, Error>
 
     report_nodes(svc, ctx, &desired).await;
     let calls_before = ctx.aws.calls().total();
-    let mut observed = ctx.aws.observe(&uid, Some(&desired)).await?;
+    // The finalizer goes on before the first AWS write and comes off only
+    // when nothing tagged with the UID is left: without it there is nothing
+    // to read back, only subnets to discover. (Should something exist anyway,
+    // a create fails and the retry, with the finalizer, observes everything.)
+    let first_write = !svc.finalizers().iter().any(|f| f == FINALIZER);
+    let mut observed = if first_write {
+        ctx.aws.observe_nothing(&desired).await?
+    } else {
+        ctx.aws.observe(&uid, Some(&desired)).await?
+    };
     if lacks_subnets(&desired, &observed) {
         let message = format!(
             "no subnet found for a {} load balancer: tag subnets kubernetes.io/role/{} and kubernetes.io/cluster/{} (owned or shared), or set service.beta.kubernetes.io/aws-load-balancer-subnets",
@@ -379,9 +382,14 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Requeue, Error>
             tracing::warn!(error = %e, "cannot set condition");
         }
         tracing::info!(service = %desired.service, actions = actions.len(), plan = %summary, "applying");
-        ctx.aws.execute(&actions, &observed).await?;
-        observed = ctx.aws.observe(&uid, Some(&desired)).await?;
-        let left = plan(Some(&desired), &observed);
+        observed = ctx.aws.execute(&actions, &observed).await?;
+        let mut left = plan(Some(&desired), &observed);
+        if !left.is_empty() {
+            // The plan did not describe its own effect: read AWS back.
+            tracing::warn!(service = %desired.service, left = ?left, "applied state differs from desired; reading back");
+            observed = ctx.aws.observe(&uid, Some(&desired)).await?;
+            left = plan(Some(&desired), &observed);
+        }
         if !left.is_empty() {
             // AWS did not keep what we set: the next reconcile tries again.
             tracing::warn!(service = %desired.service, left = ?left, "not converged after apply");
@@ -487,6 +495,7 @@ async fn cleanup(svc: &Service, ctx: &Context, uid: &str) -> Result<(), Error> {
         )
         .await;
         ctx.aws.execute(&actions, &observed).await?;
+        // Read back: the finalizer comes off only when AWS says nothing is left.
         let left = plan(None, &ctx.aws.observe(uid, None).await?);
         if !left.is_empty() {
             return Err(Error::Remaining(left.len()));
@@ -528,6 +537,57 @@ async fn cleanup(svc: &Service, ctx: &Context, uid: &str) -> Result<(), Error> {
     )
     .await;
     Ok(())
+}
+
+/// What the orphan sweep does with what it finds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OrphanSweep {
+    /// Delete resources of Services that no longer exist.
+    On,
+    /// Only log what would be deleted.
+    DryRun,
+    Off,
+}
+
+/// Deletes everything tagged with our cluster whose Service UID no longer
+/// exists in the API (a Service deleted while no controller ran, a finalizer
+/// removed by hand). The UIDs are read from AWS *before* the Services are
+/// listed, so a Service created meanwhile is in the list. Returns the UIDs
+/// swept (or, in dry-run, that would be).
+pub async fn sweep_orphans(ctx: &Context, mode: OrphanSweep) -> Result<Vec<String>, Error> {
+    if mode == OrphanSweep::Off {
+        return Ok(Vec::new());
+    }
+    let tagged = ctx.aws.tagged_uids().await?;
+    if tagged.is_empty() {
+        return Ok(Vec::new());
+    }
+    let live: std::collections::BTreeSet<String> = Api::<Service>::all(ctx.client.clone())
+        .list_metadata(&kube::api::ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|s| s.metadata.uid)
+        .collect();
+    let mut swept = Vec::new();
+    for uid in tagged.difference(&live) {
+        let observed = ctx.aws.observe(uid, None).await?;
+        let actions = plan(None, &observed);
+        let summary = actions
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        if mode == OrphanSweep::DryRun {
+            tracing::info!(%uid, plan = %summary, "orphan sweep (dry run) would delete");
+        } else {
+            tracing::info!(%uid, plan = %summary, "orphan sweep: deleting resources of a Service that no longer exists");
+            ctx.aws.execute(&actions, &observed).await?;
+            ctx.forget(uid);
+        }
+        swept.push(uid.clone());
+    }
+    Ok(swept)
 }
 
 /// Adds the finalizer (optimistically, by resourceVersion) before any AWS write.

@@ -26,6 +26,16 @@ impl ControllerProcess {
     /// Starts the controller in the root namespace (where moto and the
     /// apiserver are reachable), with the environment's AWS and kube settings.
     pub fn start(cluster: &Cluster, extra_args: &[&str]) -> Result<ControllerProcess> {
+        ControllerProcess::start_with_env(cluster, extra_args, &[])
+    }
+
+    /// [`ControllerProcess::start`] with extra environment variables (e.g. the
+    /// test-only stop point `CAUSEWAY_TEST_EXIT_AFTER_WRITES`).
+    pub fn start_with_env(
+        cluster: &Cluster,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<ControllerProcess> {
         let metrics_port = free_port()?;
         let addr = format!("127.0.0.1:{metrics_port}");
         let log = cluster.dir().join(format!("controller-{metrics_port}.log"));
@@ -45,6 +55,7 @@ impl ControllerProcess {
             .args(extra_args)
             .envs(cluster.env_vars())
             .env("RUST_LOG", "info,causeway_controller=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
@@ -55,6 +66,11 @@ impl ControllerProcess {
             metrics_port,
             log,
         })
+    }
+
+    /// The process ID (for CPU time and RSS from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The controller's log so far (for failure messages).
@@ -104,6 +120,23 @@ impl ControllerProcess {
     /// Whether this replica holds the leader lease (`causeway_leader`).
     pub fn is_leader(&self) -> Result<bool> {
         Ok(self.metrics()?.get("causeway_leader") == Some(&1.0))
+    }
+
+    /// Waits until the process exits by itself; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "controller still running after {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Waits until `/readyz` answers 200.
@@ -283,4 +316,72 @@ fn run_python(python: &Path, script: &str) -> Result<String> {
         bail!("python failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Every resource in moto that carries a `causeway.dev/service-uid` tag,
+/// counted by UID and kind (`lb`, `listener`, `tg`, `target`, `sg`), plus the
+/// SG rules whose description names the UID (`rule`). What a leak or a
+/// duplicate would show up in.
+pub fn tagged_inventory(cluster: &Cluster) -> Result<BTreeMap<String, BTreeMap<String, u64>>> {
+    let script = format!(
+        r#"
+import boto3, json, collections
+kw = dict(endpoint_url='{endpoint}', region_name='{REGION}', aws_access_key_id='testing', aws_secret_access_key='testing')
+elb = boto3.client('elbv2', **kw)
+ec2 = boto3.client('ec2', **kw)
+KEY = 'causeway.dev/service-uid'
+out = collections.defaultdict(lambda: collections.defaultdict(int))
+def tags_of(arns):
+    res = {{}}
+    for i in range(0, len(arns), 20):
+        for d in elb.describe_tags(ResourceArns=arns[i:i+20])['TagDescriptions']:
+            res[d['ResourceArn']] = {{t['Key']: t['Value'] for t in d['Tags']}}
+    return res
+lbs = [lb for page in elb.get_paginator('describe_load_balancers').paginate() for lb in page['LoadBalancers']]
+tgs = [tg for page in elb.get_paginator('describe_target_groups').paginate() for tg in page['TargetGroups']]
+lb_tags = tags_of([lb['LoadBalancerArn'] for lb in lbs])
+tg_tags = tags_of([tg['TargetGroupArn'] for tg in tgs])
+for lb in lbs:
+    uid = lb_tags.get(lb['LoadBalancerArn'], {{}}).get(KEY)
+    if uid:
+        out[uid]['lb'] += 1
+        out[uid]['listener'] += len(elb.describe_listeners(LoadBalancerArn=lb['LoadBalancerArn'])['Listeners'])
+for tg in tgs:
+    uid = tg_tags.get(tg['TargetGroupArn'], {{}}).get(KEY)
+    if uid:
+        out[uid]['tg'] += 1
+        out[uid]['target'] += len(elb.describe_target_health(TargetGroupArn=tg['TargetGroupArn'])['TargetHealthDescriptions'])
+for sg in ec2.describe_security_groups()['SecurityGroups']:
+    uid = {{x['Key']: x['Value'] for x in sg.get('Tags', [])}}.get(KEY)
+    if uid:
+        out[uid]['sg'] += 1
+    for p in sg.get('IpPermissions', []):
+        for source in p.get('IpRanges', []) + p.get('Ipv6Ranges', []) + p.get('UserIdGroupPairs', []):
+            d = source.get('Description', '')
+            if d.startswith('causeway '):
+                out[d.split(' ')[1]]['rule'] += 1
+print(json.dumps(out))
+"#,
+        endpoint = cluster.aws_endpoint(),
+    );
+    let python = crate::cluster::moto_venv()?.join("bin/python");
+    let out = run_python(&python, &script)?;
+    Ok(serde_json::from_str(out.trim())?)
+}
+
+/// Runs a Python snippet against moto with `elb` (elbv2) and `ec2` boto3
+/// clients already defined; its stdout. For tests that set up AWS state
+/// behind the controller's back.
+pub fn moto_python(cluster: &Cluster, snippet: &str) -> Result<String> {
+    let script = format!(
+        r#"
+import boto3, json
+kw = dict(endpoint_url='{endpoint}', region_name='{REGION}', aws_access_key_id='testing', aws_secret_access_key='testing')
+elb = boto3.client('elbv2', **kw)
+ec2 = boto3.client('ec2', **kw)
+{snippet}
+"#,
+        endpoint = cluster.aws_endpoint(),
+    );
+    run_python(&crate::cluster::moto_venv()?.join("bin/python"), &script)
 }

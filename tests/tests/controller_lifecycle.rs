@@ -90,6 +90,14 @@ async fn service_python_gets_an_nlb_follows_nodes_and_is_cleaned_up() -> Result<
     let client = cluster.client();
     let controller = ControllerProcess::start(&cluster, &[])?;
     controller.wait_ready(Duration::from_secs(60))?;
+    // The leader looks up the node SG and the public subnets once at start,
+    // and sweeps orphans, before it reports running.
+    eventually(Duration::from_secs(30), "the start-up lookups", || {
+        let running = controller.log().contains("causeway-controller running");
+        async move { Ok(running.then_some(())) }
+    })
+    .await?;
+    let calls_before_create = controller.aws_calls()?;
 
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
     let created = services
@@ -121,6 +129,28 @@ async fn service_python_gets_an_nlb_follows_nodes_and_is_cleaned_up() -> Result<
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))?;
+
+    // Creating a one-port Service costs its seven writes and nothing else:
+    // no read-back (the plan's effect is known), tags passed at creation,
+    // default attributes not set.
+    let create_calls = calls_between(&calls_before_create, &controller.aws_calls()?);
+    assert_eq!(
+        create_calls,
+        [
+            ("CreateSecurityGroup", 1),
+            ("AuthorizeSecurityGroupIngress", 2),
+            ("CreateLoadBalancer", 1),
+            ("CreateTargetGroup", 1),
+            ("RegisterTargets", 1),
+            ("CreateListener", 1),
+        ]
+        .into_iter()
+        .map(|(op, n)| (op.to_string(), n))
+        .collect(),
+        "AWS calls for one create; controller log:\n{}",
+        controller.log()
+    );
+    assert!(create_calls.values().sum::<u64>() <= 8);
 
     // moto holds exactly one NLB, one TCP listener on 3000, one target group
     // whose targets are every node's instance on NodePort 30080.

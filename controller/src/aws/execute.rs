@@ -3,7 +3,7 @@
 //! is already gone, counts as done, so a plan cut short by a crash or an error
 //! is finished by the next reconcile (which plans again from what it observes).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use aws_sdk_ec2::types::{
     IpPermission, IpRange, Ipv6Range, PrefixListId, ResourceType, TagSpecification, UserIdGroupPair,
@@ -18,8 +18,10 @@ use aws_sdk_elasticloadbalancingv2::types::{
 use super::observe::filter;
 use super::{Aws, AwsError, AwsErrorKind};
 use crate::model::{
-    HealthCheck, HealthCheckPort, HealthCheckProtocol, Listener, Observed, RuleSource,
-    SecurityGroupRef, SecurityGroupSelection, SgRule, SubnetRef, Target,
+    HealthCheck, HealthCheckPort, HealthCheckProtocol, Listener, Observed, ObservedListener,
+    ObservedLoadBalancer, ObservedSecurityGroup, ObservedSecurityGroupRef, ObservedSubnetMapping,
+    ObservedTargetGroup, RuleSource, SecurityGroupRef, SecurityGroupSelection, SgRule, SubnetRef,
+    Target,
 };
 use crate::plan::{Action, Ref, SgRef};
 
@@ -56,6 +58,10 @@ struct Known {
     groups: HashMap<String, String>,
     managed_sg: Option<String>,
     node_sg: Option<String>,
+    /// LB name → DNS name, from CreateLoadBalancer.
+    dns: HashMap<String, String>,
+    /// ARN of the listener the last CreateListener made.
+    listener_arn: Option<String>,
 }
 
 impl Known {
@@ -120,8 +126,16 @@ fn targets(targets: &[Target]) -> Vec<TargetDescription> {
 
 impl Aws {
     /// Executes `actions` (from [`crate::plan::plan`] against `observed`), in order,
-    /// stopping at the first failure.
-    pub async fn execute(&self, actions: &[Action], observed: &Observed) -> Result<(), AwsError> {
+    /// stopping at the first failure. On success, returns `observed` with every
+    /// action's effect applied (ARNs, IDs and DNS names from the create
+    /// responses), so the caller need not read everything back: the drift
+    /// audit does that periodically.
+    pub async fn execute(
+        &self,
+        actions: &[Action],
+        observed: &Observed,
+    ) -> Result<Observed, AwsError> {
+        let mut state = observed.clone();
         let mut known = Known::default();
         for lb in &observed.load_balancers {
             known.arns.insert(lb.name.clone(), lb.arn.clone());
@@ -136,8 +150,9 @@ impl Aws {
         for action in actions {
             tracing::debug!(%action, "executing");
             self.execute_one(action, &mut known).await?;
+            apply(action, &known, &mut state);
         }
-        Ok(())
+        Ok(state)
     }
 
     async fn execute_one(&self, action: &Action, known: &mut Known) -> Result<(), AwsError> {
@@ -251,6 +266,12 @@ impl Aws {
                     .and_then(|l| l.load_balancer_arn())
                     .unwrap_or_default();
                 known.arns.insert(lb.name.clone(), arn.to_string());
+                let dns = resp
+                    .load_balancers()
+                    .first()
+                    .and_then(|l| l.dns_name())
+                    .unwrap_or_default();
+                known.dns.insert(lb.name.clone(), dns.to_string());
             }
             Action::ModifyLoadBalancerAttributes {
                 load_balancer,
@@ -367,20 +388,26 @@ impl Aws {
                 let lb_arn = known.arn(load_balancer)?;
                 let tg_arn = known.arn(target_group)?;
                 let (certificates, alpn) = listener_tls(listener);
-                self.call(
-                    "CreateListener",
-                    self.elb
-                        .create_listener()
-                        .load_balancer_arn(lb_arn)
-                        .protocol(ProtocolEnum::from(listener.protocol.as_str()))
-                        .port(i32::from(listener.port))
-                        .default_actions(forward(tg_arn))
-                        .set_certificates(certificates)
-                        .set_ssl_policy(listener.ssl_policy.clone())
-                        .set_alpn_policy(alpn)
-                        .send(),
-                )
-                .await?;
+                let resp = self
+                    .call(
+                        "CreateListener",
+                        self.elb
+                            .create_listener()
+                            .load_balancer_arn(lb_arn)
+                            .protocol(ProtocolEnum::from(listener.protocol.as_str()))
+                            .port(i32::from(listener.port))
+                            .default_actions(forward(tg_arn))
+                            .set_certificates(certificates)
+                            .set_ssl_policy(listener.ssl_policy.clone())
+                            .set_alpn_policy(alpn)
+                            .send(),
+                    )
+                    .await?;
+                known.listener_arn = resp
+                    .listeners()
+                    .first()
+                    .and_then(|l| l.listener_arn())
+                    .map(str::to_string);
             }
             Action::ModifyListener {
                 arn,
@@ -512,6 +539,10 @@ impl Aws {
                 if let Some(id) = &known.node_sg {
                     return Ok(id.clone());
                 }
+                if let Some(id) = self.node_sg_id.lock().expect("node sg lock").clone() {
+                    known.node_sg = Some(id.clone());
+                    return Ok(id);
+                }
                 let sg = self.node_security_group_opt().await?.ok_or_else(|| {
                     AwsError::setup(
                         "DescribeSecurityGroups",
@@ -626,6 +657,259 @@ impl Aws {
     }
 }
 
+/// Applies the effect of a successful `action` to `state`, so that `state`
+/// is what a Describe would now report (as far as planning compares it).
+fn apply(action: &Action, known: &Known, state: &mut Observed) {
+    let arn_of = |r: &Ref| known.arn(r).unwrap_or_default();
+    match action {
+        Action::CreateSecurityGroup { name, tags, .. } => {
+            state.security_groups.push(ObservedSecurityGroup {
+                id: known.groups.get(name).cloned().unwrap_or_default(),
+                name: name.clone(),
+                ingress: Vec::new(),
+                tags: tags.clone(),
+            });
+        }
+        Action::AuthorizeIngress { group, rules } => {
+            let list = match group {
+                SgRef::Nodes => Some(&mut state.backend_rules),
+                SgRef::Id(id) => state
+                    .security_groups
+                    .iter_mut()
+                    .find(|g| &g.id == id)
+                    .map(|g| &mut g.ingress),
+                SgRef::New(name) => state
+                    .security_groups
+                    .iter_mut()
+                    .find(|g| &g.name == name)
+                    .map(|g| &mut g.ingress),
+            };
+            if let Some(list) = list {
+                for rule in rules {
+                    if !list.iter().any(|h| h.rule.same_traffic(rule)) {
+                        list.push(super::observe::observed_rule(rule.clone()));
+                    }
+                }
+                list.sort();
+            }
+        }
+        Action::RevokeIngress { group, rules } => {
+            let list = match group {
+                SgRef::Nodes => Some(&mut state.backend_rules),
+                SgRef::Id(id) => state
+                    .security_groups
+                    .iter_mut()
+                    .find(|g| &g.id == id)
+                    .map(|g| &mut g.ingress),
+                SgRef::New(name) => state
+                    .security_groups
+                    .iter_mut()
+                    .find(|g| &g.name == name)
+                    .map(|g| &mut g.ingress),
+            };
+            if let Some(list) = list {
+                list.retain(|h| !rules.iter().any(|r| r.rule.same_traffic(&h.rule)));
+            }
+        }
+        Action::CreateLoadBalancer {
+            load_balancer: lb,
+            subnets,
+        } => {
+            let managed = known.managed_sg.clone();
+            state.load_balancers.push(ObservedLoadBalancer {
+                arn: known.arns.get(&lb.name).cloned().unwrap_or_default(),
+                dns_name: known.dns.get(&lb.name).cloned().unwrap_or_default(),
+                name: lb.name.clone(),
+                scheme: lb.scheme,
+                ip_address_type: lb.ip_address_type,
+                subnets: subnets
+                    .iter()
+                    .map(|m| ObservedSubnetMapping {
+                        subnet_id: match &m.subnet {
+                            SubnetRef::Id(id) => id.clone(),
+                            SubnetRef::Name(_) => String::new(),
+                        },
+                        subnet_name: match &m.subnet {
+                            SubnetRef::Name(n) => Some(n.clone()),
+                            SubnetRef::Id(_) => None,
+                        },
+                        allocation_id: m.allocation_id.clone(),
+                        private_ipv4: None,
+                        ipv6: None,
+                    })
+                    .collect(),
+                security_groups: lb
+                    .security_groups
+                    .iter()
+                    .filter_map(|s| match s {
+                        SecurityGroupSelection::Managed => {
+                            managed.clone().map(|id| ObservedSecurityGroupRef {
+                                id,
+                                name: None,
+                                managed: true,
+                            })
+                        }
+                        SecurityGroupSelection::User(SecurityGroupRef::Id(id)) => {
+                            Some(ObservedSecurityGroupRef {
+                                id: id.clone(),
+                                name: None,
+                                managed: false,
+                            })
+                        }
+                        SecurityGroupSelection::User(SecurityGroupRef::Name(n)) => {
+                            Some(ObservedSecurityGroupRef {
+                                id: String::new(),
+                                name: Some(n.clone()),
+                                managed: false,
+                            })
+                        }
+                    })
+                    .collect(),
+                attributes: BTreeMap::new(),
+                enforce_sg_inbound_rules_on_private_link: None,
+                tags: lb.tags.clone(),
+            });
+        }
+        Action::ModifyLoadBalancerAttributes {
+            load_balancer,
+            attributes,
+        } => {
+            let arn = arn_of(load_balancer);
+            if let Some(lb) = state.load_balancers.iter_mut().find(|l| l.arn == arn) {
+                lb.attributes.extend(attributes.clone());
+            }
+        }
+        Action::CreateTargetGroup { target_group: tg } => {
+            state.target_groups.push(ObservedTargetGroup {
+                arn: known.arns.get(&tg.name).cloned().unwrap_or_default(),
+                name: tg.name.clone(),
+                port: tg.port,
+                protocol: tg.protocol,
+                target_type: tg.target_type,
+                health_check: tg.health_check.clone(),
+                attributes: BTreeMap::new(),
+                targets: Vec::new(),
+                tags: tg.tags.clone(),
+            });
+        }
+        Action::ModifyTargetGroupHealthCheck {
+            target_group,
+            health_check,
+        } => {
+            let arn = arn_of(target_group);
+            if let Some(tg) = state.target_groups.iter_mut().find(|t| t.arn == arn) {
+                tg.health_check = health_check.clone();
+            }
+        }
+        Action::ModifyTargetGroupAttributes {
+            target_group,
+            attributes,
+        } => {
+            let arn = arn_of(target_group);
+            if let Some(tg) = state.target_groups.iter_mut().find(|t| t.arn == arn) {
+                tg.attributes.extend(attributes.clone());
+            }
+        }
+        Action::RegisterTargets {
+            target_group,
+            targets,
+        } => {
+            let arn = arn_of(target_group);
+            if let Some(tg) = state.target_groups.iter_mut().find(|t| t.arn == arn) {
+                tg.targets.extend(targets.iter().cloned());
+                tg.targets.sort();
+                tg.targets.dedup();
+            }
+        }
+        Action::DeregisterTargets {
+            target_group,
+            targets,
+        } => {
+            let arn = arn_of(target_group);
+            if let Some(tg) = state.target_groups.iter_mut().find(|t| t.arn == arn) {
+                tg.targets.retain(|t| !targets.contains(t));
+            }
+        }
+        Action::CreateListener {
+            load_balancer,
+            listener,
+            target_group,
+        } => {
+            state.listeners.push(observed_listener(
+                known.listener_arn.clone().unwrap_or_default(),
+                arn_of(load_balancer),
+                listener,
+                arn_of(target_group),
+            ));
+        }
+        Action::ModifyListener {
+            arn,
+            listener,
+            target_group,
+        } => {
+            if let Some(l) = state.listeners.iter_mut().find(|l| &l.arn == arn) {
+                *l = observed_listener(
+                    arn.clone(),
+                    l.load_balancer_arn.clone(),
+                    listener,
+                    arn_of(target_group),
+                );
+            }
+        }
+        Action::AddTags { resource, tags } => {
+            let arn = arn_of(resource);
+            if let Some(lb) = state.load_balancers.iter_mut().find(|l| l.arn == arn) {
+                lb.tags.extend(tags.clone());
+            }
+            if let Some(tg) = state.target_groups.iter_mut().find(|t| t.arn == arn) {
+                tg.tags.extend(tags.clone());
+            }
+        }
+        Action::RemoveTags { resource, keys } => {
+            let arn = arn_of(resource);
+            if let Some(lb) = state.load_balancers.iter_mut().find(|l| l.arn == arn) {
+                lb.tags.retain(|k, _| !keys.contains(k));
+            }
+            if let Some(tg) = state.target_groups.iter_mut().find(|t| t.arn == arn) {
+                tg.tags.retain(|k, _| !keys.contains(k));
+            }
+        }
+        Action::DeleteListener { arn, .. } => state.listeners.retain(|l| &l.arn != arn),
+        Action::DeleteLoadBalancer { arn, .. } => {
+            state.load_balancers.retain(|l| &l.arn != arn);
+            // Deleting an LB deletes its listeners.
+            state.listeners.retain(|l| &l.load_balancer_arn != arn);
+        }
+        Action::DeleteTargetGroup { arn, .. } => state.target_groups.retain(|t| &t.arn != arn),
+        Action::DeleteSecurityGroup { id, .. } => state.security_groups.retain(|g| &g.id != id),
+    }
+}
+
+/// A listener as a Describe would report what `listener` asked for.
+fn observed_listener(
+    arn: String,
+    load_balancer_arn: String,
+    listener: &Listener,
+    target_group_arn: String,
+) -> ObservedListener {
+    let tls = listener.protocol == crate::model::Protocol::Tls;
+    ObservedListener {
+        arn,
+        load_balancer_arn,
+        port: listener.port,
+        protocol: listener.protocol,
+        certificates: if tls {
+            listener.certificates.clone()
+        } else {
+            Vec::new()
+        },
+        ssl_policy: listener.ssl_policy.clone().filter(|_| tls),
+        alpn_policy: listener.alpn_policy.filter(|_| tls),
+        target_group_arn,
+        attributes: BTreeMap::new(),
+    }
+}
+
 /// The ELBv2 forward action to one target group.
 fn forward(tg_arn: String) -> aws_sdk_elasticloadbalancingv2::types::Action {
     aws_sdk_elasticloadbalancingv2::types::Action::builder()
@@ -642,4 +926,108 @@ fn listener_tls(listener: &Listener) -> (Option<Vec<Certificate>>, Option<Vec<St
         .map(|arn| vec![Certificate::builder().certificate_arn(arn).build()]);
     let alpn = listener.alpn_policy.map(|p| vec![p.as_str().to_string()]);
     (certificates, alpn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::desired;
+    use crate::fixtures::{NodeBuilder, ServiceBuilder, cluster_config};
+    use crate::plan::plan;
+
+    /// Runs `actions` without AWS: what `execute_one` learns from each
+    /// response is made up, then `apply` updates the state.
+    fn simulate(actions: &[Action], observed: &Observed) -> Observed {
+        let mut known = Known::default();
+        for lb in &observed.load_balancers {
+            known.arns.insert(lb.name.clone(), lb.arn.clone());
+        }
+        for tg in &observed.target_groups {
+            known.arns.insert(tg.name.clone(), tg.arn.clone());
+        }
+        known.managed_sg = observed.security_groups.first().map(|g| g.id.clone());
+        let mut state = observed.clone();
+        for (i, action) in actions.iter().enumerate() {
+            match action {
+                Action::CreateSecurityGroup { name, .. } => {
+                    known.groups.insert(name.clone(), format!("sg-{i}"));
+                    known.managed_sg = Some(format!("sg-{i}"));
+                }
+                Action::CreateLoadBalancer { load_balancer, .. } => {
+                    known
+                        .arns
+                        .insert(load_balancer.name.clone(), format!("arn:lb/{i}"));
+                    known
+                        .dns
+                        .insert(load_balancer.name.clone(), format!("lb-{i}.example"));
+                }
+                Action::CreateTargetGroup { target_group } => {
+                    known
+                        .arns
+                        .insert(target_group.name.clone(), format!("arn:tg/{i}"));
+                }
+                Action::CreateListener { .. } => {
+                    known.listener_arn = Some(format!("arn:listener/{i}"));
+                }
+                _ => {}
+            }
+            apply(action, &known, &mut state);
+        }
+        state
+    }
+
+    #[test]
+    fn the_applied_state_of_a_plan_needs_no_further_action() {
+        let cfg = cluster_config();
+        let nodes = [
+            NodeBuilder::new("a", "i-0a").build(),
+            NodeBuilder::new("b", "i-0b").build(),
+        ];
+        let services = [
+            ServiceBuilder::new().build(),
+            ServiceBuilder::new().port("dns", 53, "UDP", 30053).build(),
+            ServiceBuilder::new()
+                .etp_local(32000)
+                .source_ranges(&["10.0.0.0/8"])
+                .build(),
+            ServiceBuilder::new()
+                .annotation(
+                    "service.beta.kubernetes.io/aws-load-balancer-target-group-attributes",
+                    "deregistration_delay.timeout_seconds=10",
+                )
+                .annotation(
+                    "service.beta.kubernetes.io/aws-load-balancer-cross-zone-load-balancing-enabled",
+                    "true",
+                )
+                .build(),
+        ];
+        for svc in &services {
+            let d = desired(svc, &nodes, &[], &cfg).unwrap();
+            let empty = Observed {
+                discovered_subnets: Some(vec!["subnet-0a".into(), "subnet-0b".into()]),
+                ..Observed::default()
+            };
+            let actions = plan(Some(&d), &empty);
+            assert!(!actions.is_empty());
+            let created = simulate(&actions, &empty);
+            assert_eq!(plan(Some(&d), &created), [], "after {actions:#?}");
+            assert!(
+                created
+                    .load_balancers
+                    .iter()
+                    .all(|lb| !lb.arn.is_empty() && !lb.dns_name.is_empty())
+            );
+            assert!(created.listeners.iter().all(|l| !l.arn.is_empty()));
+
+            // A node leaves, then the Service goes: each plan's effect is
+            // again all there is to do.
+            let fewer = desired(svc, &nodes[..1], &[], &cfg).unwrap();
+            let actions = plan(Some(&fewer), &created);
+            assert!(actions.iter().all(Action::is_target_change));
+            let drained = simulate(&actions, &created);
+            assert_eq!(plan(Some(&fewer), &drained), []);
+            let deleted = simulate(&plan(None, &drained), &drained);
+            assert_eq!(plan(None, &deleted), []);
+        }
+    }
 }

@@ -151,7 +151,7 @@ fn rules_of(perm: &IpPermission, managed_sg: Option<&str>) -> Vec<SgRule> {
 
 /// EC2 has no IDs for rules in DescribeSecurityGroups; revocation goes by the
 /// rule's content, so the "ID" is its printed form (for plans and logs).
-fn observed_rule(rule: SgRule) -> ObservedSgRule {
+pub(super) fn observed_rule(rule: SgRule) -> ObservedSgRule {
     ObservedSgRule {
         rule_id: rule.to_string(),
         rule,
@@ -315,6 +315,82 @@ impl Aws {
             }
         }
         Ok(observed)
+    }
+
+    /// Service UIDs that anything of our cluster is tagged with (LBs, TGs,
+    /// frontend SGs) or that a node-SG rule description names: the
+    /// candidates of the orphan sweep.
+    pub async fn tagged_uids(&self) -> Result<std::collections::BTreeSet<String>, AwsError> {
+        let cluster_tag = self.cluster_tag();
+        let mut uids = std::collections::BTreeSet::new();
+        let lbs = self.all_load_balancers().await?;
+        let tgs = self.all_target_groups().await?;
+        let arns = lbs
+            .iter()
+            .filter_map(|l| l.load_balancer_arn())
+            .chain(tgs.iter().filter_map(|t| t.target_group_arn()));
+        for tags in self.tags_of(arns).await?.values() {
+            if tags.contains_key(&cluster_tag)
+                && let Some(uid) = tags.get(tags::SERVICE_UID)
+            {
+                uids.insert(uid.clone());
+            }
+        }
+        let resp = self
+            .call(
+                "DescribeSecurityGroups",
+                self.ec2
+                    .describe_security_groups()
+                    .filters(filter("tag-key", &[tags::SERVICE_UID]))
+                    .filters(filter(&format!("tag:{cluster_tag}"), &["owned"]))
+                    .send(),
+            )
+            .await?;
+        for sg in resp.security_groups() {
+            if let Some(uid) = sg_tags(sg).get(tags::SERVICE_UID) {
+                uids.insert(uid.clone());
+            }
+        }
+        if let Some(node_sg) = self.node_security_group_opt().await? {
+            for rule in node_sg
+                .ip_permissions()
+                .iter()
+                .flat_map(|p| rules_of(p, None))
+            {
+                if let Some(uid) = rule
+                    .description
+                    .strip_prefix("causeway ")
+                    .and_then(|rest| rest.split(' ').next())
+                    .filter(|uid| !uid.is_empty())
+                {
+                    uids.insert(uid.to_string());
+                }
+            }
+        }
+        Ok(uids)
+    }
+
+    /// What a Service that never had an AWS write has: nothing, plus subnet
+    /// discovery for its LB.
+    pub async fn observe_nothing(&self, desired: &Desired) -> Result<Observed, AwsError> {
+        let mut observed = Observed::default();
+        if desired.load_balancer.subnets == SubnetSelection::Discover {
+            observed.discovered_subnets =
+                Some(self.discover_subnets(desired.load_balancer.scheme).await?);
+        }
+        Ok(observed)
+    }
+
+    /// Looks up, once, what every Service needs (node SG, VPC, public
+    /// subnets), so that the first creates do not each pay for it. Failures
+    /// are only logged: the lookups are repeated when a Service needs them.
+    pub async fn warm_up(&self) {
+        if let Err(e) = self.node_security_group_opt().await {
+            tracing::warn!(error = %e, "cannot find the node security group yet");
+        }
+        if let Err(e) = self.discover_subnets(Scheme::InternetFacing).await {
+            tracing::warn!(error = %e, "cannot discover subnets yet");
+        }
     }
 
     async fn all_load_balancers(&self) -> Result<Vec<ElbLoadBalancer>, AwsError> {
@@ -558,6 +634,9 @@ impl Aws {
                 if let Some(vpc) = sg.vpc_id() {
                     let _ = self.vpc_id.set(vpc.to_string());
                 }
+                if let Some(id) = sg.group_id() {
+                    *self.node_sg_id.lock().expect("node sg lock") = Some(id.to_string());
+                }
                 Ok(Some(sg.clone()))
             }
             n => Err(AwsError::setup(
@@ -577,6 +656,11 @@ impl Aws {
 
     /// Subnets tagged for the scheme's role and our cluster (SPEC 1.2).
     pub(super) async fn discover_subnets(&self, scheme: Scheme) -> Result<Vec<String>, AwsError> {
+        if let Some((at, subnets)) = self.subnets.lock().expect("subnet cache lock").get(&scheme)
+            && at.elapsed() < super::SUBNET_CACHE_TTL
+        {
+            return Ok(subnets.clone());
+        }
         let role = match scheme {
             Scheme::InternetFacing => "kubernetes.io/role/elb",
             Scheme::Internal => "kubernetes.io/role/internal-elb",
@@ -597,7 +681,7 @@ impl Aws {
         if let Some(vpc) = resp.subnets().iter().find_map(|s| s.vpc_id()) {
             let _ = self.vpc_id.set(vpc.to_string());
         }
-        Ok(pick_subnets(
+        let picked = pick_subnets(
             resp.subnets()
                 .iter()
                 .filter_map(|s| {
@@ -607,7 +691,14 @@ impl Aws {
                     ))
                 })
                 .collect(),
-        ))
+        );
+        if !picked.is_empty() {
+            self.subnets
+                .lock()
+                .expect("subnet cache lock")
+                .insert(scheme, (std::time::Instant::now(), picked.clone()));
+        }
+        Ok(picked)
     }
 }
 
