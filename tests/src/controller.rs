@@ -302,8 +302,24 @@ print(json.dumps(out))
         endpoint = cluster.aws_endpoint(),
     );
     let python = crate::cluster::moto_venv()?.join("bin/python");
-    let out = run_python(&python, &script)?;
+    let out = read_snapshot(&python, &script)?;
     Ok(serde_json::from_str(out.trim())?)
+}
+
+/// Runs a read-only inventory script. The controller may delete a resource
+/// between the script's list and its per-resource reads (moto answers
+/// `…NotFound`); such a snapshot is simply taken again.
+fn read_snapshot(python: &Path, script: &str) -> Result<String> {
+    let mut attempt = 0;
+    loop {
+        match run_python(python, script) {
+            Err(e) if attempt < 5 && e.to_string().contains("NotFound") => {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn run_python(python: &Path, script: &str) -> Result<String> {
@@ -365,7 +381,7 @@ print(json.dumps(out))
         endpoint = cluster.aws_endpoint(),
     );
     let python = crate::cluster::moto_venv()?.join("bin/python");
-    let out = run_python(&python, &script)?;
+    let out = read_snapshot(&python, &script)?;
     Ok(serde_json::from_str(out.trim())?)
 }
 
