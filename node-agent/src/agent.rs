@@ -446,6 +446,7 @@ impl Syncer {
 
         let mut failed = false;
         let mut all_full = true;
+        let mut restored = false;
         let mut models = Vec::new();
         let mut rule_counts: BTreeMap<&str, usize> = BTreeMap::new();
         for state in &mut self.families {
@@ -522,6 +523,7 @@ impl Syncer {
                 },
             );
             all_full &= full;
+            restored = true;
             self.shared
                 .metrics
                 .restore_bytes
@@ -597,9 +599,9 @@ impl Syncer {
 
         let elapsed = started.elapsed().as_secs_f64();
         self.shared.metrics.sync_duration.observe(elapsed);
-        if all_full {
+        if restored && all_full {
             self.shared.metrics.sync_full_duration.observe(elapsed);
-        } else {
+        } else if restored {
             self.shared.metrics.sync_partial_duration.observe(elapsed);
         }
         if failed {
