@@ -159,14 +159,33 @@ pub async fn run(client: Client, config: RunConfig) -> anyhow::Result<()> {
         ChangeKind::Service,
         reflector::reflector(
             services_writer,
-            service_watch.default_backoff().modify(slim),
+            service_watch.default_backoff().modify(|s: &mut Service| {
+                slim(s);
+                // The endpoints are in the EndpointSlices; the selector is
+                // the EndpointSlice controller's business.
+                if let Some(spec) = s.spec.as_mut() {
+                    spec.selector = None;
+                }
+            }),
         ),
         changed.clone(),
         shared.clone(),
     ));
     tokio::spawn(drive(
         ChangeKind::Endpoints,
-        reflector::reflector(slices_writer, slice_watch.default_backoff().modify(slim)),
+        reflector::reflector(
+            slices_writer,
+            slice_watch
+                .default_backoff()
+                .modify(|slice: &mut EndpointSlice| {
+                    slim(slice);
+                    // Which pod an endpoint is (targetRef) is never used here.
+                    for endpoint in &mut slice.endpoints {
+                        endpoint.target_ref = None;
+                        endpoint.deprecated_topology = None;
+                    }
+                }),
+        ),
         changed.clone(),
         shared.clone(),
     ));
