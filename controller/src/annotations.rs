@@ -711,9 +711,10 @@ impl<'a> Parser<'a> {
 
     fn subnets(&mut self) -> Vec<SubnetRef> {
         let mut out: Vec<SubnetRef> = Vec::new();
+        let mut seen = BTreeSet::new();
         for item in self.list(keys::SUBNETS) {
             let r = SubnetRef::parse(item);
-            if out.contains(&r) {
+            if !seen.insert(r.clone()) {
                 self.invalid(keys::SUBNETS, item, "each subnet once");
             } else {
                 out.push(r);
@@ -927,6 +928,8 @@ impl<'a> Parser<'a> {
     /// `k=v` pairs, each key once. `allow_bare` lets `k` mean `k=""`.
     fn pairs(&mut self, key: &str, allow_bare: bool) -> Vec<(String, String)> {
         let mut out: Vec<(String, String)> = Vec::new();
+        // A set, not a scan of `out`: values may hold thousands of pairs.
+        let mut seen: BTreeSet<String> = BTreeSet::new();
         for item in self.list(key) {
             let (k, v) = match item.split_once('=') {
                 Some((k, v)) => (k.trim(), v.trim()),
@@ -938,7 +941,7 @@ impl<'a> Parser<'a> {
             };
             if k.is_empty() {
                 self.invalid(key, item, "comma-separated key=value pairs");
-            } else if out.iter().any(|(seen, _)| seen == k) {
+            } else if !seen.insert(k.to_string()) {
                 self.invalid(key, item, "each key once");
             } else {
                 out.push((k.to_string(), v.to_string()));
@@ -1202,9 +1205,10 @@ impl<'a> Parser<'a> {
 
     fn security_groups(&mut self, key: &str) -> Vec<SecurityGroupRef> {
         let mut out: Vec<SecurityGroupRef> = Vec::new();
+        let mut seen = BTreeSet::new();
         for item in self.list(key) {
             let r = SecurityGroupRef::parse(item);
-            if out.contains(&r) {
+            if !seen.insert(r.clone()) {
                 self.invalid(key, item, "each security group once");
             } else {
                 out.push(r);
@@ -1231,11 +1235,9 @@ impl<'a> Parser<'a> {
 
     fn target_node_labels(&mut self) -> Vec<NodeLabelRequirement> {
         let mut out = Vec::new();
+        let items: BTreeSet<&str> = self.list(keys::TARGET_NODE_LABELS).into_iter().collect();
         for (k, v) in self.pairs(keys::TARGET_NODE_LABELS, true) {
-            let bare = self
-                .list(keys::TARGET_NODE_LABELS)
-                .iter()
-                .any(|item| *item == k);
+            let bare = items.contains(k.as_str());
             if !valid_label_key(&k) {
                 self.invalid(
                     keys::TARGET_NODE_LABELS,
@@ -1512,9 +1514,16 @@ fn valid_label_key(k: &str) -> bool {
 
 /// The known key nearest to a misspelt one, if any is close (edit distance ≤ 3).
 fn closest_known_key(key: &str) -> Option<&'static str> {
+    // A common prefix does not change the distance, and lengths that differ by
+    // more than 3 rule a key out: both keep long or odd keys cheap.
+    let key = key.strip_prefix(AWS_PREFIX).unwrap_or(key);
+    let len = key.chars().count();
     KNOWN_KEYS
         .iter()
-        .map(|(k, _)| (*k, edit_distance(k, key)))
+        .filter_map(|(k, _)| {
+            let suffix = k.strip_prefix(AWS_PREFIX).unwrap_or(k);
+            (suffix.chars().count().abs_diff(len) <= 3).then(|| (*k, edit_distance(suffix, key)))
+        })
         .filter(|(_, d)| *d <= 3)
         .min_by_key(|(_, d)| *d)
         .map(|(k, _)| k)
@@ -1536,3 +1545,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod fuzz;
