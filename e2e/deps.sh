@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need and the machine lacks: Debian
 # packages (iproute2, iptables with both backends, conntrack, nftables, openssl,
-# python3-venv), the Kubernetes binaries (built from Go modules, cached) and moto
+# python3-venv), the Kubernetes binaries and helm (built from Go modules, cached) and moto
 # (a venv, cached). Safe to run again: it installs only what is missing.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -38,4 +38,5 @@ command -v go >/dev/null || { echo "deps: go is missing: install Go 1.24 or newe
 command -v cargo >/dev/null || { echo "deps: cargo is missing: install Rust with rustup (rust-toolchain.toml pins the version)" >&2; exit 1; }
 
 bash "$here/build-k8s.sh" >/dev/null
+bash "$here/build-helm.sh" >/dev/null
 bash "$here/install-moto.sh" >/dev/null

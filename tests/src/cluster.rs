@@ -368,6 +368,8 @@ impl Cluster {
                 ),
                 &format!("--service-cluster-ip-range={}/18", addr(slot, 64, 0)),
                 "--service-node-port-range=30000-32767",
+                // As in real clusters: kube-proxy and our agent run privileged.
+                "--allow-privileged=true",
                 &format!("--cert-dir={}", dir.join("apiserver-certs").display()),
                 "--enable-priority-and-fairness=false",
                 "--profiling=false",

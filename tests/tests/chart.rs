@@ -1,0 +1,478 @@
+//! The Helm chart `charts/causeway`: `helm lint`, `helm template` with the
+//! default values and with `ci/full-values.yaml`, every flag it renders is a real
+//! flag of the binary it is passed to, every rendered object is accepted by the
+//! real apiserver (server-side dry run), and the RBAC it renders is enough for
+//! `causeway-controller run` to list/watch and take the lease with its own
+//! ServiceAccount's token instead of the admin one.
+//!
+//! `helm` is built from its Go module by `e2e/build-helm.sh` (which `e2e/deps.sh`
+//! runs) and cached under `<cache>/helm/<version>/helm`; a missing helm fails
+//! these tests, it never skips them.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use causeway_tests::cluster::{Cluster, ClusterOptions};
+use causeway_tests::paths::{cache_dir, repo_root, workspace_bin};
+
+const RELEASE: &str = "causeway";
+const NAMESPACE: &str = "causeway-system";
+/// The Lease namespace `ci/full-values.yaml` sets.
+const LEASE_NAMESPACE: &str = "causeway-leases";
+
+fn chart_dir() -> PathBuf {
+    repo_root().join("charts/causeway")
+}
+
+fn full_values() -> PathBuf {
+    chart_dir().join("ci/full-values.yaml")
+}
+
+/// The helm that `e2e/build-helm.sh` builds, at the version pinned in
+/// `e2e/helm-bin/go.mod`.
+fn helm() -> Result<PathBuf> {
+    let go_mod = repo_root().join("e2e/helm-bin/go.mod");
+    let text = std::fs::read_to_string(&go_mod)
+        .with_context(|| format!("cannot read {}", go_mod.display()))?;
+    let version = text
+        .lines()
+        .map(|l| l.trim().trim_start_matches("require").trim())
+        .find_map(|l| l.strip_prefix("helm.sh/helm/v3 "))
+        .map(|v| v.split_whitespace().next().unwrap_or_default().to_string())
+        .with_context(|| format!("no helm.sh/helm/v3 requirement in {}", go_mod.display()))?;
+    let path = cache_dir().join("helm").join(&version).join("helm");
+    ensure!(
+        path.is_file(),
+        "helm {version} is missing at {}: run `sudo e2e/deps.sh` (or `bash e2e/build-helm.sh`) to build it",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// Runs helm; returns stdout, or fails with its stderr.
+fn run_helm(args: &[&str]) -> Result<String> {
+    let out = Command::new(helm()?)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run helm")?;
+    if !out.status.success() {
+        bail!(
+            "helm {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `helm template` of the chart with extra arguments (values).
+fn template(extra: &[&str]) -> Result<String> {
+    let chart = chart_dir().display().to_string();
+    let mut args = vec!["template", RELEASE, &chart, "--namespace", NAMESPACE];
+    args.extend_from_slice(extra);
+    run_helm(&args)
+}
+
+/// The two renderings every check runs on: defaults (plus the one required
+/// value) and every option set.
+fn renderings() -> Result<Vec<(&'static str, String)>> {
+    let full = full_values().display().to_string();
+    Ok(vec![
+        ("default", template(&["--set", "clusterName=demo"])?),
+        ("full", template(&["--values", &full])?),
+    ])
+}
+
+/// The rendered documents, as (kind, name) pairs, in order.
+fn objects(rendered: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for doc in rendered.split("\n---") {
+        let mut kind = None;
+        let mut name = None;
+        let mut in_metadata = false;
+        for line in doc.lines() {
+            if let Some(k) = line.strip_prefix("kind: ") {
+                kind = Some(k.trim().to_string());
+            }
+            if line == "metadata:" {
+                in_metadata = true;
+            } else if in_metadata && let Some(n) = line.strip_prefix("  name: ") {
+                name.get_or_insert_with(|| n.trim().to_string());
+            } else if !line.starts_with(' ') && !line.is_empty() {
+                in_metadata = false;
+            }
+        }
+        if let (Some(k), Some(n)) = (kind, name) {
+            out.push((k, n));
+        }
+    }
+    out
+}
+
+/// The `--flags` in the container args of the template `source` (e.g.
+/// `agent-daemonset.yaml`).
+fn rendered_flags(rendered: &str, source: &str) -> Vec<String> {
+    let marker = format!("# Source: causeway/templates/{source}");
+    let Some(doc) = rendered
+        .split("\n---")
+        .find(|d| d.contains(&marker))
+        .map(str::to_string)
+    else {
+        return Vec::new();
+    };
+    doc.lines()
+        .filter_map(|l| {
+            let item = l.trim().strip_prefix("- ")?.trim_matches('"');
+            let flag = item.strip_prefix("--")?;
+            Some(flag.split('=').next().unwrap_or_default().to_string())
+        })
+        .collect()
+}
+
+/// The long flags `<binary> run --help` lists.
+fn help_flags(binary: &str) -> Result<BTreeSet<String>> {
+    let out = Command::new(workspace_bin(binary))
+        .args(["run", "--help"])
+        .output()
+        .with_context(|| format!("cannot run {binary} run --help"))?;
+    ensure!(out.status.success(), "{binary} run --help failed");
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let flag = l.trim().strip_prefix("--")?;
+            Some(
+                flag.split([' ', '=', '['])
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect())
+}
+
+#[test]
+fn chart_lints_renders_and_passes_only_real_flags() -> Result<()> {
+    let chart = chart_dir().display().to_string();
+    let full = full_values().display().to_string();
+    run_helm(&["lint", &chart, "--strict", "--set", "clusterName=demo"])?;
+    run_helm(&["lint", &chart, "--strict", "--values", &full])?;
+
+    let controller_flags = help_flags("causeway-controller")?;
+    let agent_flags = help_flags("causeway-agent")?;
+    for (what, rendered) in renderings()? {
+        let kinds: BTreeSet<String> = objects(&rendered).into_iter().map(|(k, _)| k).collect();
+        for want in [
+            "Deployment",
+            "DaemonSet",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+            "PodDisruptionBudget",
+        ] {
+            assert!(
+                kinds.contains(want),
+                "{what} values render no {want}: {kinds:?}"
+            );
+        }
+        for (source, help) in [
+            ("controller-deployment.yaml", &controller_flags),
+            ("agent-daemonset.yaml", &agent_flags),
+        ] {
+            let flags = rendered_flags(&rendered, source);
+            assert!(!flags.is_empty(), "{what}: no flags rendered in {source}");
+            let mut seen = BTreeSet::new();
+            for flag in &flags {
+                assert!(
+                    help.contains(flag),
+                    "{what}: {source} passes --{flag}, which `run --help` does not list: {help:?}"
+                );
+                assert!(
+                    seen.insert(flag),
+                    "{what}: {source} passes --{flag} twice (clap rejects that)"
+                );
+            }
+        }
+    }
+    let full_rendered = template(&["--values", &full])?;
+    for monitor in ["ServiceMonitor", "PodMonitor"] {
+        assert!(
+            full_rendered.contains(&format!("kind: {monitor}")),
+            "full values render no {monitor}"
+        );
+        assert!(
+            !template(&["--set", "clusterName=demo"])?.contains(&format!("kind: {monitor}")),
+            "{monitor} is on by default"
+        );
+    }
+    assert!(full_rendered.contains("eks.amazonaws.com/role-arn"));
+    assert!(full_rendered.contains(&format!("namespace: {LEASE_NAMESPACE}")));
+
+    // Bad values stop the rendering with a sentence that says what to fix.
+    let err = template(&[]).expect_err("renders without clusterName");
+    assert!(err.to_string().contains("clusterName is required"), "{err}");
+    let err = template(&["--set", "clusterName=demo,controller.orphanSweep=maybe"])
+        .expect_err("schema accepts orphanSweep=maybe");
+    assert!(err.to_string().contains("orphanSweep"), "{err}");
+    let err = template(&["--set", "clusterName=demo,controller.typo=1"])
+        .expect_err("schema accepts an unknown key");
+    assert!(err.to_string().contains("typo"), "{err}");
+    let err = template(&[
+        "--set",
+        "clusterName=demo,controller.leaderElection.enabled=false",
+    ])
+    .expect_err("two replicas without leader election");
+    assert!(err.to_string().contains("leaderElection"), "{err}");
+    Ok(())
+}
+
+/// Minimal CRDs for the Prometheus operator's ServiceMonitor and PodMonitor, so
+/// that the apiserver can validate the objects the chart renders for them.
+fn monitoring_crds() -> String {
+    ["ServiceMonitor", "PodMonitor"]
+        .iter()
+        .map(|kind| {
+            let plural = format!("{}s", kind.to_lowercase());
+            format!(
+                "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: {plural}.monitoring.coreos.com
+spec:
+  group: monitoring.coreos.com
+  scope: Namespaced
+  names: {{kind: {kind}, listKind: {kind}List, plural: {plural}, singular: {singular}}}
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema:
+          type: object
+          x-kubernetes-preserve-unknown-fields: true
+",
+                singular = kind.to_lowercase()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// Writes `text` to a file in the environment's directory; returns its path.
+fn write(cluster: &Cluster, name: &str, text: &str) -> Result<String> {
+    let path = cluster.dir().join(name);
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path.display().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apiserver_accepts_every_rendered_object_and_the_rbac_runs_the_controller() -> Result<()> {
+    let renderings = renderings()?;
+    let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
+    cluster.kubectl(&["create", "namespace", NAMESPACE])?;
+    cluster.kubectl(&["create", "namespace", LEASE_NAMESPACE])?;
+    let crds = write(&cluster, "monitoring-crds.yaml", &monitoring_crds())?;
+    cluster.kubectl(&["apply", "-f", &crds])?;
+    cluster.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/servicemonitors.monitoring.coreos.com",
+        "crd/podmonitors.monitoring.coreos.com",
+    ])?;
+
+    for (what, rendered) in &renderings {
+        let file = write(&cluster, &format!("chart-{what}.yaml"), rendered)?;
+        let accepted =
+            cluster.kubectl(&["apply", "--dry-run=server", "-f", &file, "-o", "name"])?;
+        let accepted: BTreeSet<String> = accepted
+            .lines()
+            .map(|l| l.rsplit('/').next().unwrap_or_default().to_string())
+            .collect();
+        let expected = objects(rendered);
+        assert!(expected.len() >= 10, "{what}: only {expected:?}");
+        for (kind, name) in &expected {
+            assert!(
+                accepted.contains(name),
+                "{what}: the apiserver's dry run did not accept {kind} {name}: {accepted:?}"
+            );
+        }
+        // The dry run created nothing.
+        assert!(
+            cluster
+                .kubectl(&["get", "deployments,daemonsets", "-A", "-o", "name"])?
+                .trim()
+                .is_empty()
+        );
+    }
+
+    // RBAC sufficiency: apply the default rendering's ServiceAccount and RBAC
+    // for real, and run the controller with that ServiceAccount's token.
+    let (_, default) = &renderings[0];
+    let rbac: Vec<&str> = default
+        .split("\n---")
+        .filter(|d| {
+            [
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
+            ]
+            .iter()
+            .any(|k| d.contains(&format!("\nkind: {k}\n")))
+        })
+        .collect();
+    let rbac_file = write(&cluster, "chart-rbac.yaml", &rbac.join("\n---"))?;
+    cluster.kubectl(&["apply", "-f", &rbac_file])?;
+    let sa = format!("{RELEASE}-controller");
+    let token = cluster.kubectl(&["create", "token", &sa, "-n", NAMESPACE, "--duration=1h"])?;
+    let kubeconfig = sa_kubeconfig(&cluster, "controller", token.trim())?;
+    // The ServiceAccount can do exactly what the controller needs, and no more.
+    for (verb, resource, ns, want) in [
+        ("watch", "services", "", "yes"),
+        ("patch", "services/status", "", "yes"),
+        ("watch", "nodes", "", "yes"),
+        ("patch", "leases/causeway-controller", NAMESPACE, "yes"),
+        ("patch", "leases/other", NAMESPACE, "no"),
+        ("create", "services", "", "no"),
+        ("list", "secrets", "", "no"),
+        ("patch", "nodes", "", "no"),
+    ] {
+        let mut args = vec!["auth", "can-i", verb, resource];
+        if ns.is_empty() {
+            args.push("--all-namespaces");
+        } else {
+            args.extend(["-n", ns]);
+        }
+        let out = kubectl_as(&cluster, &kubeconfig, &args);
+        assert_eq!(
+            out.trim(),
+            want,
+            "controller ServiceAccount: can-i {verb} {resource}"
+        );
+    }
+
+    let health = free_port()?;
+    let metrics = free_port()?;
+    let mut env = cluster.env_vars();
+    env.retain(|(k, _)| k != "KUBECONFIG");
+    env.push(("POD_NAMESPACE".into(), NAMESPACE.into()));
+    env.push(("RUST_LOG".into(), "info".into()));
+    let controller_bin = workspace_bin("causeway-controller");
+    cluster.spawn_host(
+        "chart-controller",
+        &controller_bin,
+        &[
+            "run",
+            "--cluster-name",
+            cluster.cluster_name(),
+            "--kubeconfig",
+            &kubeconfig,
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics}"),
+            "--health-addr",
+            &format!("127.0.0.1:{health}"),
+        ],
+        &env,
+    )?;
+    let log = cluster.dir().join("chart-controller.log");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let leader = http_get(metrics, "/metrics")
+            .map(|m| m.lines().any(|l| l == "causeway_leader 1"))
+            .unwrap_or(false);
+        let ready = http_get(health, "/readyz").is_ok_and(|r| r.starts_with("HTTP/1.1 200"));
+        if leader && ready {
+            assert!(
+                !text.contains("forbidden") && !text.contains("Forbidden"),
+                "the controller was refused something with the chart's RBAC:\n{text}"
+            );
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "with the chart's ServiceAccount the controller did not take the lease and sync (leader {leader}, ready {ready}):\n{text}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let holder = cluster.kubectl(&[
+        "get",
+        "lease",
+        "causeway-controller",
+        "-n",
+        NAMESPACE,
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ])?;
+    assert!(!holder.trim().is_empty(), "the Lease has no holder");
+    Ok(())
+}
+
+/// A kubeconfig for this cluster that authenticates with `token`.
+fn sa_kubeconfig(cluster: &Cluster, who: &str, token: &str) -> Result<String> {
+    let path = cluster.dir().join(format!("kubeconfig-{who}"));
+    std::fs::copy(cluster.kubeconfig(), &path)?;
+    let path = path.display().to_string();
+    for args in [
+        vec![
+            "config",
+            "set-credentials",
+            who,
+            &format!("--token={token}"),
+        ],
+        vec![
+            "config",
+            "set-context",
+            "--current",
+            &format!("--user={who}"),
+        ],
+    ] {
+        let out = Command::new(cluster.bin_dir().join("kubectl"))
+            .args(&args)
+            .env("KUBECONFIG", &path)
+            .output()?;
+        ensure!(out.status.success(), "kubectl {}: {out:?}", args[1]);
+    }
+    Ok(path)
+}
+
+/// kubectl with another kubeconfig; stdout whatever the exit status (`auth
+/// can-i` exits 1 when the answer is no).
+fn kubectl_as(cluster: &Cluster, kubeconfig: &str, args: &[&str]) -> String {
+    Command::new(cluster.bin_dir().join("kubectl"))
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .stdin(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A plain HTTP/1.1 GET on localhost; the whole response (status line first).
+fn http_get(port: u16, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    stream.read_to_string(&mut out)?;
+    Ok(out)
+}
