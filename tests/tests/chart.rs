@@ -272,7 +272,7 @@ fn write(cluster: &Cluster, name: &str, text: &str) -> Result<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn apiserver_accepts_every_rendered_object_and_the_rbac_runs_the_controller() -> Result<()> {
+async fn apiserver_accepts_every_rendered_object_and_the_rbac_runs_both_programs() -> Result<()> {
     let renderings = renderings()?;
     let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
     cluster.kubectl(&["create", "namespace", NAMESPACE])?;
@@ -414,6 +414,79 @@ async fn apiserver_accepts_every_rendered_object_and_the_rbac_runs_the_controlle
         "jsonpath={.spec.holderIdentity}",
     ])?;
     assert!(!holder.trim().is_empty(), "the Lease has no holder");
+
+    // The agent, under its own ServiceAccount, in node-1's namespace: it
+    // syncs a Service's rules and reports a skipped object with an event
+    // without being refused anything.
+    let agent_sa = format!("{RELEASE}-agent");
+    let token = cluster.kubectl(&[
+        "create",
+        "token",
+        &agent_sa,
+        "-n",
+        NAMESPACE,
+        "--duration=1h",
+    ])?;
+    let agent_kubeconfig = sa_kubeconfig(&cluster, "agent", token.trim())?;
+    for (verb, resource, want) in [
+        ("watch", "services", "yes"),
+        ("watch", "endpointslices.discovery.k8s.io", "yes"),
+        ("watch", "nodes", "yes"),
+        ("create", "events.events.k8s.io", "yes"),
+        ("patch", "services", "no"),
+        ("list", "secrets", "no"),
+    ] {
+        let out = kubectl_as(
+            &cluster,
+            &agent_kubeconfig,
+            &["auth", "can-i", verb, resource, "--all-namespaces"],
+        );
+        assert_eq!(
+            out.trim(),
+            want,
+            "agent ServiceAccount: can-i {verb} {resource}"
+        );
+    }
+    let node = cluster.node("node-1").clone();
+    cluster.spawn_in(
+        &node.netns,
+        "chart-agent",
+        &workspace_bin("causeway-agent"),
+        &[
+            "run",
+            "--node-name",
+            "node-1",
+            "--kubeconfig",
+            &agent_kubeconfig,
+            "--cluster-cidr",
+            &cluster.cluster_cidr(),
+        ],
+    )?;
+    let web = cluster
+        .add_pod("node-1", "web-1", &[("app", "web")])
+        .await?;
+    let svc = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"web","namespace":"default"},
+        "spec":{"selector":{"app":"web"},"ports":[{"port":80,"targetPort":80}]}}"#;
+    let svc_file = write(&cluster, "chart-web.json", svc)?;
+    cluster.kubectl(&["apply", "-f", &svc_file])?;
+    let log = cluster.dir().join("chart-agent.log");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let rules = causeway_tests::netns::exec_in(&node.netns, "iptables-save", &["-t", "nat"])
+            .unwrap_or_default();
+        if rules.contains("default/web cluster IP") && rules.contains(&format!("{}:80", web.ip)) {
+            assert!(
+                !text.contains("forbidden") && !text.contains("Forbidden"),
+                "the agent was refused something with the chart's RBAC:\n{text}"
+            );
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("with the chart's ServiceAccount the agent did not program default/web:\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     Ok(())
 }
 
