@@ -344,6 +344,7 @@ async fn apiserver_accepts_every_rendered_object_and_the_rbac_runs_both_programs
         ("create", "services", "", "no"),
         ("list", "secrets", "", "no"),
         ("patch", "nodes", "", "no"),
+        ("create", "events.events.k8s.io", "", "yes"),
     ] {
         let mut args = vec!["auth", "can-i", verb, resource];
         if ns.is_empty() {
@@ -414,6 +415,48 @@ async fn apiserver_accepts_every_rendered_object_and_the_rbac_runs_both_programs
         "jsonpath={.spec.holderIdentity}",
     ])?;
     assert!(!holder.trim().is_empty(), "the Lease has no holder");
+
+    // A LoadBalancer Service of our class: the controller builds its NLB in
+    // moto and records the event, all under the chart's RBAC.
+    let lb = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"lb","namespace":"default"},
+        "spec":{"type":"LoadBalancer","loadBalancerClass":"causeway.dev/nlb",
+                "ports":[{"port":80,"targetPort":80}]}}"#;
+    let lb_file = write(&cluster, "chart-lb.json", lb)?;
+    cluster.kubectl(&["apply", "-f", &lb_file])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let hostname = cluster.kubectl(&[
+            "get",
+            "svc",
+            "lb",
+            "-n",
+            "default",
+            "-o",
+            "jsonpath={.status.loadBalancer.ingress[0].hostname}",
+        ])?;
+        let events = cluster.kubectl(&[
+            "get",
+            "events",
+            "-n",
+            "default",
+            "--field-selector",
+            "involvedObject.name=lb",
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ])?;
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            !text.contains("forbidden") && !text.contains("Forbidden"),
+            "the controller was refused something with the chart's RBAC:\n{text}"
+        );
+        if !hostname.trim().is_empty() && events.contains("EnsuredLoadBalancer") {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("under the chart's RBAC: hostname {hostname:?}, events {events:?}\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 
     // The agent, under its own ServiceAccount, in node-1's namespace: it
     // syncs a Service's rules and reports a skipped object with an event
