@@ -9,9 +9,8 @@
 //! replaced atomically, nothing is flushed first, so traffic never sees an
 //! empty ruleset, not even across an agent restart.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -62,8 +61,10 @@ pub struct Shared {
     pub health: Arc<ProxyHealth>,
     pub metrics: Arc<Metrics>,
     pub rules: Arc<RulesLog>,
-    service_changes: AtomicI64,
-    endpoint_changes: AtomicI64,
+    /// Trigger times of EndpointSlice changes not yet applied; a sync that
+    /// applies them turns each into a network programming latency.
+    triggers: std::sync::Mutex<Vec<Timestamp>>,
+    started: Timestamp,
 }
 
 impl Shared {
@@ -72,9 +73,38 @@ impl Shared {
             health: Arc::new(ProxyHealth::new(sync_period)),
             metrics: Arc::new(Metrics::new()),
             rules: Arc::new(RulesLog::default()),
-            service_changes: AtomicI64::new(0),
-            endpoint_changes: AtomicI64::new(0),
+            triggers: std::sync::Mutex::default(),
+            started: Timestamp::now(),
         }
+    }
+
+    /// Notes a slice's trigger time when it is new to us. Changes from
+    /// before this agent started are not its latency, and a re-list shows
+    /// the same value again, so neither counts.
+    fn note_trigger(&self, slice: &EndpointSlice, seen: &mut HashMap<String, String>) {
+        let (Some(uid), Some(trigger)) = (
+            slice.metadata.uid.as_ref(),
+            slice
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION)),
+        ) else {
+            return;
+        };
+        if seen.get(uid) == Some(trigger) {
+            return;
+        }
+        seen.insert(uid.clone(), trigger.clone());
+        if let Ok(at) = trigger.parse::<Timestamp>()
+            && at >= self.started
+        {
+            self.lock_triggers().push(at);
+        }
+    }
+
+    fn lock_triggers(&self) -> std::sync::MutexGuard<'_, Vec<Timestamp>> {
+        self.triggers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A watch event arrived: the next sync must apply it.
@@ -83,22 +113,16 @@ impl Shared {
         self.metrics
             .last_queued_timestamp
             .set(Timestamp::now().as_millisecond() as f64 / 1000.0);
-        let counter = match kind {
-            ChangeKind::Service => &self.service_changes,
-            ChangeKind::Endpoints => &self.endpoint_changes,
-            ChangeKind::Node => return,
-        };
-        let pending = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        // The pending counts live in the gauges that export them.
         match kind {
-            ChangeKind::Service => self.metrics.service_changes_pending.set(pending),
-            _ => self.metrics.endpoint_changes_pending.set(pending),
+            ChangeKind::Service => self.metrics.service_changes_pending.inc(),
+            ChangeKind::Endpoints => self.metrics.endpoint_changes_pending.inc(),
+            ChangeKind::Node => return,
         };
     }
 
     /// A sync is taking every pending change.
     fn take_pending(&self) {
-        self.service_changes.store(0, Ordering::Relaxed);
-        self.endpoint_changes.store(0, Ordering::Relaxed);
         self.metrics.service_changes_pending.set(0);
         self.metrics.endpoint_changes_pending.set(0);
     }
@@ -175,16 +199,19 @@ pub async fn run(client: Client, config: RunConfig) -> anyhow::Result<()> {
         ChangeKind::Endpoints,
         reflector::reflector(
             slices_writer,
-            slice_watch
-                .default_backoff()
-                .modify(|slice: &mut EndpointSlice| {
+            slice_watch.default_backoff().modify({
+                let shared = shared.clone();
+                let mut seen = HashMap::new();
+                move |slice: &mut EndpointSlice| {
+                    shared.note_trigger(slice, &mut seen);
                     slim(slice);
                     // Which pod an endpoint is (targetRef) is never used here.
                     for endpoint in &mut slice.endpoints {
                         endpoint.target_ref = None;
                         endpoint.deprecated_topology = None;
                     }
-                }),
+                }
+            }),
         ),
         changed.clone(),
         shared.clone(),
@@ -416,8 +443,6 @@ struct Syncer {
     families: Vec<FamilyState>,
     reported: BTreeSet<String>,
     route_localnet_set: bool,
-    /// EndpointSlice UID → trigger time already measured.
-    trigger_times: BTreeMap<String, String>,
 }
 
 impl Syncer {
@@ -428,7 +453,6 @@ impl Syncer {
             families: Vec::new(),
             reported: BTreeSet::new(),
             route_localnet_set: false,
-            trigger_times: BTreeMap::new(),
         }
     }
 
@@ -436,6 +460,7 @@ impl Syncer {
         let started = Instant::now();
         let started_at = Timestamp::now();
         self.shared.take_pending();
+        let triggers = std::mem::take(&mut *self.shared.lock_triggers());
         let mut issues = Vec::new();
         let node_object = caches.nodes.state().first().cloned();
         self.shared
@@ -626,6 +651,7 @@ impl Syncer {
         if failed {
             // The changes stay pending: health turns 503 if this persists.
             self.shared.health.queued();
+            self.shared.lock_triggers().extend(triggers);
         } else {
             for (table, rules) in &rule_counts {
                 self.shared.metrics.set_rules(table, *rules);
@@ -635,7 +661,13 @@ impl Syncer {
                 .metrics
                 .last_sync_timestamp
                 .set(Timestamp::now().as_millisecond() as f64 / 1000.0);
-            self.observe_programming_latency(caches);
+            let now = Timestamp::now();
+            for at in triggers {
+                self.shared
+                    .metrics
+                    .network_programming_duration
+                    .observe(now.duration_since(at).as_secs_f64().max(0.0));
+            }
         }
         let service_checks =
             health::wanted_service_checks(&models.iter().map(|m| m.as_ref()).collect::<Vec<_>>());
@@ -644,40 +676,6 @@ impl Syncer {
             failed,
             service_checks,
         }
-    }
-
-    /// Network programming latency: from the EndpointSlice controller's
-    /// trigger time (the change that caused the slice update) to now, once
-    /// per new trigger time, as kube-proxy measures it.
-    fn observe_programming_latency(&mut self, caches: &Caches) {
-        let now = Timestamp::now();
-        let mut seen = BTreeMap::new();
-        for slice in caches.slices.state() {
-            let Some(uid) = slice.metadata.uid.clone() else {
-                continue;
-            };
-            let Some(trigger) = slice
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
-            else {
-                continue;
-            };
-            if self.trigger_times.get(&uid) != Some(trigger)
-                && let Ok(at) = trigger.parse::<Timestamp>()
-            {
-                let latency = now.duration_since(at).as_secs_f64();
-                if latency >= 0.0 {
-                    self.shared
-                        .metrics
-                        .network_programming_duration
-                        .observe(latency);
-                }
-            }
-            seen.insert(uid, trigger.clone());
-        }
-        self.trigger_times = seen;
     }
 
     /// Logs every issue, and returns those not reported before; forgets the

@@ -159,20 +159,9 @@ impl Netfilter {
     /// Per-service nat chains that exist now (ours from an earlier run, or
     /// kube-proxy's), so the first sync can delete the ones no longer wanted.
     pub fn existing_service_chains(&self) -> anyhow::Result<Vec<String>> {
-        let out = Command::new(&self.save)
-            .args(["-t", Table::Nat.as_str()])
-            .output()
-            .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", self.save))?;
-        if !out.status.success() {
-            anyhow::bail!(
-                "{} -t nat failed: {}",
-                self.save,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(service_chains_in_save(&String::from_utf8_lossy(
-            &out.stdout,
-        )))
+        Ok(service_chains_in_save(
+            &self.save(&["-t", Table::Nat.as_str()])?,
+        ))
     }
 }
 
@@ -216,7 +205,7 @@ pub fn refuse_other_backend(chosen: Backend, family: IpFamily) -> anyhow::Result
     };
     let netfilter = Netfilter::new(family, other);
     // A machine without the other backend's tools has no rules in it either.
-    let Ok(saved) = netfilter.save_all() else {
+    let Ok(saved) = netfilter.save(&[]) else {
         return Ok(());
     };
     let found: Vec<String> = owned_chains(&saved, false)
@@ -283,7 +272,7 @@ impl Netfilter {
         // goes only if nothing else is left in it.
         let guard: Vec<String> = MARTIAN_GUARD.iter().map(|s| s.to_string()).collect();
         while self.delete_rule("filter", KUBE_FIREWALL, &guard) {}
-        let saved = self.save_all()?;
+        let saved = self.save(&[])?;
         let firewall_empty = chain_is_empty(&saved, "filter", KUBE_FIREWALL);
         let owned = owned_chains(&saved, firewall_empty);
         let (payload, report) = cleanup_payload(&saved, &owned);
@@ -303,14 +292,17 @@ impl Netfilter {
             .is_ok_and(|s| s.success())
     }
 
-    fn save_all(&self) -> anyhow::Result<String> {
+    /// `iptables-save` with `args` (e.g. `-t nat`; none for every table).
+    fn save(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = Command::new(&self.save)
+            .args(args)
             .output()
             .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", self.save))?;
         if !out.status.success() {
             anyhow::bail!(
-                "{} failed: {}",
+                "{} {} failed: {}",
                 self.save,
+                args.join(" "),
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
@@ -376,29 +368,16 @@ pub fn owned_chains(save: &str, include_firewall: bool) -> BTreeMap<String, Vec<
         KUBE_POSTROUTING,
         KUBE_MARK_MASQ,
     ];
-    const PER_SERVICE: [&str; 5] = [
-        "KUBE-SVC-",
-        "KUBE-SVL-",
-        "KUBE-EXT-",
-        "KUBE-FW-",
-        "KUBE-SEP-",
-    ];
     let mut owned: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut table = String::new();
-    for line in save.lines() {
-        if let Some(name) = line.strip_prefix('*') {
-            table = name.trim().to_string();
-        } else if let Some(decl) = line.strip_prefix(':') {
-            let name = decl.split_whitespace().next().unwrap_or("");
-            let ours = FIXED.contains(&name)
-                || (table == "nat" && PER_SERVICE.iter().any(|p| name.starts_with(p)))
-                || (include_firewall && table == "filter" && name == KUBE_FIREWALL);
-            if ours {
-                owned
-                    .entry(table.clone())
-                    .or_default()
-                    .push(name.to_string());
-            }
+    for (table, name) in declared_chains(save) {
+        let ours = FIXED.contains(&name)
+            || (table == "nat" && is_service_chain(name))
+            || (include_firewall && table == "filter" && name == KUBE_FIREWALL);
+        if ours {
+            owned
+                .entry(table.to_string())
+                .or_default()
+                .push(name.to_string());
         }
     }
     owned
@@ -452,30 +431,41 @@ pub fn lines_around(text: &str, n: usize, around: usize) -> Vec<String> {
         .collect()
 }
 
-/// Chain declarations in `iptables-save -t nat` output that belong to one
-/// Service: `KUBE-SVC-`, `KUBE-SVL-`, `KUBE-EXT-`, `KUBE-FW-`, and kube-proxy's
-/// `KUBE-SEP-`.
-pub fn service_chains_in_save(text: &str) -> Vec<String> {
-    const PREFIXES: [&str; 5] = [
-        "KUBE-SVC-",
-        "KUBE-SVL-",
-        "KUBE-EXT-",
-        "KUBE-FW-",
-        "KUBE-SEP-",
-    ];
-    let mut in_nat = false;
+/// Prefixes of the nat chains that belong to one Service: ours, and
+/// kube-proxy's `KUBE-SEP-`.
+const SERVICE_CHAIN_PREFIXES: [&str; 5] = [
+    "KUBE-SVC-",
+    "KUBE-SVL-",
+    "KUBE-EXT-",
+    "KUBE-FW-",
+    "KUBE-SEP-",
+];
+
+fn is_service_chain(name: &str) -> bool {
+    SERVICE_CHAIN_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// `(table, chain)` of every chain declaration in `iptables-save` output.
+fn declared_chains(save: &str) -> Vec<(&str, &str)> {
+    let mut table = "";
     let mut chains = Vec::new();
-    for line in text.lines() {
-        if let Some(table) = line.strip_prefix('*') {
-            in_nat = table.trim() == "nat";
-        } else if in_nat && let Some(decl) = line.strip_prefix(':') {
-            let name = decl.split_whitespace().next().unwrap_or("");
-            if PREFIXES.iter().any(|p| name.starts_with(p)) {
-                chains.push(name.to_string());
-            }
+    for line in save.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            table = name.trim();
+        } else if let Some(decl) = line.strip_prefix(':') {
+            chains.push((table, decl.split_whitespace().next().unwrap_or("")));
         }
     }
     chains
+}
+
+/// The per-Service nat chains declared in `iptables-save` output.
+pub fn service_chains_in_save(text: &str) -> Vec<String> {
+    declared_chains(text)
+        .into_iter()
+        .filter(|(table, name)| *table == "nat" && is_service_chain(name))
+        .map(|(_, name)| name.to_string())
+        .collect()
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 pub mod cluster;
 pub mod controller;
 pub mod datapath;
+pub mod metrics;
 pub mod netns;
 pub mod paths;
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use causeway_tests::cluster::ClusterOptions;
+use causeway_tests::metrics;
 use causeway_tests::paths::workspace_bin;
 use causeway_tests::{Cluster, netns};
 use k8s_openapi::api::core::v1::Service;
@@ -216,22 +217,22 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
     // from the EndpointSlice controller's trigger time.
     let (status, _, metrics) = http_get(&node1.netns, "http://127.0.0.1:10249/metrics")?;
     assert_eq!(status, 200);
-    let programmed: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("kubeproxy_network_programming_duration_seconds_count "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
+    let programmed: u64 = metrics::value(
+        &metrics,
+        "kubeproxy_network_programming_duration_seconds_count",
+    )
+    .unwrap_or(0.0) as u64;
     assert!(
         programmed > 0,
         "no network programming latency measured:\n{metrics}"
     );
     assert!(metrics.contains("kubeproxy_sync_proxy_rules_iptables_total{table=\"nat\"}"));
     // Changes since the first sync were applied as partial syncs.
-    let partial: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("kubeproxy_sync_partial_proxy_rules_duration_seconds_count "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
+    let partial: u64 = metrics::value(
+        &metrics,
+        "kubeproxy_sync_partial_proxy_rules_duration_seconds_count",
+    )
+    .unwrap_or(0.0) as u64;
     assert!(partial > 0, "no partial sync:\n{metrics}");
 
     // The agent's own health, as the NLB and kubelet probe it.
@@ -290,11 +291,7 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
 
     // A change that does not touch the rules (a label) applies nothing.
     let restores = |metrics: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("causeway_agent_restore_bytes_count "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
+        metrics::value(metrics, "causeway_agent_restore_bytes_count").unwrap_or(0.0) as u64
     };
     let before = restores(&http_get(&node1.netns, "http://127.0.0.1:10249/metrics")?.2);
     let patch = json!({"metadata": {"labels": {"team": "payments"}}});
@@ -673,11 +670,8 @@ async fn udp_clients_are_moved_off_stale_conntrack_entries() -> Result<()> {
         "after dns-a stopped serving",
     )?;
     let (_, _, metrics) = http_get(&node1.netns, "http://127.0.0.1:10249/metrics")?;
-    let deleted: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("causeway_agent_conntrack_entries_deleted_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
+    let deleted: u64 = metrics::value(&metrics, "causeway_agent_conntrack_entries_deleted_total")
+        .unwrap_or(0.0) as u64;
     assert!(deleted >= 2, "conntrack deletions counted: {deleted}");
     Ok(())
 }

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use causeway_tests::cluster::{Cluster, ClusterOptions};
-use causeway_tests::netns;
 use causeway_tests::paths::workspace_bin;
+use causeway_tests::{metrics, netns};
 use clap::Parser;
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Service;
@@ -81,11 +81,6 @@ async fn run(args: Args) -> Result<()> {
         println!("{row}");
     }
     Ok(())
-}
-
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -213,13 +208,13 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<S
     let deadline = Instant::now() + Duration::from_secs(600);
     let first_sync = loop {
         if let Ok(text) = metrics()
-            && let Some(n) = metric(
+            && let Some(n) = metrics::value(
                 &text,
                 "kubeproxy_sync_full_proxy_rules_duration_seconds_count",
             )
             && n >= 1.0
         {
-            break metric(
+            break metrics::value(
                 &text,
                 "kubeproxy_sync_full_proxy_rules_duration_seconds_sum",
             )
@@ -238,8 +233,10 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<S
         let name = format!("svc-{:05}", change % count.max(1));
         let before = metrics()?;
         let last_before =
-            metric(&before, "kubeproxy_sync_proxy_rules_last_timestamp_seconds").unwrap_or(0.0);
-        let bytes_before = metric(&before, "causeway_agent_restore_bytes_sum").unwrap_or(0.0);
+            metrics::value(&before, "kubeproxy_sync_proxy_rules_last_timestamp_seconds")
+                .unwrap_or(0.0);
+        let bytes_before =
+            metrics::value(&before, "causeway_agent_restore_bytes_sum").unwrap_or(0.0);
         let written = now_seconds();
         let patch = slice_json(&name, args.endpoints, change + 1);
         slices
@@ -252,12 +249,13 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<S
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let text = metrics()?;
-            let last =
-                metric(&text, "kubeproxy_sync_proxy_rules_last_timestamp_seconds").unwrap_or(0.0);
+            let last = metrics::value(&text, "kubeproxy_sync_proxy_rules_last_timestamp_seconds")
+                .unwrap_or(0.0);
             if last > last_before && last >= written {
                 latencies.push((last - written) * 1000.0);
                 payloads.push(
-                    metric(&text, "causeway_agent_restore_bytes_sum").unwrap_or(0.0) - bytes_before,
+                    metrics::value(&text, "causeway_agent_restore_bytes_sum").unwrap_or(0.0)
+                        - bytes_before,
                 );
                 break;
             }
