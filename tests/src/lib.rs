@@ -9,5 +9,6 @@ pub mod datapath;
 pub mod metrics;
 pub mod netns;
 pub mod paths;
+pub mod wait;
 
 pub use cluster::{Cluster, ClusterOptions, Pod};

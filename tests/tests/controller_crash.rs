@@ -6,10 +6,11 @@
 //! exactly what one uninterrupted create holds: no duplicate, no leak.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Result, ensure};
 use causeway_tests::controller::{ControllerProcess, calls_between, tagged_inventory};
+use causeway_tests::wait::eventually;
 use causeway_tests::{Cluster, ClusterOptions};
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
@@ -21,23 +22,6 @@ const CLASS: &str = "causeway.dev/nlb";
 /// AWS account shared with others).
 const ARGS: &[&str] = &["--leader-elect=false", "--aws-describe-rate", "0"];
 const STOP_POINT: &str = "CAUSEWAY_TEST_EXIT_AFTER_WRITES";
-
-async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await? {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 fn service(name: &str) -> Result<Service> {
     Ok(serde_json::from_value(json!({

@@ -4,10 +4,11 @@
 //! removed by hand would leave them) are deleted on the next sweep; those of
 //! a live Service and those of another cluster are left alone.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Result, ensure};
 use causeway_tests::controller::{ControllerProcess, moto_python, tagged_inventory};
+use causeway_tests::wait::eventually;
 use causeway_tests::{Cluster, ClusterOptions};
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, PostParams};
@@ -15,23 +16,6 @@ use serde_json::json;
 
 const ORPHAN: &str = "00000000-dead-4bad-8000-000000000001";
 const OTHER_CLUSTER: &str = "00000000-dead-4bad-8000-000000000002";
-
-async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await? {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
 
 /// An NLB with a listener, a target group, a frontend SG and a node-SG rule
 /// naming `uid`, all tagged like the controller tags them, for `cluster`.

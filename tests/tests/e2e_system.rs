@@ -15,6 +15,7 @@ use causeway_tests::controller::{
     ControllerProcess, aws_resources_of, moto_python, tagged_inventory,
 };
 use causeway_tests::paths::workspace_bin;
+use causeway_tests::wait::eventually;
 use causeway_tests::{Cluster, ClusterOptions, netns};
 use k8s_openapi::api::core::v1::{Node, Service};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -24,24 +25,6 @@ const CLASS: &str = "causeway.dev/nlb";
 const EXCLUDE: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
 const TG_ATTRIBUTES: &str = "service.beta.kubernetes.io/aws-load-balancer-target-group-attributes";
 const WAIT: Duration = Duration::from_secs(60);
-
-/// Polls `check` until it returns Some or `timeout` passes.
-async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await? {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
 
 /// Probes `target` `count` times over TCP from namespace `ns`; replies tallied
 /// by pod name (`refused`/`timeout` for failures).
