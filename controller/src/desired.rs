@@ -400,11 +400,16 @@ pub fn desired(
             ssl_policy: tls.then(|| lb_spec.ssl_negotiation_policy.clone()),
             alpn_policy: if tls { lb_spec.alpn_policy } else { None },
             target_group: tg_name,
-            attributes: lb_spec
-                .listener_attributes
-                .get(&(listener_protocol, number))
-                .cloned()
-                .unwrap_or_default(),
+            attributes: {
+                let mut attributes = listener_attribute_defaults(listener_protocol);
+                if let Some(set) = lb_spec
+                    .listener_attributes
+                    .get(&(listener_protocol, number))
+                {
+                    attributes.extend(set.clone());
+                }
+                attributes
+            },
         });
     }
 
@@ -444,14 +449,21 @@ fn load_balancer(
 ) -> LoadBalancer {
     let (name, name_is_generated) = match &spec.name {
         Some(n) => (n.clone(), false),
-        None => (
-            resource_name(
-                &svc.namespace,
-                &svc.name,
-                &[&cfg.cluster_name, &svc.uid, spec.scheme.as_str()],
-            ),
-            true,
-        ),
+        None => {
+            // Pinned addresses cannot change on a live NLB: they are part of
+            // the name, so a change replaces it create-before-delete. Only
+            // when there are pins, so other names stay as they were.
+            let pins = pinned_addresses(spec);
+            let mut input = vec![
+                cfg.cluster_name.as_str(),
+                svc.uid.as_str(),
+                spec.scheme.as_str(),
+            ];
+            if !pins.is_empty() {
+                input.push(&pins);
+            }
+            (resource_name(&svc.namespace, &svc.name, &input), true)
+        }
     };
     let subnets = if spec.subnets.is_empty() {
         SubnetSelection::Discover
@@ -486,7 +498,7 @@ fn load_balancer(
     );
     security_groups.sort();
     security_groups.dedup();
-    let mut attributes = lb_attribute_defaults();
+    let mut attributes = lb_attribute_defaults(spec.scheme);
     attributes.extend(spec.lb_attributes.clone());
     LoadBalancer {
         name,
@@ -496,9 +508,41 @@ fn load_balancer(
         subnets,
         security_groups,
         attributes,
-        enforce_sg_inbound_rules_on_private_link: spec.enforce_sg_inbound_rules_on_private_link,
+        // AWS's default is "on"; removing the annotation restores it.
+        enforce_sg_inbound_rules_on_private_link: spec
+            .enforce_sg_inbound_rules_on_private_link
+            .unwrap_or(true),
         tags,
     }
+}
+
+/// The subnet mappings' pinned addresses (EIPs, private IPv4 and IPv6
+/// addresses) with their subnets, as one string; empty when nothing is pinned.
+fn pinned_addresses(spec: &LbSpec) -> String {
+    if spec.eip_allocations.is_empty()
+        && spec.private_ipv4_addresses.is_empty()
+        && spec.ipv6_addresses.is_empty()
+    {
+        return String::new();
+    }
+    let subnets: Vec<String> = spec.subnets.iter().map(ToString::to_string).collect();
+    let eips = spec.eip_allocations.join(",");
+    let v4: Vec<String> = spec
+        .private_ipv4_addresses
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let v6: Vec<String> = spec
+        .ipv6_addresses
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    format!(
+        "subnets={};eips={eips};ipv4={};ipv6={}",
+        subnets.join(","),
+        v4.join(","),
+        v6.join(",")
+    )
 }
 
 /// Service ports sharing one number (one listener, one target group).
@@ -675,43 +719,102 @@ fn health_check(
     hc
 }
 
-/// ELBv2 defaults for the NLB attributes we manage: what a new LB has before
-/// any ModifyLoadBalancerAttributes, and what removing an annotation restores.
-pub fn lb_attribute_defaults() -> BTreeMap<String, String> {
+/// ELBv2 defaults for every NLB attribute the `attributes` annotation accepts
+/// (and the keys other annotations set): what a new LB has before any
+/// ModifyLoadBalancerAttributes, and what removing an annotation restores.
+/// `secondary_ips.auto_assigned.per_subnet` is absent on purpose: AWS cannot
+/// lower it once raised, so it keeps its last value.
+pub fn lb_attribute_defaults(scheme: Scheme) -> BTreeMap<String, String> {
+    // AWS blocks internet-gateway IPv6 traffic to internal NLBs by default.
+    let deny_igw = match scheme {
+        Scheme::Internal => "true",
+        Scheme::InternetFacing => "false",
+    };
     [
+        ("access_logs.s3.bucket", ""),
         ("access_logs.s3.enabled", "false"),
+        ("access_logs.s3.prefix", ""),
         ("deletion_protection.enabled", "false"),
+        ("dns_record.client_routing_policy", "any_availability_zone"),
+        ("ipv6.deny_all_igw_traffic", deny_igw),
         ("load_balancing.cross_zone.enabled", "false"),
+        ("zonal_shift.config.enabled", "false"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect()
 }
 
-/// ELBv2 defaults for the TG attributes users commonly set, so removing an
-/// annotation restores the default instead of leaving the old value. Also what
-/// a new target group has, so creating one with defaults needs no extra call.
+/// ELBv2 defaults for every TG attribute the `target-group-attributes`
+/// annotation accepts, so removing an annotation restores the default instead
+/// of leaving the old value. Also what a new target group has, so creating one
+/// with defaults needs no extra call.
 pub fn tg_attribute_defaults(
     target_type: TargetType,
     protocol: Protocol,
 ) -> BTreeMap<String, String> {
+    let udp = matches!(protocol, Protocol::Udp | Protocol::TcpUdp);
     let preserve_client_ip = match (target_type, protocol) {
         (TargetType::Instance, _) | (TargetType::Ip, Protocol::Udp | Protocol::TcpUdp) => "true",
         (TargetType::Ip, _) => "false",
     };
-    [
+    let mut defaults: BTreeMap<String, String> = [
         (
             "deregistration_delay.connection_termination.enabled",
             "false",
         ),
         ("deregistration_delay.timeout_seconds", "300"),
+        (
+            "load_balancing.cross_zone.enabled",
+            "use_load_balancer_configuration",
+        ),
         ("preserve_client_ip.enabled", preserve_client_ip),
         ("proxy_protocol_v2.enabled", "false"),
         ("stickiness.enabled", "false"),
+        ("stickiness.type", "source_ip"),
+        (
+            "target_group_health.dns_failover.minimum_healthy_targets.count",
+            "1",
+        ),
+        (
+            "target_group_health.dns_failover.minimum_healthy_targets.percentage",
+            "off",
+        ),
+        (
+            "target_group_health.unhealthy_state_routing.minimum_healthy_targets.count",
+            "1",
+        ),
+        (
+            "target_group_health.unhealthy_state_routing.minimum_healthy_targets.percentage",
+            "off",
+        ),
+        (
+            "target_health_state.unhealthy.draining_interval_seconds",
+            "0",
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect()
+    .collect();
+    // AWS terminates connections to unhealthy TCP/TLS targets by default; UDP
+    // groups cannot enable it, and their default is not documented, so the
+    // key is left alone there.
+    if !udp {
+        defaults.insert(
+            "target_health_state.unhealthy.connection_termination.enabled".into(),
+            "true".into(),
+        );
+    }
+    defaults
+}
+
+/// ELBv2 defaults for listener attributes: the TCP idle timeout of a TCP
+/// listener is 350 s. Other listeners have no attribute we manage.
+pub fn listener_attribute_defaults(protocol: Protocol) -> BTreeMap<String, String> {
+    match protocol {
+        Protocol::Tcp => BTreeMap::from([("tcp.idle_timeout.seconds".into(), "350".into())]),
+        _ => BTreeMap::new(),
+    }
 }
 
 /// `spec.loadBalancerSourceRanges`, else the legacy annotation, else everyone.

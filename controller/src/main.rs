@@ -14,7 +14,7 @@ use causeway_controller::desired::{ClusterConfig, desired, owns};
 use causeway_controller::leader::{self, LeaseSettings};
 use causeway_controller::metrics::{self, Metrics};
 use causeway_controller::model::Scheme;
-use causeway_controller::plan::plan;
+use causeway_controller::plan::{plan, replacements};
 use causeway_controller::reconcile::{self, Context, FINALIZER, OrphanSweep, Settings};
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
@@ -388,16 +388,19 @@ async fn plan_command(args: PlanArgs) -> Result<()> {
         let uid = svc.uid().unwrap_or_default();
         let ours = owns(svc, &cfg) && svc.metadata.deletion_timestamp.is_none();
         let has_finalizer = svc.finalizers().iter().any(|f| f == FINALIZER);
-        let actions = if ours {
+        let (actions, replaced) = if ours {
             match desired(svc, &nodes, &[], &cfg) {
-                Ok(d) => plan(Some(&d), &aws.observe(&uid, Some(&d)).await?),
+                Ok(d) => {
+                    let observed = aws.observe(&uid, Some(&d)).await?;
+                    (plan(Some(&d), &observed), replacements(&d, &observed))
+                }
                 Err(e) => {
                     println!("{name}: not reconciled: {e}");
                     continue;
                 }
             }
         } else if has_finalizer {
-            plan(None, &aws.observe(&uid, None).await?)
+            (plan(None, &aws.observe(&uid, None).await?), Vec::new())
         } else {
             if !services.is_empty() {
                 println!("{name}: not owned by this controller");
@@ -408,6 +411,9 @@ async fn plan_command(args: PlanArgs) -> Result<()> {
             println!("{name}: up to date");
         } else {
             println!("{name}: {} action(s)", actions.len());
+            for r in &replaced {
+                println!("  ! {r}");
+            }
             for (i, action) in actions.iter().enumerate() {
                 println!("  {}. {action}", i + 1);
             }

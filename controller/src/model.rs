@@ -375,8 +375,8 @@ pub struct LoadBalancer {
     /// Full NLB attribute set we manage (defaults included, so removing an
     /// annotation restores the default).
     pub attributes: BTreeMap<String, String>,
-    /// `on`/`off` for `EnforceSecurityGroupInboundRulesOnPrivateLinkTraffic`; `None` = leave.
-    pub enforce_sg_inbound_rules_on_private_link: Option<bool>,
+    /// `EnforceSecurityGroupInboundRulesOnPrivateLinkTraffic` (AWS default: on).
+    pub enforce_sg_inbound_rules_on_private_link: bool,
     pub tags: BTreeMap<String, String>,
 }
 

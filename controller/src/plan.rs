@@ -21,11 +21,11 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::desired::{lb_attribute_defaults, tg_attribute_defaults};
+use crate::desired::{lb_attribute_defaults, listener_attribute_defaults, tg_attribute_defaults};
 use crate::model::{
-    Desired, HealthCheck, Listener, LoadBalancer, Observed, ObservedListener, ObservedLoadBalancer,
-    ObservedSgRule, ObservedTargetGroup, SecurityGroup, SgRule, SubnetMapping, SubnetRef,
-    SubnetSelection, Target, TargetGroup,
+    Desired, HealthCheck, IpAddressType, Listener, LoadBalancer, Observed, ObservedListener,
+    ObservedLoadBalancer, ObservedSgRule, ObservedTargetGroup, SecurityGroup,
+    SecurityGroupSelection, SgRule, SubnetMapping, SubnetRef, SubnetSelection, Target, TargetGroup,
 };
 
 /// An ELBv2 resource: one that exists (by ARN), or one an earlier action of the
@@ -91,6 +91,22 @@ pub enum Action {
         load_balancer: Ref,
         attributes: BTreeMap<String, String>,
     },
+    /// The security groups of an existing NLB, and whether they also filter
+    /// PrivateLink traffic (both are one ELBv2 call).
+    SetSecurityGroups {
+        load_balancer: Ref,
+        security_groups: Vec<SecurityGroupSelection>,
+        enforce_inbound_rules_on_private_link: bool,
+    },
+    /// The subnets of an existing NLB.
+    SetSubnets {
+        load_balancer: Ref,
+        subnets: Vec<SubnetMapping>,
+    },
+    SetIpAddressType {
+        load_balancer: Ref,
+        ip_address_type: IpAddressType,
+    },
     /// Targets are registered by a separate [`Action::RegisterTargets`];
     /// `target_group.targets` is empty here.
     CreateTargetGroup {
@@ -121,6 +137,13 @@ pub enum Action {
         arn: String,
         listener: Listener,
         target_group: Ref,
+    },
+    /// A listener that exists (`Ref::Arn`) or that this plan creates
+    /// (`Ref::New(listener_key(port))`).
+    ModifyListenerAttributes {
+        listener: Ref,
+        port: u16,
+        attributes: BTreeMap<String, String>,
     },
     AddTags {
         resource: Ref,
@@ -157,6 +180,9 @@ impl Action {
             Action::RevokeIngress { .. } => "RevokeSecurityGroupIngress",
             Action::CreateLoadBalancer { .. } => "CreateLoadBalancer",
             Action::ModifyLoadBalancerAttributes { .. } => "ModifyLoadBalancerAttributes",
+            Action::SetSecurityGroups { .. } => "SetSecurityGroups",
+            Action::SetSubnets { .. } => "SetSubnets",
+            Action::SetIpAddressType { .. } => "SetIpAddressType",
             Action::CreateTargetGroup { .. } => "CreateTargetGroup",
             Action::ModifyTargetGroupHealthCheck { .. } => "ModifyTargetGroup",
             Action::ModifyTargetGroupAttributes { .. } => "ModifyTargetGroupAttributes",
@@ -164,6 +190,7 @@ impl Action {
             Action::DeregisterTargets { .. } => "DeregisterTargets",
             Action::CreateListener { .. } => "CreateListener",
             Action::ModifyListener { .. } => "ModifyListener",
+            Action::ModifyListenerAttributes { .. } => "ModifyListenerAttributes",
             Action::AddTags { .. } => "AddTags",
             Action::RemoveTags { .. } => "RemoveTags",
             Action::DeleteListener { .. } => "DeleteListener",
@@ -234,6 +261,38 @@ impl fmt::Display for Action {
                 "set attributes of load balancer {load_balancer}: {}",
                 pairs(attributes)
             ),
+            Action::SetSecurityGroups {
+                load_balancer,
+                security_groups,
+                enforce_inbound_rules_on_private_link,
+            } => write!(
+                f,
+                "set security groups of load balancer {load_balancer}: {} (PrivateLink traffic filtered: {})",
+                join(security_groups),
+                if *enforce_inbound_rules_on_private_link {
+                    "on"
+                } else {
+                    "off"
+                }
+            ),
+            Action::SetSubnets {
+                load_balancer,
+                subnets,
+            } => {
+                let subnets: Vec<&SubnetRef> = subnets.iter().map(|s| &s.subnet).collect();
+                write!(
+                    f,
+                    "set subnets of load balancer {load_balancer}: {}",
+                    join(&subnets)
+                )
+            }
+            Action::SetIpAddressType {
+                load_balancer,
+                ip_address_type,
+            } => write!(
+                f,
+                "set IP address type of load balancer {load_balancer}: {ip_address_type}"
+            ),
             Action::CreateTargetGroup { target_group: tg } => write!(
                 f,
                 "create target group {} ({} {} {} targets, health check {})",
@@ -288,6 +347,22 @@ impl fmt::Display for Action {
                 "modify listener {arn}: {} {} → {target_group}",
                 listener.protocol, listener.port
             ),
+            Action::ModifyListenerAttributes {
+                listener,
+                port,
+                attributes,
+            } => match listener {
+                Ref::Arn(arn) => write!(
+                    f,
+                    "set attributes of listener {port} ({arn}): {}",
+                    pairs(attributes)
+                ),
+                Ref::New(_) => write!(
+                    f,
+                    "set attributes of listener {port} (new): {}",
+                    pairs(attributes)
+                ),
+            },
             Action::AddTags { resource, tags } => {
                 write!(f, "tag {resource}: {}", pairs(tags))
             }
@@ -315,6 +390,103 @@ pub fn plan(desired: Option<&Desired>, observed: &Observed) -> Vec<Action> {
         Some(desired) => converge(desired, observed),
         None => delete_all(observed),
     }
+}
+
+/// A resource the plan replaces because AWS cannot make the change in place,
+/// with the reason in words: what `causeway-controller plan` announces and
+/// what the reconciler reports in a `ReplacingLoadBalancer` event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Replacement {
+    /// `load balancer` or `target group <port>`.
+    pub resource: String,
+    pub old: String,
+    pub new: String,
+    pub reason: String,
+    /// True when the new resource exists before the old one is deleted; false
+    /// when the old one must go first (same name: ELBv2 names are unique).
+    pub create_before_delete: bool,
+}
+
+impl fmt::Display for Replacement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "replace {} {} with {}: {} ({})",
+            self.resource,
+            self.old,
+            self.new,
+            self.reason,
+            if self.create_before_delete {
+                "the new one is created before the old one is deleted"
+            } else {
+                "same name, so the old one is deleted first"
+            }
+        )
+    }
+}
+
+/// The replacements `plan(Some(desired), observed)` makes, explained.
+/// Resources that simply go away (a removed port) are not replacements.
+pub fn replacements(d: &Desired, o: &Observed) -> Vec<Replacement> {
+    let want = &d.load_balancer;
+    let mut out = Vec::new();
+    let kept = o
+        .load_balancers
+        .iter()
+        .any(|lb| lb.name == want.name && lb.scheme == want.scheme && !pins_conflict(want, lb));
+    if !kept {
+        for lb in &o.load_balancers {
+            let mut why = Vec::new();
+            if lb.scheme != want.scheme {
+                why.push(format!("scheme {} → {}", lb.scheme, want.scheme));
+            }
+            if lb.name != want.name && (!want.name_is_generated || !lb.name.starts_with("k8s-")) {
+                why.push(format!("name {} → {}", lb.name, want.name));
+            }
+            if why.is_empty() {
+                why.push(
+                    "subnets and pinned addresses (eip-allocations, private-ipv4-addresses, ipv6-addresses) cannot change on a live NLB"
+                        .into(),
+                );
+            }
+            out.push(Replacement {
+                resource: "load balancer".into(),
+                old: lb.name.clone(),
+                new: want.name.clone(),
+                reason: why.join(", "),
+                create_before_delete: lb.name != want.name,
+            });
+        }
+    }
+    for tg in &d.target_groups {
+        for old in o
+            .target_groups
+            .iter()
+            .filter(|t| t.port == tg.port && t.name != tg.name)
+        {
+            let mut why = Vec::new();
+            if old.target_type != tg.target_type {
+                why.push(format!(
+                    "target type {} → {}",
+                    old.target_type, tg.target_type
+                ));
+            }
+            if old.protocol != tg.protocol {
+                why.push(format!("protocol {} → {}", old.protocol, tg.protocol));
+            }
+            if why.is_empty() {
+                why.push("its load balancer is replaced".into());
+            }
+            out.push(Replacement {
+                resource: format!("target group {}", tg.port),
+                old: old.name.clone(),
+                new: tg.name.clone(),
+                reason: why.join(", "),
+                create_before_delete: true,
+            });
+        }
+    }
+    out
 }
 
 /// Whether the plan could not create the NLB because subnet discovery found
@@ -400,10 +572,9 @@ fn converge(d: &Desired, o: &Observed) -> Vec<Action> {
     let want_lb = &d.load_balancer;
 
     // An LB is kept only if it is the desired one; anything else is replaced.
-    let current_lb = o
-        .load_balancers
-        .iter()
-        .find(|lb| lb.name == want_lb.name && lb.scheme == want_lb.scheme);
+    let current_lb = o.load_balancers.iter().find(|lb| {
+        lb.name == want_lb.name && lb.scheme == want_lb.scheme && !pins_conflict(want_lb, lb)
+    });
     let (blocking, stale_lbs): (Vec<&ObservedLoadBalancer>, Vec<&ObservedLoadBalancer>) = o
         .load_balancers
         .iter()
@@ -460,12 +631,46 @@ fn converge(d: &Desired, o: &Observed) -> Vec<Action> {
     let lb_ref = match current_lb {
         Some(lb) => {
             let lb_ref = Ref::Arn(lb.arn.clone());
-            let attributes =
-                changed_from_defaults(&want_lb.attributes, lb_attribute_defaults(), &lb.attributes);
+            let attributes = changed_from_defaults(
+                &want_lb.attributes,
+                lb_attribute_defaults(want_lb.scheme),
+                &lb.attributes,
+            );
             if !attributes.is_empty() {
                 out.push(Action::ModifyLoadBalancerAttributes {
                     load_balancer: lb_ref.clone(),
                     attributes,
+                });
+            }
+            // An emulator that does not report the PrivateLink setting is
+            // taken to have AWS's default (on).
+            let enforce_now = lb.enforce_sg_inbound_rules_on_private_link.unwrap_or(true);
+            if !same_security_groups(want_lb, lb)
+                || enforce_now != want_lb.enforce_sg_inbound_rules_on_private_link
+            {
+                out.push(Action::SetSecurityGroups {
+                    load_balancer: lb_ref.clone(),
+                    security_groups: want_lb.security_groups.clone(),
+                    enforce_inbound_rules_on_private_link: want_lb
+                        .enforce_sg_inbound_rules_on_private_link,
+                });
+            }
+            // Subnets before the address type: dualstack needs IPv6 subnets.
+            let want_subnets = resolved_subnets(want_lb, o);
+            let subnets_known = match want_lb.subnets {
+                SubnetSelection::Explicit(_) => true,
+                SubnetSelection::Discover => o.discovered_subnets.is_some(),
+            };
+            if subnets_known && !want_subnets.is_empty() && !same_subnets(&want_subnets, lb) {
+                out.push(Action::SetSubnets {
+                    load_balancer: lb_ref.clone(),
+                    subnets: want_subnets,
+                });
+            }
+            if lb.ip_address_type != want_lb.ip_address_type {
+                out.push(Action::SetIpAddressType {
+                    load_balancer: lb_ref.clone(),
+                    ip_address_type: want_lb.ip_address_type,
                 });
             }
             tag_actions(&lb_ref, &want_lb.tags, &lb.tags, &mut out);
@@ -477,11 +682,19 @@ fn converge(d: &Desired, o: &Observed) -> Vec<Action> {
                 subnets: resolved_subnets(want_lb, o),
             });
             let lb_ref = Ref::New(want_lb.name.clone());
-            let attributes = changed(&want_lb.attributes, &lb_attribute_defaults());
+            let attributes = changed(&want_lb.attributes, &lb_attribute_defaults(want_lb.scheme));
             if !attributes.is_empty() {
                 out.push(Action::ModifyLoadBalancerAttributes {
                     load_balancer: lb_ref.clone(),
                     attributes,
+                });
+            }
+            // CreateLoadBalancer cannot turn the PrivateLink filter off.
+            if !want_lb.enforce_sg_inbound_rules_on_private_link {
+                out.push(Action::SetSecurityGroups {
+                    load_balancer: lb_ref.clone(),
+                    security_groups: want_lb.security_groups.clone(),
+                    enforce_inbound_rules_on_private_link: false,
                 });
             }
             lb_ref
@@ -563,11 +776,24 @@ fn converge(d: &Desired, o: &Observed) -> Vec<Action> {
             .cloned()
             .unwrap_or_else(|| Ref::New(want.target_group.clone()));
         match current_listeners.iter().find(|l| l.port == want.port) {
-            None => out.push(Action::CreateListener {
-                load_balancer: lb_ref.clone(),
-                listener: want.clone(),
-                target_group: tg_ref,
-            }),
+            None => {
+                out.push(Action::CreateListener {
+                    load_balancer: lb_ref.clone(),
+                    listener: want.clone(),
+                    target_group: tg_ref,
+                });
+                let attributes = changed(
+                    &want.attributes,
+                    &listener_attribute_defaults(want.protocol),
+                );
+                if !attributes.is_empty() {
+                    out.push(Action::ModifyListenerAttributes {
+                        listener: Ref::New(listener_key(want.port)),
+                        port: want.port,
+                        attributes,
+                    });
+                }
+            }
             Some(have) => {
                 let forwards_right =
                     matches!(&tg_ref, Ref::Arn(arn) if *arn == have.target_group_arn);
@@ -581,6 +807,18 @@ fn converge(d: &Desired, o: &Observed) -> Vec<Action> {
                         arn: have.arn.clone(),
                         listener: want.clone(),
                         target_group: tg_ref,
+                    });
+                }
+                let attributes = changed_from_defaults(
+                    &want.attributes,
+                    listener_attribute_defaults(have.protocol),
+                    &have.attributes,
+                );
+                if !attributes.is_empty() {
+                    out.push(Action::ModifyListenerAttributes {
+                        listener: Ref::Arn(have.arn.clone()),
+                        port: want.port,
+                        attributes,
                     });
                 }
             }
@@ -617,6 +855,51 @@ fn converge(d: &Desired, o: &Observed) -> Vec<Action> {
         }
     }
     out
+}
+
+/// The name under which a plan refers to a listener it creates.
+pub fn listener_key(port: u16) -> String {
+    format!("listener:{port}")
+}
+
+/// Whether the NLB has exactly the desired security groups.
+fn same_security_groups(want: &LoadBalancer, have: &ObservedLoadBalancer) -> bool {
+    want.security_groups.len() == have.security_groups.len()
+        && want
+            .security_groups
+            .iter()
+            .all(|s| have.security_groups.iter().any(|h| h.matches(s)))
+}
+
+/// Whether the NLB is in exactly the desired subnets.
+fn same_subnets(want: &[SubnetMapping], have: &ObservedLoadBalancer) -> bool {
+    want.len() == have.subnets.len()
+        && want
+            .iter()
+            .all(|m| have.subnets.iter().any(|h| h.matches(&m.subnet)))
+}
+
+/// Whether a subnet the NLB keeps has a pinned address (EIP, private IPv4 or
+/// IPv6) other than the desired one: AWS cannot change it in place. An
+/// address AWS (or an emulator) does not report counts as unknown, not as a
+/// conflict, so a missing field never causes a replacement.
+fn pins_conflict(want: &LoadBalancer, have: &ObservedLoadBalancer) -> bool {
+    let SubnetSelection::Explicit(mappings) = &want.subnets else {
+        return false;
+    };
+    fn differs<T: PartialEq>(want: &Option<T>, have: &Option<T>) -> bool {
+        matches!((want, have), (Some(w), Some(h)) if w != h)
+    }
+    mappings.iter().any(|m| {
+        have.subnets
+            .iter()
+            .filter(|h| h.matches(&m.subnet))
+            .any(|h| {
+                differs(&m.allocation_id, &h.allocation_id)
+                    || differs(&m.private_ipv4, &h.private_ipv4)
+                    || differs(&m.ipv6, &h.ipv6)
+            })
+    })
 }
 
 fn register_missing(tg_ref: &Ref, tg: &TargetGroup, have: &[Target], out: &mut Vec<Action>) {

@@ -31,7 +31,7 @@ use crate::aws::{Aws, AwsError};
 use crate::desired::{ClusterConfig, DesiredError, desired, ownership};
 use crate::metrics::Metrics;
 use crate::model::{Desired, Observed, Protocol};
-use crate::plan::{Action, lacks_subnets, plan};
+use crate::plan::{Action, lacks_subnets, plan, replacements};
 
 /// Added before the first AWS write; removed when nothing tagged with the UID remains.
 pub const FINALIZER: &str = "causeway.dev/load-balancer-cleanup";
@@ -50,6 +50,9 @@ pub mod reasons {
     pub const UNAVAILABLE: &str = "UnAvailableLoadBalancer";
     pub const INVALID_ANNOTATION: &str = "InvalidAnnotation";
     pub const DRIFT_CORRECTED: &str = "DriftCorrected";
+    /// Not in the k8s service controller: an annotation change that AWS
+    /// cannot apply in place, announced before the replacement starts.
+    pub const REPLACING: &str = "ReplacingLoadBalancer";
 }
 
 /// Why a reconcile failed.
@@ -375,6 +378,15 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Requeue, Error>
                 EventType::Normal,
                 reasons::ENSURING,
                 "Ensuring load balancer".into(),
+            )
+            .await;
+        }
+        for replacement in replacements(&desired, &observed) {
+            ctx.event(
+                svc,
+                EventType::Normal,
+                reasons::REPLACING,
+                replacement.to_string(),
             )
             .await;
         }

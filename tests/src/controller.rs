@@ -238,8 +238,9 @@ fn http_get(port: u16, path: &str) -> Result<String> {
 }
 
 /// Everything in moto tagged with `causeway.dev/service-uid=<uid>`: load
-/// balancers (with tags, attributes and listeners), target groups (with tags,
-/// health check and registered targets), security groups, and the rules on
+/// balancers (with tags, attributes, subnets, security groups and listeners
+/// with their TLS settings and attributes), target groups (with tags,
+/// attributes, health check and registered targets), security groups, and the rules on
 /// any security group whose description names the UID.
 pub fn aws_resources_of(cluster: &Cluster, uid: &str) -> Result<Value> {
     let script = format!(
@@ -268,10 +269,17 @@ for lb in lbs:
     out['load_balancers'].append({{
         'name': lb['LoadBalancerName'], 'arn': lb['LoadBalancerArn'], 'dns': lb['DNSName'],
         'type': lb['Type'], 'scheme': lb['Scheme'], 'tags': t,
+        'ip_address_type': lb.get('IpAddressType'),
         'subnets': sorted(az['SubnetId'] for az in lb['AvailabilityZones']),
         'security_groups': lb.get('SecurityGroups', []),
+        'attributes': {{a['Key']: a['Value'] for a in elb.describe_load_balancer_attributes(
+            LoadBalancerArn=lb['LoadBalancerArn'])['Attributes']}},
         'listeners': [{{'port': l['Port'], 'protocol': l['Protocol'],
-                        'target_group': l['DefaultActions'][0].get('TargetGroupArn')}} for l in listeners],
+                        'target_group': l['DefaultActions'][0].get('TargetGroupArn'),
+                        'certificates': [c['CertificateArn'] for c in l.get('Certificates', [])],
+                        'ssl_policy': l.get('SslPolicy'), 'alpn_policy': l.get('AlpnPolicy', []),
+                        'attributes': {{a['Key']: a['Value'] for a in elb.describe_listener_attributes(
+                            ListenerArn=l['ListenerArn'])['Attributes']}}}} for l in listeners],
     }})
 for tg in tgs:
     t = tg_tags.get(tg['TargetGroupArn'], {{}})
@@ -284,7 +292,10 @@ for tg in tgs:
         'health_check': {{'protocol': tg.get('HealthCheckProtocol'), 'port': tg.get('HealthCheckPort'),
             'path': tg.get('HealthCheckPath'), 'interval': tg.get('HealthCheckIntervalSeconds'),
             'timeout': tg.get('HealthCheckTimeoutSeconds'), 'healthy': tg.get('HealthyThresholdCount'),
-            'unhealthy': tg.get('UnhealthyThresholdCount')}},
+            'unhealthy': tg.get('UnhealthyThresholdCount'),
+            'codes': tg.get('Matcher', {{}}).get('HttpCode')}},
+        'attributes': {{a['Key']: a['Value'] for a in elb.describe_target_group_attributes(
+            TargetGroupArn=tg['TargetGroupArn'])['Attributes']}},
         'targets': sorted([h['Target']['Id'], h['Target']['Port']] for h in health
                           if h.get('TargetHealth', {{}}).get('State') != 'draining'),
     }})
@@ -400,4 +411,30 @@ ec2 = boto3.client('ec2', **kw)
         endpoint = cluster.aws_endpoint(),
     );
     run_python(&crate::cluster::moto_venv()?.join("bin/python"), &script)
+}
+
+/// The Events about the object with `uid` in namespace `default`, as
+/// (type, reason, note), oldest first.
+pub async fn events_of(client: &kube::Client, uid: &str) -> Result<Vec<(String, String, String)>> {
+    use k8s_openapi::api::events::v1::Event;
+    use kube::api::{Api, ListParams};
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let mut items = events.list(&ListParams::default()).await?.items;
+    items.sort_by(|a, b| {
+        a.event_time
+            .as_ref()
+            .map(|t| t.0)
+            .cmp(&b.event_time.as_ref().map(|t| t.0))
+    });
+    Ok(items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(uid))
+        .map(|e| {
+            (
+                e.type_.unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+            )
+        })
+        .collect())
 }

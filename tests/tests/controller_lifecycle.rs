@@ -6,37 +6,19 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use causeway_tests::controller::{
-    ControllerProcess, aws_resources_of, calls_between, delete_load_balancers_of, plan,
+    ControllerProcess, aws_resources_of, calls_between, delete_load_balancers_of, events_of, plan,
 };
+use causeway_tests::wait::eventually;
 use causeway_tests::{Cluster, ClusterOptions};
 use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
 const CLASS: &str = "causeway.dev/nlb";
 const FINALIZER: &str = "causeway.dev/load-balancer-cleanup";
 const EXCLUDE: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
-
-/// Polls `check` until it returns Some or `timeout` passes.
-async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await? {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
 
 /// The seed article's `service-python` LoadBalancer Service, with our class.
 fn service_python(annotations: Value) -> Result<Service> {
@@ -50,24 +32,6 @@ fn service_python(annotations: Value) -> Result<Service> {
             "ports": [{"port": 3000, "protocol": "TCP", "targetPort": 443, "nodePort": 30080}]
         }
     }))?)
-}
-
-async fn events_of(client: &kube::Client, uid: &str) -> Result<Vec<(String, String, String)>> {
-    let events: Api<Event> = Api::namespaced(client.clone(), "default");
-    Ok(events
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(uid))
-        .map(|e| {
-            (
-                e.type_.unwrap_or_default(),
-                e.reason.unwrap_or_default(),
-                e.note.unwrap_or_default(),
-            )
-        })
-        .collect())
 }
 
 fn targets(tg: &Value) -> Vec<(String, u64)> {
@@ -176,9 +140,15 @@ async fn service_python_gets_an_nlb_follows_nodes_and_is_cleaned_up() -> Result<
     let tgs = aws["target_groups"].as_array().cloned().unwrap_or_default();
     assert_eq!(tgs.len(), 1, "{aws:#}");
     let tg = &tgs[0];
+    let listeners = lb["listeners"].as_array().cloned().unwrap_or_default();
+    assert_eq!(listeners.len(), 1, "{aws:#}");
     assert_eq!(
-        lb["listeners"],
-        json!([{"port": 3000, "protocol": "TCP", "target_group": tg["arn"]}])
+        (
+            &listeners[0]["port"],
+            &listeners[0]["protocol"],
+            &listeners[0]["target_group"]
+        ),
+        (&json!(3000), &json!("TCP"), &tg["arn"])
     );
     assert_eq!(tg["protocol"], "TCP");
     assert_eq!(tg["target_type"], "instance");
@@ -193,7 +163,7 @@ async fn service_python_gets_an_nlb_follows_nodes_and_is_cleaned_up() -> Result<
     assert_eq!(
         tg["health_check"],
         json!({"protocol": "HTTP", "port": "10256", "path": "/healthz", "interval": 10,
-               "timeout": 6, "healthy": 3, "unhealthy": 3})
+               "timeout": 6, "healthy": 3, "unhealthy": 3, "codes": "200-399"})
     );
     for (resource, tags) in [("lb", &lb["tags"]), ("tg-3000-tcp", &tg["tags"])] {
         assert_eq!(

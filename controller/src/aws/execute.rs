@@ -9,7 +9,8 @@ use aws_sdk_ec2::types::{
     IpPermission, IpRange, Ipv6Range, PrefixListId, ResourceType, TagSpecification, UserIdGroupPair,
 };
 use aws_sdk_elasticloadbalancingv2::types::{
-    ActionTypeEnum, Certificate, IpAddressType as ElbIpAddressType, LoadBalancerAttribute,
+    ActionTypeEnum, Certificate, EnforceSecurityGroupInboundRulesOnPrivateLinkTrafficEnum,
+    IpAddressType as ElbIpAddressType, ListenerAttribute, LoadBalancerAttribute,
     LoadBalancerSchemeEnum, LoadBalancerTypeEnum, Matcher, ProtocolEnum,
     SubnetMapping as ElbSubnetMapping, Tag, TargetDescription, TargetGroupAttribute,
     TargetTypeEnum,
@@ -20,10 +21,10 @@ use super::{Aws, AwsError, AwsErrorKind};
 use crate::model::{
     HealthCheck, HealthCheckPort, HealthCheckProtocol, Listener, Observed, ObservedListener,
     ObservedLoadBalancer, ObservedSecurityGroup, ObservedSecurityGroupRef, ObservedSubnetMapping,
-    ObservedTargetGroup, RuleSource, SecurityGroupRef, SecurityGroupSelection, SgRule, SubnetRef,
-    Target,
+    ObservedTargetGroup, RuleSource, SecurityGroupRef, SecurityGroupSelection, SgRule,
+    SubnetMapping, SubnetRef, Target,
 };
-use crate::plan::{Action, Ref, SgRef};
+use crate::plan::{Action, Ref, SgRef, listener_key};
 
 /// Sets every health-check field on a Create/ModifyTargetGroup request; path
 /// and matcher only for HTTP(S), which is all ELBv2 accepts.
@@ -62,6 +63,16 @@ struct Known {
     dns: HashMap<String, String>,
     /// ARN of the listener the last CreateListener made.
     listener_arn: Option<String>,
+}
+
+impl Known {
+    /// A security group of an NLB as an ID.
+    fn security_group(&self, s: &SecurityGroupSelection) -> Option<String> {
+        match s {
+            SecurityGroupSelection::Managed => self.managed_sg.clone(),
+            SecurityGroupSelection::User(_) => None,
+        }
+    }
 }
 
 impl Known {
@@ -226,18 +237,7 @@ impl Aws {
                 load_balancer: lb,
                 subnets,
             } => {
-                let mut mappings = Vec::new();
-                for m in subnets {
-                    let id = self.subnet_id(&m.subnet).await?;
-                    mappings.push(
-                        ElbSubnetMapping::builder()
-                            .subnet_id(id)
-                            .set_allocation_id(m.allocation_id.clone())
-                            .set_private_ipv4_address(m.private_ipv4.map(|a| a.to_string()))
-                            .set_ipv6_address(m.ipv6.map(|a| a.to_string()))
-                            .build(),
-                    );
-                }
+                let mappings = self.subnet_mappings(subnets).await?;
                 let mut groups = Vec::new();
                 for sg in &lb.security_groups {
                     groups.push(match sg {
@@ -289,6 +289,88 @@ impl Aws {
                                 .map(|(k, v)| {
                                     LoadBalancerAttribute::builder().key(k).value(v).build()
                                 })
+                                .collect(),
+                        ))
+                        .send(),
+                )
+                .await?;
+            }
+            Action::SetSecurityGroups {
+                load_balancer,
+                security_groups,
+                enforce_inbound_rules_on_private_link,
+            } => {
+                let arn = known.arn(load_balancer)?;
+                let mut groups = Vec::new();
+                for sg in security_groups {
+                    groups.push(match sg {
+                        SecurityGroupSelection::Managed => known.managed_sg()?,
+                        SecurityGroupSelection::User(r) => self.security_group_id(r).await?,
+                    });
+                }
+                self.call(
+                    "SetSecurityGroups",
+                    self.elb
+                        .set_security_groups()
+                        .load_balancer_arn(arn)
+                        .set_security_groups(Some(groups))
+                        .enforce_security_group_inbound_rules_on_private_link_traffic(
+                            if *enforce_inbound_rules_on_private_link {
+                                EnforceSecurityGroupInboundRulesOnPrivateLinkTrafficEnum::On
+                            } else {
+                                EnforceSecurityGroupInboundRulesOnPrivateLinkTrafficEnum::Off
+                            },
+                        )
+                        .send(),
+                )
+                .await?;
+            }
+            Action::SetSubnets {
+                load_balancer,
+                subnets,
+            } => {
+                let arn = known.arn(load_balancer)?;
+                let mappings = self.subnet_mappings(subnets).await?;
+                self.call(
+                    "SetSubnets",
+                    self.elb
+                        .set_subnets()
+                        .load_balancer_arn(arn)
+                        .set_subnet_mappings(Some(mappings))
+                        .send(),
+                )
+                .await?;
+            }
+            Action::SetIpAddressType {
+                load_balancer,
+                ip_address_type,
+            } => {
+                let arn = known.arn(load_balancer)?;
+                self.call(
+                    "SetIpAddressType",
+                    self.elb
+                        .set_ip_address_type()
+                        .load_balancer_arn(arn)
+                        .ip_address_type(ElbIpAddressType::from(ip_address_type.as_str()))
+                        .send(),
+                )
+                .await?;
+            }
+            Action::ModifyListenerAttributes {
+                listener,
+                attributes,
+                ..
+            } => {
+                let arn = known.arn(listener)?;
+                self.call(
+                    "ModifyListenerAttributes",
+                    self.elb
+                        .modify_listener_attributes()
+                        .listener_arn(arn)
+                        .set_attributes(Some(
+                            attributes
+                                .iter()
+                                .map(|(k, v)| ListenerAttribute::builder().key(k).value(v).build())
                                 .collect(),
                         ))
                         .send(),
@@ -408,6 +490,9 @@ impl Aws {
                     .first()
                     .and_then(|l| l.listener_arn())
                     .map(str::to_string);
+                if let Some(arn) = &known.listener_arn {
+                    known.arns.insert(listener_key(listener.port), arn.clone());
+                }
             }
             Action::ModifyListener {
                 arn,
@@ -600,7 +685,26 @@ impl Aws {
         Ok(p.build())
     }
 
-    async fn security_group_id(&self, r: &SecurityGroupRef) -> Result<String, AwsError> {
+    async fn subnet_mappings(
+        &self,
+        subnets: &[SubnetMapping],
+    ) -> Result<Vec<ElbSubnetMapping>, AwsError> {
+        let mut mappings = Vec::new();
+        for m in subnets {
+            let id = self.subnet_id(&m.subnet).await?;
+            mappings.push(
+                ElbSubnetMapping::builder()
+                    .subnet_id(id)
+                    .set_allocation_id(m.allocation_id.clone())
+                    .set_private_ipv4_address(m.private_ipv4.map(|a| a.to_string()))
+                    .set_ipv6_address(m.ipv6.map(|a| a.to_string()))
+                    .build(),
+            );
+        }
+        Ok(mappings)
+    }
+
+    pub(super) async fn security_group_id(&self, r: &SecurityGroupRef) -> Result<String, AwsError> {
         match r {
             SecurityGroupRef::Id(id) => Ok(id.clone()),
             SecurityGroupRef::Name(name) => {
@@ -627,7 +731,7 @@ impl Aws {
         }
     }
 
-    async fn subnet_id(&self, r: &SubnetRef) -> Result<String, AwsError> {
+    pub(super) async fn subnet_id(&self, r: &SubnetRef) -> Result<String, AwsError> {
         match r {
             SubnetRef::Id(id) => Ok(id.clone()),
             SubnetRef::Name(name) => {
@@ -715,56 +819,14 @@ fn apply(action: &Action, known: &Known, state: &mut Observed) {
             load_balancer: lb,
             subnets,
         } => {
-            let managed = known.managed_sg.clone();
             state.load_balancers.push(ObservedLoadBalancer {
                 arn: known.arns.get(&lb.name).cloned().unwrap_or_default(),
                 dns_name: known.dns.get(&lb.name).cloned().unwrap_or_default(),
                 name: lb.name.clone(),
                 scheme: lb.scheme,
                 ip_address_type: lb.ip_address_type,
-                subnets: subnets
-                    .iter()
-                    .map(|m| ObservedSubnetMapping {
-                        subnet_id: match &m.subnet {
-                            SubnetRef::Id(id) => id.clone(),
-                            SubnetRef::Name(_) => String::new(),
-                        },
-                        subnet_name: match &m.subnet {
-                            SubnetRef::Name(n) => Some(n.clone()),
-                            SubnetRef::Id(_) => None,
-                        },
-                        allocation_id: m.allocation_id.clone(),
-                        private_ipv4: None,
-                        ipv6: None,
-                    })
-                    .collect(),
-                security_groups: lb
-                    .security_groups
-                    .iter()
-                    .filter_map(|s| match s {
-                        SecurityGroupSelection::Managed => {
-                            managed.clone().map(|id| ObservedSecurityGroupRef {
-                                id,
-                                name: None,
-                                managed: true,
-                            })
-                        }
-                        SecurityGroupSelection::User(SecurityGroupRef::Id(id)) => {
-                            Some(ObservedSecurityGroupRef {
-                                id: id.clone(),
-                                name: None,
-                                managed: false,
-                            })
-                        }
-                        SecurityGroupSelection::User(SecurityGroupRef::Name(n)) => {
-                            Some(ObservedSecurityGroupRef {
-                                id: String::new(),
-                                name: Some(n.clone()),
-                                managed: false,
-                            })
-                        }
-                    })
-                    .collect(),
+                subnets: observed_subnets(subnets),
+                security_groups: observed_security_groups(&lb.security_groups, known),
                 attributes: BTreeMap::new(),
                 enforce_sg_inbound_rules_on_private_link: None,
                 tags: lb.tags.clone(),
@@ -777,6 +839,46 @@ fn apply(action: &Action, known: &Known, state: &mut Observed) {
             let arn = arn_of(load_balancer);
             if let Some(lb) = state.load_balancers.iter_mut().find(|l| l.arn == arn) {
                 lb.attributes.extend(attributes.clone());
+            }
+        }
+        Action::SetSecurityGroups {
+            load_balancer,
+            security_groups,
+            enforce_inbound_rules_on_private_link,
+        } => {
+            let arn = arn_of(load_balancer);
+            if let Some(lb) = state.load_balancers.iter_mut().find(|l| l.arn == arn) {
+                lb.security_groups = observed_security_groups(security_groups, known);
+                lb.enforce_sg_inbound_rules_on_private_link =
+                    Some(*enforce_inbound_rules_on_private_link);
+            }
+        }
+        Action::SetSubnets {
+            load_balancer,
+            subnets,
+        } => {
+            let arn = arn_of(load_balancer);
+            if let Some(lb) = state.load_balancers.iter_mut().find(|l| l.arn == arn) {
+                lb.subnets = observed_subnets(subnets);
+            }
+        }
+        Action::SetIpAddressType {
+            load_balancer,
+            ip_address_type,
+        } => {
+            let arn = arn_of(load_balancer);
+            if let Some(lb) = state.load_balancers.iter_mut().find(|l| l.arn == arn) {
+                lb.ip_address_type = *ip_address_type;
+            }
+        }
+        Action::ModifyListenerAttributes {
+            listener,
+            attributes,
+            ..
+        } => {
+            let arn = arn_of(listener);
+            if let Some(l) = state.listeners.iter_mut().find(|l| l.arn == arn) {
+                l.attributes.extend(attributes.clone());
             }
         }
         Action::CreateTargetGroup { target_group: tg } => {
@@ -848,12 +950,15 @@ fn apply(action: &Action, known: &Known, state: &mut Observed) {
             target_group,
         } => {
             if let Some(l) = state.listeners.iter_mut().find(|l| &l.arn == arn) {
+                // ModifyListener leaves the listener's attributes as they were.
+                let attributes = std::mem::take(&mut l.attributes);
                 *l = observed_listener(
                     arn.clone(),
                     l.load_balancer_arn.clone(),
                     listener,
                     arn_of(target_group),
                 );
+                l.attributes = attributes;
             }
         }
         Action::AddTags { resource, tags } => {
@@ -883,6 +988,60 @@ fn apply(action: &Action, known: &Known, state: &mut Observed) {
         Action::DeleteTargetGroup { arn, .. } => state.target_groups.retain(|t| &t.arn != arn),
         Action::DeleteSecurityGroup { id, .. } => state.security_groups.retain(|g| &g.id != id),
     }
+}
+
+/// Subnet mappings as a Describe reports them (a `Name=` subnet by its name:
+/// the plan compares with `ObservedSubnetMapping::matches`).
+fn observed_subnets(subnets: &[SubnetMapping]) -> Vec<ObservedSubnetMapping> {
+    subnets
+        .iter()
+        .map(|m| ObservedSubnetMapping {
+            subnet_id: match &m.subnet {
+                SubnetRef::Id(id) => id.clone(),
+                SubnetRef::Name(_) => String::new(),
+            },
+            subnet_name: match &m.subnet {
+                SubnetRef::Name(n) => Some(n.clone()),
+                SubnetRef::Id(_) => None,
+            },
+            allocation_id: m.allocation_id.clone(),
+            private_ipv4: m.private_ipv4,
+            ipv6: m.ipv6,
+        })
+        .collect()
+}
+
+/// An NLB's security groups as a Describe reports them.
+fn observed_security_groups(
+    groups: &[SecurityGroupSelection],
+    known: &Known,
+) -> Vec<ObservedSecurityGroupRef> {
+    groups
+        .iter()
+        .filter_map(|s| match s {
+            SecurityGroupSelection::Managed => {
+                known.security_group(s).map(|id| ObservedSecurityGroupRef {
+                    id,
+                    name: None,
+                    managed: true,
+                })
+            }
+            SecurityGroupSelection::User(SecurityGroupRef::Id(id)) => {
+                Some(ObservedSecurityGroupRef {
+                    id: id.clone(),
+                    name: None,
+                    managed: false,
+                })
+            }
+            SecurityGroupSelection::User(SecurityGroupRef::Name(n)) => {
+                Some(ObservedSecurityGroupRef {
+                    id: String::new(),
+                    name: Some(n.clone()),
+                    managed: false,
+                })
+            }
+        })
+        .collect()
 }
 
 /// A listener as a Describe would report what `listener` asked for.
@@ -966,8 +1125,11 @@ mod tests {
                         .arns
                         .insert(target_group.name.clone(), format!("arn:tg/{i}"));
                 }
-                Action::CreateListener { .. } => {
+                Action::CreateListener { listener, .. } => {
                     known.listener_arn = Some(format!("arn:listener/{i}"));
+                    known
+                        .arns
+                        .insert(listener_key(listener.port), format!("arn:listener/{i}"));
                 }
                 _ => {}
             }
@@ -998,6 +1160,24 @@ mod tests {
                 .annotation(
                     "service.beta.kubernetes.io/aws-load-balancer-cross-zone-load-balancing-enabled",
                     "true",
+                )
+                .build(),
+            ServiceBuilder::new()
+                .annotation(
+                    "service.beta.kubernetes.io/aws-load-balancer-listener-attributes.TCP-80",
+                    "tcp.idle_timeout.seconds=600",
+                )
+                .annotation(
+                    "service.beta.kubernetes.io/aws-load-balancer-inbound-sg-rules-on-private-link-traffic",
+                    "off",
+                )
+                .annotation(
+                    "service.beta.kubernetes.io/aws-load-balancer-subnets",
+                    "subnet-0a,public-b",
+                )
+                .annotation(
+                    "service.beta.kubernetes.io/aws-load-balancer-extra-security-groups",
+                    "sg-0123,web-frontend",
                 )
                 .build(),
         ];

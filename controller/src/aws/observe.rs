@@ -16,7 +16,8 @@ use crate::model::{
     AlpnPolicy, Cidr, Desired, HealthCheck, HealthCheckPort, HealthCheckProtocol, IpAddressType,
     IpProtocol, Observed, ObservedListener, ObservedLoadBalancer, ObservedSecurityGroup,
     ObservedSecurityGroupRef, ObservedSgRule, ObservedSubnetMapping, ObservedTargetGroup, Protocol,
-    RuleSource, Scheme, SecurityGroupRef, SgRule, SubnetSelection, Target, TargetType, tags,
+    RuleSource, Scheme, SecurityGroupRef, SecurityGroupSelection, SgRule, SubnetRef,
+    SubnetSelection, Target, TargetType, tags,
 };
 
 /// DescribeTags takes at most 20 ARNs.
@@ -217,16 +218,24 @@ impl Aws {
                 subnets: lb
                     .availability_zones()
                     .iter()
-                    .map(|az| ObservedSubnetMapping {
-                        subnet_id: az.subnet_id().unwrap_or_default().to_string(),
-                        subnet_name: None,
-                        allocation_id: az
-                            .load_balancer_addresses()
-                            .iter()
-                            .find_map(|a| a.allocation_id())
-                            .map(str::to_string),
-                        private_ipv4: None,
-                        ipv6: None,
+                    .map(|az| {
+                        let addresses = az.load_balancer_addresses();
+                        ObservedSubnetMapping {
+                            subnet_id: az.subnet_id().unwrap_or_default().to_string(),
+                            subnet_name: None,
+                            allocation_id: addresses
+                                .iter()
+                                .find_map(|a| a.allocation_id())
+                                .map(str::to_string),
+                            private_ipv4: addresses
+                                .iter()
+                                .find_map(|a| a.private_ipv4_address())
+                                .and_then(|a| a.parse().ok()),
+                            ipv6: addresses
+                                .iter()
+                                .find_map(|a| a.ipv6_address())
+                                .and_then(|a| a.parse().ok()),
+                        }
                     })
                     .collect(),
                 security_groups: lb
@@ -239,7 +248,9 @@ impl Aws {
                     })
                     .collect(),
                 attributes: self.load_balancer_attributes(arn).await?,
-                enforce_sg_inbound_rules_on_private_link: None,
+                enforce_sg_inbound_rules_on_private_link: lb
+                    .enforce_security_group_inbound_rules_on_private_link_traffic()
+                    .map(|v| v == "on"),
                 tags: tags.clone(),
             });
             observed.listeners.extend(self.listeners(arn).await?);
@@ -305,16 +316,49 @@ impl Aws {
         }
 
         if let Some(d) = desired {
-            let exists = observed
-                .load_balancers
-                .iter()
-                .any(|lb| lb.name == d.load_balancer.name);
-            if d.load_balancer.subnets == SubnetSelection::Discover && !exists {
+            // Discovery also runs for an existing NLB: removing the `subnets`
+            // annotation, or tagging another subnet, moves it to what
+            // discovery finds (discovery is cached, so this is cheap).
+            if d.load_balancer.subnets == SubnetSelection::Discover {
                 observed.discovered_subnets =
                     Some(self.discover_subnets(d.load_balancer.scheme).await?);
             }
+            self.name_references(d, &mut observed).await?;
         }
         Ok(observed)
+    }
+
+    /// Fills in the names of the NLB's subnets and security groups that the
+    /// desired state refers to by `Name` tag, so the plan can compare them.
+    /// Costs one Describe per name, and nothing when every reference is an ID.
+    async fn name_references(&self, d: &Desired, observed: &mut Observed) -> Result<(), AwsError> {
+        if let SubnetSelection::Explicit(mappings) = &d.load_balancer.subnets {
+            for m in mappings {
+                if let SubnetRef::Name(name) = &m.subnet {
+                    let Ok(id) = self.subnet_id(&m.subnet).await else {
+                        continue;
+                    };
+                    for lb in &mut observed.load_balancers {
+                        for s in lb.subnets.iter_mut().filter(|s| s.subnet_id == id) {
+                            s.subnet_name = Some(name.clone());
+                        }
+                    }
+                }
+            }
+        }
+        for sg in &d.load_balancer.security_groups {
+            if let SecurityGroupSelection::User(r @ SecurityGroupRef::Name(name)) = sg {
+                let Ok(id) = self.security_group_id(r).await else {
+                    continue;
+                };
+                for lb in &mut observed.load_balancers {
+                    for g in lb.security_groups.iter_mut().filter(|g| g.id == id) {
+                        g.name = Some(name.clone());
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Service UIDs that anything of our cluster is tagged with (LBs, TGs,
@@ -560,9 +604,22 @@ impl Aws {
             }
             marker = page.next_marker().map(str::to_string);
             if marker.is_none() {
-                return Ok(out);
+                break;
             }
         }
+        for listener in &mut out {
+            let resp = self
+                .call(
+                    "DescribeListenerAttributes",
+                    self.elb
+                        .describe_listener_attributes()
+                        .listener_arn(&listener.arn)
+                        .send(),
+                )
+                .await?;
+            listener.attributes = tag_map(resp.attributes().iter().map(|a| (a.key(), a.value())));
+        }
+        Ok(out)
     }
 
     /// Registered targets, without those already draining (they are leaving).

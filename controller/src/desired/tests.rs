@@ -244,11 +244,16 @@ fn one_port_service_etp_cluster() {
             subnets: SubnetSelection::Discover,
             security_groups: vec![SecurityGroupSelection::Managed],
             attributes: strings(&[
+                ("access_logs.s3.bucket", ""),
                 ("access_logs.s3.enabled", "false"),
+                ("access_logs.s3.prefix", ""),
                 ("deletion_protection.enabled", "false"),
+                ("dns_record.client_routing_policy", "any_availability_zone"),
+                ("ipv6.deny_all_igw_traffic", "false"),
                 ("load_balancing.cross_zone.enabled", "false"),
+                ("zonal_shift.config.enabled", "false"),
             ]),
-            enforce_sg_inbound_rules_on_private_link: None,
+            enforce_sg_inbound_rules_on_private_link: true,
             tags: tags_for("lb"),
         }
     );
@@ -261,7 +266,7 @@ fn one_port_service_etp_cluster() {
             ssl_policy: None,
             alpn_policy: None,
             target_group: TG80_NAME.into(),
-            attributes: BTreeMap::new(),
+            attributes: strings(&[("tcp.idle_timeout.seconds", "350")]),
         }]
     );
     assert_eq!(
@@ -288,9 +293,38 @@ fn one_port_service_etp_cluster() {
                     "false"
                 ),
                 ("deregistration_delay.timeout_seconds", "300"),
+                (
+                    "load_balancing.cross_zone.enabled",
+                    "use_load_balancer_configuration"
+                ),
                 ("preserve_client_ip.enabled", "true"),
                 ("proxy_protocol_v2.enabled", "false"),
                 ("stickiness.enabled", "false"),
+                ("stickiness.type", "source_ip"),
+                (
+                    "target_group_health.dns_failover.minimum_healthy_targets.count",
+                    "1"
+                ),
+                (
+                    "target_group_health.dns_failover.minimum_healthy_targets.percentage",
+                    "off"
+                ),
+                (
+                    "target_group_health.unhealthy_state_routing.minimum_healthy_targets.count",
+                    "1"
+                ),
+                (
+                    "target_group_health.unhealthy_state_routing.minimum_healthy_targets.percentage",
+                    "off"
+                ),
+                (
+                    "target_health_state.unhealthy.connection_termination.enabled",
+                    "true"
+                ),
+                (
+                    "target_health_state.unhealthy.draining_interval_seconds",
+                    "0"
+                ),
             ]),
             targets: targets(&[("i-0aaa", 30080), ("i-0bbb", 30080)]),
             tags: tags_for("tg-80-tcp"),

@@ -6,7 +6,9 @@ use super::*;
 use crate::annotations::keys;
 use crate::desired::desired;
 use crate::fixtures::{NodeBuilder, ServiceBuilder, cluster_config, port};
-use crate::model::{ObservedSecurityGroup, ObservedSubnetMapping, Scheme};
+use crate::model::{
+    ObservedSecurityGroup, ObservedSecurityGroupRef, ObservedSubnetMapping, Scheme,
+};
 use k8s_openapi::api::core::v1::{Node, Service};
 
 const LB: &str = "k8s-default-web-232ef101b7";
@@ -48,14 +50,26 @@ fn converged(d: &Desired) -> Observed {
             name: d.load_balancer.name.clone(),
             scheme: d.load_balancer.scheme,
             ip_address_type: d.load_balancer.ip_address_type,
-            subnets: vec![ObservedSubnetMapping {
-                subnet_id: "subnet-1".into(),
-                subnet_name: None,
-                allocation_id: None,
-                private_ipv4: None,
-                ipv6: None,
-            }],
-            security_groups: Vec::new(),
+            subnets: ["subnet-1", "subnet-2"]
+                .into_iter()
+                .map(|id| ObservedSubnetMapping {
+                    subnet_id: id.into(),
+                    subnet_name: None,
+                    allocation_id: None,
+                    private_ipv4: None,
+                    ipv6: None,
+                })
+                .collect(),
+            security_groups: d
+                .load_balancer
+                .security_groups
+                .iter()
+                .map(|s| ObservedSecurityGroupRef {
+                    id: "sg-0f1".into(),
+                    name: None,
+                    managed: *s == SecurityGroupSelection::Managed,
+                })
+                .collect(),
             attributes: d.load_balancer.attributes.clone(),
             enforce_sg_inbound_rules_on_private_link: None,
             tags: d.load_balancer.tags.clone(),
@@ -496,4 +510,251 @@ fn attributes_aws_does_not_report_count_as_defaults() {
     observed.load_balancers[0].attributes.clear();
     observed.target_groups[0].attributes.clear();
     assert_eq!(plan(Some(&d), &observed), []);
+}
+
+fn web_with(annotations: &[(&str, &str)]) -> Desired {
+    let mut svc = ServiceBuilder::new();
+    for (k, v) in annotations {
+        svc = svc.annotation(k, v);
+    }
+    build(svc.build(), &["i-0aaa", "i-0bbb"])
+}
+
+#[test]
+fn bringing_own_security_groups_swaps_them_in_place_then_drops_the_managed_one() {
+    let before = web();
+    let after = web_with(&[(keys::SECURITY_GROUPS, "sg-0abc")]);
+    let lb_arn = format!("arn:lb/{LB}");
+    assert_eq!(
+        plan_lines(Some(&after), &converged(&before)),
+        [
+            format!(
+                "set security groups of load balancer {lb_arn}: sg-0abc (PrivateLink traffic filtered: on)"
+            ),
+            "revoke on node security group: tcp 10256 from managed-sg, tcp 30080 from managed-sg"
+                .to_string(),
+            format!("delete security group {SG} (sg-0f1)"),
+        ]
+    );
+    // And back: the managed SG is created before the NLB is pointed at it.
+    let mut user = converged(&after);
+    user.load_balancers[0].security_groups = vec![ObservedSecurityGroupRef {
+        id: "sg-0abc".into(),
+        name: None,
+        managed: false,
+    }];
+    let back = plan_lines(Some(&before), &user);
+    assert_eq!(back[0], format!("create security group {SG}"));
+    assert_eq!(
+        back.last().unwrap(),
+        &format!(
+            "set security groups of load balancer {lb_arn}: managed (PrivateLink traffic filtered: on)"
+        )
+    );
+    assert!(replacements(&after, &converged(&before)).is_empty());
+}
+
+#[test]
+fn private_link_filter_is_set_after_create_and_restored_on_removal() {
+    let off = web_with(&[(keys::INBOUND_SG_RULES_ON_PRIVATE_LINK, "off")]);
+    let created = plan_lines(
+        Some(&off),
+        &Observed {
+            discovered_subnets: Some(vec!["subnet-1".into(), "subnet-2".into()]),
+            ..Observed::default()
+        },
+    );
+    let create = created
+        .iter()
+        .position(|l| l.starts_with("create load balancer"))
+        .unwrap();
+    assert_eq!(
+        created[create + 1],
+        format!(
+            "set security groups of load balancer {LB} (new): managed (PrivateLink traffic filtered: off)"
+        )
+    );
+    let mut live = converged(&off);
+    live.load_balancers[0].enforce_sg_inbound_rules_on_private_link = Some(false);
+    assert_eq!(plan_lines(Some(&off), &live), Vec::<String>::new());
+    assert_eq!(
+        plan_lines(Some(&web()), &live),
+        [format!(
+            "set security groups of load balancer arn:lb/{LB}: managed (PrivateLink traffic filtered: on)"
+        )]
+    );
+}
+
+#[test]
+fn subnets_and_address_type_change_in_place() {
+    let before = web();
+    let lb_arn = format!("arn:lb/{LB}");
+    let named = web_with(&[(keys::SUBNETS, "subnet-1, subnet-3")]);
+    assert_eq!(
+        plan_lines(Some(&named), &converged(&before)),
+        [format!(
+            "set subnets of load balancer {lb_arn}: subnet-1, subnet-3"
+        )]
+    );
+    // Removing the annotation goes back to what discovery finds.
+    let mut moved = converged(&before);
+    moved.load_balancers[0].subnets.truncate(1);
+    assert_eq!(
+        plan_lines(Some(&before), &moved),
+        [format!(
+            "set subnets of load balancer {lb_arn}: subnet-1, subnet-2"
+        )]
+    );
+    // Not discovered (no observe): nothing is assumed.
+    moved.discovered_subnets = None;
+    assert_eq!(plan_lines(Some(&before), &moved), Vec::<String>::new());
+
+    let dual = web_with(&[(keys::IP_ADDRESS_TYPE, "dualstack")]);
+    let got = plan_lines(Some(&dual), &converged(&before));
+    assert!(got.contains(&format!(
+        "set IP address type of load balancer {lb_arn}: dualstack"
+    )));
+    assert!(got.iter().all(|l| !l.starts_with("create")), "{got:#?}");
+}
+
+#[test]
+fn listener_attributes_are_set_on_create_and_restored_on_removal() {
+    let key = format!("{}TCP-80", crate::annotations::LISTENER_ATTRIBUTES_PREFIX);
+    let idle = web_with(&[(key.as_str(), "tcp.idle_timeout.seconds=600")]);
+    let created = plan_lines(
+        Some(&idle),
+        &Observed {
+            discovered_subnets: Some(vec!["subnet-1".into(), "subnet-2".into()]),
+            ..Observed::default()
+        },
+    );
+    assert_eq!(
+        &created[created.len() - 2..],
+        [
+            format!("create listener TCP 80 on {LB} (new) → {TG80} (new)"),
+            "set attributes of listener 80 (new): tcp.idle_timeout.seconds=600".to_string(),
+        ]
+    );
+    assert_eq!(
+        plan_lines(Some(&web()), &converged(&idle)),
+        ["set attributes of listener 80 (arn:listener/80): tcp.idle_timeout.seconds=350"]
+    );
+    // A listener whose attributes AWS does not report has the defaults.
+    let mut unreported = converged(&web());
+    unreported.listeners[0].attributes.clear();
+    assert_eq!(plan_lines(Some(&web()), &unreported), Vec::<String>::new());
+}
+
+#[test]
+fn every_attribute_returns_to_its_default_when_removed() {
+    let tuned = web_with(&[
+        (
+            keys::ATTRIBUTES,
+            "zonal_shift.config.enabled=true,dns_record.client_routing_policy=availability_zone_affinity,access_logs.s3.enabled=true,access_logs.s3.bucket=logs",
+        ),
+        (
+            keys::TARGET_GROUP_ATTRIBUTES,
+            "target_health_state.unhealthy.connection_termination.enabled=false,target_health_state.unhealthy.draining_interval_seconds=60,stickiness.enabled=true",
+        ),
+    ]);
+    let lb_arn = format!("arn:lb/{LB}");
+    let tg_arn = format!("arn:tg/{TG80}");
+    assert_eq!(
+        plan_lines(Some(&web()), &converged(&tuned)),
+        [
+            format!(
+                "set attributes of load balancer {lb_arn}: access_logs.s3.bucket=, access_logs.s3.enabled=false, dns_record.client_routing_policy=any_availability_zone, zonal_shift.config.enabled=false"
+            ),
+            format!(
+                "set attributes of target group {tg_arn}: stickiness.enabled=false, target_health_state.unhealthy.connection_termination.enabled=true, target_health_state.unhealthy.draining_interval_seconds=0"
+            ),
+        ]
+    );
+}
+
+#[test]
+fn replacements_are_explained_before_they_happen() {
+    let before = web();
+    let internal = web_with(&[(keys::SCHEME, "internal")]);
+    let got: Vec<String> = replacements(&internal, &converged(&before))
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        got,
+        [
+            format!(
+                "replace load balancer {LB} with {}: scheme internet-facing → internal (the new one is created before the old one is deleted)",
+                internal.load_balancer.name
+            ),
+            format!(
+                "replace target group 80 {TG80} with {}: its load balancer is replaced (the new one is created before the old one is deleted)",
+                internal.target_groups[0].name
+            ),
+        ]
+    );
+    let ip = web_with(&[(keys::NLB_TARGET_TYPE, "ip")]);
+    let got: Vec<String> = replacements(&ip, &converged(&before))
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        got,
+        [format!(
+            "replace target group 80 {TG80} with {}: target type instance → ip (the new one is created before the old one is deleted)",
+            ip.target_groups[0].name
+        )]
+    );
+    assert!(replacements(&before, &converged(&before)).is_empty());
+}
+
+#[test]
+fn pinned_addresses_replace_the_load_balancer() {
+    let pinned = |eips: &str| {
+        web_with(&[
+            (keys::SUBNETS, "subnet-1,subnet-2"),
+            (keys::EIP_ALLOCATIONS, eips),
+        ])
+    };
+    let a = pinned("eipalloc-0a,eipalloc-0b");
+    let b = pinned("eipalloc-0a,eipalloc-0c");
+    // Generated names carry the pins: a new NLB, created before the old goes.
+    assert_ne!(a.load_balancer.name, b.load_balancer.name);
+    assert_ne!(a.load_balancer.name, web().load_balancer.name);
+    let got = plan_lines(Some(&b), &converged(&a));
+    let create = got
+        .iter()
+        .position(|l| l.starts_with(&format!("create load balancer {}", b.load_balancer.name)))
+        .unwrap();
+    let delete = got
+        .iter()
+        .position(|l| l.starts_with(&format!("delete load balancer {}", a.load_balancer.name)))
+        .unwrap();
+    assert!(create < delete, "{got:#?}");
+    assert!(
+        replacements(&b, &converged(&a))[0]
+            .reason
+            .starts_with("subnets and pinned addresses")
+    );
+
+    // A fixed name cannot be created twice: the old NLB goes first, and
+    // only when AWS reports a different address.
+    let named = |eips: &str| {
+        web_with(&[
+            (keys::NAME, "web"),
+            (keys::SUBNETS, "subnet-1,subnet-2"),
+            (keys::EIP_ALLOCATIONS, eips),
+        ])
+    };
+    let mut live = converged(&named("eipalloc-0a,eipalloc-0b"));
+    assert_eq!(
+        plan_lines(Some(&named("eipalloc-0a,eipalloc-0c")), &live),
+        Vec::<String>::new(),
+        "an address AWS does not report is unknown, not different"
+    );
+    live.load_balancers[0].subnets[1].allocation_id = Some("eipalloc-0b".into());
+    let got = plan_lines(Some(&named("eipalloc-0a,eipalloc-0c")), &live);
+    assert_eq!(got[0], "delete listener 80 (arn:listener/80)");
+    assert_eq!(got[1], "delete load balancer web (arn:lb/web)");
+    assert!(!replacements(&named("eipalloc-0a,eipalloc-0c"), &live)[0].create_before_delete);
 }
