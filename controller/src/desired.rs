@@ -17,11 +17,16 @@
 //!   included, AWS's own defaults where SPEC is silent) so drift compares exactly.
 //!   ip targets default to a TCP check on the traffic port: pods do not serve the
 //!   agent's `/healthz`.
+//! - **ip targets are what kube-proxy would route to**: the first address of
+//!   each ready, non-terminating endpoint of this Service's slices, on the port
+//!   the slice publishes for the Service port's name and protocol. The family
+//!   follows the Service's IP families as aws-load-balancer-controller does: an
+//!   IPv6 Service on a dualstack NLB gets `ipv6` target groups and IPv6 slices.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use k8s_openapi::api::core::v1::{Node, Service, ServicePort};
+use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sha2::{Digest, Sha256};
@@ -33,7 +38,7 @@ use crate::model::{
     Cidr, Desired, HealthCheck, HealthCheckPort, HealthCheckProtocol, IpAddressType, IpProtocol,
     Listener, LoadBalancer, Protocol, RuleSource, Scheme, SecurityGroup, SecurityGroupSelection,
     ServiceRef, SgRule, SkippedNode, SubnetMapping, SubnetSelection, Target, TargetGroup,
-    TargetType, tags,
+    TargetGroupIpAddressType, TargetType, tags,
 };
 
 /// Label that excludes a node from every external load balancer.
@@ -42,6 +47,8 @@ pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-b
 pub const AUTOSCALER_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 /// Taint Karpenter puts on a node it is disrupting.
 pub const KARPENTER_TAINT: &str = "karpenter.sh/disrupted";
+/// Label by which an EndpointSlice names its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Health-check path the agent (and kube-proxy) serve.
 pub const HEALTH_PATH: &str = "/healthz";
 /// Success codes ELBv2 uses by default for HTTP checks.
@@ -120,6 +127,21 @@ pub fn ownership(service: &Service, cfg: &ClusterConfig) -> Result<(), String> {
 /// Convenience form of [`ownership`].
 pub fn owns(service: &Service, cfg: &ClusterConfig) -> bool {
     ownership(service, cfg).is_ok()
+}
+
+/// Whether endpoints can matter to this Service: owned, and its annotations
+/// ask for ip targets (whether or not the rest of them parse). Endpoint
+/// changes of any other Service trigger no reconcile, and its reconciles read
+/// no slices.
+pub fn may_use_ip_targets(service: &Service, cfg: &ClusterConfig) -> bool {
+    let annotations = service.metadata.annotations.as_ref();
+    let is = |key: &str, value: &str| {
+        annotations
+            .and_then(|a| a.get(key))
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case(value))
+    };
+    owns(service, cfg)
+        && (is(annotations::keys::NLB_TARGET_TYPE, "ip") || is(annotations::keys::TYPE, "nlb-ip"))
 }
 
 /// Whether a node may be a target, and as which EC2 instance.
@@ -295,17 +317,12 @@ pub fn desired(
     }
     instances.sort();
     instances.dedup();
+    let tg_ip_address_type = target_group_ip_address_type(spec, &lb_spec)?;
     let slices: Vec<&EndpointSlice> = endpoint_slices
         .iter()
         .filter(|s| {
-            s.metadata.namespace.as_deref() == Some(svc.namespace.as_str())
-                && s.address_type == "IPv4"
-                && s.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get("kubernetes.io/service-name"))
-                    .map(String::as_str)
-                    == Some(svc.name.as_str())
+            slice_of(s, &svc.namespace, &svc.name)
+                && s.address_type == tg_ip_address_type.slice_address_type()
         })
         .collect();
 
@@ -330,27 +347,35 @@ pub fn desired(
             Protocol::Tls => Protocol::Tcp,
             p => p,
         };
-        let tg_name = resource_name(
-            &svc.namespace,
-            &svc.name,
-            &[
-                &cfg.cluster_name,
-                &svc.uid,
-                &load_balancer.name,
-                &number.to_string(),
-                tg_protocol.as_str(),
-                lb_spec.target_type.as_str(),
-            ],
-        );
-        let targets: Vec<Target> = match lb_spec.target_type {
-            TargetType::Instance => instances
-                .iter()
-                .map(|id| Target {
-                    id: id.clone(),
-                    port: group.node_port,
-                })
-                .collect(),
-            TargetType::Ip => ip_targets(&slices, group.first),
+        let number_str = number.to_string();
+        let mut name_inputs = vec![
+            cfg.cluster_name.as_str(),
+            &svc.uid,
+            &load_balancer.name,
+            &number_str,
+            tg_protocol.as_str(),
+            lb_spec.target_type.as_str(),
+        ];
+        // Only a non-default family joins the hash: existing ipv4 groups keep their names.
+        if tg_ip_address_type != TargetGroupIpAddressType::Ipv4 {
+            name_inputs.push(tg_ip_address_type.as_str());
+        }
+        let tg_name = resource_name(&svc.namespace, &svc.name, &name_inputs);
+        let (targets, pod_ports) = match lb_spec.target_type {
+            TargetType::Instance => (
+                instances
+                    .iter()
+                    .map(|id| Target {
+                        id: id.clone(),
+                        port: group.node_port,
+                    })
+                    .collect(),
+                BTreeSet::new(),
+            ),
+            TargetType::Ip => {
+                let backends = pod_backends(&slices, group.first, tg_ip_address_type);
+                (backends.targets, backends.ports)
+            }
         };
         let health_check = health_check(
             lb_spec.target_type,
@@ -358,11 +383,11 @@ pub fn desired(
             cfg.node_health_port,
             &lb_spec,
         );
-        // From the Service, not from the targets: a node coming or going must
-        // never change security-group rules.
+        // Not from the targets: a node or pod coming, going or turning
+        // unready must never change security-group rules.
         let traffic_ports: BTreeSet<u16> = match lb_spec.target_type {
             TargetType::Instance => BTreeSet::from([group.node_port]),
-            TargetType::Ip => targets.iter().map(|t: &Target| t.port).collect(),
+            TargetType::Ip => pod_ports,
         };
         for port in &traffic_ports {
             for proto in ip_protocols(tg_protocol) {
@@ -382,7 +407,7 @@ pub fn desired(
             port: number,
             protocol: tg_protocol,
             target_type: lb_spec.target_type,
-            ip_address_type: IpAddressType::Ipv4,
+            ip_address_type: tg_ip_address_type,
             health_check,
             attributes,
             targets,
@@ -617,45 +642,121 @@ fn group_ports(ports: &[ServicePort]) -> Result<BTreeMap<u16, PortGroup<'_>>, De
     Ok(out)
 }
 
-/// Ready pod IPs and their port for one Service port. A named targetPort
-/// resolves per slice, as the EndpointSlice controller publishes it.
-fn ip_targets(slices: &[&EndpointSlice], port: &ServicePort) -> Vec<Target> {
-    let mut out = BTreeSet::new();
+/// Whether `slice` belongs to the Service `namespace/name`.
+pub fn slice_of(slice: &EndpointSlice, namespace: &str, name: &str) -> bool {
+    slice.metadata.namespace.as_deref() == Some(namespace)
+        && slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .is_some_and(|n| n == name)
+}
+
+/// ip targets follow the Service's IP families, as in
+/// aws-load-balancer-controller: with IPv6 among them and a dualstack NLB, the
+/// target groups are `ipv6` (an `ipv4` NLB cannot forward to IPv6 targets);
+/// otherwise `ipv4`. An IPv6-only Service on an `ipv4` NLB has no usable pod
+/// address, which is an error rather than an empty target group.
+fn target_group_ip_address_type(
+    spec: &ServiceSpec,
+    lb_spec: &LbSpec,
+) -> Result<TargetGroupIpAddressType, DesiredError> {
+    if lb_spec.target_type != TargetType::Ip {
+        return Ok(TargetGroupIpAddressType::Ipv4);
+    }
+    let families = spec.ip_families.as_deref().unwrap_or_default();
+    let ipv6 = families.iter().any(|f| f == "IPv6");
+    // The API server always sets ipFamilies; unset means the IPv4 default.
+    let ipv4 = families.is_empty() || families.iter().any(|f| f == "IPv4");
+    match (ipv6, ipv4, lb_spec.ip_address_type) {
+        (true, _, IpAddressType::Dualstack) => Ok(TargetGroupIpAddressType::Ipv6),
+        (_, true, _) => Ok(TargetGroupIpAddressType::Ipv4),
+        _ => Err(DesiredError::InvalidService {
+            field: "spec.ipFamilies".into(),
+            problem: format!(
+                "the Service is IPv6-only, and ip targets on IPv6 pod addresses need a dualstack load balancer: set {}: dualstack",
+                annotations::keys::IP_ADDRESS_TYPE
+            ),
+        }),
+    }
+}
+
+/// What one Service port reaches through its slices.
+struct PodBackends {
+    /// Ready endpoints on their pod port: sorted, without duplicates.
+    targets: Vec<Target>,
+    /// Every pod port the slices publish for the Service port, ready or not
+    /// (the backend security-group rules), else a numeric targetPort.
+    ports: BTreeSet<u16>,
+}
+
+/// The ip targets of one Service port, as kube-proxy would route: the slice
+/// port with the Service port's name and protocol gives the pod port (a named
+/// targetPort can resolve differently per slice); a slice without that port
+/// does not serve it. Only the first address of an endpoint counts (the API
+/// says they are fungible), only ready and not terminating endpoints (`ready`
+/// unset means unknown, taken as ready as the API asks), and only addresses
+/// of the target group's family.
+fn pod_backends(
+    slices: &[&EndpointSlice],
+    port: &ServicePort,
+    family: TargetGroupIpAddressType,
+) -> PodBackends {
+    let mut targets = BTreeSet::new();
+    let mut ports = BTreeSet::new();
+    let want_name = port.name.as_deref().unwrap_or("");
+    let want_protocol = port.protocol.as_deref().unwrap_or("TCP");
     for slice in slices {
-        let slice_port = slice
+        let number = slice
             .ports
             .as_deref()
             .unwrap_or_default()
             .iter()
-            .find(|ep| {
-                ep.name.as_deref().unwrap_or("") == port.name.as_deref().unwrap_or("")
-                    && ep.protocol.as_deref().unwrap_or("TCP")
-                        == port.protocol.as_deref().unwrap_or("TCP")
-            });
-        let number = slice_port
-            .and_then(|ep| ep.port)
-            .or(match &port.target_port {
-                Some(IntOrString::Int(n)) => Some(*n),
-                _ => None,
+            .find(|p| {
+                p.name.as_deref().unwrap_or("") == want_name
+                    && p.protocol.as_deref().unwrap_or("TCP") == want_protocol
             })
-            .and_then(|n| u16::try_from(n).ok());
+            .and_then(|p| p.port)
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|n| *n > 0);
         let Some(number) = number else { continue };
+        ports.insert(number);
         for ep in &slice.endpoints {
-            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            if !ready {
+            let conditions = ep.conditions.as_ref();
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            if !ready || terminating {
                 continue;
             }
-            for addr in &ep.addresses {
-                if let Ok(ip) = addr.parse::<Ipv4Addr>() {
-                    out.insert(Target {
-                        id: ip.to_string(),
-                        port: number,
-                    });
+            let Some(address) = ep.addresses.first() else {
+                continue;
+            };
+            // Canonical text, so the same address always compares equal.
+            let id = match family {
+                TargetGroupIpAddressType::Ipv4 => {
+                    address.parse::<Ipv4Addr>().ok().map(|ip| ip.to_string())
                 }
+                TargetGroupIpAddressType::Ipv6 => {
+                    address.parse::<Ipv6Addr>().ok().map(|ip| ip.to_string())
+                }
+            };
+            if let Some(id) = id {
+                targets.insert(Target { id, port: number });
             }
         }
     }
-    out.into_iter().collect()
+    if ports.is_empty()
+        && let Some(IntOrString::Int(n)) = &port.target_port
+        && let Ok(n) = u16::try_from(*n)
+        && n > 0
+    {
+        ports.insert(n);
+    }
+    PodBackends {
+        targets: targets.into_iter().collect(),
+        ports,
+    }
 }
 
 /// SPEC 1.2 health-check defaults, then the annotation overrides.

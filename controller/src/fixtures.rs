@@ -132,6 +132,12 @@ impl ServiceBuilder {
         self
     }
 
+    /// `spec.ipFamilies`, e.g. `["IPv6", "IPv4"]`.
+    pub fn ip_families(mut self, families: &[&str]) -> Self {
+        self.spec().ip_families = Some(families.iter().map(|s| s.to_string()).collect());
+        self
+    }
+
     pub fn source_ranges(mut self, ranges: &[&str]) -> Self {
         self.spec().load_balancer_source_ranges =
             Some(ranges.iter().map(|s| s.to_string()).collect());
@@ -244,6 +250,12 @@ impl EndpointSliceBuilder {
         self
     }
 
+    /// `addressType: IPv6`.
+    pub fn ipv6(mut self) -> Self {
+        self.slice.address_type = "IPv6".into();
+        self
+    }
+
     pub fn endpoint(mut self, ip: &str, ready: bool) -> Self {
         self.slice.endpoints.push(Endpoint {
             addresses: vec![ip.into()],
@@ -252,6 +264,31 @@ impl EndpointSliceBuilder {
                 serving: Some(ready),
                 terminating: Some(false),
             }),
+            ..Default::default()
+        });
+        self
+    }
+
+    /// A pod being deleted that still serves, as the EndpointSlice controller
+    /// publishes it: not ready, serving, terminating.
+    pub fn terminating_endpoint(mut self, ip: &str) -> Self {
+        self.slice.endpoints.push(Endpoint {
+            addresses: vec![ip.into()],
+            conditions: Some(EndpointConditions {
+                ready: Some(false),
+                serving: Some(true),
+                terminating: Some(true),
+            }),
+            ..Default::default()
+        });
+        self
+    }
+
+    /// An endpoint as a hand-written slice may have it: these addresses, no conditions.
+    pub fn raw_endpoint(mut self, addresses: &[&str]) -> Self {
+        self.slice.endpoints.push(Endpoint {
+            addresses: addresses.iter().map(|a| a.to_string()).collect(),
+            conditions: None,
             ..Default::default()
         });
         self

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use causeway_controller::aws::{Aws, RateLimits};
-use causeway_controller::desired::{ClusterConfig, desired, owns};
+use causeway_controller::desired::{
+    ClusterConfig, SERVICE_NAME_LABEL, desired, may_use_ip_targets, owns,
+};
 use causeway_controller::leader::{self, LeaseSettings};
 use causeway_controller::metrics::{self, Metrics};
 use causeway_controller::model::Scheme;
@@ -19,9 +21,11 @@ use causeway_controller::reconcile::{self, Context, FINALIZER, OrphanSweep, Sett
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 
 /// Gives Kubernetes LoadBalancer Services a real AWS Network Load Balancer.
@@ -264,6 +268,16 @@ async fn run(args: RunArgs) -> Result<()> {
         rx.recv().await.map(|()| ((), rx))
     });
 
+    // EndpointSlice cache (ip targets), fed like the node cache by its own
+    // task: each change, applied to the cache first, triggers a reconcile of
+    // its Service only. Unbounded, so the cache never waits for the controller
+    // (which waits for the cache to be ready before its first reconcile).
+    let (slices, slice_writer) = reflector::store::<EndpointSlice>();
+    let (slice_tx, slice_rx) = tokio::sync::mpsc::unbounded_channel::<ObjectRef<Service>>();
+    let slice_changes = futures::stream::unfold(slice_rx, |mut rx| async move {
+        rx.recv().await.map(|service| (service, rx))
+    });
+
     let settings = Settings {
         cluster: cluster.config(),
         drift_audit_period,
@@ -273,6 +287,7 @@ async fn run(args: RunArgs) -> Result<()> {
         aws,
         settings,
         nodes.clone(),
+        slices.clone(),
         metrics.clone(),
     ));
     let controller = Controller::new(
@@ -281,13 +296,58 @@ async fn run(args: RunArgs) -> Result<()> {
     )
     .with_config(kube::runtime::controller::Config::default().concurrency(workers))
     .reconcile_all_on(node_changes)
+    .reconcile_on(slice_changes)
     .shutdown_on_signal();
 
-    // Reconciling before the node list is known would deregister every node.
+    let services = controller.store();
+    let cfg = cluster.config();
+    let slice_watch = reflector(
+        slice_writer,
+        watcher(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default().labels(SERVICE_NAME_LABEL),
+        )
+        .modify(|slice| slice.managed_fields_mut().clear()),
+    )
+    .default_backoff()
+    .touched_objects();
+    tokio::spawn(async move {
+        let mut slice_watch = std::pin::pin!(slice_watch);
+        while let Some(event) = slice_watch.next().await {
+            let slice = match event {
+                Ok(slice) => slice,
+                Err(e) => {
+                    tracing::warn!(error = %e, "endpointslice watch");
+                    continue;
+                }
+            };
+            let (Some(namespace), Some(name)) = (
+                slice.metadata.namespace.as_deref(),
+                slice.labels().get(SERVICE_NAME_LABEL),
+            ) else {
+                continue;
+            };
+            let service = ObjectRef::<Service>::new(name).within(namespace);
+            // Endpoints cannot change an instance-target Service: no reconcile.
+            // A Service not cached yet is reconciled when it is.
+            if services
+                .get(&service)
+                .is_none_or(|svc| may_use_ip_targets(&svc, &cfg))
+            {
+                let _ = slice_tx.send(service);
+            }
+        }
+    });
+
+    // Reconciling before the node (or slice) list is known would deregister
+    // every node (or pod).
     let ready_nodes = nodes.clone();
+    let ready_slices = slices.clone();
     let ready_flag = metrics.clone();
     tokio::spawn(async move {
-        if ready_nodes.wait_until_ready().await.is_ok() {
+        if ready_nodes.wait_until_ready().await.is_ok()
+            && ready_slices.wait_until_ready().await.is_ok()
+        {
             ready_flag.ready.store(true, Ordering::Relaxed);
         }
     });
@@ -331,13 +391,16 @@ async fn run(args: RunArgs) -> Result<()> {
         });
     }
     let gate_nodes = nodes.clone();
+    let gate_slices = slices.clone();
     tracing::info!(cluster = %cluster.cluster_name, class = %cluster.load_balancer_class, "causeway-controller running");
     controller
         .run(
             move |svc, ctx: Arc<Context>| {
                 let gate_nodes = gate_nodes.clone();
+                let gate_slices = gate_slices.clone();
                 async move {
                     let _ = gate_nodes.wait_until_ready().await;
+                    let _ = gate_slices.wait_until_ready().await;
                     reconcile::reconcile(svc, ctx).await
                 }
             },
@@ -379,8 +442,16 @@ async fn plan_command(args: PlanArgs) -> Result<()> {
             bail!("no Service named {} found", services.join(", "));
         }
     }
-    let nodes = Api::<Node>::all(client)
+    let nodes = Api::<Node>::all(client.clone())
         .list(&ListParams::default())
+        .await?
+        .items;
+    let slice_api: Api<EndpointSlice> = match &namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    let slices = slice_api
+        .list(&ListParams::default().labels(SERVICE_NAME_LABEL))
         .await?
         .items;
     for svc in &listed {
@@ -389,7 +460,7 @@ async fn plan_command(args: PlanArgs) -> Result<()> {
         let ours = owns(svc, &cfg) && svc.metadata.deletion_timestamp.is_none();
         let has_finalizer = svc.finalizers().iter().any(|f| f == FINALIZER);
         let (actions, replaced) = if ours {
-            match desired(svc, &nodes, &[], &cfg) {
+            match desired(svc, &nodes, &slices, &cfg) {
                 Ok(d) => {
                     let observed = aws.observe(&uid, Some(&d)).await?;
                     (plan(Some(&d), &observed), replacements(&d, &observed))

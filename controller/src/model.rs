@@ -72,6 +72,38 @@ impl fmt::Display for IpAddressType {
     }
 }
 
+/// Address family of a target group's targets (ELBv2 `TargetGroupIpAddressType`).
+/// Cannot change in place. Instance targets are always `ipv4`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum TargetGroupIpAddressType {
+    #[default]
+    Ipv4,
+    Ipv6,
+}
+
+impl TargetGroupIpAddressType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetGroupIpAddressType::Ipv4 => "ipv4",
+            TargetGroupIpAddressType::Ipv6 => "ipv6",
+        }
+    }
+
+    /// The EndpointSlice `addressType` whose addresses fit this family.
+    pub fn slice_address_type(self) -> &'static str {
+        match self {
+            TargetGroupIpAddressType::Ipv4 => "IPv4",
+            TargetGroupIpAddressType::Ipv6 => "IPv6",
+        }
+    }
+}
+
+impl fmt::Display for TargetGroupIpAddressType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What a target group's targets are: nodes (on their NodePort) or pod IPs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub enum TargetType {
@@ -448,7 +480,7 @@ pub struct TargetGroup {
     pub port: u16,
     pub protocol: Protocol,
     pub target_type: TargetType,
-    pub ip_address_type: IpAddressType,
+    pub ip_address_type: TargetGroupIpAddressType,
     pub health_check: HealthCheck,
     /// Full attribute set we manage (defaults included).
     pub attributes: BTreeMap<String, String>,

@@ -1,13 +1,15 @@
-//! The reconciler: kube-runtime Controller wiring over Services (Nodes
-//! watched), the finalizer protocol, status, events and the per-Service cache
-//! that makes a steady state cost no AWS call (SPEC 1.2, 1.4).
+//! The reconciler: kube-runtime Controller wiring over Services (Nodes and
+//! EndpointSlices watched), the finalizer protocol, status, events and the
+//! per-Service cache that makes a steady state cost no AWS call (SPEC 1.2, 1.4).
 //!
 //! One reconcile of a live, owned Service:
-//! 1. `desired` from the Service and the node cache; a parse error is a
-//!    Warning event and nothing else (no AWS call, the LB stays as it is);
+//! 1. `desired` from the Service, the node cache and (ip targets only) its
+//!    slices in the EndpointSlice cache; a parse error is a Warning event and
+//!    nothing else (no AWS call, the LB stays as it is);
 //! 2. unchanged since the last successful apply and audited recently → done;
-//! 3. only targets changed → the target actions are planned against the
-//!    cached observation and executed (one call per target group);
+//! 3. only targets changed (a node, or a pod for ip targets) → the target
+//!    actions are planned against the cached observation and executed (one
+//!    call per target group);
 //! 4. otherwise: finalizer, observe, plan, execute, observe again, status.
 //!
 //! A deleted or no-longer-owned Service with our finalizer runs the deletion
@@ -19,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{LoadBalancerIngress, Node, PortStatus, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action as Requeue;
@@ -28,9 +31,11 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use crate::aws::{Aws, AwsError};
-use crate::desired::{ClusterConfig, DesiredError, desired, ownership};
+use crate::desired::{
+    ClusterConfig, DesiredError, desired, may_use_ip_targets, ownership, slice_of,
+};
 use crate::metrics::Metrics;
-use crate::model::{Desired, Observed, Protocol};
+use crate::model::{Desired, Observed, Protocol, TargetType};
 use crate::plan::{Action, lacks_subnets, plan, replacements};
 
 /// Added before the first AWS write; removed when nothing tagged with the UID remains.
@@ -99,6 +104,8 @@ pub struct Context {
     pub aws: Aws,
     pub settings: Settings,
     pub nodes: Store<Node>,
+    /// Slices labelled `kubernetes.io/service-name`; read for ip targets only.
+    pub endpoint_slices: Store<EndpointSlice>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     applied: Mutex<HashMap<String, Applied>>,
@@ -131,6 +138,7 @@ impl Context {
         aws: Aws,
         settings: Settings,
         nodes: Store<Node>,
+        endpoint_slices: Store<EndpointSlice>,
         metrics: Arc<Metrics>,
     ) -> Context {
         let recorder = Recorder::new(
@@ -145,6 +153,7 @@ impl Context {
             aws,
             settings,
             nodes,
+            endpoint_slices,
             recorder,
             metrics,
             applied: Mutex::new(HashMap::new()),
@@ -283,7 +292,8 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Requeue, Error>
 
     let nodes = ctx.nodes.state();
     let nodes: Vec<Node> = nodes.iter().map(|n| (**n).clone()).collect();
-    let desired = match desired(svc, &nodes, &[], &ctx.settings.cluster) {
+    let slices = service_slices(svc, ctx);
+    let desired = match desired(svc, &nodes, &slices, &ctx.settings.cluster) {
         Ok(d) => d,
         Err(e @ (DesiredError::InvalidAnnotations(_) | DesiredError::InvalidService { .. })) => {
             // Nothing is written: the existing LB (if any) stays as it is
@@ -447,6 +457,20 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Requeue, Error>
     Ok(Requeue::requeue(audit))
 }
 
+/// This Service's slices from the cache; none when it cannot use ip targets.
+fn service_slices(svc: &Service, ctx: &Context) -> Vec<EndpointSlice> {
+    if !may_use_ip_targets(svc, &ctx.settings.cluster) {
+        return Vec::new();
+    }
+    let namespace = svc.namespace().unwrap_or_default();
+    let name = svc.name_any();
+    ctx.endpoint_slices
+        .state_filter(|s| slice_of(s, &namespace, &name))
+        .iter()
+        .map(|s| (**s).clone())
+        .collect()
+}
+
 fn cached_at(ctx: &Context, uid: &str) -> Instant {
     ctx.applied
         .lock()
@@ -466,7 +490,7 @@ fn remember(ctx: &Context, uid: &str, desired: Desired, observed: Observed, audi
     );
 }
 
-/// Node-related warnings: unusable nodes and an LB with no target at all.
+/// Target warnings: unusable nodes and an LB with no target at all.
 async fn report_nodes(svc: &Service, ctx: &Context, desired: &Desired) {
     if !desired.skipped_nodes.is_empty() {
         let names = desired
@@ -484,13 +508,17 @@ async fn report_nodes(svc: &Service, ctx: &Context, desired: &Desired) {
         .await;
     }
     if desired.has_no_targets() {
-        ctx.event(
-            svc,
-            EventType::Warning,
-            reasons::UNAVAILABLE,
-            "There are no available nodes for the load balancer".into(),
-        )
-        .await;
+        let ip = desired
+            .target_groups
+            .iter()
+            .any(|tg| tg.target_type == TargetType::Ip);
+        let note = if ip {
+            "There are no ready endpoints for the load balancer"
+        } else {
+            "There are no available nodes for the load balancer"
+        };
+        ctx.event(svc, EventType::Warning, reasons::UNAVAILABLE, note.into())
+            .await;
     }
 }
 
@@ -717,7 +745,7 @@ async fn set_condition(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{NodeBuilder, ServiceBuilder, cluster_config};
+    use crate::fixtures::{EndpointSliceBuilder, NodeBuilder, ServiceBuilder, cluster_config};
 
     #[test]
     fn retry_grows_from_five_seconds_to_five_minutes() {
@@ -764,6 +792,27 @@ mod tests {
         )
         .unwrap();
         assert!(!same_except_targets(&one, &local));
+    }
+
+    #[test]
+    fn a_pod_change_is_recognised_as_targets_only() {
+        let svc = ServiceBuilder::new()
+            .annotation(crate::annotations::keys::NLB_TARGET_TYPE, "ip")
+            .build();
+        let cfg = cluster_config();
+        let slice = |ready: bool| {
+            EndpointSliceBuilder::new("web", "web-1")
+                .port("http", 80, "TCP")
+                .endpoint("10.1.0.5", true)
+                .endpoint("10.1.0.6", ready)
+                .build()
+        };
+        let both = desired(&svc, &[], &[slice(true)], &cfg).unwrap();
+        let one = desired(&svc, &[], &[slice(false)], &cfg).unwrap();
+        let none = desired(&svc, &[], &[], &cfg).unwrap();
+        assert_ne!(both, one);
+        assert!(same_except_targets(&both, &one));
+        assert!(same_except_targets(&both, &none));
     }
 
     #[test]

@@ -339,6 +339,7 @@ async fn apiserver_accepts_every_rendered_object_and_the_rbac_runs_both_programs
         ("watch", "services", "", "yes"),
         ("patch", "services/status", "", "yes"),
         ("watch", "nodes", "", "yes"),
+        ("watch", "endpointslices.discovery.k8s.io", "", "yes"),
         ("patch", "leases/causeway-controller", NAMESPACE, "yes"),
         ("patch", "leases/other", NAMESPACE, "no"),
         ("create", "services", "", "no"),

@@ -13,7 +13,7 @@ use aws_sdk_elasticloadbalancingv2::types::{
     IpAddressType as ElbIpAddressType, ListenerAttribute, LoadBalancerAttribute,
     LoadBalancerSchemeEnum, LoadBalancerTypeEnum, Matcher, ProtocolEnum,
     SubnetMapping as ElbSubnetMapping, Tag, TargetDescription, TargetGroupAttribute,
-    TargetTypeEnum,
+    TargetGroupIpAddressTypeEnum, TargetTypeEnum,
 };
 
 use super::observe::filter;
@@ -22,7 +22,7 @@ use crate::model::{
     HealthCheck, HealthCheckPort, HealthCheckProtocol, Listener, Observed, ObservedListener,
     ObservedLoadBalancer, ObservedSecurityGroup, ObservedSecurityGroupRef, ObservedSubnetMapping,
     ObservedTargetGroup, RuleSource, SecurityGroupRef, SecurityGroupSelection, SgRule,
-    SubnetMapping, SubnetRef, Target,
+    SubnetMapping, SubnetRef, Target, TargetGroupIpAddressType,
 };
 use crate::plan::{Action, Ref, SgRef, listener_key};
 
@@ -389,6 +389,12 @@ impl Aws {
                     .vpc_id(vpc)
                     .target_type(TargetTypeEnum::from(tg.target_type.as_str()))
                     .set_tags(Some(elb_tags(&tg.tags)));
+                // ipv4 is the default: the request stays as it always was.
+                if tg.ip_address_type != TargetGroupIpAddressType::Ipv4 {
+                    request = request.ip_address_type(TargetGroupIpAddressTypeEnum::from(
+                        tg.ip_address_type.as_str(),
+                    ));
+                }
                 request = apply_health_check!(request, hc);
                 let resp = self.call("CreateTargetGroup", request.send()).await?;
                 let arn = resp

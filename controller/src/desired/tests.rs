@@ -276,7 +276,7 @@ fn one_port_service_etp_cluster() {
             port: 80,
             protocol: Protocol::Tcp,
             target_type: TargetType::Instance,
-            ip_address_type: IpAddressType::Ipv4,
+            ip_address_type: TargetGroupIpAddressType::Ipv4,
             health_check: HealthCheck {
                 protocol: HealthCheckProtocol::Http,
                 port: HealthCheckPort::Port(10256),
@@ -597,6 +597,263 @@ fn ip_targets_use_ready_pod_ips_from_this_services_slices() {
     );
     // Target type is immutable on a target group: a different name.
     assert_ne!(tg.name, TG80_NAME);
+}
+
+fn ip_service() -> ServiceBuilder {
+    ServiceBuilder::new().annotation(keys::NLB_TARGET_TYPE, "ip")
+}
+
+fn ip_desired(svc: Service, slices: &[EndpointSlice]) -> Desired {
+    desired(&svc, &nodes(), slices, &cluster_config()).unwrap()
+}
+
+#[test]
+fn ip_targets_skip_terminating_endpoints_and_take_unknown_readiness_as_ready() {
+    let d = ip_desired(
+        ip_service().build(),
+        &[EndpointSliceBuilder::new("web", "web-1")
+            .port("http", 8080, "TCP")
+            .endpoint("10.1.0.5", true)
+            .terminating_endpoint("10.1.0.6")
+            .endpoint("10.1.0.7", false)
+            // Hand-written: no conditions (ready unknown ⇒ ready), and only
+            // the first of fungible addresses is a target.
+            .raw_endpoint(&["10.1.0.8", "10.1.0.9"])
+            .build()],
+    );
+    assert_eq!(
+        d.target_groups[0].targets,
+        targets(&[("10.1.0.5", 8080), ("10.1.0.8", 8080)])
+    );
+}
+
+#[test]
+fn ip_targets_are_deduplicated_and_sorted_across_slices() {
+    // An endpoint moving between slices shows up in both for a moment.
+    let d = ip_desired(
+        ip_service().build(),
+        &[
+            EndpointSliceBuilder::new("web", "web-2")
+                .port("http", 8080, "TCP")
+                .endpoint("10.1.0.30", true)
+                .endpoint("10.1.0.4", true)
+                .build(),
+            EndpointSliceBuilder::new("web", "web-1")
+                .port("http", 8080, "TCP")
+                .endpoint("10.1.0.4", true)
+                .endpoint("10.1.0.200", true)
+                .build(),
+        ],
+    );
+    let tg = &d.target_groups[0];
+    assert_eq!(
+        tg.targets,
+        targets(&[
+            ("10.1.0.200", 8080),
+            ("10.1.0.30", 8080),
+            ("10.1.0.4", 8080)
+        ])
+    );
+    assert!(tg.targets.windows(2).all(|w| w[0] < w[1]));
+}
+
+#[test]
+fn ip_target_port_comes_from_the_slice_port_named_like_the_service_port() {
+    let mut http = port("http", 80, "TCP", 30080);
+    http.target_port = Some(IntOrString::String("web".into()));
+    let mut metrics = port("metrics", 9090, "TCP", 30090);
+    metrics.target_port = Some(IntOrString::Int(9100));
+    let svc = ip_service().ports(vec![http, metrics]).build();
+    let d = ip_desired(
+        svc,
+        &[
+            // A named targetPort resolves per pod: two generations of pods,
+            // two slices, two ports.
+            EndpointSliceBuilder::new("web", "web-old")
+                .port("metrics", 9100, "TCP")
+                .port("http", 8080, "TCP")
+                .endpoint("10.1.0.5", true)
+                .build(),
+            EndpointSliceBuilder::new("web", "web-new")
+                .port("http", 8081, "TCP")
+                .port("metrics", 9100, "TCP")
+                .endpoint("10.1.0.6", true)
+                .build(),
+            // Pods without the named port: the controller publishes no port
+            // for it, so they serve `metrics` only, never `http`.
+            EndpointSliceBuilder::new("web", "web-sidecar")
+                .port("metrics", 9100, "TCP")
+                .endpoint("10.1.0.7", true)
+                .build(),
+            // Same name, other protocol: not this port.
+            EndpointSliceBuilder::new("web", "web-udp")
+                .port("http", 5353, "UDP")
+                .endpoint("10.1.0.8", true)
+                .build(),
+        ],
+    );
+    let by_port: BTreeMap<u16, Vec<Target>> = d
+        .target_groups
+        .iter()
+        .map(|tg| (tg.port, tg.targets.clone()))
+        .collect();
+    assert_eq!(
+        by_port[&80],
+        targets(&[("10.1.0.5", 8080), ("10.1.0.6", 8081)])
+    );
+    assert_eq!(
+        by_port[&9090],
+        targets(&[("10.1.0.5", 9100), ("10.1.0.6", 9100), ("10.1.0.7", 9100)])
+    );
+    let rules: Vec<String> = d.backend_rules.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        rules,
+        [
+            "tcp 8080 from managed-sg",
+            "tcp 8081 from managed-sg",
+            "tcp 9100 from managed-sg"
+        ]
+    );
+}
+
+#[test]
+fn ip_target_security_rules_do_not_follow_endpoint_readiness() {
+    let slice = |ready: bool| {
+        EndpointSliceBuilder::new("web", "web-1")
+            .port("http", 80, "TCP")
+            .endpoint("10.1.0.5", ready)
+            .build()
+    };
+    let ready = ip_desired(ip_service().build(), &[slice(true)]);
+    let unready = ip_desired(ip_service().build(), &[slice(false)]);
+    // No slice yet: a numeric targetPort still says which port pods listen on.
+    let none = ip_desired(ip_service().build(), &[]);
+    assert!(unready.has_no_targets());
+    assert_eq!(ready.backend_rules, unready.backend_rules);
+    assert_eq!(ready.backend_rules, none.backend_rules);
+    assert_eq!(
+        ready
+            .backend_rules
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["tcp 80 from managed-sg"]
+    );
+}
+
+#[test]
+fn ip_targets_use_the_family_of_the_target_group() {
+    let slices = [
+        EndpointSliceBuilder::new("web", "web-v4")
+            .port("http", 80, "TCP")
+            .endpoint("10.1.0.5", true)
+            .build(),
+        EndpointSliceBuilder::new("web", "web-v6")
+            .ipv6()
+            .port("http", 80, "TCP")
+            .endpoint("fd00:0:0:0::5", true)
+            .build(),
+    ];
+    // IPv4 Service (or an ipv4 NLB): ipv4 group, IPv4 slices.
+    for svc in [
+        ip_service().ip_families(&["IPv4"]).build(),
+        ip_service().ip_families(&["IPv4", "IPv6"]).build(),
+        ip_service().build(),
+    ] {
+        let d = ip_desired(svc, &slices);
+        let tg = &d.target_groups[0];
+        assert_eq!(tg.ip_address_type, TargetGroupIpAddressType::Ipv4);
+        assert_eq!(tg.targets, targets(&[("10.1.0.5", 80)]));
+    }
+    let v4_name = ip_desired(ip_service().build(), &slices).target_groups[0]
+        .name
+        .clone();
+
+    // IPv6 on a dualstack NLB (as aws-load-balancer-controller): ipv6 group,
+    // IPv6 slices, addresses in canonical form, a group of its own.
+    for families in [&["IPv6"][..], &["IPv4", "IPv6"][..]] {
+        let svc = ip_service()
+            .annotation(keys::IP_ADDRESS_TYPE, "dualstack")
+            .ip_families(families)
+            .build();
+        let d = ip_desired(svc, &slices);
+        let tg = &d.target_groups[0];
+        assert_eq!(tg.ip_address_type, TargetGroupIpAddressType::Ipv6);
+        assert_eq!(tg.targets, targets(&[("fd00::5", 80)]));
+        assert_ne!(tg.name, v4_name, "the family cannot change in place");
+    }
+
+    // IPv6-only on an ipv4 NLB has no usable address: said, not left empty.
+    let err = desired(
+        &ip_service().ip_families(&["IPv6"]).build(),
+        &nodes(),
+        &slices,
+        &cluster_config(),
+    )
+    .unwrap_err();
+    assert_eq!(err.label(), "invalid_service");
+    assert!(err.to_string().contains(keys::IP_ADDRESS_TYPE), "{err}");
+
+    // Instance targets stay ipv4 whatever the families.
+    let d = build(
+        ServiceBuilder::new()
+            .annotation(keys::IP_ADDRESS_TYPE, "dualstack")
+            .ip_families(&["IPv6"])
+            .build(),
+    );
+    assert_eq!(
+        d.target_groups[0].ip_address_type,
+        TargetGroupIpAddressType::Ipv4
+    );
+    assert_eq!(d.target_groups[0].name, TG80_NAME);
+}
+
+#[test]
+fn ip_targets_need_no_node_port() {
+    // `allocateLoadBalancerNodePorts: false`: fine for pods, not for nodes.
+    let mut http = port("http", 80, "TCP", 0);
+    http.node_port = None;
+    let slices = [EndpointSliceBuilder::new("web", "web-1")
+        .port("http", 80, "TCP")
+        .endpoint("10.1.0.5", true)
+        .build()];
+    let d = ip_desired(ip_service().ports(vec![http.clone()]).build(), &slices);
+    assert_eq!(d.target_groups[0].targets, targets(&[("10.1.0.5", 80)]));
+    let err = desired(
+        &ServiceBuilder::new().ports(vec![http]).build(),
+        &nodes(),
+        &slices,
+        &cluster_config(),
+    )
+    .unwrap_err();
+    assert_eq!(err.label(), "invalid_service");
+}
+
+#[test]
+fn endpoints_matter_only_to_owned_ip_target_services() {
+    let cfg = cluster_config();
+    assert!(may_use_ip_targets(&ip_service().build(), &cfg));
+    assert!(may_use_ip_targets(
+        &ServiceBuilder::new()
+            .annotation(keys::TYPE, "nlb-ip")
+            .build(),
+        &cfg
+    ));
+    assert!(!may_use_ip_targets(&ServiceBuilder::new().build(), &cfg));
+    assert!(!may_use_ip_targets(
+        &ip_service().class(Some("other")).build(),
+        &cfg
+    ));
+    // An instance-target Service ignores slices entirely.
+    let slices = [EndpointSliceBuilder::new("web", "web-1")
+        .port("http", 80, "TCP")
+        .endpoint("10.1.0.5", true)
+        .build()];
+    let svc = ServiceBuilder::new().build();
+    assert_eq!(
+        desired(&svc, &nodes(), &slices, &cfg).unwrap(),
+        desired(&svc, &nodes(), &[], &cfg).unwrap()
+    );
 }
 
 #[test]
