@@ -58,6 +58,9 @@ pub mod reasons {
     /// Not in the k8s service controller: an annotation change that AWS
     /// cannot apply in place, announced before the replacement starts.
     pub const REPLACING: &str = "ReplacingLoadBalancer";
+    /// Not in the k8s service controller: annotations accepted for
+    /// compatibility that have no effect on an NLB (Normal, not Warning).
+    pub const IGNORED_ANNOTATION: &str = "IgnoredAnnotation";
 }
 
 /// Why a reconcile failed.
@@ -342,6 +345,21 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Requeue, Error>
     }
 
     report_nodes(svc, ctx, &desired).await;
+    if !drift_audit && !desired.ignored_annotations.is_empty() {
+        let list = desired
+            .ignored_annotations
+            .iter()
+            .map(|i| format!("{} ({})", i.key, i.reason))
+            .collect::<Vec<_>>()
+            .join("; ");
+        ctx.event(
+            svc,
+            EventType::Normal,
+            reasons::IGNORED_ANNOTATION,
+            format!("Accepted without effect on an NLB: {list}"),
+        )
+        .await;
+    }
     let calls_before = ctx.aws.calls().total();
     // The finalizer goes on before the first AWS write and comes off only
     // when nothing tagged with the UID is left: without it there is nothing

@@ -633,6 +633,16 @@ async fn documented_nlb_examples_reconcile_without_a_warning() -> Result<()> {
     );
     let dns = aws_resources_of(&cluster, by_name["lbc-dns"])?;
     assert_eq!(listener(&dns, 53)["protocol"], "TCP_UDP");
+    // The Classic-only idle timeout is not silently dropped: a Normal event
+    // says it has no effect and what to use instead.
+    let tuned_events = events_of(&client, by_name["cpa-tuned"]).await?;
+    assert!(
+        tuned_events.iter().any(|(t, reason, note)| t == "Normal"
+            && reason == "IgnoredAnnotation"
+            && note.contains("aws-load-balancer-connection-idle-timeout")
+            && note.contains("listener-attributes")),
+        "{tuned_events:#?}"
+    );
     let tuned = aws_resources_of(&cluster, by_name["cpa-tuned"])?;
     assert_eq!(
         user_tags(&tuned["load_balancers"][0]["tags"]),
