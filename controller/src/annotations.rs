@@ -515,9 +515,12 @@ impl<'a> Parser<'a> {
     fn spec(&mut self, ports: &[ServicePort], defaults: ParseDefaults) -> LbSpec {
         let mut ignored = Vec::new();
         let mut listener_attributes = BTreeMap::new();
+        // (key, value) of each accepted listener-attributes key, by its port.
+        let mut listener_attribute_keys = Vec::new();
         for (key, value) in self.annotations {
             if let Some(rest) = key.strip_prefix(LISTENER_ATTRIBUTES_PREFIX) {
                 if let Some((k, attrs)) = self.listener_attributes(key, rest, value, ports) {
+                    listener_attribute_keys.push((k.1, key, value));
                     listener_attributes.insert(k, attrs);
                 }
                 continue;
@@ -572,6 +575,18 @@ impl<'a> Parser<'a> {
         let ipv6_addresses = self.ipv6_addresses(ip_address_type, subnets.len());
         let ssl_certificates = self.ssl_certificates();
         let tls_ports = self.tls_ports(ports, !ssl_certificates.is_empty(), &mut ignored);
+        for (port, key, value) in listener_attribute_keys {
+            if tls_ports.contains(&port) {
+                self.error(
+                    key,
+                    value.trim(),
+                    format!(
+                        "no listener attributes on port {port}: it has a TLS listener (ssl-ports), and AWS offers listener attributes for TCP listeners only"
+                    ),
+                    ErrorKind::Conflict(keys::SSL_PORTS.to_string()),
+                );
+            }
+        }
         let ssl_negotiation_policy = self.ssl_policy();
         let alpn_policy = self.one_of(keys::ALPN_POLICY, &AlpnPolicy::ALL.map(|p| (p.as_str(), p)));
         if ssl_certificates.is_empty() {
@@ -1071,6 +1086,22 @@ impl<'a> Parser<'a> {
                 value,
                 "a key naming one of this Service's ports",
                 ErrorKind::Conflict(format!("spec.ports (no port {port})")),
+            );
+            return None;
+        }
+        // AWS has listener attributes (tcp.idle_timeout.seconds) for TCP
+        // listeners only: a TLS idle timeout is fixed at 350 s, UDP has none.
+        let udp_too = ports
+            .iter()
+            .any(|p| p.port == i32::from(port) && p.protocol.as_deref() == Some("UDP"));
+        if proto != Protocol::Tcp || udp_too {
+            self.error(
+                key,
+                value,
+                format!(
+                    "{LISTENER_ATTRIBUTES_PREFIX}TCP-<port> for a TCP-only port: AWS offers listener attributes for TCP listeners only"
+                ),
+                ErrorKind::Invalid,
             );
             return None;
         }

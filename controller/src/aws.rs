@@ -265,6 +265,9 @@ const RETRYABLE_CODES: &[&str] = &[
     "ResourceInUse",
 ];
 
+/// A discovery result, (subnet ID, availability zone) pairs, and when it was made.
+type DiscoveredAt = (std::time::Instant, Vec<(String, String)>);
+
 /// Clients and what the adapter learned once about the account.
 pub struct Aws {
     elb: aws_sdk_elasticloadbalancingv2::Client,
@@ -276,9 +279,7 @@ pub struct Aws {
     /// The node SG's ID, from its last lookup (rules are always read fresh).
     node_sg_id: std::sync::Mutex<Option<String>>,
     /// Subnet discovery results by scheme, reused for [`SUBNET_CACHE_TTL`].
-    subnets: std::sync::Mutex<
-        std::collections::HashMap<crate::model::Scheme, (std::time::Instant, Vec<String>)>,
-    >,
+    subnets: std::sync::Mutex<std::collections::HashMap<crate::model::Scheme, DiscoveredAt>>,
     /// Test-only stop point: abort the process after this many successful
     /// writes (`CAUSEWAY_TEST_EXIT_AFTER_WRITES`), to test crash safety.
     exit_after_writes: Option<u64>,

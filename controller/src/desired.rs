@@ -17,7 +17,9 @@
 //!   included, AWS's own defaults where SPEC is silent) so drift compares exactly.
 //!   ip targets default to a TCP check on the traffic port: pods do not serve the
 //!   agent's `/healthz`.
-//! - **ip targets are what kube-proxy would route to**: the first address of
+//! - **ip targets are the ready endpoints**, as aws-load-balancer-controller
+//!   registers them (not kube-proxy's terminating fallback: a deregistered
+//!   target drains its connections anyway): the first address of
 //!   each ready, non-terminating endpoint of this Service's slices, on the port
 //!   the slice publishes for the Service port's name and protocol. The family
 //!   follows the Service's IP families as aws-load-balancer-controller does: an
@@ -474,21 +476,14 @@ fn load_balancer(
 ) -> LoadBalancer {
     let (name, name_is_generated) = match &spec.name {
         Some(n) => (n.clone(), false),
-        None => {
-            // Pinned addresses cannot change on a live NLB: they are part of
-            // the name, so a change replaces it create-before-delete. Only
-            // when there are pins, so other names stay as they were.
-            let pins = pinned_addresses(spec);
-            let mut input = vec![
-                cfg.cluster_name.as_str(),
-                svc.uid.as_str(),
-                spec.scheme.as_str(),
-            ];
-            if !pins.is_empty() {
-                input.push(&pins);
-            }
-            (resource_name(&svc.namespace, &svc.name, &input), true)
-        }
+        None => (
+            resource_name(
+                &svc.namespace,
+                &svc.name,
+                &[&cfg.cluster_name, &svc.uid, spec.scheme.as_str()],
+            ),
+            true,
+        ),
     };
     let subnets = if spec.subnets.is_empty() {
         SubnetSelection::Discover
@@ -539,35 +534,6 @@ fn load_balancer(
             .unwrap_or(true),
         tags,
     }
-}
-
-/// The subnet mappings' pinned addresses (EIPs, private IPv4 and IPv6
-/// addresses) with their subnets, as one string; empty when nothing is pinned.
-fn pinned_addresses(spec: &LbSpec) -> String {
-    if spec.eip_allocations.is_empty()
-        && spec.private_ipv4_addresses.is_empty()
-        && spec.ipv6_addresses.is_empty()
-    {
-        return String::new();
-    }
-    let subnets: Vec<String> = spec.subnets.iter().map(ToString::to_string).collect();
-    let eips = spec.eip_allocations.join(",");
-    let v4: Vec<String> = spec
-        .private_ipv4_addresses
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    let v6: Vec<String> = spec
-        .ipv6_addresses
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    format!(
-        "subnets={};eips={eips};ipv4={};ipv6={}",
-        subnets.join(","),
-        v4.join(","),
-        v6.join(",")
-    )
 }
 
 /// Service ports sharing one number (one listener, one target group).
@@ -691,7 +657,7 @@ struct PodBackends {
     ports: BTreeSet<u16>,
 }
 
-/// The ip targets of one Service port, as kube-proxy would route: the slice
+/// The ip targets of one Service port, ready endpoints only: the slice
 /// port with the Service port's name and protocol gives the pod port (a named
 /// targetPort can resolve differently per slice); a slice without that port
 /// does not serve it. Only the first address of an endpoint counts (the API

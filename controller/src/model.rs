@@ -697,6 +697,16 @@ pub struct Observed {
     /// Result of subnet discovery (IDs) when the desired LB uses
     /// [`SubnetSelection::Discover`]; `None` if the adapter did not discover.
     pub discovered_subnets: Option<Vec<String>>,
+    /// Availability zone of each discovered subnet, by ID.
+    pub discovered_zones: BTreeMap<String, String>,
+}
+
+impl Observed {
+    /// Records a discovery result: (subnet ID, availability zone) pairs.
+    pub fn set_discovered(&mut self, subnets: Vec<(String, String)>) {
+        self.discovered_zones = subnets.iter().cloned().collect();
+        self.discovered_subnets = Some(subnets.into_iter().map(|(id, _)| id).collect());
+    }
 }
 
 /// A load balancer as ELBv2 reports it.
@@ -719,6 +729,11 @@ pub struct ObservedLoadBalancer {
 pub struct ObservedSubnetMapping {
     pub subnet_id: String,
     pub subnet_name: Option<String>,
+    /// Availability zone, when reported.
+    pub zone: Option<String>,
+    /// Whether AWS reported the subnet's addresses at all (moto does not):
+    /// without them, pinned addresses are unknown rather than absent.
+    pub addresses_reported: bool,
     pub allocation_id: Option<String>,
     pub private_ipv4: Option<Ipv4Addr>,
     pub ipv6: Option<Ipv6Addr>,

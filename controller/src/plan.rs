@@ -443,11 +443,14 @@ pub fn replacements(d: &Desired, o: &Observed) -> Vec<Replacement> {
             if lb.name != want.name && (!want.name_is_generated || !lb.name.starts_with("k8s-")) {
                 why.push(format!("name {} → {}", lb.name, want.name));
             }
-            if why.is_empty() {
+            if lb.name == want.name && lb.scheme == want.scheme && pins_conflict(want, lb) {
                 why.push(
-                    "subnets and pinned addresses (eip-allocations, private-ipv4-addresses, ipv6-addresses) cannot change on a live NLB"
+                    "pinned addresses (eip-allocations, private-ipv4-addresses, ipv6-addresses) cannot change on a live NLB"
                         .into(),
                 );
+            }
+            if why.is_empty() {
+                why.push(format!("name {} → {}", lb.name, want.name));
             }
             out.push(Replacement {
                 resource: "load balancer".into(),
@@ -475,7 +478,12 @@ pub fn replacements(d: &Desired, o: &Observed) -> Vec<Replacement> {
                 why.push(format!("protocol {} → {}", old.protocol, tg.protocol));
             }
             if why.is_empty() {
-                why.push("its load balancer is replaced".into());
+                // The name also hashes the LB name and the IP address family.
+                why.push(if kept {
+                    "IP address family changed".into()
+                } else {
+                    "its load balancer is replaced".into()
+                });
             }
             out.push(Replacement {
                 resource: format!("target group {}", tg.port),
@@ -655,19 +663,16 @@ fn converge(d: &Desired, o: &Observed) -> Vec<Action> {
                         .enforce_sg_inbound_rules_on_private_link,
                 });
             }
-            // Subnets before the address type: dualstack needs IPv6 subnets.
-            let want_subnets = resolved_subnets(want_lb, o);
-            let subnets_known = match want_lb.subnets {
-                SubnetSelection::Explicit(_) => true,
-                SubnetSelection::Discover => o.discovered_subnets.is_some(),
-            };
-            if subnets_known && !want_subnets.is_empty() && !same_subnets(&want_subnets, lb) {
+            // Subnets before going dualstack: it needs IPv6 subnets.
+            if let Some(subnets) = subnet_change(want_lb, lb, o) {
                 out.push(Action::SetSubnets {
                     load_balancer: lb_ref.clone(),
-                    subnets: want_subnets,
+                    subnets,
                 });
             }
-            if lb.ip_address_type != want_lb.ip_address_type {
+            if lb.ip_address_type != want_lb.ip_address_type
+                && want_lb.ip_address_type == IpAddressType::Dualstack
+            {
                 out.push(Action::SetIpAddressType {
                     load_balancer: lb_ref.clone(),
                     ip_address_type: want_lb.ip_address_type,
@@ -825,6 +830,17 @@ fn converge(d: &Desired, o: &Observed) -> Vec<Action> {
         }
     }
 
+    // 4d. Back to ipv4 only once no listener forwards to an ipv6 group.
+    if let Some(lb) = current_lb
+        && lb.ip_address_type != want_lb.ip_address_type
+        && want_lb.ip_address_type == IpAddressType::Ipv4
+    {
+        out.push(Action::SetIpAddressType {
+            load_balancer: Ref::Arn(lb.arn.clone()),
+            ip_address_type: want_lb.ip_address_type,
+        });
+    }
+
     // 5. Whatever is not desired, in deletion order.
     for lb in &stale_lbs {
         delete_load_balancer(lb, o, &mut out);
@@ -879,21 +895,68 @@ fn same_subnets(want: &[SubnetMapping], have: &ObservedLoadBalancer) -> bool {
             .all(|m| have.subnets.iter().any(|h| h.matches(&m.subnet)))
 }
 
+/// The subnets a kept NLB should be set to, if they differ from its own.
+/// Explicit subnets are applied as given (AWS refuses to swap a subnet
+/// within one zone in one call; its message then names the problem).
+/// Discovered subnets only ever *add* a zone the NLB does not cover yet:
+/// tagging another subnet in a covered zone must not move a live NLB.
+fn subnet_change(
+    want: &LoadBalancer,
+    have: &ObservedLoadBalancer,
+    o: &Observed,
+) -> Option<Vec<SubnetMapping>> {
+    let by_id = |id: &str| SubnetMapping {
+        subnet: SubnetRef::Id(id.to_string()),
+        allocation_id: None,
+        private_ipv4: None,
+        ipv6: None,
+    };
+    match &want.subnets {
+        SubnetSelection::Explicit(mappings) => {
+            (!same_subnets(mappings, have)).then(|| mappings.clone())
+        }
+        SubnetSelection::Discover => {
+            let discovered = o.discovered_subnets.as_ref()?;
+            let covered: Vec<&str> = have
+                .subnets
+                .iter()
+                .map(|s| s.zone.as_deref())
+                .collect::<Option<_>>()?;
+            let added: Vec<&String> = discovered
+                .iter()
+                .filter(|id| {
+                    o.discovered_zones
+                        .get(*id)
+                        .is_some_and(|zone| !covered.contains(&zone.as_str()))
+                })
+                .collect();
+            (!added.is_empty()).then(|| {
+                have.subnets
+                    .iter()
+                    .map(|s| by_id(&s.subnet_id))
+                    .chain(added.into_iter().map(|id| by_id(id)))
+                    .collect()
+            })
+        }
+    }
+}
+
 /// Whether a subnet the NLB keeps has a pinned address (EIP, private IPv4 or
-/// IPv6) other than the desired one: AWS cannot change it in place. An
-/// address AWS (or an emulator) does not report counts as unknown, not as a
-/// conflict, so a missing field never causes a replacement.
+/// IPv6) other than the desired one: AWS cannot change it in place, so the
+/// NLB is replaced, old one first (its name, and maybe its addresses, are
+/// what the new one needs). A subnet whose addresses are not reported at all
+/// (moto) is unknown, not a conflict.
 fn pins_conflict(want: &LoadBalancer, have: &ObservedLoadBalancer) -> bool {
     let SubnetSelection::Explicit(mappings) = &want.subnets else {
         return false;
     };
     fn differs<T: PartialEq>(want: &Option<T>, have: &Option<T>) -> bool {
-        matches!((want, have), (Some(w), Some(h)) if w != h)
+        want.as_ref().is_some_and(|w| have.as_ref() != Some(w))
     }
     mappings.iter().any(|m| {
         have.subnets
             .iter()
-            .filter(|h| h.matches(&m.subnet))
+            .filter(|h| h.matches(&m.subnet) && h.addresses_reported)
             .any(|h| {
                 differs(&m.allocation_id, &h.allocation_id)
                     || differs(&m.private_ipv4, &h.private_ipv4)

@@ -375,7 +375,7 @@ async fn a_realistic_annotation_set_is_applied_edited_in_place_and_restored() ->
     ] {
         assert!(note.contains(needle), "{needle:?} not in {note:?}");
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let invalid_writes = writes(&calls_between(&before, &controller.aws_calls()?));
     assert!(
         invalid_writes.is_empty(),

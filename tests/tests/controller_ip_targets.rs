@@ -217,7 +217,7 @@ async fn ip_targets_are_the_ready_pods_and_follow_them_one_call_at_a_time() -> R
         "the unready pod deregistered",
     )
     .await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         calls_between(&before, &controller.aws_calls()?),
         only("DeregisterTargets"),
@@ -238,7 +238,7 @@ async fn ip_targets_are_the_ready_pods_and_follow_them_one_call_at_a_time() -> R
         "the ready pod registered again",
     )
     .await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         calls_between(&before, &controller.aws_calls()?),
         only("RegisterTargets"),
@@ -258,7 +258,7 @@ async fn ip_targets_are_the_ready_pods_and_follow_them_one_call_at_a_time() -> R
         "the new pod registered",
     )
     .await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         calls_between(&before, &controller.aws_calls()?),
         only("RegisterTargets"),
@@ -284,7 +284,7 @@ async fn ip_targets_are_the_ready_pods_and_follow_them_one_call_at_a_time() -> R
         "the deleted pod deregistered",
     )
     .await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         calls_between(&before, &controller.aws_calls()?),
         only("DeregisterTargets"),

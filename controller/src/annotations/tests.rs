@@ -537,6 +537,34 @@ fn listener_attributes() {
             "{wrong_port}: value \"tcp.idle_timeout.seconds=600\" conflicts with spec.ports (no port 8080); accepted: a key naming one of this Service's ports"
         )]
     );
+    // AWS has listener attributes for TCP listeners only.
+    let only_tcp = "accepted: service.beta.kubernetes.io/aws-load-balancer-listener-attributes.TCP-<port> for a TCP-only port: AWS offers listener attributes for TCP listeners only";
+    for key in [
+        "service.beta.kubernetes.io/aws-load-balancer-listener-attributes.TLS-443",
+        "service.beta.kubernetes.io/aws-load-balancer-listener-attributes.UDP-53",
+    ] {
+        assert_eq!(
+            parse_pairs(&[(key, "tcp.idle_timeout.seconds=600")]).unwrap_err(),
+            vec![format!(
+                "{key}: invalid value \"tcp.idle_timeout.seconds=600\"; {only_tcp}"
+            )]
+        );
+    }
+    let tls = "service.beta.kubernetes.io/aws-load-balancer-listener-attributes.TCP-443";
+    assert_eq!(
+        parse_pairs(&[
+            (tls, "tcp.idle_timeout.seconds=600"),
+            (
+                keys::SSL_CERT,
+                "arn:aws:acm:us-east-1:123456789012:certificate/abc"
+            ),
+            (keys::SSL_PORTS, "443"),
+        ])
+        .unwrap_err(),
+        vec![format!(
+            "{tls}: value \"tcp.idle_timeout.seconds=600\" conflicts with service.beta.kubernetes.io/aws-load-balancer-ssl-ports; accepted: no listener attributes on port 443: it has a TLS listener (ssl-ports), and AWS offers listener attributes for TCP listeners only"
+        )]
+    );
 }
 
 #[test]

@@ -1010,6 +1010,8 @@ fn observed_subnets(subnets: &[SubnetMapping]) -> Vec<ObservedSubnetMapping> {
                 SubnetRef::Name(n) => Some(n.clone()),
                 SubnetRef::Id(_) => None,
             },
+            zone: None,
+            addresses_reported: m.pins_an_address(),
             allocation_id: m.allocation_id.clone(),
             private_ipv4: m.private_ipv4,
             ipv6: m.ipv6,

@@ -25,13 +25,13 @@ const TAG_BATCH: usize = 20;
 
 /// Subnet discovery's choice: one subnet per availability zone, the lowest
 /// subnet ID winning a tie, so repeated discoveries agree.
-pub fn pick_subnets(mut candidates: Vec<(String, String)>) -> Vec<String> {
+/// Takes and returns (subnet ID, availability zone) pairs, sorted by ID.
+pub fn pick_subnets(mut candidates: Vec<(String, String)>) -> Vec<(String, String)> {
     candidates.sort_by(|(id_a, az_a), (id_b, az_b)| az_a.cmp(az_b).then(id_a.cmp(id_b)));
     let mut seen = std::collections::BTreeSet::new();
-    let mut out: Vec<String> = candidates
+    let mut out: Vec<(String, String)> = candidates
         .into_iter()
         .filter(|(_, az)| seen.insert(az.clone()))
-        .map(|(id, _)| id)
         .collect();
     out.sort();
     out
@@ -223,6 +223,8 @@ impl Aws {
                         ObservedSubnetMapping {
                             subnet_id: az.subnet_id().unwrap_or_default().to_string(),
                             subnet_name: None,
+                            zone: az.zone_name().map(str::to_string),
+                            addresses_reported: !addresses.is_empty(),
                             allocation_id: addresses
                                 .iter()
                                 .find_map(|a| a.allocation_id())
@@ -300,7 +302,10 @@ impl Aws {
             });
         }
 
-        if desired.is_none_or(|d| !d.backend_rules.is_empty()) {
+        // Always, even when no backend rule is desired: rules left from an
+        // earlier spec (e.g. from the managed SG before the user brought
+        // their own) must be found to be revoked.
+        {
             let owned_prefix = format!("causeway {uid} ");
             if let Some(node_sg) = self.node_security_group_opt().await? {
                 let mut rules: Vec<ObservedSgRule> = node_sg
@@ -316,12 +321,11 @@ impl Aws {
         }
 
         if let Some(d) = desired {
-            // Discovery also runs for an existing NLB: removing the `subnets`
-            // annotation, or tagging another subnet, moves it to what
-            // discovery finds (discovery is cached, so this is cheap).
+            // Discovery also runs for an existing NLB, so that it gains a
+            // subnet in a zone it does not cover yet (discovery is cached,
+            // so this is cheap).
             if d.load_balancer.subnets == SubnetSelection::Discover {
-                observed.discovered_subnets =
-                    Some(self.discover_subnets(d.load_balancer.scheme).await?);
+                observed.set_discovered(self.discover_subnets(d.load_balancer.scheme).await?);
             }
             self.name_references(d, &mut observed).await?;
         }
@@ -419,8 +423,7 @@ impl Aws {
     pub async fn observe_nothing(&self, desired: &Desired) -> Result<Observed, AwsError> {
         let mut observed = Observed::default();
         if desired.load_balancer.subnets == SubnetSelection::Discover {
-            observed.discovered_subnets =
-                Some(self.discover_subnets(desired.load_balancer.scheme).await?);
+            observed.set_discovered(self.discover_subnets(desired.load_balancer.scheme).await?);
         }
         Ok(observed)
     }
@@ -712,7 +715,11 @@ impl Aws {
     }
 
     /// Subnets tagged for the scheme's role and our cluster (SPEC 1.2).
-    pub(super) async fn discover_subnets(&self, scheme: Scheme) -> Result<Vec<String>, AwsError> {
+    /// (subnet ID, availability zone) pairs, one per zone.
+    pub(super) async fn discover_subnets(
+        &self,
+        scheme: Scheme,
+    ) -> Result<Vec<(String, String)>, AwsError> {
         if let Some((at, subnets)) = self.subnets.lock().expect("subnet cache lock").get(&scheme)
             && at.elapsed() < super::SUBNET_CACHE_TTL
         {
@@ -771,7 +778,13 @@ mod tests {
             ("subnet-0a".into(), "us-east-1a".into()),
             ("subnet-0d".into(), "us-east-1b".into()),
         ]);
-        assert_eq!(picked, ["subnet-0a", "subnet-0c"]);
+        assert_eq!(
+            picked,
+            [
+                ("subnet-0a".to_string(), "us-east-1a".to_string()),
+                ("subnet-0c".to_string(), "us-east-1b".to_string())
+            ]
+        );
         assert!(pick_subnets(Vec::new()).is_empty());
     }
 }

@@ -55,6 +55,8 @@ fn converged(d: &Desired) -> Observed {
                 .map(|id| ObservedSubnetMapping {
                     subnet_id: id.into(),
                     subnet_name: None,
+                    zone: Some(format!("zone-{id}")),
+                    addresses_reported: false,
                     allocation_id: None,
                     private_ipv4: None,
                     ipv6: None,
@@ -116,6 +118,11 @@ fn converged(d: &Desired) -> Observed {
             .collect(),
         backend_rules: d.backend_rules.iter().map(&mut observe_rule).collect(),
         discovered_subnets: Some(vec!["subnet-1".into(), "subnet-2".into()]),
+        discovered_zones: [
+            ("subnet-1".into(), "zone-subnet-1".into()),
+            ("subnet-2".into(), "zone-subnet-2".into()),
+        ]
+        .into(),
     }
 }
 
@@ -596,9 +603,14 @@ fn subnets_and_address_type_change_in_place() {
             "set subnets of load balancer {lb_arn}: subnet-1, subnet-3"
         )]
     );
-    // Removing the annotation goes back to what discovery finds.
+    // Removing the annotation adds the discovered subnet of a zone the NLB
+    // left; it never moves it within a zone.
     let mut moved = converged(&before);
     moved.load_balancers[0].subnets.truncate(1);
+    moved.set_discovered(vec![
+        ("subnet-1".into(), "zone-subnet-1".into()),
+        ("subnet-2".into(), "zone-subnet-2".into()),
+    ]);
     assert_eq!(
         plan_lines(Some(&before), &moved),
         [format!(
@@ -709,7 +721,7 @@ fn replacements_are_explained_before_they_happen() {
 }
 
 #[test]
-fn pinned_addresses_replace_the_load_balancer() {
+fn pinned_addresses_replace_the_load_balancer_old_one_first() {
     let pinned = |eips: &str| {
         web_with(&[
             (keys::SUBNETS, "subnet-1,subnet-2"),
@@ -718,43 +730,67 @@ fn pinned_addresses_replace_the_load_balancer() {
     };
     let a = pinned("eipalloc-0a,eipalloc-0b");
     let b = pinned("eipalloc-0a,eipalloc-0c");
-    // Generated names carry the pins: a new NLB, created before the old goes.
-    assert_ne!(a.load_balancer.name, b.load_balancer.name);
-    assert_ne!(a.load_balancer.name, web().load_balancer.name);
-    let got = plan_lines(Some(&b), &converged(&a));
-    let create = got
-        .iter()
-        .position(|l| l.starts_with(&format!("create load balancer {}", b.load_balancer.name)))
-        .unwrap();
-    let delete = got
-        .iter()
-        .position(|l| l.starts_with(&format!("delete load balancer {}", a.load_balancer.name)))
-        .unwrap();
-    assert!(create < delete, "{got:#?}");
-    assert!(
-        replacements(&b, &converged(&a))[0]
-            .reason
-            .starts_with("subnets and pinned addresses")
-    );
-
-    // A fixed name cannot be created twice: the old NLB goes first, and
-    // only when AWS reports a different address.
-    let named = |eips: &str| {
-        web_with(&[
-            (keys::NAME, "web"),
-            (keys::SUBNETS, "subnet-1,subnet-2"),
-            (keys::EIP_ALLOCATIONS, eips),
-        ])
-    };
-    let mut live = converged(&named("eipalloc-0a,eipalloc-0b"));
+    // The name stays: the new NLB may need the old one's addresses, so the
+    // old one goes first.
+    assert_eq!(a.load_balancer.name, b.load_balancer.name);
+    let mut live = converged(&a);
     assert_eq!(
-        plan_lines(Some(&named("eipalloc-0a,eipalloc-0c")), &live),
+        plan_lines(Some(&b), &live),
         Vec::<String>::new(),
-        "an address AWS does not report is unknown, not different"
+        "addresses AWS does not report are unknown, not different"
     );
-    live.load_balancers[0].subnets[1].allocation_id = Some("eipalloc-0b".into());
-    let got = plan_lines(Some(&named("eipalloc-0a,eipalloc-0c")), &live);
+    for (subnet, eip) in live.load_balancers[0]
+        .subnets
+        .iter_mut()
+        .zip(["eipalloc-0a", "eipalloc-0b"])
+    {
+        subnet.addresses_reported = true;
+        subnet.allocation_id = Some(eip.into());
+    }
+    assert_eq!(plan_lines(Some(&a), &live), Vec::<String>::new());
+    let got = plan_lines(Some(&b), &live);
     assert_eq!(got[0], "delete listener 80 (arn:listener/80)");
-    assert_eq!(got[1], "delete load balancer web (arn:lb/web)");
-    assert!(!replacements(&named("eipalloc-0a,eipalloc-0c"), &live)[0].create_before_delete);
+    assert_eq!(got[1], format!("delete load balancer {LB} (arn:lb/{LB})"));
+    assert!(
+        got.iter()
+            .any(|l| l.starts_with(&format!("create load balancer {LB}"))),
+        "{got:#?}"
+    );
+    let why = &replacements(&b, &live)[0];
+    assert!(!why.create_before_delete);
+    assert!(why.reason.starts_with("pinned addresses"), "{why}");
+
+    // An NLB whose addresses AWS reports without an EIP gains one by
+    // replacement, not silently never.
+    for subnet in &mut live.load_balancers[0].subnets {
+        subnet.allocation_id = None;
+    }
+    assert_eq!(
+        plan_lines(Some(&a), &live)[1],
+        format!("delete load balancer {LB} (arn:lb/{LB})")
+    );
+}
+
+#[test]
+fn discovery_only_adds_zones_a_live_nlb_does_not_cover() {
+    let d = web();
+    let mut live = converged(&d);
+    // Another subnet tagged in a covered zone: the NLB stays where it is.
+    live.set_discovered(vec![
+        ("subnet-0".into(), "zone-subnet-1".into()),
+        ("subnet-2".into(), "zone-subnet-2".into()),
+    ]);
+    assert_eq!(plan_lines(Some(&d), &live), Vec::<String>::new());
+    // A subnet in a new zone is added, the others kept.
+    live.set_discovered(vec![
+        ("subnet-1".into(), "zone-subnet-1".into()),
+        ("subnet-2".into(), "zone-subnet-2".into()),
+        ("subnet-3".into(), "zone-c".into()),
+    ]);
+    assert_eq!(
+        plan_lines(Some(&d), &live),
+        [format!(
+            "set subnets of load balancer arn:lb/{LB}: subnet-1, subnet-2, subnet-3"
+        )]
+    );
 }
