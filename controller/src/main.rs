@@ -17,7 +17,9 @@ use causeway_controller::leader::{self, LeaseSettings};
 use causeway_controller::metrics::{self, Metrics};
 use causeway_controller::model::Scheme;
 use causeway_controller::plan::{plan, replacements};
-use causeway_controller::reconcile::{self, Context, FINALIZER, OrphanSweep, Settings};
+use causeway_controller::reconcile::{
+    self, Context, FINALIZER, OrphanSweep, Settings, node_fingerprint,
+};
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -252,13 +254,28 @@ async fn run(args: RunArgs) -> Result<()> {
     )
     .default_backoff()
     .touched_objects();
+    let node_store = nodes.clone();
     tokio::spawn(async move {
         let mut node_watch = std::pin::pin!(node_watch);
+        // What each node looked like to the targets at the last trigger: a
+        // status heartbeat changes nothing a target depends on, so it does
+        // not reconcile every Service.
+        let mut seen: std::collections::HashMap<String, u64> = Default::default();
         while let Some(event) = node_watch.next().await {
             match event {
-                // A full channel already holds a pending "reconcile all".
-                Ok(_) => {
-                    let _ = node_tx.try_send(());
+                Ok(node) => {
+                    let name = node.name_any();
+                    let present = node_store.get(&reflector::ObjectRef::new(&name)).is_some();
+                    let changed = if present {
+                        let print = node_fingerprint(&node);
+                        seen.insert(name, print) != Some(print)
+                    } else {
+                        seen.remove(&name).is_some()
+                    };
+                    // A full channel already holds a pending "reconcile all".
+                    if changed {
+                        let _ = node_tx.try_send(());
+                    }
                 }
                 Err(e) => tracing::warn!(error = %e, "node watch"),
             }

@@ -135,6 +135,21 @@ fn fingerprint(svc: &Service) -> u64 {
     h.finish()
 }
 
+/// What of a Node its targets depend on (labels, taints, providerID,
+/// deletion), so that a status heartbeat is not a node change.
+pub fn node_fingerprint(node: &Node) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    node.metadata.labels.hash(&mut h);
+    node.metadata.deletion_timestamp.is_some().hash(&mut h);
+    if let Some(spec) = &node.spec {
+        spec.provider_id.hash(&mut h);
+        for taint in spec.taints.iter().flatten() {
+            (&taint.key, &taint.value, &taint.effect).hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
 impl Context {
     pub fn new(
         client: kube::Client,
@@ -461,15 +476,7 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Requeue, Error>
         .find(|lb| lb.name == desired.load_balancer.name)
         .map(|lb| lb.dns_name.clone());
     if let Some(dns) = &dns {
-        set_ingress(svc, ctx, dns).await?;
-        set_condition(
-            ctx,
-            svc,
-            true,
-            "Ready",
-            &format!("Load balancer {dns} is ready"),
-        )
-        .await?;
+        set_ready(svc, ctx, dns).await?;
     }
     remember(ctx, &uid, desired, observed, Instant::now());
     Ok(Requeue::requeue(audit))
@@ -695,7 +702,8 @@ pub fn ingress(svc: &Service, hostname: &str) -> Vec<LoadBalancerIngress> {
     }]
 }
 
-async fn set_ingress(svc: &Service, ctx: &Context, hostname: &str) -> Result<(), Error> {
+/// The ingress status for `hostname`, if the Service does not have it yet.
+fn ingress_change(svc: &Service, hostname: &str) -> Option<Vec<LoadBalancerIngress>> {
     let want = ingress(svc, hostname);
     let have = svc
         .status
@@ -703,28 +711,17 @@ async fn set_ingress(svc: &Service, ctx: &Context, hostname: &str) -> Result<(),
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.clone())
         .unwrap_or_default();
-    if have == want {
-        return Ok(());
-    }
-    let api: Api<Service> =
-        Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
-    api.patch_status(
-        &svc.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": want}}})),
-    )
-    .await?;
-    Ok(())
+    (have != want).then_some(want)
 }
 
-/// Sets our condition when its status, reason or message changed.
-async fn set_condition(
-    ctx: &Context,
+/// The Service's conditions with ours set, if its status, reason or message
+/// changed.
+fn condition_change(
     svc: &Service,
     ready: bool,
     reason: &str,
     message: &str,
-) -> Result<(), Error> {
+) -> Option<Vec<Condition>> {
     let status = if ready { "True" } else { "False" };
     let message = truncate(message.to_string(), 32 * 1024);
     let mut conditions = svc
@@ -734,7 +731,7 @@ async fn set_condition(
         .unwrap_or_default();
     let current = conditions.iter().find(|c| c.type_ == READY_CONDITION);
     if current.is_some_and(|c| c.status == status && c.reason == reason && c.message == message) {
-        return Ok(());
+        return None;
     }
     let last_transition_time = match current {
         Some(c) if c.status == status => c.last_transition_time.clone(),
@@ -749,15 +746,54 @@ async fn set_condition(
         last_transition_time,
         observed_generation: svc.metadata.generation,
     });
+    Some(conditions)
+}
+
+async fn patch_status(
+    ctx: &Context,
+    svc: &Service,
+    status: serde_json::Value,
+) -> Result<(), Error> {
     let api: Api<Service> =
         Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
     api.patch_status(
         &svc.name_any(),
         &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"conditions": conditions}})),
+        &Patch::Merge(json!({ "status": status })),
     )
     .await?;
     Ok(())
+}
+
+/// The hostname and the Ready condition, in one status write (each write is
+/// a watch event, and so another reconcile).
+async fn set_ready(svc: &Service, ctx: &Context, hostname: &str) -> Result<(), Error> {
+    let mut status = serde_json::Map::new();
+    if let Some(ingress) = ingress_change(svc, hostname) {
+        status.insert("loadBalancer".into(), json!({ "ingress": ingress }));
+    }
+    let message = format!("Load balancer {hostname} is ready");
+    if let Some(conditions) = condition_change(svc, true, "Ready", &message) {
+        status.insert("conditions".into(), json!(conditions));
+    }
+    if status.is_empty() {
+        return Ok(());
+    }
+    patch_status(ctx, svc, status.into()).await
+}
+
+/// Sets our condition when its status, reason or message changed.
+async fn set_condition(
+    ctx: &Context,
+    svc: &Service,
+    ready: bool,
+    reason: &str,
+    message: &str,
+) -> Result<(), Error> {
+    match condition_change(svc, ready, reason, message) {
+        Some(conditions) => patch_status(ctx, svc, json!({ "conditions": conditions })).await,
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -784,6 +820,28 @@ mod tests {
             )
             .build();
         assert_ne!(fingerprint(&svc), fingerprint(&edited));
+    }
+
+    #[test]
+    fn a_heartbeat_is_not_a_node_change_but_a_label_or_taint_is() {
+        let node = NodeBuilder::new("a", "i-0a").build();
+        let mut heartbeat = node.clone();
+        heartbeat.metadata.resource_version = Some("42".into());
+        heartbeat.status = Some(Default::default());
+        assert_eq!(node_fingerprint(&node), node_fingerprint(&heartbeat));
+        let excluded = NodeBuilder::new("a", "i-0a")
+            .label(
+                "node.kubernetes.io/exclude-from-external-load-balancers",
+                "",
+            )
+            .build();
+        let draining = NodeBuilder::new("a", "i-0a")
+            .taint("ToBeDeletedByClusterAutoscaler", "NoSchedule")
+            .build();
+        let moved = NodeBuilder::new("a", "i-0b").build();
+        for other in [excluded, draining, moved] {
+            assert_ne!(node_fingerprint(&node), node_fingerprint(&other));
+        }
     }
 
     #[test]
