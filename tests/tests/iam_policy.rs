@@ -30,6 +30,7 @@ const IMPLIED: &[&str] = &["ec2:CreateTags"];
 const UNCONDITIONED_WRITES: &[&str] = &[
     "elasticloadbalancing:DeleteListener",
     "elasticloadbalancing:ModifyListener",
+    "elasticloadbalancing:ModifyListenerAttributes",
 ];
 
 fn workspace() -> PathBuf {
