@@ -6,11 +6,13 @@
 //!   port (NodePort for instance targets, pod port for ip targets). So a NodePort
 //!   change only re-registers targets; the group is kept.
 //! - **Names encode what cannot change in place.** The LB hash covers cluster,
-//!   UID and scheme; a TG hash covers cluster, UID, the LB name, port, protocol
-//!   and target type. A changed name therefore means "replace", and because the
+//!   UID and scheme; a TG hash covers cluster, UID, the LB name, port, protocol,
+//!   target type and (for ipv6 groups) the family. A changed name therefore means "replace", and because the
 //!   new name differs from the old one, the replacement can be created before the
 //!   old resource is deleted (ELBv2 names are unique per region, and a target
 //!   group can serve only one NLB — hence the LB name in the TG hash).
+//! - **Every attribute an annotation can set has its AWS default here**, so
+//!   removing the annotation restores the default (`*_attribute_defaults`).
 //! - **Nodes are not filtered by readiness** (as the k8s service controller since
 //!   1.27): the health check decides; only the SPEC 1.2 eligibility rules do.
 //! - **Health-check defaults are complete values** (timeout and success codes

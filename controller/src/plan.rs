@@ -8,8 +8,10 @@
 //! 2. targets of ineligible nodes are deregistered first (drain-safe);
 //! 3. the frontend SG and its rules, then the node-SG rules, exist before the
 //!    NLB (an NLB's SGs can only be set at creation);
-//! 4. the NLB, its target groups and targets, then listeners (a listener needs
-//!    both ends);
+//! 4. the NLB (created, or changed in place: attributes, security groups,
+//!    subnets, then dualstack), its target groups and targets, then listeners
+//!    (a listener needs both ends); back to ipv4 only after the listeners have
+//!    left any ipv6 target group;
 //! 5. whatever is no longer desired goes last, in the deletion order
 //!    listeners → LBs → TGs → SG rules → SGs, so a replacement is created
 //!    before the old resource is deleted.
