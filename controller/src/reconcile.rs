@@ -433,7 +433,16 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Requeue, Error>
             )
             .await;
         }
-        if let Err(e) = set_condition(ctx, svc, false, "Provisioning", &summary).await {
+        // A retry keeps the last error (and its retry time) on show until it
+        // succeeds: flipping to Provisioning on every attempt would hide it.
+        let failing = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
+            .flatten()
+            .any(|c| c.type_ == READY_CONDITION && c.reason == "Error");
+        if !failing && let Err(e) = set_condition(ctx, svc, false, "Provisioning", &summary).await {
             tracing::warn!(error = %e, "cannot set condition");
         }
         tracing::info!(service = %desired.service, actions = actions.len(), plan = %summary, "applying");

@@ -2,7 +2,8 @@
 //! Service becomes an NLB with the right listener, target group, targets,
 //! health check and tags; a no-op resync costs no AWS call; excluding a node
 //! only deregisters it; deleting the Service leaves nothing tagged with its UID;
-//! an invalid annotation is reported and writes nothing.
+//! an invalid annotation is reported and writes nothing; an AWS refusal is a
+//! Warning event and an Error condition on its Service while others proceed.
 
 use std::time::{Duration, Instant};
 
@@ -551,5 +552,111 @@ async fn only_the_leader_writes_and_a_follower_takes_over() -> Result<()> {
     assert_eq!(aws["load_balancers"], json!([]));
     assert_eq!(aws["target_groups"], json!([]));
     assert_eq!(aws["security_groups"], json!([]));
+    Ok(())
+}
+
+/// A Service named differently, for tests that need two.
+fn named(name: &str, annotations: Value) -> Result<Service> {
+    let mut svc = service_python(annotations)?;
+    svc.metadata.name = Some(name.into());
+    if let Some(port) = svc.spec.as_mut().and_then(|s| s.ports.as_mut()) {
+        // Let the apiserver pick the NodePort: two Services cannot share 30080.
+        port[0].node_port = None;
+    }
+    Ok(svc)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aws_refusal_is_reported_on_its_service_and_others_proceed() -> Result<()> {
+    let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
+    let client = cluster.client();
+    let controller = ControllerProcess::start(&cluster, &[])?;
+    controller.wait_ready(Duration::from_secs(60))?;
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+
+    // A subnet that does not exist: AWS refuses the create, not the parser.
+    let broken = services
+        .create(
+            &PostParams::default(),
+            &named(
+                "broken",
+                json!({"service.beta.kubernetes.io/aws-load-balancer-subnets": "subnet-0deadbeef, subnet-0feedface"}),
+            )?,
+        )
+        .await?;
+    let fine = services
+        .create(&PostParams::default(), &named("fine", json!({}))?)
+        .await?;
+    let broken_uid = broken.metadata.uid.clone().unwrap_or_default();
+
+    // The other Service gets its load balancer.
+    eventually(Duration::from_secs(60), "fine's hostname", || {
+        let services = services.clone();
+        async move {
+            let svc = services.get("fine").await?;
+            Ok(svc
+                .status
+                .and_then(|s| s.load_balancer)
+                .and_then(|l| l.ingress)
+                .and_then(|i| i.first().and_then(|i| i.hostname.clone())))
+        }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))?;
+
+    // The broken one: a Warning event and a condition, both with AWS's words.
+    let note = eventually(
+        Duration::from_secs(30),
+        "a SyncLoadBalancerFailed event",
+        || {
+            let client = client.clone();
+            let uid = broken_uid.clone();
+            async move {
+                Ok(events_of(&client, &uid)
+                    .await?
+                    .into_iter()
+                    .find(|(t, reason, _)| t == "Warning" && reason == "SyncLoadBalancerFailed")
+                    .map(|(_, _, note)| note))
+            }
+        },
+    )
+    .await?;
+    assert!(
+        note.contains("CreateLoadBalancer") && note.contains("subnet-0deadbeef"),
+        "the event carries AWS's message: {note}"
+    );
+    // The condition says so too, and keeps saying so across retries.
+    for _ in 0..2 {
+        let message = eventually(Duration::from_secs(30), "an Error condition", || {
+            let services = services.clone();
+            async move {
+                let svc = services.get("broken").await?;
+                Ok(svc
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find(|c| {
+                        c.type_ == "causeway.dev/LoadBalancerReady"
+                            && c.status == "False"
+                            && c.reason == "Error"
+                    })
+                    .map(|c| c.message))
+            }
+        })
+        .await?;
+        assert!(
+            message.contains("subnet-0deadbeef") && message.contains("retry in"),
+            "{message}"
+        );
+        tokio::time::sleep(Duration::from_secs(6)).await;
+    }
+    let fine_uid = fine.metadata.uid.clone().unwrap_or_default();
+    assert_eq!(
+        aws_resources_of(&cluster, &fine_uid)?["load_balancers"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
     Ok(())
 }
