@@ -842,8 +842,7 @@ fn apply(action: &Action, known: &Known, state: &mut Observed) {
             load_balancer,
             attributes,
         } => {
-            let arn = arn_of(load_balancer);
-            if let Some(lb) = state.load_balancers.iter_mut().find(|l| l.arn == arn) {
+            if let Some(lb) = load_balancer_mut(state, &arn_of(load_balancer)) {
                 lb.attributes.extend(attributes.clone());
             }
         }
@@ -852,8 +851,7 @@ fn apply(action: &Action, known: &Known, state: &mut Observed) {
             security_groups,
             enforce_inbound_rules_on_private_link,
         } => {
-            let arn = arn_of(load_balancer);
-            if let Some(lb) = state.load_balancers.iter_mut().find(|l| l.arn == arn) {
+            if let Some(lb) = load_balancer_mut(state, &arn_of(load_balancer)) {
                 lb.security_groups = observed_security_groups(security_groups, known);
                 lb.enforce_sg_inbound_rules_on_private_link =
                     Some(*enforce_inbound_rules_on_private_link);
@@ -863,8 +861,7 @@ fn apply(action: &Action, known: &Known, state: &mut Observed) {
             load_balancer,
             subnets,
         } => {
-            let arn = arn_of(load_balancer);
-            if let Some(lb) = state.load_balancers.iter_mut().find(|l| l.arn == arn) {
+            if let Some(lb) = load_balancer_mut(state, &arn_of(load_balancer)) {
                 lb.subnets = observed_subnets(subnets);
             }
         }
@@ -872,8 +869,7 @@ fn apply(action: &Action, known: &Known, state: &mut Observed) {
             load_balancer,
             ip_address_type,
         } => {
-            let arn = arn_of(load_balancer);
-            if let Some(lb) = state.load_balancers.iter_mut().find(|l| l.arn == arn) {
+            if let Some(lb) = load_balancer_mut(state, &arn_of(load_balancer)) {
                 lb.ip_address_type = *ip_address_type;
             }
         }
@@ -882,8 +878,7 @@ fn apply(action: &Action, known: &Known, state: &mut Observed) {
             attributes,
             ..
         } => {
-            let arn = arn_of(listener);
-            if let Some(l) = state.listeners.iter_mut().find(|l| l.arn == arn) {
+            if let Some(l) = listener_mut(state, &arn_of(listener)) {
                 l.attributes.extend(attributes.clone());
             }
         }
@@ -904,8 +899,7 @@ fn apply(action: &Action, known: &Known, state: &mut Observed) {
             target_group,
             health_check,
         } => {
-            let arn = arn_of(target_group);
-            if let Some(tg) = state.target_groups.iter_mut().find(|t| t.arn == arn) {
+            if let Some(tg) = target_group_mut(state, &arn_of(target_group)) {
                 tg.health_check = health_check.clone();
             }
         }
@@ -913,8 +907,7 @@ fn apply(action: &Action, known: &Known, state: &mut Observed) {
             target_group,
             attributes,
         } => {
-            let arn = arn_of(target_group);
-            if let Some(tg) = state.target_groups.iter_mut().find(|t| t.arn == arn) {
+            if let Some(tg) = target_group_mut(state, &arn_of(target_group)) {
                 tg.attributes.extend(attributes.clone());
             }
         }
@@ -922,8 +915,7 @@ fn apply(action: &Action, known: &Known, state: &mut Observed) {
             target_group,
             targets,
         } => {
-            let arn = arn_of(target_group);
-            if let Some(tg) = state.target_groups.iter_mut().find(|t| t.arn == arn) {
+            if let Some(tg) = target_group_mut(state, &arn_of(target_group)) {
                 tg.targets.extend(targets.iter().cloned());
                 tg.targets.sort();
                 tg.targets.dedup();
@@ -933,8 +925,7 @@ fn apply(action: &Action, known: &Known, state: &mut Observed) {
             target_group,
             targets,
         } => {
-            let arn = arn_of(target_group);
-            if let Some(tg) = state.target_groups.iter_mut().find(|t| t.arn == arn) {
+            if let Some(tg) = target_group_mut(state, &arn_of(target_group)) {
                 tg.targets.retain(|t| !targets.contains(t));
             }
         }
@@ -955,7 +946,7 @@ fn apply(action: &Action, known: &Known, state: &mut Observed) {
             listener,
             target_group,
         } => {
-            if let Some(l) = state.listeners.iter_mut().find(|l| &l.arn == arn) {
+            if let Some(l) = listener_mut(state, arn) {
                 // ModifyListener leaves the listener's attributes as they were.
                 let attributes = std::mem::take(&mut l.attributes);
                 *l = observed_listener(
@@ -969,19 +960,19 @@ fn apply(action: &Action, known: &Known, state: &mut Observed) {
         }
         Action::AddTags { resource, tags } => {
             let arn = arn_of(resource);
-            if let Some(lb) = state.load_balancers.iter_mut().find(|l| l.arn == arn) {
+            if let Some(lb) = load_balancer_mut(state, &arn) {
                 lb.tags.extend(tags.clone());
             }
-            if let Some(tg) = state.target_groups.iter_mut().find(|t| t.arn == arn) {
+            if let Some(tg) = target_group_mut(state, &arn) {
                 tg.tags.extend(tags.clone());
             }
         }
         Action::RemoveTags { resource, keys } => {
             let arn = arn_of(resource);
-            if let Some(lb) = state.load_balancers.iter_mut().find(|l| l.arn == arn) {
+            if let Some(lb) = load_balancer_mut(state, &arn) {
                 lb.tags.retain(|k, _| !keys.contains(k));
             }
-            if let Some(tg) = state.target_groups.iter_mut().find(|t| t.arn == arn) {
+            if let Some(tg) = target_group_mut(state, &arn) {
                 tg.tags.retain(|k, _| !keys.contains(k));
             }
         }
@@ -994,6 +985,21 @@ fn apply(action: &Action, known: &Known, state: &mut Observed) {
         Action::DeleteTargetGroup { arn, .. } => state.target_groups.retain(|t| &t.arn != arn),
         Action::DeleteSecurityGroup { id, .. } => state.security_groups.retain(|g| &g.id != id),
     }
+}
+
+fn load_balancer_mut<'a>(
+    state: &'a mut Observed,
+    arn: &str,
+) -> Option<&'a mut ObservedLoadBalancer> {
+    state.load_balancers.iter_mut().find(|l| l.arn == arn)
+}
+
+fn target_group_mut<'a>(state: &'a mut Observed, arn: &str) -> Option<&'a mut ObservedTargetGroup> {
+    state.target_groups.iter_mut().find(|t| t.arn == arn)
+}
+
+fn listener_mut<'a>(state: &'a mut Observed, arn: &str) -> Option<&'a mut ObservedListener> {
+    state.listeners.iter_mut().find(|l| l.arn == arn)
 }
 
 /// Subnet mappings as a Describe reports them (a `Name=` subnet by its name:
