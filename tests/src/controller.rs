@@ -438,3 +438,67 @@ pub async fn events_of(client: &kube::Client, uid: &str) -> Result<Vec<(String, 
         })
         .collect())
 }
+
+/// Waits for an Event of `type_` and `reason` about the object with `uid`
+/// (namespace `default`); its note.
+pub async fn wait_for_event(
+    client: &kube::Client,
+    uid: &str,
+    type_: &str,
+    reason: &str,
+    timeout: Duration,
+) -> Result<String> {
+    crate::wait::eventually(timeout, &format!("a {type_} {reason} event"), || async {
+        Ok(events_of(client, uid)
+            .await?
+            .into_iter()
+            .find(|(t, r, _)| t == type_ && r == reason)
+            .map(|(_, _, note)| note))
+    })
+    .await
+}
+
+/// Waits until the Service `name` has an ingress hostname; the hostname.
+pub async fn wait_for_hostname(
+    services: &kube::Api<k8s_openapi::api::core::v1::Service>,
+    name: &str,
+    timeout: Duration,
+) -> Result<String> {
+    crate::wait::eventually(timeout, &format!("{name}'s ingress hostname"), || async {
+        let svc = services.get(name).await?;
+        Ok(svc
+            .status
+            .and_then(|s| s.load_balancer)
+            .and_then(|l| l.ingress)
+            .and_then(|i| i.first().and_then(|i| i.hostname.clone())))
+    })
+    .await
+}
+
+/// Waits until the Service `name` is gone (its finalizer removed).
+pub async fn wait_until_deleted(
+    services: &kube::Api<k8s_openapi::api::core::v1::Service>,
+    name: &str,
+    timeout: Duration,
+) -> Result<()> {
+    crate::wait::eventually(timeout, &format!("{name} to be gone"), || async {
+        Ok(services.get_opt(name).await?.is_none().then_some(()))
+    })
+    .await
+}
+
+/// The registered (non-draining) targets of a target group from
+/// [`aws_resources_of`], as (id, port), sorted.
+pub fn targets(tg: &Value) -> Vec<(String, u64)> {
+    tg["targets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            (
+                t[0].as_str().unwrap_or_default().to_string(),
+                t[1].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}

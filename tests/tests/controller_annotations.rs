@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use causeway_tests::controller::{
     ControllerProcess, aws_resources_of, calls_between, events_of, moto_python, plan,
+    wait_for_event, wait_for_hostname, wait_until_deleted,
 };
 use causeway_tests::wait::eventually;
 use causeway_tests::{Cluster, ClusterOptions};
@@ -352,20 +353,12 @@ async fn a_realistic_annotation_set_is_applied_edited_in_place_and_restored() ->
         &[(key("healthcheck-interval"), Some("often"))],
     )
     .await?;
-    let note = eventually(
+    let note = wait_for_event(
+        &client,
+        &uid,
+        "Warning",
+        "InvalidAnnotation",
         Duration::from_secs(30),
-        "an InvalidAnnotation event",
-        || {
-            let client = client.clone();
-            let uid = uid.clone();
-            async move {
-                Ok(events_of(&client, &uid)
-                    .await?
-                    .into_iter()
-                    .find(|(type_, reason, _)| type_ == "Warning" && reason == "InvalidAnnotation")
-                    .map(|(_, _, note)| note))
-            }
-        },
     )
     .await?;
     for needle in [
@@ -442,11 +435,7 @@ async fn a_realistic_annotation_set_is_applied_edited_in_place_and_restored() ->
 
     // 6. Deleting the Service leaves nothing behind.
     services.delete("shop", &DeleteParams::default()).await?;
-    eventually(Duration::from_secs(60), "the Service to be gone", || {
-        let services = services.clone();
-        async move { Ok(services.get_opt("shop").await?.is_none().then_some(())) }
-    })
-    .await?;
+    wait_until_deleted(&services, "shop", Duration::from_secs(60)).await?;
     let left = aws_resources_of(&cluster, &uid)?;
     assert_eq!(left["load_balancers"], json!([]));
     assert_eq!(left["target_groups"], json!([]));
@@ -597,24 +586,9 @@ async fn documented_nlb_examples_reconcile_without_a_warning() -> Result<()> {
         ));
     }
     for (name, uid) in &uids {
-        eventually(
-            Duration::from_secs(120),
-            &format!("{name}'s hostname"),
-            || {
-                let services = services.clone();
-                let name = name.clone();
-                async move {
-                    let svc = services.get(&name).await?;
-                    Ok(svc
-                        .status
-                        .and_then(|s| s.load_balancer)
-                        .and_then(|l| l.ingress)
-                        .and_then(|i| i.first().and_then(|i| i.hostname.clone())))
-                }
-            },
-        )
-        .await
-        .with_context(|| format!("controller log:\n{}", controller.log()))?;
+        wait_for_hostname(&services, name, Duration::from_secs(120))
+            .await
+            .with_context(|| format!("controller log:\n{}", controller.log()))?;
         let events = events_of(&client, uid).await?;
         let warnings: Vec<_> = events.iter().filter(|(t, _, _)| t == "Warning").collect();
         assert!(warnings.is_empty(), "{name}: {warnings:#?}");
@@ -653,16 +627,7 @@ async fn documented_nlb_examples_reconcile_without_a_warning() -> Result<()> {
         services.delete(name, &DeleteParams::default()).await?;
     }
     for (name, uid) in &uids {
-        eventually(
-            Duration::from_secs(120),
-            &format!("{name} to be gone"),
-            || {
-                let services = services.clone();
-                let name = name.clone();
-                async move { Ok(services.get_opt(&name).await?.is_none().then_some(())) }
-            },
-        )
-        .await?;
+        wait_until_deleted(&services, name, Duration::from_secs(120)).await?;
         let left = aws_resources_of(&cluster, uid)?;
         assert_eq!(left["load_balancers"], json!([]), "{name}");
         assert_eq!(left["target_groups"], json!([]), "{name}");

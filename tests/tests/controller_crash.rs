@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use causeway_tests::controller::{ControllerProcess, calls_between, tagged_inventory};
+use causeway_tests::controller::{
+    ControllerProcess, calls_between, tagged_inventory, wait_until_deleted,
+};
 use causeway_tests::wait::eventually;
 use causeway_tests::{Cluster, ClusterOptions};
 use k8s_openapi::api::core::v1::Service;
@@ -74,13 +76,9 @@ async fn wait_gone(
     name: &str,
     controller: &ControllerProcess,
 ) -> Result<()> {
-    eventually(Duration::from_secs(60), &format!("{name} deleted"), || {
-        let services = services.clone();
-        let name = name.to_string();
-        async move { Ok(services.get_opt(&name).await?.is_none().then_some(())) }
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))
+    wait_until_deleted(services, name, Duration::from_secs(60))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))
 }
 
 fn writes(calls: &BTreeMap<String, u64>) -> u64 {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use causeway_tests::controller::{
-    ControllerProcess, aws_resources_of, calls_between, tagged_inventory,
+    ControllerProcess, aws_resources_of, calls_between, tagged_inventory, wait_for_hostname,
 };
 use causeway_tests::wait::eventually;
 use causeway_tests::{Cluster, ClusterOptions};
@@ -169,19 +169,7 @@ async fn ip_targets_are_the_ready_pods_and_follow_them_one_call_at_a_time() -> R
         .filter_map(|r| r["port"].as_u64())
         .collect();
     assert_eq!(rule_ports, [POD_PORT], "{aws:#}");
-    let hostname = eventually(Duration::from_secs(30), "an ingress hostname", || {
-        let services = services.clone();
-        async move {
-            Ok(services
-                .get("web")
-                .await?
-                .status
-                .and_then(|s| s.load_balancer)
-                .and_then(|lb| lb.ingress)
-                .and_then(|i| i.first().and_then(|i| i.hostname.clone())))
-        }
-    })
-    .await?;
+    let hostname = wait_for_hostname(&services, "web", Duration::from_secs(30)).await?;
     assert_eq!(aws["load_balancers"][0]["dns"], hostname.as_str());
     // The instance Service is fully built (nodes on the NodePort) before the
     // call counting starts.

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use causeway_tests::controller::{
     ControllerProcess, aws_resources_of, calls_between, delete_load_balancers_of, events_of, plan,
+    targets, wait_for_event, wait_for_hostname, wait_until_deleted,
 };
 use causeway_tests::wait::eventually;
 use causeway_tests::{Cluster, ClusterOptions};
@@ -33,20 +34,6 @@ fn service_python(annotations: Value) -> Result<Service> {
             "ports": [{"port": 3000, "protocol": "TCP", "targetPort": 443, "nodePort": 30080}]
         }
     }))?)
-}
-
-fn targets(tg: &Value) -> Vec<(String, u64)> {
-    tg["targets"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|t| {
-            (
-                t[0].as_str().unwrap_or_default().to_string(),
-                t[1].as_u64().unwrap_or(0),
-            )
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,18 +291,9 @@ async fn service_python_gets_an_nlb_follows_nodes_and_is_cleaned_up() -> Result<
     services
         .delete("service-python", &Default::default())
         .await?;
-    eventually(Duration::from_secs(60), "the Service to be gone", || {
-        let services = services.clone();
-        async move {
-            Ok(services
-                .get_opt("service-python")
-                .await?
-                .is_none()
-                .then_some(()))
-        }
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))?;
+    wait_until_deleted(&services, "service-python", Duration::from_secs(60))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))?;
     let aws = aws_resources_of(&cluster, &uid)?;
     assert_eq!(
         aws,
@@ -350,20 +328,12 @@ async fn invalid_annotation_is_a_warning_event_and_no_aws_write() -> Result<()> 
         .await?;
     let uid = created.metadata.uid.clone().unwrap_or_default();
 
-    let note = eventually(
+    let note = wait_for_event(
+        &client,
+        &uid,
+        "Warning",
+        "InvalidAnnotation",
         Duration::from_secs(30),
-        "an InvalidAnnotation event",
-        || {
-            let client = client.clone();
-            let uid = uid.clone();
-            async move {
-                Ok(events_of(&client, &uid)
-                    .await?
-                    .into_iter()
-                    .find(|(type_, reason, _)| type_ == "Warning" && reason == "InvalidAnnotation")
-                    .map(|(_, _, note)| note))
-            }
-        },
     )
     .await
     .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))?;
@@ -536,18 +506,9 @@ async fn only_the_leader_writes_and_a_follower_takes_over() -> Result<()> {
     services
         .delete("service-python", &Default::default())
         .await?;
-    eventually(Duration::from_secs(60), "the Service to be gone", || {
-        let services = services.clone();
-        async move {
-            Ok(services
-                .get_opt("service-python")
-                .await?
-                .is_none()
-                .then_some(()))
-        }
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}; follower log:\n{}", follower.log()))?;
+    wait_until_deleted(&services, "service-python", Duration::from_secs(60))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; follower log:\n{}", follower.log()))?;
     let aws = aws_resources_of(&cluster, &uid)?;
     assert_eq!(aws["load_balancers"], json!([]));
     assert_eq!(aws["target_groups"], json!([]));
@@ -590,35 +551,17 @@ async fn an_aws_refusal_is_reported_on_its_service_and_others_proceed() -> Resul
     let broken_uid = broken.metadata.uid.clone().unwrap_or_default();
 
     // The other Service gets its load balancer.
-    eventually(Duration::from_secs(60), "fine's hostname", || {
-        let services = services.clone();
-        async move {
-            let svc = services.get("fine").await?;
-            Ok(svc
-                .status
-                .and_then(|s| s.load_balancer)
-                .and_then(|l| l.ingress)
-                .and_then(|i| i.first().and_then(|i| i.hostname.clone())))
-        }
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))?;
+    wait_for_hostname(&services, "fine", Duration::from_secs(60))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))?;
 
     // The broken one: a Warning event and a condition, both with AWS's words.
-    let note = eventually(
+    let note = wait_for_event(
+        &client,
+        &broken_uid,
+        "Warning",
+        "SyncLoadBalancerFailed",
         Duration::from_secs(30),
-        "a SyncLoadBalancerFailed event",
-        || {
-            let client = client.clone();
-            let uid = broken_uid.clone();
-            async move {
-                Ok(events_of(&client, &uid)
-                    .await?
-                    .into_iter()
-                    .find(|(t, reason, _)| t == "Warning" && reason == "SyncLoadBalancerFailed")
-                    .map(|(_, _, note)| note))
-            }
-        },
     )
     .await?;
     assert!(

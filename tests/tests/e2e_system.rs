@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use causeway_tests::controller::{
-    ControllerProcess, aws_resources_of, moto_python, tagged_inventory,
+    ControllerProcess, aws_resources_of, moto_python, tagged_inventory, targets, wait_for_hostname,
+    wait_until_deleted,
 };
 use causeway_tests::paths::workspace_bin;
 use causeway_tests::wait::eventually;
@@ -125,21 +126,6 @@ fn wait_http(ns: &str, url: &str, status: u16, needle: &str) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(300));
     }
-}
-
-/// Registered (non-draining) targets of a target group, sorted.
-fn targets(tg: &Value) -> Vec<(String, u64)> {
-    tg["targets"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|t| {
-            (
-                t[0].as_str().unwrap_or_default().to_string(),
-                t[1].as_u64().unwrap_or(0),
-            )
-        })
-        .collect()
 }
 
 /// The node ports of the Service, by service port, and its healthCheckNodePort.
@@ -371,21 +357,9 @@ async fn load_balancer_service_end_to_end_through_agents_and_a_failing_over_cont
         .metadata
         .uid
         .unwrap_or_default();
-    let hostname = eventually(WAIT, "an ingress hostname", || {
-        let services = services.clone();
-        async move {
-            let svc = services.get("web").await?;
-            Ok(svc
-                .status
-                .and_then(|s| s.load_balancer)
-                .and_then(|lb| lb.ingress)
-                .unwrap_or_default()
-                .first()
-                .and_then(|i| i.hostname.clone()))
-        }
-    })
-    .await
-    .with_context(|| logs(&controllers))?;
+    let hostname = wait_for_hostname(&services, "web", WAIT)
+        .await
+        .with_context(|| logs(&controllers))?;
     let (ports, _) = node_ports(&services).await?;
     let aws = wait_aws(&cluster, &uid, &ports, &all_instances, "the NLB").await?;
     assert_eq!(aws["load_balancers"][0]["dns"], json!(hostname));
@@ -561,12 +535,9 @@ async fn load_balancer_service_end_to_end_through_agents_and_a_failing_over_cont
     // 5. Delete: the follower removes everything tagged with the UID, then
     // the finalizer; the NodePorts stop answering on every node.
     services.delete("web", &DeleteParams::default()).await?;
-    eventually(WAIT, "the Service to be gone", || {
-        let services = services.clone();
-        async move { Ok(services.get_opt("web").await?.is_none().then_some(())) }
-    })
-    .await
-    .with_context(|| follower.log())?;
+    wait_until_deleted(&services, "web", WAIT)
+        .await
+        .with_context(|| follower.log())?;
     let aws = aws_resources_of(&cluster, &uid)?;
     assert_eq!(
         aws,

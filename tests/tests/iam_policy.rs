@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use causeway_tests::controller::{ControllerProcess, aws_resources_of};
+use causeway_tests::controller::{ControllerProcess, aws_resources_of, wait_until_deleted};
 use causeway_tests::wait::eventually;
 use causeway_tests::{Cluster, ClusterOptions};
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -342,18 +342,9 @@ async fn every_call_of_a_service_lifecycle_is_in_the_policy() -> Result<()> {
     services
         .delete("iam-lifecycle", &Default::default())
         .await?;
-    eventually(Duration::from_secs(60), "the Service to be gone", || {
-        let services = services.clone();
-        async move {
-            Ok(services
-                .get_opt("iam-lifecycle")
-                .await?
-                .is_none()
-                .then_some(()))
-        }
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))?;
+    wait_until_deleted(&services, "iam-lifecycle", Duration::from_secs(60))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))?;
 
     // Every operation called, with any outcome, maps to a granted action.
     let calls: BTreeMap<String, u64> = controller.aws_calls()?;
