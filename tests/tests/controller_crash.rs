@@ -10,9 +10,8 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use causeway_tests::controller::{
-    ControllerProcess, calls_between, tagged_inventory, wait_until_deleted,
+    ControllerProcess, calls_between, tagged_inventory, wait_for_hostname, wait_until_deleted,
 };
-use causeway_tests::wait::eventually;
 use causeway_tests::{Cluster, ClusterOptions};
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
@@ -50,25 +49,10 @@ async fn wait_ingress(
     name: &str,
     controller: &ControllerProcess,
 ) -> Result<()> {
-    eventually(
-        Duration::from_secs(60),
-        &format!("ingress of {name}"),
-        || {
-            let services = services.clone();
-            let name = name.to_string();
-            async move {
-                let svc = services.get(&name).await?;
-                let has = svc
-                    .status
-                    .and_then(|s| s.load_balancer)
-                    .and_then(|lb| lb.ingress)
-                    .is_some_and(|i| i.iter().any(|i| i.hostname.is_some()));
-                Ok(has.then_some(()))
-            }
-        },
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))
+    wait_for_hostname(services, name, Duration::from_secs(60))
+        .await
+        .map(drop)
+        .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))
 }
 
 async fn wait_gone(
@@ -79,6 +63,32 @@ async fn wait_gone(
     wait_until_deleted(services, name, Duration::from_secs(60))
         .await
         .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))
+}
+
+/// Starts a controller that aborts right after its `n`th AWS write, does
+/// `change` to the Service `name`, and checks that it stopped exactly there.
+async fn crash_at_write<T>(
+    cluster: &Cluster,
+    n: u64,
+    name: &str,
+    change: impl std::future::Future<Output = Result<T>>,
+) -> Result<()> {
+    let mut crashing =
+        ControllerProcess::start_with_env(cluster, ARGS, &[(STOP_POINT, &n.to_string())])?;
+    crashing.wait_ready(Duration::from_secs(60))?;
+    change.await?;
+    let status = crashing.wait_exit(Duration::from_secs(60))?;
+    ensure!(
+        !status.success(),
+        "{name}: the controller exited cleanly instead of at write {n}"
+    );
+    let stopped = format!("{STOP_POINT}={n}: aborting after");
+    ensure!(
+        crashing.log().contains(&stopped),
+        "{name}: not stopped at write {n}; log:\n{}",
+        crashing.log()
+    );
+    Ok(())
 }
 
 fn writes(calls: &BTreeMap<String, u64>) -> u64 {
@@ -167,22 +177,7 @@ async fn killed_between_any_two_writes_the_controller_converges_without_duplicat
     // Create: killed right after write n, for every n.
     for n in 1..=create_writes {
         let name = format!("create-{n}");
-        let mut crashing =
-            ControllerProcess::start_with_env(&cluster, ARGS, &[(STOP_POINT, &n.to_string())])?;
-        crashing.wait_ready(Duration::from_secs(60))?;
-        create(&services, &name).await?;
-        let status = crashing.wait_exit(Duration::from_secs(60))?;
-        ensure!(
-            !status.success(),
-            "{name}: the controller exited cleanly instead of at write {n}"
-        );
-        let stopped = format!("{STOP_POINT}={n}: aborting after");
-        ensure!(
-            crashing.log().contains(&stopped),
-            "{name}: not stopped at write {n}; log:\n{}",
-            crashing.log()
-        );
-        drop(crashing);
+        crash_at_write(&cluster, n, &name, create(&services, &name)).await?;
         let controller = ControllerProcess::start(&cluster, ARGS)?;
         wait_ingress(&services, &name, &controller).await?;
         check_no_duplicate_no_leak(
@@ -197,22 +192,10 @@ async fn killed_between_any_two_writes_the_controller_converges_without_duplicat
     // Delete: killed right after write n, for every n.
     for n in 1..=delete_writes {
         let name = format!("delete-{n}");
-        let mut crashing =
-            ControllerProcess::start_with_env(&cluster, ARGS, &[(STOP_POINT, &n.to_string())])?;
-        crashing.wait_ready(Duration::from_secs(60))?;
-        services.delete(&name, &DeleteParams::default()).await?;
-        let status = crashing.wait_exit(Duration::from_secs(60))?;
-        ensure!(
-            !status.success(),
-            "{name}: the controller exited cleanly instead of at write {n}"
-        );
-        let stopped = format!("{STOP_POINT}={n}: aborting after");
-        ensure!(
-            crashing.log().contains(&stopped),
-            "{name}: not stopped at write {n}; log:\n{}",
-            crashing.log()
-        );
-        drop(crashing);
+        crash_at_write(&cluster, n, &name, async {
+            Ok(services.delete(&name, &DeleteParams::default()).await?)
+        })
+        .await?;
         let controller = ControllerProcess::start(&cluster, ARGS)?;
         wait_gone(&services, &name, &controller).await?;
         check_no_duplicate_no_leak(
