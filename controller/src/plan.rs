@@ -432,10 +432,7 @@ impl fmt::Display for Replacement {
 pub fn replacements(d: &Desired, o: &Observed) -> Vec<Replacement> {
     let want = &d.load_balancer;
     let mut out = Vec::new();
-    let kept = o
-        .load_balancers
-        .iter()
-        .any(|lb| lb.name == want.name && lb.scheme == want.scheme && !pins_conflict(want, lb));
+    let kept = o.load_balancers.iter().any(|lb| keeps(want, lb));
     if !kept {
         for lb in &o.load_balancers {
             let mut why = Vec::new();
@@ -582,9 +579,7 @@ fn converge(d: &Desired, o: &Observed) -> Vec<Action> {
     let want_lb = &d.load_balancer;
 
     // An LB is kept only if it is the desired one; anything else is replaced.
-    let current_lb = o.load_balancers.iter().find(|lb| {
-        lb.name == want_lb.name && lb.scheme == want_lb.scheme && !pins_conflict(want_lb, lb)
-    });
+    let current_lb = o.load_balancers.iter().find(|lb| keeps(want_lb, lb));
     let (blocking, stale_lbs): (Vec<&ObservedLoadBalancer>, Vec<&ObservedLoadBalancer>) = o
         .load_balancers
         .iter()
@@ -941,6 +936,12 @@ fn subnet_change(
             })
         }
     }
+}
+
+/// Whether the existing NLB `have` can become `want` in place: same name and
+/// scheme, and no pinned address that would have to change.
+fn keeps(want: &LoadBalancer, have: &ObservedLoadBalancer) -> bool {
+    have.name == want.name && have.scheme == want.scheme && !pins_conflict(want, have)
 }
 
 /// Whether a subnet the NLB keeps has a pinned address (EIP, private IPv4 or
