@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use causeway_tests::controller::{
-    ControllerProcess, aws_resources_of, calls_between, tagged_inventory, wait_for_hostname,
+    ControllerProcess, aws_resources_of, calls_between, tagged_inventory, targets as tg_targets,
+    wait_for_hostname,
 };
 use causeway_tests::wait::eventually;
 use causeway_tests::{Cluster, ClusterOptions};
@@ -39,17 +40,7 @@ fn web_service(name: &str, annotations: Value) -> Result<Service> {
 
 /// The registered targets of the Service's only target group, sorted.
 fn targets(aws: &Value) -> Vec<(String, u64)> {
-    aws["target_groups"][0]["targets"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|t| {
-            (
-                t[0].as_str().unwrap_or_default().to_string(),
-                t[1].as_u64().unwrap_or(0),
-            )
-        })
-        .collect()
+    tg_targets(&aws["target_groups"][0])
 }
 
 fn pod_targets(ips: &[std::net::Ipv4Addr]) -> Vec<(String, u64)> {
