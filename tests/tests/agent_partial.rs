@@ -254,3 +254,106 @@ fn a_partial_sync_ends_where_a_full_sync_would_with_both_backends() -> Result<()
     }
     Ok(())
 }
+
+/// The nat table kube-proxy would leave for BEFORE's `web` plus a Service
+/// that is gone: a chain per endpoint, and chains jumping to chains.
+fn kube_proxy_ruleset(web_chain: &str) -> String {
+    format!(
+        "*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-NODEPORTS - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:{web_chain} - [0:0]
+:KUBE-SEP-AAAAAAAAAAAAAAAA - [0:0]
+:KUBE-SEP-ZZZZZZZZZZZZZZZZ - [0:0]
+:KUBE-EXT-OLDOLDOLDOLDOLDO - [0:0]
+:KUBE-SVC-OLDOLDOLDOLDOLDO - [0:0]
+:KUBE-SEP-MMMMMMMMMMMMMMMM - [0:0]
+-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j {web_chain}
+-A KUBE-SERVICES -d 10.96.0.99/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-OLDOLDOLDOLDOLDO
+-A KUBE-NODEPORTS -p tcp -m tcp --dport 30099 -j KUBE-EXT-OLDOLDOLDOLDOLDO
+-A KUBE-EXT-OLDOLDOLDOLDOLDO -j KUBE-MARK-MASQ
+-A KUBE-EXT-OLDOLDOLDOLDOLDO -j KUBE-SVC-OLDOLDOLDOLDOLDO
+-A {web_chain} -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-AAAAAAAAAAAAAAAA
+-A {web_chain} -j KUBE-SEP-ZZZZZZZZZZZZZZZZ
+-A KUBE-SVC-OLDOLDOLDOLDOLDO -j KUBE-SEP-MMMMMMMMMMMMMMMM
+-A KUBE-SEP-AAAAAAAAAAAAAAAA -s 10.244.1.5/32 -j KUBE-MARK-MASQ
+-A KUBE-SEP-AAAAAAAAAAAAAAAA -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8080
+-A KUBE-SEP-ZZZZZZZZZZZZZZZZ -s 10.244.2.5/32 -j KUBE-MARK-MASQ
+-A KUBE-SEP-ZZZZZZZZZZZZZZZZ -p tcp -m tcp -j DNAT --to-destination 10.244.2.5:8080
+-A KUBE-SEP-MMMMMMMMMMMMMMMM -p tcp -m tcp -j DNAT --to-destination 10.244.1.9:80
+-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+COMMIT
+"
+    )
+}
+
+#[test]
+fn taking_over_from_kube_proxy_deletes_its_chains_in_one_restore_with_both_backends() -> Result<()>
+{
+    netns::preflight()?;
+    let dir = tempfile::tempdir()?;
+    let after = model_of(AFTER, dir.path(), "after")?;
+    let web = after
+        .service_ports
+        .iter()
+        .find(|p| p.name.name == "web")
+        .expect("web in AFTER");
+    let web_chain = rules::names::ServiceChains::new(&web.name, web.protocol).cluster;
+    let config = RenderConfig {
+        node_ips: vec!["192.168.0.10".parse()?],
+        ..RenderConfig::new(IpFamily::V4)
+    };
+    let jumps = rules::builtin_jumps(&config);
+    for (restore_program, save) in [
+        ("iptables-nft-restore", "iptables-nft-save"),
+        ("iptables-legacy-restore", "iptables-legacy-save"),
+    ] {
+        let pid = std::process::id();
+        let taken = Namespace(format!("cwpc-{pid}"));
+        let fresh = Namespace(format!("cwpd-{pid}"));
+        netns::add_netns(&taken.0)?;
+        netns::add_netns(&fresh.0)?;
+        restore(&taken.0, restore_program, &kube_proxy_ruleset(&web_chain))?;
+        // What the agent does at start: list the service chains that exist,
+        // then one full restore that deletes those it does not declare.
+        let existing = causeway_agent::netfilter::service_chains_in_save(&netns::exec_in(
+            &taken.0,
+            save,
+            &["-t", "nat"],
+        )?);
+        assert_eq!(existing.len(), 6, "{existing:?}");
+        let payload = rules::render(
+            &after,
+            &config,
+            &RenderOptions {
+                builtin_jumps: &jumps,
+                delete_nat_chains: &existing,
+                ..RenderOptions::default()
+            },
+        );
+        restore(&taken.0, restore_program, &payload.text)?;
+        restore(
+            &fresh.0,
+            restore_program,
+            &rules::render(
+                &after,
+                &config,
+                &RenderOptions {
+                    builtin_jumps: &jumps,
+                    ..RenderOptions::default()
+                },
+            )
+            .text,
+        )?;
+        let got = ruleset(&taken.0, save)?;
+        let want = ruleset(&fresh.0, save)?;
+        let missing: Vec<&String> = want.difference(&got).collect();
+        let extra: Vec<&String> = got.difference(&want).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{restore_program}: after taking over\n  missing {missing:#?}\n  extra {extra:#?}"
+        );
+    }
+    Ok(())
+}

@@ -91,9 +91,9 @@ fn cluster_ip_spreads_uniformly_over_ready_endpoints() {
         lines_with(&payload, &format!("-A {SVC}")),
         [
             "-A KUBE-SVC-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http cluster IP\" -m tcp -p tcp -d 10.96.0.10 --dport 80 ! -s 10.244.0.0/16 -j KUBE-MARK-MASQ",
-            "-A KUBE-SVC-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http -> 10.244.2.1:8080\" -m statistic --mode random --probability 0.3333333333 -m tcp -p tcp -j DNAT --to-destination 10.244.2.1:8080",
-            "-A KUBE-SVC-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http -> 10.244.2.2:8080\" -m statistic --mode random --probability 0.5000000000 -m tcp -p tcp -j DNAT --to-destination 10.244.2.2:8080",
-            "-A KUBE-SVC-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http -> 10.244.3.1:8080\" -m tcp -p tcp -j DNAT --to-destination 10.244.3.1:8080",
+            "-A KUBE-SVC-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http -> 10.244.2.1:8080\" -m statistic --mode random --probability 0.3333333333 -p tcp -j DNAT --to-destination 10.244.2.1:8080",
+            "-A KUBE-SVC-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http -> 10.244.2.2:8080\" -m statistic --mode random --probability 0.5000000000 -p tcp -j DNAT --to-destination 10.244.2.2:8080",
+            "-A KUBE-SVC-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http -> 10.244.3.1:8080\" -p tcp -j DNAT --to-destination 10.244.3.1:8080",
         ]
     );
     assert_eq!(
@@ -164,7 +164,7 @@ fn internal_traffic_policy_local_uses_the_local_chain() {
     assert_eq!(
         lines_with(&payload, "-j DNAT"),
         [
-            "-A KUBE-SVL-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http -> 10.244.1.7:8080\" -m tcp -p tcp -j DNAT --to-destination 10.244.1.7:8080"
+            "-A KUBE-SVL-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http -> 10.244.1.7:8080\" -p tcp -j DNAT --to-destination 10.244.1.7:8080"
         ]
     );
 }
@@ -193,7 +193,7 @@ fn external_traffic_policy_local_short_circuits_pods_and_the_node() {
     assert_eq!(
         lines_with(&payload, "-A KUBE-SVL-"),
         [
-            "-A KUBE-SVL-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http -> 10.244.1.7:8080\" -m tcp -p tcp -j DNAT --to-destination 10.244.1.7:8080"
+            "-A KUBE-SVL-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http -> 10.244.1.7:8080\" -p tcp -j DNAT --to-destination 10.244.1.7:8080"
         ]
     );
     assert_eq!(
@@ -264,11 +264,11 @@ fn source_ranges_filter_load_balancer_traffic_but_not_node_ports() {
         [
             "-A KUBE-PROXY-FIREWALL -m comment --comment \"default/web:http traffic not accepted by KUBE-FW-CDGGSHYLG3RE2FKL\" -m tcp -p tcp -d 198.51.100.1 --dport 80 -j DROP",
             ":KUBE-FW-CDGGSHYLG3RE2FKL - [0:0]",
-            "-A KUBE-SERVICES -m comment --comment \"default/web:http loadbalancer IP\" -m tcp -p tcp -d 198.51.100.1 --dport 80 -j KUBE-FW-CDGGSHYLG3RE2FKL",
             "-A KUBE-FW-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http loadbalancer IP\" -s 203.0.113.0/25 -j KUBE-EXT-CDGGSHYLG3RE2FKL",
             "-A KUBE-FW-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http loadbalancer IP\" -s 192.168.0.0/24 -j KUBE-EXT-CDGGSHYLG3RE2FKL",
             "-A KUBE-FW-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http loadbalancer IP\" -s 198.51.100.1 -j KUBE-EXT-CDGGSHYLG3RE2FKL",
             "-A KUBE-FW-CDGGSHYLG3RE2FKL -m comment --comment \"other traffic to default/web:http will be dropped by KUBE-PROXY-FIREWALL\"",
+            "-A KUBE-SERVICES -m comment --comment \"default/web:http loadbalancer IP\" -m tcp -p tcp -d 198.51.100.1 --dport 80 -j KUBE-FW-CDGGSHYLG3RE2FKL",
         ]
     );
     // The NodePort goes straight to the EXT chain.
@@ -530,19 +530,11 @@ fn sctp_and_udp_match_their_own_protocol() {
         .build();
     let payload = render_with(&[service], &[slice], &config());
     assert_eq!(
-        lines_with(
-            &payload,
-            "-m sctp -p sctp -j DNAT --to-destination 10.244.2.1:9000"
-        )
-        .len(),
+        lines_with(&payload, "-p sctp -j DNAT --to-destination 10.244.2.1:9000").len(),
         1
     );
     assert_eq!(
-        lines_with(
-            &payload,
-            "-m udp -p udp -j DNAT --to-destination 10.244.2.1:53"
-        )
-        .len(),
+        lines_with(&payload, "-p udp -j DNAT --to-destination 10.244.2.1:53").len(),
         1
     );
     assert_eq!(
@@ -773,5 +765,111 @@ fn a_partial_render_inserts_and_deletes_dispatch_entries() {
         1,
         "{}",
         emptied.text
+    );
+}
+
+#[test]
+fn a_full_render_writes_ports_in_descending_chain_order_each_chain_declared_before_its_rules() {
+    // The order iptables-nft-restore needs to stay linear (see `render`).
+    let services: Vec<Service> = (0..20)
+        .map(|i| {
+            ServiceBuilder::new("default", &format!("svc-{i}"))
+                .cluster_ip(&format!("10.96.1.{i}"))
+                .type_("NodePort")
+                .port("http", 80, "TCP")
+                .node_port(30000 + i)
+                .build()
+        })
+        .collect();
+    let slices: Vec<EndpointSlice> = (0..20)
+        .map(|i| {
+            SliceBuilder::new("default", &format!("svc-{i}"), &format!("svc-{i}-1"))
+                .port("http", 8080, "TCP")
+                .endpoint(Ep::new(&format!("10.244.2.{i}")).node("node-b"))
+                .build()
+        })
+        .collect();
+    let payload = render_with(&services, &slices, &config());
+    let nat = payload.text.split("*nat\n").nth(1).expect("nat table");
+    // The hash of each service chain, in the order the chains first appear.
+    let mut seen: Vec<String> = Vec::new();
+    for line in nat.lines() {
+        let chain = line
+            .strip_prefix(':')
+            .or_else(|| line.strip_prefix("-A "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or("");
+        if !names::is_service_chain(chain) {
+            continue;
+        }
+        let hash = |c: &str| c.rsplit('-').next().unwrap().to_string();
+        if line.starts_with("-A ") {
+            assert!(
+                seen.last().is_some_and(|c| hash(c) == hash(chain)),
+                "{chain} has a rule outside its port's block or before its declaration"
+            );
+        } else {
+            seen.push(chain.to_string());
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        40,
+        "an EXT and a SVC chain per Service: {seen:?}"
+    );
+    let hashes: Vec<&str> = seen.iter().map(|c| c.rsplit('-').next().unwrap()).collect();
+    assert!(
+        hashes.windows(2).all(|w| w[0] >= w[1]),
+        "not in descending order: {hashes:?}"
+    );
+    // The NodePort catch-all is still the last rule of KUBE-SERVICES.
+    let last = nat
+        .lines()
+        .rfind(|l| l.starts_with("-A KUBE-SERVICES "))
+        .unwrap();
+    assert!(last.ends_with("-j KUBE-NODEPORTS"), "{last}");
+}
+
+#[test]
+fn stale_chains_are_flushed_before_deletion_and_endpoint_chains_go_one_by_one() {
+    let (model, _) = model::build(
+        &[web().build()],
+        &[slice(&[("10.244.2.1", "node-b")])],
+        &node(IpFamily::V4),
+        IpFamily::V4,
+    );
+    let stale: Vec<String> = [
+        "KUBE-SEP-AAAAAAAAAAAAAAAA",
+        "KUBE-SVC-OLDOLDOLDOLDOLDO",
+        "KUBE-SEP-ZZZZZZZZZZZZZZZZ",
+        "KUBE-EXT-OLDOLDOLDOLDOLDO",
+    ]
+    .map(String::from)
+    .to_vec();
+    let payload = render(
+        &model,
+        &config(),
+        &RenderOptions {
+            delete_nat_chains: &stale,
+            ..RenderOptions::default()
+        },
+    );
+    let tail: Vec<&str> = payload
+        .text
+        .lines()
+        .filter(|l| l.contains("OLD") || l.contains("KUBE-SEP-"))
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            ":KUBE-SVC-OLDOLDOLDOLDOLDO - [0:0]",
+            ":KUBE-EXT-OLDOLDOLDOLDOLDO - [0:0]",
+            "-X KUBE-SVC-OLDOLDOLDOLDOLDO",
+            "-X KUBE-EXT-OLDOLDOLDOLDOLDO",
+            ":KUBE-SEP-ZZZZZZZZZZZZZZZZ - [0:0]",
+            "-X KUBE-SEP-ZZZZZZZZZZZZZZZZ",
+            ":KUBE-SEP-AAAAAAAAAAAAAAAA - [0:0]",
+            "-X KUBE-SEP-AAAAAAAAAAAAAAAA",
+        ]
     );
 }
