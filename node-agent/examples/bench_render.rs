@@ -17,8 +17,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use causeway_agent::addr::IpFamily;
 use causeway_agent::config::ProxyOptions;
+use causeway_agent::model::cache::ModelCache;
 use causeway_agent::model::{self, LABEL_SERVICE_NAME, NodeInfo};
-use causeway_agent::rules::{self, RenderOptions};
+use causeway_agent::rules::{self, Applied, RenderOptions};
 
 #[derive(Parser)]
 struct Args {
@@ -176,6 +177,44 @@ fn main() {
         "model build from Service/EndpointSlice objects: {}",
         millis(build_time)
     );
+    // What `run` does per sync: the per-Service cache, after one slice
+    // changed (objects from the API carry resourceVersions).
+    let versioned = |mut meta: ObjectMeta| {
+        meta.resource_version = Some("1".into());
+        meta
+    };
+    let services: Vec<Service> = services
+        .into_iter()
+        .map(|mut s| {
+            s.metadata = versioned(s.metadata);
+            s
+        })
+        .collect();
+    let mut slices: Vec<EndpointSlice> = slices
+        .into_iter()
+        .map(|mut s| {
+            s.metadata = versioned(s.metadata);
+            s
+        })
+        .collect();
+    let mut cache = ModelCache::new(IpFamily::V4);
+    cache.build(&services, &slices, &node);
+    let mut times = Vec::new();
+    for run in 0..args.runs.max(1) {
+        let changed = &mut slices[run % s.max(1)];
+        changed.metadata.resource_version = Some(format!("{}", run + 2));
+        changed.endpoints.pop();
+        let start = Instant::now();
+        let (_, issues) = cache.build(&services, &slices, &node);
+        times.push(start.elapsed());
+        assert!(issues.is_empty() && cache.rebuilt == 1);
+    }
+    times.sort();
+    println!(
+        "incremental model build after one EndpointSlice changed: median {} ({} runs)",
+        millis(times[times.len() / 2]),
+        times.len()
+    );
 
     let options = ProxyOptions {
         cluster_cidrs: vec!["10.128.0.0/9".into()],
@@ -185,9 +224,7 @@ fn main() {
     let jumps = rules::builtin_jumps(&config);
     let render_options = RenderOptions {
         builtin_jumps: &jumps,
-        delete_nat_chains: &[],
-        only: None,
-        previous: None,
+        ..RenderOptions::default()
     };
     let mut times = Vec::new();
     let mut payload = rules::render(&model, &config, &render_options);
@@ -254,6 +291,10 @@ fn main() {
             delete_nat_chains: &payload.service_chains,
             only: Some(&only),
             previous: Some(&model),
+            applied: Some(Applied {
+                service_chains: &payload.service_chains,
+                nat_rules: payload.nat_total_rules,
+            }),
         },
     );
     println!(

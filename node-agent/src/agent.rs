@@ -31,9 +31,10 @@ use crate::conntrack;
 use crate::debug::{self, RulesLog};
 use crate::health::{self, BindFailure, ProxyHealth, ServiceHealth, ServiceHealthServers};
 use crate::metrics::Metrics;
-use crate::model::{self, Issue, Model, NodeInfo, Protocol, ServicePortName};
+use crate::model::cache::ModelCache;
+use crate::model::{Issue, Model, NodeInfo, Protocol, ServicePortName};
 use crate::netfilter::{Backend, Netfilter};
-use crate::rules::{self, RenderConfig, RenderOptions};
+use crate::rules::{self, Applied, RenderConfig, RenderOptions};
 
 /// Services kube-proxy does not program either: another proxy's, and
 /// headless ones (the model ignores them too; the selector saves the memory).
@@ -427,6 +428,11 @@ struct FamilyState {
     /// Per-service nat chains in the last applied payload; `None` until the
     /// first sync has read what exists.
     applied_chains: Option<Vec<String>>,
+    /// The nat rules the last applied payload left, the base of the next
+    /// partial sync's count.
+    applied_nat_rules: usize,
+    /// The model per Service, rebuilt only where an object changed.
+    model_cache: ModelCache,
     /// The model of the last applied payload: the base of partial syncs and
     /// of the conntrack cleanup. `None` forces a full sync.
     applied_model: Option<Arc<Model>>,
@@ -481,6 +487,8 @@ impl Syncer {
                 self.families.push(FamilyState {
                     netfilter: Netfilter::new(family, self.config.backend),
                     applied_chains: None,
+                    applied_nat_rules: 0,
+                    model_cache: ModelCache::new(family),
                     applied_model: None,
                     applied_config: None,
                     last_full: None,
@@ -495,7 +503,7 @@ impl Syncer {
         let mut rule_counts: BTreeMap<&str, usize> = BTreeMap::new();
         for state in &mut self.families {
             let family = state.netfilter.family;
-            let (model, model_issues) = model::build(&services, &slices, &node, family);
+            let (model, model_issues) = state.model_cache.build(&services, &slices, &node);
             issues.extend(model_issues);
             let render_config = match self.config.options.render_config(family, &node) {
                 Ok(c) => c,
@@ -564,6 +572,10 @@ impl Syncer {
                     delete_nat_chains: &previous,
                     only: (!full).then_some(&changed),
                     previous: state.applied_model.as_deref(),
+                    applied: state.applied_chains.as_deref().map(|chains| Applied {
+                        service_chains: chains,
+                        nat_rules: state.applied_nat_rules,
+                    }),
                 },
             );
             all_full &= full;
@@ -597,6 +609,7 @@ impl Syncer {
                         "synced"
                     );
                     state.applied_chains = Some(payload.service_chains);
+                    state.applied_nat_rules = payload.nat_total_rules;
                     // Only now do the new rules steer fresh packets, so only
                     // now may the stale flows go.
                     // After a (re)start the previous rules are unknown: every
@@ -727,6 +740,7 @@ fn wanted_families(options: &ProxyOptions, node: &NodeInfo) -> Vec<IpFamily> {
 mod tests {
     use super::*;
     use crate::config::DetectLocalMode;
+    use crate::model;
     use std::net::IpAddr;
 
     fn options(node_ips: &[&str], cidrs: &[&str]) -> ProxyOptions {

@@ -327,9 +327,7 @@ fn render_manifests(args: &RenderArgs) -> anyhow::Result<Rendered> {
         &config,
         &RenderOptions {
             builtin_jumps: &jumps,
-            delete_nat_chains: &[],
-            only: None,
-            previous: None,
+            ..RenderOptions::default()
         },
     );
     Ok(Rendered {

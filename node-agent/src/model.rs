@@ -779,6 +779,8 @@ fn topology_mode(candidates: &[CandidateEndpoint], node: &NodeInfo) -> TopologyM
     TopologyMode::None
 }
 
+pub mod cache;
+
 #[cfg(test)]
 pub(crate) mod fixtures;
 

@@ -41,9 +41,7 @@ fn render_case(name: &str, family: IpFamily) -> String {
         &config,
         &RenderOptions {
             builtin_jumps: &jumps,
-            delete_nat_chains: &[],
-            only: None,
-            previous: None,
+            ..RenderOptions::default()
         },
     );
     let problems = check(&payload.text);

@@ -283,6 +283,33 @@ pub struct RenderOptions<'a> {
     /// With `only`: the model last applied, whose dispatch rules for the
     /// ports in `only` are deleted where they differ from the new ones.
     pub previous: Option<&'a Model>,
+    /// With `only`: what the last applied payload left in the nat table.
+    /// Given it, a partial render touches only the ports in `only`;
+    /// without it, it walks every port to name and count what stays.
+    pub applied: Option<Applied<'a>>,
+}
+
+/// What a payload left in the nat table once applied, which is what a partial
+/// render edits.
+#[derive(Debug, Clone, Copy)]
+pub struct Applied<'a> {
+    /// [`Payload::service_chains`].
+    pub service_chains: &'a [String],
+    /// [`Payload::nat_total_rules`].
+    pub nat_rules: usize,
+}
+
+/// The port `key` of a model (sorted by name then protocol).
+fn find_port<'m>(
+    model: &'m Model,
+    name: &ServicePortName,
+    protocol: Protocol,
+) -> Option<&'m ServicePort> {
+    model
+        .service_ports
+        .binary_search_by(|p| (&p.name, p.protocol).cmp(&(name, protocol)))
+        .ok()
+        .map(|i| &model.service_ports[i])
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -547,15 +574,6 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
     let mut own = TableWriter::default();
     let mut port_filter = TableWriter::default();
     let mut port_nat = TableWriter::default();
-    let previous_ports: BTreeMap<(&ServicePortName, Protocol), &ServicePort> = options
-        .previous
-        .map(|m| {
-            m.service_ports
-                .iter()
-                .map(|p| ((&p.name, p.protocol), p))
-                .collect()
-        })
-        .unwrap_or_default();
     // The order of a full render is chosen for iptables-nft-restore, whose
     // cost is otherwise quadratic in the chains. Each command adds its chain
     // (and jump target) to a list kept sorted by name, found by walking it
@@ -565,20 +583,33 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
     // 3.5 s instead of 15 s at 10 000 × 10 (docs/benchmarks.md). All chains of
     // a port share the hash, and the order of dispatch entries is free (they
     // match different packets), so nothing else changes.
-    let chains: Vec<ServiceChains> = model
-        .service_ports
-        .iter()
-        .map(|p| ServiceChains::new(&p.name, p.protocol))
+    let fast = match (options.only, options.applied) {
+        (Some(only), Some(_)) => Some(only),
+        _ => None,
+    };
+    let ports: Vec<&ServicePort> = match fast {
+        Some(only) => only
+            .iter()
+            .filter_map(|(name, protocol)| find_port(model, name, *protocol))
+            .collect(),
+        None => model.service_ports.iter().collect(),
+    };
+    let mut ports: Vec<(&ServicePort, ServiceChains)> = ports
+        .into_iter()
+        .map(|p| (p, ServiceChains::new(&p.name, p.protocol)))
         .collect();
-    let mut order: Vec<usize> = (0..model.service_ports.len()).collect();
     if !partial {
-        order.sort_unstable_by(|&a, &b| chains[b].cluster.cmp(&chains[a].cluster));
+        ports.sort_unstable_by(|a, b| b.1.cluster.cmp(&a.1.cluster));
     }
-    for index in order {
-        let port = &model.service_ports[index];
+    // Rules the ports in `only` had before (a fast partial render counts
+    // the nat table as the applied count plus what changed).
+    let mut nat_rules_before: usize = 0;
+    let mut nat_rules_after: usize = 0;
+    for (port, chains) in &ports {
+        let port = *port;
         render_service_port(
             port,
-            &chains[index],
+            chains,
             &mut ctx,
             &mut port_filter,
             &mut port_nat,
@@ -591,8 +622,14 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
             continue;
         };
         if only.contains(&(port.name.clone(), port.protocol)) {
+            nat_rules_after += own.stats.rules + port_nat.stats.rules;
             nat.take_from(&mut own);
-            let before = previous_ports.get(&(&port.name, port.protocol)).copied();
+            let before = options
+                .previous
+                .and_then(|m| find_port(m, &port.name, port.protocol));
+            if let Some(before) = before {
+                nat_rules_before += nat_rule_count(before, &ctx);
+            }
             kept_rules += dispatch_delta(
                 before,
                 Some(port),
@@ -612,16 +649,12 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
     // Ports that are gone: their dispatch entries go too (their chains are
     // deleted through `delete_nat_chains`).
     if let Some(only) = options.only {
-        let present: BTreeSet<(&ServicePortName, Protocol)> = model
-            .service_ports
-            .iter()
-            .map(|p| (&p.name, p.protocol))
-            .collect();
         for (name, protocol) in only {
-            if present.contains(&(name, *protocol)) {
+            if find_port(model, name, *protocol).is_some() {
                 continue;
             }
-            if let Some(before) = previous_ports.get(&(name, *protocol)) {
+            if let Some(before) = options.previous.and_then(|m| find_port(m, name, *protocol)) {
+                nat_rules_before += nat_rule_count(before, &ctx);
                 kept_rules += dispatch_delta(
                     Some(before),
                     None,
@@ -665,8 +698,37 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
         filter.end();
     }
 
-    let nat_total_rules = (nat.stats.rules as isize + kept_rules).max(0) as usize;
-    delete_stale_chains(&mut nat, options.delete_nat_chains, &ctx.service_chains);
+    let (nat_total_rules, service_chains) = match (fast, options.applied) {
+        (Some(only), Some(applied)) => {
+            // The applied chains, less every chain the ports in `only` may
+            // have had (all four share the port's hash), plus what they have now.
+            let replaced: BTreeSet<String> = only
+                .iter()
+                .flat_map(|(name, protocol)| {
+                    let c = ServiceChains::new(name, *protocol);
+                    [c.cluster, c.local, c.external, c.firewall]
+                })
+                .collect();
+            let mut chains: Vec<String> = applied
+                .service_chains
+                .iter()
+                .filter(|c| !replaced.contains(*c))
+                .cloned()
+                .collect();
+            chains.append(&mut ctx.service_chains);
+            let before_hairpin = options.previous.map(hairpin_ips).unwrap_or_default();
+            let total = applied.nat_rules as isize + nat_rules_after as isize
+                - nat_rules_before as isize
+                + hairpin.len() as isize
+                - before_hairpin.len() as isize;
+            (total.max(0) as usize, chains)
+        }
+        _ => (
+            (nat.stats.rules as isize + kept_rules).max(0) as usize,
+            std::mem::take(&mut ctx.service_chains),
+        ),
+    };
+    delete_stale_chains(&mut nat, options.delete_nat_chains, &service_chains);
 
     for jump in options.builtin_jumps {
         let writer = match jump.table {
@@ -689,7 +751,7 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
         mangle,
         filter,
         nat,
-        service_chains: ctx.service_chains,
+        service_chains,
         nat_total_rules,
     }
 }
@@ -727,6 +789,30 @@ fn delete_stale_chains(nat: &mut TableWriter, stale: &[String], current: &[Strin
         nat.take_inline(&mut flushes);
         nat.line(&format!("-X {chain}"));
     }
+}
+
+/// The nat rules `port` has (its own chains' and its dispatch entries).
+fn nat_rule_count(port: &ServicePort, ctx: &ServiceContext<'_>) -> usize {
+    let mut scratch = ServiceContext {
+        config: ctx.config,
+        probabilities: probabilities(port.cluster_endpoints.len().max(port.local_endpoints.len())),
+        endpoint_comments: ctx.endpoint_comments,
+        local_if: ctx.local_if.clone(),
+        not_local_if: ctx.not_local_if.clone(),
+        service_chains: Vec::new(),
+    };
+    let mut filter = TableWriter::default();
+    let mut nat = TableWriter::default();
+    let mut own = TableWriter::default();
+    render_service_port(
+        port,
+        &ServiceChains::new(&port.name, port.protocol),
+        &mut scratch,
+        &mut filter,
+        &mut nat,
+        &mut own,
+    );
+    nat.stats.rules + own.stats.rules
 }
 
 /// The arguments of the hairpin masquerade rule for endpoint `ip`.
