@@ -2,14 +2,15 @@
 //!
 //! For each S it starts a one-node environment, creates S selector-less
 //! ClusterIP Services with one EndpointSlice of E (remote, fake) endpoints
-//! each through the apiserver, plus one real Service `zz-target` (sorted
-//! last, so its dispatch entry is the last one a packet reaches) backed by an
-//! echo pod, then starts the agent in the node namespace and reports:
+//! each through the apiserver, plus one real Service backed by an echo pod,
+//! named so that its dispatch entry is the last one a packet reaches (the
+//! agent writes them in descending order of the chain hash; the bench checks
+//! the position in the applied ruleset), then starts the agent in the node namespace and reports:
 //! the first (full) sync's duration, the agent's RSS, the network programming
 //! latency of endpoint changes (API write → sync applied, read from the
 //! agent's `kubeproxy_sync_proxy_rules_last_timestamp_seconds`) with the
 //! restore payload size of those syncs, and the first-connection latency to
-//! `zz-target` from a pod (median/p90/p99 of 1 000 connects).
+//! the target from a pod (median/p90/p99 of 1 000 connects).
 //!
 //! Run as root: `cargo build --release -p causeway-agent -p causeway-tests`
 //! then `target/release/bench-agent [--services 100,10000] [--endpoints 10]`.
@@ -20,6 +21,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use causeway_agent::model::{Protocol, ServicePortName};
+use causeway_agent::rules::names::ServiceChains;
 use causeway_tests::cluster::{Cluster, ClusterOptions};
 use causeway_tests::paths::workspace_bin;
 use causeway_tests::{metrics, netns};
@@ -160,14 +163,35 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<S
     for result in creates {
         result?;
     }
+    // The smallest hash goes last; find a name whose chain hash is below all.
+    let chain_of = |name: &str, port: &str| {
+        ServiceChains::new(
+            &ServicePortName {
+                namespace: "default".into(),
+                name: name.into(),
+                port: port.into(),
+            },
+            Protocol::Tcp,
+        )
+        .cluster
+    };
+    let lowest = (0..count)
+        .map(|i| chain_of(&format!("svc-{i:05}"), "http"))
+        .min()
+        .unwrap_or_default();
+    let target_name = (0..)
+        .map(|k| format!("target-{k}"))
+        .find(|name| count == 0 || chain_of(name, "") < lowest)
+        .expect("some name hashes lowest");
+    let target_chain = chain_of(&target_name, "");
     let target: Service = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": "zz-target"},
+        "metadata": {"name": target_name},
         "spec": {"selector": {"app": "target"}, "ports": [{"port": 80, "targetPort": 80}]}
     }))?;
     services.create(&PostParams::default(), &target).await?;
     let target_ip = services
-        .get("zz-target")
+        .get(&target_name)
         .await?
         .spec
         .and_then(|s| s.cluster_ip)
@@ -280,6 +304,23 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<S
     };
     let (rss, peak) = (kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0);
 
+    // Where the target's entry sits among the Services' entries in nat
+    // KUBE-SERVICES, as applied.
+    let save = netns::exec_in(&node.netns, "iptables-save", &["-t", "nat"])?;
+    let entries: Vec<&str> = save
+        .lines()
+        .filter(|l| l.starts_with("-A KUBE-SERVICES ") && l.contains("-j KUBE-SVC-"))
+        .collect();
+    let position = entries
+        .iter()
+        .position(|l| l.ends_with(&format!("-j {target_chain}")))
+        .context("the target has no dispatch entry")?;
+    eprintln!(
+        "S = {count}: the target's entry is number {} of {} in nat KUBE-SERVICES",
+        position + 1,
+        entries.len()
+    );
+
     let echo = workspace_bin("causeway-echo").display().to_string();
     let out = netns::exec_in(
         &client_pod.netns,
@@ -293,7 +334,7 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<S
     )?;
     let connect: Vec<&str> = out.split_whitespace().collect();
     if connect.get(3).is_some_and(|f| *f != "0") {
-        bail!("{} of the connections to zz-target failed", connect[3]);
+        bail!("{} of the connections to the target failed", connect[3]);
     }
     drop(target_pod);
     Ok(format!(
