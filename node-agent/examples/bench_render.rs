@@ -19,7 +19,7 @@ use causeway_agent::addr::IpFamily;
 use causeway_agent::config::ProxyOptions;
 use causeway_agent::model::cache::ModelCache;
 use causeway_agent::model::{self, LABEL_SERVICE_NAME, NodeInfo};
-use causeway_agent::rules::{self, Applied, RenderOptions};
+use causeway_agent::rules::{self, Partial, RenderOptions};
 
 #[derive(Parser)]
 struct Args {
@@ -289,11 +289,11 @@ fn main() {
         &RenderOptions {
             builtin_jumps: &[],
             delete_nat_chains: &payload.service_chains,
-            only: Some(&only),
-            previous: Some(&model),
-            applied: Some(Applied {
-                service_chains: &payload.service_chains,
-                nat_rules: payload.nat_total_rules,
+            partial: Some(Partial {
+                only: &only,
+                previous: &model,
+                applied_chains: &payload.service_chains,
+                applied_nat_rules: payload.nat_total_rules,
             }),
         },
     );

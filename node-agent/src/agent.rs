@@ -9,6 +9,7 @@
 //! replaced atomically, nothing is flushed first, so traffic never sees an
 //! empty ruleset, not even across an agent restart.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,7 +35,7 @@ use crate::metrics::Metrics;
 use crate::model::cache::ModelCache;
 use crate::model::{Issue, Model, NodeInfo, Protocol, ServicePortName};
 use crate::netfilter::{Backend, Netfilter};
-use crate::rules::{self, Applied, RenderConfig, RenderOptions};
+use crate::rules::{self, Partial, RenderConfig, RenderOptions};
 
 /// Services kube-proxy does not program either: another proxy's, and
 /// headless ones (the model ignores them too; the selector saves the memory).
@@ -521,13 +522,13 @@ impl Syncer {
                     }
                 }
             }
-            let previous = match &state.applied_chains {
-                Some(chains) => chains.clone(),
+            let previous: Cow<'_, [String]> = match &state.applied_chains {
+                Some(chains) => Cow::Borrowed(chains),
                 None => match state.netfilter.existing_service_chains() {
-                    Ok(chains) => chains,
+                    Ok(chains) => Cow::Owned(chains),
                     Err(e) => {
                         warn!(error = %e, "cannot list existing chains; stale ones stay until the next start");
-                        Vec::new()
+                        Cow::Owned(Vec::new())
                     }
                 },
             };
@@ -570,12 +571,15 @@ impl Syncer {
                 &RenderOptions {
                     builtin_jumps: &jumps,
                     delete_nat_chains: &previous,
-                    only: (!full).then_some(&changed),
-                    previous: state.applied_model.as_deref(),
-                    applied: state.applied_chains.as_deref().map(|chains| Applied {
-                        service_chains: chains,
-                        nat_rules: state.applied_nat_rules,
-                    }),
+                    partial: match (&state.applied_model, &state.applied_chains) {
+                        (Some(model), Some(chains)) if !full => Some(Partial {
+                            only: &changed,
+                            previous: model,
+                            applied_chains: chains,
+                            applied_nat_rules: state.applied_nat_rules,
+                        }),
+                        _ => None,
+                    },
                 },
             );
             all_full &= full;
@@ -602,6 +606,7 @@ impl Syncer {
                         full,
                         rewritten_service_ports = if full { model.service_ports.len() } else { changed.len() },
                         service_ports = model.service_ports.len(),
+                        rebuilt_services = state.model_cache.rebuilt,
                         nat_rules = payload.nat.rules,
                         filter_rules = payload.filter.rules,
                         bytes = payload.text.len(),

@@ -11,7 +11,7 @@ use anyhow::{Result, bail};
 use causeway_agent::addr::IpFamily;
 use causeway_agent::manifests;
 use causeway_agent::model::{self, Model, NodeInfo};
-use causeway_agent::rules::{self, RenderConfig, RenderOptions};
+use causeway_agent::rules::{self, Partial, RenderConfig, RenderOptions};
 use causeway_tests::netns;
 
 struct Namespace(String);
@@ -211,9 +211,13 @@ fn a_partial_sync_ends_where_a_full_sync_would_with_both_backends() -> Result<()
         &after,
         &config,
         &RenderOptions {
-            only: Some(&changed),
-            previous: Some(&before),
             delete_nat_chains: &first.service_chains,
+            partial: Some(Partial {
+                only: &changed,
+                previous: &before,
+                applied_chains: &first.service_chains,
+                applied_nat_rules: first.nat_total_rules,
+            }),
             ..RenderOptions::default()
         },
     );

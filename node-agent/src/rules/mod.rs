@@ -275,28 +275,23 @@ pub struct RenderOptions<'a> {
     /// Per-service nat chains applied before and no longer wanted: flushed and
     /// deleted in the same transaction.
     pub delete_nat_chains: &'a [String],
-    /// A partial sync: write the own chains (`KUBE-SVC-`, `KUBE-SVL-`,
-    /// `KUBE-EXT-`, `KUBE-FW-`) of these service ports only; every other port's
-    /// chains stay as applied before, untouched by `--noflush`. The dispatch
-    /// chains are always written whole. `None` writes everything.
-    pub only: Option<&'a BTreeSet<(ServicePortName, Protocol)>>,
-    /// With `only`: the model last applied, whose dispatch rules for the
-    /// ports in `only` are deleted where they differ from the new ones.
-    pub previous: Option<&'a Model>,
-    /// With `only`: what the last applied payload left in the nat table.
-    /// Given it, a partial render touches only the ports in `only`;
-    /// without it, it walks every port to name and count what stays.
-    pub applied: Option<Applied<'a>>,
+    /// A partial sync; `None` writes everything.
+    pub partial: Option<Partial<'a>>,
 }
 
-/// What a payload left in the nat table once applied, which is what a partial
-/// render edits.
+/// A partial sync: the own chains (`KUBE-SVC-`, `KUBE-SVL-`, `KUBE-EXT-`,
+/// `KUBE-FW-`) of the ports in `only` are written whole, their dispatch
+/// entries and the hairpin rules as a delta against `previous`; every other
+/// port's chains and entries stay as applied, untouched by `--noflush`.
 #[derive(Debug, Clone, Copy)]
-pub struct Applied<'a> {
-    /// [`Payload::service_chains`].
-    pub service_chains: &'a [String],
-    /// [`Payload::nat_total_rules`].
-    pub nat_rules: usize,
+pub struct Partial<'a> {
+    pub only: &'a BTreeSet<(ServicePortName, Protocol)>,
+    /// The model last applied.
+    pub previous: &'a Model,
+    /// [`Payload::service_chains`] of the payload last applied.
+    pub applied_chains: &'a [String],
+    /// [`Payload::nat_total_rules`] of the payload last applied.
+    pub applied_nat_rules: usize,
 }
 
 /// The port `key` of a model (sorted by name then protocol).
@@ -453,7 +448,7 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
 
     // A partial render edits the dispatch chains rule by rule instead of
     // declaring (and so flushing) them.
-    let partial = options.only.is_some();
+    let partial = options.partial.is_some();
     for chain in [
         KUBE_SERVICES,
         KUBE_EXTERNAL_SERVICES,
@@ -518,30 +513,28 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
     // A partial render leaves these chains alone (they follow from the
     // configuration, which has not changed) except for the hairpin rules,
     // which follow the endpoints and are edited one by one, new ones first
-    // (they must precede KUBE-POSTROUTING's RETURN). The rest is only
-    // counted.
-    let mut kept_rules: isize = 0;
+    // (they must precede KUBE-POSTROUTING's RETURN).
+    let previous_hairpin = options
+        .partial
+        .map(|p| hairpin_ips(p.previous))
+        .unwrap_or_default();
     if partial {
-        kept_rules += nat.stats.rules as isize;
         filter.clear();
         nat.clear();
         mangle.clear();
-        let before = options.previous.map(hairpin_ips).unwrap_or_default();
-        for ip in before.difference(&hairpin) {
+        for ip in previous_hairpin.difference(&hairpin) {
             nat.line(&format!(
                 "-D {KUBE_POSTROUTING}{}",
                 hairpin_spec(ip, random_fully)
             ));
             nat.stats.rules += 1;
-            kept_rules -= 1;
         }
-        for ip in hairpin.difference(&before) {
+        for ip in hairpin.difference(&previous_hairpin) {
             nat.line(&format!(
                 "-I {KUBE_POSTROUTING} 1{}",
                 hairpin_spec(ip, random_fully)
             ));
             nat.stats.rules += 1;
-            kept_rules -= 1;
         }
     }
 
@@ -583,12 +576,9 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
     // 3.5 s instead of 15 s at 10 000 × 10 (docs/benchmarks.md). All chains of
     // a port share the hash, and the order of dispatch entries is free (they
     // match different packets), so nothing else changes.
-    let fast = match (options.only, options.applied) {
-        (Some(only), Some(_)) => Some(only),
-        _ => None,
-    };
-    let ports: Vec<&ServicePort> = match fast {
-        Some(only) => only
+    let ports: Vec<&ServicePort> = match options.partial {
+        Some(p) => p
+            .only
             .iter()
             .filter_map(|(name, protocol)| find_port(model, name, *protocol))
             .collect(),
@@ -601,8 +591,8 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
     if !partial {
         ports.sort_unstable_by(|a, b| b.1.cluster.cmp(&a.1.cluster));
     }
-    // Rules the ports in `only` had before (a fast partial render counts
-    // the nat table as the applied count plus what changed).
+    // The nat rules the ports in `only` had before and have now: a partial
+    // render counts the table as what was applied plus the difference.
     let mut nat_rules_before: usize = 0;
     let mut nat_rules_after: usize = 0;
     for (port, chains) in &ports {
@@ -615,65 +605,45 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
             &mut port_nat,
             &mut own,
         );
-        let Some(only) = options.only else {
+        let Some(p) = options.partial else {
             filter.take_from(&mut port_filter);
             nat.take_inline(&mut own);
             nat.take_inline(&mut port_nat);
             continue;
         };
-        if only.contains(&(port.name.clone(), port.protocol)) {
-            nat_rules_after += own.stats.rules + port_nat.stats.rules;
-            nat.take_from(&mut own);
-            let before = options
-                .previous
-                .and_then(|m| find_port(m, &port.name, port.protocol));
-            if let Some(before) = before {
-                nat_rules_before += nat_rule_count(before, &ctx);
+        nat_rules_after += own.stats.rules + port_nat.stats.rules;
+        nat.take_from(&mut own);
+        nat_rules_before += dispatch_delta(
+            find_port(p.previous, &port.name, port.protocol),
+            Some(port),
+            &ctx,
+            &mut port_filter,
+            &mut port_nat,
+            &mut filter,
+            &mut nat,
+        );
+    }
+    // Ports that are gone: their dispatch entries go too (their chains are
+    // deleted through `delete_nat_chains`).
+    if let Some(p) = options.partial {
+        for (name, protocol) in p.only {
+            if find_port(model, name, *protocol).is_some() {
+                continue;
             }
-            kept_rules += dispatch_delta(
-                before,
-                Some(port),
+            nat_rules_before += dispatch_delta(
+                find_port(p.previous, name, *protocol),
+                None,
                 &ctx,
                 &mut port_filter,
                 &mut port_nat,
                 &mut filter,
                 &mut nat,
             );
-        } else {
-            kept_rules += (own.stats.rules + port_nat.stats.rules) as isize;
-            own.clear();
-            port_filter.clear();
-            port_nat.clear();
-        }
-    }
-    // Ports that are gone: their dispatch entries go too (their chains are
-    // deleted through `delete_nat_chains`).
-    if let Some(only) = options.only {
-        for (name, protocol) in only {
-            if find_port(model, name, *protocol).is_some() {
-                continue;
-            }
-            if let Some(before) = options.previous.and_then(|m| find_port(m, name, *protocol)) {
-                nat_rules_before += nat_rule_count(before, &ctx);
-                kept_rules += dispatch_delta(
-                    Some(before),
-                    None,
-                    &ctx,
-                    &mut port_filter,
-                    &mut port_nat,
-                    &mut filter,
-                    &mut nat,
-                );
-            }
         }
     }
 
-    if partial {
-        // Unchanged, since the configuration is; counted, not written.
-        let mut nodeports = TableWriter::default();
-        render_nodeports_jump(config, &mut nodeports);
-        kept_rules += nodeports.stats.rules as isize;
-    } else {
+    // A partial render leaves it: it follows from the configuration.
+    if !partial {
         render_nodeports_jump(config, &mut nat);
     }
 
@@ -698,35 +668,30 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
         filter.end();
     }
 
-    let (nat_total_rules, service_chains) = match (fast, options.applied) {
-        (Some(only), Some(applied)) => {
+    let (nat_total_rules, service_chains) = match options.partial {
+        Some(p) => {
             // The applied chains, less every chain the ports in `only` may
             // have had (all four share the port's hash), plus what they have now.
-            let replaced: BTreeSet<String> = only
+            let replaced: BTreeSet<String> = p
+                .only
                 .iter()
                 .flat_map(|(name, protocol)| {
                     let c = ServiceChains::new(name, *protocol);
                     [c.cluster, c.local, c.external, c.firewall]
                 })
                 .collect();
-            let mut chains: Vec<String> = applied
-                .service_chains
+            let mut chains: Vec<String> = p
+                .applied_chains
                 .iter()
                 .filter(|c| !replaced.contains(*c))
                 .cloned()
                 .collect();
             chains.append(&mut ctx.service_chains);
-            let before_hairpin = options.previous.map(hairpin_ips).unwrap_or_default();
-            let total = applied.nat_rules as isize + nat_rules_after as isize
-                - nat_rules_before as isize
-                + hairpin.len() as isize
-                - before_hairpin.len() as isize;
-            (total.max(0) as usize, chains)
+            let total = (p.applied_nat_rules + nat_rules_after + hairpin.len())
+                .saturating_sub(nat_rules_before + previous_hairpin.len());
+            (total, chains)
         }
-        _ => (
-            (nat.stats.rules as isize + kept_rules).max(0) as usize,
-            std::mem::take(&mut ctx.service_chains),
-        ),
+        None => (nat.stats.rules, std::mem::take(&mut ctx.service_chains)),
     };
     delete_stale_chains(&mut nat, options.delete_nat_chains, &service_chains);
 
@@ -791,30 +756,6 @@ fn delete_stale_chains(nat: &mut TableWriter, stale: &[String], current: &[Strin
     }
 }
 
-/// The nat rules `port` has (its own chains' and its dispatch entries).
-fn nat_rule_count(port: &ServicePort, ctx: &ServiceContext<'_>) -> usize {
-    let mut scratch = ServiceContext {
-        config: ctx.config,
-        probabilities: probabilities(port.cluster_endpoints.len().max(port.local_endpoints.len())),
-        endpoint_comments: ctx.endpoint_comments,
-        local_if: ctx.local_if.clone(),
-        not_local_if: ctx.not_local_if.clone(),
-        service_chains: Vec::new(),
-    };
-    let mut filter = TableWriter::default();
-    let mut nat = TableWriter::default();
-    let mut own = TableWriter::default();
-    render_service_port(
-        port,
-        &ServiceChains::new(&port.name, port.protocol),
-        &mut scratch,
-        &mut filter,
-        &mut nat,
-        &mut own,
-    );
-    nat.stats.rules + own.stats.rules
-}
-
 /// The arguments of the hairpin masquerade rule for endpoint `ip`.
 fn hairpin_spec(ip: &IpAddr, random_fully: &str) -> String {
     format!(
@@ -832,10 +773,9 @@ const FILTER_DISPATCH: [&str; 4] = [
 const NAT_DISPATCH: [&str; 2] = [KUBE_SERVICES, KUBE_NODEPORTS];
 
 /// Writes the edits that turn `before`'s dispatch entries into `after`'s
-/// (either may be absent) into `filter` and `nat`; returns how the nat
-/// table's rule count differs from the lines written (entries that stay,
-/// minus the `-D` lines). `port_filter`/`port_nat` hold `after`'s
-/// entries on entry and are left empty.
+/// (either may be absent) into `filter` and `nat`; returns the nat rules
+/// `before` had (its own chains' and its entries). `port_filter`/`port_nat`
+/// hold `after`'s entries on entry and are left empty.
 fn dispatch_delta(
     before: Option<&ServicePort>,
     after: Option<&ServicePort>,
@@ -844,9 +784,10 @@ fn dispatch_delta(
     port_nat: &mut TableWriter,
     filter: &mut TableWriter,
     nat: &mut TableWriter,
-) -> isize {
+) -> usize {
     let mut old_filter = TableWriter::default();
     let mut old_nat = TableWriter::default();
+    let mut old_own = TableWriter::default();
     if let Some(before) = before {
         // The previous entries, rendered as they were applied; the scratch
         // context keeps this from counting as a chain of the new model.
@@ -864,7 +805,6 @@ fn dispatch_delta(
             not_local_if: ctx.not_local_if.clone(),
             service_chains: Vec::new(),
         };
-        let mut old_own = TableWriter::default();
         render_service_port(
             before,
             &ServiceChains::new(&before.name, before.protocol),
@@ -878,10 +818,9 @@ fn dispatch_delta(
         port_filter.clear();
         port_nat.clear();
     }
-    let mut kept: isize = 0;
-    for (old, new, out, is_nat) in [
-        (&old_filter, &*port_filter, &mut *filter, false),
-        (&old_nat, &*port_nat, &mut *nat, true),
+    for (old, new, out) in [
+        (&old_filter, &*port_filter, &mut *filter),
+        (&old_nat, &*port_nat, &mut *nat),
     ] {
         let old_lines: Vec<&str> = old.rules.lines().collect();
         let new_lines: Vec<&str> = new.rules.lines().collect();
@@ -891,13 +830,11 @@ fn dispatch_delta(
             {
                 out.line(&format!("-D {rule}"));
                 out.stats.rules += 1;
-                kept -= isize::from(is_nat);
             }
         }
         for line in &new_lines {
-            if old_lines.contains(line) {
-                kept += isize::from(is_nat);
-            } else if let Some(rule) = line.strip_prefix("-A ")
+            if !old_lines.contains(line)
+                && let Some(rule) = line.strip_prefix("-A ")
                 && let Some((chain, spec)) = rule.split_once(' ')
             {
                 out.line(&format!("-I {chain} 1 {spec}"));
@@ -907,7 +844,7 @@ fn dispatch_delta(
     }
     port_filter.clear();
     port_nat.clear();
-    kept
+    old_nat.stats.rules + old_own.stats.rules
 }
 
 /// Endpoint IPs that may be on this node and so may reach themselves through a
