@@ -20,9 +20,9 @@ use super::observe::filter;
 use super::{Aws, AwsError, AwsErrorKind};
 use crate::model::{
     HealthCheck, HealthCheckPort, HealthCheckProtocol, Listener, Observed, ObservedListener,
-    ObservedLoadBalancer, ObservedSecurityGroup, ObservedSecurityGroupRef, ObservedSubnetMapping,
-    ObservedTargetGroup, RuleSource, SecurityGroupRef, SecurityGroupSelection, SgRule,
-    SubnetMapping, SubnetRef, Target, TargetGroupIpAddressType,
+    ObservedLoadBalancer, ObservedSecurityGroup, ObservedSecurityGroupRef, ObservedSgRule,
+    ObservedSubnetMapping, ObservedTargetGroup, RuleSource, SecurityGroupRef,
+    SecurityGroupSelection, SgRule, SubnetMapping, SubnetRef, Target, TargetGroupIpAddressType,
 };
 use crate::plan::{Action, Ref, SgRef, listener_key};
 
@@ -781,19 +781,7 @@ fn apply(action: &Action, known: &Known, state: &mut Observed) {
             });
         }
         Action::AuthorizeIngress { group, rules } => {
-            let list = match group {
-                SgRef::Nodes => Some(&mut state.backend_rules),
-                SgRef::Id(id) => state
-                    .security_groups
-                    .iter_mut()
-                    .find(|g| &g.id == id)
-                    .map(|g| &mut g.ingress),
-                SgRef::New(name) => state
-                    .security_groups
-                    .iter_mut()
-                    .find(|g| &g.name == name)
-                    .map(|g| &mut g.ingress),
-            };
+            let list = ingress_mut(state, group);
             if let Some(list) = list {
                 for rule in rules {
                     if !list.iter().any(|h| h.rule.same_traffic(rule)) {
@@ -804,19 +792,7 @@ fn apply(action: &Action, known: &Known, state: &mut Observed) {
             }
         }
         Action::RevokeIngress { group, rules } => {
-            let list = match group {
-                SgRef::Nodes => Some(&mut state.backend_rules),
-                SgRef::Id(id) => state
-                    .security_groups
-                    .iter_mut()
-                    .find(|g| &g.id == id)
-                    .map(|g| &mut g.ingress),
-                SgRef::New(name) => state
-                    .security_groups
-                    .iter_mut()
-                    .find(|g| &g.name == name)
-                    .map(|g| &mut g.ingress),
-            };
+            let list = ingress_mut(state, group);
             if let Some(list) = list {
                 list.retain(|h| !rules.iter().any(|r| r.rule.same_traffic(&h.rule)));
             }
@@ -992,6 +968,24 @@ fn load_balancer_mut<'a>(
     arn: &str,
 ) -> Option<&'a mut ObservedLoadBalancer> {
     state.load_balancers.iter_mut().find(|l| l.arn == arn)
+}
+
+/// The ingress rules of `group` as observed: the nodes' backend rules, or a
+/// security group's found by id or (just created) by name.
+fn ingress_mut<'a>(state: &'a mut Observed, group: &SgRef) -> Option<&'a mut Vec<ObservedSgRule>> {
+    match group {
+        SgRef::Nodes => Some(&mut state.backend_rules),
+        SgRef::Id(id) => state
+            .security_groups
+            .iter_mut()
+            .find(|g| &g.id == id)
+            .map(|g| &mut g.ingress),
+        SgRef::New(name) => state
+            .security_groups
+            .iter_mut()
+            .find(|g| &g.name == name)
+            .map(|g| &mut g.ingress),
+    }
 }
 
 fn target_group_mut<'a>(state: &'a mut Observed, arn: &str) -> Option<&'a mut ObservedTargetGroup> {
