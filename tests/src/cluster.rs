@@ -90,6 +90,20 @@ pub struct AwsSeed {
     pub instances: Vec<SeedInstance>,
 }
 
+impl AwsSeed {
+    /// The ids of the subnets with `role` (`elb`, `internal-elb`, …), sorted.
+    pub fn subnet_ids(&self, role: &str) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .subnets
+            .iter()
+            .filter(|s| s.role == role)
+            .map(|s| s.id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SeedSubnet {
     pub id: String,
@@ -678,6 +692,32 @@ impl Cluster {
         }
         self.children.lock().expect("children lock").push(child);
         Ok(pid)
+    }
+
+    /// Starts `causeway-agent run` (the binary at `program`) in `node`'s
+    /// namespace, pointed at this environment (`--node-name`, `--kubeconfig`,
+    /// `--cluster-cidr`), then `extra`; like [`Cluster::spawn_in`] otherwise.
+    pub fn spawn_agent(
+        &self,
+        node: &str,
+        log_name: &str,
+        program: &Path,
+        extra: &[&str],
+    ) -> Result<u32> {
+        let netns = self.node(node).netns.clone();
+        let kubeconfig = self.kubeconfig().display().to_string();
+        let cluster_cidr = self.cluster_cidr();
+        let mut args = vec![
+            "run",
+            "--node-name",
+            node,
+            "--kubeconfig",
+            &kubeconfig,
+            "--cluster-cidr",
+            &cluster_cidr,
+        ];
+        args.extend_from_slice(extra);
+        self.spawn_in(&netns, log_name, program, &args)
     }
 
     /// Starts a long-running program in the host namespace (where the apiserver

@@ -190,18 +190,15 @@ pub fn plan(cluster: &Cluster, args: &[&str]) -> Result<String> {
 
 /// Deletes, behind the controller's back, every load balancer tagged with `uid`.
 pub fn delete_load_balancers_of(cluster: &Cluster, uid: &str) -> Result<()> {
-    let script = format!(
+    let snippet = format!(
         r#"
-import boto3
-elb = boto3.client('elbv2', endpoint_url='{endpoint}', region_name='{REGION}', aws_access_key_id='testing', aws_secret_access_key='testing')
 for lb in elb.describe_load_balancers()['LoadBalancers']:
     tags = elb.describe_tags(ResourceArns=[lb['LoadBalancerArn']])['TagDescriptions'][0]['Tags']
     if any(t['Key'] == 'causeway.dev/service-uid' and t['Value'] == '{uid}' for t in tags):
         elb.delete_load_balancer(LoadBalancerArn=lb['LoadBalancerArn'])
-"#,
-        endpoint = cluster.aws_endpoint(),
+"#
     );
-    run_python(&crate::cluster::moto_venv()?.join("bin/python"), &script)?;
+    moto_python(cluster, &snippet)?;
     Ok(())
 }
 
@@ -237,29 +234,27 @@ fn http_get(port: u16, path: &str) -> Result<String> {
     Ok(body.to_string())
 }
 
+/// The ports of the rules on the nodes' security group in an
+/// [`aws_resources_of`] snapshot (the rules whose description names the UID).
+pub fn node_sg_rule_ports(cluster: &Cluster, aws: &Value) -> Vec<u64> {
+    aws["rules_naming_uid"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["group"] == cluster.aws().node_security_group.as_str())
+        .filter_map(|r| r["port"].as_u64())
+        .collect()
+}
+
 /// Everything in moto tagged with `causeway.dev/service-uid=<uid>`: load
 /// balancers (with tags, attributes, subnets, security groups and listeners
 /// with their TLS settings and attributes), target groups (with tags,
 /// attributes, health check and registered targets), security groups, and the rules on
 /// any security group whose description names the UID.
 pub fn aws_resources_of(cluster: &Cluster, uid: &str) -> Result<Value> {
-    let script = format!(
+    let body = format!(
         r#"
-import boto3, json
-kw = dict(endpoint_url='{endpoint}', region_name='{REGION}', aws_access_key_id='testing', aws_secret_access_key='testing')
-elb = boto3.client('elbv2', **kw)
-ec2 = boto3.client('ec2', **kw)
 uid = '{uid}'
-def tags_of(arns):
-    out = {{}}
-    for i in range(0, len(arns), 20):
-        for d in elb.describe_tags(ResourceArns=arns[i:i+20])['TagDescriptions']:
-            out[d['ResourceArn']] = {{t['Key']: t['Value'] for t in d['Tags']}}
-    return out
-lbs = [lb for page in elb.get_paginator('describe_load_balancers').paginate() for lb in page['LoadBalancers']]
-tgs = [tg for page in elb.get_paginator('describe_target_groups').paginate() for tg in page['TargetGroups']]
-lb_tags = tags_of([lb['LoadBalancerArn'] for lb in lbs])
-tg_tags = tags_of([tg['TargetGroupArn'] for tg in tgs])
 out = {{'load_balancers': [], 'target_groups': [], 'security_groups': [], 'rules_naming_uid': []}}
 for lb in lbs:
     t = lb_tags.get(lb['LoadBalancerArn'], {{}})
@@ -309,21 +304,21 @@ for sg in ec2.describe_security_groups()['SecurityGroups']:
                 out['rules_naming_uid'].append({{'group': sg['GroupId'], 'port': p.get('FromPort'),
                                                  'description': source.get('Description')}})
 print(json.dumps(out))
-"#,
-        endpoint = cluster.aws_endpoint(),
+"#
     );
-    let python = crate::cluster::moto_venv()?.join("bin/python");
-    let out = read_snapshot(&python, &script)?;
+    let out = read_snapshot(cluster, &body)?;
     Ok(serde_json::from_str(out.trim())?)
 }
 
-/// Runs a read-only inventory script. The controller may delete a resource
+/// Runs `body` after [`moto_python`]'s clients and [`MOTO_LISTING`]: a
+/// read-only inventory script. The controller may delete a resource
 /// between the script's list and its per-resource reads (moto answers
 /// `…NotFound`); such a snapshot is simply taken again.
-fn read_snapshot(python: &Path, script: &str) -> Result<String> {
+fn read_snapshot(cluster: &Cluster, body: &str) -> Result<String> {
+    let script = format!("{MOTO_LISTING}{body}");
     let mut attempt = 0;
     loop {
-        match run_python(python, script) {
+        match moto_python(cluster, &script) {
             Err(e) if attempt < 5 && e.to_string().contains("NotFound") => {
                 attempt += 1;
                 std::thread::sleep(std::time::Duration::from_millis(200));
@@ -350,36 +345,21 @@ fn run_python(python: &Path, script: &str) -> Result<String> {
 /// SG rules whose description names the UID (`rule`). What a leak or a
 /// duplicate would show up in.
 pub fn tagged_inventory(cluster: &Cluster) -> Result<BTreeMap<String, BTreeMap<String, u64>>> {
-    let script = format!(
-        r#"
-import boto3, json, collections
-kw = dict(endpoint_url='{endpoint}', region_name='{REGION}', aws_access_key_id='testing', aws_secret_access_key='testing')
-elb = boto3.client('elbv2', **kw)
-ec2 = boto3.client('ec2', **kw)
+    let body = r#"
 KEY = 'causeway.dev/service-uid'
 out = collections.defaultdict(lambda: collections.defaultdict(int))
-def tags_of(arns):
-    res = {{}}
-    for i in range(0, len(arns), 20):
-        for d in elb.describe_tags(ResourceArns=arns[i:i+20])['TagDescriptions']:
-            res[d['ResourceArn']] = {{t['Key']: t['Value'] for t in d['Tags']}}
-    return res
-lbs = [lb for page in elb.get_paginator('describe_load_balancers').paginate() for lb in page['LoadBalancers']]
-tgs = [tg for page in elb.get_paginator('describe_target_groups').paginate() for tg in page['TargetGroups']]
-lb_tags = tags_of([lb['LoadBalancerArn'] for lb in lbs])
-tg_tags = tags_of([tg['TargetGroupArn'] for tg in tgs])
 for lb in lbs:
-    uid = lb_tags.get(lb['LoadBalancerArn'], {{}}).get(KEY)
+    uid = lb_tags.get(lb['LoadBalancerArn'], {}).get(KEY)
     if uid:
         out[uid]['lb'] += 1
         out[uid]['listener'] += len(elb.describe_listeners(LoadBalancerArn=lb['LoadBalancerArn'])['Listeners'])
 for tg in tgs:
-    uid = tg_tags.get(tg['TargetGroupArn'], {{}}).get(KEY)
+    uid = tg_tags.get(tg['TargetGroupArn'], {}).get(KEY)
     if uid:
         out[uid]['tg'] += 1
         out[uid]['target'] += len(elb.describe_target_health(TargetGroupArn=tg['TargetGroupArn'])['TargetHealthDescriptions'])
 for sg in ec2.describe_security_groups()['SecurityGroups']:
-    uid = {{x['Key']: x['Value'] for x in sg.get('Tags', [])}}.get(KEY)
+    uid = {x['Key']: x['Value'] for x in sg.get('Tags', [])}.get(KEY)
     if uid:
         out[uid]['sg'] += 1
     for p in sg.get('IpPermissions', []):
@@ -388,11 +368,8 @@ for sg in ec2.describe_security_groups()['SecurityGroups']:
             if d.startswith('causeway '):
                 out[d.split(' ')[1]]['rule'] += 1
 print(json.dumps(out))
-"#,
-        endpoint = cluster.aws_endpoint(),
-    );
-    let python = crate::cluster::moto_venv()?.join("bin/python");
-    let out = read_snapshot(&python, &script)?;
+"#;
+    let out = read_snapshot(cluster, body)?;
     Ok(serde_json::from_str(out.trim())?)
 }
 
@@ -402,7 +379,7 @@ print(json.dumps(out))
 pub fn moto_python(cluster: &Cluster, snippet: &str) -> Result<String> {
     let script = format!(
         r#"
-import boto3, json
+import boto3, collections, json
 kw = dict(endpoint_url='{endpoint}', region_name='{REGION}', aws_access_key_id='testing', aws_secret_access_key='testing')
 elb = boto3.client('elbv2', **kw)
 ec2 = boto3.client('ec2', **kw)
@@ -412,6 +389,21 @@ ec2 = boto3.client('ec2', **kw)
     );
     run_python(&crate::cluster::moto_venv()?.join("bin/python"), &script)
 }
+
+/// Python after [`moto_python`]'s clients: every load balancer and target
+/// group (`lbs`, `tgs`) with their tags (`lb_tags`, `tg_tags`, by ARN).
+const MOTO_LISTING: &str = r#"
+def tags_of(arns):
+    res = {}
+    for i in range(0, len(arns), 20):
+        for d in elb.describe_tags(ResourceArns=arns[i:i+20])['TagDescriptions']:
+            res[d['ResourceArn']] = {t['Key']: t['Value'] for t in d['Tags']}
+    return res
+lbs = [lb for page in elb.get_paginator('describe_load_balancers').paginate() for lb in page['LoadBalancers']]
+tgs = [tg for page in elb.get_paginator('describe_target_groups').paginate() for tg in page['TargetGroups']]
+lb_tags = tags_of([lb['LoadBalancerArn'] for lb in lbs])
+tg_tags = tags_of([tg['TargetGroupArn'] for tg in tgs])
+"#;
 
 /// The Events about the object with `uid` in namespace `default`, as
 /// (type, reason, note), oldest first.

@@ -189,3 +189,44 @@ pub fn which(program: &str) -> Option<std::path::PathBuf> {
         .map(|dir| std::path::Path::new(dir).join(program))
         .find(|p| p.is_file())
 }
+
+/// Probes `target` `count` times (`proto` is `tcp` or `udp`) from namespace
+/// `ns` with `causeway-echo`, 700 ms per attempt; the replies tallied by pod
+/// name (`refused`/`timeout` for failures).
+pub fn tally_by_pod(
+    ns: &str,
+    proto: &str,
+    target: &str,
+    count: usize,
+) -> Result<std::collections::BTreeMap<String, usize>> {
+    let echo = crate::paths::workspace_bin("causeway-echo")
+        .display()
+        .to_string();
+    let out = exec_in(
+        ns,
+        &echo,
+        &[
+            "probe",
+            &format!("--{proto}"),
+            target,
+            "--count",
+            &count.to_string(),
+            "--tally-by-name",
+            "--timeout-ms",
+            "700",
+        ],
+    )?;
+    let mut counts = std::collections::BTreeMap::new();
+    for line in out.lines() {
+        // "<n> ok <pod> <src>" or "<n> refused"
+        let mut words = line.split_whitespace();
+        let n: usize = words.next().unwrap_or("0").parse()?;
+        let outcome = match (words.next(), words.next()) {
+            (Some("ok"), Some(pod)) => pod.to_string(),
+            (Some(other), _) => other.to_string(),
+            _ => continue,
+        };
+        *counts.entry(outcome).or_insert(0) += n;
+    }
+    Ok(counts)
+}

@@ -15,48 +15,8 @@ use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-/// Probes `target` `count` times from namespace `ns`; returns replies tallied by
-/// pod name (`refused`/`timeout` for failures).
 fn tally(ns: &str, proto: &str, target: &str, count: usize) -> Result<BTreeMap<String, usize>> {
-    tally_within(ns, proto, target, count, 700)
-}
-
-/// [`tally`] with a per-connection timeout in milliseconds.
-fn tally_within(
-    ns: &str,
-    proto: &str,
-    target: &str,
-    count: usize,
-    timeout_ms: u64,
-) -> Result<BTreeMap<String, usize>> {
-    let echo = workspace_bin("causeway-echo").display().to_string();
-    let out = netns::exec_in(
-        ns,
-        &echo,
-        &[
-            "probe",
-            &format!("--{proto}"),
-            target,
-            "--count",
-            &count.to_string(),
-            "--tally-by-name",
-            "--timeout-ms",
-            &timeout_ms.to_string(),
-        ],
-    )?;
-    let mut counts = BTreeMap::new();
-    for line in out.lines() {
-        // "<n> ok <pod> <src>" or "<n> refused"
-        let mut words = line.split_whitespace();
-        let n: usize = words.next().unwrap_or("0").parse()?;
-        let outcome = match (words.next(), words.next()) {
-            (Some("ok"), Some(pod)) => pod.to_string(),
-            (Some(other), _) => other.to_string(),
-            _ => continue,
-        };
-        *counts.entry(outcome).or_insert(0) += n;
-    }
-    Ok(counts)
+    netns::tally_by_pod(ns, proto, target, count)
 }
 
 /// Probes until every one of `count` attempts lands on one of `pods` and each
@@ -123,25 +83,13 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
     let cluster = Cluster::start(ClusterOptions::nodes(2)).await?;
     let node1 = cluster.node("node-1").clone();
     let agent = workspace_bin("causeway-agent");
-    let kubeconfig = cluster.kubeconfig().display().to_string();
-    let cluster_cidr = cluster.cluster_cidr();
-    cluster.spawn_in(
-        &node1.netns,
+    cluster.spawn_agent(
+        "node-1",
         "agent-node-1",
         &agent,
-        &[
-            "run",
-            "--node-name",
-            "node-1",
-            "--kubeconfig",
-            &kubeconfig,
-            "--cluster-cidr",
-            &cluster_cidr,
-            // No periodic full sync during the test: every sync it sees is
-            // caused by an API change.
-            "--sync-period",
-            "10m",
-        ],
+        // No periodic full sync during the test: every sync it sees is
+        // caused by an API change.
+        &["--sync-period", "10m"],
     )?;
 
     let client_pod = cluster
@@ -405,8 +353,6 @@ async fn agent_heals_flushed_rules_restarts_without_loss_and_cleans_up() -> Resu
     let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
     let node1 = cluster.node("node-1").clone();
     let agent = workspace_bin("causeway-agent");
-    let kubeconfig = cluster.kubeconfig().display().to_string();
-    let cluster_cidr = cluster.cluster_cidr();
     // A rule and a chain of another program, which the agent must not touch.
     let before = {
         netns::exec_in(
@@ -430,18 +376,8 @@ async fn agent_heals_flushed_rules_restarts_without_loss_and_cleans_up() -> Resu
         )?;
         rule_lines(&iptables_save(&node1.netns)?)
     };
-    let args = [
-        "run",
-        "--node-name",
-        "node-1",
-        "--kubeconfig",
-        &kubeconfig,
-        "--cluster-cidr",
-        &cluster_cidr,
-        "--sync-period",
-        "3s",
-    ];
-    let first = cluster.spawn_in(&node1.netns, "agent-1", &agent, &args)?;
+    let args = ["--sync-period", "3s"];
+    let first = cluster.spawn_agent("node-1", "agent-1", &agent, &args)?;
 
     let client = cluster
         .add_pod("node-1", "client", &[("app", "client")])
@@ -481,7 +417,7 @@ async fn agent_heals_flushed_rules_restarts_without_loss_and_cleans_up() -> Resu
     netns::run("kill", &["-TERM", &first.to_string()])?;
     let during = tally(&client.netns, "tcp", &target, 20)?;
     assert_eq!(during.get("web-1"), Some(&20), "while stopped: {during:?}");
-    let second = cluster.spawn_in(&node1.netns, "agent-2", &agent, &args)?;
+    let second = cluster.spawn_agent("node-1", "agent-2", &agent, &args)?;
     let start = Instant::now();
     let mut answered = 0;
     while start.elapsed() < Duration::from_secs(4) {
@@ -589,17 +525,6 @@ async fn udp_clients_are_moved_off_stale_conntrack_entries() -> Result<()> {
     let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
     let node1 = cluster.node("node-1").clone();
     let agent = workspace_bin("causeway-agent");
-    let kubeconfig = cluster.kubeconfig().display().to_string();
-    let cluster_cidr = cluster.cluster_cidr();
-    let args = [
-        "run",
-        "--node-name",
-        "node-1",
-        "--kubeconfig",
-        &kubeconfig,
-        "--cluster-cidr",
-        &cluster_cidr,
-    ];
     let client = cluster
         .add_pod("node-1", "client", &[("app", "client")])
         .await?;
@@ -644,7 +569,7 @@ async fn udp_clients_are_moved_off_stale_conntrack_entries() -> Result<()> {
 
     // The agent starts: its first sync deletes the un-DNATed entry, so the
     // same client reaches the endpoint right away.
-    cluster.spawn_in(&node1.netns, "agent", &agent, &args)?;
+    cluster.spawn_agent("node-1", "agent", &agent, &[])?;
     wait_udp_answer(
         &client.netns,
         &target,

@@ -157,17 +157,7 @@ async fn a_realistic_annotation_set_is_applied_edited_in_place_and_restored() ->
     let first_cert = acm_certificate(&cluster, "shop.example.com")?;
     let mut controller = ControllerProcess::start(&cluster, &[])?;
     controller.wait_ready(Duration::from_secs(60))?;
-    let private_subnets: Vec<String> = {
-        let mut ids: Vec<String> = cluster
-            .aws()
-            .subnets
-            .iter()
-            .filter(|s| s.role == "internal-elb")
-            .map(|s| s.id.clone())
-            .collect();
-        ids.sort();
-        ids
-    };
+    let private_subnets = cluster.aws().subnet_ids("internal-elb");
 
     let idle_80 = format!("{PREFIX}listener-attributes.TCP-80");
     let realistic: BTreeMap<String, String> = [

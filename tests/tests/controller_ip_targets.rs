@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use causeway_tests::controller::{
-    ControllerProcess, aws_resources_of, calls_between, tagged_inventory, targets as tg_targets,
-    wait_for_hostname,
+    ControllerProcess, aws_resources_of, calls_between, node_sg_rule_ports, tagged_inventory,
+    targets as tg_targets, wait_for_hostname,
 };
 use causeway_tests::wait::eventually;
 use causeway_tests::{Cluster, ClusterOptions};
@@ -152,13 +152,7 @@ async fn ip_targets_are_the_ready_pods_and_follow_them_one_call_at_a_time() -> R
         "a pod the Service does not select is no target"
     );
     // Traffic and health checks reach the pods' port from the NLB's SG.
-    let rule_ports: Vec<u64> = aws["rules_naming_uid"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|r| r["group"] == cluster.aws().node_security_group.as_str())
-        .filter_map(|r| r["port"].as_u64())
-        .collect();
+    let rule_ports = node_sg_rule_ports(&cluster, &aws);
     assert_eq!(rule_ports, [POD_PORT], "{aws:#}");
     let hostname = wait_for_hostname(&services, "web", Duration::from_secs(30)).await?;
     assert_eq!(aws["load_balancers"][0]["dns"], hostname.as_str());

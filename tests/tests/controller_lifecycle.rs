@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use causeway_tests::controller::{
-    ControllerProcess, aws_resources_of, calls_between, delete_load_balancers_of, events_of, plan,
-    targets, wait_for_event, wait_for_hostname, wait_until_deleted,
+    ControllerProcess, aws_resources_of, calls_between, delete_load_balancers_of, events_of,
+    node_sg_rule_ports, plan, targets, wait_for_event, wait_for_hostname, wait_until_deleted,
 };
 use causeway_tests::wait::eventually;
 use causeway_tests::{Cluster, ClusterOptions};
@@ -116,14 +116,7 @@ async fn service_python_gets_an_nlb_follows_nodes_and_is_cleaned_up() -> Result<
     assert_eq!(lb["dns"].as_str(), Some(hostname.as_str()));
     assert_eq!(lb["type"], "network");
     assert_eq!(lb["scheme"], "internet-facing");
-    let mut public: Vec<String> = cluster
-        .aws()
-        .subnets
-        .iter()
-        .filter(|s| s.role == "elb")
-        .map(|s| s.id.clone())
-        .collect();
-    public.sort();
+    let public = cluster.aws().subnet_ids("elb");
     assert_eq!(lb["subnets"], json!(public), "one public subnet per zone");
     let tgs = aws["target_groups"].as_array().cloned().unwrap_or_default();
     assert_eq!(tgs.len(), 1, "{aws:#}");
@@ -168,13 +161,7 @@ async fn service_python_gets_an_nlb_follows_nodes_and_is_cleaned_up() -> Result<
         .unwrap_or_default();
     assert_eq!(sgs.len(), 1, "the managed frontend SG: {aws:#}");
     assert_eq!(lb["security_groups"], json!([sgs[0]["id"]]));
-    let rule_ports: Vec<u64> = aws["rules_naming_uid"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|r| r["group"] == cluster.aws().node_security_group.as_str())
-        .filter_map(|r| r["port"].as_u64())
-        .collect();
+    let rule_ports = node_sg_rule_ports(&cluster, &aws);
     assert_eq!(
         rule_ports.len(),
         2,

@@ -27,37 +27,8 @@ const EXCLUDE: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
 const TG_ATTRIBUTES: &str = "service.beta.kubernetes.io/aws-load-balancer-target-group-attributes";
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Probes `target` `count` times over TCP from namespace `ns`; replies tallied
-/// by pod name (`refused`/`timeout` for failures).
 fn tally(ns: &str, target: &str, count: usize) -> Result<BTreeMap<String, usize>> {
-    let echo = workspace_bin("causeway-echo").display().to_string();
-    let out = netns::exec_in(
-        ns,
-        &echo,
-        &[
-            "probe",
-            "--tcp",
-            target,
-            "--count",
-            &count.to_string(),
-            "--tally-by-name",
-            "--timeout-ms",
-            "700",
-        ],
-    )?;
-    let mut counts = BTreeMap::new();
-    for line in out.lines() {
-        // "<n> ok <pod> <src>" or "<n> refused"
-        let mut words = line.split_whitespace();
-        let n: usize = words.next().unwrap_or("0").parse()?;
-        let outcome = match (words.next(), words.next()) {
-            (Some("ok"), Some(pod)) => pod.to_string(),
-            (Some(other), _) => other.to_string(),
-            _ => continue,
-        };
-        *counts.entry(outcome).or_insert(0) += n;
-    }
-    Ok(counts)
+    netns::tally_by_pod(ns, "tcp", target, count)
 }
 
 /// Probes until every attempt lands on one of `pods` and each answered once.
@@ -255,22 +226,13 @@ fn tg_arns(aws: &Value) -> Vec<String> {
 }
 
 fn start_agents(cluster: &Cluster) -> Result<()> {
-    let kubeconfig = cluster.kubeconfig().display().to_string();
-    let cluster_cidr = cluster.cluster_cidr();
     let agent = workspace_bin("causeway-agent");
     for node in cluster.nodes() {
-        cluster.spawn_in(
-            &node.netns,
+        cluster.spawn_agent(
+            &node.name,
             &format!("agent-{}", node.name),
             &agent,
             &[
-                "run",
-                "--node-name",
-                &node.name,
-                "--kubeconfig",
-                &kubeconfig,
-                "--cluster-cidr",
-                &cluster_cidr,
                 "--healthz-bind-address",
                 "0.0.0.0:10256",
                 "--metrics-bind-address",

@@ -275,18 +275,19 @@ async fn every_call_of_a_service_lifecycle_is_in_the_policy() -> Result<()> {
     shape(&cluster, &uid, 1, 2).await?;
 
     // In-place updates: health check, NLB and TG attributes, extra tags.
-    let annotate = |annotations: Value| {
+    let merge = |patch: Value| {
         let services = services.clone();
         async move {
             services
                 .patch(
                     "iam-lifecycle",
                     &PatchParams::default(),
-                    &Patch::Merge(json!({"metadata": {"annotations": annotations}})),
+                    &Patch::Merge(patch),
                 )
                 .await
         }
     };
+    let annotate = |annotations: Value| merge(json!({"metadata": {"annotations": annotations}}));
     annotate(json!({
         format!("{ANNOTATION}healthcheck-interval"): "20",
         format!("{ANNOTATION}cross-zone-load-balancing-enabled"): "true",
@@ -308,18 +309,7 @@ async fn every_call_of_a_service_lifecycle_is_in_the_policy() -> Result<()> {
     called(&controller, &["RemoveTags"]).await?;
 
     // A port added, then removed.
-    let ports = |ports: Value| {
-        let services = services.clone();
-        async move {
-            services
-                .patch(
-                    "iam-lifecycle",
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"spec": {"ports": ports}})),
-                )
-                .await
-        }
-    };
+    let ports = |ports: Value| merge(json!({"spec": {"ports": ports}}));
     let port_a = json!({"name": "a", "port": 3000, "protocol": "TCP", "nodePort": 30080});
     let port_b = json!({"name": "b", "port": 3001, "protocol": "TCP", "nodePort": 30081});
     ports(json!([port_a.clone(), port_b])).await?;

@@ -202,24 +202,7 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<S
     );
 
     let node = cluster.node("node-1").clone();
-    let kubeconfig = cluster.kubeconfig().display().to_string();
-    let cluster_cidr = cluster.cluster_cidr();
-    let pid = cluster.spawn_in(
-        &node.netns,
-        "agent",
-        agent,
-        &[
-            "run",
-            "--node-name",
-            "node-1",
-            "--kubeconfig",
-            &kubeconfig,
-            "--cluster-cidr",
-            &cluster_cidr,
-            "--sync-period",
-            "30m",
-        ],
-    )?;
+    let pid = cluster.spawn_agent("node-1", "agent", agent, &["--sync-period", "30m"])?;
     let metrics = || -> Result<String> {
         netns::exec_in(
             &node.netns,

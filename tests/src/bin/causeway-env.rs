@@ -196,7 +196,6 @@ async fn start_causeway(cluster: &Cluster, replicas: usize) -> Result<Started> {
         bail!("--controllers must be at least 1");
     }
     let kubeconfig = cluster.kubeconfig().display().to_string();
-    let cluster_cidr = cluster.cluster_cidr();
     let agent = paths::workspace_bin("causeway-agent");
     let controller = paths::workspace_bin("causeway-controller");
     eprintln!(
@@ -206,18 +205,11 @@ async fn start_causeway(cluster: &Cluster, replicas: usize) -> Result<Started> {
     let mut agents = Vec::new();
     let mut agent_pids = Vec::new();
     for node in cluster.nodes() {
-        let pid = cluster.spawn_in(
-            &node.netns,
+        let pid = cluster.spawn_agent(
+            &node.name,
             &format!("agent-{}", node.name),
             &agent,
             &[
-                "run",
-                "--node-name",
-                &node.name,
-                "--kubeconfig",
-                &kubeconfig,
-                "--cluster-cidr",
-                &cluster_cidr,
                 "--healthz-bind-address",
                 "0.0.0.0:10256",
                 "--metrics-bind-address",
