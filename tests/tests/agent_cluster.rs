@@ -10,6 +10,7 @@ use anyhow::{Result, bail};
 use causeway_tests::cluster::ClusterOptions;
 use causeway_tests::metrics;
 use causeway_tests::paths::workspace_bin;
+use causeway_tests::wait::eventually;
 use causeway_tests::{Cluster, netns};
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -162,18 +163,24 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
     );
 
     // Metrics: kube-proxy's names, with the programming latency measured
-    // from the EndpointSlice controller's trigger time.
-    let (status, _, metrics) = http_get(&node1.netns, "http://127.0.0.1:10249/metrics")?;
-    assert_eq!(status, 200);
-    let programmed: u64 = metrics::value(
-        &metrics,
-        "kubeproxy_network_programming_duration_seconds_count",
+    // from the EndpointSlice controller's trigger time. A sync records it
+    // once it has finished (after its conntrack cleanup), which may be just
+    // after its rules answer packets.
+    let metrics = eventually(
+        Duration::from_secs(10),
+        "a network programming latency in /metrics",
+        || async {
+            let (status, _, metrics) = http_get(&node1.netns, "http://127.0.0.1:10249/metrics")?;
+            assert_eq!(status, 200);
+            let programmed = metrics::value(
+                &metrics,
+                "kubeproxy_network_programming_duration_seconds_count",
+            )
+            .unwrap_or(0.0);
+            Ok((programmed > 0.0).then_some(metrics))
+        },
     )
-    .unwrap_or(0.0) as u64;
-    assert!(
-        programmed > 0,
-        "no network programming latency measured:\n{metrics}"
-    );
+    .await?;
     assert!(metrics.contains("kubeproxy_sync_proxy_rules_iptables_total{table=\"nat\"}"));
     // Changes since the first sync were applied as partial syncs.
     let partial: u64 = metrics::value(
