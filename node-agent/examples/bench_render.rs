@@ -277,7 +277,7 @@ fn main() {
     // A partial sync as `run` makes it when one Service gains an endpoint:
     // that port's chains plus the dispatch chains.
     let mut changed_model = model.clone();
-    let first = &mut changed_model.service_ports[0];
+    let first = std::sync::Arc::make_mut(&mut changed_model.service_ports[0]);
     let mut extra = first.cluster_endpoints[0].clone();
     extra.ip = "10.255.255.254".parse().expect("literal");
     first.cluster_endpoints.push(extra);

@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::process::Command;
+use std::sync::Arc;
 
 use crate::addr::IpFamily;
 use crate::model::{Model, Protocol, ServicePort, ServicePortName};
@@ -46,20 +47,25 @@ fn serving(port: &ServicePort) -> BTreeSet<(IpAddr, u16)> {
 
 /// The UDP flows a sync from `previous` to `current` leaves stale.
 pub fn stale_udp_flows(previous: &Model, current: &Model) -> BTreeSet<StaleFlows> {
-    let udp = |model: &Model| -> BTreeMap<ServicePortName, ServicePort> {
+    fn udp(model: &Model) -> BTreeMap<&ServicePortName, &Arc<ServicePort>> {
         model
             .service_ports
             .iter()
             .filter(|p| p.protocol == Protocol::Udp)
-            .map(|p| (p.name.clone(), p.clone()))
+            .map(|p| (&p.name, p))
             .collect()
-    };
+    }
     let before = udp(previous);
     let after = udp(current);
     let mut stale = BTreeSet::new();
 
     for (name, old) in &before {
-        let still = after.get(name).map(serving).unwrap_or_default();
+        let new = after.get(name);
+        // A port the model cache did not rebuild is the same allocation.
+        if new.is_some_and(|new| Arc::ptr_eq(old, new)) {
+            continue;
+        }
+        let still = new.map(|p| serving(p)).unwrap_or_default();
         for (endpoint, endpoint_port) in serving(old).difference(&still) {
             for service_port in std::iter::once(old.port).chain(old.node_port) {
                 stale.insert(StaleFlows::Endpoint {
@@ -71,7 +77,12 @@ pub fn stale_udp_flows(previous: &Model, current: &Model) -> BTreeSet<StaleFlows
         }
     }
     for (name, new) in &after {
-        let had_endpoints = before.get(name).is_some_and(|old| !serving(old).is_empty());
+        let old = before.get(name);
+        // Unchanged: either it had endpoints already or it has none now.
+        if old.is_some_and(|old| Arc::ptr_eq(old, new)) {
+            continue;
+        }
+        let had_endpoints = old.is_some_and(|old| !serving(old).is_empty());
         if had_endpoints || serving(new).is_empty() {
             continue;
         }
@@ -274,7 +285,7 @@ mod tests {
         Model {
             family: IpFamily::V4,
             node: crate::model::NodeInfo::named("n"),
-            service_ports: ports,
+            service_ports: ports.into_iter().map(Arc::new).collect(),
         }
     }
 

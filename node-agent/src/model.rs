@@ -11,6 +11,7 @@ use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -109,7 +110,8 @@ impl Endpoint {
 }
 
 /// One port of one Service, with everything the data path needs.
-#[derive(Debug, Clone, PartialEq)]
+/// `Eq` lets `Arc<ServicePort>` compare by pointer first.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePort {
     pub name: ServicePortName,
     pub protocol: Protocol,
@@ -286,8 +288,9 @@ impl fmt::Display for Issue {
 pub struct Model {
     pub family: IpFamily,
     pub node: NodeInfo,
-    /// Sorted by name then protocol, so rendering is deterministic.
-    pub service_ports: Vec<ServicePort>,
+    /// Sorted by name then protocol, so rendering is deterministic. Shared,
+    /// so that the model of a sync reuses every port that did not change.
+    pub service_ports: Vec<Arc<ServicePort>>,
 }
 
 /// Builds the model for `family`. Objects or fields that cannot be used are
@@ -315,7 +318,7 @@ pub fn build(
     let model = Model {
         family,
         node: node.clone(),
-        service_ports,
+        service_ports: service_ports.into_iter().map(Arc::new).collect(),
     };
     (model, issues)
 }

@@ -11,6 +11,7 @@
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -24,7 +25,7 @@ struct Entry {
     /// `None` when an object had no resourceVersion (manifests from files):
     /// such a group is rebuilt every time.
     versions: Option<Vec<(String, String)>>,
-    ports: Vec<ServicePort>,
+    ports: Vec<Arc<ServicePort>>,
     issues: Vec<Issue>,
 }
 

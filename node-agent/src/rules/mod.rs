@@ -20,9 +20,10 @@
 pub mod check;
 pub mod names;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::addr::{Cidr, IpFamily};
 use crate::model::{Endpoint, Locality, Model, Protocol, ServicePort, ServicePortName};
@@ -304,7 +305,7 @@ fn find_port<'m>(
         .service_ports
         .binary_search_by(|p| (&p.name, p.protocol).cmp(&(name, protocol)))
         .ok()
-        .map(|i| &model.service_ports[i])
+        .map(|i| &*model.service_ports[i])
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -417,20 +418,45 @@ fn probabilities(max: usize) -> Vec<String> {
 /// The service ports whose rules differ between two models: added, changed
 /// or removed.
 pub fn changed_ports(before: &Model, after: &Model) -> BTreeSet<(ServicePortName, Protocol)> {
-    fn index(model: &Model) -> BTreeMap<(&ServicePortName, Protocol), &ServicePort> {
-        model
-            .service_ports
-            .iter()
-            .map(|p| ((&p.name, p.protocol), p))
-            .collect()
+    // Both lists are sorted by (name, protocol): one merge walk. A port the
+    // model cache did not rebuild is the same allocation in both.
+    let key = |p: &ServicePort| (p.name.clone(), p.protocol);
+    let mut changed = BTreeSet::new();
+    let (mut old, mut new) = (
+        before.service_ports.iter().peekable(),
+        after.service_ports.iter().peekable(),
+    );
+    loop {
+        match (old.peek(), new.peek()) {
+            (None, None) => break,
+            (Some(o), None) => {
+                changed.insert(key(o));
+                old.next();
+            }
+            (None, Some(n)) => {
+                changed.insert(key(n));
+                new.next();
+            }
+            (Some(o), Some(n)) => match (&o.name, o.protocol).cmp(&(&n.name, n.protocol)) {
+                std::cmp::Ordering::Less => {
+                    changed.insert(key(o));
+                    old.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    changed.insert(key(n));
+                    new.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if !Arc::ptr_eq(o, n) && o != n {
+                        changed.insert(key(n));
+                    }
+                    old.next();
+                    new.next();
+                }
+            },
+        }
     }
-    let old = index(before);
-    let new = index(after);
-    old.keys()
-        .chain(new.keys())
-        .filter(|key| old.get(*key) != new.get(*key))
-        .map(|(name, protocol)| ((*name).clone(), *protocol))
-        .collect()
+    changed
 }
 
 /// Renders the whole ruleset this node needs for `model`.
@@ -582,7 +608,7 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
             .iter()
             .filter_map(|(name, protocol)| find_port(model, name, *protocol))
             .collect(),
-        None => model.service_ports.iter().collect(),
+        None => model.service_ports.iter().map(|p| &**p).collect(),
     };
     let mut ports: Vec<(&ServicePort, ServiceChains)> = ports
         .into_iter()
