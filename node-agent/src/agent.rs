@@ -502,6 +502,7 @@ impl Syncer {
         let mut restored = false;
         let mut models = Vec::new();
         let mut rule_counts: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut stale_flows = Vec::new();
         for state in &mut self.families {
             let family = state.netfilter.family;
             let (model, model_issues) = state.model_cache.build(&services, &slices, &node);
@@ -616,7 +617,7 @@ impl Syncer {
                     state.applied_chains = Some(payload.service_chains);
                     state.applied_nat_rules = payload.nat_total_rules;
                     // Only now do the new rules steer fresh packets, so only
-                    // now may the stale flows go.
+                    // now may the stale flows go (after the metrics below).
                     // After a (re)start the previous rules are unknown: every
                     // UDP Service counts as new, whose un-DNATed flows (from
                     // before its rules existed) may go.
@@ -629,9 +630,7 @@ impl Syncer {
                         let previous = state.applied_model.as_deref().unwrap_or(&empty);
                         let stale = conntrack::stale_udp_flows(previous, &model);
                         if !stale.is_empty() {
-                            let deleted = conntrack::delete(&stale, family);
-                            self.shared.metrics.conntrack_deleted.inc_by(deleted);
-                            debug!(filters = stale.len(), deleted, "deleted stale UDP flows");
+                            stale_flows.push((family, stale));
                         }
                     }
                     state.applied_model = Some(model.clone());
@@ -659,13 +658,6 @@ impl Syncer {
             }
         }
 
-        let elapsed = started.elapsed().as_secs_f64();
-        self.shared.metrics.sync_duration.observe(elapsed);
-        if restored && all_full {
-            self.shared.metrics.sync_full_duration.observe(elapsed);
-        } else if restored {
-            self.shared.metrics.sync_partial_duration.observe(elapsed);
-        }
         if failed {
             // The changes stay pending: health turns 503 if this persists.
             self.shared.health.queued();
@@ -686,6 +678,20 @@ impl Syncer {
                     .network_programming_duration
                     .observe(now.duration_since(at).as_secs_f64().max(0.0));
             }
+        }
+        // After the metrics, as kube-proxy does: the rules are live already,
+        // and the conntrack tool takes its time.
+        for (family, stale) in stale_flows {
+            let deleted = conntrack::delete(&stale, family);
+            self.shared.metrics.conntrack_deleted.inc_by(deleted);
+            debug!(filters = stale.len(), deleted, "deleted stale UDP flows");
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        self.shared.metrics.sync_duration.observe(elapsed);
+        if restored && all_full {
+            self.shared.metrics.sync_full_duration.observe(elapsed);
+        } else if restored {
+            self.shared.metrics.sync_partial_duration.observe(elapsed);
         }
         let service_checks =
             health::wanted_service_checks(&models.iter().map(|m| m.as_ref()).collect::<Vec<_>>());
