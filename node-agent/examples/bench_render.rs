@@ -42,6 +42,17 @@ struct Args {
     /// Write the payload here.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    /// Layout of nat KUBE-SERVICES: the agent's choice for the model, or a
+    /// forced one, to compare them.
+    #[arg(long, value_enum, default_value_t = DispatchArg::Auto)]
+    dispatch: DispatchArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DispatchArg {
+    Auto,
+    Flat,
+    Buckets,
 }
 
 fn ip(index: usize, base: u32) -> String {
@@ -222,8 +233,15 @@ fn main() {
     };
     let config = options.render_config(IpFamily::V4, &node).expect("config");
     let jumps = rules::builtin_jumps(&config);
+    let dispatch = match args.dispatch {
+        DispatchArg::Auto => rules::Dispatch::for_model(&model, None),
+        DispatchArg::Flat => rules::Dispatch::Flat,
+        DispatchArg::Buckets => rules::Dispatch::Buckets,
+    };
+    println!("dispatch layout: {dispatch:?}");
     let render_options = RenderOptions {
         builtin_jumps: &jumps,
+        dispatch,
         ..RenderOptions::default()
     };
     let mut times = Vec::new();
@@ -295,6 +313,7 @@ fn main() {
                 applied_chains: &payload.service_chains,
                 applied_nat_rules: payload.nat_total_rules,
             }),
+            dispatch,
         },
     );
     println!(

@@ -156,6 +156,79 @@ pub fn parse_cidr(text: &str) -> Option<Cidr> {
     Cidr::new(ip, len.parse().ok()?)
 }
 
+/// An address under an arbitrary bit mask, as iptables takes `-d addr/mask`
+/// with a mask written as an address: `0.0.0.5/0.0.0.63` matches every IPv4
+/// address whose low six bits are 5 (`::5/::3f` for IPv6). Prefixes cannot
+/// say "low bits", which spread Service addresses evenly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MaskedAddr {
+    value: u128,
+    mask: u128,
+    family: IpFamily,
+}
+
+impl MaskedAddr {
+    /// The addresses of `family` whose low `bits` bits equal `value`.
+    pub fn low_bits(family: IpFamily, value: u32, bits: u8) -> Self {
+        let mask = (1u128 << bits) - 1;
+        MaskedAddr {
+            value: u128::from(value) & mask,
+            mask,
+            family,
+        }
+    }
+
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        IpFamily::of(ip) == self.family && bits_of(ip) & self.mask == self.value
+    }
+
+    fn address(&self, bits: u128) -> IpAddr {
+        match self.family {
+            IpFamily::V4 => IpAddr::V4(Ipv4Addr::from(bits as u32)),
+            IpFamily::V6 => IpAddr::V6(Ipv6Addr::from(bits)),
+        }
+    }
+}
+
+/// The low `bits` bits of `ip` (at most 32).
+pub fn low_bits_of(ip: &IpAddr, bits: u8) -> u32 {
+    (bits_of(ip) & ((1u128 << bits) - 1)) as u32
+}
+
+fn bits_of(ip: &IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v4) => u128::from(u32::from(*v4)),
+        IpAddr::V6(v6) => u128::from(*v6),
+    }
+}
+
+impl fmt::Display for MaskedAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{}",
+            self.address(self.value),
+            self.address(self.mask)
+        )
+    }
+}
+
+/// Parses `addr/mask` with the mask written as an address of the same family.
+pub fn parse_masked(text: &str) -> Option<MaskedAddr> {
+    let (ip, mask) = text.trim().split_once('/')?;
+    let (ip, mask) = (parse_ip(ip)?, parse_ip(mask)?);
+    let family = IpFamily::of(&ip);
+    if IpFamily::of(&mask) != family {
+        return None;
+    }
+    let mask = bits_of(&mask);
+    Some(MaskedAddr {
+        value: bits_of(&ip) & mask,
+        mask,
+        family,
+    })
+}
+
 /// `ip:port` as kube-proxy prints an endpoint (`[ip]:port` for IPv6); this
 /// string is also part of the `KUBE-SEP-` hash.
 pub fn join_host_port(ip: &IpAddr, port: u16) -> String {
@@ -200,6 +273,26 @@ mod tests {
         assert_eq!(parse_cidr("10.0.0.0/33"), None);
         assert_eq!(parse_cidr("10.0.0.0"), None);
         assert_eq!(parse_cidr("10.0.0.0/"), None);
+    }
+
+    #[test]
+    fn masked_addresses_print_and_parse_as_iptables_writes_them() {
+        let v4 = MaskedAddr::low_bits(IpFamily::V4, 5, 6);
+        assert_eq!(v4.to_string(), "0.0.0.5/0.0.0.63");
+        assert!(v4.contains(&"10.96.3.69".parse().unwrap()), "69 = 64 + 5");
+        assert!(!v4.contains(&"10.96.3.6".parse().unwrap()));
+        assert!(!v4.contains(&"::5".parse().unwrap()));
+        assert_eq!(parse_masked("0.0.0.5/0.0.0.63"), Some(v4));
+        let v6 = MaskedAddr::low_bits(IpFamily::V6, 63, 6);
+        assert_eq!(v6.to_string(), "::3f/::3f");
+        assert!(v6.contains(&"fd00::10:ff".parse().unwrap()));
+        assert_eq!(parse_masked("::3f/::3f"), Some(v6));
+        assert_eq!(parse_masked("0.0.0.5/::3f"), None);
+        assert_eq!(
+            parse_masked("10.0.0.0/8"),
+            None,
+            "a prefix length is not a mask"
+        );
     }
 
     #[test]

@@ -35,7 +35,7 @@ use crate::metrics::Metrics;
 use crate::model::cache::ModelCache;
 use crate::model::{Issue, Model, NodeInfo, Protocol, ServicePortName};
 use crate::netfilter::{Backend, Netfilter};
-use crate::rules::{self, Partial, RenderConfig, RenderOptions};
+use crate::rules::{self, Dispatch, Partial, RenderConfig, RenderOptions};
 
 /// Services kube-proxy does not program either: another proxy's, and
 /// headless ones (the model ignores them too; the selector saves the memory).
@@ -439,6 +439,8 @@ struct FamilyState {
     applied_model: Option<Arc<Model>>,
     /// The configuration it was rendered with; a change forces a full sync.
     applied_config: Option<RenderConfig>,
+    /// The layout of nat KUBE-SERVICES it has; a change forces a full sync.
+    applied_dispatch: Option<Dispatch>,
     /// When the last full sync was applied.
     last_full: Option<Instant>,
 }
@@ -492,6 +494,7 @@ impl Syncer {
                     model_cache: ModelCache::new(family),
                     applied_model: None,
                     applied_config: None,
+                    applied_dispatch: None,
                     last_full: None,
                 });
             }
@@ -545,8 +548,10 @@ impl Syncer {
                 warn!(family = ?family, "the KUBE-PROXY-CANARY chain is gone: another program flushed the rules; restoring them");
                 self.shared.metrics.canary_lost.inc();
             }
+            let dispatch = Dispatch::for_model(&model, state.applied_dispatch);
             let full = state.applied_model.is_none()
                 || state.applied_config.as_ref() != Some(&render_config)
+                || state.applied_dispatch != Some(dispatch)
                 || state.last_full.is_none()
                 || periodic;
             let changed: BTreeSet<(ServicePortName, Protocol)> = match (&state.applied_model, full)
@@ -581,6 +586,7 @@ impl Syncer {
                         }),
                         _ => None,
                     },
+                    dispatch,
                 },
             );
             all_full &= full;
@@ -592,9 +598,12 @@ impl Syncer {
             match state.netfilter.restore(&payload.text) {
                 Ok(()) => {
                     let model = Arc::new(model);
-                    self.shared
-                        .rules
-                        .applied(family, model.clone(), render_config.clone());
+                    self.shared.rules.applied(
+                        family,
+                        model.clone(),
+                        render_config.clone(),
+                        dispatch,
+                    );
                     for (table, rules) in [
                         ("filter", payload.filter.rules),
                         ("nat", payload.nat_total_rules),
@@ -635,6 +644,7 @@ impl Syncer {
                     }
                     state.applied_model = Some(model.clone());
                     state.applied_config = Some(render_config);
+                    state.applied_dispatch = Some(dispatch);
                     if full {
                         state.last_full = Some(Instant::now());
                     }

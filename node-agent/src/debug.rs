@@ -21,7 +21,7 @@ use serde::Deserialize;
 use crate::addr::IpFamily;
 use crate::metrics::Metrics;
 use crate::model::Model;
-use crate::rules::{RenderConfig, RenderOptions, render};
+use crate::rules::{Dispatch, RenderConfig, RenderOptions, render};
 
 /// The payloads worth looking at when something is wrong.
 #[derive(Debug, Default)]
@@ -31,10 +31,10 @@ pub struct RulesLog {
 
 #[derive(Debug, Default)]
 struct RulesInner {
-    /// What was last applied, as the model and configuration it was rendered
-    /// from: after partial syncs no single payload holds the whole ruleset,
-    /// so `/debug/rules` renders it whole on request.
-    applied: BTreeMap<u8, (Arc<Model>, RenderConfig)>,
+    /// What was last applied, as the model, configuration and dispatch
+    /// layout it was rendered from: after partial syncs no single payload
+    /// holds the whole ruleset, so `/debug/rules` renders it whole on request.
+    applied: BTreeMap<u8, (Arc<Model>, RenderConfig, Dispatch)>,
     failed: BTreeMap<u8, (String, String)>,
 }
 
@@ -46,9 +46,17 @@ fn family_number(family: IpFamily) -> u8 {
 }
 
 impl RulesLog {
-    pub fn applied(&self, family: IpFamily, model: Arc<Model>, config: RenderConfig) {
+    pub fn applied(
+        &self,
+        family: IpFamily,
+        model: Arc<Model>,
+        config: RenderConfig,
+        dispatch: Dispatch,
+    ) {
         let mut inner = self.lock();
-        inner.applied.insert(family_number(family), (model, config));
+        inner
+            .applied
+            .insert(family_number(family), (model, config, dispatch));
     }
 
     pub fn failed(&self, family: IpFamily, payload: &str, error: &str) {
@@ -65,10 +73,13 @@ impl RulesLog {
         match which {
             // The jump rules from the built-in chains are left out, as in a
             // live payload; `trace` adds kube-proxy's standard ones.
-            Which::Applied => inner
-                .applied
-                .get(&family)
-                .map(|(model, config)| render(model, config, &RenderOptions::default()).text),
+            Which::Applied => inner.applied.get(&family).map(|(model, config, dispatch)| {
+                let options = RenderOptions {
+                    dispatch: *dispatch,
+                    ..RenderOptions::default()
+                };
+                render(model, config, &options).text
+            }),
             Which::Failed => inner
                 .failed
                 .get(&family)
@@ -175,6 +186,7 @@ mod tests {
             IpFamily::V4,
             Arc::new(empty),
             RenderConfig::new(IpFamily::V4),
+            Dispatch::Buckets,
         );
         rules.failed(IpFamily::V4, "*nat\n-A BAD\nCOMMIT\n", "line 2 failed");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -186,6 +198,10 @@ mod tests {
         assert!(
             applied.contains("*nat\n") && applied.contains(":KUBE-SERVICES - [0:0]"),
             "{applied}"
+        );
+        assert!(
+            applied.contains(":KUBE-SERVICES-63 - [0:0]"),
+            "rendered with the applied layout: {applied}"
         );
         assert_eq!(
             fetch(&address, "/debug/rules?family=4&which=failed")

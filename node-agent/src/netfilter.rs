@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use crate::rules::{
     JumpRule, KUBE_EXTERNAL_SERVICES, KUBE_FIREWALL, KUBE_FORWARD, KUBE_MARK_MASQ, KUBE_NODEPORTS,
     KUBE_POSTROUTING, KUBE_PROXY_CANARY, KUBE_PROXY_FIREWALL, KUBE_SERVICES, Table,
+    names::is_service_chain,
 };
 
 /// Which iptables binaries to call.
@@ -429,20 +430,6 @@ pub fn lines_around(text: &str, n: usize, around: usize) -> Vec<String> {
             format!("{mark}{i:>6} | {line}")
         })
         .collect()
-}
-
-/// Prefixes of the nat chains that belong to one Service: ours, and
-/// kube-proxy's `KUBE-SEP-`.
-const SERVICE_CHAIN_PREFIXES: [&str; 5] = [
-    "KUBE-SVC-",
-    "KUBE-SVL-",
-    "KUBE-EXT-",
-    "KUBE-FW-",
-    "KUBE-SEP-",
-];
-
-fn is_service_chain(name: &str) -> bool {
-    SERVICE_CHAIN_PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
 /// `(table, chain)` of every chain declaration in `iptables-save` output.

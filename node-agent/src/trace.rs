@@ -18,14 +18,43 @@ use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 
-use crate::addr::{Cidr, parse_cidr, parse_ip};
+use crate::addr::{Cidr, MaskedAddr, parse_cidr, parse_ip, parse_masked};
+use crate::rules::DISPATCH_BUCKET_PREFIX;
 
-/// `-s`/`-d` take a CIDR or, as iptables prints them, a bare address.
-fn parse_address(text: &str) -> Option<Cidr> {
-    if text.contains('/') {
-        parse_cidr(text)
+/// What `-s`/`-d` match.
+#[derive(Debug, Clone)]
+enum Address {
+    Prefix(Cidr),
+    /// `addr/mask` with the mask written as an address (dispatch buckets).
+    Masked(MaskedAddr),
+}
+
+impl Address {
+    fn contains(&self, ip: &IpAddr) -> bool {
+        match self {
+            Address::Prefix(cidr) => cidr.contains(ip),
+            Address::Masked(masked) => masked.contains(ip),
+        }
+    }
+
+    /// The single address this matches, if it is one.
+    fn host(&self) -> Option<&Cidr> {
+        match self {
+            Address::Prefix(cidr) if cidr.is_host() => Some(cidr),
+            _ => None,
+        }
+    }
+}
+
+/// `-s`/`-d` take a CIDR, a bare address (as iptables prints a `/32`), or an
+/// address and a mask.
+fn parse_address(text: &str) -> Option<Address> {
+    if !text.contains('/') {
+        parse_ip(text).map(|ip| Address::Prefix(Cidr::host(ip)))
+    } else if let Some(cidr) = parse_cidr(text) {
+        Some(Address::Prefix(cidr))
     } else {
-        parse_ip(text).map(Cidr::host)
+        parse_masked(text).map(Address::Masked)
     }
 }
 
@@ -105,8 +134,8 @@ struct Rule {
 
 #[derive(Debug, Clone)]
 enum Match {
-    Src(Cidr, bool),
-    Dst(Cidr, bool),
+    Src(Address, bool),
+    Dst(Address, bool),
     Proto(Option<Proto>, bool),
     DPort(u16, bool),
     InIface(String, bool),
@@ -266,7 +295,7 @@ impl Ruleset {
                 let dst = rule
                     .matches
                     .iter()
-                    .any(|m| matches!(m, Match::Dst(c, false) if c.is_host() && c.contains(ip)));
+                    .any(|m| matches!(m, Match::Dst(a, false) if a.host().is_some_and(|c| c.contains(ip))));
                 if let (true, Some(comment)) = (dst, &rule.comment) {
                     let port = rule.matches.iter().find_map(|m| match m {
                         Match::DPort(p, false) => Some(*p),
@@ -937,7 +966,11 @@ fn dnat_service(best: Option<&Branch>) -> Option<String> {
         .state
         .steps
         .iter()
-        .filter(|s| s.chain == "KUBE-SERVICES" || s.chain == "KUBE-NODEPORTS")
+        .filter(|s| {
+            s.chain == "KUBE-SERVICES"
+                || s.chain == "KUBE-NODEPORTS"
+                || s.chain.starts_with(DISPATCH_BUCKET_PREFIX)
+        })
         .filter_map(|s| {
             let words = split_words(&s.rule)?;
             let at = words.iter().position(|w| w == "--comment")?;

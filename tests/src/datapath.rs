@@ -1890,18 +1890,25 @@ impl DataPath {
             .filter(|w| w.contains('/') && w.starts_with(|c: char| c.is_ascii_alphabetic()))
             .filter(|w| payload.contains(&format!("\"{w}")) || payload.contains(&format!(" {w} ")))
             .collect();
+        let names_one = |line: &str| {
+            named
+                .iter()
+                .any(|n| line.contains(&format!("\"{n} ")) || line.contains(&format!("\"{n}\"")))
+        };
         let ok = match t.verdict.kind {
+            // The DNAT rule names the Service, or (above 1 000 endpoints,
+            // where DNAT rules carry no comment, as with kube-proxy) the
+            // dispatch entry that jumps to its chain does.
             K::Dnat => t
                 .outcomes
                 .iter()
                 .filter_map(|o| o.endpoint.as_deref())
                 .any(|ep| {
                     let to = format!("--to-destination {ep}");
-                    payload.lines().any(|l| {
-                        l.contains(&to)
-                            && named.iter().any(|n| {
-                                l.contains(&format!("\"{n} ")) || l.contains(&format!("\"{n}\""))
-                            })
+                    payload.lines().filter(|l| l.contains(&to)).any(|l| {
+                        let chain = l.split_whitespace().nth(1).unwrap_or("");
+                        let jump = format!("-j {chain}");
+                        names_one(l) || payload.lines().any(|e| e.ends_with(&jump) && names_one(e))
                     })
                 }),
             _ => !named.is_empty(),

@@ -6,12 +6,13 @@
 use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Result, bail};
 use causeway_agent::addr::IpFamily;
 use causeway_agent::manifests;
 use causeway_agent::model::{self, Model, NodeInfo};
-use causeway_agent::rules::{self, Partial, RenderConfig, RenderOptions};
+use causeway_agent::rules::{self, Dispatch, Partial, RenderConfig, RenderOptions};
 use causeway_tests::netns;
 
 struct Namespace(String);
@@ -183,68 +184,36 @@ fn ruleset(ns: &str, save: &str) -> Result<BTreeSet<String>> {
     Ok(set)
 }
 
-#[test]
-fn a_partial_sync_ends_where_a_full_sync_would_with_both_backends() -> Result<()> {
-    netns::preflight()?;
-    let dir = tempfile::tempdir()?;
-    let before = model_of(BEFORE, dir.path(), "before")?;
-    let after = model_of(AFTER, dir.path(), "after")?;
-    let config = RenderConfig {
-        node_ips: vec!["192.168.0.10".parse()?],
-        ..RenderConfig::new(IpFamily::V4)
-    };
-    let jumps = rules::builtin_jumps(&config);
-    let full = |model: &Model| {
-        rules::render(
-            model,
-            &config,
-            &RenderOptions {
-                builtin_jumps: &jumps,
-                ..RenderOptions::default()
-            },
-        )
-    };
-    let first = full(&before);
-    let changed = rules::changed_ports(&before, &after);
-    assert_eq!(changed.len(), 5, "web, dns ×2, gone, shop-lb: {changed:?}");
-    let partial = rules::render(
-        &after,
-        &config,
-        &RenderOptions {
-            delete_nat_chains: &first.service_chains,
-            partial: Some(Partial {
-                only: &changed,
-                previous: &before,
-                applied_chains: &first.service_chains,
-                applied_nat_rules: first.nat_total_rules,
-            }),
-            ..RenderOptions::default()
-        },
-    );
-    assert!(
-        !partial.text.contains(":KUBE-SERVICES "),
-        "a partial payload never flushes a dispatch chain"
-    );
-
+/// Loads `steps` one after the other into one namespace and `want` alone
+/// into another, with each backend; the rules must end the same, and the
+/// NodePort catch-all last in nat KUBE-SERVICES.
+fn assert_steps_end_as(steps: &[&str], want: &str) -> Result<()> {
     for (restore_program, save) in [
         ("iptables-nft-restore", "iptables-nft-save"),
         ("iptables-legacy-restore", "iptables-legacy-save"),
     ] {
-        let pid = std::process::id();
-        let stepped = Namespace(format!("cwpa-{pid}"));
-        let direct = Namespace(format!("cwpb-{pid}"));
+        // Tests run in parallel threads of one process.
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let stepped = Namespace(format!("cwpa-{id}"));
+        let direct = Namespace(format!("cwpb-{id}"));
         netns::add_netns(&stepped.0)?;
         netns::add_netns(&direct.0)?;
-        restore(&stepped.0, restore_program, &first.text)?;
-        restore(&stepped.0, restore_program, &partial.text)?;
-        restore(&direct.0, restore_program, &full(&after).text)?;
+        for step in steps {
+            restore(&stepped.0, restore_program, step)?;
+        }
+        restore(&direct.0, restore_program, want)?;
         let got = ruleset(&stepped.0, save)?;
         let want = ruleset(&direct.0, save)?;
         let missing: Vec<&String> = want.difference(&got).collect();
         let extra: Vec<&String> = got.difference(&want).collect();
         assert!(
             missing.is_empty() && extra.is_empty(),
-            "{restore_program}: after the partial sync\n  missing {missing:#?}\n  extra {extra:#?}"
+            "{restore_program}: after the steps\n  missing {missing:#?}\n  extra {extra:#?}"
         );
         let services = netns::exec_in(&stepped.0, save, &["-t", "nat"])?;
         let last = services
@@ -255,6 +224,101 @@ fn a_partial_sync_ends_where_a_full_sync_would_with_both_backends() -> Result<()
             last.contains("-j KUBE-NODEPORTS"),
             "{restore_program}: last rule {last}"
         );
+    }
+    Ok(())
+}
+
+fn node_config() -> Result<RenderConfig> {
+    Ok(RenderConfig {
+        node_ips: vec!["192.168.0.10".parse()?],
+        ..RenderConfig::new(IpFamily::V4)
+    })
+}
+
+#[test]
+fn a_partial_sync_ends_where_a_full_sync_would_with_both_backends_and_layouts() -> Result<()> {
+    netns::preflight()?;
+    let dir = tempfile::tempdir()?;
+    let before = model_of(BEFORE, dir.path(), "before")?;
+    let after = model_of(AFTER, dir.path(), "after")?;
+    let config = node_config()?;
+    let jumps = rules::builtin_jumps(&config);
+    for dispatch in [Dispatch::Flat, Dispatch::Buckets] {
+        let full = |model: &Model| {
+            rules::render(
+                model,
+                &config,
+                &RenderOptions {
+                    builtin_jumps: &jumps,
+                    dispatch,
+                    ..RenderOptions::default()
+                },
+            )
+        };
+        let first = full(&before);
+        let changed = rules::changed_ports(&before, &after);
+        assert_eq!(changed.len(), 5, "web, dns ×2, gone, shop-lb: {changed:?}");
+        let partial = rules::render(
+            &after,
+            &config,
+            &RenderOptions {
+                delete_nat_chains: &first.service_chains,
+                partial: Some(Partial {
+                    only: &changed,
+                    previous: &before,
+                    applied_chains: &first.service_chains,
+                    applied_nat_rules: first.nat_total_rules,
+                }),
+                dispatch,
+                ..RenderOptions::default()
+            },
+        );
+        assert!(
+            !partial.text.contains(":KUBE-SERVICES"),
+            "{dispatch:?}: a partial payload never flushes a dispatch chain or bucket"
+        );
+        if dispatch == Dispatch::Buckets {
+            // shop-lb's cluster IP 10.96.0.88 is in bucket 88 % 64 = 24.
+            assert!(
+                partial.text.contains("-I KUBE-SERVICES-24 1 "),
+                "{}",
+                partial.text
+            );
+        }
+        assert_steps_end_as(&[&first.text, &partial.text], &full(&after).text)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_full_sync_that_changes_the_dispatch_layout_leaves_no_trace_of_the_old_one() -> Result<()> {
+    netns::preflight()?;
+    let dir = tempfile::tempdir()?;
+    let model = model_of(AFTER, dir.path(), "after")?;
+    let config = node_config()?;
+    let jumps = rules::builtin_jumps(&config);
+    let render = |dispatch: Dispatch, jumps: &[rules::JumpRule], stale: &[String]| {
+        rules::render(
+            &model,
+            &config,
+            &RenderOptions {
+                builtin_jumps: jumps,
+                delete_nat_chains: stale,
+                dispatch,
+                ..RenderOptions::default()
+            },
+        )
+    };
+    for (from, to) in [
+        (Dispatch::Flat, Dispatch::Buckets),
+        (Dispatch::Buckets, Dispatch::Flat),
+    ] {
+        let first = render(from, &jumps, &[]);
+        // As `run` does it: the built-in jumps exist already; the chains
+        // applied before are candidates for deletion.
+        let second = render(to, &[], &first.service_chains);
+        let fresh = render(to, &jumps, &[]);
+        assert_steps_end_as(&[&first.text, &second.text], &fresh.text)?;
     }
     Ok(())
 }

@@ -11,6 +11,10 @@
 //! post-DNAT `source == destination`, which is exact where kube-proxy's
 //! per-endpoint `-s <ip> -j KUBE-MARK-MASQ` is.
 //!
+//! Large rulesets add one level: nat `KUBE-SERVICES` jumps by the low bits of
+//! the destination to one of 64 buckets holding kube-proxy's entries
+//! ([`Dispatch`]), so that a new connection does not walk every entry.
+//!
 //! Jump rules from the built-in chains cannot be made idempotent inside an
 //! `iptables-restore --noflush` (a second `-I` duplicates them), so the caller
 //! chooses which to include: `render` prints all of them for a fresh netns;
@@ -25,7 +29,7 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::addr::{Cidr, IpFamily};
+use crate::addr::{Cidr, IpFamily, MaskedAddr, low_bits_of};
 use crate::model::{Endpoint, Locality, Model, Protocol, ServicePort, ServicePortName};
 use names::{ServiceChains, endpoint_chain};
 
@@ -102,6 +106,60 @@ pub enum NodePortAddresses {
     /// Local addresses inside these prefixes; a host prefix is one address
     /// (`primary` resolves to the node's InternalIP this way).
     Cidrs(Vec<Cidr>),
+}
+
+/// How nat `KUBE-SERVICES` leads a new connection to its Service's entry.
+///
+/// kube-proxy puts one entry per Service address and port in
+/// `KUBE-SERVICES`, and the first packet of every connection walks them in
+/// order: at 10 000 Services a connect to the last one took 3.9 times as
+/// long as with 100 (docs/benchmarks.md). Large rulesets therefore spread the
+/// entries over [`DISPATCH_BUCKETS`] chains by the low bits of the
+/// destination address, which Service IP allocation spreads evenly, and
+/// `KUBE-SERVICES` jumps to the one bucket that can hold the packet's entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dispatch {
+    /// kube-proxy's layout: every entry in `KUBE-SERVICES`.
+    #[default]
+    Flat,
+    /// Entries in `KUBE-SERVICES-<n>`, `n` the destination's low bits.
+    Buckets,
+}
+
+/// The low address bits that pick a bucket, and so the bucket count.
+pub const DISPATCH_BUCKET_BITS: u8 = 6;
+pub const DISPATCH_BUCKETS: u32 = 1 << DISPATCH_BUCKET_BITS;
+/// Prefix of the bucket chains' names. They sort between `KUBE-SERVICES`
+/// and `KUBE-SVC-`, which keeps iptables-nft-restore's chain walk short
+/// (see [`render`]).
+pub const DISPATCH_BUCKET_PREFIX: &str = "KUBE-SERVICES-";
+/// Entries from which the buckets pay off (a walk of 64 jump rules replaces
+/// a walk of up to this many entries) ...
+const BUCKETS_FROM_ENTRIES: usize = 1000;
+/// ... and below which an existing bucket layout goes back to flat. The gap
+/// keeps a cluster near the threshold from switching back and forth, since
+/// each switch is a full sync.
+const FLAT_BELOW_ENTRIES: usize = 500;
+
+impl Dispatch {
+    /// The layout for `model`, given the layout applied before (if any).
+    pub fn for_model(model: &Model, applied: Option<Dispatch>) -> Dispatch {
+        let entries: usize = model
+            .service_ports
+            .iter()
+            .map(|p| 1 + p.external_ips.len() + p.load_balancer_ips.len())
+            .sum();
+        match applied {
+            Some(Dispatch::Buckets) if entries >= FLAT_BELOW_ENTRIES => Dispatch::Buckets,
+            _ if entries >= BUCKETS_FROM_ENTRIES => Dispatch::Buckets,
+            _ => Dispatch::Flat,
+        }
+    }
+}
+
+/// The name of bucket `index` (`KUBE-SERVICES-05`).
+pub fn dispatch_bucket_chain(index: u32) -> String {
+    format!("{DISPATCH_BUCKET_PREFIX}{index:02}")
 }
 
 /// Everything besides the model that shapes the rules.
@@ -278,6 +336,9 @@ pub struct RenderOptions<'a> {
     pub delete_nat_chains: &'a [String],
     /// A partial sync; `None` writes everything.
     pub partial: Option<Partial<'a>>,
+    /// The layout of nat `KUBE-SERVICES`; a partial sync must keep the one
+    /// applied.
+    pub dispatch: Dispatch,
 }
 
 /// A partial sync: the own chains (`KUBE-SVC-`, `KUBE-SVL-`, `KUBE-EXT-`,
@@ -323,9 +384,9 @@ pub struct Payload {
     pub mangle: TableStats,
     pub filter: TableStats,
     pub nat: TableStats,
-    /// The per-service nat chains of the whole model (declared here, or left
-    /// in place by a partial render); whatever was applied before and is not
-    /// here is stale next time.
+    /// The per-service nat chains of the whole model, and the dispatch
+    /// buckets if any (declared here, or left in place by a partial render);
+    /// whatever was applied before and is not here is stale next time.
     pub service_chains: Vec<String>,
     /// The rules the nat table holds once this payload is applied (for a
     /// partial render, more than it writes).
@@ -582,7 +643,27 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
         local_if: config.local_traffic.if_local(),
         not_local_if: config.local_traffic.if_not_local(),
         service_chains: Vec::new(),
+        bucket_chains: match options.dispatch {
+            Dispatch::Flat => Vec::new(),
+            Dispatch::Buckets => (0..DISPATCH_BUCKETS).map(dispatch_bucket_chain).collect(),
+        },
     };
+    // The buckets and the jumps to them follow from the layout, which a
+    // partial sync keeps: only a full one writes them. The jumps precede the
+    // NodePort catch-all, which stays last.
+    if !partial {
+        for (index, chain) in (0..).zip(&ctx.bucket_chains) {
+            nat.chain(chain);
+            let r = nat.append(KUBE_SERVICES);
+            let _ = write!(
+                r,
+                " -m comment --comment \"service addresses in bucket {index} of {DISPATCH_BUCKETS}\" -d {} -j {chain}",
+                MaskedAddr::low_bits(config.family, index, DISPATCH_BUCKET_BITS)
+            );
+            nat.end();
+        }
+        ctx.service_chains.extend(ctx.bucket_chains.iter().cloned());
+    }
     // Each port's rules are written aside: its own chains, and its entries
     // in the dispatch chains. A full render keeps all of them. A partial one
     // keeps the own chains of the ports in `only`, and turns their dispatch
@@ -830,6 +911,7 @@ fn dispatch_delta(
             local_if: ctx.local_if.clone(),
             not_local_if: ctx.not_local_if.clone(),
             service_chains: Vec::new(),
+            bucket_chains: ctx.bucket_chains.clone(),
         };
         render_service_port(
             before,
@@ -947,6 +1029,19 @@ struct ServiceContext<'a> {
     local_if: Option<String>,
     not_local_if: Option<String>,
     service_chains: Vec<String>,
+    /// The [`Dispatch::Buckets`] chains by index; empty for a flat layout.
+    bucket_chains: Vec<String>,
+}
+
+impl ServiceContext<'_> {
+    /// The nat chain that holds the dispatch entry for destination `ip`.
+    fn dispatch_chain(&self, ip: &IpAddr) -> &str {
+        if self.bucket_chains.is_empty() {
+            KUBE_SERVICES
+        } else {
+            &self.bucket_chains[low_bits_of(ip, DISPATCH_BUCKET_BITS) as usize]
+        }
+    }
 }
 
 /// kube-proxy's `syncProxyRules` body for one service port.
@@ -1010,7 +1105,7 @@ fn render_service_port(
 
     // Cluster IP.
     if has_internal_endpoints {
-        let r = nat.append(KUBE_SERVICES);
+        let r = nat.append(ctx.dispatch_chain(&port.cluster_ip));
         let _ = write!(
             r,
             " -m comment --comment \"{name} cluster IP\" {match_proto} -d {} --dport {} -j {internal_chain}",
@@ -1030,7 +1125,7 @@ fn render_service_port(
     // External IPs.
     for ip in &port.external_ips {
         if has_endpoints {
-            let r = nat.append(KUBE_SERVICES);
+            let r = nat.append(ctx.dispatch_chain(ip));
             let _ = write!(
                 r,
                 " -m comment --comment \"{name} external IP\" {match_proto} -d {ip} --dport {} -j {}",
@@ -1052,7 +1147,7 @@ fn render_service_port(
     // Load balancer IPs.
     for ip in &port.load_balancer_ips {
         if has_endpoints {
-            let r = nat.append(KUBE_SERVICES);
+            let r = nat.append(ctx.dispatch_chain(ip));
             let _ = write!(
                 r,
                 " -m comment --comment \"{name} loadbalancer IP\" {match_proto} -d {ip} --dport {} -j {load_balancer_chain}",

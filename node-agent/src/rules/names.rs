@@ -54,15 +54,17 @@ pub fn endpoint_chain(name: &ServicePortName, protocol: Protocol, endpoint: &End
     )
 }
 
-/// Prefixes of the per-service chains any version of kube-proxy or this agent
-/// created, for finding stale ones.
-pub const SERVICE_CHAIN_PREFIXES: [&str; 6] = [
+/// Prefixes of the nat chains that come and go with the Services, which any
+/// version of kube-proxy or this agent created, for finding stale ones: the
+/// per-service chains and the dispatch buckets.
+pub const SERVICE_CHAIN_PREFIXES: [&str; 7] = [
     "KUBE-SVC-",
     "KUBE-SVL-",
     "KUBE-EXT-",
     "KUBE-FW-",
     "KUBE-SEP-",
     "KUBE-XLB-",
+    super::DISPATCH_BUCKET_PREFIX,
 ];
 
 pub fn is_service_chain(chain: &str) -> bool {

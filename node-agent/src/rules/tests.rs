@@ -882,3 +882,171 @@ fn stale_chains_are_flushed_before_deletion_and_endpoint_chains_go_one_by_one() 
         ]
     );
 }
+
+/// `count` ClusterIP Services, one endpoint each, cluster IPs from
+/// 10.96.0.1 up, plus one LoadBalancer Service with an external IP.
+fn many_services(count: usize) -> Model {
+    let mut services = Vec::new();
+    let mut slices = Vec::new();
+    for i in 0..count {
+        let name = format!("svc-{i}");
+        services.push(
+            ServiceBuilder::new("bulk", &name)
+                .cluster_ip(&format!("10.96.{}.{}", (i + 1) / 256, (i + 1) % 256))
+                .port("http", 80, "TCP")
+                .build(),
+        );
+        slices.push(
+            SliceBuilder::new("bulk", &name, &format!("{name}-1"))
+                .port("http", 8080, "TCP")
+                .endpoint(Ep::new(&format!("10.245.{}.{}", i / 256, i % 256)).node("node-b"))
+                .build(),
+        );
+    }
+    services.push(
+        web()
+            .type_("LoadBalancer")
+            .cluster_ip("10.96.200.5")
+            .node_port(30080)
+            .ingress("198.51.100.7", None)
+            .external_ips(&["203.0.113.9"])
+            .build(),
+    );
+    slices.push(slice(&[("10.244.2.1", "node-b")]));
+    model::build(&services, &slices, &node(IpFamily::V4), IpFamily::V4).0
+}
+
+#[test]
+fn the_dispatch_layout_switches_to_buckets_at_1000_addresses_and_back_below_500() {
+    use Dispatch::{Buckets, Flat};
+    // 998 Services + web's cluster, LB and external IP = 1001 addresses.
+    assert_eq!(Dispatch::for_model(&many_services(998), None), Buckets);
+    assert_eq!(Dispatch::for_model(&many_services(996), None), Flat);
+    assert_eq!(Dispatch::for_model(&many_services(996), Some(Flat)), Flat);
+    // Once bucketed, it stays so down to 500 addresses.
+    assert_eq!(
+        Dispatch::for_model(&many_services(600), Some(Buckets)),
+        Buckets
+    );
+    assert_eq!(
+        Dispatch::for_model(&many_services(497), Some(Buckets)),
+        Buckets
+    );
+    assert_eq!(
+        Dispatch::for_model(&many_services(495), Some(Buckets)),
+        Flat
+    );
+}
+
+#[test]
+fn buckets_hold_the_flat_entries_each_in_the_bucket_of_its_address() {
+    let model = many_services(300);
+    let jumps = builtin_jumps(&config());
+    let render_as = |dispatch| {
+        let payload = render(
+            &model,
+            &config(),
+            &RenderOptions {
+                builtin_jumps: &jumps,
+                dispatch,
+                ..RenderOptions::default()
+            },
+        );
+        let problems = check(&payload.text);
+        assert!(problems.is_empty(), "{dispatch:?}: {problems:#?}");
+        payload
+    };
+    let flat = render_as(Dispatch::Flat);
+    let buckets = render_as(Dispatch::Buckets);
+
+    // KUBE-SERVICES: one jump per bucket, then the NodePort catch-all.
+    let top = lines_with(&buckets, "-A KUBE-SERVICES ");
+    assert_eq!(top.len(), 65);
+    assert!(
+        top[5].contains("-d 0.0.0.5/0.0.0.63 -j KUBE-SERVICES-05"),
+        "{}",
+        top[5]
+    );
+    assert!(top[64].contains("-j KUBE-NODEPORTS"));
+    // Every flat entry is in the bucket its destination's low 6 bits name,
+    // and nothing else changed.
+    let mut moved = BTreeSet::new();
+    for line in lines_with(&flat, "-A KUBE-SERVICES ") {
+        if line.contains("-j KUBE-NODEPORTS") {
+            continue;
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == "-d").expect("-d");
+        let ip: IpAddr = words[at + 1].parse().expect("address");
+        let bucket = dispatch_bucket_chain(crate::addr::low_bits_of(&ip, 6));
+        moved.insert(line.replacen("KUBE-SERVICES", &bucket, 1));
+    }
+    let in_buckets: BTreeSet<String> = buckets
+        .text
+        .lines()
+        .filter(|l| l.starts_with("-A KUBE-SERVICES-"))
+        .map(String::from)
+        .collect();
+    assert_eq!(moved.len(), 303);
+    assert_eq!(in_buckets, moved);
+    let rest = |p: &Payload| -> BTreeSet<String> {
+        p.text
+            .lines()
+            .filter(|l| !l.contains("KUBE-SERVICES"))
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(rest(&flat), rest(&buckets));
+    assert_eq!(buckets.nat.rules, flat.nat.rules + 64);
+    assert_eq!(
+        buckets
+            .service_chains
+            .iter()
+            .filter(|c| c.starts_with(DISPATCH_BUCKET_PREFIX))
+            .count(),
+        64,
+        "the buckets come and go like the service chains"
+    );
+}
+
+#[test]
+fn a_partial_render_edits_the_bucket_of_a_changed_address() {
+    let before = many_services(100);
+    let mut after = before.clone();
+    let web = after
+        .service_ports
+        .iter_mut()
+        .find(|p| p.name.name == "web")
+        .expect("web");
+    Arc::make_mut(web).external_ips = vec!["203.0.113.70".parse().unwrap()];
+    let key = (web.name.clone(), web.protocol);
+    let options = |dispatch| RenderOptions {
+        dispatch,
+        ..RenderOptions::default()
+    };
+    let applied = render(&before, &config(), &options(Dispatch::Buckets));
+    let only = BTreeSet::from([key]);
+    let payload = render(
+        &after,
+        &config(),
+        &RenderOptions {
+            delete_nat_chains: &applied.service_chains,
+            partial: Some(Partial {
+                only: &only,
+                previous: &before,
+                applied_chains: &applied.service_chains,
+                applied_nat_rules: applied.nat_total_rules,
+            }),
+            dispatch: Dispatch::Buckets,
+            ..RenderOptions::default()
+        },
+    );
+    // 203.0.113.9 (bucket 9) leaves, 203.0.113.70 (bucket 6) comes.
+    let edits: Vec<&str> = lines_with(&payload, "external IP\"");
+    assert_eq!(edits.len(), 2, "{}", payload.text);
+    assert!(edits[0].starts_with("-D KUBE-SERVICES-09 ") && edits[0].contains("203.0.113.9 "));
+    assert!(edits[1].starts_with("-I KUBE-SERVICES-06 1 ") && edits[1].contains("203.0.113.70 "));
+    assert!(!payload.text.contains(":KUBE-SERVICES"), "{}", payload.text);
+    let full = render(&after, &config(), &options(Dispatch::Buckets));
+    assert_eq!(payload.nat_total_rules, full.nat.rules);
+}

@@ -3,9 +3,11 @@
 //! For each S it starts a one-node environment, creates S selector-less
 //! ClusterIP Services with one EndpointSlice of E (remote, fake) endpoints
 //! each through the apiserver, plus one real Service backed by an echo pod,
-//! named so that its dispatch entry is the last one a packet reaches (the
-//! agent writes them in descending order of the chain hash; the bench checks
-//! the position in the applied ruleset), then starts the agent in the node namespace and reports:
+//! placed so that its dispatch entry is the last one a packet reaches: named
+//! so that its chain hash is the lowest (the agent writes entries in
+//! descending order of it) and, from 1 000 Services, given a cluster IP in
+//! the last dispatch bucket. The bench prints the path from the applied
+//! ruleset. It then starts the agent in the node namespace and reports:
 //! the first (full) sync's duration, the agent's RSS, the network programming
 //! latency of endpoint changes (API write → sync applied, read from the
 //! agent's `kubeproxy_sync_proxy_rules_last_timestamp_seconds`) with the
@@ -125,6 +127,25 @@ fn slice_json(name: &str, endpoints: usize, generation: usize) -> serde_json::Va
     })
 }
 
+/// A free cluster IP whose low six bits are 63 (the agent's last dispatch
+/// bucket), in the /18 the apiserver allocates from.
+async fn last_bucket_ip(services: &Api<Service>) -> Result<std::net::Ipv4Addr> {
+    let used: std::collections::BTreeSet<u32> = services
+        .list(&Default::default())
+        .await?
+        .items
+        .iter()
+        .filter_map(|s| s.spec.as_ref()?.cluster_ip.as_ref()?.parse().ok())
+        .map(|ip: std::net::Ipv4Addr| u32::from(ip))
+        .collect();
+    let network = used.first().context("no Service has a cluster IP")? & !((1u32 << 14) - 1);
+    (0..256u32)
+        .map(|k| network + k * 64 + 63)
+        .find(|ip| !used.contains(ip) && *ip != network + (1 << 14) - 1)
+        .map(std::net::Ipv4Addr::from)
+        .context("no free cluster IP ends in 63")
+}
+
 async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<String> {
     let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
     let client = cluster.client();
@@ -184,10 +205,17 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<S
         .find(|name| count == 0 || chain_of(name, "") < lowest)
         .expect("some name hashes lowest");
     let target_chain = chain_of(&target_name, "");
+    // With dispatch buckets (from 1 000 addresses) the last bucket is the one
+    // whose address bits are 63: give the target a free cluster IP there.
+    let mut spec =
+        json!({"selector": {"app": "target"}, "ports": [{"port": 80, "targetPort": 80}]});
+    if count >= 1000 {
+        spec["clusterIP"] = json!(last_bucket_ip(&services).await?.to_string());
+    }
     let target: Service = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": target_name},
-        "spec": {"selector": {"app": "target"}, "ports": [{"port": 80, "targetPort": 80}]}
+        "spec": spec
     }))?;
     services.create(&PostParams::default(), &target).await?;
     let target_ip = services
@@ -287,22 +315,37 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<S
     };
     let (rss, peak) = (kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0);
 
-    // Where the target's entry sits among the Services' entries in nat
-    // KUBE-SERVICES, as applied.
+    // How many dispatch rules a new connection to the target passes, as
+    // applied: its entry's position in nat KUBE-SERVICES, or the position of
+    // its bucket's jump plus its entry's position in the bucket.
     let save = netns::exec_in(&node.netns, "iptables-save", &["-t", "nat"])?;
-    let entries: Vec<&str> = save
-        .lines()
-        .filter(|l| l.starts_with("-A KUBE-SERVICES ") && l.contains("-j KUBE-SVC-"))
-        .collect();
-    let position = entries
-        .iter()
-        .position(|l| l.ends_with(&format!("-j {target_chain}")))
-        .context("the target has no dispatch entry")?;
-    eprintln!(
-        "S = {count}: the target's entry is number {} of {} in nat KUBE-SERVICES",
-        position + 1,
-        entries.len()
-    );
+    let rules_of = |chain: &str| -> Vec<&str> {
+        let prefix = format!("-A {chain} ");
+        save.lines().filter(|l| l.starts_with(&prefix)).collect()
+    };
+    let top = rules_of("KUBE-SERVICES");
+    let holds_target = |l: &&str| l.ends_with(&format!("-j {target_chain}"));
+    let path = if let Some(at) = top.iter().position(holds_target) {
+        format!("entry {} of {} in nat KUBE-SERVICES", at + 1, top.len())
+    } else {
+        let (jump, bucket, at, entries) = top
+            .iter()
+            .enumerate()
+            .find_map(|(jump, l)| {
+                let bucket = l.split_whitespace().last()?;
+                let entries = rules_of(bucket);
+                let at = entries.iter().position(holds_target)?;
+                Some((jump, bucket.to_string(), at, entries.len()))
+            })
+            .context("the target has no dispatch entry")?;
+        format!(
+            "jump {} of {} in nat KUBE-SERVICES, then entry {} of {entries} in {bucket}",
+            jump + 1,
+            top.len(),
+            at + 1
+        )
+    };
+    eprintln!("S = {count}: a new connection to the target passes {path}");
 
     let echo = workspace_bin("causeway-echo").display().to_string();
     let out = netns::exec_in(
