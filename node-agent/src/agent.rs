@@ -508,7 +508,9 @@ impl Syncer {
         let mut stale_flows = Vec::new();
         for state in &mut self.families {
             let family = state.netfilter.family;
+            let model_started = Instant::now();
             let (model, model_issues) = state.model_cache.build(&services, &slices, &node);
+            let model_ms = model_started.elapsed().as_millis() as u64;
             issues.extend(model_issues);
             let render_config = match self.config.options.render_config(family, &node) {
                 Ok(c) => c,
@@ -595,7 +597,10 @@ impl Syncer {
                 .metrics
                 .restore_bytes
                 .observe(payload.text.len() as f64);
-            match state.netfilter.restore(&payload.text) {
+            let restore_started = Instant::now();
+            let restored_result = state.netfilter.restore(&payload.text);
+            let restore_ms = restore_started.elapsed().as_millis() as u64;
+            match restored_result {
                 Ok(()) => {
                     let model = Arc::new(model);
                     self.shared.rules.applied(
@@ -620,6 +625,8 @@ impl Syncer {
                         nat_rules = payload.nat.rules,
                         filter_rules = payload.filter.rules,
                         bytes = payload.text.len(),
+                        model_ms,
+                        restore_ms,
                         elapsed_ms = started.elapsed().as_millis() as u64,
                         "synced"
                     );

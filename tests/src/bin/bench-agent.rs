@@ -53,6 +53,10 @@ struct Args {
     /// The causeway-agent binary (default: next to this program).
     #[arg(long)]
     agent: Option<PathBuf>,
+    /// Copy each size's agent log here (`agent-<S>.log`) before the
+    /// environment is torn down, for its per-sync timings.
+    #[arg(long)]
+    keep_logs: Option<PathBuf>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -361,6 +365,12 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<S
     let connect: Vec<&str> = out.split_whitespace().collect();
     if connect.get(3).is_some_and(|f| *f != "0") {
         bail!("{} of the connections to the target failed", connect[3]);
+    }
+    if let Some(dir) = &args.keep_logs {
+        std::fs::create_dir_all(dir)?;
+        let kept = dir.join(format!("agent-{count}.log"));
+        std::fs::copy(cluster.dir().join("agent.log"), &kept)?;
+        eprintln!("S = {count}: agent log kept at {}", kept.display());
     }
     drop(target_pod);
     Ok(format!(
