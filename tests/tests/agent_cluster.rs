@@ -164,8 +164,8 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
 
     // Metrics: kube-proxy's names, with the programming latency measured
     // from the EndpointSlice controller's trigger time. A sync records it
-    // once it has finished (after its conntrack cleanup), which may be just
-    // after its rules answer packets.
+    // once its restore has succeeded, which may be just after its rules
+    // answer packets.
     let metrics = eventually(
         Duration::from_secs(10),
         "a network programming latency in /metrics",
@@ -605,5 +605,128 @@ async fn udp_clients_are_moved_off_stale_conntrack_entries() -> Result<()> {
     let deleted: u64 = metrics::value(&metrics, "causeway_agent_conntrack_entries_deleted_total")
         .unwrap_or(0.0) as u64;
     assert!(deleted >= 2, "conntrack deletions counted: {deleted}");
+    Ok(())
+}
+
+/// The nat dispatch buckets (`KUBE-SERVICES-<n>`) declared in `save`.
+fn dispatch_buckets(save: &str) -> usize {
+    save.lines()
+        .filter(|l| l.starts_with(":KUBE-SERVICES-"))
+        .count()
+}
+
+/// Creates (or deletes) the selector-less Services `filler-<i>` for `range`.
+async fn fillers(
+    services: &Api<Service>,
+    range: std::ops::Range<usize>,
+    create: bool,
+) -> Result<()> {
+    use futures::StreamExt as _;
+    let results = futures::stream::iter(range)
+        .map(|i| {
+            let services = services.clone();
+            async move {
+                let name = format!("filler-{i}");
+                if create {
+                    let svc: Service = serde_json::from_value(json!({
+                        "apiVersion": "v1", "kind": "Service",
+                        "metadata": {"name": name},
+                        "spec": {"ports": [{"port": 80, "protocol": "TCP"}]}
+                    }))?;
+                    services.create(&PostParams::default(), &svc).await?;
+                } else {
+                    services.delete(&name, &DeleteParams::default()).await?;
+                }
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    results.into_iter().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_switches_to_dispatch_buckets_at_1000_addresses_and_back_below_500() -> Result<()> {
+    let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
+    let node = cluster.node("node-1").clone();
+    let agent = workspace_bin("causeway-agent");
+    cluster.spawn_agent("node-1", "agent", &agent, &["--sync-period", "10m"])?;
+    let client_pod = cluster
+        .add_pod("node-1", "client", &[("app", "client")])
+        .await?;
+    cluster
+        .add_pod("node-1", "web-1", &[("app", "web")])
+        .await?;
+    let services: Api<Service> = Api::namespaced(cluster.client(), "default");
+    let web: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 80}]}
+    }))?;
+    services.create(&PostParams::default(), &web).await?;
+    let ip = cluster_ip(&services, "web").await?;
+    let target = format!("{ip}:80");
+    wait_for_pods(
+        &client_pod.netns,
+        "tcp",
+        &target,
+        &["web-1"],
+        "small cluster",
+    )?;
+    assert_eq!(dispatch_buckets(&iptables_save(&node.netns)?), 0);
+
+    // web, the kubernetes Service and 998 more: 1 000 addresses.
+    fillers(&services, 0..998, true).await?;
+    eventually(
+        Duration::from_secs(60),
+        "the agent to switch to 64 dispatch buckets",
+        || async { Ok((dispatch_buckets(&iptables_save(&node.netns)?) == 64).then_some(())) },
+    )
+    .await?;
+    let save = iptables_save(&node.netns)?;
+    let bucket = format!(
+        "KUBE-SERVICES-{:02}",
+        ip.parse::<std::net::Ipv4Addr>()?.octets()[3] % 64
+    );
+    assert!(
+        save.lines()
+            .any(|l| l.starts_with(&format!("-A {bucket} ")) && l.contains(&format!("-d {ip}/32"))),
+        "web's entry is not in {bucket}:\n{save}"
+    );
+    wait_for_pods(&client_pod.netns, "tcp", &target, &["web-1"], "bucketed")?;
+
+    // Down to 599 addresses: still bucketed (no flapping at the threshold) …
+    fillers(&services, 597..998, false).await?;
+    let save = eventually(
+        Duration::from_secs(60),
+        "the agent to drop the deleted Services",
+        || async {
+            // Each filler has one rule: its REJECT (it has no endpoints).
+            let save = iptables_save(&node.netns)?;
+            let left = save
+                .lines()
+                .filter(|l| l.contains("default/filler-"))
+                .count();
+            Ok((left == 597).then_some(save))
+        },
+    )
+    .await?;
+    assert_eq!(dispatch_buckets(&save), 64, "{save}");
+    // … and below 500 back to kube-proxy's flat layout, buckets deleted.
+    fillers(&services, 400..597, false).await?;
+    eventually(
+        Duration::from_secs(60),
+        "the agent to go back to the flat layout",
+        || async { Ok((dispatch_buckets(&iptables_save(&node.netns)?) == 0).then_some(())) },
+    )
+    .await?;
+    let save = iptables_save(&node.netns)?;
+    assert!(
+        save.lines()
+            .any(|l| l.starts_with("-A KUBE-SERVICES ") && l.contains(&format!("-d {ip}/32"))),
+        "web's entry is back in KUBE-SERVICES:\n{save}"
+    );
+    wait_for_pods(&client_pod.netns, "tcp", &target, &["web-1"], "flat again")?;
     Ok(())
 }
