@@ -550,7 +550,15 @@ impl Syncer {
                 warn!(family = ?family, "the KUBE-PROXY-CANARY chain is gone: another program flushed the rules; restoring them");
                 self.shared.metrics.canary_lost.inc();
             }
-            let dispatch = Dispatch::for_model(&model, state.applied_dispatch);
+            // After a restart the layout in netfilter is the one to keep or
+            // leave, so the hysteresis holds across restarts too.
+            let applied_dispatch = state.applied_dispatch.or_else(|| {
+                previous
+                    .iter()
+                    .any(|c| c.starts_with(rules::DISPATCH_BUCKET_PREFIX))
+                    .then_some(Dispatch::Buckets)
+            });
+            let dispatch = Dispatch::for_model(&model, applied_dispatch);
             let full = state.applied_model.is_none()
                 || state.applied_config.as_ref() != Some(&render_config)
                 || state.applied_dispatch != Some(dispatch)

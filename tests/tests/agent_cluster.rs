@@ -651,7 +651,7 @@ async fn agent_switches_to_dispatch_buckets_at_1000_addresses_and_back_below_500
     let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
     let node = cluster.node("node-1").clone();
     let agent = workspace_bin("causeway-agent");
-    cluster.spawn_agent("node-1", "agent", &agent, &["--sync-period", "10m"])?;
+    let first = cluster.spawn_agent("node-1", "agent-1", &agent, &["--sync-period", "10m"])?;
     let client_pod = cluster
         .add_pod("node-1", "client", &[("app", "client")])
         .await?;
@@ -713,7 +713,22 @@ async fn agent_switches_to_dispatch_buckets_at_1000_addresses_and_back_below_500
     )
     .await?;
     assert_eq!(dispatch_buckets(&save), 64, "{save}");
-    // … and below 500 back to kube-proxy's flat layout, buckets deleted.
+    // … also across a restart: the new agent keeps the layout it finds …
+    netns::run("kill", &["-TERM", &first.to_string()])?;
+    cluster.spawn_agent("node-1", "agent-2", &agent, &["--sync-period", "10m"])?;
+    let log = cluster.dir().join("agent-2.log");
+    eventually(
+        Duration::from_secs(30),
+        "the restarted agent's first sync",
+        || async {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            Ok(text.contains("rewritten_service_ports").then_some(()))
+        },
+    )
+    .await?;
+    let save = iptables_save(&node.netns)?;
+    assert_eq!(dispatch_buckets(&save), 64, "after the restart:\n{save}");
+    // … and below 500 goes back to kube-proxy's flat layout, buckets deleted.
     fillers(&services, 400..597, false).await?;
     eventually(
         Duration::from_secs(60),

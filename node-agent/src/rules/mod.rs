@@ -814,7 +814,9 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
 
     // nat's rules are nearly all of the payload (16 MB at 10 000 × 10): their
     // buffer becomes the payload, the rest inserted in front, so that the
-    // payload is never held twice at the peak of a full sync.
+    // payload is not held twice at the peak of a full sync. (The insert moves
+    // the text within the buffer; it reallocates only when the spare capacity,
+    // which doubling growth leaves, is shorter than the head.)
     let mut head =
         String::with_capacity(filter.chains.len() + filter.rules.len() + nat.chains.len() + 256);
     let mangle = mangle.finish("mangle", &mut head);
