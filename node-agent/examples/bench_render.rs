@@ -8,6 +8,7 @@
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -194,25 +195,26 @@ fn main() {
         meta.resource_version = Some("1".into());
         meta
     };
-    let services: Vec<Service> = services
+    // Shared, as the agent's caches hold them: a change is a new allocation.
+    let services: Vec<Arc<Service>> = services
         .into_iter()
         .map(|mut s| {
             s.metadata = versioned(s.metadata);
-            s
+            Arc::new(s)
         })
         .collect();
-    let mut slices: Vec<EndpointSlice> = slices
+    let mut slices: Vec<Arc<EndpointSlice>> = slices
         .into_iter()
         .map(|mut s| {
             s.metadata = versioned(s.metadata);
-            s
+            Arc::new(s)
         })
         .collect();
     let mut cache = ModelCache::new(IpFamily::V4);
     cache.build(&services, &slices, &node);
     let mut times = Vec::new();
     for run in 0..args.runs.max(1) {
-        let changed = &mut slices[run % s.max(1)];
+        let changed = Arc::make_mut(&mut slices[run % s.max(1)]);
         changed.metadata.resource_version = Some(format!("{}", run + 2));
         changed.endpoints.pop();
         let start = Instant::now();
