@@ -7,7 +7,7 @@ use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use causeway_tests::cluster::ClusterOptions;
+use causeway_tests::cluster::{ClusterOptions, Pod};
 use causeway_tests::metrics;
 use causeway_tests::paths::workspace_bin;
 use causeway_tests::wait::eventually;
@@ -355,6 +355,26 @@ fn rule_lines(save: &str) -> Vec<String> {
     lines
 }
 
+/// On node-1: a client pod, a pod `web-1` and the Service `web` (port 80)
+/// selecting it; returns the client, the Services API and web's cluster IP.
+async fn client_and_web(cluster: &Cluster) -> Result<(Pod, Api<Service>, String)> {
+    let client = cluster
+        .add_pod("node-1", "client", &[("app", "client")])
+        .await?;
+    cluster
+        .add_pod("node-1", "web-1", &[("app", "web")])
+        .await?;
+    let services: Api<Service> = Api::namespaced(cluster.client(), "default");
+    let web: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 80}]}
+    }))?;
+    services.create(&PostParams::default(), &web).await?;
+    let ip = cluster_ip(&services, "web").await?;
+    Ok((client, services, ip))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_heals_flushed_rules_restarts_without_loss_and_cleans_up() -> Result<()> {
     let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
@@ -386,20 +406,7 @@ async fn agent_heals_flushed_rules_restarts_without_loss_and_cleans_up() -> Resu
     let args = ["--sync-period", "3s"];
     let first = cluster.spawn_agent("node-1", "agent-1", &agent, &args)?;
 
-    let client = cluster
-        .add_pod("node-1", "client", &[("app", "client")])
-        .await?;
-    cluster
-        .add_pod("node-1", "web-1", &[("app", "web")])
-        .await?;
-    let services: Api<Service> = Api::namespaced(cluster.client(), "default");
-    let service: Service = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": "web"},
-        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 80}]}
-    }))?;
-    services.create(&PostParams::default(), &service).await?;
-    let ip = cluster_ip(&services, "web").await?;
+    let (client, _services, ip) = client_and_web(&cluster).await?;
     let target = format!("{ip}:80");
     // Wait for the rules before the first connection: a connection attempted
     // before them leaves an un-DNATed SYN_SENT conntrack entry behind for two
@@ -652,20 +659,7 @@ async fn agent_switches_to_dispatch_buckets_at_1000_addresses_and_back_below_500
     let node = cluster.node("node-1").clone();
     let agent = workspace_bin("causeway-agent");
     let first = cluster.spawn_agent("node-1", "agent-1", &agent, &["--sync-period", "10m"])?;
-    let client_pod = cluster
-        .add_pod("node-1", "client", &[("app", "client")])
-        .await?;
-    cluster
-        .add_pod("node-1", "web-1", &[("app", "web")])
-        .await?;
-    let services: Api<Service> = Api::namespaced(cluster.client(), "default");
-    let web: Service = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": "web"},
-        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 80}]}
-    }))?;
-    services.create(&PostParams::default(), &web).await?;
-    let ip = cluster_ip(&services, "web").await?;
+    let (client_pod, services, ip) = client_and_web(&cluster).await?;
     let target = format!("{ip}:80");
     wait_for_pods(
         &client_pod.netns,
