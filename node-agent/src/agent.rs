@@ -37,6 +37,11 @@ use crate::model::{Issue, Model, NodeInfo, Protocol, ServicePortName};
 use crate::netfilter::{Backend, Netfilter};
 use crate::rules::{self, Dispatch, Partial, RenderConfig, RenderOptions};
 
+/// A full sync also runs this often, whatever else happens (kube-proxy's
+/// `FullSyncPeriod`): it repairs rules another program deleted without
+/// touching the canary chains.
+const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
+
 /// Services kube-proxy does not program either: another proxy's, and
 /// headless ones (the model ignores them too; the selector saves the memory).
 const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
@@ -443,6 +448,8 @@ struct FamilyState {
     applied_dispatch: Option<Dispatch>,
     /// When the last full sync was applied.
     last_full: Option<Instant>,
+    /// When the canary chains were last known to be there.
+    last_check: Option<Instant>,
 }
 
 /// Builds and applies the payloads; remembers what it applied.
@@ -496,6 +503,7 @@ impl Syncer {
                     applied_config: None,
                     applied_dispatch: None,
                     last_full: None,
+                    last_check: None,
                 });
             }
         }
@@ -538,18 +546,27 @@ impl Syncer {
                     }
                 },
             };
-            // Full: at start, after a failure, when the configuration changed,
-            // and once per --sync-period (which also restores whatever another
-            // program flushed). Otherwise only what changed is written.
+            // Full: at start, after a failure, when the configuration or the
+            // dispatch layout changed, when a canary chain is gone (checked
+            // once per --sync-period: another program deleted our chains),
+            // and once per FULL_SYNC_PERIOD for damage the canaries do not
+            // show. Otherwise only what changed is written.
+            let mut canary_lost = false;
+            if state.applied_model.is_some()
+                && state
+                    .last_check
+                    .is_some_and(|t| t.elapsed() >= self.config.sync_period)
+            {
+                state.last_check = Some(Instant::now());
+                if !state.netfilter.canaries_present() {
+                    warn!(family = ?family, "a KUBE-PROXY-CANARY chain is gone: another program deleted our chains; restoring them");
+                    self.shared.metrics.canary_lost.inc();
+                    canary_lost = true;
+                }
+            }
             let periodic = state
                 .last_full
-                .is_some_and(|t| t.elapsed() >= self.config.sync_period);
-            if periodic && state.applied_model.is_some() && !state.netfilter.canary_present() {
-                // Not needed for the repair (this sync rewrites everything),
-                // but worth saying: someone else is editing our tables.
-                warn!(family = ?family, "the KUBE-PROXY-CANARY chain is gone: another program flushed the rules; restoring them");
-                self.shared.metrics.canary_lost.inc();
-            }
+                .is_some_and(|t| t.elapsed() >= FULL_SYNC_PERIOD);
             // After a restart the layout in netfilter is the one to keep or
             // leave, so the hysteresis holds across restarts too.
             let applied_dispatch = state.applied_dispatch.or_else(|| {
@@ -563,6 +580,7 @@ impl Syncer {
                 || state.applied_config.as_ref() != Some(&render_config)
                 || state.applied_dispatch != Some(dispatch)
                 || state.last_full.is_none()
+                || canary_lost
                 || periodic;
             let changed: BTreeSet<(ServicePortName, Protocol)> = match (&state.applied_model, full)
             {
@@ -662,6 +680,7 @@ impl Syncer {
                     state.applied_dispatch = Some(dispatch);
                     if full {
                         state.last_full = Some(Instant::now());
+                        state.last_check = state.last_full;
                     }
                     models.push(model);
                 }

@@ -160,7 +160,9 @@ struct RunArgs {
     /// Extra addresses of this node (default: the Node's InternalIPs).
     #[arg(long, value_delimiter = ',')]
     node_ip: Vec<IpAddr>,
-    /// Full resync interval, also how fast a flushed ruleset is restored.
+    /// How often the canary chains are checked (a missing one means another
+    /// program deleted our chains: a full sync restores them), and the
+    /// longest the agent waits between syncs.
     #[arg(long, env = "CAUSEWAY_SYNC_PERIOD", default_value = "30s", value_parser = parse_duration)]
     sync_period: Duration,
     /// Minimum time between syncs; bursts of changes are batched.

@@ -146,15 +146,21 @@ impl Netfilter {
             .is_ok_and(|s| s.success())
     }
 
-    /// Whether the mangle table's KUBE-PROXY-CANARY chain (which only we
-    /// write) still exists; when it is gone, someone flushed our tables.
-    pub fn canary_present(&self) -> bool {
-        Command::new(&self.iptables)
-            .args(["-w", "-t", "mangle", "-S", KUBE_PROXY_CANARY])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
+    /// Whether the KUBE-PROXY-CANARY chains (empty, and only we write them)
+    /// still exist in mangle, nat and filter; when one is gone, another
+    /// program deleted the chains of a table (a firewall reload, `iptables
+    /// -X`).
+    pub fn canaries_present(&self) -> bool {
+        [Table::Mangle, Table::Nat, Table::Filter]
+            .iter()
+            .all(|table| {
+                Command::new(&self.iptables)
+                    .args(["-w", "-t", table.as_str(), "-S", KUBE_PROXY_CANARY])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            })
     }
 
     /// Per-service nat chains that exist now (ours from an earlier run, or

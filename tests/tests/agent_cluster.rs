@@ -445,7 +445,20 @@ async fn agent_heals_flushed_rules_restarts_without_loss_and_cleans_up() -> Resu
     }
     assert!(answered >= 40, "only {answered} connections tried");
 
-    // Another program flushes our dispatch chain: the next periodic sync
+    // With nothing changed and nothing damaged, the periodic checks (every
+    // 3 s here) write nothing: the new agent's only full sync is its first.
+    std::thread::sleep(Duration::from_secs(7));
+    let full_syncs = |metrics: &str| {
+        metrics::value(
+            metrics,
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count",
+        )
+        .unwrap_or(0.0)
+    };
+    let (_, _, quiet) = http_get(&node1.netns, "http://127.0.0.1:10249/metrics")?;
+    assert_eq!(full_syncs(&quiet), 1.0, "periodic full syncs:\n{quiet}");
+
+    // Another program flushes our dispatch chain: the next periodic check
     // (--sync-period 3s) restores it, with no API change to trigger it. (This
     // comes last: connections attempted while the chain is empty leave
     // un-DNATed SYN_SENT conntrack entries for 2 minutes, and a later
@@ -476,6 +489,18 @@ async fn agent_heals_flushed_rules_restarts_without_loss_and_cleans_up() -> Resu
         metrics.contains("causeway_agent_canary_lost_total 1"),
         "the lost canary is counted:\n{metrics}"
     );
+    // (The sync's durations are recorded just after its rules are live.)
+    eventually(
+        Duration::from_secs(5),
+        "one full sync to repair it",
+        || async {
+            let (_, _, metrics) = http_get(&node1.netns, "http://127.0.0.1:10249/metrics")?;
+            let full = full_syncs(&metrics);
+            assert!(full <= 2.0, "more full syncs than the repair:\n{metrics}");
+            Ok((full == 2.0).then_some(()))
+        },
+    )
+    .await?;
     netns::exec_in(
         &node1.netns,
         "iptables",
