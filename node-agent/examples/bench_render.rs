@@ -236,7 +236,7 @@ fn main() {
     let config = options.render_config(IpFamily::V4, &node).expect("config");
     let jumps = rules::builtin_jumps(&config);
     let dispatch = match args.dispatch {
-        DispatchArg::Auto => rules::Dispatch::for_model(&model, None),
+        DispatchArg::Auto => rules::Dispatch::for_model(&model, rules::Dispatch::Flat),
         DispatchArg::Flat => rules::Dispatch::Flat,
         DispatchArg::Buckets => rules::Dispatch::Buckets,
     };
@@ -297,7 +297,7 @@ fn main() {
     // A partial sync as `run` makes it when one Service gains an endpoint:
     // that port's chains plus the dispatch chains.
     let mut changed_model = model.clone();
-    let first = std::sync::Arc::make_mut(&mut changed_model.service_ports[0]);
+    let first = Arc::make_mut(&mut changed_model.service_ports[0]);
     let mut extra = first.cluster_endpoints[0].clone();
     extra.ip = "10.255.255.254".parse().expect("literal");
     first.cluster_endpoints.push(extra);

@@ -444,8 +444,6 @@ struct FamilyState {
     applied_model: Option<Arc<Model>>,
     /// The configuration it was rendered with; a change forces a full sync.
     applied_config: Option<RenderConfig>,
-    /// The layout of nat KUBE-SERVICES it has; a change forces a full sync.
-    applied_dispatch: Option<Dispatch>,
     /// When the last full sync was applied.
     last_full: Option<Instant>,
     /// When the canary chains were last known to be there.
@@ -501,7 +499,6 @@ impl Syncer {
                     model_cache: ModelCache::new(family),
                     applied_model: None,
                     applied_config: None,
-                    applied_dispatch: None,
                     last_full: None,
                     last_check: None,
                 });
@@ -567,18 +564,13 @@ impl Syncer {
             let periodic = state
                 .last_full
                 .is_some_and(|t| t.elapsed() >= FULL_SYNC_PERIOD);
-            // After a restart the layout in netfilter is the one to keep or
-            // leave, so the hysteresis holds across restarts too.
-            let applied_dispatch = state.applied_dispatch.or_else(|| {
-                previous
-                    .iter()
-                    .any(|c| c.starts_with(rules::DISPATCH_BUCKET_PREFIX))
-                    .then_some(Dispatch::Buckets)
-            });
+            // The layout the applied chains show (after a restart, the one
+            // netfilter holds); a change of layout is a full sync.
+            let applied_dispatch = Dispatch::of_chains(&previous);
             let dispatch = Dispatch::for_model(&model, applied_dispatch);
             let full = state.applied_model.is_none()
                 || state.applied_config.as_ref() != Some(&render_config)
-                || state.applied_dispatch != Some(dispatch)
+                || applied_dispatch != dispatch
                 || state.last_full.is_none()
                 || canary_lost
                 || periodic;
@@ -677,7 +669,6 @@ impl Syncer {
                     }
                     state.applied_model = Some(model.clone());
                     state.applied_config = Some(render_config);
-                    state.applied_dispatch = Some(dispatch);
                     if full {
                         state.last_full = Some(Instant::now());
                         state.last_check = state.last_full;

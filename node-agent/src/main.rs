@@ -329,7 +329,7 @@ fn render_manifests(args: &RenderArgs) -> anyhow::Result<Rendered> {
         &config,
         &RenderOptions {
             builtin_jumps: &jumps,
-            dispatch: rules::Dispatch::for_model(&model, None),
+            dispatch: rules::Dispatch::for_model(&model, rules::Dispatch::Flat),
             ..RenderOptions::default()
         },
     );

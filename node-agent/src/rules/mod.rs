@@ -142,17 +142,31 @@ const BUCKETS_FROM_ENTRIES: usize = 1000;
 const FLAT_BELOW_ENTRIES: usize = 500;
 
 impl Dispatch {
-    /// The layout for `model`, given the layout applied before (if any).
-    pub fn for_model(model: &Model, applied: Option<Dispatch>) -> Dispatch {
+    /// The layout for `model`, given the layout applied before (`Flat` when
+    /// nothing was).
+    pub fn for_model(model: &Model, applied: Dispatch) -> Dispatch {
         let entries: usize = model
             .service_ports
             .iter()
             .map(|p| 1 + p.external_ips.len() + p.load_balancer_ips.len())
             .sum();
         match applied {
-            Some(Dispatch::Buckets) if entries >= FLAT_BELOW_ENTRIES => Dispatch::Buckets,
+            Dispatch::Buckets if entries >= FLAT_BELOW_ENTRIES => Dispatch::Buckets,
             _ if entries >= BUCKETS_FROM_ENTRIES => Dispatch::Buckets,
             _ => Dispatch::Flat,
+        }
+    }
+
+    /// The layout that the nat chains `applied` (a [`Payload::service_chains`],
+    /// or the service chains read back from netfilter) belong to.
+    pub fn of_chains(applied: &[String]) -> Dispatch {
+        if applied
+            .iter()
+            .any(|chain| chain.starts_with(DISPATCH_BUCKET_PREFIX))
+        {
+            Dispatch::Buckets
+        } else {
+            Dispatch::Flat
         }
     }
 }

@@ -920,22 +920,25 @@ fn many_services(count: usize) -> Model {
 fn the_dispatch_layout_switches_to_buckets_at_1000_addresses_and_back_below_500() {
     use Dispatch::{Buckets, Flat};
     // 998 Services + web's cluster, LB and external IP = 1001 addresses.
-    assert_eq!(Dispatch::for_model(&many_services(998), None), Buckets);
-    assert_eq!(Dispatch::for_model(&many_services(996), None), Flat);
-    assert_eq!(Dispatch::for_model(&many_services(996), Some(Flat)), Flat);
+    assert_eq!(Dispatch::for_model(&many_services(998), Flat), Buckets);
+    assert_eq!(Dispatch::for_model(&many_services(996), Flat), Flat);
     // Once bucketed, it stays so down to 500 addresses.
-    assert_eq!(
-        Dispatch::for_model(&many_services(600), Some(Buckets)),
-        Buckets
-    );
-    assert_eq!(
-        Dispatch::for_model(&many_services(497), Some(Buckets)),
-        Buckets
-    );
-    assert_eq!(
-        Dispatch::for_model(&many_services(495), Some(Buckets)),
-        Flat
-    );
+    assert_eq!(Dispatch::for_model(&many_services(600), Buckets), Buckets);
+    assert_eq!(Dispatch::for_model(&many_services(497), Buckets), Buckets);
+    assert_eq!(Dispatch::for_model(&many_services(495), Buckets), Flat);
+}
+
+#[test]
+fn the_applied_layout_is_read_from_the_applied_chains() {
+    let model = many_services(300);
+    for dispatch in [Dispatch::Flat, Dispatch::Buckets] {
+        let options = RenderOptions {
+            dispatch,
+            ..RenderOptions::default()
+        };
+        let payload = render(&model, &config(), &options);
+        assert_eq!(Dispatch::of_chains(&payload.service_chains), dispatch);
+    }
 }
 
 #[test]
