@@ -650,6 +650,10 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
         .map(|p| p.cluster_endpoints.len().max(p.local_endpoints.len()))
         .max()
         .unwrap_or(0);
+    let bucket_chains: Vec<String> = match options.dispatch {
+        Dispatch::Flat => Vec::new(),
+        Dispatch::Buckets => (0..DISPATCH_BUCKETS).map(dispatch_bucket_chain).collect(),
+    };
     let mut ctx = ServiceContext {
         config,
         probabilities: probabilities(max_endpoints),
@@ -657,16 +661,13 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
         local_if: config.local_traffic.if_local(),
         not_local_if: config.local_traffic.if_not_local(),
         service_chains: Vec::new(),
-        bucket_chains: match options.dispatch {
-            Dispatch::Flat => Vec::new(),
-            Dispatch::Buckets => (0..DISPATCH_BUCKETS).map(dispatch_bucket_chain).collect(),
-        },
+        bucket_chains: &bucket_chains,
     };
     // The buckets and the jumps to them follow from the layout, which a
     // partial sync keeps: only a full one writes them. The jumps precede the
     // NodePort catch-all, which stays last.
     if !partial {
-        for (index, chain) in (0..).zip(&ctx.bucket_chains) {
+        for (index, chain) in (0..).zip(&bucket_chains) {
             nat.chain(chain);
             let r = nat.append(KUBE_SERVICES);
             let _ = write!(
@@ -676,7 +677,7 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
             );
             nat.end();
         }
-        ctx.service_chains.extend(ctx.bucket_chains.iter().cloned());
+        ctx.service_chains.extend(bucket_chains.iter().cloned());
     }
     // Each port's rules are written aside: its own chains, and its entries
     // in the dispatch chains. A full render keeps all of them. A partial one
@@ -934,7 +935,7 @@ fn dispatch_delta(
             local_if: ctx.local_if.clone(),
             not_local_if: ctx.not_local_if.clone(),
             service_chains: Vec::new(),
-            bucket_chains: ctx.bucket_chains.clone(),
+            bucket_chains: ctx.bucket_chains,
         };
         render_service_port(
             before,
@@ -1053,7 +1054,7 @@ struct ServiceContext<'a> {
     not_local_if: Option<String>,
     service_chains: Vec<String>,
     /// The [`Dispatch::Buckets`] chains by index; empty for a flat layout.
-    bucket_chains: Vec<String>,
+    bucket_chains: &'a [String],
 }
 
 impl ServiceContext<'_> {
