@@ -9,15 +9,15 @@
 //!
 //! Finding what changed must not cost a walk over every object's fields
 //! either (grouping 20 000 objects by name took 30–50 ms). The reflector
-//! replaces an object's `Arc` whenever the object changes, and the cache
-//! holds the `Arc`s it has seen, so an allocation it already tracks is the
-//! version it built from: one pointer lookup per object. A new allocation
+//! replaces an object's `Arc` whenever the object changes, and the cache's
+//! groups hold the `Arc`s they were built from (which keeps those addresses
+//! from being reused), so an allocation it already tracks is the version it
+//! built from: one pointer lookup per object. A new allocation
 //! with the resourceVersion already held (a re-list) changes nothing; one
 //! without a resourceVersion (manifests from files) is always rebuilt. The
 //! model equals a full build of the same objects; the issues are the same,
 //! in another order.
 
-use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -50,13 +50,11 @@ enum Place {
     Slice(GroupKey, String),
 }
 
-/// An object version the cache holds (so its address stays unique).
+/// An object version a group holds, by its address.
 struct Tracked {
     place: Place,
     /// The [`ModelCache::build`] that last saw it.
     generation: u64,
-    /// Keeps the allocation alive; never read.
-    _object: Arc<dyn Any + Send + Sync>,
 }
 
 /// Per-Service model pieces for one IP family, kept between syncs.
@@ -64,11 +62,17 @@ pub struct ModelCache {
     family: IpFamily,
     node: Option<NodeInfo>,
     groups: BTreeMap<GroupKey, Group>,
-    /// Every object version in `groups`, by address.
+    /// Every object version in `groups`, by address. The group's `Arc`
+    /// keeps the allocation alive, so the address names that version alone.
     tracked: HashMap<usize, Tracked>,
     generation: u64,
     /// Services rebuilt by the last [`ModelCache::build`], for the log.
     pub rebuilt: usize,
+}
+
+/// Whether `object` is the allocation at `address`.
+fn is_at<T>(object: Option<&Arc<T>>, address: usize) -> bool {
+    object.is_some_and(|o| Arc::as_ptr(o) as usize == address)
 }
 
 fn key_of(meta: &ObjectMeta, name: &str) -> GroupKey {
@@ -94,6 +98,16 @@ impl ModelCache {
         }
     }
 
+    /// Marks the object at `address` as seen by this build; false when the
+    /// cache does not know it (new, or a new version).
+    fn seen(&mut self, address: usize) -> bool {
+        let generation = self.generation;
+        self.tracked
+            .get_mut(&address)
+            .map(|tracked| tracked.generation = generation)
+            .is_some()
+    }
+
     /// The model of these objects, as [`build`] makes it.
     pub fn build(
         &mut self,
@@ -112,8 +126,7 @@ impl ModelCache {
 
         for service in services {
             let address = Arc::as_ptr(service) as usize;
-            if let Some(tracked) = self.tracked.get_mut(&address) {
-                tracked.generation = generation;
+            if self.seen(address) {
                 continue;
             }
             let meta = &service.metadata;
@@ -128,14 +141,12 @@ impl ModelCache {
                 Tracked {
                     place: Place::Service(key),
                     generation,
-                    _object: service.clone(),
                 },
             );
         }
         for slice in slices {
             let address = Arc::as_ptr(slice) as usize;
-            if let Some(tracked) = self.tracked.get_mut(&address) {
-                tracked.generation = generation;
+            if self.seen(address) {
                 continue;
             }
             let meta = &slice.metadata;
@@ -156,13 +167,15 @@ impl ModelCache {
                 Tracked {
                     place: Place::Slice(key, name),
                     generation,
-                    _object: slice.clone(),
                 },
             );
         }
 
         // Versions no longer present: replaced above (their group holds the
-        // new one already) or deleted (their group loses them).
+        // new one already) or deleted (their group loses them). A replaced
+        // version may be freed by now, but its address is no other object's
+        // in this build: every object passed in was alive beside it when the
+        // build began.
         let groups = &mut self.groups;
         self.tracked.retain(|address, tracked| {
             if tracked.generation == generation {
@@ -171,10 +184,7 @@ impl ModelCache {
             match &tracked.place {
                 Place::Service(key) => {
                     if let Some(group) = groups.get_mut(key)
-                        && group
-                            .service
-                            .as_ref()
-                            .is_some_and(|s| Arc::as_ptr(s) as usize == *address)
+                        && is_at(group.service.as_ref(), *address)
                     {
                         group.service = None;
                         group.dirty = true;
@@ -182,10 +192,7 @@ impl ModelCache {
                 }
                 Place::Slice(key, name) => {
                     if let Some(group) = groups.get_mut(key)
-                        && group
-                            .slices
-                            .get(name)
-                            .is_some_and(|s| Arc::as_ptr(s) as usize == *address)
+                        && is_at(group.slices.get(name), *address)
                     {
                         group.slices.remove(name);
                         group.dirty = true;
