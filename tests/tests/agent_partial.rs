@@ -188,6 +188,17 @@ fn ruleset(ns: &str, save: &str) -> Result<BTreeSet<String>> {
 /// into another, with each backend; the rules must end the same, and the
 /// NodePort catch-all last in nat KUBE-SERVICES.
 fn assert_steps_end_as(steps: &[&str], want: &str) -> Result<()> {
+    assert_ends_as(want, |ns, restore_program, _| {
+        steps
+            .iter()
+            .try_for_each(|step| restore(ns, restore_program, step))
+    })
+}
+
+/// Runs `steps(namespace, restore program, save program)` in one namespace
+/// and loads `want` alone into another, with each backend; the rules must
+/// end the same, and the NodePort catch-all last in nat KUBE-SERVICES.
+fn assert_ends_as(want: &str, steps: impl Fn(&str, &str, &str) -> Result<()>) -> Result<()> {
     for (restore_program, save) in [
         ("iptables-nft-restore", "iptables-nft-save"),
         ("iptables-legacy-restore", "iptables-legacy-save"),
@@ -203,9 +214,7 @@ fn assert_steps_end_as(steps: &[&str], want: &str) -> Result<()> {
         let direct = Namespace(format!("cwpb-{id}"));
         netns::add_netns(&stepped.0)?;
         netns::add_netns(&direct.0)?;
-        for step in steps {
-            restore(&stepped.0, restore_program, step)?;
-        }
+        steps(&stepped.0, restore_program, save)?;
         restore(&direct.0, restore_program, want)?;
         let got = ruleset(&stepped.0, save)?;
         let want = ruleset(&direct.0, save)?;
@@ -368,60 +377,30 @@ fn taking_over_from_kube_proxy_deletes_its_chains_in_one_restore_with_both_backe
         .find(|p| p.name.name == "web")
         .expect("web in AFTER");
     let web_chain = rules::names::ServiceChains::new(&web.name, web.protocol).cluster;
-    let config = RenderConfig {
-        node_ips: vec!["192.168.0.10".parse()?],
-        ..RenderConfig::new(IpFamily::V4)
-    };
+    let config = node_config()?;
     let jumps = rules::builtin_jumps(&config);
-    for (restore_program, save) in [
-        ("iptables-nft-restore", "iptables-nft-save"),
-        ("iptables-legacy-restore", "iptables-legacy-save"),
-    ] {
-        let pid = std::process::id();
-        let taken = Namespace(format!("cwpc-{pid}"));
-        let fresh = Namespace(format!("cwpd-{pid}"));
-        netns::add_netns(&taken.0)?;
-        netns::add_netns(&fresh.0)?;
-        restore(&taken.0, restore_program, &kube_proxy_ruleset(&web_chain))?;
-        // What the agent does at start: list the service chains that exist,
-        // then one full restore that deletes those it does not declare.
-        let existing = causeway_agent::netfilter::service_chains_in_save(&netns::exec_in(
-            &taken.0,
-            save,
-            &["-t", "nat"],
-        )?);
-        assert_eq!(existing.len(), 6, "{existing:?}");
-        let payload = rules::render(
+    let render = |delete_nat_chains: &[String]| {
+        rules::render(
             &after,
             &config,
             &RenderOptions {
                 builtin_jumps: &jumps,
-                delete_nat_chains: &existing,
+                delete_nat_chains,
                 ..RenderOptions::default()
             },
-        );
-        restore(&taken.0, restore_program, &payload.text)?;
-        restore(
-            &fresh.0,
-            restore_program,
-            &rules::render(
-                &after,
-                &config,
-                &RenderOptions {
-                    builtin_jumps: &jumps,
-                    ..RenderOptions::default()
-                },
-            )
-            .text,
-        )?;
-        let got = ruleset(&taken.0, save)?;
-        let want = ruleset(&fresh.0, save)?;
-        let missing: Vec<&String> = want.difference(&got).collect();
-        let extra: Vec<&String> = got.difference(&want).collect();
-        assert!(
-            missing.is_empty() && extra.is_empty(),
-            "{restore_program}: after taking over\n  missing {missing:#?}\n  extra {extra:#?}"
-        );
-    }
+        )
+    };
+    assert_ends_as(&render(&[]).text, |ns, restore_program, save| {
+        restore(ns, restore_program, &kube_proxy_ruleset(&web_chain))?;
+        // What the agent does at start: list the service chains that exist,
+        // then one full restore that deletes those it does not declare.
+        let existing = causeway_agent::netfilter::service_chains_in_save(&netns::exec_in(
+            ns,
+            save,
+            &["-t", "nat"],
+        )?);
+        assert_eq!(existing.len(), 6, "{existing:?}");
+        restore(ns, restore_program, &render(&existing).text)
+    })?;
     Ok(())
 }
