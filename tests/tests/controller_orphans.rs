@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use causeway_tests::controller::{ControllerProcess, moto_python, tagged_inventory};
+use causeway_tests::controller::{
+    ControllerProcess, moto_python, tagged_inventory, wait_for_hostname,
+};
 use causeway_tests::wait::eventually;
 use causeway_tests::{Cluster, ClusterOptions};
 use k8s_openapi::api::core::v1::Service;
@@ -74,19 +76,7 @@ async fn resources_of_a_service_that_no_longer_exists_are_swept() -> Result<()> 
         .metadata
         .uid
         .unwrap_or_default();
-    eventually(Duration::from_secs(60), "the live Service's NLB", || {
-        let services = services.clone();
-        async move {
-            let svc = services.get("live").await?;
-            Ok(svc
-                .status
-                .and_then(|s| s.load_balancer)
-                .and_then(|lb| lb.ingress)
-                .filter(|i| !i.is_empty())
-                .map(|_| ()))
-        }
-    })
-    .await?;
+    wait_for_hostname(&services, "live", Duration::from_secs(60)).await?;
     let live_resources = tagged_inventory(&cluster)?.remove(&live_uid);
     ensure!(live_resources.is_some());
 
