@@ -647,6 +647,21 @@ fn dispatch_buckets(save: &str) -> usize {
         .count()
 }
 
+/// Waits until namespace `ns` holds `count` dispatch buckets.
+async fn wait_for_buckets(ns: &str, count: usize, what: &str) -> Result<()> {
+    eventually(Duration::from_secs(60), what, || async {
+        Ok((dispatch_buckets(&iptables_save(ns)?) == count).then_some(()))
+    })
+    .await
+}
+
+/// Whether `save` has a rule in `chain` for destination `ip`.
+fn has_entry(save: &str, chain: &str, ip: &str) -> bool {
+    let (rule, destination) = (format!("-A {chain} "), format!("-d {ip}/32"));
+    save.lines()
+        .any(|l| l.starts_with(&rule) && l.contains(&destination))
+}
+
 /// Creates (or deletes) the selector-less Services `filler-<i>` for `range`.
 async fn fillers(
     services: &Api<Service>,
@@ -697,10 +712,10 @@ async fn agent_switches_to_dispatch_buckets_at_1000_addresses_and_back_below_500
 
     // web, the kubernetes Service and 998 more: 1 000 addresses.
     fillers(&services, 0..998, true).await?;
-    eventually(
-        Duration::from_secs(60),
+    wait_for_buckets(
+        &node.netns,
+        64,
         "the agent to switch to 64 dispatch buckets",
-        || async { Ok((dispatch_buckets(&iptables_save(&node.netns)?) == 64).then_some(())) },
     )
     .await?;
     let save = iptables_save(&node.netns)?;
@@ -709,8 +724,7 @@ async fn agent_switches_to_dispatch_buckets_at_1000_addresses_and_back_below_500
         ip.parse::<std::net::Ipv4Addr>()?.octets()[3] % 64
     );
     assert!(
-        save.lines()
-            .any(|l| l.starts_with(&format!("-A {bucket} ")) && l.contains(&format!("-d {ip}/32"))),
+        has_entry(&save, &bucket, &ip),
         "web's entry is not in {bucket}:\n{save}"
     );
     wait_for_pods(&client_pod.netns, "tcp", &target, &["web-1"], "bucketed")?;
@@ -749,17 +763,11 @@ async fn agent_switches_to_dispatch_buckets_at_1000_addresses_and_back_below_500
     assert_eq!(dispatch_buckets(&save), 64, "after the restart:\n{save}");
     // … and below 500 goes back to kube-proxy's flat layout, buckets deleted.
     fillers(&services, 400..597, false).await?;
-    eventually(
-        Duration::from_secs(60),
-        "the agent to go back to the flat layout",
-        || async { Ok((dispatch_buckets(&iptables_save(&node.netns)?) == 0).then_some(())) },
-    )
-    .await?;
+    wait_for_buckets(&node.netns, 0, "the agent to go back to the flat layout").await?;
     let save = iptables_save(&node.netns)?;
     assert!(
-        save.lines()
-            .any(|l| l.starts_with("-A KUBE-SERVICES ") && l.contains(&format!("-d {ip}/32"))),
-        "web's entry is back in KUBE-SERVICES:\n{save}"
+        has_entry(&save, "KUBE-SERVICES", &ip),
+        "web's entry is not back in KUBE-SERVICES:\n{save}"
     );
     wait_for_pods(&client_pod.netns, "tcp", &target, &["web-1"], "flat again")?;
     Ok(())
