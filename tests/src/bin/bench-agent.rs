@@ -5,8 +5,9 @@
 //! each through the apiserver, plus one real Service backed by an echo pod,
 //! placed so that its dispatch entry is the last one a packet reaches: named
 //! so that its chain hash is the lowest (the agent writes entries in
-//! descending order of it) and, from 1 000 Services, given a cluster IP in
-//! the last dispatch bucket. The bench prints the path from the applied
+//! descending order of it) and given a cluster IP in the last dispatch
+//! bucket (which decides once the agent uses buckets, from 1 000 Service
+//! addresses). The bench prints the path from the applied
 //! ruleset. It then starts the agent in the node namespace and reports:
 //! the first (full) sync's duration, the agent's RSS, the network programming
 //! latency of endpoint changes (API write → sync applied, read from the
@@ -18,11 +19,13 @@
 //! then `target/release/bench-agent [--services 100,10000] [--endpoints 10]`.
 #![forbid(unsafe_code)]
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use causeway_agent::addr::parse_cidr;
 use causeway_agent::model::{Protocol, ServicePortName};
 use causeway_agent::rules::names::ServiceChains;
 use causeway_tests::cluster::{Cluster, ClusterOptions};
@@ -131,22 +134,27 @@ fn slice_json(name: &str, endpoints: usize, generation: usize) -> serde_json::Va
     })
 }
 
-/// A free cluster IP whose low six bits are 63 (the agent's last dispatch
-/// bucket), in the /18 the apiserver allocates from.
-async fn last_bucket_ip(services: &Api<Service>) -> Result<std::net::Ipv4Addr> {
-    let used: std::collections::BTreeSet<u32> = services
+/// A free cluster IP in `service_cidr` whose low six bits are 63: in the
+/// agent's last dispatch bucket when it uses buckets (in the flat layout the
+/// address does not decide the position).
+async fn last_bucket_ip(services: &Api<Service>, service_cidr: &str) -> Result<Ipv4Addr> {
+    let cidr = parse_cidr(service_cidr).context("the Service CIDR")?;
+    let IpAddr::V4(network) = cidr.network() else {
+        bail!("an IPv4 Service CIDR: {service_cidr}");
+    };
+    let (network, size) = (u32::from(network), 1u32 << (32 - cidr.prefix_len()));
+    let used: std::collections::BTreeSet<Ipv4Addr> = services
         .list(&Default::default())
         .await?
         .items
         .iter()
         .filter_map(|s| s.spec.as_ref()?.cluster_ip.as_ref()?.parse().ok())
-        .map(|ip: std::net::Ipv4Addr| u32::from(ip))
         .collect();
-    let network = used.first().context("no Service has a cluster IP")? & !((1u32 << 14) - 1);
-    (0..256u32)
+    (0..size / 64)
         .map(|k| network + k * 64 + 63)
-        .find(|ip| !used.contains(ip) && *ip != network + (1 << 14) - 1)
-        .map(std::net::Ipv4Addr::from)
+        .filter(|ip| *ip != network + size - 1)
+        .map(Ipv4Addr::from)
+        .find(|ip| !used.contains(ip))
         .context("no free cluster IP ends in 63")
 }
 
@@ -209,25 +217,20 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<S
         .find(|name| count == 0 || chain_of(name, "") < lowest)
         .expect("some name hashes lowest");
     let target_chain = chain_of(&target_name, "");
-    // With dispatch buckets (from 1 000 addresses) the last bucket is the one
-    // whose address bits are 63: give the target a free cluster IP there.
-    let mut spec =
-        json!({"selector": {"app": "target"}, "ports": [{"port": 80, "targetPort": 80}]});
-    if count >= 1000 {
-        spec["clusterIP"] = json!(last_bucket_ip(&services).await?.to_string());
-    }
+    // With dispatch buckets the last bucket is the one whose address bits
+    // are 63: give the target a free cluster IP there.
+    let target_ip = last_bucket_ip(&services, &cluster.service_cidr()).await?;
+    let spec = json!({
+        "selector": {"app": "target"},
+        "clusterIP": target_ip.to_string(),
+        "ports": [{"port": 80, "targetPort": 80}]
+    });
     let target: Service = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": target_name},
         "spec": spec
     }))?;
     services.create(&PostParams::default(), &target).await?;
-    let target_ip = services
-        .get(&target_name)
-        .await?
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .context("no cluster IP")?;
     eprintln!(
         "S = {count}: created {count} Services and EndpointSlices in {:.1} s",
         started.elapsed().as_secs_f64()
