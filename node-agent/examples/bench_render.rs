@@ -20,6 +20,7 @@ use causeway_agent::addr::IpFamily;
 use causeway_agent::config::ProxyOptions;
 use causeway_agent::model::cache::ModelCache;
 use causeway_agent::model::{self, LABEL_SERVICE_NAME, NodeInfo};
+use causeway_agent::netfilter;
 use causeway_agent::rules::{self, Partial, RenderOptions};
 
 #[derive(Parser)]
@@ -140,7 +141,12 @@ fn apply(backend: &str, payloads: &[&str]) -> Result<Vec<Duration>, String> {
         let mut times = Vec::new();
         for payload in payloads {
             let start = Instant::now();
-            let mut child = Command::new("ip")
+            let mut command = Command::new("ip");
+            if backend == "nft" {
+                // As the agent runs it.
+                command.env("GLIBC_TUNABLES", netfilter::nft_restore_tunables());
+            }
+            let mut child = command
                 .args([
                     "netns",
                     "exec",

@@ -5,7 +5,7 @@
 //! Services and their EndpointSlices as YAML, runs `causeway-agent render` on
 //! them (wall time and peak RSS of the whole command, YAML parsing included),
 //! counts the payload's chains and rules per table, and times
-//! `iptables-restore --noflush` (nft) and `iptables-legacy-restore --noflush`
+//! `iptables-nft-restore --noflush` and `iptables-legacy-restore --noflush`
 //! loading it into a fresh network namespace (one per apply, deleted after).
 //! Prints one Markdown table row per size, ready for docs/benchmarks.md.
 //!
@@ -19,6 +19,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use causeway_agent::netfilter;
 use clap::Parser;
 
 /// Renders S services × E endpoints with causeway-agent and times the apply.
@@ -105,7 +106,7 @@ fn run(args: Args) -> Result<()> {
             let mut applies = Vec::new();
             for backend in &args.backends {
                 let program = match backend.as_str() {
-                    "nft" => "iptables-restore",
+                    "nft" => "iptables-nft-restore",
                     "legacy" => "iptables-legacy-restore",
                     other => bail!("unknown backend {other}: nft or legacy"),
                 };
@@ -271,7 +272,12 @@ fn count(payload: &str) -> Counts {
 /// longer than `limit` (it is killed).
 fn apply(ns: &str, program: &str, payload: &str, limit: Duration) -> Result<Option<Duration>> {
     let start = Instant::now();
-    let mut child = Command::new("ip")
+    let mut command = Command::new("ip");
+    if program.contains("-nft-") {
+        // As the agent runs it.
+        command.env("GLIBC_TUNABLES", netfilter::nft_restore_tunables());
+    }
+    let mut child = command
         .args(["netns", "exec", ns, program, "--noflush", "--wait"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
