@@ -12,6 +12,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -169,7 +170,7 @@ pub async fn run(client: Client, config: RunConfig) -> anyhow::Result<()> {
     )
     .await?;
     shared.health.queued();
-    let changed = Arc::new(Notify::new());
+    let changed = Arc::new(Changes::default());
     let (services, services_writer) = reflector::store();
     let (slices, slices_writer) = reflector::store();
     let (nodes, nodes_writer) = reflector::store();
@@ -257,6 +258,9 @@ pub async fn run(client: Client, config: RunConfig) -> anyhow::Result<()> {
     let mut reported_bind_failures = BTreeSet::new();
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
+        // Before the caches are read: a change counted after this is one
+        // this sync may have missed.
+        let seen = changed.seen();
         let started = Instant::now();
         let outcome = tokio::task::block_in_place(|| syncer.sync(&caches));
         for issue in &outcome.new_issues {
@@ -284,8 +288,7 @@ pub async fn run(client: Client, config: RunConfig) -> anyhow::Result<()> {
             config.sync_period
         };
         tokio::select! {
-            _ = changed.notified() => {}
-            _ = tokio::time::sleep(idle) => {}
+            _ = changed.after(seen, Instant::now() + idle) => {}
             _ = &mut shutdown => {
                 info!("stopping; the rules stay in place");
                 return Ok(());
@@ -328,8 +331,44 @@ fn slim<K: kube::Resource>(object: &mut K) {
     }
 }
 
+/// The watchers' changes, counted, and the sync loop's wake-up. The count
+/// tells a change the last sync already read (its wake-up left behind
+/// because it came while the loop was busy) from one it did not. Only the
+/// latter starts a sync: an empty one would hold the next real change back
+/// by `--min-sync-period`.
+#[derive(Default)]
+struct Changes {
+    count: AtomicU64,
+    wake: Notify,
+}
+
+impl Changes {
+    fn note(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    fn seen(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Waits for a change counted after `seen`; false if `deadline` came first.
+    async fn after(&self, seen: u64, deadline: Instant) -> bool {
+        loop {
+            let woken = self.wake.notified();
+            if self.seen() != seen {
+                return true;
+            }
+            tokio::select! {
+                _ = woken => {}
+                _ = tokio::time::sleep_until(deadline.into()) => return false,
+            }
+        }
+    }
+}
+
 /// Drives one reflector, waking the sync loop on every change.
-async fn drive<S, K>(kind: ChangeKind, stream: S, changed: Arc<Notify>, shared: Arc<Shared>)
+async fn drive<S, K>(kind: ChangeKind, stream: S, changed: Arc<Changes>, shared: Arc<Shared>)
 where
     S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
@@ -343,7 +382,7 @@ where
         match event {
             Ok(_) => {
                 shared.queued(kind);
-                changed.notify_one();
+                changed.note();
             }
             // The backoff retries; say why the cache may be stale meanwhile.
             Err(e) => warn!(error = %e, "watching {what} failed; retrying"),
@@ -788,6 +827,55 @@ mod tests {
     use crate::config::DetectLocalMode;
     use crate::model;
     use std::net::IpAddr;
+
+    #[tokio::test]
+    async fn a_change_the_last_sync_read_does_not_wake_the_loop() {
+        let changes = Changes::default();
+        // Counted (and its wake-up left behind) before the sync read the caches.
+        changes.note();
+        let seen = changes.seen();
+        let waited = Instant::now();
+        assert!(
+            !changes
+                .after(seen, Instant::now() + Duration::from_millis(50))
+                .await
+        );
+        assert!(waited.elapsed() >= Duration::from_millis(50));
+
+        // One counted after that wakes it at once, wake-up used or not.
+        changes.note();
+        assert!(
+            changes
+                .after(seen, Instant::now() + Duration::from_secs(5))
+                .await
+        );
+        assert!(
+            changes
+                .after(seen, Instant::now() + Duration::from_secs(5))
+                .await
+        );
+    }
+
+    #[tokio::test]
+    async fn a_change_while_waiting_wakes_the_loop() {
+        let changes = Arc::new(Changes::default());
+        let seen = changes.seen();
+        let noter = {
+            let changes = changes.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                changes.note();
+            })
+        };
+        let waited = Instant::now();
+        assert!(
+            changes
+                .after(seen, Instant::now() + Duration::from_secs(5))
+                .await
+        );
+        assert!(waited.elapsed() < Duration::from_secs(5));
+        noter.await.unwrap();
+    }
 
     fn options(node_ips: &[&str], cidrs: &[&str]) -> ProxyOptions {
         ProxyOptions {
