@@ -13,7 +13,10 @@
 //! latency of endpoint changes (API write → sync applied, read from the
 //! agent's `kubeproxy_sync_proxy_rules_last_timestamp_seconds`) with the
 //! restore payload size of those syncs, and the first-connection latency to
-//! the target from a pod (median/p90/p99 of 1 000 connects).
+//! the target from a pod (median/p90/p99 of 1 000 connects). Every size's
+//! environment stays up until the end, and the connects are timed in rounds
+//! that take turns between the sizes, so the sizes are compared on the same
+//! machine state.
 //!
 //! Run as root: `cargo build --release -p causeway-agent -p causeway-tests`
 //! then `target/release/bench-agent [--services 100,10000] [--endpoints 10]`.
@@ -53,6 +56,10 @@ struct Args {
     /// Connections timed per size.
     #[arg(long, default_value_t = 1000)]
     connects: usize,
+    /// Rounds the connections are split into, taking turns between the
+    /// sizes once every size's environment is up.
+    #[arg(long, default_value_t = 10)]
+    connect_rounds: usize,
     /// The causeway-agent binary (default: next to this program).
     #[arg(long)]
     agent: Option<PathBuf>,
@@ -86,13 +93,87 @@ async fn run(args: Args) -> Result<()> {
         "| S × E | first full sync s | agent RSS MB (peak) | programming latency ms median / p90 | sync payload bytes median | first connect µs median / p90 / p99 |"
     );
     println!("|---|---|---|---|---|---|");
+    let mut measured = Vec::new();
     for &services in &args.services {
-        let row = measure(&args, &agent, services)
-            .await
-            .with_context(|| format!("S = {services}"))?;
-        println!("{row}");
+        measured.push(
+            measure(&args, &agent, services)
+                .await
+                .with_context(|| format!("S = {services}"))?,
+        );
+    }
+    let connects = connect_rounds(&measured, args.connects, args.connect_rounds)?;
+    for (m, times) in measured.iter().zip(&connects) {
+        println!(
+            "{} {:.0} / {:.0} / {:.0} |",
+            m.row,
+            quantile(times, 0.5),
+            quantile(times, 0.9),
+            quantile(times, 0.99)
+        );
+    }
+    if let (Some(first), Some(last)) = (connects.first(), connects.last())
+        && measured.len() > 1
+    {
+        eprintln!(
+            "first connect median, {} against {} Services: {:.2}×",
+            measured[measured.len() - 1].services,
+            measured[0].services,
+            quantile(last, 0.5) / quantile(first, 0.5)
+        );
     }
     Ok(())
+}
+
+/// One size's environment, kept up until every size's connects are timed.
+struct Measured {
+    services: usize,
+    /// The table row up to the first-connect column.
+    row: String,
+    client_netns: String,
+    target: String,
+    _cluster: Cluster,
+}
+
+/// Times `connects` new connections to each size's target, in `rounds`
+/// rounds that take turns between the sizes, so each size sees the same
+/// machine (its speed here drifts by half over an afternoon). Returns each
+/// size's connect times in µs, sorted.
+fn connect_rounds(measured: &[Measured], connects: usize, rounds: usize) -> Result<Vec<Vec<f64>>> {
+    let echo = workspace_bin("causeway-echo").display().to_string();
+    let rounds = rounds.clamp(1, connects.max(1));
+    let mut times = vec![Vec::with_capacity(connects); measured.len()];
+    for round in 0..rounds {
+        let count = connects / rounds + usize::from(round < connects % rounds);
+        for (m, times) in measured.iter().zip(&mut times) {
+            let out = netns::exec_in(
+                &m.client_netns,
+                &echo,
+                &[
+                    "connect-time",
+                    &m.target,
+                    "--count",
+                    &count.to_string(),
+                    "--raw",
+                ],
+            )?;
+            let mut lines = out.lines();
+            let summary: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+            if summary.get(3).is_some_and(|f| *f != "0") {
+                bail!(
+                    "S = {}: {} of {count} connections to the target failed",
+                    m.services,
+                    summary[3]
+                );
+            }
+            for sample in lines.next().unwrap_or("").split_whitespace() {
+                times.push(sample.parse::<f64>().context("a connect time")?);
+            }
+        }
+    }
+    for times in &mut times {
+        times.sort_by(f64::total_cmp);
+    }
+    Ok(times)
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -158,7 +239,7 @@ async fn last_bucket_ip(services: &Api<Service>, service_cidr: &str) -> Result<I
         .context("no free cluster IP ends in 63")
 }
 
-async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<String> {
+async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<Measured> {
     let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
     let client = cluster.client();
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
@@ -268,6 +349,10 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<S
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
 
+    // Let --min-sync-period (1 s) pass after the first sync too: a change
+    // right after it would wait for the period, not for the sync.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
     // Endpoint changes: API write → the sync that applied it.
     let mut latencies = Vec::new();
     let mut payloads = Vec::new();
@@ -354,21 +439,6 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<S
     };
     eprintln!("S = {count}: a new connection to the target passes {path}");
 
-    let echo = workspace_bin("causeway-echo").display().to_string();
-    let out = netns::exec_in(
-        &client_pod.netns,
-        &echo,
-        &[
-            "connect-time",
-            &format!("{target_ip}:80"),
-            "--count",
-            &args.connects.to_string(),
-        ],
-    )?;
-    let connect: Vec<&str> = out.split_whitespace().collect();
-    if connect.get(3).is_some_and(|f| *f != "0") {
-        bail!("{} of the connections to the target failed", connect[3]);
-    }
     if let Some(dir) = &args.keep_logs {
         std::fs::create_dir_all(dir)?;
         let kept = dir.join(format!("agent-{count}.log"));
@@ -376,14 +446,17 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<S
         eprintln!("S = {count}: agent log kept at {}", kept.display());
     }
     drop(target_pod);
-    Ok(format!(
-        "| {count} × {} | {first_sync:.2} | {rss:.0} ({peak:.0}) | {:.0} / {:.0} | {:.0} | {} / {} / {} |",
-        args.endpoints,
-        quantile(&latencies, 0.5),
-        quantile(&latencies, 0.9),
-        quantile(&payloads, 0.5),
-        connect.first().unwrap_or(&"?"),
-        connect.get(1).unwrap_or(&"?"),
-        connect.get(2).unwrap_or(&"?"),
-    ))
+    Ok(Measured {
+        services: count,
+        row: format!(
+            "| {count} × {} | {first_sync:.2} | {rss:.0} ({peak:.0}) | {:.0} / {:.0} | {:.0} |",
+            args.endpoints,
+            quantile(&latencies, 0.5),
+            quantile(&latencies, 0.9),
+            quantile(&payloads, 0.5),
+        ),
+        client_netns: client_pod.netns,
+        target: format!("{target_ip}:80"),
+        _cluster: cluster,
+    })
 }

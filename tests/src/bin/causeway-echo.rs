@@ -9,6 +9,11 @@
 //! and prints one line per attempt: `ok <reply>`, `refused` (RST or ICMP port
 //! unreachable: REJECT), `timeout` (no answer: DROP) or `error <text>`. With
 //! `--count` it prints a tally instead, one `<count> <result>` line per outcome.
+//!
+//! `causeway-echo connect-time ADDR:PORT [--count N] [--raw]` opens N TCP
+//! connections one after another and prints the connect time's median, p90 and
+//! p99 in µs and the number that failed; `--raw` adds a second line with every
+//! time, so a caller can pool several runs.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -22,7 +27,7 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: causeway-echo serve --name NAME --port PORT [--port PORT…]\n       \
          causeway-echo probe (--tcp|--udp) ADDR:PORT [--count N] [--bind IP] [--source-port N] [--timeout-ms MS] [--tally-by-name]\n       \
-         causeway-echo connect-time ADDR:PORT [--count N]"
+         causeway-echo connect-time ADDR:PORT [--count N] [--raw]"
     );
     ExitCode::from(2)
 }
@@ -119,14 +124,19 @@ fn connect_time(args: &[String]) -> ExitCode {
     let Some(target) = args.first().and_then(|a| a.parse::<SocketAddr>().ok()) else {
         return usage();
     };
-    let count = match args.get(1).map(String::as_str) {
-        Some("--count") => match args.get(2).and_then(|v| v.parse::<usize>().ok()) {
-            Some(n) if n > 0 => n,
+    let mut count = 1000;
+    let mut raw = false;
+    let mut it = args[1..].iter();
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "--count" => match it.next().and_then(|v| v.parse::<usize>().ok()) {
+                Some(n) if n > 0 => count = n,
+                _ => return usage(),
+            },
+            "--raw" => raw = true,
             _ => return usage(),
-        },
-        None => 1000,
-        Some(_) => return usage(),
-    };
+        }
+    }
     let mut times = Vec::with_capacity(count);
     let mut failures = 0;
     for _ in 0..count {
@@ -147,6 +157,10 @@ fn connect_time(args: &[String]) -> ExitCode {
             .unwrap_or(0)
     };
     println!("{} {} {} {failures}", at(0.5), at(0.9), at(0.99));
+    if raw {
+        let all: Vec<String> = times.iter().map(u128::to_string).collect();
+        println!("{}", all.join(" "));
+    }
     ExitCode::SUCCESS
 }
 
