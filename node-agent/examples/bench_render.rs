@@ -1,4 +1,5 @@
-//! Render benchmark: a synthetic cluster of S ClusterIP Services × E endpoints
+//! Render benchmark: a synthetic cluster of S Services × E endpoints (ClusterIP,
+//! or `--service-type node-port|load-balancer [--etp-local]`)
 //! → model build time, render time, payload size, and chain/rule counts per
 //! table against kube-proxy's shape (nat rules 5 + 2S + 3SE, one chain per
 //! Service and per endpoint). `--apply nft,legacy` also times loading the
@@ -12,7 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use k8s_openapi::api::core::v1::{Service, ServicePort as ApiServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{
+    LoadBalancerIngress, LoadBalancerStatus, Service, ServicePort as ApiServicePort, ServiceSpec,
+    ServiceStatus,
+};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -48,6 +52,31 @@ struct Args {
     /// forced one, to compare them.
     #[arg(long, value_enum, default_value_t = DispatchArg::Auto)]
     dispatch: DispatchArg,
+    /// Type of every Service. NodePorts are 20000 + i (as with
+    /// `--service-node-port-range 20000-39999`); LoadBalancers get one
+    /// ingress IP each and no NodePort (`allocateLoadBalancerNodePorts: false`).
+    #[arg(long, value_enum, default_value_t = TypeArg::ClusterIp)]
+    service_type: TypeArg,
+    /// `externalTrafficPolicy: Local` on NodePort and LoadBalancer Services.
+    #[arg(long)]
+    etp_local: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TypeArg {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+}
+
+impl TypeArg {
+    fn api_name(self) -> &'static str {
+        match self {
+            TypeArg::ClusterIp => "ClusterIP",
+            TypeArg::NodePort => "NodePort",
+            TypeArg::LoadBalancer => "LoadBalancer",
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -65,6 +94,7 @@ fn ip(index: usize, base: u32) -> String {
 fn objects(args: &Args) -> (Vec<Service>, Vec<EndpointSlice>) {
     let cluster_base = u32::from(std::net::Ipv4Addr::new(10, 96, 0, 0));
     let pod_base = u32::from(std::net::Ipv4Addr::new(10, 128, 0, 0));
+    let ingress_base = u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0));
     let mut services = Vec::with_capacity(args.services);
     let mut slices = Vec::with_capacity(args.services);
     for s in 0..args.services {
@@ -76,16 +106,35 @@ fn objects(args: &Args) -> (Vec<Service>, Vec<EndpointSlice>) {
                 ..ObjectMeta::default()
             },
             spec: Some(ServiceSpec {
+                type_: Some(args.service_type.api_name().into()),
                 cluster_ip: Some(ip(s + 1, cluster_base)),
+                external_traffic_policy: (args.etp_local
+                    && !matches!(args.service_type, TypeArg::ClusterIp))
+                .then(|| "Local".into()),
+                allocate_load_balancer_node_ports: matches!(
+                    args.service_type,
+                    TypeArg::LoadBalancer
+                )
+                .then_some(false),
                 ports: Some(vec![ApiServicePort {
                     name: Some("http".into()),
                     port: 80,
                     protocol: Some("TCP".into()),
+                    node_port: matches!(args.service_type, TypeArg::NodePort)
+                        .then_some(20_000 + s as i32),
                     ..ApiServicePort::default()
                 }]),
                 ..ServiceSpec::default()
             }),
-            status: None,
+            status: matches!(args.service_type, TypeArg::LoadBalancer).then(|| ServiceStatus {
+                load_balancer: Some(LoadBalancerStatus {
+                    ingress: Some(vec![LoadBalancerIngress {
+                        ip: Some(ip(s + 1, ingress_base)),
+                        ..LoadBalancerIngress::default()
+                    }]),
+                }),
+                ..ServiceStatus::default()
+            }),
         });
         let endpoints = (0..args.endpoints)
             .map(|e| {
@@ -181,7 +230,8 @@ fn main() {
     let args = Args::parse();
     let (s, e) = (args.services, args.endpoints);
     println!(
-        "synthetic cluster: {s} ClusterIP services × {e} ready endpoints over {} nodes",
+        "synthetic cluster: {s} {} services × {e} ready endpoints over {} nodes",
+        args.service_type.api_name(),
         args.nodes
     );
 
