@@ -778,8 +778,11 @@ fn a_partial_render_inserts_and_deletes_dispatch_entries() {
 }
 
 #[test]
-fn a_full_render_writes_ports_in_descending_chain_order_each_chain_declared_before_its_rules() {
-    // The order iptables-nft-restore needs to stay linear (see `render`).
+fn a_full_render_writes_ports_in_descending_chain_order_external_chains_last() {
+    // The order iptables-nft-restore needs to stay near linear (see `render`):
+    // every port's cluster part in descending order of the chain hash, then
+    // every port's external part in the same order; each chain declared just
+    // before its rules.
     let services: Vec<Service> = (0..20)
         .map(|i| {
             ServiceBuilder::new("default", &format!("svc-{i}"))
@@ -826,10 +829,25 @@ fn a_full_render_writes_ports_in_descending_chain_order_each_chain_declared_befo
         40,
         "an EXT and a SVC chain per Service: {seen:?}"
     );
-    let hashes: Vec<&str> = seen.iter().map(|c| c.rsplit('-').next().unwrap()).collect();
+    let (cluster, external) = seen.split_at(20);
     assert!(
-        hashes.windows(2).all(|w| w[0] >= w[1]),
-        "not in descending order: {hashes:?}"
+        cluster.iter().all(|c| c.starts_with("KUBE-SVC-"))
+            && external.iter().all(|c| c.starts_with("KUBE-EXT-")),
+        "the external chains are not all after the cluster chains: {seen:?}"
+    );
+    for part in [cluster, external] {
+        let hashes: Vec<&str> = part.iter().map(|c| c.rsplit('-').next().unwrap()).collect();
+        assert!(
+            hashes.windows(2).all(|w| w[0] > w[1]),
+            "not in descending order: {hashes:?}"
+        );
+    }
+    // The NodePort entries come with the external part.
+    let first_ext = nat.find(":KUBE-EXT-").unwrap();
+    assert!(
+        nat.match_indices("-A KUBE-NODEPORTS ")
+            .all(|(at, _)| at > first_ext),
+        "a NodePort entry before the external part"
     );
     // The NodePort catch-all is still the last rule of KUBE-SERVICES.
     let last = nat
