@@ -193,7 +193,9 @@ fn apply(backend: &str, payloads: &[&str]) -> Result<Vec<Duration>, String> {
             let mut command = Command::new("ip");
             if backend == "nft" {
                 // As the agent runs it.
-                command.env("GLIBC_TUNABLES", netfilter::nft_restore_tunables());
+                if let Some(tunables) = netfilter::nft_restore_tunables() {
+                    command.env("GLIBC_TUNABLES", tunables);
+                }
             }
             let mut child = command
                 .args([

@@ -96,8 +96,10 @@ impl Netfilter {
             context: Vec::new(),
         };
         let mut command = Command::new(&self.restore);
-        if self.backend == Backend::Nft {
-            command.env(GLIBC_TUNABLES, nft_restore_tunables());
+        if self.backend == Backend::Nft
+            && let Some(tunables) = nft_restore_tunables()
+        {
+            command.env(GLIBC_TUNABLES, tunables);
         }
         let mut child = command
             .args(["--noflush", "--wait"])
@@ -190,12 +192,18 @@ const NO_FASTBINS: &str = "glibc.malloc.mxfast=0";
 
 /// The `GLIBC_TUNABLES` to run `iptables-nft-restore` with: the agent's own,
 /// if any, plus fastbins off unless they already say how big fastbins are.
-pub fn nft_restore_tunables() -> String {
-    with_fastbins_off(std::env::var(GLIBC_TUNABLES).ok().as_deref())
+/// `None` leaves the variable as the agent has it (it is not UTF-8, so not
+/// something we can add to).
+pub fn nft_restore_tunables() -> Option<String> {
+    match std::env::var(GLIBC_TUNABLES) {
+        Ok(own) => Some(with_fastbins_off(Some(&own))),
+        Err(std::env::VarError::NotPresent) => Some(with_fastbins_off(None)),
+        Err(std::env::VarError::NotUnicode(_)) => None,
+    }
 }
 
 fn with_fastbins_off(inherited: Option<&str>) -> String {
-    match inherited.map(str::trim) {
+    match inherited.map(|own| own.trim().trim_end_matches(':')) {
         None | Some("") => NO_FASTBINS.to_string(),
         Some(own)
             if own
@@ -635,6 +643,10 @@ COMMIT
         assert_eq!(with_fastbins_off(Some(" ")), "glibc.malloc.mxfast=0");
         assert_eq!(
             with_fastbins_off(Some("glibc.malloc.arena_max=2")),
+            "glibc.malloc.arena_max=2:glibc.malloc.mxfast=0"
+        );
+        assert_eq!(
+            with_fastbins_off(Some("glibc.malloc.arena_max=2:")),
             "glibc.malloc.arena_max=2:glibc.malloc.mxfast=0"
         );
         // Someone who sized fastbins themselves keeps their choice.

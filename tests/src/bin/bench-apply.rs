@@ -275,7 +275,9 @@ fn apply(ns: &str, program: &str, payload: &str, limit: Duration) -> Result<Opti
     let mut command = Command::new("ip");
     if program.contains("-nft-") {
         // As the agent runs it.
-        command.env("GLIBC_TUNABLES", netfilter::nft_restore_tunables());
+        if let Some(tunables) = netfilter::nft_restore_tunables() {
+            command.env("GLIBC_TUNABLES", tunables);
+        }
     }
     let mut child = command
         .args(["netns", "exec", ns, program, "--noflush", "--wait"])
