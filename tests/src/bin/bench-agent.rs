@@ -135,16 +135,24 @@ struct Measured {
 }
 
 /// Times `connects` new connections to each size's target, in `rounds`
-/// rounds that take turns between the sizes, so each size sees the same
-/// machine (its speed here drifts by half over an afternoon). Returns each
-/// size's connect times in µs, sorted.
+/// rounds that take turns between the sizes (in reverse order every other
+/// round), so each size sees the same machine (its speed here drifts by half
+/// over an afternoon). Returns each size's connect times in µs, sorted.
 fn connect_rounds(measured: &[Measured], connects: usize, rounds: usize) -> Result<Vec<Vec<f64>>> {
     let echo = workspace_bin("causeway-echo").display().to_string();
     let rounds = rounds.clamp(1, connects.max(1));
     let mut times = vec![Vec::with_capacity(connects); measured.len()];
     for round in 0..rounds {
         let count = connects / rounds + usize::from(round < connects % rounds);
-        for (m, times) in measured.iter().zip(&mut times) {
+        if count == 0 {
+            continue;
+        }
+        let mut order: Vec<usize> = (0..measured.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for index in order {
+            let (m, times) = (&measured[index], &mut times[index]);
             let out = netns::exec_in(
                 &m.client_netns,
                 &echo,
