@@ -19,7 +19,8 @@
 //! machine state.
 //!
 //! Run as root: `cargo build --release -p causeway-agent -p causeway-tests`
-//! then `target/release/bench-agent [--services 100,10000] [--endpoints 10]`.
+//! then `target/release/bench-agent [--services 100,10000] [--endpoints 10]
+//! [--backend nft|legacy]`.
 #![forbid(unsafe_code)]
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -67,6 +68,24 @@ struct Args {
     /// environment is torn down, for its per-sync timings.
     #[arg(long)]
     keep_logs: Option<PathBuf>,
+    /// The iptables backend the agent programs.
+    #[arg(long, value_enum, default_value_t = Backend::Nft)]
+    backend: Backend,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Backend {
+    Nft,
+    Legacy,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Nft => "nft",
+            Backend::Legacy => "legacy",
+        }
+    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -88,7 +107,11 @@ async fn run(args: Args) -> Result<()> {
             .context("no directory")?
             .join("causeway-agent"),
     };
-    println!("agent: {}", agent.display());
+    println!(
+        "agent: {} (--iptables-backend {})",
+        agent.display(),
+        args.backend.name()
+    );
     println!(
         "| S × E | first full sync s | agent RSS MB (peak) | programming latency ms median / p90 | sync payload bytes median | first connect µs median / p90 / p99 |"
     );
@@ -326,7 +349,17 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<M
     );
 
     let node = cluster.node("node-1").clone();
-    let pid = cluster.spawn_agent("node-1", "agent", agent, &["--sync-period", "30m"])?;
+    let pid = cluster.spawn_agent(
+        "node-1",
+        "agent",
+        agent,
+        &[
+            "--sync-period",
+            "30m",
+            "--iptables-backend",
+            args.backend.name(),
+        ],
+    )?;
     let metrics = || -> Result<String> {
         netns::exec_in(
             &node.netns,
@@ -418,7 +451,11 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<M
     // How many dispatch rules a new connection to the target passes, as
     // applied: its entry's position in nat KUBE-SERVICES, or the position of
     // its bucket's jump plus its entry's position in the bucket.
-    let save = netns::exec_in(&node.netns, "iptables-save", &["-t", "nat"])?;
+    let save = netns::exec_in(
+        &node.netns,
+        &format!("iptables-{}-save", args.backend.name()),
+        &["-t", "nat"],
+    )?;
     let rules_of = |chain: &str| -> Vec<&str> {
         let prefix = format!("-A {chain} ");
         save.lines().filter(|l| l.starts_with(&prefix)).collect()
