@@ -193,9 +193,7 @@ fn apply(backend: &str, payloads: &[&str]) -> Result<Vec<Duration>, String> {
             let mut command = Command::new("ip");
             if backend == "nft" {
                 // As the agent runs it.
-                if let Some(tunables) = netfilter::nft_restore_tunables() {
-                    command.env("GLIBC_TUNABLES", tunables);
-                }
+                netfilter::tune_nft_restore(&mut command);
             }
             let mut child = command
                 .args([

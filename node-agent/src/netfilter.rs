@@ -86,6 +86,11 @@ impl Netfilter {
         &self.restore
     }
 
+    /// The save program's name.
+    pub fn save_program(&self) -> &str {
+        &self.save
+    }
+
     /// Applies `payload` with `--noflush --wait`: chains the payload declares
     /// are flushed and refilled, every other chain is left alone.
     pub fn restore(&self, payload: &str) -> Result<(), RestoreError> {
@@ -96,10 +101,8 @@ impl Netfilter {
             context: Vec::new(),
         };
         let mut command = Command::new(&self.restore);
-        if self.backend == Backend::Nft
-            && let Some(tunables) = nft_restore_tunables()
-        {
-            command.env(GLIBC_TUNABLES, tunables);
+        if self.backend == Backend::Nft {
+            tune_nft_restore(&mut command);
         }
         let mut child = command
             .args(["--noflush", "--wait"])
@@ -190,29 +193,30 @@ const GLIBC_TUNABLES: &str = "GLIBC_TUNABLES";
 /// `iptables-legacy-restore` got slower with it, so it is not set there.
 const NO_FASTBINS: &str = "glibc.malloc.mxfast=0";
 
-/// The `GLIBC_TUNABLES` to run `iptables-nft-restore` with: the agent's own,
-/// if any, plus fastbins off unless they already say how big fastbins are.
-/// `None` leaves the variable as the agent has it (it is not UTF-8, so not
-/// something we can add to).
-pub fn nft_restore_tunables() -> Option<String> {
-    match std::env::var(GLIBC_TUNABLES) {
-        Ok(own) => Some(with_fastbins_off(Some(&own))),
-        Err(std::env::VarError::NotPresent) => Some(with_fastbins_off(None)),
-        Err(std::env::VarError::NotUnicode(_)) => None,
-    }
+/// Sets up `command`, which runs `iptables-nft-restore` (directly or through
+/// `ip netns exec`), with the agent's `GLIBC_TUNABLES` plus fastbins off,
+/// unless those already say how big fastbins are. A value that is not UTF-8
+/// is left as it is: nothing we can add to.
+pub fn tune_nft_restore(command: &mut Command) {
+    let own = match std::env::var(GLIBC_TUNABLES) {
+        Ok(own) => own,
+        Err(std::env::VarError::NotPresent) => String::new(),
+        Err(std::env::VarError::NotUnicode(_)) => return,
+    };
+    command.env(GLIBC_TUNABLES, with_fastbins_off(&own));
 }
 
-fn with_fastbins_off(inherited: Option<&str>) -> String {
-    match inherited.map(|own| own.trim().trim_end_matches(':')) {
-        None | Some("") => NO_FASTBINS.to_string(),
-        Some(own)
-            if own
-                .split(':')
-                .any(|t| t.starts_with("glibc.malloc.mxfast=")) =>
-        {
-            own.to_string()
-        }
-        Some(own) => format!("{own}:{NO_FASTBINS}"),
+fn with_fastbins_off(own: &str) -> String {
+    let own = own.trim().trim_end_matches(':');
+    if own.is_empty() {
+        NO_FASTBINS.to_string()
+    } else if own
+        .split(':')
+        .any(|t| t.starts_with("glibc.malloc.mxfast="))
+    {
+        own.to_string()
+    } else {
+        format!("{own}:{NO_FASTBINS}")
     }
 }
 
@@ -639,19 +643,19 @@ COMMIT
 
     #[test]
     fn nft_restore_turns_fastbins_off_and_keeps_the_agents_own_tunables() {
-        assert_eq!(with_fastbins_off(None), "glibc.malloc.mxfast=0");
-        assert_eq!(with_fastbins_off(Some(" ")), "glibc.malloc.mxfast=0");
+        assert_eq!(with_fastbins_off(""), "glibc.malloc.mxfast=0");
+        assert_eq!(with_fastbins_off(" "), "glibc.malloc.mxfast=0");
         assert_eq!(
-            with_fastbins_off(Some("glibc.malloc.arena_max=2")),
+            with_fastbins_off("glibc.malloc.arena_max=2"),
             "glibc.malloc.arena_max=2:glibc.malloc.mxfast=0"
         );
         assert_eq!(
-            with_fastbins_off(Some("glibc.malloc.arena_max=2:")),
+            with_fastbins_off("glibc.malloc.arena_max=2:"),
             "glibc.malloc.arena_max=2:glibc.malloc.mxfast=0"
         );
         // Someone who sized fastbins themselves keeps their choice.
         assert_eq!(
-            with_fastbins_off(Some("glibc.malloc.mxfast=64:glibc.malloc.arena_max=2")),
+            with_fastbins_off("glibc.malloc.mxfast=64:glibc.malloc.arena_max=2"),
             "glibc.malloc.mxfast=64:glibc.malloc.arena_max=2"
         );
     }

@@ -29,13 +29,14 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use causeway_agent::addr::parse_cidr;
+use causeway_agent::addr::{IpFamily, parse_cidr};
 use causeway_agent::model::{Protocol, ServicePortName};
+use causeway_agent::netfilter::{Backend, Netfilter};
 use causeway_agent::rules::names::ServiceChains;
 use causeway_tests::cluster::{Cluster, ClusterOptions};
 use causeway_tests::paths::workspace_bin;
 use causeway_tests::{metrics, netns};
-use clap::Parser;
+use clap::{Parser, ValueEnum as _};
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -68,24 +69,21 @@ struct Args {
     /// environment is torn down, for its per-sync timings.
     #[arg(long)]
     keep_logs: Option<PathBuf>,
-    /// The iptables backend the agent programs.
+    /// The iptables backend the agent programs (its `--iptables-backend`).
     #[arg(long, value_enum, default_value_t = Backend::Nft)]
     backend: Backend,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Backend {
-    Nft,
-    Legacy,
-}
+/// Past the agent's `--min-sync-period` (1 s): a change made after this long
+/// is synced on its own, without waiting for the period.
+const PAST_MIN_SYNC_PERIOD: Duration = Duration::from_millis(1100);
 
-impl Backend {
-    fn name(self) -> &'static str {
-        match self {
-            Backend::Nft => "nft",
-            Backend::Legacy => "legacy",
-        }
-    }
+/// `--backend` as the agent's flag takes it.
+fn backend_flag(backend: Backend) -> String {
+    backend
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -110,7 +108,7 @@ async fn run(args: Args) -> Result<()> {
     println!(
         "agent: {} (--iptables-backend {})",
         agent.display(),
-        args.backend.name()
+        backend_flag(args.backend)
     );
     println!(
         "| S × E | first full sync s | agent RSS MB (peak) | programming latency ms median / p90 | sync payload bytes median | first connect µs median / p90 / p99 |"
@@ -357,7 +355,7 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<M
             "--sync-period",
             "30m",
             "--iptables-backend",
-            args.backend.name(),
+            &backend_flag(args.backend),
         ],
     )?;
     let metrics = || -> Result<String> {
@@ -390,9 +388,9 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<M
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
 
-    // Let --min-sync-period (1 s) pass after the first sync too: a change
-    // right after it would wait for the period, not for the sync.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // After the first sync too: a change right after it would wait for the
+    // period, not for the sync.
+    tokio::time::sleep(PAST_MIN_SYNC_PERIOD).await;
 
     // Endpoint changes: API write → the sync that applied it.
     let mut latencies = Vec::new();
@@ -432,8 +430,8 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<M
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        // Let --min-sync-period (1 s) pass, so every change is its own sync.
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        // So that every change is its own sync.
+        tokio::time::sleep(PAST_MIN_SYNC_PERIOD).await;
     }
     latencies.sort_by(f64::total_cmp);
     payloads.sort_by(f64::total_cmp);
@@ -453,7 +451,7 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<M
     // its bucket's jump plus its entry's position in the bucket.
     let save = netns::exec_in(
         &node.netns,
-        &format!("iptables-{}-save", args.backend.name()),
+        Netfilter::new(IpFamily::V4, args.backend).save_program(),
         &["-t", "nat"],
     )?;
     let rules_of = |chain: &str| -> Vec<&str> {

@@ -275,9 +275,7 @@ fn apply(ns: &str, program: &str, payload: &str, limit: Duration) -> Result<Opti
     let mut command = Command::new("ip");
     if program.contains("-nft-") {
         // As the agent runs it.
-        if let Some(tunables) = netfilter::nft_restore_tunables() {
-            command.env("GLIBC_TUNABLES", tunables);
-        }
+        netfilter::tune_nft_restore(&mut command);
     }
     let mut child = command
         .args(["netns", "exec", ns, program, "--noflush", "--wait"])
