@@ -24,7 +24,7 @@ use causeway_agent::addr::IpFamily;
 use causeway_agent::config::ProxyOptions;
 use causeway_agent::model::cache::ModelCache;
 use causeway_agent::model::{self, LABEL_SERVICE_NAME, NodeInfo};
-use causeway_agent::netfilter;
+use causeway_agent::netfilter::{Backend, Netfilter};
 use causeway_agent::rules::{self, Partial, RenderOptions};
 
 #[derive(Parser)]
@@ -43,8 +43,8 @@ struct Args {
     runs: usize,
     /// Also time `iptables-restore --noflush` into a fresh netns with these
     /// backends (comma-separated: nft, legacy). Needs root.
-    #[arg(long, value_delimiter = ',')]
-    apply: Vec<String>,
+    #[arg(long, value_enum, value_delimiter = ',')]
+    apply: Vec<Backend>,
     /// Write the payload here.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
@@ -177,7 +177,8 @@ fn millis(d: Duration) -> String {
 
 /// Applies each payload in turn into one fresh network namespace and times
 /// each apply.
-fn apply(backend: &str, payloads: &[&str]) -> Result<Vec<Duration>, String> {
+fn apply(netfilter: &Netfilter, payloads: &[&str]) -> Result<Vec<Duration>, String> {
+    let program = netfilter.restore_program();
     let namespace = format!("cwbench-{}", std::process::id());
     let status = Command::new("ip")
         .args(["netns", "add", &namespace])
@@ -191,18 +192,10 @@ fn apply(backend: &str, payloads: &[&str]) -> Result<Vec<Duration>, String> {
         for payload in payloads {
             let start = Instant::now();
             let mut command = Command::new("ip");
-            if backend == "nft" {
-                // As the agent runs it.
-                netfilter::tune_nft_restore(&mut command);
-            }
+            // As the agent runs it.
+            netfilter.tune_restore(&mut command);
             let mut child = command
-                .args([
-                    "netns",
-                    "exec",
-                    &namespace,
-                    &format!("iptables-{backend}-restore"),
-                    "--noflush",
-                ])
+                .args(["netns", "exec", &namespace, program, "--noflush"])
                 .stdin(Stdio::piped())
                 .spawn()
                 .map_err(|e| e.to_string())?;
@@ -214,7 +207,7 @@ fn apply(backend: &str, payloads: &[&str]) -> Result<Vec<Duration>, String> {
                 .map_err(|e| e.to_string())?;
             let status = child.wait().map_err(|e| e.to_string())?;
             if !status.success() {
-                return Err(format!("iptables-{backend}-restore failed: {status}"));
+                return Err(format!("{program} failed: {status}"));
             }
             times.push(start.elapsed());
         }
@@ -380,10 +373,12 @@ fn main() {
         partial.text.len(),
         partial.nat.rules
     );
-    for backend in &args.apply {
-        match apply(backend, &[&payload.text, &partial.text]) {
+    for &backend in &args.apply {
+        let netfilter = Netfilter::new(IpFamily::V4, backend);
+        match apply(&netfilter, &[&payload.text, &partial.text]) {
             Ok(times) => println!(
-                "apply (iptables-{backend}-restore --noflush, fresh netns): full {:.2} s, then partial {:.2} s",
+                "apply ({} --noflush, fresh netns): full {:.2} s, then partial {:.2} s",
+                netfilter.restore_program(),
                 times[0].as_secs_f64(),
                 times[1].as_secs_f64()
             ),

@@ -30,6 +30,17 @@ pub enum Backend {
     Legacy,
 }
 
+/// The name `--iptables-backend` takes (`auto`, `nft`, `legacy`).
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use clap::ValueEnum as _;
+        match self.to_possible_value() {
+            Some(value) => f.write_str(value.get_name()),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The iptables tools of one IP family and backend.
 #[derive(Debug, Clone)]
 pub struct Netfilter {
@@ -91,6 +102,23 @@ impl Netfilter {
         &self.save
     }
 
+    /// Sets up `command`, which runs the restore program (directly or
+    /// through `ip netns exec`), as the agent runs it: for nft, with the
+    /// agent's `GLIBC_TUNABLES` plus fastbins off, unless those already say
+    /// how big fastbins are. A value that is not UTF-8 is left as it is:
+    /// nothing we can add to.
+    pub fn tune_restore(&self, command: &mut Command) {
+        if self.backend != Backend::Nft {
+            return;
+        }
+        let own = match std::env::var(GLIBC_TUNABLES) {
+            Ok(own) => own,
+            Err(std::env::VarError::NotPresent) => String::new(),
+            Err(std::env::VarError::NotUnicode(_)) => return,
+        };
+        command.env(GLIBC_TUNABLES, with_fastbins_off(&own));
+    }
+
     /// Applies `payload` with `--noflush --wait`: chains the payload declares
     /// are flushed and refilled, every other chain is left alone.
     pub fn restore(&self, payload: &str) -> Result<(), RestoreError> {
@@ -101,9 +129,7 @@ impl Netfilter {
             context: Vec::new(),
         };
         let mut command = Command::new(&self.restore);
-        if self.backend == Backend::Nft {
-            tune_nft_restore(&mut command);
-        }
+        self.tune_restore(&mut command);
         let mut child = command
             .args(["--noflush", "--wait"])
             .stdin(Stdio::piped())
@@ -192,19 +218,6 @@ const GLIBC_TUNABLES: &str = "GLIBC_TUNABLES";
 /// time fell from 1.2–1.7 s to 0.9–1.0 s (docs/benchmarks.md).
 /// `iptables-legacy-restore` got slower with it, so it is not set there.
 const NO_FASTBINS: &str = "glibc.malloc.mxfast=0";
-
-/// Sets up `command`, which runs `iptables-nft-restore` (directly or through
-/// `ip netns exec`), with the agent's `GLIBC_TUNABLES` plus fastbins off,
-/// unless those already say how big fastbins are. A value that is not UTF-8
-/// is left as it is: nothing we can add to.
-pub fn tune_nft_restore(command: &mut Command) {
-    let own = match std::env::var(GLIBC_TUNABLES) {
-        Ok(own) => own,
-        Err(std::env::VarError::NotPresent) => String::new(),
-        Err(std::env::VarError::NotUnicode(_)) => return,
-    };
-    command.env(GLIBC_TUNABLES, with_fastbins_off(&own));
-}
 
 fn with_fastbins_off(own: &str) -> String {
     let own = own.trim().trim_end_matches(':');
@@ -658,6 +671,22 @@ COMMIT
             with_fastbins_off("glibc.malloc.mxfast=64:glibc.malloc.arena_max=2"),
             "glibc.malloc.mxfast=64:glibc.malloc.arena_max=2"
         );
+    }
+
+    #[test]
+    fn only_the_nft_restore_runs_with_fastbins_off() {
+        let tunables = |backend| {
+            let mut command = Command::new("true");
+            Netfilter::new(IpFamily::V4, backend).tune_restore(&mut command);
+            command
+                .get_envs()
+                .find(|(key, _)| *key == GLIBC_TUNABLES)
+                .and_then(|(_, value)| value?.to_str().map(String::from))
+        };
+        let nft = tunables(Backend::Nft).expect("set for nft");
+        assert!(nft.contains("glibc.malloc.mxfast="), "{nft}");
+        assert_eq!(tunables(Backend::Legacy), None);
+        assert_eq!(Backend::Legacy.to_string(), "legacy");
     }
 
     #[test]

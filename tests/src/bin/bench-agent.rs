@@ -36,7 +36,7 @@ use causeway_agent::rules::names::ServiceChains;
 use causeway_tests::cluster::{Cluster, ClusterOptions};
 use causeway_tests::paths::workspace_bin;
 use causeway_tests::{metrics, netns};
-use clap::{Parser, ValueEnum as _};
+use clap::Parser;
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -78,14 +78,6 @@ struct Args {
 /// is synced on its own, without waiting for the period.
 const PAST_MIN_SYNC_PERIOD: Duration = Duration::from_millis(1100);
 
-/// `--backend` as the agent's flag takes it.
-fn backend_flag(backend: Backend) -> String {
-    backend
-        .to_possible_value()
-        .map(|v| v.get_name().to_string())
-        .unwrap_or_default()
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
     match run(Args::parse()).await {
@@ -108,7 +100,7 @@ async fn run(args: Args) -> Result<()> {
     println!(
         "agent: {} (--iptables-backend {})",
         agent.display(),
-        backend_flag(args.backend)
+        args.backend
     );
     println!(
         "| S × E | first full sync s | agent RSS MB (peak) | programming latency ms median / p90 | sync payload bytes median | first connect µs median / p90 / p99 |"
@@ -355,7 +347,7 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<M
             "--sync-period",
             "30m",
             "--iptables-backend",
-            &backend_flag(args.backend),
+            &args.backend.to_string(),
         ],
     )?;
     let metrics = || -> Result<String> {

@@ -19,7 +19,8 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use causeway_agent::netfilter;
+use causeway_agent::addr::IpFamily;
+use causeway_agent::netfilter::{Backend, Netfilter};
 use clap::Parser;
 
 /// Renders S services × E endpoints with causeway-agent and times the apply.
@@ -33,8 +34,8 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "5,10")]
     endpoints: Vec<usize>,
     /// Backends to apply with: nft, legacy.
-    #[arg(long, value_delimiter = ',', default_value = "nft,legacy")]
-    backends: Vec<String>,
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "nft,legacy")]
+    backends: Vec<Backend>,
     /// Give up on one apply after this many seconds (reported as "> N").
     #[arg(long, default_value_t = 300)]
     apply_timeout: u64,
@@ -104,20 +105,16 @@ fn run(args: Args) -> Result<()> {
             let _ = std::fs::remove_file(&manifests);
             let counts = count(&payload);
             let mut applies = Vec::new();
-            for backend in &args.backends {
-                let program = match backend.as_str() {
-                    "nft" => "iptables-nft-restore",
-                    "legacy" => "iptables-legacy-restore",
-                    other => bail!("unknown backend {other}: nft or legacy"),
-                };
+            for &backend in &args.backends {
+                let netfilter = Netfilter::new(IpFamily::V4, backend);
                 let ns = Netns::new(&format!("cwbench{}a", std::process::id()))?;
                 let result = apply(
                     &ns.0,
-                    program,
+                    &netfilter,
                     &payload,
                     Duration::from_secs(args.apply_timeout),
                 )
-                .with_context(|| format!("{s} × {e} with {program}"))?;
+                .with_context(|| format!("{s} × {e} with {}", netfilter.restore_program()))?;
                 applies.push(match result {
                     Some(took) => format!("{:.2}", took.as_secs_f64()),
                     None => format!("> {}", args.apply_timeout),
@@ -268,15 +265,19 @@ fn count(payload: &str) -> Counts {
     counts
 }
 
-/// Times `program --noflush` loading `payload` into `ns`; `None` if it ran
-/// longer than `limit` (it is killed).
-fn apply(ns: &str, program: &str, payload: &str, limit: Duration) -> Result<Option<Duration>> {
+/// Times the restore program of `netfilter`, run as the agent runs it,
+/// loading `payload` into `ns` with `--noflush`; `None` if it ran longer than
+/// `limit` (it is killed).
+fn apply(
+    ns: &str,
+    netfilter: &Netfilter,
+    payload: &str,
+    limit: Duration,
+) -> Result<Option<Duration>> {
+    let program = netfilter.restore_program();
     let start = Instant::now();
     let mut command = Command::new("ip");
-    if program.contains("-nft-") {
-        // As the agent runs it.
-        netfilter::tune_nft_restore(&mut command);
-    }
+    netfilter.tune_restore(&mut command);
     let mut child = command
         .args(["netns", "exec", ns, program, "--noflush", "--wait"])
         .stdin(Stdio::piped())
