@@ -19,7 +19,7 @@ use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 
 use crate::addr::{Cidr, MaskedAddr, parse_cidr, parse_ip, parse_masked};
-use crate::rules::DISPATCH_BUCKET_PREFIX;
+use crate::rules::{DISPATCH_BUCKET_PREFIX, KUBE_NODEPORTS, KUBE_SERVICES};
 
 /// What `-s`/`-d` match.
 #[derive(Debug, Clone)]
@@ -967,8 +967,8 @@ fn dnat_service(best: Option<&Branch>) -> Option<String> {
         .steps
         .iter()
         .filter(|s| {
-            s.chain == "KUBE-SERVICES"
-                || s.chain == "KUBE-NODEPORTS"
+            s.chain == KUBE_SERVICES
+                || s.chain == KUBE_NODEPORTS
                 || s.chain.starts_with(DISPATCH_BUCKET_PREFIX)
         })
         .filter_map(|s| {

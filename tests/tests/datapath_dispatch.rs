@@ -2,8 +2,9 @@
 //! the low six bits of the destination), proven with real packets: with 1 100
 //! other Services rendered beside them, a ClusterIP, an external IP, a
 //! load-balancer IP, a NodePort and a Service without endpoints behave exactly
-//! as in a small ruleset, with both backends and both IP families, and the
-//! trace of every probe walks the same buckets.
+//! as in a small ruleset, with both backends and both IP families; `trace`
+//! agrees with every probe and walks the bucket netfilter holds each
+//! address's entry in.
 
 use causeway_tests::datapath::{
     AgentFlags, Backend, DataPath, EchoPod, EndpointSlice, Family, Manifests, NODE_IP, Origin,
@@ -162,6 +163,26 @@ fn bucketed(family: Family, backend: Backend, network: PodNetwork) {
         30,
         &pods,
     );
+    // `trace` (already held to each answer above) walks the bucket
+    // netfilter holds the entry in.
+    for (origin, ip, bucket) in [
+        (client.origin(), &cluster_ip, cluster_bucket),
+        (client_origin.clone(), &ingress_ip, lb_bucket),
+        (client_origin.clone(), &external_ip, external_bucket),
+    ] {
+        let traced = dp
+            .trace(&origin, Proto::Tcp, &target(ip, 80))
+            .expect("trace");
+        assert!(
+            traced
+                .trace
+                .steps
+                .iter()
+                .any(|s| s.table == "nat" && s.chain == bucket),
+            "{ip}: the trace does not pass {bucket}:\n{}",
+            traced.trace
+        );
+    }
     dp.expect_refused(&client.origin(), Proto::Tcp, &target(&empty_ip, 80));
     // A port the Service does not have passes its bucket untouched.
     dp.expect_no_answer(&client.origin(), Proto::Tcp, &target(&cluster_ip, 81));
