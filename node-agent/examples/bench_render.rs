@@ -363,6 +363,7 @@ fn main() {
                 previous: &model,
                 applied_chains: &payload.service_chains,
                 applied_nat_rules: payload.nat_total_rules,
+                applied_filter_rules: payload.filter_total_rules,
             }),
             dispatch,
         },

@@ -368,6 +368,8 @@ pub struct Partial<'a> {
     pub applied_chains: &'a [String],
     /// [`Payload::nat_total_rules`] of the payload last applied.
     pub applied_nat_rules: usize,
+    /// [`Payload::filter_total_rules`] of the payload last applied.
+    pub applied_filter_rules: usize,
 }
 
 /// The port `key` of a model (sorted by name then protocol).
@@ -405,6 +407,8 @@ pub struct Payload {
     /// The rules the nat table holds once this payload is applied (for a
     /// partial render, more than it writes).
     pub nat_total_rules: usize,
+    /// The same for the filter table.
+    pub filter_total_rules: usize,
 }
 
 /// One table's section while it is being written: chain declarations first,
@@ -724,6 +728,8 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
     // render counts the table as what was applied plus the difference.
     let mut nat_rules_before: usize = 0;
     let mut nat_rules_after: usize = 0;
+    let mut filter_rules_before: usize = 0;
+    let mut filter_rules_after: usize = 0;
     for (port, chains) in &ports {
         let port = *port;
         render_service_port(
@@ -745,8 +751,9 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
         };
         external.merge_into(&mut own, &mut port_nat);
         nat_rules_after += own.stats.rules + port_nat.stats.rules;
+        filter_rules_after += port_filter.stats.rules;
         nat.take_from(&mut own);
-        nat_rules_before += dispatch_delta(
+        let before = dispatch_delta(
             find_port(p.previous, &port.name, port.protocol),
             Some(port),
             &ctx,
@@ -755,6 +762,8 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
             &mut filter,
             &mut nat,
         );
+        nat_rules_before += before.nat;
+        filter_rules_before += before.filter;
     }
     // Ports that are gone: their dispatch entries go too (their chains are
     // deleted through `delete_nat_chains`).
@@ -763,7 +772,7 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
             if find_port(model, name, *protocol).is_some() {
                 continue;
             }
-            nat_rules_before += dispatch_delta(
+            let before = dispatch_delta(
                 find_port(p.previous, name, *protocol),
                 None,
                 &ctx,
@@ -772,6 +781,8 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
                 &mut filter,
                 &mut nat,
             );
+            nat_rules_before += before.nat;
+            filter_rules_before += before.filter;
         }
     }
 
@@ -802,6 +813,12 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
         filter.end();
     }
 
+    let filter_total_rules = match options.partial {
+        Some(p) => {
+            (p.applied_filter_rules + filter_rules_after).saturating_sub(filter_rules_before)
+        }
+        None => filter.stats.rules,
+    };
     let (nat_total_rules, service_chains) = match options.partial {
         Some(p) => {
             // The applied chains, less every chain the ports in `only` may
@@ -861,6 +878,7 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
         nat,
         service_chains,
         nat_total_rules,
+        filter_total_rules,
     }
 }
 
@@ -916,8 +934,8 @@ const FILTER_DISPATCH: [&str; 4] = [
 const NAT_DISPATCH: [&str; 2] = [KUBE_SERVICES, KUBE_NODEPORTS];
 
 /// Writes the edits that turn `before`'s dispatch entries into `after`'s
-/// (either may be absent) into `filter` and `nat`; returns the nat rules
-/// `before` had (its own chains' and its entries). `port_filter`/`port_nat`
+/// (either may be absent) into `filter` and `nat`; returns the rules
+/// `before` had (in nat, its own chains' and its entries). `port_filter`/`port_nat`
 /// hold `after`'s entries on entry and are left empty.
 fn dispatch_delta(
     before: Option<&ServicePort>,
@@ -927,7 +945,7 @@ fn dispatch_delta(
     port_nat: &mut TableWriter,
     filter: &mut TableWriter,
     nat: &mut TableWriter,
-) -> usize {
+) -> RulesBefore {
     let mut old_filter = TableWriter::default();
     let mut old_nat = TableWriter::default();
     let mut old_own = TableWriter::default();
@@ -991,7 +1009,17 @@ fn dispatch_delta(
     }
     port_filter.clear();
     port_nat.clear();
-    old_nat.stats.rules + old_own.stats.rules
+    RulesBefore {
+        nat: old_nat.stats.rules + old_own.stats.rules,
+        filter: old_filter.stats.rules,
+    }
+}
+
+/// The rules a port had in the payload last applied, per table: what a
+/// partial render takes off the applied totals.
+struct RulesBefore {
+    nat: usize,
+    filter: usize,
 }
 
 /// Endpoint IPs that may be on this node and so may reach themselves through a

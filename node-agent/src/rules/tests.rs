@@ -664,7 +664,7 @@ fn api_key(model: &Model) -> (ServicePortName, Protocol) {
 }
 
 /// The partial render of `key`'s change after a full render of `before`;
-/// the chains and the nat rule count it reports must be a full render's of
+/// the chains and the rule counts it reports must be a full render's of
 /// `after`.
 fn partial(before: &Model, after: &Model, key: &(ServicePortName, Protocol)) -> Payload {
     let only = BTreeSet::from([key.clone()]);
@@ -679,12 +679,14 @@ fn partial(before: &Model, after: &Model, key: &(ServicePortName, Protocol)) -> 
                 previous: before,
                 applied_chains: &applied.service_chains,
                 applied_nat_rules: applied.nat_total_rules,
+                applied_filter_rules: applied.filter_total_rules,
             }),
             ..RenderOptions::default()
         },
     );
     let full = render(after, &config(), &RenderOptions::default());
     assert_eq!(payload.nat_total_rules, full.nat.rules);
+    assert_eq!(payload.filter_total_rules, full.filter.rules);
     let chains: BTreeSet<&String> = payload.service_chains.iter().collect();
     assert_eq!(chains, full.service_chains.iter().collect());
     payload
@@ -774,6 +776,17 @@ fn a_partial_render_inserts_and_deletes_dispatch_entries() {
         1,
         "{}",
         emptied.text
+    );
+    // And back: the REJECT goes (the helper checks both tables' totals).
+    let refilled = partial(&empty, &with, &key);
+    assert_eq!(
+        lines_with(&refilled, "-D KUBE-SERVICES")
+            .iter()
+            .filter(|l| l.contains("-j REJECT"))
+            .count(),
+        1,
+        "{}",
+        refilled.text
     );
 }
 
@@ -1057,6 +1070,7 @@ fn a_partial_render_edits_the_bucket_of_a_changed_address() {
                 previous: &before,
                 applied_chains: &applied.service_chains,
                 applied_nat_rules: applied.nat_total_rules,
+                applied_filter_rules: applied.filter_total_rules,
             }),
             dispatch: Dispatch::Buckets,
             ..RenderOptions::default()
