@@ -37,6 +37,7 @@ use crate::model::cache::ModelCache;
 use crate::model::{Issue, Model, NodeInfo, Protocol, ServicePortName};
 use crate::netfilter::{Backend, Netfilter};
 use crate::rules::{self, Dispatch, Partial, RenderConfig, RenderOptions};
+use crate::serve::{self, ConnectionBudget};
 
 /// A full sync also runs this often, whatever else happens (kube-proxy's
 /// `FullSyncPeriod`): it repairs rules another program deleted without
@@ -69,6 +70,8 @@ pub struct Shared {
     pub health: Arc<ProxyHealth>,
     pub metrics: Arc<Metrics>,
     pub rules: Arc<RulesLog>,
+    /// Connection slots shared by all of the agent's HTTP servers.
+    pub connections: ConnectionBudget,
     /// Trigger times of EndpointSlice changes not yet applied; a sync that
     /// applies them turns each into a network programming latency.
     triggers: std::sync::Mutex<Vec<Timestamp>>,
@@ -81,6 +84,7 @@ impl Shared {
             health: Arc::new(ProxyHealth::new(sync_period)),
             metrics: Arc::new(Metrics::new()),
             rules: Arc::new(RulesLog::default()),
+            connections: ConnectionBudget::default(),
             triggers: std::sync::Mutex::default(),
             started: Timestamp::now(),
         }
@@ -157,16 +161,18 @@ pub async fn run(client: Client, config: RunConfig) -> anyhow::Result<()> {
     let shared = Arc::new(Shared::new(config.sync_period));
     // The servers start first: a probe during the cache sync should get an
     // answer (unhealthy until the first sync), not a refused connection.
-    serve(
+    serve_in_background(
         &config.healthz_bind_address,
         health::proxy_router(shared.health.clone()),
         "health",
+        &shared.connections,
     )
     .await?;
-    serve(
+    serve_in_background(
         &config.metrics_bind_address,
         debug::router(shared.metrics.clone(), shared.rules.clone()),
         "metrics",
+        &shared.connections,
     )
     .await?;
     shared.health.queued();
@@ -254,7 +260,8 @@ pub async fn run(client: Client, config: RunConfig) -> anyhow::Result<()> {
         },
     );
     let mut syncer = Syncer::new(config.clone(), shared.clone());
-    let mut health_checks = ServiceHealthServers::new(shared.health.clone());
+    let mut health_checks =
+        ServiceHealthServers::new(shared.health.clone(), shared.connections.clone());
     let mut reported_bind_failures = BTreeSet::new();
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
@@ -266,20 +273,22 @@ pub async fn run(client: Client, config: RunConfig) -> anyhow::Result<()> {
         for issue in &outcome.new_issues {
             publish_issue(&recorder, issue).await;
         }
-        let failures = health_checks.sync(outcome.service_checks).await;
-        let mut still_failing = BTreeSet::new();
-        for failure in failures {
-            let key = (
-                failure.port,
-                failure.service.namespace.clone(),
-                failure.service.name.clone(),
-            );
-            if !reported_bind_failures.contains(&key) {
-                publish_bind_failure(&recorder, &failure).await;
+        if let Some(service_checks) = outcome.service_checks {
+            let failures = health_checks.sync(service_checks).await;
+            let mut still_failing = BTreeSet::new();
+            for failure in failures {
+                let key = (
+                    failure.port,
+                    failure.service.namespace.clone(),
+                    failure.service.name.clone(),
+                );
+                if !reported_bind_failures.contains(&key) {
+                    publish_bind_failure(&recorder, &failure).await;
+                }
+                still_failing.insert(key);
             }
-            still_failing.insert(key);
+            reported_bind_failures = still_failing;
         }
-        reported_bind_failures = still_failing;
         // A failed restore is retried soon; otherwise wait for a change, or
         // for the sync period that bounds how stale the rules can get.
         let idle = if outcome.failed {
@@ -307,16 +316,17 @@ pub async fn run(client: Client, config: RunConfig) -> anyhow::Result<()> {
 }
 
 /// Binds `address` and serves `router` in the background.
-async fn serve(address: &str, router: axum::Router, what: &str) -> anyhow::Result<()> {
+async fn serve_in_background(
+    address: &str,
+    router: axum::Router,
+    what: &str,
+    connections: &ConnectionBudget,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("binding the {what} server to {address}"))?;
     info!(address = %address, "serving {what}");
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            error!(error = %e, "a server stopped");
-        }
-    });
+    tokio::spawn(serve::serve(listener, router, connections.clone()));
     Ok(())
 }
 
@@ -463,8 +473,10 @@ struct SyncOutcome {
     /// Problems not reported before (they become events once each).
     new_issues: Vec<Issue>,
     failed: bool,
-    /// The health-check servers the Services ask for.
-    service_checks: BTreeMap<u16, ServiceHealth>,
+    /// The health-check servers the Services ask for; `None` after a failed
+    /// restore, which leaves the servers as they are (as kube-proxy does):
+    /// the rules they answer for still stand.
+    service_checks: Option<BTreeMap<u16, ServiceHealth>>,
 }
 
 /// Per-family state between syncs.
@@ -476,6 +488,8 @@ struct FamilyState {
     /// The nat rules the last applied payload left, the base of the next
     /// partial sync's count.
     applied_nat_rules: usize,
+    /// The same for the filter table.
+    applied_filter_rules: usize,
     /// The model per Service, rebuilt only where an object changed.
     model_cache: ModelCache,
     /// The model of the last applied payload: the base of partial syncs and
@@ -535,6 +549,7 @@ impl Syncer {
                     netfilter: Netfilter::new(family, self.config.backend),
                     applied_chains: None,
                     applied_nat_rules: 0,
+                    applied_filter_rules: 0,
                     model_cache: ModelCache::new(family),
                     applied_model: None,
                     applied_config: None,
@@ -642,6 +657,7 @@ impl Syncer {
                             previous: model,
                             applied_chains: chains,
                             applied_nat_rules: state.applied_nat_rules,
+                            applied_filter_rules: state.applied_filter_rules,
                         }),
                         _ => None,
                     },
@@ -667,7 +683,7 @@ impl Syncer {
                         dispatch,
                     );
                     for (table, rules) in [
-                        ("filter", payload.filter.rules),
+                        ("filter", payload.filter_total_rules),
                         ("nat", payload.nat_total_rules),
                         ("mangle", payload.mangle.rules),
                     ] {
@@ -689,6 +705,7 @@ impl Syncer {
                     );
                     state.applied_chains = Some(payload.service_chains);
                     state.applied_nat_rules = payload.nat_total_rules;
+                    state.applied_filter_rules = payload.filter_total_rules;
                     // Only now do the new rules steer fresh packets, so only
                     // now may the stale flows go (after the metrics below).
                     // After a (re)start the previous rules are unknown: every
@@ -767,8 +784,9 @@ impl Syncer {
         } else if restored {
             self.shared.metrics.sync_partial_duration.observe(elapsed);
         }
-        let service_checks =
-            health::wanted_service_checks(&models.iter().map(|m| m.as_ref()).collect::<Vec<_>>());
+        let service_checks = (!failed).then(|| {
+            health::wanted_service_checks(&models.iter().map(|m| m.as_ref()).collect::<Vec<_>>())
+        });
         SyncOutcome {
             new_issues: self.remember(issues),
             failed,

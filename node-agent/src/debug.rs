@@ -5,11 +5,12 @@
 //! `trace` uses to fetch it.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -135,8 +136,16 @@ async fn metrics_text(State((metrics, _)): State<DebugState>) -> Response {
 
 async fn debug_rules(
     State((_, rules)): State<DebugState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(query): Query<RulesQuery>,
 ) -> Response {
+    if !may_read_rules(peer.ip()) {
+        return (
+            StatusCode::FORBIDDEN,
+            "/debug/rules answers only clients on this node (127.0.0.1 or ::1)\n",
+        )
+            .into_response();
+    }
     match rules.get(query.family, query.which) {
         Some(text) => text.into_response(),
         None => (
@@ -145,6 +154,13 @@ async fn debug_rules(
         )
             .into_response(),
     }
+}
+
+/// The rules are the whole inventory of Services and endpoints: they are for
+/// this node only (SPEC 2.4), even when /metrics is served to the network.
+/// (An IPv4 client of a `[::]` listener shows as `::ffff:a.b.c.d`.)
+fn may_read_rules(peer: std::net::IpAddr) -> bool {
+    peer.to_canonical().is_loopback()
 }
 
 /// GETs `path` from the agent's debug server at `address` (`host:port`).
@@ -173,6 +189,16 @@ mod tests {
     use super::*;
     use crate::model::NodeInfo;
 
+    #[test]
+    fn only_clients_on_this_node_may_read_the_rules() {
+        for allowed in ["127.0.0.1", "127.0.0.53", "::1", "::ffff:127.0.0.1"] {
+            assert!(may_read_rules(allowed.parse().unwrap()), "{allowed}");
+        }
+        for refused in ["10.0.0.1", "0.0.0.0", "::ffff:10.0.0.1", "fd00::1"] {
+            assert!(!may_read_rules(refused.parse().unwrap()), "{refused}");
+        }
+    }
+
     #[tokio::test]
     async fn the_last_applied_and_failed_payloads_are_served() {
         let metrics = Arc::new(Metrics::new());
@@ -189,11 +215,14 @@ mod tests {
             Dispatch::Buckets,
         );
         rules.failed(IpFamily::V4, "*nat\n-A BAD\nCOMMIT\n", "line 2 failed");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        tokio::spawn(async move {
-            axum::serve(listener, router(metrics, rules)).await.unwrap();
-        });
+        let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let address = format!("127.0.0.1:{port}");
+        tokio::spawn(crate::serve::serve(
+            listener,
+            router(metrics, rules),
+            crate::serve::ConnectionBudget::default(),
+        ));
         let applied = fetch(&address, "/debug/rules?family=4").await.unwrap();
         assert!(
             applied.contains("*nat\n") && applied.contains(":KUBE-SERVICES - [0:0]"),

@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::model::Model;
+use crate::serve::{ConnectionBudget, serve};
 
 /// The taint the cluster autoscaler puts on a node it is about to remove.
 pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
@@ -224,6 +225,7 @@ pub struct ServiceHealthServers {
     health: Arc<ProxyHealth>,
     answers: Arc<RwLock<BTreeMap<u16, ServiceHealth>>>,
     running: BTreeMap<u16, JoinHandle<()>>,
+    connections: ConnectionBudget,
 }
 
 /// A health-check port that could not be opened.
@@ -235,11 +237,12 @@ pub struct BindFailure {
 }
 
 impl ServiceHealthServers {
-    pub fn new(health: Arc<ProxyHealth>) -> Self {
+    pub fn new(health: Arc<ProxyHealth>, connections: ConnectionBudget) -> Self {
         ServiceHealthServers {
             health,
             answers: Arc::default(),
             running: BTreeMap::new(),
+            connections,
         }
     }
 
@@ -273,9 +276,7 @@ impl ServiceHealthServers {
                     ));
                     self.running.insert(
                         port,
-                        tokio::spawn(async move {
-                            let _ = axum::serve(listener, router).await;
-                        }),
+                        tokio::spawn(serve(listener, router, self.connections.clone())),
                     );
                     info!(port, service = %format!("{}/{}", service.namespace, service.name), "serving a Service health check");
                 }

@@ -13,4 +13,5 @@ pub mod metrics;
 pub mod model;
 pub mod netfilter;
 pub mod rules;
+pub mod serve;
 pub mod trace;
