@@ -294,7 +294,7 @@ pub async fn run(client: Client, config: RunConfig) -> anyhow::Result<()> {
         let idle = if outcome.failed {
             config.min_sync_period.max(Duration::from_secs(1))
         } else {
-            config.sync_period
+            syncer.until_next_check()
         };
         tokio::select! {
             _ = changed.after(seen, Instant::now() + idle) => {}
@@ -523,6 +523,17 @@ impl Syncer {
         }
     }
 
+    /// Until the periodic check of our rules is due (at most the sync
+    /// period): a sync caused by a change does not put the check off.
+    fn until_next_check(&self) -> Duration {
+        self.families
+            .iter()
+            .filter_map(|f| f.last_check)
+            .map(|t| self.config.sync_period.saturating_sub(t.elapsed()))
+            .min()
+            .unwrap_or(self.config.sync_period)
+    }
+
     fn sync(&mut self, caches: &Caches) -> SyncOutcome {
         let started = Instant::now();
         let started_at = Timestamp::now();
@@ -598,21 +609,25 @@ impl Syncer {
                 },
             };
             // Full: at start, after a failure, when the configuration or the
-            // dispatch layout changed, when a canary chain is gone (checked
-            // once per --sync-period: another program deleted our chains),
-            // and once per FULL_SYNC_PERIOD for damage the canaries do not
-            // show. Otherwise only what changed is written.
-            let mut canary_lost = false;
+            // dispatch layout changed, when another program damaged our rules
+            // (checked once per --sync-period: a canary chain deleted, a
+            // chain flushed, a jump gone), and once per FULL_SYNC_PERIOD for
+            // damage the check does not see. Otherwise only what changed is
+            // written.
+            let mut damaged = false;
             if state.applied_model.is_some()
                 && state
                     .last_check
                     .is_some_and(|t| t.elapsed() >= self.config.sync_period)
             {
                 state.last_check = Some(Instant::now());
-                if !state.netfilter.canaries_present() {
-                    warn!(family = ?family, "a KUBE-PROXY-CANARY chain is gone: another program deleted our chains; restoring them");
-                    self.shared.metrics.canary_lost.inc();
-                    canary_lost = true;
+                if let Some(damage) = state.netfilter.damage(
+                    &rules::never_empty_chains(&render_config),
+                    &rules::builtin_jumps(&render_config),
+                ) {
+                    warn!(family = ?family, %damage, "another program changed our rules; restoring them with a full sync");
+                    self.shared.metrics.rules_damaged.inc();
+                    damaged = true;
                 }
             }
             let periodic = state
@@ -626,7 +641,7 @@ impl Syncer {
                 || state.applied_config.as_ref() != Some(&render_config)
                 || applied_dispatch != dispatch
                 || state.last_full.is_none()
-                || canary_lost
+                || damaged
                 || periodic;
             let changed: BTreeSet<(ServicePortName, Protocol)> = match (&state.applied_model, full)
             {
@@ -732,8 +747,11 @@ impl Syncer {
                     models.push(model);
                 }
                 Err(e) => {
-                    // Nothing of the payload was applied; the previous rules
-                    // still stand. Retry soon from scratch.
+                    // iptables-restore commits table by table. Refused in
+                    // nat, which comes first, nothing was applied; refused
+                    // later, nat is new and the rest is not. Either way the
+                    // rules stand whole, and the retry, soon, is a full sync
+                    // that rewrites every table.
                     error!("{e}");
                     self.shared
                         .rules

@@ -28,7 +28,7 @@ pub struct Metrics {
     pub last_queued_timestamp: Gauge<f64, AtomicU64>,
     pub restore_bytes: Histogram,
     pub conntrack_deleted: Counter,
-    pub canary_lost: Counter,
+    pub rules_damaged: Counter,
 }
 
 /// kube-proxy's sync-duration buckets: 1 ms doubling to about 16 s.
@@ -60,7 +60,7 @@ impl Metrics {
         let last_queued_timestamp = Gauge::<f64, AtomicU64>::default();
         let restore_bytes = Histogram::new(exponential_buckets(1024.0, 4.0, 10));
         let conntrack_deleted = Counter::default();
-        let canary_lost = Counter::default();
+        let rules_damaged = Counter::default();
 
         registry.register(
             "kubeproxy_sync_proxy_rules_duration_seconds",
@@ -128,9 +128,9 @@ impl Metrics {
             conntrack_deleted.clone(),
         );
         registry.register(
-            "causeway_agent_canary_lost",
-            "Periodic checks that found the canary chain gone (another program flushed the rules)",
-            canary_lost.clone(),
+            "causeway_agent_rules_damaged",
+            "Periodic checks that found our rules damaged by another program (a canary chain deleted, a chain flushed, a jump gone); each starts a full sync",
+            rules_damaged.clone(),
         );
         Metrics {
             registry,
@@ -147,7 +147,7 @@ impl Metrics {
             last_queued_timestamp,
             restore_bytes,
             conntrack_deleted,
-            canary_lost,
+            rules_damaged,
         }
     }
 

@@ -51,8 +51,9 @@ pub struct Netfilter {
     save: String,
 }
 
-/// A restore that iptables refused; nothing of it was applied (a restore is
-/// one transaction per table, and all our tables are in one input).
+/// A restore that iptables refused. A restore is one transaction per table:
+/// the tables before the refused one are applied, the rest is not (the
+/// payload puts nat first, where refusals happen, so usually nothing is).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{program} failed: {message}{}", context_text(.context))]
 pub struct RestoreError {
@@ -183,21 +184,48 @@ impl Netfilter {
             .is_ok_and(|s| s.success())
     }
 
-    /// Whether the KUBE-PROXY-CANARY chains (empty, and only we write them)
-    /// still exist in mangle, nat and filter; when one is gone, another
-    /// program deleted the chains of a table (a firewall reload, `iptables
-    /// -X`).
-    pub fn canaries_present(&self) -> bool {
-        [Table::Mangle, Table::Nat, Table::Filter]
-            .iter()
-            .all(|table| {
-                Command::new(&self.iptables)
-                    .args(["-w", "-t", table.as_str(), "-S", KUBE_PROXY_CANARY])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success())
-            })
+    /// What another program did to our rules, if anything, as the first
+    /// sign found:
+    /// - a KUBE-PROXY-CANARY chain (empty, and only we write them) gone from
+    ///   mangle, nat or filter: the table's chains were deleted (a firewall
+    ///   reload, `iptables -X`);
+    /// - one of `never_empty` without rules: it was flushed (`iptables -F`);
+    /// - one of `jumps` missing from its built-in chain.
+    ///
+    /// Each check lists one small chain (iptables-legacy reads the table for
+    /// each), and the first sign ends them.
+    pub fn damage(&self, never_empty: &[(Table, &str)], jumps: &[JumpRule]) -> Option<String> {
+        for table in [Table::Mangle, Table::Nat, Table::Filter] {
+            if self.list_chain(table, KUBE_PROXY_CANARY).is_none() {
+                return Some(format!("{} {KUBE_PROXY_CANARY} is gone", table.as_str()));
+            }
+        }
+        for (table, chain) in never_empty {
+            let rules = self.list_chain(*table, chain).unwrap_or_default();
+            if !rules.lines().any(|l| l.starts_with("-A ")) {
+                return Some(format!("{} {chain} was flushed", table.as_str()));
+            }
+        }
+        jumps.iter().find(|jump| !self.has_rule(jump)).map(|jump| {
+            format!(
+                "the jump from {} {} to {} is gone",
+                jump.table.as_str(),
+                jump.chain,
+                jump.args.last().map_or("?", String::as_str)
+            )
+        })
+    }
+
+    /// `iptables -S chain`: the chain's rules, or `None` when it does not exist.
+    fn list_chain(&self, table: Table, chain: &str) -> Option<String> {
+        let out = Command::new(&self.iptables)
+            .args(["-w", "-t", table.as_str(), "-S", chain])
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Per-service nat chains that exist now (ours from an earlier run, or

@@ -89,8 +89,14 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
         "agent-node-1",
         &agent,
         // No periodic full sync during the test: every sync it sees is
-        // caused by an API change.
-        &["--sync-period", "10m"],
+        // caused by an API change. /metrics open to the network, as the
+        // Helm chart's pod monitor wants it.
+        &[
+            "--sync-period",
+            "10m",
+            "--metrics-bind-address",
+            "0.0.0.0:10249",
+        ],
     )?;
 
     let client_pod = cluster
@@ -280,7 +286,51 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
     }
     wait_http(&cluster.external_netns(), &healthz, 200, "lastUpdated")?;
     wait_http(&cluster.external_netns(), &url, 503, "\"localEndpoints\":0")?;
+    // The server closes a request head that is not complete in 5 s.
+    let slow = &mut held[0];
+    slow.set_read_timeout(Some(Duration::from_secs(15)))?;
+    let waited = Instant::now();
+    let mut rest = Vec::new();
+    let read = std::io::Read::read_to_end(slow, &mut rest);
+    // Closed shows as the end of the stream or a reset; still open, as the
+    // read timing out.
+    let still_open = read.as_ref().is_err_and(|e| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        )
+    });
+    assert!(
+        !still_open && waited.elapsed() < Duration::from_secs(10),
+        "a half-sent request still open after {:?}: {read:?}",
+        waited.elapsed()
+    );
     drop(held);
+
+    // 100 idle connections to :10256, more than one port may hold: the
+    // Service's health port answers at once all the same.
+    let idle: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| std::net::TcpStream::connect((node1.ip, 10256)))
+        .collect::<std::io::Result<_>>()?;
+    let (status, _, body) = http_get(&cluster.external_netns(), &url)?;
+    assert_eq!(
+        status, 503,
+        "the Service health port beside a flooded :10256: {body}"
+    );
+    drop(idle);
+    wait_http(&cluster.external_netns(), &healthz, 200, "lastUpdated")?;
+
+    // /metrics may be served to the network, /debug/rules only on the node.
+    let remote = format!("http://{}:10249", node1.ip);
+    let (status, _, _) = http_get(&cluster.external_netns(), &format!("{remote}/metrics"))?;
+    assert_eq!(status, 200, "/metrics from another host");
+    let (status, _, body) = http_get(&cluster.external_netns(), &format!("{remote}/debug/rules"))?;
+    assert_eq!(status, 403, "/debug/rules from another host: {body}");
+    let (status, _, body) = http_get(&node1.netns, "http://127.0.0.1:10249/debug/rules")?;
+    assert!(
+        status == 200 && body.contains("*nat"),
+        "/debug/rules on the node: {status} {body}"
+    );
 
     // The autoscaler is about to remove node-1: /healthz says 503 so load
     // balancers drain it, /livez stays 200 (the agent itself is fine).
@@ -375,6 +425,128 @@ async fn client_and_web(cluster: &Cluster) -> Result<(Pod, Api<Service>, String)
     Ok((client, services, ip))
 }
 
+/// The `KUBE-SVC-` chain the nat `KUBE-SERVICES` entry of `ns/name` jumps to.
+fn service_chain(netns_name: &str, service: &str) -> Result<Option<String>> {
+    let entries = netns::exec_in(
+        netns_name,
+        "iptables",
+        &["-t", "nat", "-S", "KUBE-SERVICES"],
+    )?;
+    Ok(entries
+        .lines()
+        .find(|l| l.contains(&format!("\"{service} cluster IP\"")))
+        .and_then(|l| l.split_whitespace().last())
+        .map(str::to_string))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_restore_applies_nothing_keeps_health_servers_and_is_retried() -> Result<()> {
+    let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
+    let node1 = cluster.node("node-1").clone();
+    let agent = workspace_bin("causeway-agent");
+    cluster.spawn_agent("node-1", "agent-1", &agent, &[])?;
+    let (client, services, ip) = client_and_web(&cluster).await?;
+    let patch = json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local"}});
+    services
+        .patch("web", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    let health_port = services
+        .get("web")
+        .await?
+        .spec
+        .and_then(|s| s.health_check_node_port)
+        .expect("a healthCheckNodePort was allocated");
+    let health = format!("http://{}:{health_port}/", node1.ip);
+    wait_http(
+        &cluster.external_netns(),
+        &health,
+        200,
+        "\"localEndpoints\":1",
+    )?;
+
+    let doomed: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "doomed"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 81, "targetPort": 80}]}
+    }))?;
+    services.create(&PostParams::default(), &doomed).await?;
+    let chain = eventually(
+        Duration::from_secs(30),
+        "default/doomed's service chain",
+        || async { service_chain(&node1.netns, "default/doomed") },
+    )
+    .await?;
+
+    // Another program jumps to that chain, so deleting it (the Service goes)
+    // is refused by the kernel, every time, until that rule goes.
+    let foreign = ["-t", "nat", "OUTPUT", "-d", "192.0.2.1/32", "-j", &chain];
+    let with_op = |op: &'static str| {
+        let mut args = foreign.to_vec();
+        args.insert(2, op);
+        args
+    };
+    netns::exec_in(&node1.netns, "iptables", &with_op("-A"))?;
+    services.delete("doomed", &DeleteParams::default()).await?;
+    let failures = |metrics: &str| {
+        metrics::value(
+            metrics,
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
+        )
+        .unwrap_or(0.0)
+    };
+    eventually(Duration::from_secs(15), "refused restores", || async {
+        let (_, _, metrics) = http_get(&node1.netns, "http://127.0.0.1:10249/metrics")?;
+        Ok((failures(&metrics) >= 2.0).then_some(()))
+    })
+    .await?;
+    // Refused in nat, which comes first: nothing of the payload applied.
+    assert_eq!(
+        service_chain(&node1.netns, "default/doomed")?.as_deref(),
+        Some(chain.as_str()),
+        "the refused payload changed nat"
+    );
+    let (status, _, refused) = http_get(
+        &node1.netns,
+        "http://127.0.0.1:10249/debug/rules?which=failed",
+    )?;
+    assert!(
+        status == 200 && refused.contains(&format!("-X {chain}")),
+        "the refused payload is kept: {status} {refused}"
+    );
+    // The Service health server still answers, from the rules that stand,
+    // and so does the Service.
+    let (status, _, body) = http_get(&cluster.external_netns(), &health)?;
+    assert!(
+        status == 200 && body.contains("\"localEndpoints\":1"),
+        "health check while restores are refused: {status} {body}"
+    );
+    wait_for_pods(
+        &client.netns,
+        "tcp",
+        &format!("{ip}:80"),
+        &["web-1"],
+        "while refused",
+    )?;
+
+    // The other program lets go: the next retry applies, the chain goes.
+    netns::exec_in(&node1.netns, "iptables", &with_op("-D"))?;
+    eventually(Duration::from_secs(15), "the retried restore", || async {
+        Ok(service_chain(&node1.netns, "default/doomed")?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+    let nat = netns::exec_in(&node1.netns, "iptables", &["-t", "nat", "-S"])?;
+    assert!(!nat.contains(&chain), "{chain} is still there:\n{nat}");
+    wait_http(
+        &cluster.external_netns(),
+        &health,
+        200,
+        "\"localEndpoints\":1",
+    )?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_heals_flushed_rules_restarts_without_loss_and_cleans_up() -> Result<()> {
     let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
@@ -426,24 +598,64 @@ async fn agent_heals_flushed_rules_restarts_without_loss_and_cleans_up() -> Resu
     }
     wait_for_pods(&client.netns, "tcp", &target, &["web-1"], "Service created")?;
 
-    // Restart: while the agent is down and while the new one starts, every
-    // connection lands at once (the rules stay until replaced atomically).
+    // Restart while a client opens 50 connections per second (one every
+    // 20 ms for 8 s): the agent stops after 1 s, a new one starts after 2 s
+    // and makes its first, full, sync while the client goes on. Every
+    // connection lands (the rules stay until replaced atomically).
+    let paced = {
+        let echo = workspace_bin("causeway-echo").display().to_string();
+        let (ns, target) = (client.netns.clone(), target.clone());
+        std::thread::spawn(move || {
+            netns::exec_in(
+                &ns,
+                &echo,
+                &[
+                    "probe",
+                    "--tcp",
+                    &target,
+                    "--count",
+                    "400",
+                    "--interval-ms",
+                    "20",
+                    "--timeout-ms",
+                    "700",
+                    "--tally-by-name",
+                ],
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
     netns::run("kill", &["-TERM", &first.to_string()])?;
-    let during = tally(&client.netns, "tcp", &target, 20)?;
-    assert_eq!(during.get("web-1"), Some(&20), "while stopped: {during:?}");
+    std::thread::sleep(Duration::from_secs(1));
     let second = cluster.spawn_agent("node-1", "agent-2", &agent, &args)?;
-    let start = Instant::now();
-    let mut answered = 0;
-    while start.elapsed() < Duration::from_secs(4) {
-        let counts = tally(&client.netns, "tcp", &target, 10)?;
-        assert_eq!(
-            counts.get("web-1"),
-            Some(&10),
-            "during the restart: {counts:?}"
-        );
-        answered += 10;
-    }
-    assert!(answered >= 40, "only {answered} connections tried");
+    let last_sync = |metrics: &str| {
+        metrics::value(metrics, "kubeproxy_sync_proxy_rules_last_timestamp_seconds")
+            .filter(|t| *t > 0.0)
+    };
+    let first_sync = eventually(
+        Duration::from_secs(5),
+        "the new agent's first sync",
+        || async {
+            Ok(http_get(&node1.netns, "http://127.0.0.1:10249/metrics")
+                .ok()
+                .and_then(|(_, _, metrics)| last_sync(&metrics)))
+        },
+    )
+    .await?;
+    let tally = paced.join().expect("the client thread")?;
+    let client_done = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    assert_eq!(
+        tally.trim(),
+        "400 ok web-1",
+        "connections during the restart"
+    );
+    assert!(
+        client_done - first_sync > 1.0,
+        "the new agent's first sync ({first_sync}) came {:.2} s before the client's end",
+        client_done - first_sync
+    );
 
     // With nothing changed and nothing damaged, the periodic checks (every
     // 3 s here) write nothing: the new agent's only full sync is its first.
@@ -458,21 +670,16 @@ async fn agent_heals_flushed_rules_restarts_without_loss_and_cleans_up() -> Resu
     let (_, _, quiet) = http_get(&node1.netns, "http://127.0.0.1:10249/metrics")?;
     assert_eq!(full_syncs(&quiet), 1.0, "periodic full syncs:\n{quiet}");
 
-    // Another program flushes our dispatch chain: the next periodic check
-    // (--sync-period 3s) restores it, with no API change to trigger it. (This
-    // comes last: connections attempted while the chain is empty leave
-    // un-DNATed SYN_SENT conntrack entries for 2 minutes, and a later
-    // connection that reuses one of their source ports would stall.)
+    // Another program flushes our dispatch chain (the canary chains stay):
+    // the next periodic check (--sync-period 3s) finds it empty and restores
+    // it, with no API change to trigger it. (This comes last: connections
+    // attempted while the chain is empty leave un-DNATed SYN_SENT conntrack
+    // entries for 2 minutes, and a later connection that reuses one of their
+    // source ports would stall.)
     netns::exec_in(
         &node1.netns,
         "iptables",
         &["-t", "nat", "-F", "KUBE-SERVICES"],
-    )?;
-    // (It also removes the canary chain, which the agent notices and says.)
-    netns::exec_in(
-        &node1.netns,
-        "iptables",
-        &["-t", "mangle", "-X", "KUBE-PROXY-CANARY"],
     )?;
     let flushed = netns::exec_in(
         &node1.netns,
@@ -486,8 +693,8 @@ async fn agent_heals_flushed_rules_restarts_without_loss_and_cleans_up() -> Resu
     wait_for_pods(&client.netns, "tcp", &target, &["web-1"], "after a flush")?;
     let (_, _, metrics) = http_get(&node1.netns, "http://127.0.0.1:10249/metrics")?;
     assert!(
-        metrics.contains("causeway_agent_canary_lost_total 1"),
-        "the lost canary is counted:\n{metrics}"
+        metrics.contains("causeway_agent_rules_damaged_total 1"),
+        "the flush is counted:\n{metrics}"
     );
     // (The sync's durations are recorded just after its rules are live.)
     eventually(

@@ -277,6 +277,7 @@ fn a_partial_sync_ends_where_a_full_sync_would_with_both_backends_and_layouts() 
                     previous: &before,
                     applied_chains: &first.service_chains,
                     applied_nat_rules: first.nat_total_rules,
+                    applied_filter_rules: first.filter_total_rules,
                 }),
                 dispatch,
                 ..RenderOptions::default()
@@ -294,7 +295,14 @@ fn a_partial_sync_ends_where_a_full_sync_would_with_both_backends_and_layouts() 
                 partial.text
             );
         }
-        assert_steps_end_as(&[&first.text, &partial.text], &full(&after).text)?;
+        let whole = full(&after);
+        // What the metrics report: the rules each table holds afterwards.
+        assert_eq!(
+            (partial.nat_total_rules, partial.filter_total_rules),
+            (whole.nat_total_rules, whole.filter_total_rules),
+            "{dispatch:?}: rule totals after the partial sync"
+        );
+        assert_steps_end_as(&[&first.text, &partial.text], &whole.text)?;
     }
     Ok(())
 }

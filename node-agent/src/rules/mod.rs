@@ -340,6 +340,26 @@ pub fn builtin_jumps(config: &RenderConfig) -> Vec<JumpRule> {
     jumps
 }
 
+/// Our chains that a full render always fills, whatever the Services: found
+/// empty, they were flushed by another program (`iptables -F`), and the
+/// periodic check restores them with a full sync. (The canary chains only
+/// show chains deleted; a flush leaves the chains in place.)
+pub fn never_empty_chains(config: &RenderConfig) -> Vec<(Table, &'static str)> {
+    let mut chains = vec![
+        (Table::Nat, KUBE_POSTROUTING),
+        (Table::Nat, KUBE_MARK_MASQ),
+        (Table::Filter, KUBE_FORWARD),
+    ];
+    // The NodePort catch-all, its last rule.
+    if config.nodeport_addresses == NodePortAddresses::All {
+        chains.push((Table::Nat, KUBE_SERVICES));
+    }
+    if config.localhost_nodeports_effective() {
+        chains.push((Table::Filter, KUBE_FIREWALL));
+    }
+    chains
+}
+
 /// What this render adds to the model's own rules.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RenderOptions<'a> {
@@ -856,20 +876,25 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
         writer.line(&jump.restore_line());
     }
 
+    // nat comes first. iptables-restore commits table by table, and nat is
+    // where a restore gets refused (a stale chain that another program still
+    // jumps to, a rule the kernel rejects): refused there, nothing of the
+    // payload is applied. Then filter, then mangle (only the canary).
+    //
     // nat's rules are nearly all of the payload (16 MB at 10 000 × 10): their
-    // buffer becomes the payload, the rest inserted in front, so that the
-    // payload is not held twice at the peak of a full sync. (The insert moves
-    // the text within the buffer; it reallocates only when the spare capacity,
-    // which doubling growth leaves, is shorter than the head.)
-    let mut head =
-        String::with_capacity(filter.chains.len() + filter.rules.len() + nat.chains.len() + 256);
-    let mangle = mangle.finish("mangle", &mut head);
-    let filter = filter.finish("filter", &mut head);
+    // buffer becomes the payload, its head inserted in front and the other
+    // tables appended, so that the payload is not held twice at the peak of
+    // a full sync. (The insert moves the text within the buffer; it
+    // reallocates only when the spare capacity, which doubling growth
+    // leaves, is shorter than the head.)
+    let mut head = String::with_capacity(nat.chains.len() + 8);
     head.push_str("*nat\n");
     head.push_str(&nat.chains);
     let mut text = std::mem::take(&mut nat.rules);
     text.insert_str(0, &head);
     text.push_str("COMMIT\n");
+    let filter = filter.finish("filter", &mut text);
+    let mangle = mangle.finish("mangle", &mut text);
     let nat = nat.stats;
     Payload {
         text,

@@ -262,13 +262,13 @@ fn source_ranges_filter_load_balancer_traffic_but_not_node_ports() {
     assert_eq!(
         lines_with(&payload, "KUBE-FW-CDGGSHYLG3RE2FKL"),
         [
-            "-A KUBE-PROXY-FIREWALL -m comment --comment \"default/web:http traffic not accepted by KUBE-FW-CDGGSHYLG3RE2FKL\" -m tcp -p tcp -d 198.51.100.1 --dport 80 -j DROP",
             ":KUBE-FW-CDGGSHYLG3RE2FKL - [0:0]",
             "-A KUBE-FW-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http loadbalancer IP\" -s 203.0.113.0/25 -j KUBE-EXT-CDGGSHYLG3RE2FKL",
             "-A KUBE-FW-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http loadbalancer IP\" -s 192.168.0.0/24 -j KUBE-EXT-CDGGSHYLG3RE2FKL",
             "-A KUBE-FW-CDGGSHYLG3RE2FKL -m comment --comment \"default/web:http loadbalancer IP\" -s 198.51.100.1 -j KUBE-EXT-CDGGSHYLG3RE2FKL",
             "-A KUBE-FW-CDGGSHYLG3RE2FKL -m comment --comment \"other traffic to default/web:http will be dropped by KUBE-PROXY-FIREWALL\"",
             "-A KUBE-SERVICES -m comment --comment \"default/web:http loadbalancer IP\" -m tcp -p tcp -d 198.51.100.1 --dport 80 -j KUBE-FW-CDGGSHYLG3RE2FKL",
+            "-A KUBE-PROXY-FIREWALL -m comment --comment \"default/web:http traffic not accepted by KUBE-FW-CDGGSHYLG3RE2FKL\" -m tcp -p tcp -d 198.51.100.1 --dport 80 -j DROP",
         ]
     );
     // The NodePort goes straight to the EXT chain.
@@ -424,8 +424,8 @@ fn node_ports_on_all_local_addresses_with_localhost_guard() {
     assert_eq!(
         lines_with(&payload, "-j KUBE-NODEPORTS"),
         [
-            "-I INPUT 1 -m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS",
             "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS",
+            "-I INPUT 1 -m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS",
         ]
     );
     assert_eq!(
@@ -1084,4 +1084,38 @@ fn a_partial_render_edits_the_bucket_of_a_changed_address() {
     assert!(!payload.text.contains(":KUBE-SERVICES"), "{}", payload.text);
     let full = render(&after, &config(), &options(Dispatch::Buckets));
     assert_eq!(payload.nat_total_rules, full.nat.rules);
+}
+
+#[test]
+fn a_full_render_of_no_services_fills_every_never_empty_chain() {
+    // The periodic check reads an empty one as "flushed by another program"
+    // and starts a full sync: a chain listed here that a render may leave
+    // empty would mean a full sync every --sync-period.
+    for family in [IpFamily::V4, IpFamily::V6] {
+        let config = match family {
+            IpFamily::V4 => config(),
+            IpFamily::V6 => RenderConfig::new(IpFamily::V6),
+        };
+        let chains = never_empty_chains(&config);
+        assert!(
+            chains.contains(&(Table::Nat, KUBE_SERVICES)),
+            "the NodePort catch-all counts: {chains:?}"
+        );
+        let payload = render_with(&[], &[], &config);
+        for (table, chain) in chains {
+            let section = payload
+                .text
+                .split("COMMIT\n")
+                .find(|s| s.starts_with(&format!("*{}\n", table.as_str())))
+                .unwrap_or_else(|| panic!("no {} section", table.as_str()));
+            assert!(
+                section
+                    .lines()
+                    .any(|l| l.starts_with(&format!("-A {chain} "))),
+                "{family:?} {} {chain} is empty:\n{}",
+                table.as_str(),
+                payload.text
+            );
+        }
+    }
 }

@@ -26,7 +26,7 @@ use std::time::Duration;
 fn usage() -> ExitCode {
     eprintln!(
         "usage: causeway-echo serve --name NAME --port PORT [--port PORT…]\n       \
-         causeway-echo probe (--tcp|--udp) ADDR:PORT [--count N] [--bind IP] [--source-port N] [--timeout-ms MS] [--tally-by-name]\n       \
+         causeway-echo probe (--tcp|--udp) ADDR:PORT [--count N] [--bind IP] [--source-port N] [--timeout-ms MS] [--tally-by-name] [--interval-ms MS]\n       \
          causeway-echo connect-time ADDR:PORT [--count N] [--raw]"
     );
     ExitCode::from(2)
@@ -182,6 +182,7 @@ fn probe(args: &[String]) -> ExitCode {
     let mut source_port = 0;
     let mut timeout = Duration::from_millis(1500);
     let mut tally_by_name = false;
+    let mut interval = None;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let parsed = match flag.as_str() {
@@ -211,6 +212,10 @@ fn probe(args: &[String]) -> ExitCode {
                 .next()
                 .and_then(|v| v.parse().ok())
                 .map(|ms| timeout = Duration::from_millis(ms)),
+            "--interval-ms" => it
+                .next()
+                .and_then(|v| v.parse().ok())
+                .map(|ms| interval = Some(Duration::from_millis(ms))),
             _ => None,
         };
         if parsed.is_none() {
@@ -233,7 +238,13 @@ fn probe(args: &[String]) -> ExitCode {
         }
         Some(n) => {
             let mut tally: BTreeMap<String, usize> = BTreeMap::new();
-            for _ in 0..n {
+            let started = std::time::Instant::now();
+            for i in 0..n {
+                // Paced: attempt i starts i intervals after the first.
+                if let Some(interval) = interval {
+                    let due = started + interval * u32::try_from(i).unwrap_or(u32::MAX);
+                    std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+                }
                 let mut line = p.once();
                 if tally_by_name && line.starts_with("ok ") {
                     // Keep only the pod name: the source port differs each time.
