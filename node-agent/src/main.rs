@@ -344,16 +344,24 @@ fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
     for family in [IpFamily::V4, IpFamily::V6] {
         let netfilter = causeway_agent::netfilter::Netfilter::new(family, args.iptables_backend);
         match netfilter.cleanup() {
-            Ok(report) => println!(
-                "{family:?}: removed {} jump rule(s) and {} chain(s){}",
-                report.jump_rules,
-                report.chains.len(),
-                if report.chains.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", report.chains.join(" "))
+            Ok(report) => {
+                println!(
+                    "{family:?}: removed {} jump rule(s) and {} chain(s){}",
+                    report.jump_rules,
+                    report.chains.len(),
+                    if report.chains.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", report.chains.join(" "))
+                    }
+                );
+                for chain in &report.kept {
+                    println!(
+                        "{family:?}: kept {chain}: kubelet's chain too; its rule keeps other hosts \
+                         off 127.0.0.0/8 while net.ipv4.conf.all.route_localnet is on"
+                    );
                 }
-            ),
+            }
             Err(e) => {
                 eprintln!("{family:?}: {e:#}");
                 failed = true;

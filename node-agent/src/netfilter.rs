@@ -304,7 +304,7 @@ pub fn refuse_other_backend(chosen: Backend, family: IpFamily) -> anyhow::Result
     let Ok(saved) = netfilter.save(&[]) else {
         return Ok(());
     };
-    let found: Vec<String> = owned_chains(&saved, false)
+    let found: Vec<String> = owned_chains(&saved)
         .into_iter()
         .flat_map(|(table, chains)| chains.into_iter().map(move |c| format!("{table}/{c}")))
         .collect();
@@ -336,56 +336,35 @@ pub struct CleanupReport {
     pub jump_rules: usize,
     /// `table/CHAIN` of every chain deleted.
     pub chains: Vec<String>,
+    /// `table/CHAIN` of chains the agent writes but leaves (see `cleanup`).
+    pub kept: Vec<String>,
 }
-
-/// The martian guard the agent writes into KUBE-FIREWALL (kubelet writes the
-/// same rule; only ours is removed, and the chain only when it is then empty).
-const MARTIAN_GUARD: &[&str] = &[
-    "-d",
-    "127.0.0.0/8",
-    "!",
-    "-s",
-    "127.0.0.0/8",
-    "-m",
-    "comment",
-    "--comment",
-    "block incoming localnet connections",
-    "-m",
-    "conntrack",
-    "!",
-    "--ctstate",
-    "RELATED,ESTABLISHED,DNAT",
-    "-j",
-    "DROP",
-];
 
 impl Netfilter {
     /// Removes everything the agent creates in this family, and nothing else:
     /// every rule elsewhere that jumps to one of its chains (kube-proxy's
     /// jump rules, whatever their comments), then its chains.
+    ///
+    /// Except filter `KUBE-FIREWALL`, which stays as it is, as kube-proxy's
+    /// cleanup leaves it. It is kubelet's chain too, with the same rule in it,
+    /// and its guard is what keeps other hosts off the node's 127.0.0.0/8
+    /// services while `route_localnet` is on (the agent turns it on, and
+    /// nothing turns it off).
     pub fn cleanup(&self) -> anyhow::Result<CleanupReport> {
-        // Our martian guard first: KUBE-FIREWALL is kubelet's chain too, and
-        // goes only if nothing else is left in it.
-        let guard: Vec<String> = MARTIAN_GUARD.iter().map(|s| s.to_string()).collect();
-        while self.delete_rule("filter", KUBE_FIREWALL, &guard) {}
         let saved = self.save(&[])?;
-        let firewall_empty = chain_is_empty(&saved, "filter", KUBE_FIREWALL);
-        let owned = owned_chains(&saved, firewall_empty);
-        let (payload, report) = cleanup_payload(&saved, &owned);
+        let owned = owned_chains(&saved);
+        let (payload, mut report) = cleanup_payload(&saved, &owned);
         if !payload.is_empty() {
             self.restore(&payload)?;
         }
+        if self.family == IpFamily::V4
+            && declared_chains(&saved)
+                .into_iter()
+                .any(|(table, name)| table == "filter" && name == KUBE_FIREWALL)
+        {
+            report.kept.push(format!("filter/{KUBE_FIREWALL}"));
+        }
         Ok(report)
-    }
-
-    fn delete_rule(&self, table: &str, chain: &str, args: &[String]) -> bool {
-        Command::new(&self.iptables)
-            .args(["-w", "-t", table, "-D", chain])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
     }
 
     /// `iptables-save` with `args` (e.g. `-t nat`; none for every table).
@@ -453,7 +432,7 @@ pub fn cleanup_payload(
 }
 
 /// The chains in `iptables-save` output that the agent created, per table.
-pub fn owned_chains(save: &str, include_firewall: bool) -> BTreeMap<String, Vec<String>> {
+pub fn owned_chains(save: &str) -> BTreeMap<String, Vec<String>> {
     const FIXED: [&str; 8] = [
         KUBE_SERVICES,
         KUBE_EXTERNAL_SERVICES,
@@ -466,9 +445,7 @@ pub fn owned_chains(save: &str, include_firewall: bool) -> BTreeMap<String, Vec<
     ];
     let mut owned: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (table, name) in declared_chains(save) {
-        let ours = FIXED.contains(&name)
-            || (table == "nat" && is_service_chain(name))
-            || (include_firewall && table == "filter" && name == KUBE_FIREWALL);
+        let ours = FIXED.contains(&name) || (table == "nat" && is_service_chain(name));
         if ours {
             owned
                 .entry(table.to_string())
@@ -477,29 +454,6 @@ pub fn owned_chains(save: &str, include_firewall: bool) -> BTreeMap<String, Vec<
         }
     }
     owned
-}
-
-/// Whether `chain` in `table` exists and holds no rule.
-fn chain_is_empty(save: &str, table: &str, chain: &str) -> bool {
-    let mut current = "";
-    let mut declared = false;
-    let rule_prefix = format!("-A {chain} ");
-    for line in save.lines() {
-        if let Some(name) = line.strip_prefix('*') {
-            current = name.trim();
-        } else if current == table {
-            if line
-                .strip_prefix(':')
-                .and_then(|d| d.split_whitespace().next())
-                == Some(chain)
-            {
-                declared = true;
-            } else if line.starts_with(&rule_prefix) {
-                return false;
-            }
-        }
-    }
-    declared
 }
 
 /// The line number in iptables-restore's "line N failed" message.
@@ -628,18 +582,11 @@ COMMIT
 COMMIT
 *filter
 ";
-        let owned = owned_chains(save, false);
+        let owned = owned_chains(save);
         assert_eq!(owned["filter"], ["KUBE-SERVICES"]);
         assert_eq!(
             owned["nat"],
             ["KUBE-SVC-ABCDEFGHIJKLMNOP", "KUBE-MARK-MASQ"]
-        );
-        assert!(!chain_is_empty(save, "filter", "KUBE-FIREWALL"));
-        assert!(chain_is_empty(save, "filter", "MY-CHAIN"));
-        assert!(!chain_is_empty(save, "filter", "NOT-THERE"));
-        assert_eq!(
-            owned_chains(save, true)["filter"],
-            ["KUBE-FIREWALL", "KUBE-SERVICES"]
         );
     }
 
@@ -656,7 +603,7 @@ COMMIT
 -A KUBE-SERVICES -j RETURN
 COMMIT
 ";
-        let owned = owned_chains(save, false);
+        let owned = owned_chains(save);
         let (payload, report) = cleanup_payload(save, &owned);
         assert_eq!(
             payload,

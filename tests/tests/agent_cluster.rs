@@ -552,7 +552,35 @@ async fn agent_heals_flushed_rules_restarts_without_loss_and_cleans_up() -> Resu
     let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
     let node1 = cluster.node("node-1").clone();
     let agent = workspace_bin("causeway-agent");
-    // A rule and a chain of another program, which the agent must not touch.
+    // A rule and a chain of another program, and kubelet's KUBE-FIREWALL
+    // with its localnet guard: the agent must not take any of them away.
+    for kubelet in [
+        &["-N", "KUBE-FIREWALL"][..],
+        &[
+            "-A",
+            "KUBE-FIREWALL",
+            "!",
+            "-s",
+            "127.0.0.0/8",
+            "-d",
+            "127.0.0.0/8",
+            "-m",
+            "comment",
+            "--comment",
+            "block incoming localnet connections",
+            "-m",
+            "conntrack",
+            "!",
+            "--ctstate",
+            "RELATED,ESTABLISHED,DNAT",
+            "-j",
+            "DROP",
+        ],
+        &["-I", "INPUT", "-j", "KUBE-FIREWALL"],
+        &["-I", "OUTPUT", "-j", "KUBE-FIREWALL"],
+    ] {
+        netns::exec_in(&node1.netns, "iptables", kubelet)?;
+    }
     let before = {
         netns::exec_in(
             &node1.netns,
@@ -718,11 +746,14 @@ async fn agent_heals_flushed_rules_restarts_without_loss_and_cleans_up() -> Resu
     netns::run("kill", &["-TERM", &second.to_string()])?;
     std::thread::sleep(Duration::from_millis(500));
     let report = netns::exec_in(&node1.netns, &agent.display().to_string(), &["cleanup"])?;
-    assert!(report.contains("chain(s)"), "{report}");
+    assert!(
+        report.contains("chain(s)") && report.contains("kept filter/KUBE-FIREWALL"),
+        "{report}"
+    );
     let after = rule_lines(&iptables_save(&node1.netns)?);
     assert_eq!(
         after, before,
-        "cleanup left exactly the other program's rules"
+        "cleanup left exactly the other programs' rules, kubelet's guard included"
     );
     Ok(())
 }
