@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{ArgAction, Args, Parser, Subcommand};
+use clap::{ArgAction, Args, CommandFactory as _, Parser, Subcommand};
 
 use causeway_agent::addr::IpFamily;
 use causeway_agent::agent::{self, RunConfig};
@@ -389,6 +389,20 @@ fn trace(args: TraceArgs) -> anyhow::Result<()> {
         debug_address,
         proxy,
     } = args;
+    if src.is_ipv4() != dst.is_ipv4() {
+        // A usage error, as clap gives for an address that is not one.
+        let mut cli = Cli::command();
+        cli.build();
+        cli.find_subcommand_mut("trace")
+            .expect("the trace subcommand")
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!(
+                    "--src {src} and --dst {dst} are of different IP families; a packet has one"
+                ),
+            )
+            .exit();
+    }
     let proto = trace::Proto::parse(&proto)
         .with_context(|| format!("--proto {proto:?}: use tcp, udp or sctp"))?;
     let (text, mut local_addresses) = if let Some(path) = payload {

@@ -49,6 +49,22 @@ fn trace_with_an_address_that_is_not_an_ip_is_a_usage_error() -> Result<()> {
         text.contains("--proto \"icmp\": use tcp, udp or sctp"),
         "{text}"
     );
+    // Two valid addresses that no one packet can carry.
+    let (code, text) = agent(&[
+        "trace",
+        "--src",
+        "fd00::1",
+        "--dst",
+        "10.96.0.10",
+        "--dport",
+        "53",
+    ])?;
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("--src fd00::1 and --dst 10.96.0.10 are of different IP families")
+            && text.contains("Usage: causeway-agent trace"),
+        "{text}"
+    );
     Ok(())
 }
 
