@@ -72,8 +72,9 @@ struct ProxyFlags {
     #[arg(long, env = "CAUSEWAY_MASQUERADE_ALL", action = ArgAction::Set, num_args = 0..=1,
           default_value_t = false, default_missing_value = "true")]
     masquerade_all: bool,
-    /// The fwmark bit that marks packets to masquerade (mark 1<<bit).
-    #[arg(long, env = "CAUSEWAY_MASQUERADE_BIT", default_value_t = 14,
+    /// The fwmark bit that marks packets to masquerade (mark 1<<bit);
+    /// kube-proxy's --iptables-masquerade-bit is accepted too.
+    #[arg(long, alias = "iptables-masquerade-bit", env = "CAUSEWAY_MASQUERADE_BIT", default_value_t = 14,
           value_parser = clap::value_parser!(u8).range(0..=31))]
     masquerade_bit: u8,
     /// Addresses NodePorts answer on: CIDRs, or `primary` for the node's
@@ -160,13 +161,14 @@ struct RunArgs {
     /// Extra addresses of this node (default: the Node's InternalIPs).
     #[arg(long, value_delimiter = ',')]
     node_ip: Vec<IpAddr>,
-    /// How often the canary chains are checked (a missing one means another
-    /// program deleted our chains: a full sync restores them), and the
-    /// longest the agent waits between syncs.
-    #[arg(long, env = "CAUSEWAY_SYNC_PERIOD", default_value = "30s", value_parser = parse_duration)]
+    /// How often our rules are checked for damage by other programs (a full
+    /// sync repairs it), and the longest the agent waits between syncs.
+    /// kube-proxy's --iptables-sync-period is accepted too.
+    #[arg(long, alias = "iptables-sync-period", env = "CAUSEWAY_SYNC_PERIOD", default_value = "30s", value_parser = parse_duration)]
     sync_period: Duration,
-    /// Minimum time between syncs; bursts of changes are batched.
-    #[arg(long, env = "CAUSEWAY_MIN_SYNC_PERIOD", default_value = "1s", value_parser = parse_duration)]
+    /// Minimum time between syncs; bursts of changes are batched
+    /// (kube-proxy's --iptables-min-sync-period is accepted too).
+    #[arg(long, alias = "iptables-min-sync-period", env = "CAUSEWAY_MIN_SYNC_PERIOD", default_value = "1s", value_parser = parse_duration)]
     min_sync_period: Duration,
     /// Log as JSON lines.
     #[arg(long, env = "CAUSEWAY_LOG_JSON")]
@@ -523,6 +525,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         causeway_agent::netfilter::refuse_other_backend(resolved, family)?;
         backend = resolved;
     }
+    let random_fully = causeway_agent::netfilter::supports_random_fully(backend);
+    if !random_fully {
+        tracing::warn!("iptables is older than 1.6.2: masquerading without --random-fully");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -531,7 +537,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         let client = kube_client(kubeconfig.as_deref()).await?;
         let config = RunConfig {
             node_name,
-            options: proxy.options(&node_ip, true, false),
+            options: proxy.options(&node_ip, random_fully, false),
             sync_period,
             min_sync_period,
             backend,
@@ -631,5 +637,24 @@ mod tests {
             ])
             .is_err()
         );
+        // kube-proxy's iptables-mode names for the sync periods and the mark.
+        let cli = Cli::try_parse_from([
+            "causeway-agent",
+            "run",
+            "--node-name",
+            "n1",
+            "--iptables-sync-period",
+            "45s",
+            "--iptables-min-sync-period=2s",
+            "--iptables-masquerade-bit",
+            "13",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("run")
+        };
+        assert_eq!(args.sync_period, Duration::from_secs(45));
+        assert_eq!(args.min_sync_period, Duration::from_secs(2));
+        assert_eq!(args.proxy.masquerade_bit, 13);
     }
 }

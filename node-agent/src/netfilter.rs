@@ -280,6 +280,32 @@ pub fn resolve_backend(backend: Backend, family: IpFamily) -> anyhow::Result<Bac
         .ok_or_else(|| anyhow::anyhow!("cannot tell the backend of {program} from {version:?}"))
 }
 
+/// Whether this backend's iptables takes MASQUERADE `--random-fully`, which
+/// came with iptables 1.6.2 (kube-proxy checks the same version). Unknown
+/// counts as no: a rule it rejects would refuse every restore.
+pub fn supports_random_fully(backend: Backend) -> bool {
+    let netfilter = Netfilter::new(IpFamily::V4, backend);
+    Command::new(&netfilter.iptables)
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| random_fully_in_version(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Whether `iptables --version` output names 1.6.2 or later.
+pub fn random_fully_in_version(version: &str) -> bool {
+    let Some(number) = version
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix('v'))
+    else {
+        return false;
+    };
+    let parts: Vec<u32> = number
+        .split('.')
+        .map_while(|part| part.parse().ok())
+        .collect();
+    parts.len() >= 2 && parts >= vec![1, 6, 2]
+}
+
 /// `nf_tables` or `legacy` from `iptables --version` ("iptables v1.8.9 (nf_tables)").
 pub fn backend_in_version(version: &str) -> Option<Backend> {
     if version.contains("(nf_tables)") {
@@ -614,6 +640,22 @@ COMMIT
         assert_eq!(report.jump_rules, 2);
         assert_eq!(report.chains, ["nat/KUBE-SERVICES"]);
         assert_eq!(cleanup_payload("*nat\nCOMMIT\n", &BTreeMap::new()).0, "");
+    }
+
+    #[test]
+    fn random_fully_needs_iptables_1_6_2() {
+        for (version, supported) in [
+            ("iptables v1.8.9 (nf_tables)\n", true),
+            ("iptables v1.6.2\n", true),
+            ("iptables v1.10.0 (legacy)\n", true),
+            ("iptables v1.6.1\n", false),
+            ("iptables v1.4.21\n", false),
+            ("iptables v1.6\n", false),
+            ("no version here\n", false),
+            ("", false),
+        ] {
+            assert_eq!(random_fully_in_version(version), supported, "{version:?}");
+        }
     }
 
     #[test]
