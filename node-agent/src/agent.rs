@@ -271,7 +271,7 @@ pub async fn run(client: Client, config: RunConfig) -> anyhow::Result<()> {
         let started = Instant::now();
         let outcome = tokio::task::block_in_place(|| syncer.sync(&caches));
         for issue in &outcome.new_issues {
-            publish_issue(&recorder, issue).await;
+            publish_issue(&recorder, &caches, issue).await;
         }
         if let Some(service_checks) = outcome.service_checks {
             let failures = health_checks.sync(service_checks).await;
@@ -283,7 +283,7 @@ pub async fn run(client: Client, config: RunConfig) -> anyhow::Result<()> {
                     failure.service.name.clone(),
                 );
                 if !reported_bind_failures.contains(&key) {
-                    publish_bind_failure(&recorder, &failure).await;
+                    publish_bind_failure(&recorder, &caches, &failure).await;
                 }
                 still_failing.insert(key);
             }
@@ -415,7 +415,28 @@ async fn shutdown_signal() {
 }
 
 /// A Warning event on the object the agent had to skip (or partly skip).
-async fn publish_issue(recorder: &Recorder, issue: &Issue) {
+/// The uid of a cached object. An Event's reference needs it: `kubectl
+/// describe` selects the Events of an object by uid as well as by name.
+fn uid_of(caches: &Caches, kind: &str, namespace: Option<&str>, name: &str) -> Option<String> {
+    fn find<K>(store: &Store<K>, namespace: Option<&str>, name: &str) -> Option<String>
+    where
+        K: kube::Resource<DynamicType = ()> + Clone + 'static,
+    {
+        let mut key = reflector::ObjectRef::<K>::new(name);
+        if let Some(namespace) = namespace {
+            key = key.within(namespace);
+        }
+        store.get(&key).and_then(|o| o.meta().uid.clone())
+    }
+    match kind {
+        "Service" => find(&caches.services, namespace, name),
+        "EndpointSlice" => find(&caches.slices, namespace, name),
+        "Node" => find(&caches.nodes, None, name),
+        _ => None,
+    }
+}
+
+async fn publish_issue(recorder: &Recorder, caches: &Caches, issue: &Issue) {
     let api_version = match issue.object.kind {
         "EndpointSlice" => "discovery.k8s.io/v1",
         _ => "v1",
@@ -425,6 +446,12 @@ async fn publish_issue(recorder: &Recorder, issue: &Issue) {
         kind: Some(issue.object.kind.into()),
         namespace: issue.object.namespace.clone(),
         name: Some(issue.object.name.clone()),
+        uid: uid_of(
+            caches,
+            issue.object.kind,
+            issue.object.namespace.as_deref(),
+            &issue.object.name,
+        ),
         ..ObjectReference::default()
     };
     let event = Event {
@@ -443,13 +470,19 @@ async fn publish_issue(recorder: &Recorder, issue: &Issue) {
 }
 
 /// A Warning event on a Service whose health-check port could not be opened.
-async fn publish_bind_failure(recorder: &Recorder, failure: &BindFailure) {
+async fn publish_bind_failure(recorder: &Recorder, caches: &Caches, failure: &BindFailure) {
     warn!(port = failure.port, error = %failure.message, "cannot serve a Service health check");
     let reference = ObjectReference {
         api_version: Some("v1".into()),
         kind: Some("Service".into()),
         namespace: Some(failure.service.namespace.clone()),
         name: Some(failure.service.name.clone()),
+        uid: uid_of(
+            caches,
+            "Service",
+            Some(&failure.service.namespace),
+            &failure.service.name,
+        ),
         ..ObjectReference::default()
     };
     let event = Event {

@@ -548,6 +548,74 @@ async fn a_refused_restore_applies_nothing_keeps_health_servers_and_is_retried()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_health_port_is_a_warning_event_and_health_servers_follow_services() -> Result<()> {
+    let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
+    let node1 = cluster.node("node-1").clone();
+    let agent = workspace_bin("causeway-agent");
+    cluster.spawn_agent("node-1", "agent-1", &agent, &["--sync-period", "2s"])?;
+    let (client, services, ip) = client_and_web(&cluster).await?;
+    let web = format!("{ip}:80");
+    wait_for_pods(&client.netns, "tcp", &web, &["web-1"], "web")?;
+
+    // A health-check port another process holds: a Warning on the Service;
+    // once the port is free, the server starts (the agent tries each sync).
+    let echo = workspace_bin("causeway-echo");
+    let busy = 31555;
+    let holder = cluster.spawn_in(
+        &node1.netns,
+        "port-holder",
+        &echo,
+        &["serve", "--name", "holder", "--port", &busy.to_string()],
+    )?;
+    let local: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "local"},
+        "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                 "healthCheckNodePort": busy, "selector": {"app": "web"},
+                 "ports": [{"port": 83, "targetPort": 80}]}
+    }))?;
+    let local = services.create(&PostParams::default(), &local).await?;
+    let note = causeway_tests::controller::wait_for_event(
+        &cluster.client(),
+        &local.metadata.uid.clone().unwrap_or_default(),
+        "Warning",
+        "HealthCheckBindFailed",
+        Duration::from_secs(20),
+    )
+    .await?;
+    assert!(note.contains(&busy.to_string()), "{note}");
+    netns::run("kill", &["-TERM", &holder.to_string()])?;
+    let health = format!("http://{}:{busy}/", node1.ip);
+    let (head, body) = wait_http(
+        &cluster.external_netns(),
+        &health,
+        200,
+        "\"localEndpoints\":1",
+    )?;
+    assert!(
+        body.contains("\"name\":\"local\"")
+            && head
+                .to_ascii_lowercase()
+                .contains("x-content-type-options: nosniff"),
+        "{head}\n{body}"
+    );
+
+    // The Service goes: so does its health server.
+    services.delete("local", &DeleteParams::default()).await?;
+    eventually(
+        Duration::from_secs(20),
+        "the health server to stop",
+        || async {
+            Ok(http_get(&cluster.external_netns(), &health)
+                .is_err()
+                .then_some(()))
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_heals_flushed_rules_restarts_without_loss_and_cleans_up() -> Result<()> {
     let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
     let node1 = cluster.node("node-1").clone();
