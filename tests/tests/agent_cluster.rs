@@ -263,6 +263,34 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
     let after = restores(&http_get(&node1.netns, "http://127.0.0.1:10249/metrics")?.2);
     assert_eq!(after, before, "a no-op change ran iptables-restore");
 
+    // A burst is batched (--min-sync-period 1s): ten Services created back
+    // to back cost a few restores, not ten.
+    for i in 0..10 {
+        let burst: Service = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": format!("burst-{i}")},
+            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 80}]}
+        }))?;
+        services.create(&PostParams::default(), &burst).await?;
+    }
+    eventually(
+        Duration::from_secs(20),
+        "the ten Services' rules",
+        || async {
+            // (No endpoint is ready by now: their entries are filter REJECTs.)
+            let rules = iptables_save(&node1.netns)?;
+            Ok((0..10)
+                .all(|i| rules.contains(&format!("\"default/burst-{i} has no endpoints\"")))
+                .then_some(()))
+        },
+    )
+    .await?;
+    let burst = restores(&http_get(&node1.netns, "http://127.0.0.1:10249/metrics")?.2) - after;
+    assert!(
+        (1..=4).contains(&burst),
+        "{burst} restores for a burst of ten Services"
+    );
+
     // Garbage on the health ports takes nothing down: a half-sent request
     // held open, random bytes and a 1 MiB header, while probes go on.
     let healthz = format!("http://{}:10256/healthz", node1.ip);
@@ -444,7 +472,8 @@ async fn a_refused_restore_applies_nothing_keeps_health_servers_and_is_retried()
     let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
     let node1 = cluster.node("node-1").clone();
     let agent = workspace_bin("causeway-agent");
-    cluster.spawn_agent("node-1", "agent-1", &agent, &[])?;
+    // Changes that wait more than 2 × --sync-period make the agent unhealthy.
+    cluster.spawn_agent("node-1", "agent-1", &agent, &["--sync-period", "2s"])?;
     let (client, services, ip) = client_and_web(&cluster).await?;
     let patch = json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local"}});
     services
@@ -513,19 +542,24 @@ async fn a_refused_restore_applies_nothing_keeps_health_servers_and_is_retried()
         status == 200 && refused.contains(&format!("-X {chain}")),
         "the refused payload is kept: {status} {refused}"
     );
-    // The Service health server still answers, from the rules that stand,
-    // and so does the Service.
-    let (status, _, body) = http_get(&cluster.external_netns(), &health)?;
-    assert!(
-        status == 200 && body.contains("\"localEndpoints\":1"),
-        "health check while restores are refused: {status} {body}"
-    );
+    // The Service keeps working on the rules that stand. Once the change has
+    // waited 2 × --sync-period, /healthz says 503, and the Service health
+    // server, still up, says 503 with the agent unhealthy and its local
+    // endpoint still counted (kube-proxy's answers).
     wait_for_pods(
         &client.netns,
         "tcp",
         &format!("{ip}:80"),
         &["web-1"],
         "while refused",
+    )?;
+    let healthz = format!("http://{}:10256/healthz", node1.ip);
+    wait_http(&cluster.external_netns(), &healthz, 503, "lastUpdated")?;
+    wait_http(
+        &cluster.external_netns(),
+        &health,
+        503,
+        "{\"localEndpoints\":1,\"service\":{\"name\":\"web\",\"namespace\":\"default\"},\"serviceProxyHealthy\":false}",
     )?;
 
     // The other program lets go: the next retry applies, the chain goes.
@@ -538,11 +572,12 @@ async fn a_refused_restore_applies_nothing_keeps_health_servers_and_is_retried()
     .await?;
     let nat = netns::exec_in(&node1.netns, "iptables", &["-t", "nat", "-S"])?;
     assert!(!nat.contains(&chain), "{chain} is still there:\n{nat}");
+    wait_http(&cluster.external_netns(), &healthz, 200, "lastUpdated")?;
     wait_http(
         &cluster.external_netns(),
         &health,
         200,
-        "\"localEndpoints\":1",
+        "\"serviceProxyHealthy\":true",
     )?;
     Ok(())
 }
@@ -612,6 +647,32 @@ async fn a_busy_health_port_is_a_warning_event_and_health_servers_follow_service
         },
     )
     .await?;
+
+    // The Node is being deleted (a finalizer holds it): /healthz says 503 so
+    // load balancers drain the node; /livez stays 200.
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(cluster.client());
+    let hold = json!({"metadata": {"finalizers": ["causeway.dev/test-hold"]}});
+    nodes
+        .patch("node-1", &PatchParams::default(), &Patch::Merge(&hold))
+        .await?;
+    nodes.delete("node-1", &DeleteParams::default()).await?;
+    let proxy = format!("http://{}:10256", node1.ip);
+    wait_http(
+        &cluster.external_netns(),
+        &format!("{proxy}/healthz"),
+        503,
+        "\"nodeEligible\":false",
+    )?;
+    wait_http(
+        &cluster.external_netns(),
+        &format!("{proxy}/livez"),
+        200,
+        "lastUpdated",
+    )?;
+    let release = json!({"metadata": {"finalizers": null}});
+    nodes
+        .patch("node-1", &PatchParams::default(), &Patch::Merge(&release))
+        .await?;
     Ok(())
 }
 
