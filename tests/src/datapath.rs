@@ -43,6 +43,9 @@ use crate::netns::{
 pub const NODE_NAME: &str = "node-a";
 /// The other node, hosting "remote" endpoints; it has no rules.
 pub const REMOTE_NODE_NAME: &str = "node-b";
+/// The zones of node-a and node-b (`topology.kubernetes.io/zone`).
+pub const NODE_ZONE: &str = "zone-a";
+pub const REMOTE_NODE_ZONE: &str = "zone-b";
 /// node-a's InternalIP on the node network.
 pub const NODE_IP: &str = "100.64.0.10";
 /// A second address of node-a on the node network (not its InternalIP): NodePorts
@@ -484,9 +487,23 @@ pub struct Endpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
+    /// Topology hints: `hints.forZones` and `hints.forNodes`.
+    pub for_zones: Vec<String>,
+    pub for_nodes: Vec<String>,
 }
 
 impl Endpoint {
+    /// A `hints.forZones` entry, as the EndpointSlice controller writes for
+    /// `trafficDistribution: PreferSameZone`.
+    pub fn for_zone(mut self, zone: &str) -> Self {
+        self.for_zones.push(zone.to_string());
+        self
+    }
+    /// A `hints.forNodes` entry (`trafficDistribution: PreferSameNode`).
+    pub fn for_node(mut self, node: &str) -> Self {
+        self.for_nodes.push(node.to_string());
+        self
+    }
     pub fn not_ready(mut self) -> Self {
         self.ready = false;
         self.serving = false;
@@ -507,6 +524,15 @@ impl Endpoint {
         });
         if let Some(node) = &self.node_name {
             v["nodeName"] = json!(node);
+        }
+        let names = |names: &[String]| -> Vec<Value> {
+            names.iter().map(|n| json!({ "name": n })).collect()
+        };
+        if !self.for_zones.is_empty() {
+            v["hints"]["forZones"] = json!(names(&self.for_zones));
+        }
+        if !self.for_nodes.is_empty() {
+            v["hints"]["forNodes"] = json!(names(&self.for_nodes));
         }
         v
     }
@@ -623,11 +649,12 @@ impl Manifests {
 /// The Node objects of both nodes, with pod CIDRs and InternalIPs, as kubelet
 /// and the node-ipam controller would have set them.
 fn node_objects() -> String {
-    let node = |name: &str, ip4: &str, ip6: &str, cidr4: &str, cidr6: &str| {
+    let node = |name: &str, zone: &str, ip4: &str, ip6: &str, cidr4: &str, cidr6: &str| {
         json!({
             "apiVersion": "v1",
             "kind": "Node",
-            "metadata": { "name": name, "labels": { "kubernetes.io/hostname": name } },
+            "metadata": { "name": name, "labels": {
+                "kubernetes.io/hostname": name, "topology.kubernetes.io/zone": zone } },
             "spec": { "podCIDR": cidr4, "podCIDRs": [cidr4, cidr6] },
             "status": { "addresses": [
                 { "type": "InternalIP", "address": ip4 },
@@ -641,6 +668,7 @@ fn node_objects() -> String {
         "---\n{}\n---\n{}\n",
         node(
             NODE_NAME,
+            NODE_ZONE,
             NODE_IP,
             v6::NODE_IP,
             NODE_POD_CIDR,
@@ -648,6 +676,7 @@ fn node_objects() -> String {
         ),
         node(
             REMOTE_NODE_NAME,
+            REMOTE_NODE_ZONE,
             REMOTE_NODE_IP,
             v6::REMOTE_NODE_IP,
             REMOTE_POD_CIDR,
@@ -832,6 +861,8 @@ impl EchoPod {
             ready: true,
             serving: true,
             terminating: false,
+            for_zones: Vec::new(),
+            for_nodes: Vec::new(),
         }
     }
     /// Probes sent from inside this pod.

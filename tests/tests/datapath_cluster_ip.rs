@@ -1,14 +1,15 @@
 //! ClusterIP behaviour of causeway-agent's rules, proven with real packets
 //! (SPEC 2.1): DNAT to ready endpoints, TCP/UDP/SCTP kept apart, REJECT without
 //! endpoints, terminating fallback, named targetPorts, uniform spreading,
-//! ClientIP affinity, hairpin, --masquerade-all, ignored Services, and the
-//! legacy backend.
+//! ClientIP affinity, topology hints, hairpin, --masquerade-all, ignored
+//! Services, and the legacy backend.
 
 use std::net::IpAddr;
 
 use causeway_tests::datapath::{
-    AgentFlags, Backend, DataPath, EndpointSlice, Family, Manifests, NODE_IP, Origin, POD_GATEWAY,
-    Placement, PodNetwork, Proto, Seen, Service, ServicePort,
+    AgentFlags, Backend, DataPath, EndpointSlice, Family, Manifests, NODE_IP, NODE_NAME, NODE_ZONE,
+    Origin, POD_GATEWAY, Placement, PodNetwork, Proto, REMOTE_NODE_NAME, REMOTE_NODE_ZONE, Seen,
+    Service, ServicePort,
 };
 
 const ECHO: &str = env!("CARGO_BIN_EXE_causeway-echo");
@@ -451,6 +452,84 @@ fn the_legacy_backend_loads_the_same_payload_with_the_same_answers() {
         &["legacy-a", "legacy-r"],
     );
     dp.expect_refused(&client.origin(), Proto::Tcp, "100.127.0.101:80");
+}
+
+#[test]
+fn topology_hints_steer_only_when_every_endpoint_carries_them() {
+    let mut dp = fixture(PodNetwork::Bridge);
+    let a1 = dp.add_pod("zone-a1", Placement::Local, &[8080]).unwrap();
+    let a2 = dp.add_pod("zone-a2", Placement::Local, &[8080]).unwrap();
+    let b1 = dp.add_pod("zone-b1", Placement::Remote, &[8080]).unwrap();
+    let client = dp.add_pod("client", Placement::Local, &[9]).unwrap();
+    let service = |name: &str, ip: &str, endpoints: [causeway_tests::datapath::Endpoint; 3]| {
+        let svc = Service::cluster_ip(name, ip).port(ServicePort::tcp(80, 8080));
+        let slice = endpoints.into_iter().fold(
+            EndpointSlice::for_service(&svc, "1").port(None, 8080, "TCP"),
+            EndpointSlice::endpoint,
+        );
+        (svc, slice)
+    };
+    // PreferSameZone: node-a is in zone-a, and every endpoint has a zone.
+    let zoned = service(
+        "zoned",
+        "100.127.0.130",
+        [
+            a1.ready().for_zone(NODE_ZONE),
+            a2.ready().for_zone(NODE_ZONE),
+            b1.ready().for_zone(REMOTE_NODE_ZONE),
+        ],
+    );
+    // One endpoint without a hint: the hints are ignored.
+    let partly = service(
+        "partly",
+        "100.127.0.131",
+        [
+            a1.ready().for_zone(NODE_ZONE),
+            a2.ready(),
+            b1.ready().for_zone(REMOTE_NODE_ZONE),
+        ],
+    );
+    // PreferSameNode: only zone-a1 is meant for node-a (zone-a2 runs on
+    // node-a but is hinted for node-b).
+    let noded = service(
+        "noded",
+        "100.127.0.132",
+        [
+            a1.ready().for_node(NODE_NAME),
+            a2.ready().for_node(REMOTE_NODE_NAME),
+            b1.ready().for_node(REMOTE_NODE_NAME),
+        ],
+    );
+    let manifests = [&zoned, &partly, &noded]
+        .into_iter()
+        .fold(Manifests::new(), |m, (svc, slice)| {
+            m.service(svc).slice(slice)
+        });
+    dp.focus("default/zoned");
+    dp.apply(&manifests, &AgentFlags::default())
+        .expect("render and load");
+
+    dp.expect_spread(
+        &client.origin(),
+        Proto::Tcp,
+        "100.127.0.130:80",
+        30,
+        &["zone-a1", "zone-a2"],
+    );
+    dp.expect_spread(
+        &client.origin(),
+        Proto::Tcp,
+        "100.127.0.131:80",
+        60,
+        &["zone-a1", "zone-a2", "zone-b1"],
+    );
+    dp.expect_spread(
+        &client.origin(),
+        Proto::Tcp,
+        "100.127.0.132:80",
+        20,
+        &["zone-a1"],
+    );
 }
 
 /// This kernel has no SCTP sockets (CONFIG_IP_SCTP is off), so no SCTP packet
