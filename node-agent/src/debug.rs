@@ -5,10 +5,11 @@
 //! `trace` uses to fetch it.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
+use axum::Extension;
 use axum::Router;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{StatusCode, header};
@@ -23,6 +24,7 @@ use crate::addr::IpFamily;
 use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::rules::{Dispatch, RenderConfig, RenderOptions, render};
+use crate::serve::LocalAddr;
 
 /// The payloads worth looking at when something is wrong.
 #[derive(Debug, Default)]
@@ -137,12 +139,13 @@ async fn metrics_text(State((metrics, _)): State<DebugState>) -> Response {
 async fn debug_rules(
     State((_, rules)): State<DebugState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(LocalAddr(local)): Extension<LocalAddr>,
     Query(query): Query<RulesQuery>,
 ) -> Response {
-    if !may_read_rules(peer.ip()) {
+    if !may_read_rules(peer.ip(), local.ip()) {
         return (
             StatusCode::FORBIDDEN,
-            "/debug/rules answers only clients on this node (127.0.0.1 or ::1)\n",
+            "/debug/rules answers only clients on this node\n",
         )
             .into_response();
     }
@@ -158,9 +161,12 @@ async fn debug_rules(
 
 /// The rules are the whole inventory of Services and endpoints: they are for
 /// this node only (SPEC 2.4), even when /metrics is served to the network.
-/// (An IPv4 client of a `[::]` listener shows as `::ffff:a.b.c.d`.)
-fn may_read_rules(peer: std::net::IpAddr) -> bool {
-    peer.to_canonical().is_loopback()
+/// A client is on this node when it comes from loopback, or from the very
+/// address it connected to (`trace --debug-address <node IP>:10249` on the
+/// node). (An IPv4 client of a `[::]` listener shows as `::ffff:a.b.c.d`.)
+fn may_read_rules(peer: IpAddr, local: IpAddr) -> bool {
+    let peer = peer.to_canonical();
+    peer.is_loopback() || peer == local.to_canonical()
 }
 
 /// GETs `path` from the agent's debug server at `address` (`host:port`).
@@ -191,11 +197,19 @@ mod tests {
 
     #[test]
     fn only_clients_on_this_node_may_read_the_rules() {
-        for allowed in ["127.0.0.1", "127.0.0.53", "::1", "::ffff:127.0.0.1"] {
-            assert!(may_read_rules(allowed.parse().unwrap()), "{allowed}");
+        let node: IpAddr = "10.0.0.5".parse().unwrap();
+        for allowed in [
+            "127.0.0.1",
+            "127.0.0.53",
+            "::1",
+            "::ffff:127.0.0.1",
+            "10.0.0.5",
+            "::ffff:10.0.0.5",
+        ] {
+            assert!(may_read_rules(allowed.parse().unwrap(), node), "{allowed}");
         }
         for refused in ["10.0.0.1", "0.0.0.0", "::ffff:10.0.0.1", "fd00::1"] {
-            assert!(!may_read_rules(refused.parse().unwrap()), "{refused}");
+            assert!(!may_read_rules(refused.parse().unwrap(), node), "{refused}");
         }
     }
 

@@ -525,10 +525,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         causeway_agent::netfilter::refuse_other_backend(resolved, family)?;
         backend = resolved;
     }
-    let random_fully = causeway_agent::netfilter::supports_random_fully(backend);
-    if !random_fully {
-        tracing::warn!("iptables is older than 1.6.2: masquerading without --random-fully");
-    }
+    let random_fully = match causeway_agent::netfilter::supports_random_fully(backend) {
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::warn!("iptables is older than 1.6.2: masquerading without --random-fully");
+            false
+        }
+        Err(e) => {
+            tracing::warn!("{e}: masquerading without --random-fully");
+            false
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -192,10 +192,21 @@ impl Netfilter {
     /// - one of `never_empty` without rules: it was flushed (`iptables -F`);
     /// - one of `jumps` missing from its built-in chain.
     ///
-    /// Each check lists one small chain (iptables-legacy reads the table for
-    /// each), and the first sign ends them.
+    /// iptables-nft reads only the chain a command names, so each check is one
+    /// small command (22 at 10 000 × 10: 0.10 s). iptables-legacy reads and
+    /// parses the whole table for every command (22 commands: 1.37 s), so
+    /// there each table is saved once (0.4 s) and read as text.
     pub fn damage(&self, never_empty: &[(Table, &str)], jumps: &[JumpRule]) -> Option<String> {
-        for table in [Table::Mangle, Table::Nat, Table::Filter] {
+        const TABLES: [Table; 3] = [Table::Mangle, Table::Nat, Table::Filter];
+        if self.backend == Backend::Legacy {
+            return TABLES
+                .iter()
+                .find_map(|table| match self.save(&["-t", table.as_str()]) {
+                    Ok(saved) => damage_in_save(*table, &saved, never_empty, jumps),
+                    Err(e) => Some(format!("cannot read {}: {e:#}", table.as_str())),
+                });
+        }
+        for table in TABLES {
             if self.list_chain(table, KUBE_PROXY_CANARY).is_none() {
                 return Some(format!("{} {KUBE_PROXY_CANARY} is gone", table.as_str()));
             }
@@ -206,14 +217,10 @@ impl Netfilter {
                 return Some(format!("{} {chain} was flushed", table.as_str()));
             }
         }
-        jumps.iter().find(|jump| !self.has_rule(jump)).map(|jump| {
-            format!(
-                "the jump from {} {} to {} is gone",
-                jump.table.as_str(),
-                jump.chain,
-                jump.args.last().map_or("?", String::as_str)
-            )
-        })
+        jumps
+            .iter()
+            .find(|jump| !self.has_rule(jump))
+            .map(jump_gone)
     }
 
     /// `iptables -S chain`: the chain's rules, or `None` when it does not exist.
@@ -281,14 +288,23 @@ pub fn resolve_backend(backend: Backend, family: IpFamily) -> anyhow::Result<Bac
 }
 
 /// Whether this backend's iptables takes MASQUERADE `--random-fully`, which
-/// came with iptables 1.6.2 (kube-proxy checks the same version). Unknown
-/// counts as no: a rule it rejects would refuse every restore.
-pub fn supports_random_fully(backend: Backend) -> bool {
+/// came with iptables 1.6.2 (kube-proxy checks the same version). An error
+/// says why the version is unknown; the caller then goes without (a rule
+/// iptables rejects would refuse every restore).
+pub fn supports_random_fully(backend: Backend) -> Result<bool, String> {
     let netfilter = Netfilter::new(IpFamily::V4, backend);
-    Command::new(&netfilter.iptables)
+    let out = Command::new(&netfilter.iptables)
         .arg("--version")
         .output()
-        .is_ok_and(|out| random_fully_in_version(&String::from_utf8_lossy(&out.stdout)))
+        .map_err(|e| format!("cannot run {} --version: {e}", netfilter.iptables))?;
+    let version = String::from_utf8_lossy(&out.stdout);
+    if random_fully_in_version(&version) {
+        Ok(true)
+    } else if version.contains(" v") {
+        Ok(false)
+    } else {
+        Err(format!("cannot read a version in {version:?}"))
+    }
 }
 
 /// Whether `iptables --version` output names 1.6.2 or later.
@@ -482,6 +498,52 @@ pub fn owned_chains(save: &str) -> BTreeMap<String, Vec<String>> {
     owned
 }
 
+fn jump_gone(jump: &JumpRule) -> String {
+    format!(
+        "the jump from {} {} to {} is gone",
+        jump.table.as_str(),
+        jump.chain,
+        jump.args.last().map_or("?", String::as_str)
+    )
+}
+
+/// [`Netfilter::damage`]'s checks of one table, on its `iptables-save -t`
+/// text. A jump counts as there when its built-in chain has any rule that
+/// jumps to the target; the full sync that damage starts checks them exactly.
+pub fn damage_in_save(
+    table: Table,
+    save: &str,
+    never_empty: &[(Table, &str)],
+    jumps: &[JumpRule],
+) -> Option<String> {
+    let declared: Vec<&str> = declared_chains(save)
+        .into_iter()
+        .filter(|(t, _)| *t == table.as_str())
+        .map(|(_, name)| name)
+        .collect();
+    if !declared.contains(&KUBE_PROXY_CANARY) {
+        return Some(format!("{} {KUBE_PROXY_CANARY} is gone", table.as_str()));
+    }
+    let has_rule = |chain: &str, ends_with: &str| {
+        let start = format!("-A {chain} ");
+        save.lines()
+            .any(|l| l.starts_with(&start) && l.ends_with(ends_with))
+    };
+    for (_, chain) in never_empty.iter().filter(|(t, _)| *t == table) {
+        if !has_rule(chain, "") {
+            return Some(format!("{} {chain} was flushed", table.as_str()));
+        }
+    }
+    jumps
+        .iter()
+        .filter(|jump| jump.table == table)
+        .find(|jump| {
+            let target = jump.args.last().map_or("", String::as_str);
+            !has_rule(jump.chain, &format!(" -j {target}"))
+        })
+        .map(jump_gone)
+}
+
 /// The line number in iptables-restore's "line N failed" message.
 pub fn failed_line(stderr: &str) -> Option<usize> {
     let words: Vec<&str> = stderr.split_whitespace().collect();
@@ -640,6 +702,79 @@ COMMIT
         assert_eq!(report.jump_rules, 2);
         assert_eq!(report.chains, ["nat/KUBE-SERVICES"]);
         assert_eq!(cleanup_payload("*nat\nCOMMIT\n", &BTreeMap::new()).0, "");
+    }
+
+    #[test]
+    fn damage_is_read_from_a_saved_table() {
+        let never_empty = [
+            (Table::Nat, "KUBE-MARK-MASQ"),
+            (Table::Filter, "KUBE-FORWARD"),
+        ];
+        let jumps = [JumpRule::new(
+            Table::Nat,
+            "PREROUTING",
+            &[],
+            Some("kubernetes service portals"),
+            "KUBE-SERVICES",
+        )];
+        let intact = "\
+*nat
+:PREROUTING ACCEPT [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-PROXY-CANARY - [0:0]
+:KUBE-SERVICES - [0:0]
+-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+COMMIT
+";
+        assert_eq!(
+            damage_in_save(Table::Nat, intact, &never_empty, &jumps),
+            None
+        );
+        let without = |line: &str| intact.replace(line, "");
+        assert_eq!(
+            damage_in_save(
+                Table::Nat,
+                &without(":KUBE-PROXY-CANARY - [0:0]\n"),
+                &never_empty,
+                &jumps
+            )
+            .as_deref(),
+            Some("nat KUBE-PROXY-CANARY is gone")
+        );
+        assert_eq!(
+            damage_in_save(
+                Table::Nat,
+                &without("-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n"),
+                &never_empty,
+                &jumps
+            )
+            .as_deref(),
+            Some("nat KUBE-MARK-MASQ was flushed")
+        );
+        assert_eq!(
+            damage_in_save(
+                Table::Nat,
+                &without(
+                    "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n"
+                ),
+                &never_empty,
+                &jumps
+            )
+            .as_deref(),
+            Some("the jump from nat PREROUTING to KUBE-SERVICES is gone")
+        );
+        // Another table's chains are that table's business.
+        assert_eq!(
+            damage_in_save(
+                Table::Filter,
+                "*filter\n:KUBE-PROXY-CANARY - [0:0]\n:KUBE-FORWARD - [0:0]\nCOMMIT\n",
+                &never_empty,
+                &jumps
+            )
+            .as_deref(),
+            Some("filter KUBE-FORWARD was flushed")
+        );
     }
 
     #[test]

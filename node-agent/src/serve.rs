@@ -46,9 +46,15 @@ impl Default for ConnectionBudget {
     }
 }
 
+/// The address a client reached the agent at: the client is on this node
+/// when its own address is this one.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalAddr(pub SocketAddr);
+
 /// Serves `router` on `listener` until the task is dropped. Handlers can
-/// read the client's address with `ConnectInfo<SocketAddr>`. A connection
-/// over either cap is closed at once.
+/// read the client's address with `ConnectInfo<SocketAddr>`, and the address
+/// it connected to with `Extension<LocalAddr>`. A connection over either cap
+/// is closed at once.
 pub async fn serve(listener: TcpListener, router: Router, budget: ConnectionBudget) {
     let per_port = Arc::new(Semaphore::new(CONNECTIONS_PER_PORT));
     loop {
@@ -68,10 +74,12 @@ pub async fn serve(listener: TcpListener, router: Router, budget: ConnectionBudg
             debug!(%peer, "too many open connections; closing a new one");
             continue;
         };
+        let local = stream.local_addr().unwrap_or(peer);
         let service = TowerToHyperService::new(
             router
                 .clone()
-                .layer(axum::Extension(ConnectInfo::<SocketAddr>(peer))),
+                .layer(axum::Extension(ConnectInfo::<SocketAddr>(peer)))
+                .layer(axum::Extension(LocalAddr(local))),
         );
         tokio::spawn(async move {
             let connection = hyper::server::conn::http1::Builder::new()
@@ -163,11 +171,13 @@ mod tests {
     async fn the_shared_budget_caps_all_ports_together() {
         let budget = ConnectionBudget::new(2);
         let first = started(budget.clone()).await;
-        let second = started(budget).await;
+        let second = started(budget.clone()).await;
         let _a = tokio::net::TcpStream::connect(first).await.unwrap();
         let _b = tokio::net::TcpStream::connect(first).await.unwrap();
-        // Give the server time to accept both before the third arrives.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Until the server has accepted both.
+        while budget.0.available_permits() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         assert_eq!(get_root(second).await, "", "the other port took a third");
     }
 }

@@ -234,7 +234,7 @@ pub struct JumpRule {
 }
 
 impl JumpRule {
-    fn new(
+    pub(crate) fn new(
         table: Table,
         chain: &'static str,
         extra: &[&str],
