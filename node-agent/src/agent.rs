@@ -273,22 +273,20 @@ pub async fn run(client: Client, config: RunConfig) -> anyhow::Result<()> {
         for issue in &outcome.new_issues {
             publish_issue(&recorder, &caches, issue).await;
         }
-        if let Some(service_checks) = outcome.service_checks {
-            let failures = health_checks.sync(service_checks).await;
-            let mut still_failing = BTreeSet::new();
-            for failure in failures {
-                let key = (
-                    failure.port,
-                    failure.service.namespace.clone(),
-                    failure.service.name.clone(),
-                );
-                if !reported_bind_failures.contains(&key) {
-                    publish_bind_failure(&recorder, &caches, &failure).await;
-                }
-                still_failing.insert(key);
+        let failures = health_checks.sync(outcome.service_checks).await;
+        let mut still_failing = BTreeSet::new();
+        for failure in failures {
+            let key = (
+                failure.port,
+                failure.service.namespace.clone(),
+                failure.service.name.clone(),
+            );
+            if !reported_bind_failures.contains(&key) {
+                publish_bind_failure(&recorder, &caches, &failure).await;
             }
-            reported_bind_failures = still_failing;
+            still_failing.insert(key);
         }
+        reported_bind_failures = still_failing;
         // A failed restore is retried soon; otherwise wait for a change, or
         // for the sync period that bounds how stale the rules can get.
         let idle = if outcome.failed {
@@ -506,10 +504,10 @@ struct SyncOutcome {
     /// Problems not reported before (they become events once each).
     new_issues: Vec<Issue>,
     failed: bool,
-    /// The health-check servers the Services ask for; `None` after a failed
-    /// restore, which leaves the servers as they are (as kube-proxy does):
-    /// the rules they answer for still stand.
-    service_checks: Option<BTreeMap<u16, ServiceHealth>>,
+    /// The health-check servers the Services ask for: for a family whose
+    /// restore failed, as its last applied model says (as kube-proxy, which
+    /// leaves them alone then): the rules they answer for still stand.
+    service_checks: BTreeMap<u16, ServiceHealth>,
 }
 
 /// Per-family state between syncs.
@@ -528,6 +526,9 @@ struct FamilyState {
     /// The model of the last applied payload: the base of partial syncs and
     /// of the conntrack cleanup. `None` forces a full sync.
     applied_model: Option<Arc<Model>>,
+    /// The model last applied, kept through failed restores (which forget
+    /// `applied_model` to force a full sync): the health servers follow it.
+    answered_model: Option<Arc<Model>>,
     /// The configuration it was rendered with; a change forces a full sync.
     applied_config: Option<RenderConfig>,
     /// When the last full sync was applied.
@@ -596,6 +597,7 @@ impl Syncer {
                     applied_filter_rules: 0,
                     model_cache: ModelCache::new(family),
                     applied_model: None,
+                    answered_model: None,
                     applied_config: None,
                     last_full: None,
                     last_check: None,
@@ -620,6 +622,7 @@ impl Syncer {
                 Err(e) => {
                     error!(family = ?family, error = %e, "cannot configure the rules; not syncing this family");
                     failed = true;
+                    models.extend(state.answered_model.clone());
                     continue;
                 }
             };
@@ -772,6 +775,7 @@ impl Syncer {
                         }
                     }
                     state.applied_model = Some(model.clone());
+                    state.answered_model = Some(model.clone());
                     state.applied_config = Some(render_config);
                     if full {
                         state.last_full = Some(Instant::now());
@@ -795,6 +799,7 @@ impl Syncer {
                     }
                     state.applied_chains = None;
                     state.applied_model = None;
+                    models.extend(state.answered_model.clone());
                     failed = true;
                 }
             }
@@ -835,9 +840,8 @@ impl Syncer {
         } else if restored {
             self.shared.metrics.sync_partial_duration.observe(elapsed);
         }
-        let service_checks = (!failed).then(|| {
-            health::wanted_service_checks(&models.iter().map(|m| m.as_ref()).collect::<Vec<_>>())
-        });
+        let service_checks =
+            health::wanted_service_checks(&models.iter().map(|m| m.as_ref()).collect::<Vec<_>>());
         SyncOutcome {
             new_issues: self.remember(issues),
             failed,
