@@ -455,6 +455,54 @@ fn the_legacy_backend_loads_the_same_payload_with_the_same_answers() {
 }
 
 #[test]
+fn client_ip_affinity_ends_after_its_timeout() {
+    let mut dp = fixture(PodNetwork::Bridge);
+    let pods: Vec<_> = ["brief-a", "brief-b", "brief-c"]
+        .into_iter()
+        .map(|name| dp.add_pod(name, Placement::Local, &[8080]).unwrap())
+        .collect();
+    let client = dp.add_pod("client", Placement::Local, &[9]).unwrap();
+    let brief = Service::cluster_ip("brief", "100.127.0.61")
+        .port(ServicePort::tcp(80, 8080))
+        .client_ip_affinity(Some(1));
+    let slice = pods.iter().fold(
+        EndpointSlice::for_service(&brief, "1").port(None, 8080, "TCP"),
+        |slice, pod| slice.endpoint(pod.ready()),
+    );
+    dp.focus("default/brief");
+    dp.apply(
+        &Manifests::new().service(&brief).slice(&slice),
+        &AgentFlags::default(),
+    )
+    .expect("render and load");
+    let target = "100.127.0.61:80";
+
+    // Within the 1 s timeout: one pod.
+    let first = dp.tally(&client.origin(), Proto::Tcp, target, 10);
+    assert!(
+        first.answered() == 10 && first.by_pod.len() == 1,
+        "within the timeout: {first:?}\n{}",
+        dp.explain(target)
+    );
+    let stuck = first.by_pod.keys().next().cloned().unwrap_or_default();
+    // After 1.5 s of silence a new connection is balanced afresh. Eight such
+    // connections all landing on the same pod again would happen once in
+    // 3^8 = 6 561 runs; with the affinity never ending, every time.
+    let mut later = Vec::new();
+    for _ in 0..8 {
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let one = dp.tally(&client.origin(), Proto::Tcp, target, 1);
+        assert_eq!(one.answered(), 1, "{one:?}");
+        later.extend(one.by_pod.into_keys());
+    }
+    assert!(
+        later.iter().any(|pod| *pod != stuck),
+        "still on {stuck} after each timeout: {later:?}\n{}",
+        dp.explain(target)
+    );
+}
+
+#[test]
 fn topology_hints_steer_only_when_every_endpoint_carries_them() {
     let mut dp = fixture(PodNetwork::Bridge);
     let a1 = dp.add_pod("zone-a1", Placement::Local, &[8080]).unwrap();
