@@ -1,13 +1,16 @@
 //! Serving the agent's HTTP ports, which anything on the network can reach:
 //! a deadline for the request head, a lifetime per connection, and caps on
 //! open connections, so that slow or idle clients cannot hold the agent's
-//! file descriptors or keep other Services' health answers from being read.
+//! file descriptors or keep health answers from being read. A port that is
+//! full closes its oldest connection for a new one: a probe always gets in,
+//! and a client that holds connections open only churns them.
 //!
 //! `axum::serve` sets none of these (it gives hyper no timer, so even hyper's
 //! own header timeout never fires), hence this small accept loop.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use axum::Router;
@@ -16,6 +19,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::task::AbortHandle;
 use tracing::debug;
 
 /// A client must send its whole request head within this. Load balancers'
@@ -25,9 +29,10 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// simply opens a new one.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// Open connections per listening port: one port's clients cannot use up
-/// what another port's need.
+/// what another port's need. A new connection beyond it closes the oldest.
 pub const CONNECTIONS_PER_PORT: usize = 64;
-/// Open connections over all ports, well under the usual 1 024 open files.
+/// Open connections over all ports, well under the usual 1 024 open files;
+/// beyond it a new connection is closed at once.
 pub const CONNECTIONS_TOTAL: usize = 512;
 
 /// Connection slots shared by every server of one agent.
@@ -51,12 +56,22 @@ impl Default for ConnectionBudget {
 #[derive(Debug, Clone, Copy)]
 pub struct LocalAddr(pub SocketAddr);
 
+/// One port's open connections, oldest first.
+#[derive(Default)]
+struct OpenConnections {
+    next_id: u64,
+    open: VecDeque<(u64, AbortHandle)>,
+}
+
+fn lock(open: &Mutex<OpenConnections>) -> MutexGuard<'_, OpenConnections> {
+    open.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Serves `router` on `listener` until the task is dropped. Handlers can
 /// read the client's address with `ConnectInfo<SocketAddr>`, and the address
-/// it connected to with `Extension<LocalAddr>`. A connection over either cap
-/// is closed at once.
+/// it connected to with `Extension<LocalAddr>`.
 pub async fn serve(listener: TcpListener, router: Router, budget: ConnectionBudget) {
-    let per_port = Arc::new(Semaphore::new(CONNECTIONS_PER_PORT));
+    let connections = Arc::new(Mutex::new(OpenConnections::default()));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -67,11 +82,8 @@ pub async fn serve(listener: TcpListener, router: Router, budget: ConnectionBudg
                 continue;
             }
         };
-        let (Ok(port_slot), Ok(total_slot)) = (
-            per_port.clone().try_acquire_owned(),
-            budget.0.clone().try_acquire_owned(),
-        ) else {
-            debug!(%peer, "too many open connections; closing a new one");
+        let Ok(total_slot) = budget.0.clone().try_acquire_owned() else {
+            debug!(%peer, "too many open connections on all ports; closing a new one");
             continue;
         };
         let local = stream.local_addr().unwrap_or(peer);
@@ -81,14 +93,29 @@ pub async fn serve(listener: TcpListener, router: Router, budget: ConnectionBudg
                 .layer(axum::Extension(ConnectInfo::<SocketAddr>(peer)))
                 .layer(axum::Extension(LocalAddr(local))),
         );
-        tokio::spawn(async move {
+        // Held while the task is spawned and listed: a task that ends at
+        // once waits here before it takes itself off the list.
+        let mut open = lock(&connections);
+        if open.open.len() >= CONNECTIONS_PER_PORT
+            && let Some((_, oldest)) = open.open.pop_front()
+        {
+            // Dropping the task closes the socket and frees its slot.
+            oldest.abort();
+            debug!(%peer, "port full; closed its oldest connection");
+        }
+        open.next_id += 1;
+        let id = open.next_id;
+        let registry = connections.clone();
+        let task = tokio::spawn(async move {
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
             let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
-            drop((port_slot, total_slot));
+            drop(total_slot);
+            lock(&registry).open.retain(|(open_id, _)| *open_id != id);
         });
+        open.open.push_back((id, task.abort_handle()));
     }
 }
 
@@ -141,29 +168,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn connections_over_the_port_cap_are_closed_and_the_rest_are_served() {
+    async fn a_full_port_closes_its_oldest_connection_for_a_new_one() {
         let address = started(ConnectionBudget::default()).await;
         let mut idle = Vec::new();
         for _ in 0..CONNECTIONS_PER_PORT {
             idle.push(tokio::net::TcpStream::connect(address).await.unwrap());
         }
-        // Every slot is held: a new client is closed without an answer.
-        let refused = get_root(address).await;
-        assert_eq!(refused, "", "served over the cap");
-        drop(idle.pop());
-        // A slot is free again once the server has seen the close.
-        let mut answer = String::new();
-        for _ in 0..50 {
-            answer = get_root(address).await;
-            if !answer.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        // Every slot is held by an idle client, yet a new request is answered,
+        // and the client that waited longest is the one let go.
+        let answer = get_root(address).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(
             answer.contains("\r\n\r\n127.0.0.1:"),
             "the handler sees the client: {answer}"
+        );
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(2), idle[0].read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "the oldest idle connection is still open");
+        // The newest idle one is not.
+        let last = idle.last_mut().unwrap();
+        let open =
+            tokio::time::timeout(Duration::from_millis(200), last.read_to_end(&mut rest)).await;
+        assert!(
+            open.is_err(),
+            "a newer idle connection was closed: {open:?}"
         );
     }
 

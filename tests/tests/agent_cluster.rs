@@ -338,8 +338,8 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
     // With the agent held to 128 open files, 200 idle connections to :10256
     // would use them all up and no port could accept (kube-proxy's Go
     // servers raise the limit, axum::serve does neither). One port holds at
-    // most 64: the Service's health port answers at once all the same, and
-    // :10256 answers again once the idle ones are gone.
+    // most 64, closing its oldest for a new one: :10256 and the Service's
+    // health port both answer at once, with the idle connections still open.
     netns::run(
         "prlimit",
         &["--pid", &agent_pid.to_string(), "--nofile=128:128"],
@@ -348,13 +348,14 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
         .map(|_| std::net::TcpStream::connect((node1.ip, 10256)))
         .collect::<std::io::Result<_>>()?;
     std::thread::sleep(Duration::from_millis(300));
+    let (status, _, body) = http_get(&cluster.external_netns(), &healthz)?;
+    assert_eq!(status, 200, "/healthz while :10256 is flooded: {body}");
     let (status, _, body) = http_get(&cluster.external_netns(), &url)?;
     assert_eq!(
         status, 503,
         "the Service health port beside a flooded :10256: {body}"
     );
     drop(idle);
-    wait_http(&cluster.external_netns(), &healthz, 200, "lastUpdated")?;
 
     // /metrics may be served to the network, /debug/rules only on the node.
     let remote = format!("http://{}:10249", node1.ip);
