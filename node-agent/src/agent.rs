@@ -412,7 +412,6 @@ async fn shutdown_signal() {
     }
 }
 
-/// A Warning event on the object the agent had to skip (or partly skip).
 /// The uid of a cached object. An Event's reference needs it: `kubectl
 /// describe` selects the Events of an object by uid as well as by name.
 fn uid_of(caches: &Caches, kind: &str, namespace: Option<&str>, name: &str) -> Option<String> {
@@ -434,6 +433,7 @@ fn uid_of(caches: &Caches, kind: &str, namespace: Option<&str>, name: &str) -> O
     }
 }
 
+/// A Warning event on the object the agent had to skip (or partly skip).
 async fn publish_issue(recorder: &Recorder, caches: &Caches, issue: &Issue) {
     let api_version = match issue.object.kind {
         "EndpointSlice" => "discovery.k8s.io/v1",
@@ -505,8 +505,9 @@ struct SyncOutcome {
     new_issues: Vec<Issue>,
     failed: bool,
     /// The health-check servers the Services ask for: for a family whose
-    /// restore failed, as its last applied model says (as kube-proxy, which
-    /// leaves them alone then): the rules they answer for still stand.
+    /// restore failed, as its last applied model says (the one `RulesLog`
+    /// keeps; kube-proxy leaves them alone then): the rules they answer for
+    /// still stand.
     service_checks: BTreeMap<u16, ServiceHealth>,
 }
 
@@ -526,9 +527,6 @@ struct FamilyState {
     /// The model of the last applied payload: the base of partial syncs and
     /// of the conntrack cleanup. `None` forces a full sync.
     applied_model: Option<Arc<Model>>,
-    /// The model last applied, kept through failed restores (which forget
-    /// `applied_model` to force a full sync): the health servers follow it.
-    answered_model: Option<Arc<Model>>,
     /// The configuration it was rendered with; a change forces a full sync.
     applied_config: Option<RenderConfig>,
     /// When the last full sync was applied.
@@ -597,7 +595,6 @@ impl Syncer {
                     applied_filter_rules: 0,
                     model_cache: ModelCache::new(family),
                     applied_model: None,
-                    answered_model: None,
                     applied_config: None,
                     last_full: None,
                     last_check: None,
@@ -622,7 +619,7 @@ impl Syncer {
                 Err(e) => {
                     error!(family = ?family, error = %e, "cannot configure the rules; not syncing this family");
                     failed = true;
-                    models.extend(state.answered_model.clone());
+                    models.extend(self.shared.rules.applied_model(family));
                     continue;
                 }
             };
@@ -775,7 +772,6 @@ impl Syncer {
                         }
                     }
                     state.applied_model = Some(model.clone());
-                    state.answered_model = Some(model.clone());
                     state.applied_config = Some(render_config);
                     if full {
                         state.last_full = Some(Instant::now());
@@ -799,7 +795,7 @@ impl Syncer {
                     }
                     state.applied_chains = None;
                     state.applied_model = None;
-                    models.extend(state.answered_model.clone());
+                    models.extend(self.shared.rules.applied_model(family));
                     failed = true;
                 }
             }

@@ -70,6 +70,14 @@ impl RulesLog {
         );
     }
 
+    /// The model last applied for `family`; a failed restore leaves it.
+    pub fn applied_model(&self, family: IpFamily) -> Option<Arc<Model>> {
+        self.lock()
+            .applied
+            .get(&family_number(family))
+            .map(|(model, _, _)| model.clone())
+    }
+
     /// The applied or failed payload of one family.
     pub fn get(&self, family: u8, which: Which) -> Option<String> {
         let inner = self.lock();
@@ -229,6 +237,9 @@ mod tests {
             Dispatch::Buckets,
         );
         rules.failed(IpFamily::V4, "*nat\n-A BAD\nCOMMIT\n", "line 2 failed");
+        // A failure leaves the applied model, which the health servers follow.
+        assert!(rules.applied_model(IpFamily::V4).is_some());
+        assert!(rules.applied_model(IpFamily::V6).is_none());
         let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let address = format!("127.0.0.1:{port}");
