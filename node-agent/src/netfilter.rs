@@ -185,42 +185,41 @@ impl Netfilter {
     }
 
     /// What another program did to our rules, if anything, as the first
-    /// sign found:
-    /// - a KUBE-PROXY-CANARY chain (empty, and only we write them) gone from
-    ///   mangle, nat or filter: the table's chains were deleted (a firewall
-    ///   reload, `iptables -X`);
-    /// - one of `never_empty` without rules: it was flushed (`iptables -F`);
-    /// - one of `jumps` missing from its built-in chain.
+    /// sign found (see [`damage_in_listing`]), table by table.
     ///
-    /// iptables-nft reads only the chain a command names, so each check is one
-    /// small command (22 at 10 000 × 10: 0.10 s). iptables-legacy reads and
-    /// parses the whole table for every command (22 commands: 1.37 s), so
-    /// there each table is saved once (0.4 s) and read as text.
+    /// iptables-legacy reads and parses the whole table for every command
+    /// (1.37 s for 22 commands at 10 000 × 10), so with it each table is saved
+    /// once (nat: 0.37 s). iptables-nft reads only the chain a command names,
+    /// so with it only the chains the checks look at are listed, one small
+    /// `iptables -S` each.
     pub fn damage(&self, never_empty: &[(Table, &str)], jumps: &[JumpRule]) -> Option<String> {
-        const TABLES: [Table; 3] = [Table::Mangle, Table::Nat, Table::Filter];
-        if self.backend == Backend::Legacy {
-            return TABLES
-                .iter()
-                .find_map(|table| match self.save(&["-t", table.as_str()]) {
-                    Ok(saved) => damage_in_save(*table, &saved, never_empty, jumps),
-                    Err(e) => Some(format!("cannot read {}: {e:#}", table.as_str())),
-                });
-        }
-        for table in TABLES {
-            if self.list_chain(table, KUBE_PROXY_CANARY).is_none() {
-                return Some(format!("{} {KUBE_PROXY_CANARY} is gone", table.as_str()));
-            }
-        }
-        for (table, chain) in never_empty {
-            let rules = self.list_chain(*table, chain).unwrap_or_default();
-            if !rules.lines().any(|l| l.starts_with("-A ")) {
-                return Some(format!("{} {chain} was flushed", table.as_str()));
-            }
-        }
-        jumps
-            .iter()
-            .find(|jump| !self.has_rule(jump))
-            .map(jump_gone)
+        [Table::Mangle, Table::Nat, Table::Filter]
+            .into_iter()
+            .find_map(|table| {
+                let listing = if self.backend == Backend::Legacy {
+                    match self.save(&["-t", table.as_str()]) {
+                        Ok(saved) => saved,
+                        Err(e) => return Some(format!("cannot read {}: {e:#}", table.as_str())),
+                    }
+                } else {
+                    let mut chains = vec![KUBE_PROXY_CANARY];
+                    let looked_at = never_empty
+                        .iter()
+                        .filter(|(t, _)| *t == table)
+                        .map(|(_, chain)| *chain)
+                        .chain(jumps.iter().filter(|j| j.table == table).map(|j| j.chain));
+                    for chain in looked_at {
+                        if !chains.contains(&chain) {
+                            chains.push(chain);
+                        }
+                    }
+                    chains
+                        .into_iter()
+                        .filter_map(|chain| self.list_chain(table, chain))
+                        .collect()
+                };
+                damage_in_listing(table, &listing, never_empty, jumps)
+            })
     }
 
     /// `iptables -S chain`: the chain's rules, or `None` when it does not exist.
@@ -507,26 +506,36 @@ fn jump_gone(jump: &JumpRule) -> String {
     )
 }
 
-/// [`Netfilter::damage`]'s checks of one table, on its `iptables-save -t`
-/// text. A jump counts as there when its built-in chain has any rule that
-/// jumps to the target; the full sync that damage starts checks them exactly.
-pub fn damage_in_save(
+/// [`Netfilter::damage`]'s checks of one table, in that table's
+/// `iptables-save -t` text or in `iptables -S <chain>` listings of the chains
+/// they look at. The first sign found:
+/// - the table's KUBE-PROXY-CANARY chain (empty, and only we write it) is
+///   gone: its chains were deleted (a firewall reload, `iptables -X`);
+/// - one of `never_empty` holds no rule: it was flushed (`iptables -F`);
+/// - one of `jumps` is gone. It counts as there when its built-in chain has
+///   any rule that jumps to the target; the full sync that damage starts
+///   checks them exactly.
+pub fn damage_in_listing(
     table: Table,
-    save: &str,
+    listing: &str,
     never_empty: &[(Table, &str)],
     jumps: &[JumpRule],
 ) -> Option<String> {
-    let declared: Vec<&str> = declared_chains(save)
-        .into_iter()
-        .filter(|(t, _)| *t == table.as_str())
-        .map(|(_, name)| name)
-        .collect();
-    if !declared.contains(&KUBE_PROXY_CANARY) {
+    let declared = |chain: &str| {
+        listing.lines().any(|l| {
+            l.strip_prefix(':')
+                .or_else(|| l.strip_prefix("-N "))
+                .and_then(|rest| rest.split_whitespace().next())
+                == Some(chain)
+        })
+    };
+    if !declared(KUBE_PROXY_CANARY) {
         return Some(format!("{} {KUBE_PROXY_CANARY} is gone", table.as_str()));
     }
     let has_rule = |chain: &str, ends_with: &str| {
         let start = format!("-A {chain} ");
-        save.lines()
+        listing
+            .lines()
             .any(|l| l.starts_with(&start) && l.ends_with(ends_with))
     };
     for (_, chain) in never_empty.iter().filter(|(t, _)| *t == table) {
@@ -705,7 +714,7 @@ COMMIT
     }
 
     #[test]
-    fn damage_is_read_from_a_saved_table() {
+    fn damage_is_read_from_a_saved_table_or_chain_listings() {
         let never_empty = [
             (Table::Nat, "KUBE-MARK-MASQ"),
             (Table::Filter, "KUBE-FORWARD"),
@@ -728,12 +737,12 @@ COMMIT
 COMMIT
 ";
         assert_eq!(
-            damage_in_save(Table::Nat, intact, &never_empty, &jumps),
+            damage_in_listing(Table::Nat, intact, &never_empty, &jumps),
             None
         );
         let without = |line: &str| intact.replace(line, "");
         assert_eq!(
-            damage_in_save(
+            damage_in_listing(
                 Table::Nat,
                 &without(":KUBE-PROXY-CANARY - [0:0]\n"),
                 &never_empty,
@@ -743,7 +752,7 @@ COMMIT
             Some("nat KUBE-PROXY-CANARY is gone")
         );
         assert_eq!(
-            damage_in_save(
+            damage_in_listing(
                 Table::Nat,
                 &without("-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n"),
                 &never_empty,
@@ -753,7 +762,7 @@ COMMIT
             Some("nat KUBE-MARK-MASQ was flushed")
         );
         assert_eq!(
-            damage_in_save(
+            damage_in_listing(
                 Table::Nat,
                 &without(
                     "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n"
@@ -764,9 +773,31 @@ COMMIT
             .as_deref(),
             Some("the jump from nat PREROUTING to KUBE-SERVICES is gone")
         );
+        // The same chains as `iptables -S <chain>` lists them (nft).
+        let listed = "\
+-N KUBE-PROXY-CANARY
+-N KUBE-MARK-MASQ
+-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+-P PREROUTING ACCEPT
+-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+";
+        assert_eq!(
+            damage_in_listing(Table::Nat, listed, &never_empty, &jumps),
+            None
+        );
+        assert_eq!(
+            damage_in_listing(
+                Table::Nat,
+                &listed.replace("-N KUBE-PROXY-CANARY\n", ""),
+                &never_empty,
+                &jumps
+            )
+            .as_deref(),
+            Some("nat KUBE-PROXY-CANARY is gone")
+        );
         // Another table's chains are that table's business.
         assert_eq!(
-            damage_in_save(
+            damage_in_listing(
                 Table::Filter,
                 "*filter\n:KUBE-PROXY-CANARY - [0:0]\n:KUBE-FORWARD - [0:0]\nCOMMIT\n",
                 &never_empty,
