@@ -74,6 +74,22 @@ fn wait_http(ns: &str, url: &str, status: u16, needle: &str) -> Result<(String, 
     }
 }
 
+/// Makes Service `name` a LoadBalancer with `externalTrafficPolicy: Local`;
+/// its healthCheckNodePort.
+async fn make_etp_local(services: &Api<Service>, name: &str) -> Result<u16> {
+    let patch = json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local"}});
+    services
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    let health_port = services
+        .get(name)
+        .await?
+        .spec
+        .and_then(|s| s.health_check_node_port)
+        .expect("a healthCheckNodePort was allocated");
+    Ok(u16::try_from(health_port)?)
+}
+
 async fn cluster_ip(services: &Api<Service>, name: &str) -> Result<String> {
     let svc = services.get(name).await?;
     Ok(svc.spec.and_then(|s| s.cluster_ip).unwrap_or_default())
@@ -227,16 +243,7 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
 
     // externalTrafficPolicy: Local — the health-check node port answers 200
     // with the local endpoint count while web-1 (on node-1) is ready, 503 after.
-    let patch = json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local"}});
-    services
-        .patch("web", &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    let health_port = services
-        .get("web")
-        .await?
-        .spec
-        .and_then(|s| s.health_check_node_port)
-        .expect("a healthCheckNodePort was allocated");
+    let health_port = make_etp_local(&services, "web").await?;
     let url = format!("http://{}:{health_port}/", node1.ip);
     let (head, body) = wait_http(&cluster.external_netns(), &url, 200, "\"localEndpoints\":1")?;
     assert!(
@@ -295,7 +302,7 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
     // held open, random bytes and a 1 MiB header, while probes go on.
     let healthz = format!("http://{}:10256/healthz", node1.ip);
     let mut held = Vec::new();
-    for port in [10256u16, u16::try_from(health_port)?] {
+    for port in [10256u16, health_port] {
         let address = std::net::SocketAddr::new(node1.ip.into(), port);
         let mut slow = std::net::TcpStream::connect(address)?;
         slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")?;
@@ -484,16 +491,7 @@ async fn a_refused_restore_applies_nothing_keeps_health_servers_and_is_retried()
     // Changes that wait more than 2 × --sync-period make the agent unhealthy.
     cluster.spawn_agent("node-1", "agent-1", &agent, &["--sync-period", "2s"])?;
     let (client, services, ip) = client_and_web(&cluster).await?;
-    let patch = json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local"}});
-    services
-        .patch("web", &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    let health_port = services
-        .get("web")
-        .await?
-        .spec
-        .and_then(|s| s.health_check_node_port)
-        .expect("a healthCheckNodePort was allocated");
+    let health_port = make_etp_local(&services, "web").await?;
     let health = format!("http://{}:{health_port}/", node1.ip);
     wait_http(
         &cluster.external_netns(),
