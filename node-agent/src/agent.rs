@@ -36,7 +36,7 @@ use crate::metrics::Metrics;
 use crate::model::cache::ModelCache;
 use crate::model::{Issue, Model, NodeInfo, Protocol, ServicePortName};
 use crate::netfilter::{Backend, Netfilter};
-use crate::rules::{self, Dispatch, Partial, RenderConfig, RenderOptions};
+use crate::rules::{self, Dispatch, Partial, RenderConfig, RenderOptions, RuleCounts};
 use crate::serve::{self, ConnectionBudget};
 
 /// A full sync also runs this often, whatever else happens (kube-proxy's
@@ -517,11 +517,9 @@ struct FamilyState {
     /// Per-service nat chains in the last applied payload; `None` until the
     /// first sync has read what exists.
     applied_chains: Option<Vec<String>>,
-    /// The nat rules the last applied payload left, the base of the next
-    /// partial sync's count.
-    applied_nat_rules: usize,
-    /// The same for the filter table.
-    applied_filter_rules: usize,
+    /// The nat and filter rules the last applied payload left, the base of
+    /// the next partial sync's counts.
+    applied_totals: RuleCounts,
     /// The model per Service, rebuilt only where an object changed.
     model_cache: ModelCache,
     /// The model of the last applied payload: the base of partial syncs and
@@ -591,8 +589,7 @@ impl Syncer {
                 self.families.push(FamilyState {
                     netfilter: Netfilter::new(family, self.config.backend),
                     applied_chains: None,
-                    applied_nat_rules: 0,
-                    applied_filter_rules: 0,
+                    applied_totals: RuleCounts::default(),
                     model_cache: ModelCache::new(family),
                     applied_model: None,
                     applied_config: None,
@@ -704,8 +701,7 @@ impl Syncer {
                             only: &changed,
                             previous: model,
                             applied_chains: chains,
-                            applied_nat_rules: state.applied_nat_rules,
-                            applied_filter_rules: state.applied_filter_rules,
+                            applied_totals: state.applied_totals,
                         }),
                         _ => None,
                     },
@@ -731,8 +727,8 @@ impl Syncer {
                         dispatch,
                     );
                     for (table, rules) in [
-                        ("filter", payload.filter_total_rules),
-                        ("nat", payload.nat_total_rules),
+                        ("filter", payload.totals.filter),
+                        ("nat", payload.totals.nat),
                         ("mangle", payload.mangle.rules),
                     ] {
                         *rule_counts.entry(table).or_default() += rules;
@@ -752,8 +748,7 @@ impl Syncer {
                         "synced"
                     );
                     state.applied_chains = Some(payload.service_chains);
-                    state.applied_nat_rules = payload.nat_total_rules;
-                    state.applied_filter_rules = payload.filter_total_rules;
+                    state.applied_totals = payload.totals;
                     // Only now do the new rules steer fresh packets, so only
                     // now may the stale flows go (after the metrics below).
                     // After a (re)start the previous rules are unknown: every

@@ -276,8 +276,7 @@ fn a_partial_sync_ends_where_a_full_sync_would_with_both_backends_and_layouts() 
                     only: &changed,
                     previous: &before,
                     applied_chains: &first.service_chains,
-                    applied_nat_rules: first.nat_total_rules,
-                    applied_filter_rules: first.filter_total_rules,
+                    applied_totals: first.totals,
                 }),
                 dispatch,
                 ..RenderOptions::default()
@@ -298,8 +297,7 @@ fn a_partial_sync_ends_where_a_full_sync_would_with_both_backends_and_layouts() 
         let whole = full(&after);
         // What the metrics report: the rules each table holds afterwards.
         assert_eq!(
-            (partial.nat_total_rules, partial.filter_total_rules),
-            (whole.nat_total_rules, whole.filter_total_rules),
+            partial.totals, whole.totals,
             "{dispatch:?}: rule totals after the partial sync"
         );
         assert_steps_end_as(&[&first.text, &partial.text], &whole.text)?;

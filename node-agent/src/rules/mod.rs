@@ -386,10 +386,15 @@ pub struct Partial<'a> {
     pub previous: &'a Model,
     /// [`Payload::service_chains`] of the payload last applied.
     pub applied_chains: &'a [String],
-    /// [`Payload::nat_total_rules`] of the payload last applied.
-    pub applied_nat_rules: usize,
-    /// [`Payload::filter_total_rules`] of the payload last applied.
-    pub applied_filter_rules: usize,
+    /// [`Payload::totals`] of the payload last applied.
+    pub applied_totals: RuleCounts,
+}
+
+/// Rule counts of the nat and filter tables.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RuleCounts {
+    pub nat: usize,
+    pub filter: usize,
 }
 
 /// The port `key` of a model (sorted by name then protocol).
@@ -424,11 +429,9 @@ pub struct Payload {
     /// buckets if any (declared here, or left in place by a partial render);
     /// whatever was applied before and is not here is stale next time.
     pub service_chains: Vec<String>,
-    /// The rules the nat table holds once this payload is applied (for a
-    /// partial render, more than it writes).
-    pub nat_total_rules: usize,
-    /// The same for the filter table.
-    pub filter_total_rules: usize,
+    /// The rules the nat and filter tables hold once this payload is applied
+    /// (for a partial render, more than it writes).
+    pub totals: RuleCounts,
 }
 
 /// One table's section while it is being written: chain declarations first,
@@ -835,7 +838,7 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
 
     let filter_total_rules = match options.partial {
         Some(p) => {
-            (p.applied_filter_rules + filter_rules_after).saturating_sub(filter_rules_before)
+            (p.applied_totals.filter + filter_rules_after).saturating_sub(filter_rules_before)
         }
         None => filter.stats.rules,
     };
@@ -858,7 +861,7 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
                 .cloned()
                 .collect();
             chains.append(&mut ctx.service_chains);
-            let total = (p.applied_nat_rules + nat_rules_after + hairpin.len())
+            let total = (p.applied_totals.nat + nat_rules_after + hairpin.len())
                 .saturating_sub(nat_rules_before + previous_hairpin.len());
             (total, chains)
         }
@@ -902,8 +905,10 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
         filter,
         nat,
         service_chains,
-        nat_total_rules,
-        filter_total_rules,
+        totals: RuleCounts {
+            nat: nat_total_rules,
+            filter: filter_total_rules,
+        },
     }
 }
 
@@ -970,7 +975,7 @@ fn dispatch_delta(
     port_nat: &mut TableWriter,
     filter: &mut TableWriter,
     nat: &mut TableWriter,
-) -> RulesBefore {
+) -> RuleCounts {
     let mut old_filter = TableWriter::default();
     let mut old_nat = TableWriter::default();
     let mut old_own = TableWriter::default();
@@ -1034,17 +1039,10 @@ fn dispatch_delta(
     }
     port_filter.clear();
     port_nat.clear();
-    RulesBefore {
+    RuleCounts {
         nat: old_nat.stats.rules + old_own.stats.rules,
         filter: old_filter.stats.rules,
     }
-}
-
-/// The rules a port had in the payload last applied, per table: what a
-/// partial render takes off the applied totals.
-struct RulesBefore {
-    nat: usize,
-    filter: usize,
 }
 
 /// Endpoint IPs that may be on this node and so may reach themselves through a

@@ -678,15 +678,19 @@ fn partial(before: &Model, after: &Model, key: &(ServicePortName, Protocol)) -> 
                 only: &only,
                 previous: before,
                 applied_chains: &applied.service_chains,
-                applied_nat_rules: applied.nat_total_rules,
-                applied_filter_rules: applied.filter_total_rules,
+                applied_totals: applied.totals,
             }),
             ..RenderOptions::default()
         },
     );
     let full = render(after, &config(), &RenderOptions::default());
-    assert_eq!(payload.nat_total_rules, full.nat.rules);
-    assert_eq!(payload.filter_total_rules, full.filter.rules);
+    assert_eq!(
+        payload.totals,
+        RuleCounts {
+            nat: full.nat.rules,
+            filter: full.filter.rules
+        }
+    );
     let chains: BTreeSet<&String> = payload.service_chains.iter().collect();
     assert_eq!(chains, full.service_chains.iter().collect());
     payload
@@ -721,7 +725,7 @@ fn a_partial_render_rewrites_only_the_changed_ports_chains_and_entries() {
     let back = partial(&after, &before, &key);
     assert!(lines_with(&back, "10.244.2.8").is_empty(), "{}", back.text);
     assert_eq!(
-        back.nat_total_rules,
+        back.totals.nat,
         render(&before, &config(), &RenderOptions::default())
             .nat
             .rules
@@ -743,7 +747,7 @@ fn a_partial_render_inserts_and_deletes_dispatch_entries() {
         )]
     );
     assert_eq!(
-        added.nat_total_rules,
+        added.totals.nat,
         render(&with, &config(), &RenderOptions::default())
             .nat
             .rules
@@ -758,7 +762,7 @@ fn a_partial_render_inserts_and_deletes_dispatch_entries() {
     );
     assert_eq!(lines_with(&removed, &format!("-X {api_chain}")).len(), 1);
     assert_eq!(
-        removed.nat_total_rules,
+        removed.totals.nat,
         render(&without, &config(), &RenderOptions::default())
             .nat
             .rules
@@ -1069,8 +1073,7 @@ fn a_partial_render_edits_the_bucket_of_a_changed_address() {
                 only: &only,
                 previous: &before,
                 applied_chains: &applied.service_chains,
-                applied_nat_rules: applied.nat_total_rules,
-                applied_filter_rules: applied.filter_total_rules,
+                applied_totals: applied.totals,
             }),
             dispatch: Dispatch::Buckets,
             ..RenderOptions::default()
@@ -1083,7 +1086,7 @@ fn a_partial_render_edits_the_bucket_of_a_changed_address() {
     assert!(edits[1].starts_with("-I KUBE-SERVICES-06 1 ") && edits[1].contains("203.0.113.70 "));
     assert!(!payload.text.contains(":KUBE-SERVICES"), "{}", payload.text);
     let full = render(&after, &config(), &options(Dispatch::Buckets));
-    assert_eq!(payload.nat_total_rules, full.nat.rules);
+    assert_eq!(payload.totals.nat, full.nat.rules);
 }
 
 #[test]
