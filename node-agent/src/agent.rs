@@ -127,10 +127,16 @@ impl Shared {
             .set(Timestamp::now().as_millisecond() as f64 / 1000.0);
         // The pending counts live in the gauges that export them.
         match kind {
-            ChangeKind::Service => self.metrics.service_changes_pending.inc(),
-            ChangeKind::Endpoints => self.metrics.endpoint_changes_pending.inc(),
-            ChangeKind::Node => return,
-        };
+            ChangeKind::Service => {
+                self.metrics.service_changes_pending.inc();
+                self.metrics.service_changes.inc();
+            }
+            ChangeKind::Endpoints => {
+                self.metrics.endpoint_changes_pending.inc();
+                self.metrics.endpoint_changes.inc();
+            }
+            ChangeKind::Node => {}
+        }
     }
 
     /// A sync is taking every pending change.
@@ -163,7 +169,7 @@ pub async fn run(client: Client, config: RunConfig) -> anyhow::Result<()> {
     // answer (unhealthy until the first sync), not a refused connection.
     serve_in_background(
         &config.healthz_bind_address,
-        health::proxy_router(shared.health.clone()),
+        health::proxy_router(shared.health.clone(), shared.metrics.clone()),
         "health",
         &shared.connections,
     )
@@ -604,6 +610,8 @@ impl Syncer {
         let mut restored = false;
         let mut models = Vec::new();
         let mut rule_counts: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut rules_written: BTreeMap<&str, usize> =
+            [("filter", 0), ("nat", 0), ("mangle", 0)].into();
         let mut stale_flows = Vec::new();
         for state in &mut self.families {
             let family = state.netfilter.family;
@@ -733,6 +741,13 @@ impl Syncer {
                     ] {
                         *rule_counts.entry(table).or_default() += rules;
                     }
+                    for (table, rules) in [
+                        ("filter", payload.filter.rules),
+                        ("nat", payload.nat.rules),
+                        ("mangle", payload.mangle.rules),
+                    ] {
+                        *rules_written.entry(table).or_default() += rules;
+                    }
                     info!(
                         family = ?family,
                         full,
@@ -804,6 +819,9 @@ impl Syncer {
             for (table, rules) in &rule_counts {
                 self.shared.metrics.set_rules(table, *rules);
             }
+            for (table, rules) in &rules_written {
+                self.shared.metrics.set_rules_written(table, *rules);
+            }
             self.shared.health.updated(started_at);
             self.shared
                 .metrics
@@ -831,8 +849,9 @@ impl Syncer {
         } else if restored {
             self.shared.metrics.sync_partial_duration.observe(elapsed);
         }
-        let service_checks =
-            health::wanted_service_checks(&models.iter().map(|m| m.as_ref()).collect::<Vec<_>>());
+        let model_refs: Vec<&Model> = models.iter().map(|m| m.as_ref()).collect();
+        self.shared.metrics.set_no_local_endpoints(&model_refs);
+        let service_checks = health::wanted_service_checks(&model_refs);
         SyncOutcome {
             new_issues: self.remember(issues),
             failed,

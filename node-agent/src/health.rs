@@ -22,6 +22,7 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 use tracing::info;
 
+use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::serve::{ConnectionBudget, serve};
 
@@ -201,21 +202,33 @@ pub fn wanted_service_checks(models: &[&Model]) -> BTreeMap<u16, ServiceHealth> 
     wanted
 }
 
-/// The router of the agent's own health server.
-pub fn proxy_router(health: Arc<ProxyHealth>) -> Router {
+/// The router of the agent's own health server; each answer is counted in
+/// kube-proxy's `kubeproxy_proxy_healthz_total` / `_livez_total`.
+pub fn proxy_router(health: Arc<ProxyHealth>, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/livez", get(livez))
-        .with_state(health)
+        .with_state((health, metrics))
 }
 
-async fn healthz(State(health): State<Arc<ProxyHealth>>) -> Response {
-    let (status, body) = proxy_answer(&health.snapshot(), Timestamp::now(), health.timeout, true);
-    (status, axum::Json(body)).into_response()
+type ProxyState = (Arc<ProxyHealth>, Arc<Metrics>);
+
+async fn healthz(State((health, metrics)): State<ProxyState>) -> Response {
+    answer_proxy_probe(&health, &metrics, true)
 }
 
-async fn livez(State(health): State<Arc<ProxyHealth>>) -> Response {
-    let (status, body) = proxy_answer(&health.snapshot(), Timestamp::now(), health.timeout, false);
+async fn livez(State((health, metrics)): State<ProxyState>) -> Response {
+    answer_proxy_probe(&health, &metrics, false)
+}
+
+fn answer_proxy_probe(health: &ProxyHealth, metrics: &Metrics, with_node: bool) -> Response {
+    let (status, body) = proxy_answer(
+        &health.snapshot(),
+        Timestamp::now(),
+        health.timeout,
+        with_node,
+    );
+    metrics.count_health_answer(with_node, status.as_u16());
     (status, axum::Json(body)).into_response()
 }
 

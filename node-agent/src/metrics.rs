@@ -1,14 +1,20 @@
 //! Prometheus metrics with kube-proxy's names (SPEC 2.3), so dashboards and
-//! alerts written for kube-proxy keep working, plus Causeway's own.
+//! alerts written for kube-proxy keep working, plus Causeway's own and the
+//! standard `process_*` metrics that kube-proxy's dashboards chart too.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::AtomicU64;
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::model::Model;
 
 type Labels = Vec<(String, String)>;
 
@@ -24,6 +30,12 @@ pub struct Metrics {
     pub partial_restore_failures: Counter,
     pub service_changes_pending: Gauge,
     pub endpoint_changes_pending: Gauge,
+    pub service_changes: Counter,
+    pub endpoint_changes: Counter,
+    pub rules_last: Family<Labels, Gauge>,
+    pub no_local_endpoints: Family<Labels, Gauge>,
+    pub healthz_answers: Family<Labels, Counter>,
+    pub livez_answers: Family<Labels, Counter>,
     pub last_sync_timestamp: Gauge<f64, AtomicU64>,
     pub last_queued_timestamp: Gauge<f64, AtomicU64>,
     pub restore_bytes: Histogram,
@@ -56,6 +68,12 @@ impl Metrics {
         let partial_restore_failures = Counter::default();
         let service_changes_pending = Gauge::default();
         let endpoint_changes_pending = Gauge::default();
+        let service_changes = Counter::default();
+        let endpoint_changes = Counter::default();
+        let rules_last = Family::<Labels, Gauge>::default();
+        let no_local_endpoints = Family::<Labels, Gauge>::default();
+        let healthz_answers = Family::<Labels, Counter>::default();
+        let livez_answers = Family::<Labels, Counter>::default();
         let last_sync_timestamp = Gauge::<f64, AtomicU64>::default();
         let last_queued_timestamp = Gauge::<f64, AtomicU64>::default();
         let restore_bytes = Histogram::new(exponential_buckets(1024.0, 4.0, 10));
@@ -108,6 +126,37 @@ impl Metrics {
             endpoint_changes_pending.clone(),
         );
         registry.register(
+            "kubeproxy_sync_proxy_rules_service_changes",
+            "Cumulative proxy rules Service changes",
+            service_changes.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes",
+            "Cumulative proxy rules Endpoint changes",
+            endpoint_changes.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_iptables_last",
+            "Number of iptables rules written by the agent in the last sync",
+            rules_last.clone(),
+        );
+        // kube-proxy's name ends in _total although it is a gauge.
+        registry.register(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Number of service ports with a Local traffic policy and no local endpoints",
+            no_local_endpoints.clone(),
+        );
+        registry.register(
+            "kubeproxy_proxy_healthz",
+            "Cumulative proxy healthz HTTP status",
+            healthz_answers.clone(),
+        );
+        registry.register(
+            "kubeproxy_proxy_livez",
+            "Cumulative proxy livez HTTP status",
+            livez_answers.clone(),
+        );
+        registry.register(
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
             "The last time proxy rules were successfully synced",
             last_sync_timestamp.clone(),
@@ -132,6 +181,7 @@ impl Metrics {
             "Periodic checks that found our rules damaged by another program (a canary chain deleted, a chain flushed, a jump gone); each starts a full sync",
             rules_damaged.clone(),
         );
+        registry.register_collector(Box::new(ProcessCollector));
         Metrics {
             registry,
             sync_duration,
@@ -143,6 +193,12 @@ impl Metrics {
             partial_restore_failures,
             service_changes_pending,
             endpoint_changes_pending,
+            service_changes,
+            endpoint_changes,
+            rules_last,
+            no_local_endpoints,
+            healthz_answers,
+            livez_answers,
             last_sync_timestamp,
             last_queued_timestamp,
             restore_bytes,
@@ -158,12 +214,132 @@ impl Metrics {
             .set(rules as i64);
     }
 
+    /// Sets the rules one sync wrote into one table.
+    pub fn set_rules_written(&self, table: &str, rules: usize) {
+        self.rules_last
+            .get_or_create(&vec![("table".to_string(), table.to_string())])
+            .set(rules as i64);
+    }
+
+    /// Sets the Local-policy ports without local endpoints from the models
+    /// the rules now follow.
+    pub fn set_no_local_endpoints(&self, models: &[&Model]) {
+        let counts = NoLocalEndpoints::of(models);
+        for (policy, count) in [("internal", counts.internal), ("external", counts.external)] {
+            self.no_local_endpoints
+                .get_or_create(&vec![("traffic_policy".to_string(), policy.to_string())])
+                .set(count as i64);
+        }
+    }
+
+    /// Counts one answer of `/healthz` (`healthz` true) or `/livez`.
+    pub fn count_health_answer(&self, healthz: bool, status: u16) {
+        let family = if healthz {
+            &self.healthz_answers
+        } else {
+            &self.livez_answers
+        };
+        family
+            .get_or_create(&vec![("code".to_string(), status.to_string())])
+            .inc();
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Service ports with `internalTrafficPolicy: Local` (`internal`) or
+/// `externalTrafficPolicy: Local` (`external`) that have no local endpoint,
+/// so that traffic under that policy is dropped on this node, as kube-proxy
+/// counts them. A port of a dual-stack Service counts once.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct NoLocalEndpoints {
+    pub internal: usize,
+    pub external: usize,
+}
+
+impl NoLocalEndpoints {
+    pub fn of(models: &[&Model]) -> Self {
+        let mut internal = BTreeSet::new();
+        let mut external = BTreeSet::new();
+        for port in models.iter().flat_map(|m| &m.service_ports) {
+            if !port.local_endpoints.is_empty() {
+                continue;
+            }
+            let key = (&port.name, port.protocol);
+            if port.internal_policy_local() {
+                internal.insert(key);
+            }
+            if port.external_policy_local() {
+                external.insert(key);
+            }
+        }
+        NoLocalEndpoints {
+            internal: internal.len(),
+            external: external.len(),
+        }
+    }
+}
+
+/// The `process_*` metrics of this process, read from /proc at each scrape
+/// (the names every Prometheus client library uses).
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let now = metrics_process::collector::collect();
+        if let Some(seconds) = now.cpu_seconds_total {
+            let counter = ConstCounter::new(seconds);
+            counter.encode(encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds",
+                None,
+                counter.metric_type(),
+            )?)?;
+        }
+        for (name, help, value) in [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                now.resident_memory_bytes,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                now.virtual_memory_bytes,
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors",
+                now.open_fds,
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                now.max_fds,
+            ),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch in seconds",
+                now.start_time_seconds,
+            ),
+            (
+                "process_threads",
+                "Number of OS threads in the process",
+                now.threads,
+            ),
+        ] {
+            let Some(value) = value else { continue };
+            let gauge = ConstGauge::new(value as i64);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
     }
 }
 
@@ -187,6 +363,153 @@ mod tests {
             "causeway_agent_conntrack_entries_deleted_total 0",
         ] {
             assert!(text.contains(expected), "{expected} missing from:\n{text}");
+        }
+    }
+
+    /// The value of the one sample named `name` (labels included).
+    fn sample(text: &str, name: &str) -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .unwrap_or_else(|| panic!("{name} missing from:\n{text}"));
+        line[name.len()..].trim().parse().unwrap()
+    }
+
+    #[test]
+    fn kube_proxy_sync_and_probe_counters_are_exported() {
+        let metrics = Metrics::new();
+        metrics.endpoint_changes.inc();
+        metrics.endpoint_changes.inc();
+        metrics.service_changes.inc();
+        metrics.set_rules_written("nat", 12);
+        metrics.count_health_answer(true, 200);
+        metrics.count_health_answer(true, 503);
+        metrics.count_health_answer(true, 503);
+        metrics.count_health_answer(false, 200);
+        let text = metrics.encode();
+        for (name, value) in [
+            ("kubeproxy_sync_proxy_rules_endpoint_changes_total", 2.0),
+            ("kubeproxy_sync_proxy_rules_service_changes_total", 1.0),
+            (
+                "kubeproxy_sync_proxy_rules_iptables_last{table=\"nat\"}",
+                12.0,
+            ),
+            ("kubeproxy_proxy_healthz_total{code=\"200\"}", 1.0),
+            ("kubeproxy_proxy_healthz_total{code=\"503\"}", 2.0),
+            ("kubeproxy_proxy_livez_total{code=\"200\"}", 1.0),
+        ] {
+            assert_eq!(sample(&text, name), value, "{name} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn process_metrics_describe_this_process() {
+        // Spend some CPU first: the kernel counts it in 10 ms ticks.
+        let started = std::time::Instant::now();
+        let mut spin = 0u64;
+        while started.elapsed() < std::time::Duration::from_millis(50) {
+            spin = std::hint::black_box(spin.wrapping_add(1));
+        }
+        let text = Metrics::new().encode();
+        // This test process holds far more than a megabyte and at least
+        // stdin, stdout and stderr.
+        assert!(
+            sample(&text, "process_resident_memory_bytes") > 1e6,
+            "{text}"
+        );
+        assert!(sample(&text, "process_open_fds") >= 3.0, "{text}");
+        assert!(sample(&text, "process_cpu_seconds_total") > 0.0, "{text}");
+        assert!(
+            text.contains("# TYPE process_cpu_seconds counter"),
+            "{text}"
+        );
+        let started = sample(&text, "process_start_time_seconds");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(
+            started <= now && started > now - 3600.0,
+            "{started} vs {now}"
+        );
+    }
+
+    #[test]
+    fn local_policy_ports_without_local_endpoints_are_counted_once_per_port() {
+        use crate::addr::IpFamily;
+        use crate::model::fixtures::{EndpointBuilder, NodeBuilder, ServiceBuilder, SliceBuilder};
+        use crate::model::{NodeInfo, build};
+
+        let node = NodeInfo::from_node(
+            &NodeBuilder::new("node-a")
+                .internal_ip("192.168.0.10")
+                .build(),
+            &mut Vec::new(),
+        );
+        let remote_only = |service: &str| {
+            SliceBuilder::new("default", service, &format!("{service}-1"))
+                .port("http", 8080, "TCP")
+                .endpoint(EndpointBuilder::new("10.244.2.9").node("node-b"))
+                .build()
+        };
+        let service = |name: &str, ip: &str| {
+            ServiceBuilder::new("default", name)
+                .cluster_ip(ip)
+                .port("http", 80, "TCP")
+        };
+        let etp_local_node_port = |name: &str, ip: &str, node_port: i32| {
+            service(name, ip)
+                .type_("NodePort")
+                .node_port(node_port)
+                .external_traffic_policy("Local")
+                .build()
+        };
+        let services = [
+            // ITP=Local, its only endpoint elsewhere: internal traffic drops.
+            service("itp", "10.96.0.11")
+                .internal_traffic_policy("Local")
+                .build(),
+            // ETP=Local, endpoint elsewhere: external traffic drops.
+            etp_local_node_port("etp", "10.96.0.12", 30080),
+            // ETP=Local with a local endpoint: not counted.
+            etp_local_node_port("served", "10.96.0.13", 30081),
+            // Cluster policies: never counted.
+            service("cluster", "10.96.0.14").build(),
+        ];
+        let slices = [
+            remote_only("itp"),
+            remote_only("etp"),
+            remote_only("cluster"),
+            SliceBuilder::new("default", "served", "served-1")
+                .port("http", 8080, "TCP")
+                .endpoint(EndpointBuilder::new("10.244.1.9").node("node-a"))
+                .build(),
+        ];
+        let (model, issues) = build(&services, &slices, &node, IpFamily::V4);
+        assert!(issues.is_empty(), "{issues:?}");
+        assert_eq!(
+            NoLocalEndpoints::of(&[&model]),
+            NoLocalEndpoints {
+                internal: 1,
+                external: 1
+            }
+        );
+        // The same port in a second family's model counts once.
+        assert_eq!(
+            NoLocalEndpoints::of(&[&model, &model]),
+            NoLocalEndpoints {
+                internal: 1,
+                external: 1
+            }
+        );
+        let metrics = Metrics::new();
+        metrics.set_no_local_endpoints(&[&model]);
+        let text = metrics.encode();
+        for policy in ["internal", "external"] {
+            let name = format!(
+                "kubeproxy_sync_proxy_rules_no_local_endpoints_total{{traffic_policy=\"{policy}\"}}"
+            );
+            assert_eq!(sample(&text, &name), 1.0, "{text}");
         }
     }
 }

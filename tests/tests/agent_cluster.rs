@@ -257,6 +257,47 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
         .await?;
     wait_http(&cluster.external_netns(), &url, 503, "\"localEndpoints\":0")?;
 
+    // kube-proxy's other sync and probe metrics: both ports of web now drop
+    // external traffic on node-1; the probes above were counted. And the
+    // process metrics its dashboards chart.
+    let metrics = eventually(
+        Duration::from_secs(10),
+        "web's two ports counted without local endpoints",
+        || async {
+            let (_, _, text) = http_get(&node1.netns, "http://127.0.0.1:10249/metrics")?;
+            let external = metrics::value(
+                &text,
+                "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"external\"}",
+            );
+            Ok((external == Some(2.0)).then_some(text))
+        },
+    )
+    .await?;
+    for (name, at_least) in [
+        ("kubeproxy_proxy_healthz_total{code=\"200\"}", 1.0),
+        ("kubeproxy_sync_proxy_rules_endpoint_changes_total", 2.0),
+        ("kubeproxy_sync_proxy_rules_service_changes_total", 2.0),
+        (
+            "kubeproxy_sync_proxy_rules_iptables_last{table=\"nat\"}",
+            1.0,
+        ),
+        ("process_resident_memory_bytes", 1e6),
+        ("process_open_fds", 3.0),
+    ] {
+        let value = metrics::value(&metrics, name).unwrap_or(-1.0);
+        assert!(
+            value >= at_least,
+            "{name} = {value}, want >= {at_least}:\n{metrics}"
+        );
+    }
+    assert_eq!(
+        metrics::value(
+            &metrics,
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"internal\"}"
+        ),
+        Some(0.0)
+    );
+
     // A change that does not touch the rules (a label) applies nothing.
     let restores = |metrics: &str| -> u64 {
         metrics::value(metrics, "causeway_agent_restore_bytes_count").unwrap_or(0.0) as u64
