@@ -8,6 +8,7 @@ pub mod config;
 pub mod conntrack;
 pub mod debug;
 pub mod health;
+pub mod kube_proxy_config;
 pub mod manifests;
 pub mod metrics;
 pub mod model;

@@ -2,16 +2,21 @@
 //! and `run` (watch the API, program this node).
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{ArgAction, Args, CommandFactory as _, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{
+    ArgAction, ArgMatches, Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand,
+};
 
 use causeway_agent::addr::IpFamily;
 use causeway_agent::agent::{self, RunConfig};
-use causeway_agent::config::{DetectLocalMode, ProxyOptions};
+use causeway_agent::config::{DetectLocalMode, ProxyOptions, parse_duration};
+use causeway_agent::kube_proxy_config::{self, FileSettings};
 use causeway_agent::manifests;
 use causeway_agent::model::{self, NodeInfo};
 use causeway_agent::netfilter::Backend;
@@ -87,7 +92,96 @@ struct ProxyFlags {
     localhost_nodeports: bool,
 }
 
+/// Sets `target` from the configuration file unless the user gave flag `id`
+/// (on the command line or in the environment), which wins.
+fn fill<T>(given: &BTreeSet<String>, id: &str, target: &mut T, from_file: Option<T>) {
+    if let Some(value) = from_file
+        && !given.contains(id)
+    {
+        *target = value;
+    }
+}
+
+/// The flags of subcommand `name` that the user gave, on the command line or
+/// in the environment; the others are at their defaults.
+fn given_flags(matches: &ArgMatches, name: &str) -> BTreeSet<String> {
+    let Some(sub) = matches.subcommand_matches(name) else {
+        return BTreeSet::new();
+    };
+    sub.ids()
+        .map(|id| id.as_str())
+        .filter(|id| {
+            matches!(
+                sub.value_source(id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Loads `--config` if given.
+fn config_file(path: Option<&std::path::Path>) -> anyhow::Result<FileSettings> {
+    match path {
+        Some(path) => Ok(kube_proxy_config::load(path)?),
+        None => Ok(FileSettings::default()),
+    }
+}
+
 impl ProxyFlags {
+    /// Takes what the configuration file sets, except where a flag was given.
+    fn apply_file(&mut self, file: &FileSettings, given: &BTreeSet<String>) {
+        let f = file.clone();
+        fill(
+            given,
+            "cluster_cidr",
+            &mut self.cluster_cidr,
+            f.cluster_cidrs,
+        );
+        fill(
+            given,
+            "detect_local_mode",
+            &mut self.detect_local_mode,
+            f.detect_local_mode,
+        );
+        fill(
+            given,
+            "pod_bridge_interface",
+            &mut self.pod_bridge_interface,
+            f.pod_bridge_interface.map(Some),
+        );
+        fill(
+            given,
+            "pod_interface_name_prefix",
+            &mut self.pod_interface_name_prefix,
+            f.pod_interface_name_prefix.map(Some),
+        );
+        fill(
+            given,
+            "masquerade_all",
+            &mut self.masquerade_all,
+            f.masquerade_all,
+        );
+        fill(
+            given,
+            "masquerade_bit",
+            &mut self.masquerade_bit,
+            f.masquerade_bit,
+        );
+        fill(
+            given,
+            "nodeport_addresses",
+            &mut self.nodeport_addresses,
+            f.nodeport_addresses,
+        );
+        fill(
+            given,
+            "localhost_nodeports",
+            &mut self.localhost_nodeports,
+            f.localhost_nodeports,
+        );
+    }
+
     fn options(
         &self,
         node_ips: &[IpAddr],
@@ -146,15 +240,25 @@ struct RenderArgs {
     /// reported on stderr and left out).
     #[arg(long)]
     skip_invalid: bool,
+    /// kube-proxy's configuration file (a KubeProxyConfiguration); its
+    /// data-path settings apply unless a flag says otherwise.
+    #[arg(long)]
+    config: Option<PathBuf>,
     #[command(flatten)]
     proxy: ProxyFlags,
 }
 
 #[derive(Args, Debug)]
 struct RunArgs {
-    /// This node's name (as in the Node object).
-    #[arg(long, env = "NODE_NAME")]
-    node_name: String,
+    /// kube-proxy's configuration file: a KubeProxyConfiguration, as in the
+    /// kube-proxy ConfigMap. Flags given on the command line or in the
+    /// environment win over it; fields the agent has no use for are logged.
+    #[arg(long, env = "CAUSEWAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// This node's name (as in the Node object); kube-proxy's
+    /// --hostname-override is accepted too.
+    #[arg(long, alias = "hostname-override", env = "NODE_NAME")]
+    node_name: Option<String>,
     /// kubeconfig file; default: in-cluster config, then ~/.kube/config.
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
@@ -243,32 +347,62 @@ fn parse_ip_family(text: &str) -> Result<u8, String> {
     }
 }
 
-/// `30s`, `1m`, `500ms`, `2h` or plain seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 30s"))?;
-    let seconds = match unit {
-        "" | "s" => value,
-        "ms" => value / 1000.0,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return Err(format!("{text:?}: unit must be ms, s, m or h")),
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())
-}
-
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::Render(args) => render(args),
-        Command::Run(args) => run(args),
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match cli.command {
+        Command::Render(mut args) => {
+            let file = config_file(args.config.as_deref())?;
+            args.proxy
+                .apply_file(&file, &given_flags(&matches, "render"));
+            render(args)
+        }
+        Command::Run(mut args) => {
+            let file = config_file(args.config.as_deref())?;
+            args.apply_file(&file, &given_flags(&matches, "run"));
+            run(args, &file.ignored)
+        }
         Command::Trace(args) => trace(args),
         Command::Cleanup(args) => cleanup(args),
+    }
+}
+
+impl RunArgs {
+    /// Takes what the configuration file sets, except where a flag was given.
+    fn apply_file(&mut self, file: &FileSettings, given: &BTreeSet<String>) {
+        let f = file.clone();
+        fill(
+            given,
+            "node_name",
+            &mut self.node_name,
+            f.node_name.map(Some),
+        );
+        fill(
+            given,
+            "kubeconfig",
+            &mut self.kubeconfig,
+            f.kubeconfig.map(Some),
+        );
+        fill(given, "sync_period", &mut self.sync_period, f.sync_period);
+        fill(
+            given,
+            "min_sync_period",
+            &mut self.min_sync_period,
+            f.min_sync_period,
+        );
+        fill(
+            given,
+            "healthz_bind_address",
+            &mut self.healthz_bind_address,
+            f.healthz_bind_address,
+        );
+        fill(
+            given,
+            "metrics_bind_address",
+            &mut self.metrics_bind_address,
+            f.metrics_bind_address,
+        );
+        self.proxy.apply_file(file, given);
     }
 }
 
@@ -421,6 +555,7 @@ fn trace(args: TraceArgs) -> anyhow::Result<()> {
             random_fully: true,
             jump_rules: true,
             skip_invalid: true,
+            config: None,
             proxy,
         })?;
         (rendered.payload, rendered.node_ips)
@@ -499,8 +634,9 @@ fn local_addresses_here() -> Vec<IpAddr> {
         .collect()
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
+fn run(args: RunArgs, ignored_in_file: &[String]) -> anyhow::Result<()> {
     let RunArgs {
+        config,
         node_name,
         kubeconfig,
         node_ip,
@@ -513,6 +649,18 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         proxy,
     } = args;
     init_logging(log_json);
+    let node_name = node_name.context(
+        "no node name: pass --node-name, set NODE_NAME, or set hostnameOverride in --config",
+    )?;
+    if let Some(path) = &config {
+        tracing::info!(file = %path.display(), "read kube-proxy's configuration");
+        if !ignored_in_file.is_empty() {
+            tracing::warn!(
+                fields = ignored_in_file.join(", "),
+                "these fields of the configuration file are not used by causeway-agent"
+            );
+        }
+    }
     // Before anything else: two backends with Service rules is a node that
     // silently misroutes, so say so and stop.
     let mut families = vec![IpFamily::V4];
@@ -590,13 +738,47 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations_parse_like_kube_proxy_flags() {
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5d").is_err());
+    fn a_config_file_fills_only_what_no_flag_gave() {
+        let matches = Cli::command()
+            .try_get_matches_from([
+                "causeway-agent",
+                "run",
+                "--config",
+                "kube-proxy.conf",
+                "--sync-period",
+                "10s",
+                "--masquerade-bit",
+                "12",
+            ])
+            .unwrap();
+        let Command::Run(mut args) = Cli::from_arg_matches(&matches).unwrap().command else {
+            panic!("run")
+        };
+        let file = kube_proxy_config::parse(
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
+             kind: KubeProxyConfiguration\n\
+             hostnameOverride: node-a\n\
+             metricsBindAddress: 0.0.0.0:10249\n\
+             nodePortAddresses: [primary]\n\
+             iptables: {masqueradeBit: 13, syncPeriod: 1m0s, minSyncPeriod: 2s, masqueradeAll: true}\n",
+        )
+        .unwrap();
+        args.apply_file(&file, &given_flags(&matches, "run"));
+        // Given on the command line: the flags win.
+        assert_eq!(args.sync_period, Duration::from_secs(10));
+        assert_eq!(args.proxy.masquerade_bit, 12);
+        // Left at their defaults: the file fills them.
+        assert_eq!(args.min_sync_period, Duration::from_secs(2));
+        assert!(args.proxy.masquerade_all);
+        assert_eq!(args.proxy.nodeport_addresses, ["primary"]);
+        assert_eq!(args.metrics_bind_address, "0.0.0.0:10249");
+        // Not in the file: the defaults stay.
+        assert_eq!(args.healthz_bind_address, "0.0.0.0:10256");
+        assert!(args.proxy.localhost_nodeports);
+        // NODE_NAME, where this test runs with it, counts as given.
+        if std::env::var_os("NODE_NAME").is_none() {
+            assert_eq!(args.node_name.as_deref(), Some("node-a"));
+        }
     }
 
     #[test]

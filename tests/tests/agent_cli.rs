@@ -97,3 +97,90 @@ fn render_names_the_file_the_object_and_the_field() -> Result<()> {
     assert!(text.contains(&file) && !text.contains("panicked"), "{text}");
     Ok(())
 }
+
+/// kube-proxy's configuration file (`--config`) sets the data path; a flag
+/// given beside it wins; a bad file is refused with the file, field and line.
+#[test]
+fn a_kube_proxy_configuration_file_drives_the_agent() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let service = dir.path().join("web.yaml");
+    std::fs::write(
+        &service,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+         spec:\n  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80}\n\
+         ---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\n\
+         addressType: IPv4\nports: [{name: http, port: 8080}]\n\
+         endpoints: [{addresses: [10.244.1.5]}]\n",
+    )?;
+    let config = dir.path().join("config.conf");
+    std::fs::write(
+        &config,
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
+         kind: KubeProxyConfiguration\n\
+         clusterCIDR: 10.244.0.0/16\n\
+         iptables:\n  masqueradeBit: 13\n  syncPeriod: 1m0s\n\
+         ipvs: {scheduler: \"\"}\n",
+    )?;
+    let (service, config) = (service.display().to_string(), config.display().to_string());
+    let render = |extra: &[&str]| -> Result<(i32, String)> {
+        let mut args = vec![
+            "render",
+            "--manifests",
+            &service,
+            "--node-name",
+            "n",
+            "--node-ip",
+            "192.168.0.10",
+            "--config",
+            &config,
+        ];
+        args.extend_from_slice(extra);
+        agent(&args)
+    };
+    let (code, text) = render(&[])?;
+    assert_eq!(code, 0, "{text}");
+    // Bit 13 of the file, and its cluster CIDR in the Service's masquerade rule.
+    assert!(
+        text.contains("-A KUBE-MARK-MASQ -j MARK --or-mark 0x2000"),
+        "{text}"
+    );
+    assert!(
+        text.contains("--dport 80 ! -s 10.244.0.0/16 -j KUBE-MARK-MASQ"),
+        "{text}"
+    );
+    let (code, text) = render(&["--masquerade-bit", "12"])?;
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("-A KUBE-MARK-MASQ -j MARK --or-mark 0x1000"),
+        "{text}"
+    );
+
+    // A misspelt field: the file, the field, the line, and what is accepted.
+    std::fs::write(
+        &config,
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
+         kind: KubeProxyConfiguration\n\
+         iptables:\n  masqueradeBit: 13\n  syncPeriode: 30s\n",
+    )?;
+    let (code, text) = agent(&["run", "--config", &config, "--node-name", "n"])?;
+    assert_ne!(code, 0, "{text}");
+    assert!(
+        text.contains(&config)
+            && text.contains("unknown field `syncPeriode`")
+            && text.contains("`minSyncPeriod`")
+            && text.contains("line 5"),
+        "{text}"
+    );
+    // A mode the agent is not.
+    std::fs::write(
+        &config,
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: ipvs\n",
+    )?;
+    let (code, text) = agent(&["run", "--config", &config, "--node-name", "n"])?;
+    assert_ne!(code, 0, "{text}");
+    assert!(text.contains("mode: \"ipvs\""), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+    Ok(())
+}

@@ -100,19 +100,26 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
     let cluster = Cluster::start(ClusterOptions::nodes(2)).await?;
     let node1 = cluster.node("node-1").clone();
     let agent = workspace_bin("causeway-agent");
+    // Configured as kube-proxy is, from its configuration file: no periodic
+    // full sync during the test (every sync it sees is caused by an API
+    // change), and /metrics open to the network, as the Helm chart's pod
+    // monitor wants it (checked from another host below). A field the agent
+    // has no use for is logged and ignored.
+    let config = cluster.dir().join("kube-proxy.conf");
+    std::fs::write(
+        &config,
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
+         kind: KubeProxyConfiguration\n\
+         mode: iptables\n\
+         metricsBindAddress: 0.0.0.0:10249\n\
+         iptables: {syncPeriod: 10m0s, minSyncPeriod: 1s}\n\
+         conntrack: {maxPerCore: 32768}\n",
+    )?;
     let agent_pid = cluster.spawn_agent(
         "node-1",
         "agent-node-1",
         &agent,
-        // No periodic full sync during the test: every sync it sees is
-        // caused by an API change. /metrics open to the network, as the
-        // Helm chart's pod monitor wants it.
-        &[
-            "--sync-period",
-            "10m",
-            "--metrics-bind-address",
-            "0.0.0.0:10249",
-        ],
+        &["--config", &config.display().to_string()],
     )?;
 
     let client_pod = cluster
@@ -211,6 +218,13 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
     )
     .unwrap_or(0.0) as u64;
     assert!(partial > 0, "no partial sync:\n{metrics}");
+    // The configuration file's field the agent does not use was named.
+    let log = std::fs::read_to_string(cluster.dir().join("agent-node-1.log"))?;
+    assert!(
+        log.lines()
+            .any(|l| l.contains("not used by causeway-agent") && l.contains("conntrack")),
+        "{log}"
+    );
 
     // The agent's own health, as the NLB and kubelet probe it.
     let (_, body) = wait_http(

@@ -1,0 +1,525 @@
+//! kube-proxy's configuration file (`--config`): a `KubeProxyConfiguration`
+//! (`kubeproxy.config.k8s.io/v1alpha1`, or `v1alpha2`), as kubeadm and EKS
+//! keep it in the `kube-proxy` ConfigMap, read into the agent's settings so
+//! that a kube-proxy DaemonSet's configuration drives the agent unchanged.
+//!
+//! Every field kube-proxy knows is accepted; a misspelt one is an error that
+//! names it. Fields the agent has no use for (IPVS, Windows, conntrack
+//! sysctls, …) are reported back so the caller can say they were ignored.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_yaml::Value;
+
+use crate::config::{DetectLocalMode, parse_duration};
+
+const API_GROUP: &str = "kubeproxy.config.k8s.io/";
+
+/// What a configuration file sets, in the agent's terms; `None` is "not set"
+/// (kube-proxy's zero values: `""`, `null`, `0s`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FileSettings {
+    pub node_name: Option<String>,
+    pub kubeconfig: Option<PathBuf>,
+    pub cluster_cidrs: Option<Vec<String>>,
+    pub detect_local_mode: Option<DetectLocalMode>,
+    pub pod_bridge_interface: Option<String>,
+    pub pod_interface_name_prefix: Option<String>,
+    pub masquerade_all: Option<bool>,
+    pub masquerade_bit: Option<u8>,
+    pub nodeport_addresses: Option<Vec<String>>,
+    pub localhost_nodeports: Option<bool>,
+    pub sync_period: Option<Duration>,
+    pub min_sync_period: Option<Duration>,
+    pub healthz_bind_address: Option<String>,
+    pub metrics_bind_address: Option<String>,
+    /// Fields set in the file that the agent does not use, by path
+    /// (`conntrack.maxPerCore`).
+    pub ignored: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+/// Reads and checks the file at `path`.
+pub fn load(path: &Path) -> Result<FileSettings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&text).map_err(|message| ConfigError::Invalid {
+        path: path.display().to_string(),
+        message,
+    })
+}
+
+/// The file's text into settings; the error names the field.
+pub fn parse(text: &str) -> Result<FileSettings, String> {
+    let file: KubeProxyConfiguration = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+    file.settings()
+}
+
+// The shape of the file. Unknown fields are refused, so a typo is reported
+// instead of silently doing nothing.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct KubeProxyConfiguration {
+    api_version: String,
+    kind: String,
+    #[serde(default)]
+    hostname_override: Option<String>,
+    #[serde(default)]
+    client_connection: Option<ClientConnection>,
+    #[serde(default, rename = "clusterCIDR")]
+    cluster_cidr: Option<String>,
+    #[serde(default)]
+    detect_local_mode: Option<String>,
+    #[serde(default)]
+    detect_local: Option<DetectLocal>,
+    #[serde(default)]
+    healthz_bind_address: Option<String>,
+    #[serde(default)]
+    metrics_bind_address: Option<String>,
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default)]
+    node_port_addresses: Option<Vec<String>>,
+    #[serde(default)]
+    iptables: Option<Iptables>,
+    #[serde(default)]
+    linux: Option<Linux>,
+    // v1alpha2 moved the sync periods up here.
+    #[serde(default)]
+    sync_period: Option<String>,
+    #[serde(default)]
+    min_sync_period: Option<String>,
+    // Known to kube-proxy, of no use to the agent.
+    #[serde(default)]
+    feature_gates: Option<Value>,
+    #[serde(default)]
+    bind_address: Option<Value>,
+    #[serde(default)]
+    bind_address_hard_fail: Option<Value>,
+    #[serde(default)]
+    enable_profiling: Option<Value>,
+    #[serde(default)]
+    show_hidden_metrics_for_version: Option<Value>,
+    #[serde(default)]
+    ipvs: Option<Value>,
+    #[serde(default)]
+    nftables: Option<Value>,
+    #[serde(default)]
+    winkernel: Option<Value>,
+    #[serde(default)]
+    windows: Option<Value>,
+    #[serde(default)]
+    windows_run_as_service: Option<Value>,
+    #[serde(default)]
+    conntrack: Option<Value>,
+    #[serde(default)]
+    oom_score_adj: Option<Value>,
+    #[serde(default)]
+    config_sync_period: Option<Value>,
+    #[serde(default)]
+    port_range: Option<Value>,
+    #[serde(default)]
+    logging: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ClientConnection {
+    #[serde(default)]
+    kubeconfig: Option<String>,
+    #[serde(default)]
+    accept_content_types: Option<Value>,
+    #[serde(default)]
+    content_type: Option<Value>,
+    #[serde(default)]
+    qps: Option<Value>,
+    #[serde(default)]
+    burst: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct DetectLocal {
+    #[serde(default)]
+    bridge_interface: Option<String>,
+    #[serde(default)]
+    interface_name_prefix: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Iptables {
+    #[serde(default)]
+    masquerade_all: Option<bool>,
+    #[serde(default)]
+    masquerade_bit: Option<i64>,
+    #[serde(default)]
+    localhost_node_ports: Option<bool>,
+    #[serde(default)]
+    sync_period: Option<String>,
+    #[serde(default)]
+    min_sync_period: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Linux {
+    #[serde(default)]
+    masquerade_all: Option<bool>,
+    #[serde(default)]
+    conntrack: Option<Value>,
+    #[serde(default)]
+    oom_score_adj: Option<Value>,
+}
+
+/// `None` for kube-proxy's "unset" string.
+fn non_empty(value: Option<String>) -> Option<String> {
+    value
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// A Go duration (`30s`, `1m0s`); `0s` means "the default".
+fn duration(field: &str, value: Option<String>) -> Result<Option<Duration>, String> {
+    let Some(text) = non_empty(value) else {
+        return Ok(None);
+    };
+    let parsed = parse_duration(&text).map_err(|e| format!("{field}: {e}"))?;
+    Ok((!parsed.is_zero()).then_some(parsed))
+}
+
+/// Whether a value says anything: not null, `""`, `0`, `"0"`, `0s`, `false`,
+/// or a map or list of only such values (kubeadm writes every field).
+fn is_set(value: &Value) -> bool {
+    match value {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        Value::String(s) => !matches!(s.trim(), "" | "0" | "0s"),
+        Value::Sequence(items) => items.iter().any(is_set),
+        Value::Mapping(map) => map.values().any(is_set),
+        Value::Tagged(tagged) => is_set(&tagged.value),
+    }
+}
+
+impl KubeProxyConfiguration {
+    fn settings(self) -> Result<FileSettings, String> {
+        if !self.api_version.starts_with(API_GROUP) {
+            return Err(format!(
+                "apiVersion: {:?} is not {API_GROUP}v1alpha1 (a KubeProxyConfiguration)",
+                self.api_version
+            ));
+        }
+        if self.kind != "KubeProxyConfiguration" {
+            return Err(format!(
+                "kind: {:?} is not KubeProxyConfiguration",
+                self.kind
+            ));
+        }
+        match non_empty(self.mode).as_deref() {
+            None | Some("iptables") => {}
+            Some(other) => {
+                return Err(format!(
+                    "mode: {other:?}: causeway-agent is kube-proxy's iptables mode; \
+                     use \"iptables\" or leave it empty"
+                ));
+            }
+        }
+        let mut ignored = Vec::new();
+        let mut note = |name: &str, value: &Option<Value>| {
+            if value.as_ref().is_some_and(is_set) {
+                ignored.push(name.to_string());
+            }
+        };
+        note("featureGates", &self.feature_gates);
+        note("bindAddress", &self.bind_address);
+        note("bindAddressHardFail", &self.bind_address_hard_fail);
+        note("enableProfiling", &self.enable_profiling);
+        note(
+            "showHiddenMetricsForVersion",
+            &self.show_hidden_metrics_for_version,
+        );
+        note("ipvs", &self.ipvs);
+        note("nftables", &self.nftables);
+        note("winkernel", &self.winkernel);
+        note("windows", &self.windows);
+        note("windowsRunAsService", &self.windows_run_as_service);
+        note("conntrack", &self.conntrack);
+        note("oomScoreAdj", &self.oom_score_adj);
+        note("configSyncPeriod", &self.config_sync_period);
+        note("portRange", &self.port_range);
+        note("logging", &self.logging);
+        if let Some(client) = &self.client_connection {
+            note(
+                "clientConnection.acceptContentTypes",
+                &client.accept_content_types,
+            );
+            note("clientConnection.contentType", &client.content_type);
+            note("clientConnection.qps", &client.qps);
+            note("clientConnection.burst", &client.burst);
+        }
+        if let Some(linux) = &self.linux {
+            note("linux.conntrack", &linux.conntrack);
+            note("linux.oomScoreAdj", &linux.oom_score_adj);
+        }
+
+        let iptables = self.iptables.unwrap_or(Iptables {
+            masquerade_all: None,
+            masquerade_bit: None,
+            localhost_node_ports: None,
+            sync_period: None,
+            min_sync_period: None,
+        });
+        let masquerade_bit = match iptables.masquerade_bit {
+            None => None,
+            Some(bit @ 0..=31) => Some(bit as u8),
+            Some(bit) => {
+                return Err(format!(
+                    "iptables.masqueradeBit: {bit} is not a bit of the mark (0 to 31)"
+                ));
+            }
+        };
+        let detect_local_mode = match non_empty(self.detect_local_mode) {
+            None => None,
+            Some(mode) => Some(
+                mode.parse::<DetectLocalMode>()
+                    .map_err(|e| format!("detectLocalMode: {e}"))?,
+            ),
+        };
+        let (pod_bridge_interface, pod_interface_name_prefix) = match self.detect_local {
+            Some(d) => (
+                non_empty(d.bridge_interface),
+                non_empty(d.interface_name_prefix),
+            ),
+            None => (None, None),
+        };
+        // The top-level periods (v1alpha2) win over the iptables ones.
+        let sync_period = match duration("syncPeriod", self.sync_period)? {
+            Some(d) => Some(d),
+            None => duration("iptables.syncPeriod", iptables.sync_period)?,
+        };
+        let min_sync_period = match duration("minSyncPeriod", self.min_sync_period)? {
+            Some(d) => Some(d),
+            None => duration("iptables.minSyncPeriod", iptables.min_sync_period)?,
+        };
+        let masquerade_all = match (
+            iptables.masquerade_all,
+            self.linux.as_ref().and_then(|l| l.masquerade_all),
+        ) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(false) || b.unwrap_or(false)),
+        };
+        Ok(FileSettings {
+            node_name: non_empty(self.hostname_override).map(|n| n.to_lowercase()),
+            kubeconfig: self
+                .client_connection
+                .and_then(|c| non_empty(c.kubeconfig))
+                .map(PathBuf::from),
+            cluster_cidrs: non_empty(self.cluster_cidr).map(|c| {
+                c.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            }),
+            detect_local_mode,
+            pod_bridge_interface,
+            pod_interface_name_prefix,
+            masquerade_all,
+            masquerade_bit,
+            nodeport_addresses: self.node_port_addresses.filter(|a| !a.is_empty()),
+            localhost_nodeports: iptables.localhost_node_ports,
+            sync_period,
+            min_sync_period,
+            healthz_bind_address: non_empty(self.healthz_bind_address),
+            metrics_bind_address: non_empty(self.metrics_bind_address),
+            ignored,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ConfigMap kubeadm writes (every field, most at their zero value),
+    /// with a cluster's choices filled in.
+    const KUBEADM: &str = r#"
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+bindAddress: 0.0.0.0
+bindAddressHardFail: false
+clientConnection:
+  acceptContentTypes: ""
+  burst: 0
+  contentType: ""
+  kubeconfig: /var/lib/kube-proxy/kubeconfig.conf
+  qps: 0
+clusterCIDR: 10.244.0.0/16,fd00:10:244::/56
+configSyncPeriod: 0s
+conntrack:
+  maxPerCore: null
+  min: null
+  tcpBeLiberal: false
+  tcpCloseWaitTimeout: null
+  tcpEstablishedTimeout: null
+  udpStreamTimeout: 0s
+  udpTimeout: 0s
+detectLocal:
+  bridgeInterface: ""
+  interfaceNamePrefix: ""
+detectLocalMode: ""
+enableProfiling: false
+healthzBindAddress: ""
+hostnameOverride: ""
+iptables:
+  localhostNodePorts: false
+  masqueradeAll: false
+  masqueradeBit: 13
+  minSyncPeriod: 2s
+  syncPeriod: 1m0s
+ipvs:
+  excludeCIDRs: null
+  minSyncPeriod: 0s
+  scheduler: ""
+  strictARP: false
+  syncPeriod: 0s
+  tcpFinTimeout: 0s
+  tcpTimeout: 0s
+  udpTimeout: 0s
+kind: KubeProxyConfiguration
+logging:
+  flushFrequency: 0
+  options:
+    json:
+      infoBufferSize: "0"
+    text:
+      infoBufferSize: "0"
+  verbosity: 0
+metricsBindAddress: 0.0.0.0:10249
+mode: iptables
+nftables:
+  masqueradeAll: false
+  masqueradeBit: null
+  minSyncPeriod: 0s
+  syncPeriod: 0s
+nodePortAddresses:
+- primary
+oomScoreAdj: null
+portRange: ""
+showHiddenMetricsForVersion: ""
+winkernel:
+  enableDSR: false
+  forwardHealthCheckVip: false
+  networkName: ""
+  rootHnsEndpointName: ""
+  sourceVip: ""
+"#;
+
+    #[test]
+    fn a_kubeadm_config_map_becomes_the_agents_settings() {
+        let settings = parse(KUBEADM).unwrap();
+        assert_eq!(
+            settings,
+            FileSettings {
+                node_name: None,
+                kubeconfig: Some("/var/lib/kube-proxy/kubeconfig.conf".into()),
+                cluster_cidrs: Some(vec![
+                    "10.244.0.0/16".to_string(),
+                    "fd00:10:244::/56".to_string()
+                ]),
+                detect_local_mode: None,
+                pod_bridge_interface: None,
+                pod_interface_name_prefix: None,
+                masquerade_all: Some(false),
+                masquerade_bit: Some(13),
+                nodeport_addresses: Some(vec!["primary".to_string()]),
+                localhost_nodeports: Some(false),
+                sync_period: Some(Duration::from_secs(60)),
+                min_sync_period: Some(Duration::from_secs(2)),
+                healthz_bind_address: None,
+                metrics_bind_address: Some("0.0.0.0:10249".to_string()),
+                // bindAddress is the only other field kubeadm sets.
+                ignored: vec!["bindAddress".to_string()],
+            }
+        );
+    }
+
+    #[test]
+    fn v1alpha2_periods_and_linux_section_are_read() {
+        let settings = parse(
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha2\n\
+             kind: KubeProxyConfiguration\n\
+             hostnameOverride: Node-A\n\
+             syncPeriod: 45s\n\
+             minSyncPeriod: 500ms\n\
+             iptables: {syncPeriod: 10s}\n\
+             detectLocalMode: InterfaceNamePrefix\n\
+             detectLocal: {interfaceNamePrefix: veth}\n\
+             linux: {masqueradeAll: true, conntrack: {maxPerCore: 32768}}\n",
+        )
+        .unwrap();
+        assert_eq!(settings.node_name.as_deref(), Some("node-a"));
+        assert_eq!(settings.sync_period, Some(Duration::from_secs(45)));
+        assert_eq!(settings.min_sync_period, Some(Duration::from_millis(500)));
+        assert_eq!(
+            settings.detect_local_mode,
+            Some(DetectLocalMode::InterfaceNamePrefix)
+        );
+        assert_eq!(settings.pod_interface_name_prefix.as_deref(), Some("veth"));
+        assert_eq!(settings.masquerade_all, Some(true));
+        assert_eq!(settings.ignored, vec!["linux.conntrack".to_string()]);
+    }
+
+    #[test]
+    fn bad_files_name_the_field_and_what_is_accepted() {
+        let head = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n";
+        for (body, expected) in [
+            ("clusterCidr: 10.0.0.0/8\n", "unknown field `clusterCidr`"),
+            (
+                "iptables: {masqueradBit: 3}\n",
+                "unknown field `masqueradBit`",
+            ),
+            (
+                "mode: ipvs\n",
+                "mode: \"ipvs\": causeway-agent is kube-proxy's iptables mode",
+            ),
+            (
+                "iptables: {masqueradeBit: 32}\n",
+                "iptables.masqueradeBit: 32 is not a bit",
+            ),
+            (
+                "iptables: {syncPeriod: soon}\n",
+                "iptables.syncPeriod: \"soon\"",
+            ),
+            (
+                "detectLocalMode: Bridge\n",
+                "detectLocalMode: \"Bridge\" is not one of ClusterCIDR, NodeCIDR",
+            ),
+        ] {
+            let error = parse(&format!("{head}{body}")).unwrap_err();
+            assert!(error.contains(expected), "{body}: {error}");
+        }
+        let error = parse("apiVersion: v1\nkind: ConfigMap\n").unwrap_err();
+        assert!(error.contains("apiVersion: \"v1\""), "{error}");
+        let error =
+            parse("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeletConfiguration\n")
+                .unwrap_err();
+        assert!(error.contains("kind: \"KubeletConfiguration\""), "{error}");
+        // The line is named too, for a file of any size.
+        let error = parse(&format!("{head}\n\nclusterCidr: x\n")).unwrap_err();
+        assert!(error.contains("line 5"), "{error}");
+    }
+}
