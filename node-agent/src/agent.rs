@@ -119,12 +119,17 @@ impl Shared {
         self.triggers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A watch event arrived: the next sync must apply it.
-    fn queued(&self, kind: ChangeKind) {
+    /// A watch event arrived: the next sync must apply it. `object` is false
+    /// for a re-list's start and end markers, which wake the sync loop but
+    /// are no object's change.
+    fn queued(&self, kind: ChangeKind, object: bool) {
         self.health.queued();
         self.metrics
             .last_queued_timestamp
             .set(Timestamp::now().as_millisecond() as f64 / 1000.0);
+        if !object {
+            return;
+        }
         // The pending counts live in the gauges that export them.
         match kind {
             ChangeKind::Service => {
@@ -394,8 +399,14 @@ where
     let mut stream = std::pin::pin!(stream);
     while let Some(event) = stream.next().await {
         match event {
-            Ok(_) => {
-                shared.queued(kind);
+            Ok(event) => {
+                let object = matches!(
+                    event,
+                    watcher::Event::Apply(_)
+                        | watcher::Event::Delete(_)
+                        | watcher::Event::InitApply(_)
+                );
+                shared.queued(kind, object);
                 changed.note();
             }
             // The backoff retries; say why the cache may be stale meanwhile.

@@ -254,9 +254,10 @@ impl Metrics {
 }
 
 /// Service ports with `internalTrafficPolicy: Local` (`internal`) or
-/// `externalTrafficPolicy: Local` (`external`) that have no local endpoint,
-/// so that traffic under that policy is dropped on this node, as kube-proxy
-/// counts them. A port of a dual-stack Service counts once.
+/// `externalTrafficPolicy: Local` (`external`) that have endpoints, none of
+/// them local, so that traffic under that policy is dropped on this node,
+/// as kube-proxy counts them (a port with no endpoints at all is rejected,
+/// not counted). A port of a dual-stack Service counts once.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct NoLocalEndpoints {
     pub internal: usize,
@@ -268,7 +269,7 @@ impl NoLocalEndpoints {
         let mut internal = BTreeSet::new();
         let mut external = BTreeSet::new();
         for port in models.iter().flat_map(|m| &m.service_ports) {
-            if !port.local_endpoints.is_empty() {
+            if !port.has_endpoints || !port.local_endpoints.is_empty() {
                 continue;
             }
             let key = (&port.name, port.protocol);
@@ -473,6 +474,11 @@ mod tests {
             etp_local_node_port("etp", "10.96.0.12", 30080),
             // ETP=Local with a local endpoint: not counted.
             etp_local_node_port("served", "10.96.0.13", 30081),
+            // Local policies and no endpoints anywhere: REJECTed, not counted.
+            etp_local_node_port("empty", "10.96.0.15", 30082),
+            service("empty-itp", "10.96.0.16")
+                .internal_traffic_policy("Local")
+                .build(),
             // Cluster policies: never counted.
             service("cluster", "10.96.0.14").build(),
         ];
@@ -494,7 +500,8 @@ mod tests {
                 external: 1
             }
         );
-        // The same port in a second family's model counts once.
+        // The same ports in a second family's model (as a dual-stack
+        // Service has) count once.
         assert_eq!(
             NoLocalEndpoints::of(&[&model, &model]),
             NoLocalEndpoints {

@@ -271,26 +271,44 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
         .await?;
     wait_http(&cluster.external_netns(), &url, 503, "\"localEndpoints\":0")?;
 
-    // kube-proxy's other sync and probe metrics: both ports of web now drop
-    // external traffic on node-1; the probes above were counted. And the
-    // process metrics its dashboards chart.
+    // kube-proxy's other sync and probe metrics. web has no endpoints at
+    // all now: REJECTed, so not among the Local-policy ports without local
+    // endpoints. Once web-2 (on node-2) is ready again, both of web's ports
+    // drop external traffic on node-1 and are counted; the endpoint change
+    // is counted too.
+    let scrape =
+        || -> Result<String> { Ok(http_get(&node1.netns, "http://127.0.0.1:10249/metrics")?.2) };
+    let no_local = |text: &str, policy: &str| {
+        metrics::value(
+            text,
+            &format!(
+                "kubeproxy_sync_proxy_rules_no_local_endpoints_total{{traffic_policy=\"{policy}\"}}"
+            ),
+        )
+    };
+    let before = scrape()?;
+    assert_eq!(no_local(&before, "external"), Some(0.0), "{before}");
+    let endpoint_changes =
+        |text: &str| metrics::value(text, "kubeproxy_sync_proxy_rules_endpoint_changes_total");
+    cluster
+        .set_pod_ready("default", "web-2", web2.ip, cluster.node("node-2"), true)
+        .await?;
     let metrics = eventually(
         Duration::from_secs(10),
         "web's two ports counted without local endpoints",
         || async {
-            let (_, _, text) = http_get(&node1.netns, "http://127.0.0.1:10249/metrics")?;
-            let external = metrics::value(
-                &text,
-                "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"external\"}",
-            );
-            Ok((external == Some(2.0)).then_some(text))
+            let text = scrape()?;
+            Ok((no_local(&text, "external") == Some(2.0)).then_some(text))
         },
     )
     .await?;
+    assert_eq!(no_local(&metrics, "internal"), Some(0.0), "{metrics}");
+    assert!(
+        endpoint_changes(&metrics) > endpoint_changes(&before),
+        "endpoint changes not counted:\n{before}\n{metrics}"
+    );
     for (name, at_least) in [
         ("kubeproxy_proxy_healthz_total{code=\"200\"}", 1.0),
-        ("kubeproxy_sync_proxy_rules_endpoint_changes_total", 2.0),
-        ("kubeproxy_sync_proxy_rules_service_changes_total", 2.0),
         (
             "kubeproxy_sync_proxy_rules_iptables_last{table=\"nat\"}",
             1.0,
@@ -304,13 +322,15 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
             "{name} = {value}, want >= {at_least}:\n{metrics}"
         );
     }
-    assert_eq!(
-        metrics::value(
-            &metrics,
-            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"internal\"}"
-        ),
-        Some(0.0)
-    );
+    cluster
+        .set_pod_ready("default", "web-2", web2.ip, cluster.node("node-2"), false)
+        .await?;
+    eventually(
+        Duration::from_secs(10),
+        "web without endpoints again",
+        || async { Ok((no_local(&scrape()?, "external") == Some(0.0)).then_some(())) },
+    )
+    .await?;
 
     // A change that does not touch the rules (a label) applies nothing.
     let restores = |metrics: &str| -> u64 {
