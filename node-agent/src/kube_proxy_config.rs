@@ -1,11 +1,14 @@
 //! kube-proxy's configuration file (`--config`): a `KubeProxyConfiguration`
-//! (`kubeproxy.config.k8s.io/v1alpha1`, or `v1alpha2`), as kubeadm and EKS
-//! keep it in the `kube-proxy` ConfigMap, read into the agent's settings so
-//! that a kube-proxy DaemonSet's configuration drives the agent unchanged.
+//! (`kubeproxy.config.k8s.io/v1alpha1`), as kubeadm and EKS keep it in the
+//! `kube-proxy` ConfigMap, read into the agent's settings so that a kube-proxy
+//! DaemonSet's configuration drives the agent unchanged.
 //!
-//! Every field kube-proxy knows is accepted; a misspelt one is an error that
-//! names it. Fields the agent has no use for (IPVS, Windows, conntrack
-//! sysctls, …) are reported back so the caller can say they were ignored.
+//! Decoding is lenient, as kube-proxy's is when its strict decoding fails:
+//! files of long-lived clusters still carry fields the API has since dropped.
+//! Unknown fields are reported back by path, and so are fields the agent has
+//! no use for (IPVS, Windows, conntrack sysctls, …), so the caller can name
+//! them. A value of the wrong type, or a mode other than iptables, is an error
+//! that names the field.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,7 +18,7 @@ use serde_yaml::Value;
 
 use crate::config::{DetectLocalMode, parse_duration};
 
-const API_GROUP: &str = "kubeproxy.config.k8s.io/";
+const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 
 /// What a configuration file sets, in the agent's terms; `None` is "not set"
 /// (kube-proxy's zero values: `""`, `null`, `0s`).
@@ -36,8 +39,11 @@ pub struct FileSettings {
     pub healthz_bind_address: Option<String>,
     pub metrics_bind_address: Option<String>,
     /// Fields set in the file that the agent does not use, by path
-    /// (`conntrack.maxPerCore`).
+    /// (`conntrack`, `clientConnection.qps`).
     pub ignored: Vec<String>,
+    /// Fields kube-proxy's v1alpha1 does not have (misspelt, or dropped
+    /// from the API), by path (`iptables.syncPeriode`).
+    pub unknown: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,14 +71,37 @@ pub fn load(path: &Path) -> Result<FileSettings, ConfigError> {
 
 /// The file's text into settings; the error names the field.
 pub fn parse(text: &str) -> Result<FileSettings, String> {
-    let file: KubeProxyConfiguration = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
-    file.settings()
+    let mut unknown = Vec::new();
+    let file: KubeProxyConfiguration =
+        serde_ignored::deserialize(serde_yaml::Deserializer::from_str(text), |path| {
+            unknown.push(field_path(&path))
+        })
+        .map_err(|e| e.to_string())?;
+    let mut settings = file.settings()?;
+    settings.unknown = unknown;
+    Ok(settings)
 }
 
-// The shape of the file. Unknown fields are refused, so a typo is reported
-// instead of silently doing nothing.
+/// `iptables.syncPeriode`, as a user writes it: serde_ignored also shows the
+/// `Option`s and newtypes the field sits in.
+fn field_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
+        Path::Map { parent, key } => match field_path(parent) {
+            parent if parent.is_empty() => key.to_string(),
+            parent => format!("{parent}.{key}"),
+        },
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => field_path(parent),
+    }
+}
+
+// The shape of v1alpha1 as of Kubernetes 1.34.
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 struct KubeProxyConfiguration {
     api_version: String,
     kind: String,
@@ -96,13 +125,6 @@ struct KubeProxyConfiguration {
     node_port_addresses: Option<Vec<String>>,
     #[serde(default)]
     iptables: Option<Iptables>,
-    #[serde(default)]
-    linux: Option<Linux>,
-    // v1alpha2 moved the sync periods up here.
-    #[serde(default)]
-    sync_period: Option<String>,
-    #[serde(default)]
-    min_sync_period: Option<String>,
     // Known to kube-proxy, of no use to the agent.
     #[serde(default)]
     feature_gates: Option<Value>,
@@ -121,8 +143,6 @@ struct KubeProxyConfiguration {
     #[serde(default)]
     winkernel: Option<Value>,
     #[serde(default)]
-    windows: Option<Value>,
-    #[serde(default)]
     windows_run_as_service: Option<Value>,
     #[serde(default)]
     conntrack: Option<Value>,
@@ -137,7 +157,7 @@ struct KubeProxyConfiguration {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 struct ClientConnection {
     #[serde(default)]
     kubeconfig: Option<String>,
@@ -152,7 +172,7 @@ struct ClientConnection {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 struct DetectLocal {
     #[serde(default)]
     bridge_interface: Option<String>,
@@ -161,7 +181,7 @@ struct DetectLocal {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 struct Iptables {
     #[serde(default)]
     masquerade_all: Option<bool>,
@@ -173,17 +193,6 @@ struct Iptables {
     sync_period: Option<String>,
     #[serde(default)]
     min_sync_period: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Linux {
-    #[serde(default)]
-    masquerade_all: Option<bool>,
-    #[serde(default)]
-    conntrack: Option<Value>,
-    #[serde(default)]
-    oom_score_adj: Option<Value>,
 }
 
 /// `None` for kube-proxy's "unset" string.
@@ -218,9 +227,9 @@ fn is_set(value: &Value) -> bool {
 
 impl KubeProxyConfiguration {
     fn settings(self) -> Result<FileSettings, String> {
-        if !self.api_version.starts_with(API_GROUP) {
+        if self.api_version != API_VERSION {
             return Err(format!(
-                "apiVersion: {:?} is not {API_GROUP}v1alpha1 (a KubeProxyConfiguration)",
+                "apiVersion: {:?} is not {API_VERSION}, the version kube-proxy reads",
                 self.api_version
             ));
         }
@@ -256,7 +265,6 @@ impl KubeProxyConfiguration {
         note("ipvs", &self.ipvs);
         note("nftables", &self.nftables);
         note("winkernel", &self.winkernel);
-        note("windows", &self.windows);
         note("windowsRunAsService", &self.windows_run_as_service);
         note("conntrack", &self.conntrack);
         note("oomScoreAdj", &self.oom_score_adj);
@@ -271,10 +279,6 @@ impl KubeProxyConfiguration {
             note("clientConnection.contentType", &client.content_type);
             note("clientConnection.qps", &client.qps);
             note("clientConnection.burst", &client.burst);
-        }
-        if let Some(linux) = &self.linux {
-            note("linux.conntrack", &linux.conntrack);
-            note("linux.oomScoreAdj", &linux.oom_score_adj);
         }
 
         let iptables = self.iptables.unwrap_or(Iptables {
@@ -307,22 +311,8 @@ impl KubeProxyConfiguration {
             ),
             None => (None, None),
         };
-        // The top-level periods (v1alpha2) win over the iptables ones.
-        let sync_period = match duration("syncPeriod", self.sync_period)? {
-            Some(d) => Some(d),
-            None => duration("iptables.syncPeriod", iptables.sync_period)?,
-        };
-        let min_sync_period = match duration("minSyncPeriod", self.min_sync_period)? {
-            Some(d) => Some(d),
-            None => duration("iptables.minSyncPeriod", iptables.min_sync_period)?,
-        };
-        let masquerade_all = match (
-            iptables.masquerade_all,
-            self.linux.as_ref().and_then(|l| l.masquerade_all),
-        ) {
-            (None, None) => None,
-            (a, b) => Some(a.unwrap_or(false) || b.unwrap_or(false)),
-        };
+        let sync_period = duration("iptables.syncPeriod", iptables.sync_period)?;
+        let min_sync_period = duration("iptables.minSyncPeriod", iptables.min_sync_period)?;
         Ok(FileSettings {
             node_name: non_empty(self.hostname_override).map(|n| n.to_lowercase()),
             kubeconfig: self
@@ -338,7 +328,7 @@ impl KubeProxyConfiguration {
             detect_local_mode,
             pod_bridge_interface,
             pod_interface_name_prefix,
-            masquerade_all,
+            masquerade_all: iptables.masquerade_all,
             masquerade_bit,
             nodeport_addresses: self.node_port_addresses.filter(|a| !a.is_empty()),
             localhost_nodeports: iptables.localhost_node_ports,
@@ -347,6 +337,7 @@ impl KubeProxyConfiguration {
             healthz_bind_address: non_empty(self.healthz_bind_address),
             metrics_bind_address: non_empty(self.metrics_bind_address),
             ignored,
+            unknown: Vec::new(),
         })
     }
 }
@@ -453,44 +444,57 @@ winkernel:
                 metrics_bind_address: Some("0.0.0.0:10249".to_string()),
                 // bindAddress is the only other field kubeadm sets.
                 ignored: vec!["bindAddress".to_string()],
+                unknown: Vec::new(),
             }
         );
     }
 
     #[test]
-    fn v1alpha2_periods_and_linux_section_are_read() {
+    fn unknown_fields_are_reported_not_fatal_as_in_kube_proxy() {
+        // Fields dropped from the API over the years, a misspelling, and
+        // the rest still read.
         let settings = parse(
-            "apiVersion: kubeproxy.config.k8s.io/v1alpha2\n\
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
              kind: KubeProxyConfiguration\n\
+             resourceContainer: /kube-proxy\n\
+             udpIdleTimeout: 250ms\n\
              hostnameOverride: Node-A\n\
-             syncPeriod: 45s\n\
-             minSyncPeriod: 500ms\n\
-             iptables: {syncPeriod: 10s}\n\
              detectLocalMode: InterfaceNamePrefix\n\
              detectLocal: {interfaceNamePrefix: veth}\n\
-             linux: {masqueradeAll: true, conntrack: {maxPerCore: 32768}}\n",
+             iptables: {syncPeriode: 45s, minSyncPeriod: 500ms}\n\
+             conntrack: {maxPerCore: 32768}\n",
         )
         .unwrap();
+        assert_eq!(
+            settings.unknown,
+            [
+                "resourceContainer",
+                "udpIdleTimeout",
+                "iptables.syncPeriode"
+            ]
+        );
+        assert_eq!(settings.ignored, ["conntrack"]);
         assert_eq!(settings.node_name.as_deref(), Some("node-a"));
-        assert_eq!(settings.sync_period, Some(Duration::from_secs(45)));
+        assert_eq!(settings.sync_period, None);
         assert_eq!(settings.min_sync_period, Some(Duration::from_millis(500)));
         assert_eq!(
             settings.detect_local_mode,
             Some(DetectLocalMode::InterfaceNamePrefix)
         );
         assert_eq!(settings.pod_interface_name_prefix.as_deref(), Some("veth"));
-        assert_eq!(settings.masquerade_all, Some(true));
-        assert_eq!(settings.ignored, vec!["linux.conntrack".to_string()]);
     }
 
     #[test]
     fn bad_files_name_the_field_and_what_is_accepted() {
         let head = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n";
         for (body, expected) in [
-            ("clusterCidr: 10.0.0.0/8\n", "unknown field `clusterCidr`"),
             (
-                "iptables: {masqueradBit: 3}\n",
-                "unknown field `masqueradBit`",
+                "iptables: {masqueradeBit: high}\n",
+                "iptables.masqueradeBit: invalid type",
+            ),
+            (
+                "nodePortAddresses: 10.0.0.0/8\n",
+                "nodePortAddresses: invalid type",
             ),
             (
                 "mode: ipvs\n",
@@ -515,11 +519,18 @@ winkernel:
         let error = parse("apiVersion: v1\nkind: ConfigMap\n").unwrap_err();
         assert!(error.contains("apiVersion: \"v1\""), "{error}");
         let error =
+            parse("apiVersion: kubeproxy.config.k8s.io/v1alpha2\nkind: KubeProxyConfiguration\n")
+                .unwrap_err();
+        assert!(
+            error.contains("is not kubeproxy.config.k8s.io/v1alpha1"),
+            "{error}"
+        );
+        let error =
             parse("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeletConfiguration\n")
                 .unwrap_err();
         assert!(error.contains("kind: \"KubeletConfiguration\""), "{error}");
         // The line is named too, for a file of any size.
-        let error = parse(&format!("{head}\n\nclusterCidr: x\n")).unwrap_err();
+        let error = parse(&format!("{head}\n\nhostnameOverride: [a, b]\n")).unwrap_err();
         assert!(error.contains("line 5"), "{error}");
     }
 }

@@ -355,12 +355,27 @@ fn main() -> anyhow::Result<()> {
             let file = config_file(args.config.as_deref())?;
             args.proxy
                 .apply_file(&file, &given_flags(&matches, "render"));
+            // Only the data-path fields shape a payload.
+            if let Some(path) = &args.config {
+                for (what, fields) in [
+                    ("not known to kube-proxy", &file.unknown),
+                    ("not used by causeway-agent", &file.ignored),
+                ] {
+                    if !fields.is_empty() {
+                        eprintln!(
+                            "warning: {}: fields {what}, ignored: {}",
+                            path.display(),
+                            fields.join(", ")
+                        );
+                    }
+                }
+            }
             render(args)
         }
         Command::Run(mut args) => {
             let file = config_file(args.config.as_deref())?;
             args.apply_file(&file, &given_flags(&matches, "run"));
-            run(args, &file.ignored)
+            run(args, &file)
         }
         Command::Trace(args) => trace(args),
         Command::Cleanup(args) => cleanup(args),
@@ -634,7 +649,7 @@ fn local_addresses_here() -> Vec<IpAddr> {
         .collect()
 }
 
-fn run(args: RunArgs, ignored_in_file: &[String]) -> anyhow::Result<()> {
+fn run(args: RunArgs, file: &FileSettings) -> anyhow::Result<()> {
     let RunArgs {
         config,
         node_name,
@@ -649,14 +664,25 @@ fn run(args: RunArgs, ignored_in_file: &[String]) -> anyhow::Result<()> {
         proxy,
     } = args;
     init_logging(log_json);
-    let node_name = node_name.context(
-        "no node name: pass --node-name, set NODE_NAME, or set hostnameOverride in --config",
-    )?;
+    // Lower-cased, as kube-proxy does with --hostname-override.
+    let node_name = node_name
+        .map(|n| n.trim().to_lowercase())
+        .filter(|n| !n.is_empty())
+        .context(
+            "no node name: pass --node-name, set NODE_NAME, or set hostnameOverride in --config",
+        )?;
     if let Some(path) = &config {
         tracing::info!(file = %path.display(), "read kube-proxy's configuration");
-        if !ignored_in_file.is_empty() {
+        if !file.unknown.is_empty() {
+            // kube-proxy, too, goes on without them after its strict check.
             tracing::warn!(
-                fields = ignored_in_file.join(", "),
+                fields = file.unknown.join(", "),
+                "these fields of the configuration file are not known to kube-proxy; ignored"
+            );
+        }
+        if !file.ignored.is_empty() {
+            tracing::warn!(
+                fields = file.ignored.join(", "),
                 "these fields of the configuration file are not used by causeway-agent"
             );
         }

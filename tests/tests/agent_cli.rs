@@ -157,19 +157,37 @@ fn a_kube_proxy_configuration_file_drives_the_agent() -> Result<()> {
         "{text}"
     );
 
-    // A misspelt field: the file, the field, the line, and what is accepted.
+    // A misspelt field, or one dropped from the API: named in a warning and
+    // ignored, as kube-proxy's lenient decoding does; the rest still applies.
     std::fs::write(
         &config,
         "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
          kind: KubeProxyConfiguration\n\
+         resourceContainer: /kube-proxy\n\
          iptables:\n  masqueradeBit: 13\n  syncPeriode: 30s\n",
+    )?;
+    let (code, text) = render(&[])?;
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains(&format!(
+            "warning: {config}: fields not known to kube-proxy, ignored: \
+             resourceContainer, iptables.syncPeriode"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("--or-mark 0x2000"), "{text}");
+    // A value of the wrong type: the file, the field and the line.
+    std::fs::write(
+        &config,
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
+         kind: KubeProxyConfiguration\n\
+         iptables:\n  masqueradeBit: 13\n  syncPeriod: [30s]\n",
     )?;
     let (code, text) = agent(&["run", "--config", &config, "--node-name", "n"])?;
     assert_ne!(code, 0, "{text}");
     assert!(
         text.contains(&config)
-            && text.contains("unknown field `syncPeriode`")
-            && text.contains("`minSyncPeriod`")
+            && text.contains("iptables.syncPeriod: invalid type")
             && text.contains("line 5"),
         "{text}"
     );
