@@ -79,10 +79,10 @@ pub struct Shared {
 }
 
 impl Shared {
-    fn new(sync_period: Duration) -> Self {
+    fn new(sync_period: Duration, metrics: Arc<Metrics>) -> Self {
         Shared {
             health: Arc::new(ProxyHealth::new(sync_period)),
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             rules: Arc::new(RulesLog::default()),
             connections: ConnectionBudget::default(),
             triggers: std::sync::Mutex::default(),
@@ -167,9 +167,10 @@ struct Caches {
 }
 
 /// Watches the API and syncs until the process is stopped. Rules stay in
-/// place on exit: the next agent replaces them atomically.
-pub async fn run(client: Client, config: RunConfig) -> anyhow::Result<()> {
-    let shared = Arc::new(Shared::new(config.sync_period));
+/// place on exit: the next agent replaces them atomically. `metrics` is
+/// where the client counts its requests too.
+pub async fn run(client: Client, config: RunConfig, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    let shared = Arc::new(Shared::new(config.sync_period, metrics));
     // The servers start first: a probe during the cache sync should get an
     // answer (unhealthy until the first sync), not a refused connection.
     serve_in_background(

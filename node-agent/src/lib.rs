@@ -4,6 +4,7 @@
 
 pub mod addr;
 pub mod agent;
+pub mod api_metrics;
 pub mod config;
 pub mod conntrack;
 pub mod debug;

@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -15,9 +16,11 @@ use clap::{
 
 use causeway_agent::addr::IpFamily;
 use causeway_agent::agent::{self, RunConfig};
+use causeway_agent::api_metrics::ApiMetricsLayer;
 use causeway_agent::config::{DetectLocalMode, ProxyOptions, parse_duration};
 use causeway_agent::kube_proxy_config::{self, FileSettings};
 use causeway_agent::manifests;
+use causeway_agent::metrics::Metrics;
 use causeway_agent::model::{self, NodeInfo};
 use causeway_agent::netfilter::Backend;
 use causeway_agent::rules::{self, RenderOptions};
@@ -715,7 +718,8 @@ fn run(args: RunArgs, file: &FileSettings) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let client = kube_client(kubeconfig.as_deref()).await?;
+        let metrics = Arc::new(Metrics::new());
+        let client = kube_client(kubeconfig.as_deref(), &metrics).await?;
         let config = RunConfig {
             node_name,
             options: proxy.options(&node_ip, random_fully, false),
@@ -725,12 +729,16 @@ fn run(args: RunArgs, file: &FileSettings) -> anyhow::Result<()> {
             healthz_bind_address,
             metrics_bind_address,
         };
-        agent::run(client, config).await
+        agent::run(client, config, metrics).await
     })
 }
 
-/// A client from `--kubeconfig`, else the in-cluster config, else ~/.kube/config.
-async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+/// A client from `--kubeconfig`, else the in-cluster config, else
+/// ~/.kube/config; its requests are counted in `metrics`.
+async fn kube_client(
+    kubeconfig: Option<&std::path::Path>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<kube::Client> {
     let config = match kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path)
@@ -743,7 +751,14 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kub
             .await
             .context("no kubeconfig: pass --kubeconfig, or run in a pod")?,
     };
-    Ok(kube::Client::try_from(config)?)
+    let host = config
+        .cluster_url
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&ApiMetricsLayer::new(metrics.clone(), &host))
+        .build())
 }
 
 fn init_logging(json: bool) {

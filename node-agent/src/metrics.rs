@@ -36,6 +36,8 @@ pub struct Metrics {
     pub no_local_endpoints: Family<Labels, Gauge>,
     pub healthz_answers: Family<Labels, Counter>,
     pub livez_answers: Family<Labels, Counter>,
+    pub api_requests: Family<Labels, Counter>,
+    pub api_request_duration: Family<Labels, Histogram, fn() -> Histogram>,
     pub last_sync_timestamp: Gauge<f64, AtomicU64>,
     pub last_queued_timestamp: Gauge<f64, AtomicU64>,
     pub restore_bytes: Histogram,
@@ -74,6 +76,14 @@ impl Metrics {
         let no_local_endpoints = Family::<Labels, Gauge>::default();
         let healthz_answers = Family::<Labels, Counter>::default();
         let livez_answers = Family::<Labels, Counter>::default();
+        let api_requests = Family::<Labels, Counter>::default();
+        let api_request_duration =
+            Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(|| {
+                // client-go's buckets.
+                Histogram::new([
+                    0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0,
+                ])
+            });
         let last_sync_timestamp = Gauge::<f64, AtomicU64>::default();
         let last_queued_timestamp = Gauge::<f64, AtomicU64>::default();
         let restore_bytes = Histogram::new(exponential_buckets(1024.0, 4.0, 10));
@@ -157,6 +167,16 @@ impl Metrics {
             livez_answers.clone(),
         );
         registry.register(
+            "rest_client_requests",
+            "Number of HTTP requests to the API server, by status code, host and method",
+            api_requests.clone(),
+        );
+        registry.register(
+            "rest_client_request_duration_seconds",
+            "Request latency to the API server in seconds, by host and verb",
+            api_request_duration.clone(),
+        );
+        registry.register(
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
             "The last time proxy rules were successfully synced",
             last_sync_timestamp.clone(),
@@ -199,6 +219,8 @@ impl Metrics {
             no_local_endpoints,
             healthz_answers,
             livez_answers,
+            api_requests,
+            api_request_duration,
             last_sync_timestamp,
             last_queued_timestamp,
             restore_bytes,
@@ -242,6 +264,28 @@ impl Metrics {
         family
             .get_or_create(&vec![("code".to_string(), status.to_string())])
             .inc();
+    }
+
+    /// Counts one request to the API server and its time to the response
+    /// head.
+    pub fn count_api_request(
+        &self,
+        code: &str,
+        host: &str,
+        method: &str,
+        took: std::time::Duration,
+    ) {
+        let label = |k: &str, v: &str| (k.to_string(), v.to_string());
+        self.api_requests
+            .get_or_create(&vec![
+                label("code", code),
+                label("host", host),
+                label("method", method),
+            ])
+            .inc();
+        self.api_request_duration
+            .get_or_create(&vec![label("host", host), label("verb", method)])
+            .observe(took.as_secs_f64());
     }
 
     /// The OpenMetrics text exposition.

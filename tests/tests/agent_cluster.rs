@@ -322,6 +322,26 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
             "{name} = {value}, want >= {at_least}:\n{metrics}"
         );
     }
+    // client-go's request metrics, with the apiserver's address as host:
+    // the lists and watches that started the caches answered 200.
+    let kubeconfig = std::fs::read_to_string(cluster.kubeconfig())?;
+    let api_host = kubeconfig
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: https://"))
+        .expect("the kubeconfig names its server")
+        .to_string();
+    let gets = metrics::value(
+        &metrics,
+        &format!("rest_client_requests_total{{code=\"200\",host=\"{api_host}\",method=\"GET\"}}"),
+    )
+    .unwrap_or(0.0);
+    assert!(gets >= 3.0, "{gets} GETs answered 200:\n{metrics}");
+    let timed = metrics::value(
+        &metrics,
+        &format!("rest_client_request_duration_seconds_count{{host=\"{api_host}\",verb=\"GET\"}}"),
+    )
+    .unwrap_or(0.0);
+    assert!(timed >= gets, "{timed} GETs timed:\n{metrics}");
     cluster
         .set_pod_ready("default", "web-2", web2.ip, cluster.node("node-2"), false)
         .await?;
