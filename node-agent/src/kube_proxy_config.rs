@@ -57,16 +57,34 @@ pub enum ConfigError {
     Invalid { path: String, message: String },
 }
 
-/// Reads and checks the file at `path`.
-pub fn load(path: &Path) -> Result<FileSettings, ConfigError> {
+/// Reads and checks the file at `path`; returns its text too, which
+/// [`changed`] compares with.
+pub fn load(path: &Path) -> Result<(FileSettings, String), ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.display().to_string(),
         source,
     })?;
-    parse(&text).map_err(|message| ConfigError::Invalid {
+    let settings = parse(&text).map_err(|message| ConfigError::Invalid {
         path: path.display().to_string(),
         message,
-    })
+    })?;
+    Ok((settings, text))
+}
+
+/// Resolves once the file at `path` no longer holds `read` (changed, or
+/// gone), checking every `every`. kube-proxy exits then, so that its
+/// DaemonSet restarts it with the new file; the agent does the same. The
+/// text is compared, not the modification time: a ConfigMap volume swaps a
+/// symlink.
+pub async fn changed(path: &Path, read: &str, every: std::time::Duration) -> String {
+    loop {
+        tokio::time::sleep(every).await;
+        match std::fs::read_to_string(path) {
+            Ok(now) if now == read => continue,
+            Ok(_) => return format!("{} changed", path.display()),
+            Err(e) => return format!("{} can no longer be read: {e}", path.display()),
+        }
+    }
 }
 
 /// The file's text into settings; the error names the field.
@@ -418,6 +436,37 @@ winkernel:
   rootHnsEndpointName: ""
   sourceVip: ""
 "#;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_changed_or_removed_file_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.conf");
+        std::fs::write(&path, KUBEADM).unwrap();
+        let every = std::time::Duration::from_secs(5);
+        // Unchanged: still waiting after many checks.
+        let waiting = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            changed(&path, KUBEADM, every),
+        )
+        .await;
+        assert!(waiting.is_err());
+        std::fs::write(
+            &path,
+            KUBEADM.replace("masqueradeBit: 13", "masqueradeBit: 12"),
+        )
+        .unwrap();
+        assert!(
+            changed(&path, KUBEADM, every)
+                .await
+                .ends_with("config.conf changed")
+        );
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            changed(&path, KUBEADM, every)
+                .await
+                .contains("can no longer be read")
+        );
+    }
 
     #[test]
     fn a_kubeadm_config_map_becomes_the_agents_settings() {

@@ -123,11 +123,11 @@ fn given_flags(matches: &ArgMatches, name: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// Loads `--config` if given.
-fn config_file(path: Option<&std::path::Path>) -> anyhow::Result<FileSettings> {
+/// Loads `--config` if given, with the text it was read from.
+fn config_file(path: Option<&std::path::Path>) -> anyhow::Result<(FileSettings, String)> {
     match path {
         Some(path) => Ok(kube_proxy_config::load(path)?),
-        None => Ok(FileSettings::default()),
+        None => Ok((FileSettings::default(), String::new())),
     }
 }
 
@@ -355,7 +355,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Render(mut args) => {
-            let file = config_file(args.config.as_deref())?;
+            let (file, _) = config_file(args.config.as_deref())?;
             args.proxy
                 .apply_file(&file, &given_flags(&matches, "render"));
             // Only the data-path fields shape a payload.
@@ -376,9 +376,9 @@ fn main() -> anyhow::Result<()> {
             render(args)
         }
         Command::Run(mut args) => {
-            let file = config_file(args.config.as_deref())?;
+            let (file, text) = config_file(args.config.as_deref())?;
             args.apply_file(&file, &given_flags(&matches, "run"));
-            run(args, &file)
+            run(args, &file, text)
         }
         Command::Trace(args) => trace(args),
         Command::Cleanup(args) => cleanup(args),
@@ -652,9 +652,12 @@ fn local_addresses_here() -> Vec<IpAddr> {
         .collect()
 }
 
-fn run(args: RunArgs, file: &FileSettings) -> anyhow::Result<()> {
+/// How often `run` looks at its `--config` file for a change.
+const CONFIG_CHECK_PERIOD: Duration = Duration::from_secs(5);
+
+fn run(args: RunArgs, file: &FileSettings, file_text: String) -> anyhow::Result<()> {
     let RunArgs {
-        config,
+        config: config_path,
         node_name,
         kubeconfig,
         node_ip,
@@ -674,7 +677,7 @@ fn run(args: RunArgs, file: &FileSettings) -> anyhow::Result<()> {
         .context(
             "no node name: pass --node-name, set NODE_NAME, or set hostnameOverride in --config",
         )?;
-    if let Some(path) = &config {
+    if let Some(path) = &config_path {
         tracing::info!(file = %path.display(), "read kube-proxy's configuration");
         if !file.unknown.is_empty() {
             // kube-proxy, too, goes on without them after its strict check.
@@ -729,7 +732,17 @@ fn run(args: RunArgs, file: &FileSettings) -> anyhow::Result<()> {
             healthz_bind_address,
             metrics_bind_address,
         };
-        agent::run(client, config, metrics).await
+        let Some(path) = config_path else {
+            return agent::run(client, config, metrics).await;
+        };
+        // As kube-proxy does: a changed file ends the process (the rules
+        // stay), and the DaemonSet starts it again with the new one.
+        tokio::select! {
+            result = agent::run(client, config, metrics) => result,
+            change = kube_proxy_config::changed(&path, &file_text, CONFIG_CHECK_PERIOD) => {
+                anyhow::bail!("{change}; exiting so that it is read again at restart, as kube-proxy does; the rules stay in place")
+            }
+        }
     })
 }
 

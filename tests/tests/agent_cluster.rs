@@ -515,6 +515,31 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
         }
         std::thread::sleep(Duration::from_millis(300));
     }
+
+    // The configuration file changes: as kube-proxy does, the agent exits
+    // (for its DaemonSet to start it with the new file), leaving the rules.
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config)?.replace("minSyncPeriod: 1s", "minSyncPeriod: 2s"),
+    )?;
+    eventually(Duration::from_secs(20), "the agent to exit", || async {
+        // Exited: gone, or a zombie until the environment reaps it.
+        let state = std::fs::read_to_string(format!("/proc/{agent_pid}/stat")).unwrap_or_default();
+        let exited = state.is_empty() || state.split_whitespace().nth(2) == Some("Z");
+        Ok(exited.then_some(()))
+    })
+    .await?;
+    let log = std::fs::read_to_string(cluster.dir().join("agent-node-1.log"))?;
+    assert!(
+        log.contains("kube-proxy.conf changed; exiting so that it is read again at restart"),
+        "{log}"
+    );
+    assert!(
+        iptables_save(&node1.netns)?.contains(
+            "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
+        ),
+        "the rules went with the agent"
+    );
     Ok(())
 }
 
