@@ -3,6 +3,11 @@
 //! `rest_client_request_duration_seconds{host,verb}`), which kube-proxy's
 //! dashboards chart as "Kube API Request Rate" and request latency: a tower
 //! layer around the kube client's HTTP stack.
+//!
+//! As in client-go, a request is timed until its whole body is read (or
+//! dropped), and a watch is counted but not timed. kube's client retries
+//! 429, 503 and 504 answers below this layer, so only a request's last
+//! answer is counted (client-go counts every attempt).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,6 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use http_body::{Body, Frame, SizeHint};
 use tower::{Layer, Service};
 
 use crate::metrics::Metrics;
@@ -49,14 +55,24 @@ pub struct ApiMetrics<S> {
     layer: ApiMetricsLayer,
 }
 
+/// Whether a request is a watch (`?watch=true` or `?watch=1`).
+fn is_watch(uri: &http::Uri) -> bool {
+    uri.query().is_some_and(|query| {
+        query
+            .split('&')
+            .any(|pair| matches!(pair, "watch=true" | "watch=1"))
+    })
+}
+
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for ApiMetrics<S>
 where
     S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
     S::Future: Send + 'static,
+    ResBody: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<TimedBody<ResBody>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -64,21 +80,93 @@ where
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let method = request.method().as_str().to_string();
-        let started = Instant::now();
+        let timer = (!is_watch(request.uri())).then(|| Timer {
+            metrics: self.layer.metrics.clone(),
+            host: self.layer.host.clone(),
+            verb: method.clone(),
+            started: Instant::now(),
+        });
         let response = self.inner.call(request);
         let layer = self.layer.clone();
         Box::pin(async move {
-            let result = response.await;
-            // A watch is timed to its response head, as client-go does.
-            let code = match &result {
-                Ok(response) => response.status().as_str().to_string(),
-                Err(_) => "<error>".to_string(),
-            };
-            layer
-                .metrics
-                .count_api_request(&code, &layer.host, &method, started.elapsed());
-            result
+            match response.await {
+                Ok(response) => {
+                    layer.metrics.count_api_request(
+                        response.status().as_str(),
+                        &layer.host,
+                        &method,
+                    );
+                    Ok(response.map(|inner| TimedBody {
+                        inner: Box::pin(inner),
+                        timer,
+                    }))
+                }
+                Err(e) => {
+                    layer
+                        .metrics
+                        .count_api_request("<error>", &layer.host, &method);
+                    if let Some(timer) = timer {
+                        timer.observe();
+                    }
+                    Err(e)
+                }
+            }
         })
+    }
+}
+
+/// Records a request's duration once, when its body ends or is dropped.
+struct Timer {
+    metrics: Arc<Metrics>,
+    host: Arc<str>,
+    verb: String,
+    started: Instant,
+}
+
+impl Timer {
+    fn observe(self) {
+        self.metrics
+            .time_api_request(&self.host, &self.verb, self.started.elapsed());
+    }
+}
+
+/// A response body that stops its request's timer at its end.
+pub struct TimedBody<B> {
+    inner: Pin<Box<B>>,
+    timer: Option<Timer>,
+}
+
+impl<B> Drop for TimedBody<B> {
+    fn drop(&mut self) {
+        if let Some(timer) = self.timer.take() {
+            timer.observe();
+        }
+    }
+}
+
+impl<B: Body> Body for TimedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let frame = self.inner.as_mut().poll_frame(cx);
+        if matches!(frame, Poll::Ready(None | Some(Err(_))))
+            && let Some(timer) = self.timer.take()
+        {
+            timer.observe();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -86,13 +174,17 @@ where
 mod tests {
     use super::*;
 
-    /// Answers every request with `status`, or fails.
+    use http_body_util::{BodyExt as _, Full};
+
+    type Reply = http::Response<Full<hyper::body::Bytes>>;
+
+    /// Answers every request with `status` and a small body, or fails.
     struct Answer(Option<u16>);
 
     impl Service<http::Request<()>> for Answer {
-        type Response = http::Response<()>;
+        type Response = Reply;
         type Error = &'static str;
-        type Future = std::future::Ready<Result<http::Response<()>, &'static str>>;
+        type Future = std::future::Ready<Result<Reply, &'static str>>;
 
         fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
             Poll::Ready(Ok(()))
@@ -100,36 +192,57 @@ mod tests {
 
         fn call(&mut self, _: http::Request<()>) -> Self::Future {
             std::future::ready(match self.0 {
-                Some(status) => Ok(http::Response::builder().status(status).body(()).unwrap()),
+                Some(status) => Ok(http::Response::builder()
+                    .status(status)
+                    .body(Full::new(hyper::body::Bytes::from_static(b"{}")))
+                    .unwrap()),
                 None => Err("connection refused"),
             })
         }
     }
 
-    async fn send(layer: &ApiMetricsLayer, method: &str, answer: Option<u16>) {
+    /// Sends one request and reads its whole body, as kube's client does.
+    async fn send(layer: &ApiMetricsLayer, method: &str, uri: &str, answer: Option<u16>) {
         let mut service = layer.layer(Answer(answer));
         let request = http::Request::builder()
             .method(method)
-            .uri("/api/v1/services?watch=true")
+            .uri(uri)
             .body(())
             .unwrap();
-        let _ = service.call(request).await;
+        if let Ok(response) = service.call(request).await {
+            let _ = response.into_body().collect().await;
+        }
     }
 
     #[tokio::test]
     async fn requests_are_counted_by_code_host_and_method_and_timed_by_verb() {
         let metrics = Arc::new(Metrics::new());
         let layer = ApiMetricsLayer::new(metrics.clone(), "10.96.0.1:443");
-        send(&layer, "GET", Some(200)).await;
-        send(&layer, "GET", Some(200)).await;
-        send(&layer, "POST", Some(201)).await;
-        send(&layer, "GET", None).await;
+        let list = "/api/v1/services?labelSelector=a";
+        send(&layer, "GET", list, Some(200)).await;
+        send(
+            &layer,
+            "GET",
+            "/api/v1/services?watch=true&resourceVersion=7",
+            Some(200),
+        )
+        .await;
+        send(
+            &layer,
+            "POST",
+            "/api/v1/namespaces/default/events",
+            Some(201),
+        )
+        .await;
+        send(&layer, "GET", list, None).await;
         let text = metrics.encode();
         for line in [
             r#"rest_client_requests_total{code="200",host="10.96.0.1:443",method="GET"} 2"#,
             r#"rest_client_requests_total{code="201",host="10.96.0.1:443",method="POST"} 1"#,
             r#"rest_client_requests_total{code="<error>",host="10.96.0.1:443",method="GET"} 1"#,
-            r#"rest_client_request_duration_seconds_count{host="10.96.0.1:443",verb="GET"} 3"#,
+            // The watch is counted, not timed.
+            r#"rest_client_request_duration_seconds_count{host="10.96.0.1:443",verb="GET"} 2"#,
+            r#"rest_client_request_duration_seconds_count{host="10.96.0.1:443",verb="POST"} 1"#,
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
         }

@@ -89,15 +89,30 @@ pub async fn changed(path: &Path, read: &str, every: std::time::Duration) -> Str
 
 /// The file's text into settings; the error names the field.
 pub fn parse(text: &str) -> Result<FileSettings, String> {
-    let mut unknown = Vec::new();
-    let file: KubeProxyConfiguration =
-        serde_ignored::deserialize(serde_yaml::Deserializer::from_str(text), |path| {
-            unknown.push(field_path(&path))
-        })
-        .map_err(|e| e.to_string())?;
+    // From the text first, so that an error names its line.
+    let (mut file, mut unknown) = decode(serde_yaml::Deserializer::from_str(text))?;
+    // YAML merge keys (`<<: *defaults`) are only applied to a parsed value;
+    // the text decoder took `<<` for a field.
+    if unknown.iter().any(|p| p == "<<" || p.ends_with(".<<")) {
+        let mut value: Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+        value.apply_merge().map_err(|e| e.to_string())?;
+        (file, unknown) = decode(value)?;
+    }
     let mut settings = file.settings()?;
     settings.unknown = unknown;
     Ok(settings)
+}
+
+/// The file, and the paths of the fields it has that v1alpha1 does not.
+fn decode<'de, D>(from: D) -> Result<(KubeProxyConfiguration, Vec<String>), String>
+where
+    D: serde::Deserializer<'de>,
+    D::Error: std::fmt::Display,
+{
+    let mut unknown = Vec::new();
+    let file = serde_ignored::deserialize(from, |path| unknown.push(field_path(&path)))
+        .map_err(|e| e.to_string())?;
+    Ok((file, unknown))
 }
 
 /// `iptables.syncPeriode`, as a user writes it: serde_ignored also shows the
@@ -531,6 +546,21 @@ winkernel:
             Some(DetectLocalMode::InterfaceNamePrefix)
         );
         assert_eq!(settings.pod_interface_name_prefix.as_deref(), Some("veth"));
+    }
+
+    #[test]
+    fn yaml_merge_keys_are_applied() {
+        let settings = parse(
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
+             kind: KubeProxyConfiguration\n\
+             x-defaults: &defaults {masqueradeBit: 13, syncPeriod: 1m0s}\n\
+             iptables:\n  <<: *defaults\n  syncPeriod: 45s\n",
+        )
+        .unwrap();
+        assert_eq!(settings.masquerade_bit, Some(13));
+        // The key written beside the merge wins, as YAML says.
+        assert_eq!(settings.sync_period, Some(Duration::from_secs(45)));
+        assert_eq!(settings.unknown, ["x-defaults"]);
     }
 
     #[test]

@@ -445,9 +445,11 @@ fn render_manifests(args: &RenderArgs) -> anyhow::Result<Rendered> {
     let manifests = manifests::load(&args.manifests)?;
 
     let mut issues = Vec::new();
-    let node = match manifests.node(&args.node_name) {
+    // Lower-cased, as `run` and kube-proxy take a node name.
+    let node_name = args.node_name.trim().to_lowercase();
+    let node = match manifests.node(&node_name) {
         Some(node) => NodeInfo::from_node(node, &mut issues),
-        None => NodeInfo::named(args.node_name.clone()),
+        None => NodeInfo::named(node_name),
     };
     let (model, model_issues) = model::build(
         &manifests.services,

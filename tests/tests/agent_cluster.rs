@@ -104,7 +104,8 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
     // full sync during the test (every sync it sees is caused by an API
     // change), and /metrics open to the network, as the Helm chart's pod
     // monitor wants it (checked from another host below). A field the agent
-    // has no use for is logged and ignored.
+    // has no use for, and one the API dropped long ago, are logged and
+    // ignored.
     let config = cluster.dir().join("kube-proxy.conf");
     std::fs::write(
         &config,
@@ -113,7 +114,8 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
          mode: iptables\n\
          metricsBindAddress: 0.0.0.0:10249\n\
          iptables: {syncPeriod: 10m0s, minSyncPeriod: 1s}\n\
-         conntrack: {maxPerCore: 32768}\n",
+         conntrack: {maxPerCore: 32768}\n\
+         resourceContainer: /kube-proxy\n",
     )?;
     let agent_pid = cluster.spawn_agent(
         "node-1",
@@ -218,11 +220,17 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
     )
     .unwrap_or(0.0) as u64;
     assert!(partial > 0, "no partial sync:\n{metrics}");
-    // The configuration file's field the agent does not use was named.
+    // The configuration file's field the agent does not use, and the one
+    // kube-proxy's API no longer has, were named.
     let log = std::fs::read_to_string(cluster.dir().join("agent-node-1.log"))?;
     assert!(
         log.lines()
             .any(|l| l.contains("not used by causeway-agent") && l.contains("conntrack")),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("not known to kube-proxy") && l.contains("resourceContainer")),
         "{log}"
     );
 
@@ -335,13 +343,18 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
         &format!("rest_client_requests_total{{code=\"200\",host=\"{api_host}\",method=\"GET\"}}"),
     )
     .unwrap_or(0.0);
-    assert!(gets >= 3.0, "{gets} GETs answered 200:\n{metrics}");
+    // A list and a watch for each of Services, EndpointSlices and the Node.
+    assert!(gets >= 6.0, "{gets} GETs answered 200:\n{metrics}");
     let timed = metrics::value(
         &metrics,
         &format!("rest_client_request_duration_seconds_count{{host=\"{api_host}\",verb=\"GET\"}}"),
     )
     .unwrap_or(0.0);
-    assert!(timed >= gets, "{timed} GETs timed:\n{metrics}");
+    // The lists are timed, the watches (still open) are not.
+    assert!(
+        (3.0..gets).contains(&timed),
+        "{timed} of {gets} GETs timed:\n{metrics}"
+    );
     cluster
         .set_pod_ready("default", "web-2", web2.ip, cluster.node("node-2"), false)
         .await?;
