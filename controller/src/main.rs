@@ -161,7 +161,8 @@ impl ClusterArgs {
         }
     }
 
-    async fn client(&self) -> Result<kube::Client> {
+    /// A client whose requests `metrics` counts.
+    async fn client(&self, metrics: &Metrics) -> Result<kube::Client> {
         let config = match &self.kubeconfig {
             Some(path) => {
                 let kubeconfig = Kubeconfig::read_from(path)
@@ -171,7 +172,10 @@ impl ClusterArgs {
             }
             None => kube::Config::infer().await?,
         };
-        Ok(kube::Client::try_from(config)?)
+        Ok(causeway_telemetry::rest_client::client(
+            config,
+            &metrics.rest_client,
+        )?)
     }
 }
 
@@ -217,8 +221,8 @@ async fn run(args: RunArgs) -> Result<()> {
         );
     }
     init_logs(log_json);
-    let client = cluster.client().await?;
     let metrics = Arc::new(Metrics::default());
+    let client = cluster.client(&metrics).await?;
     let aws = Aws::from_env(
         &cluster.cluster_name,
         cluster.region.clone(),
@@ -439,9 +443,9 @@ async fn plan_command(args: PlanArgs) -> Result<()> {
         namespace,
         services,
     } = args;
-    let client = cluster.client().await?;
-    let cfg = cluster.config();
     let metrics = Metrics::default();
+    let client = cluster.client(&metrics).await?;
+    let cfg = cluster.config();
     let aws = Aws::from_env(
         &cluster.cluster_name,
         cluster.region.clone(),

@@ -1,5 +1,6 @@
-//! The controller's Prometheus metrics (one struct, one registry) and the
-//! small HTTP server for `/metrics`, `/healthz` and `/readyz` (SPEC 1.6).
+//! The controller's Prometheus metrics (one struct, one registry, with the
+//! standard `process_*` and client-go's `rest_client_*` beside its own) and
+//! the small HTTP server for `/metrics`, `/healthz` and `/readyz` (SPEC 1.6).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +18,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use causeway_telemetry::process::ProcessCollector;
+use causeway_telemetry::rest_client::RestClientMetrics;
+
 use crate::aws::AwsCalls;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -29,6 +33,9 @@ pub struct ReconcileLabels {
 pub struct Metrics {
     registry: Registry,
     pub aws_calls: Arc<AwsCalls>,
+    /// The API client's requests; [`causeway_telemetry::rest_client::client`]
+    /// records into it.
+    pub rest_client: Arc<RestClientMetrics>,
     pub reconciles: Family<ReconcileLabels, Counter>,
     pub reconcile_duration: Histogram,
     /// Set once the caches are synced and reconciling has started.
@@ -57,9 +64,13 @@ impl Default for Metrics {
         let leader = Arc::new(AtomicBool::new(false));
         let leader_gauge = leader.clone();
         registry.register_collector(Box::new(LeaderCollector(leader_gauge)));
+        let rest_client = Arc::new(RestClientMetrics::default());
+        rest_client.register(&mut registry);
+        registry.register_collector(Box::new(ProcessCollector));
         Metrics {
             registry,
             aws_calls,
+            rest_client,
             reconciles,
             reconcile_duration,
             ready: AtomicBool::new(false),

@@ -4,7 +4,6 @@
 
 pub mod addr;
 pub mod agent;
-pub mod api_metrics;
 pub mod config;
 pub mod conntrack;
 pub mod debug;

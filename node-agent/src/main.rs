@@ -16,7 +16,6 @@ use clap::{
 
 use causeway_agent::addr::IpFamily;
 use causeway_agent::agent::{self, RunConfig};
-use causeway_agent::api_metrics::ApiMetricsLayer;
 use causeway_agent::config::{DetectLocalMode, ProxyOptions, parse_duration};
 use causeway_agent::kube_proxy_config::{self, FileSettings};
 use causeway_agent::manifests;
@@ -766,14 +765,10 @@ async fn kube_client(
             .await
             .context("no kubeconfig: pass --kubeconfig, or run in a pod")?,
     };
-    let host = config
-        .cluster_url
-        .authority()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    Ok(kube::client::ClientBuilder::try_from(config)?
-        .with_layer(&ApiMetricsLayer::new(metrics.clone(), &host))
-        .build())
+    Ok(causeway_telemetry::rest_client::client(
+        config,
+        &metrics.rest_client,
+    )?)
 }
 
 fn init_logging(json: bool) {

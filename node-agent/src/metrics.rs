@@ -3,14 +3,16 @@
 //! standard `process_*` metrics that kube-proxy's dashboards chart too.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use prometheus_client::collector::Collector;
+use causeway_telemetry::process::ProcessCollector;
+use causeway_telemetry::rest_client::RestClientMetrics;
+
 use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -36,8 +38,9 @@ pub struct Metrics {
     pub no_local_endpoints: Family<Labels, Gauge>,
     pub healthz_answers: Family<Labels, Counter>,
     pub livez_answers: Family<Labels, Counter>,
-    pub api_requests: Family<Labels, Counter>,
-    pub api_request_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    /// The API client's requests; [`causeway_telemetry::rest_client::client`]
+    /// records into it.
+    pub rest_client: Arc<RestClientMetrics>,
     pub last_sync_timestamp: Gauge<f64, AtomicU64>,
     pub last_queued_timestamp: Gauge<f64, AtomicU64>,
     pub restore_bytes: Histogram,
@@ -76,14 +79,7 @@ impl Metrics {
         let no_local_endpoints = Family::<Labels, Gauge>::default();
         let healthz_answers = Family::<Labels, Counter>::default();
         let livez_answers = Family::<Labels, Counter>::default();
-        let api_requests = Family::<Labels, Counter>::default();
-        let api_request_duration =
-            Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(|| {
-                // client-go's buckets.
-                Histogram::new([
-                    0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0,
-                ])
-            });
+        let rest_client = Arc::new(RestClientMetrics::default());
         let last_sync_timestamp = Gauge::<f64, AtomicU64>::default();
         let last_queued_timestamp = Gauge::<f64, AtomicU64>::default();
         let restore_bytes = Histogram::new(exponential_buckets(1024.0, 4.0, 10));
@@ -166,16 +162,7 @@ impl Metrics {
             "Cumulative proxy livez HTTP status",
             livez_answers.clone(),
         );
-        registry.register(
-            "rest_client_requests",
-            "Number of HTTP requests to the API server, by status code, host and method",
-            api_requests.clone(),
-        );
-        registry.register(
-            "rest_client_request_duration_seconds",
-            "Request latency to the API server in seconds, by host and verb",
-            api_request_duration.clone(),
-        );
+        rest_client.register(&mut registry);
         registry.register(
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
             "The last time proxy rules were successfully synced",
@@ -219,8 +206,7 @@ impl Metrics {
             no_local_endpoints,
             healthz_answers,
             livez_answers,
-            api_requests,
-            api_request_duration,
+            rest_client,
             last_sync_timestamp,
             last_queued_timestamp,
             restore_bytes,
@@ -266,27 +252,6 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts one answer of the API server.
-    pub fn count_api_request(&self, code: &str, host: &str, method: &str) {
-        self.api_requests
-            .get_or_create(&vec![
-                ("code".to_string(), code.to_string()),
-                ("host".to_string(), host.to_string()),
-                ("method".to_string(), method.to_string()),
-            ])
-            .inc();
-    }
-
-    /// Records how long one request to the API server took.
-    pub fn time_api_request(&self, host: &str, verb: &str, took: std::time::Duration) {
-        self.api_request_duration
-            .get_or_create(&vec![
-                ("host".to_string(), host.to_string()),
-                ("verb".to_string(), verb.to_string()),
-            ])
-            .observe(took.as_secs_f64());
-    }
-
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -330,63 +295,6 @@ impl NoLocalEndpoints {
     }
 }
 
-/// The `process_*` metrics of this process, read from /proc at each scrape
-/// (the names every Prometheus client library uses).
-#[derive(Debug)]
-struct ProcessCollector;
-
-impl Collector for ProcessCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let now = metrics_process::collector::collect();
-        if let Some(seconds) = now.cpu_seconds_total {
-            let counter = ConstCounter::new(seconds);
-            counter.encode(encoder.encode_descriptor(
-                "process_cpu_seconds",
-                "Total user and system CPU time spent in seconds",
-                None,
-                counter.metric_type(),
-            )?)?;
-        }
-        for (name, help, value) in [
-            (
-                "process_resident_memory_bytes",
-                "Resident memory size in bytes",
-                now.resident_memory_bytes,
-            ),
-            (
-                "process_virtual_memory_bytes",
-                "Virtual memory size in bytes",
-                now.virtual_memory_bytes,
-            ),
-            (
-                "process_open_fds",
-                "Number of open file descriptors",
-                now.open_fds,
-            ),
-            (
-                "process_max_fds",
-                "Maximum number of open file descriptors",
-                now.max_fds,
-            ),
-            (
-                "process_start_time_seconds",
-                "Start time of the process since the Unix epoch in seconds",
-                now.start_time_seconds,
-            ),
-            (
-                "process_threads",
-                "Number of OS threads in the process",
-                now.threads,
-            ),
-        ] {
-            let Some(value) = value else { continue };
-            let gauge = ConstGauge::new(value as i64);
-            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,13 +318,9 @@ mod tests {
         }
     }
 
-    /// The value of the one sample named `name` (labels included).
     fn sample(text: &str, name: &str) -> f64 {
-        let line = text
-            .lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .unwrap_or_else(|| panic!("{name} missing from:\n{text}"));
-        line[name.len()..].trim().parse().unwrap()
+        causeway_telemetry::sample(text, name)
+            .unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
     }
 
     #[test]
@@ -444,38 +348,6 @@ mod tests {
         ] {
             assert_eq!(sample(&text, name), value, "{name} in:\n{text}");
         }
-    }
-
-    #[test]
-    fn process_metrics_describe_this_process() {
-        // Spend some CPU first: the kernel counts it in 10 ms ticks.
-        let started = std::time::Instant::now();
-        let mut spin = 0u64;
-        while started.elapsed() < std::time::Duration::from_millis(50) {
-            spin = std::hint::black_box(spin.wrapping_add(1));
-        }
-        let text = Metrics::new().encode();
-        // This test process holds far more than a megabyte and at least
-        // stdin, stdout and stderr.
-        assert!(
-            sample(&text, "process_resident_memory_bytes") > 1e6,
-            "{text}"
-        );
-        assert!(sample(&text, "process_open_fds") >= 3.0, "{text}");
-        assert!(sample(&text, "process_cpu_seconds_total") > 0.0, "{text}");
-        assert!(
-            text.contains("# TYPE process_cpu_seconds counter"),
-            "{text}"
-        );
-        let started = sample(&text, "process_start_time_seconds");
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs_f64();
-        assert!(
-            started <= now && started > now - 3600.0,
-            "{started} vs {now}"
-        );
     }
 
     #[test]

@@ -104,6 +104,36 @@ async fn service_python_gets_an_nlb_follows_nodes_and_is_cleaned_up() -> Result<
     );
     assert!(create_calls.values().sum::<u64>() <= 8);
 
+    // Beside its own metrics, the controller exports the process's and its
+    // API client's, under the names dashboards expect: the status patch
+    // that wrote the ingress answered 200, and was timed.
+    let metrics = controller.metrics()?;
+    let sum = |prefix: &str, has: &[&str]| -> f64 {
+        metrics
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix) && has.iter().all(|h| k.contains(h)))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    assert!(
+        sum(
+            "rest_client_requests_total{",
+            &["code=\"200\"", "method=\"PATCH\""]
+        ) >= 1.0,
+        "{metrics:?}"
+    );
+    assert!(
+        sum(
+            "rest_client_request_duration_seconds_count{",
+            &["verb=\"PATCH\""]
+        ) >= 1.0,
+        "{metrics:?}"
+    );
+    assert!(
+        metrics.get("process_resident_memory_bytes") > Some(&1e6),
+        "{metrics:?}"
+    );
+
     // moto holds exactly one NLB, one TCP listener on 3000, one target group
     // whose targets are every node's instance on NodePort 30080.
     let aws = aws_resources_of(&cluster, &uid)?;

@@ -1,8 +1,8 @@
 //! The API client's request metrics under client-go's names
 //! (`rest_client_requests_total{code,host,method}` and
-//! `rest_client_request_duration_seconds{host,verb}`), which kube-proxy's
-//! dashboards chart as "Kube API Request Rate" and request latency: a tower
-//! layer around the kube client's HTTP stack.
+//! `rest_client_request_duration_seconds{host,verb}`), which the dashboards
+//! of kube-proxy and of Kubernetes controllers chart as API request rate and
+//! latency: a tower layer around the kube client's HTTP stack.
 //!
 //! As in client-go, a request is timed until its whole body is read (or
 //! dropped), and a watch is counted but not timed. kube's client retries
@@ -16,21 +16,97 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http_body::{Body, Frame, SizeHint};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use tower::{Layer, Service};
 
-use crate::metrics::Metrics;
+type Labels = Vec<(String, String)>;
+
+/// `rest_client_requests_total` and `rest_client_request_duration_seconds`.
+#[derive(Debug)]
+pub struct RestClientMetrics {
+    requests: Family<Labels, Counter>,
+    durations: Family<Labels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for RestClientMetrics {
+    fn default() -> Self {
+        RestClientMetrics {
+            requests: Family::default(),
+            durations: Family::new_with_constructor(|| {
+                // client-go's buckets.
+                Histogram::new([
+                    0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0,
+                ])
+            }),
+        }
+    }
+}
+
+impl RestClientMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "rest_client_requests",
+            "Number of HTTP requests to the API server, by status code, host and method",
+            self.requests.clone(),
+        );
+        registry.register(
+            "rest_client_request_duration_seconds",
+            "Request latency to the API server in seconds, by host and verb",
+            self.durations.clone(),
+        );
+    }
+
+    /// Counts one answer of the API server.
+    pub fn count(&self, code: &str, host: &str, method: &str) {
+        self.requests
+            .get_or_create(&vec![
+                ("code".to_string(), code.to_string()),
+                ("host".to_string(), host.to_string()),
+                ("method".to_string(), method.to_string()),
+            ])
+            .inc();
+    }
+
+    /// Records how long one request to the API server took.
+    pub fn time(&self, host: &str, verb: &str, took: std::time::Duration) {
+        self.durations
+            .get_or_create(&vec![
+                ("host".to_string(), host.to_string()),
+                ("verb".to_string(), verb.to_string()),
+            ])
+            .observe(took.as_secs_f64());
+    }
+}
+
+/// A kube client for `config` whose requests `metrics` counts and times.
+pub fn client(
+    config: kube::Config,
+    metrics: &Arc<RestClientMetrics>,
+) -> Result<kube::Client, kube::Error> {
+    let host = config
+        .cluster_url
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&ApiMetricsLayer::new(metrics.clone(), &host))
+        .build())
+}
 
 /// Counts and times every request of the client it wraps.
 #[derive(Clone)]
 pub struct ApiMetricsLayer {
-    metrics: Arc<Metrics>,
+    metrics: Arc<RestClientMetrics>,
     /// The API server's `host:port`, as client-go labels it (requests at
     /// this layer carry only a path).
     host: Arc<str>,
 }
 
 impl ApiMetricsLayer {
-    pub fn new(metrics: Arc<Metrics>, host: &str) -> Self {
+    pub fn new(metrics: Arc<RestClientMetrics>, host: &str) -> Self {
         ApiMetricsLayer {
             metrics,
             host: host.into(),
@@ -91,20 +167,16 @@ where
         Box::pin(async move {
             match response.await {
                 Ok(response) => {
-                    layer.metrics.count_api_request(
-                        response.status().as_str(),
-                        &layer.host,
-                        &method,
-                    );
+                    layer
+                        .metrics
+                        .count(response.status().as_str(), &layer.host, &method);
                     Ok(response.map(|inner| TimedBody {
                         inner: Box::pin(inner),
                         timer,
                     }))
                 }
                 Err(e) => {
-                    layer
-                        .metrics
-                        .count_api_request("<error>", &layer.host, &method);
+                    layer.metrics.count("<error>", &layer.host, &method);
                     if let Some(timer) = timer {
                         timer.observe();
                     }
@@ -117,7 +189,7 @@ where
 
 /// Records a request's duration once, when its body ends or is dropped.
 struct Timer {
-    metrics: Arc<Metrics>,
+    metrics: Arc<RestClientMetrics>,
     host: Arc<str>,
     verb: String,
     started: Instant,
@@ -126,7 +198,7 @@ struct Timer {
 impl Timer {
     fn observe(self) {
         self.metrics
-            .time_api_request(&self.host, &self.verb, self.started.elapsed());
+            .time(&self.host, &self.verb, self.started.elapsed());
     }
 }
 
@@ -216,7 +288,7 @@ mod tests {
 
     #[tokio::test]
     async fn requests_are_counted_by_code_host_and_method_and_timed_by_verb() {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(RestClientMetrics::default());
         let layer = ApiMetricsLayer::new(metrics.clone(), "10.96.0.1:443");
         let list = "/api/v1/services?labelSelector=a";
         send(&layer, "GET", list, Some(200)).await;
@@ -235,7 +307,10 @@ mod tests {
         )
         .await;
         send(&layer, "GET", list, None).await;
-        let text = metrics.encode();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         for line in [
             r#"rest_client_requests_total{code="200",host="10.96.0.1:443",method="GET"} 2"#,
             r#"rest_client_requests_total{code="201",host="10.96.0.1:443",method="POST"} 1"#,
