@@ -89,15 +89,19 @@ pub async fn changed(path: &Path, read: &str, every: std::time::Duration) -> Str
 
 /// The file's text into settings; the error names the field.
 pub fn parse(text: &str) -> Result<FileSettings, String> {
-    // From the text first, so that an error names its line.
-    let (mut file, mut unknown) = decode(serde_yaml::Deserializer::from_str(text))?;
-    // YAML merge keys (`<<: *defaults`) are only applied to a parsed value;
-    // the text decoder took `<<` for a field.
-    if unknown.iter().any(|p| p == "<<" || p.ends_with(".<<")) {
+    // YAML merge keys (`<<: *defaults`) are applied to a parsed value, then
+    // written back as text: the text decoder reads scalars as kube-proxy's
+    // does and names lines in its errors (of the merged text, then).
+    let merged;
+    let text = if text.contains("<<") {
         let mut value: Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
         value.apply_merge().map_err(|e| e.to_string())?;
-        (file, unknown) = decode(value)?;
-    }
+        merged = serde_yaml::to_string(&value).map_err(|e| e.to_string())?;
+        merged.as_str()
+    } else {
+        text
+    };
+    let (file, unknown) = decode(serde_yaml::Deserializer::from_str(text))?;
     let mut settings = file.settings()?;
     settings.unknown = unknown;
     Ok(settings)
@@ -554,9 +558,12 @@ winkernel:
             "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
              kind: KubeProxyConfiguration\n\
              x-defaults: &defaults {masqueradeBit: 13, syncPeriod: 1m0s}\n\
+             hostnameOverride: 12345\n\
              iptables:\n  <<: *defaults\n  syncPeriod: 45s\n",
         )
         .unwrap();
+        // A number where a string goes reads as it does without merge keys.
+        assert_eq!(settings.node_name.as_deref(), Some("12345"));
         assert_eq!(settings.masquerade_bit, Some(13));
         // The key written beside the merge wins, as YAML says.
         assert_eq!(settings.sync_period, Some(Duration::from_secs(45)));

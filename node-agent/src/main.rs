@@ -741,6 +741,8 @@ fn run(args: RunArgs, file: &FileSettings, file_text: String) -> anyhow::Result<
         tokio::select! {
             result = agent::run(client, config, metrics) => result,
             change = kube_proxy_config::changed(&path, &file_text, CONFIG_CHECK_PERIOD) => {
+                // In the log too, which may be JSON, not only on stderr.
+                tracing::error!(reason = %change, "the configuration file changed; exiting so that it is read again at restart, as kube-proxy does; the rules stay in place");
                 anyhow::bail!("{change}; exiting so that it is read again at restart, as kube-proxy does; the rules stay in place")
             }
         }

@@ -7,7 +7,8 @@
 //! As in client-go, a request is timed until its whole body is read (or
 //! dropped), and a watch is counted but not timed. kube's client retries
 //! 429, 503 and 504 answers below this layer, so only a request's last
-//! answer is counted (client-go counts every attempt).
+//! answer is counted and its time includes the retries (client-go counts
+//! and times every attempt).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -321,5 +322,82 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
         }
+    }
+
+    /// A body whose one frame comes after a delay.
+    struct Slow {
+        sleep: Pin<Box<tokio::time::Sleep>>,
+        sent: bool,
+    }
+
+    impl Body for Slow {
+        type Data = hyper::body::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+            if self.sent {
+                return Poll::Ready(None);
+            }
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.sent = true;
+            Poll::Ready(Some(Ok(Frame::data(hyper::body::Bytes::from_static(
+                b"{}",
+            )))))
+        }
+    }
+
+    /// Answers 200 at once, with a body that takes `.0` to arrive.
+    struct SlowAnswer(std::time::Duration);
+
+    impl Service<http::Request<()>> for SlowAnswer {
+        type Response = http::Response<Slow>;
+        type Error = &'static str;
+        type Future = std::future::Ready<Result<http::Response<Slow>, &'static str>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            std::future::ready(Ok(http::Response::new(Slow {
+                sleep: Box::pin(tokio::time::sleep(self.0)),
+                sent: false,
+            })))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_is_timed_until_its_body_ends_or_is_dropped() {
+        let metrics = Arc::new(RestClientMetrics::default());
+        let layer = ApiMetricsLayer::new(metrics.clone(), "api:443");
+        let mut service = layer.layer(SlowAnswer(std::time::Duration::from_millis(100)));
+        let get = |uri: &str| http::Request::get(uri).body(()).unwrap();
+        // Read to its end: the time covers the body's 100 ms.
+        let response = service.call(get("/api/v1/services")).await.unwrap();
+        response.into_body().collect().await.unwrap();
+        // Dropped unread: counted and timed once all the same.
+        drop(service.call(get("/api/v1/nodes")).await.unwrap());
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let value = |name: &str| crate::sample(&text, name).unwrap_or(-1.0);
+        assert_eq!(
+            value(r#"rest_client_requests_total{code="200",host="api:443",method="GET"}"#),
+            2.0,
+            "{text}"
+        );
+        assert_eq!(
+            value(r#"rest_client_request_duration_seconds_count{host="api:443",verb="GET"}"#),
+            2.0,
+            "{text}"
+        );
+        let took = value(r#"rest_client_request_duration_seconds_sum{host="api:443",verb="GET"}"#);
+        assert!((0.1..5.0).contains(&took), "{took} s:\n{text}");
     }
 }
