@@ -746,19 +746,14 @@ impl Syncer {
                         render_config.clone(),
                         dispatch,
                     );
-                    for (table, rules) in [
-                        ("filter", payload.totals.filter),
-                        ("nat", payload.totals.nat),
-                        ("mangle", payload.mangle.rules),
+                    // What each table holds now, and what this sync wrote.
+                    for (table, held, written) in [
+                        ("filter", payload.totals.filter, payload.filter.rules),
+                        ("nat", payload.totals.nat, payload.nat.rules),
+                        ("mangle", payload.mangle.rules, payload.mangle.rules),
                     ] {
-                        *rule_counts.entry(table).or_default() += rules;
-                    }
-                    for (table, rules) in [
-                        ("filter", payload.filter.rules),
-                        ("nat", payload.nat.rules),
-                        ("mangle", payload.mangle.rules),
-                    ] {
-                        *rules_written.entry(table).or_default() += rules;
+                        *rule_counts.entry(table).or_default() += held;
+                        *rules_written.entry(table).or_default() += written;
                     }
                     info!(
                         family = ?family,

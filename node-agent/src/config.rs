@@ -231,6 +231,9 @@ pub fn needs_route_localnet(config: &RenderConfig) -> bool {
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let not_a_duration = || format!("{text:?} is not a duration like 30s or 1m0s");
+    if text.is_empty() {
+        return Err(not_a_duration());
+    }
     if let Ok(seconds) = text.parse::<f64>() {
         return Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"));
     }
@@ -257,9 +260,6 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         };
         seconds += value * scale;
         rest = next;
-    }
-    if text.is_empty() {
-        return Err(not_a_duration());
     }
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
 }

@@ -736,41 +736,25 @@ COMMIT
 -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
 COMMIT
 ";
-        assert_eq!(
-            damage_in_listing(Table::Nat, intact, &never_empty, &jumps),
-            None
-        );
+        let damage = |table, listing: &str| damage_in_listing(table, listing, &never_empty, &jumps);
+        assert_eq!(damage(Table::Nat, intact), None);
         let without = |line: &str| intact.replace(line, "");
+        let jump_line =
+            "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n";
         assert_eq!(
-            damage_in_listing(
-                Table::Nat,
-                &without(":KUBE-PROXY-CANARY - [0:0]\n"),
-                &never_empty,
-                &jumps
-            )
-            .as_deref(),
+            damage(Table::Nat, &without(":KUBE-PROXY-CANARY - [0:0]\n")).as_deref(),
             Some("nat KUBE-PROXY-CANARY is gone")
         );
         assert_eq!(
-            damage_in_listing(
+            damage(
                 Table::Nat,
-                &without("-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n"),
-                &never_empty,
-                &jumps
+                &without("-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n")
             )
             .as_deref(),
             Some("nat KUBE-MARK-MASQ was flushed")
         );
         assert_eq!(
-            damage_in_listing(
-                Table::Nat,
-                &without(
-                    "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n"
-                ),
-                &never_empty,
-                &jumps
-            )
-            .as_deref(),
+            damage(Table::Nat, &without(jump_line)).as_deref(),
             Some("the jump from nat PREROUTING to KUBE-SERVICES is gone")
         );
         // The same chains as `iptables -S <chain>` lists them (nft).
@@ -781,27 +765,16 @@ COMMIT
 -P PREROUTING ACCEPT
 -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
 ";
+        assert_eq!(damage(Table::Nat, listed), None);
         assert_eq!(
-            damage_in_listing(Table::Nat, listed, &never_empty, &jumps),
-            None
-        );
-        assert_eq!(
-            damage_in_listing(
-                Table::Nat,
-                &listed.replace("-N KUBE-PROXY-CANARY\n", ""),
-                &never_empty,
-                &jumps
-            )
-            .as_deref(),
+            damage(Table::Nat, &listed.replace("-N KUBE-PROXY-CANARY\n", "")).as_deref(),
             Some("nat KUBE-PROXY-CANARY is gone")
         );
         // Another table's chains are that table's business.
         assert_eq!(
-            damage_in_listing(
+            damage(
                 Table::Filter,
-                "*filter\n:KUBE-PROXY-CANARY - [0:0]\n:KUBE-FORWARD - [0:0]\nCOMMIT\n",
-                &never_empty,
-                &jumps
+                "*filter\n:KUBE-PROXY-CANARY - [0:0]\n:KUBE-FORWARD - [0:0]\nCOMMIT\n"
             )
             .as_deref(),
             Some("filter KUBE-FORWARD was flushed")

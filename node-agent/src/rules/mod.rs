@@ -397,6 +397,13 @@ pub struct RuleCounts {
     pub filter: usize,
 }
 
+impl std::ops::AddAssign for RuleCounts {
+    fn add_assign(&mut self, other: RuleCounts) {
+        self.nat += other.nat;
+        self.filter += other.filter;
+    }
+}
+
 /// The port `key` of a model (sorted by name then protocol).
 fn find_port<'m>(
     model: &'m Model,
@@ -747,12 +754,10 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
     if !partial {
         ports.sort_unstable_by(|a, b| b.1.cluster.cmp(&a.1.cluster));
     }
-    // The nat rules the ports in `only` had before and have now: a partial
-    // render counts the table as what was applied plus the difference.
-    let mut nat_rules_before: usize = 0;
-    let mut nat_rules_after: usize = 0;
-    let mut filter_rules_before: usize = 0;
-    let mut filter_rules_after: usize = 0;
+    // The rules the ports in `only` had before and have now: a partial
+    // render counts each table as what was applied plus the difference.
+    let mut rules_before = RuleCounts::default();
+    let mut rules_after = RuleCounts::default();
     for (port, chains) in &ports {
         let port = *port;
         render_service_port(
@@ -773,10 +778,12 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
             continue;
         };
         external.merge_into(&mut own, &mut port_nat);
-        nat_rules_after += own.stats.rules + port_nat.stats.rules;
-        filter_rules_after += port_filter.stats.rules;
+        rules_after += RuleCounts {
+            nat: own.stats.rules + port_nat.stats.rules,
+            filter: port_filter.stats.rules,
+        };
         nat.take_from(&mut own);
-        let before = dispatch_delta(
+        rules_before += dispatch_delta(
             find_port(p.previous, &port.name, port.protocol),
             Some(port),
             &ctx,
@@ -785,8 +792,6 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
             &mut filter,
             &mut nat,
         );
-        nat_rules_before += before.nat;
-        filter_rules_before += before.filter;
     }
     // Ports that are gone: their dispatch entries go too (their chains are
     // deleted through `delete_nat_chains`).
@@ -795,7 +800,7 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
             if find_port(model, name, *protocol).is_some() {
                 continue;
             }
-            let before = dispatch_delta(
+            rules_before += dispatch_delta(
                 find_port(p.previous, name, *protocol),
                 None,
                 &ctx,
@@ -804,8 +809,6 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
                 &mut filter,
                 &mut nat,
             );
-            nat_rules_before += before.nat;
-            filter_rules_before += before.filter;
         }
     }
 
@@ -836,13 +839,19 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
         filter.end();
     }
 
-    let filter_total_rules = match options.partial {
-        Some(p) => {
-            (p.applied_totals.filter + filter_rules_after).saturating_sub(filter_rules_before)
-        }
-        None => filter.stats.rules,
+    let totals = match options.partial {
+        Some(p) => RuleCounts {
+            nat: (p.applied_totals.nat + rules_after.nat + hairpin.len())
+                .saturating_sub(rules_before.nat + previous_hairpin.len()),
+            filter: (p.applied_totals.filter + rules_after.filter)
+                .saturating_sub(rules_before.filter),
+        },
+        None => RuleCounts {
+            nat: nat.stats.rules,
+            filter: filter.stats.rules,
+        },
     };
-    let (nat_total_rules, service_chains) = match options.partial {
+    let service_chains = match options.partial {
         Some(p) => {
             // The applied chains, less every chain the ports in `only` may
             // have had (all four share the port's hash), plus what they have now.
@@ -861,11 +870,9 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
                 .cloned()
                 .collect();
             chains.append(&mut ctx.service_chains);
-            let total = (p.applied_totals.nat + nat_rules_after + hairpin.len())
-                .saturating_sub(nat_rules_before + previous_hairpin.len());
-            (total, chains)
+            chains
         }
-        None => (nat.stats.rules, std::mem::take(&mut ctx.service_chains)),
+        None => std::mem::take(&mut ctx.service_chains),
     };
     delete_stale_chains(&mut nat, options.delete_nat_chains, &service_chains);
 
@@ -905,10 +912,7 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
         filter,
         nat,
         service_chains,
-        totals: RuleCounts {
-            nat: nat_total_rules,
-            filter: filter_total_rules,
-        },
+        totals,
     }
 }
 
