@@ -264,9 +264,93 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
 }
 
+/// How `run` writes its log: kube-proxy's `--logging-format` (and the
+/// configuration file's `logging.format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("{other:?} is not text or json")),
+        }
+    }
+}
+
+/// The log filter (`RUST_LOG` syntax) that kube-proxy's klog verbosity
+/// (`-v`, `logging.verbosity`) stands for. klog logs routine messages at 0–2,
+/// debugging detail at 4, and from 6 the API requests it makes; the agent's
+/// own debug lines come at 4, every library's (the kube client's requests
+/// among them) at 6, and trace at 8.
+pub fn log_filter(verbosity: u32) -> &'static str {
+    match verbosity {
+        0..=3 => "info",
+        4..=5 => "info,causeway_agent=debug,causeway_telemetry=debug",
+        6..=7 => "debug",
+        _ => "trace",
+    }
+}
+
+/// kube-proxy's `--proxy-mode`: the agent is its iptables mode, so only that
+/// (or kube-proxy's "unset", empty) is accepted.
+pub fn parse_proxy_mode(text: &str) -> Result<String, String> {
+    match text.trim() {
+        "" | "iptables" => Ok("iptables".to_string()),
+        other => Err(format!(
+            "{other:?}: causeway-agent is kube-proxy's iptables mode; \
+             use \"iptables\" or leave it empty"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn klog_verbosity_maps_to_log_levels() {
+        // kube-proxy DaemonSets run with --v=2 (EKS): the agent's usual log.
+        for v in [0, 2, 3] {
+            assert_eq!(log_filter(v), "info");
+        }
+        assert_eq!(
+            log_filter(4),
+            "info,causeway_agent=debug,causeway_telemetry=debug"
+        );
+        assert_eq!(log_filter(6), "debug");
+        assert_eq!(log_filter(10), "trace");
+        for v in 0..12 {
+            assert!(tracing_subscriber::EnvFilter::try_new(log_filter(v)).is_ok());
+        }
+    }
+
+    #[test]
+    fn only_the_iptables_proxy_mode_is_accepted() {
+        assert_eq!(parse_proxy_mode("iptables").as_deref(), Ok("iptables"));
+        assert_eq!(parse_proxy_mode("").as_deref(), Ok("iptables"));
+        for other in ["ipvs", "nftables", "kernelspace", "userspace"] {
+            let error = parse_proxy_mode(other).unwrap_err();
+            assert!(
+                error.starts_with(&format!(
+                    "{other:?}: causeway-agent is kube-proxy's iptables mode"
+                )),
+                "{error}"
+            );
+        }
+        assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));
+        assert_eq!(" text ".parse::<LogFormat>(), Ok(LogFormat::Text));
+        assert_eq!(
+            "xml".parse::<LogFormat>(),
+            Err("\"xml\" is not text or json".to_string())
+        );
+    }
 
     #[test]
     fn durations_parse_like_kube_proxy_flags_and_files() {

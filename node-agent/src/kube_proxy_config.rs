@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use crate::config::{DetectLocalMode, parse_duration};
+use crate::config::{DetectLocalMode, LogFormat, parse_duration, parse_proxy_mode};
 
 const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 
@@ -38,6 +38,10 @@ pub struct FileSettings {
     pub min_sync_period: Option<Duration>,
     pub healthz_bind_address: Option<String>,
     pub metrics_bind_address: Option<String>,
+    /// `logging.verbosity`: klog's `-v`.
+    pub verbosity: Option<u32>,
+    /// `logging.format`.
+    pub log_format: Option<LogFormat>,
     /// Fields set in the file that the agent does not use, by path
     /// (`conntrack`, `clientConnection.qps`).
     pub ignored: Vec<String>,
@@ -190,7 +194,23 @@ struct KubeProxyConfiguration {
     #[serde(default)]
     port_range: Option<Value>,
     #[serde(default)]
-    logging: Option<Value>,
+    logging: Option<Logging>,
+}
+
+/// component-base's `LoggingConfiguration`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Logging {
+    #[serde(default)]
+    format: Option<String>,
+    #[serde(default)]
+    verbosity: Option<u32>,
+    #[serde(default)]
+    flush_frequency: Option<Value>,
+    #[serde(default)]
+    vmodule: Option<Value>,
+    #[serde(default)]
+    options: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -276,14 +296,8 @@ impl KubeProxyConfiguration {
                 self.kind
             ));
         }
-        match non_empty(self.mode).as_deref() {
-            None | Some("iptables") => {}
-            Some(other) => {
-                return Err(format!(
-                    "mode: {other:?}: causeway-agent is kube-proxy's iptables mode; \
-                     use \"iptables\" or leave it empty"
-                ));
-            }
+        if let Some(mode) = non_empty(self.mode) {
+            parse_proxy_mode(&mode).map_err(|e| format!("mode: {e}"))?;
         }
         let mut ignored = Vec::new();
         let mut note = |name: &str, value: &Option<Value>| {
@@ -307,7 +321,23 @@ impl KubeProxyConfiguration {
         note("oomScoreAdj", &self.oom_score_adj);
         note("configSyncPeriod", &self.config_sync_period);
         note("portRange", &self.port_range);
-        note("logging", &self.logging);
+        let (verbosity, log_format) = match &self.logging {
+            Some(logging) => {
+                note("logging.flushFrequency", &logging.flush_frequency);
+                note("logging.vmodule", &logging.vmodule);
+                note("logging.options", &logging.options);
+                let format = match non_empty(logging.format.clone()) {
+                    Some(format) => Some(
+                        format
+                            .parse::<LogFormat>()
+                            .map_err(|e| format!("logging.format: {e}"))?,
+                    ),
+                    None => None,
+                };
+                (logging.verbosity.filter(|v| *v > 0), format)
+            }
+            None => (None, None),
+        };
         if let Some(client) = &self.client_connection {
             note(
                 "clientConnection.acceptContentTypes",
@@ -373,6 +403,8 @@ impl KubeProxyConfiguration {
             min_sync_period,
             healthz_bind_address: non_empty(self.healthz_bind_address),
             metrics_bind_address: non_empty(self.metrics_bind_address),
+            verbosity,
+            log_format,
             ignored,
             unknown: Vec::new(),
         })
@@ -510,6 +542,9 @@ winkernel:
                 min_sync_period: Some(Duration::from_secs(2)),
                 healthz_bind_address: None,
                 metrics_bind_address: Some("0.0.0.0:10249".to_string()),
+                // verbosity 0 and the zero buffer sizes are kube-proxy's unset.
+                verbosity: None,
+                log_format: None,
                 // bindAddress is the only other field kubeadm sets.
                 ignored: vec!["bindAddress".to_string()],
                 unknown: Vec::new(),
@@ -553,6 +588,20 @@ winkernel:
     }
 
     #[test]
+    fn logging_verbosity_and_format_are_read() {
+        let settings = parse(
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
+             kind: KubeProxyConfiguration\n\
+             logging: {format: json, verbosity: 4, vmodule: [{filePattern: proxier, verbosity: 6}]}\n",
+        )
+        .unwrap();
+        assert_eq!(settings.verbosity, Some(4));
+        assert_eq!(settings.log_format, Some(LogFormat::Json));
+        assert_eq!(settings.ignored, ["logging.vmodule"]);
+        assert!(settings.unknown.is_empty(), "{:?}", settings.unknown);
+    }
+
+    #[test]
     fn yaml_merge_keys_are_applied() {
         let settings = parse(
             "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
@@ -593,6 +642,14 @@ winkernel:
             (
                 "iptables: {syncPeriod: soon}\n",
                 "iptables.syncPeriod: \"soon\"",
+            ),
+            (
+                "logging: {format: xml}\n",
+                "logging.format: \"xml\" is not text or json",
+            ),
+            (
+                "logging: {verbosity: -1}\n",
+                "logging.verbosity: invalid type: integer `-1`, expected u32",
             ),
             (
                 "detectLocalMode: Bridge\n",

@@ -16,7 +16,9 @@ use clap::{
 
 use causeway_agent::addr::IpFamily;
 use causeway_agent::agent::{self, RunConfig};
-use causeway_agent::config::{DetectLocalMode, ProxyOptions, parse_duration};
+use causeway_agent::config::{
+    DetectLocalMode, LogFormat, ProxyOptions, log_filter, parse_duration, parse_proxy_mode,
+};
 use causeway_agent::kube_proxy_config::{self, FileSettings};
 use causeway_agent::manifests;
 use causeway_agent::metrics::Metrics;
@@ -88,8 +90,9 @@ struct ProxyFlags {
     /// InternalIP(s). Default: every local address.
     #[arg(long, env = "CAUSEWAY_NODEPORT_ADDRESSES", value_delimiter = ',')]
     nodeport_addresses: Vec<String>,
-    /// Answer IPv4 NodePorts on 127.0.0.1 (sets net.ipv4.conf.all.route_localnet=1).
-    #[arg(long, env = "CAUSEWAY_LOCALHOST_NODEPORTS", action = ArgAction::Set, num_args = 0..=1,
+    /// Answer IPv4 NodePorts on 127.0.0.1 (sets net.ipv4.conf.all.route_localnet=1);
+    /// kube-proxy's --iptables-localhost-nodeports is accepted too.
+    #[arg(long, alias = "iptables-localhost-nodeports", env = "CAUSEWAY_LOCALHOST_NODEPORTS", action = ArgAction::Set, num_args = 0..=1,
           default_value_t = true, default_missing_value = "true")]
     localhost_nodeports: bool,
 }
@@ -279,6 +282,18 @@ struct RunArgs {
     /// Log as JSON lines.
     #[arg(long, env = "CAUSEWAY_LOG_JSON")]
     log_json: bool,
+    /// kube-proxy's --logging-format: text or json (json is --log-json).
+    #[arg(long, value_enum, conflicts_with = "log_json")]
+    logging_format: Option<LogFormat>,
+    /// Log verbosity, as kube-proxy's -v/--v: up to 3 the usual log, 4 and 5
+    /// the agent's debug lines too, 6 and 7 every library's (the API
+    /// requests among them), 8 and up trace. RUST_LOG, when set, wins.
+    #[arg(short = 'v', long = "v", value_name = "LEVEL", default_value_t = 0)]
+    verbosity: u32,
+    /// kube-proxy's --proxy-mode: the agent is its iptables mode, so only
+    /// `iptables` (or empty) is accepted.
+    #[arg(long, value_parser = parse_proxy_mode)]
+    proxy_mode: Option<String>,
     /// Where /healthz and /livez answer.
     #[arg(
         long,
@@ -419,6 +434,16 @@ impl RunArgs {
             &mut self.metrics_bind_address,
             f.metrics_bind_address,
         );
+        fill(given, "verbosity", &mut self.verbosity, f.verbosity);
+        // One format, from --log-json or --logging-format if either was given.
+        if !given.contains("log_json") {
+            fill(
+                given,
+                "logging_format",
+                &mut self.logging_format,
+                f.log_format.map(Some),
+            );
+        }
         self.proxy.apply_file(file, given);
     }
 }
@@ -665,12 +690,18 @@ fn run(args: RunArgs, file: &FileSettings, file_text: String) -> anyhow::Result<
         sync_period,
         min_sync_period,
         log_json,
+        logging_format,
+        verbosity,
+        proxy_mode: _,
         iptables_backend,
         healthz_bind_address,
         metrics_bind_address,
         proxy,
     } = args;
-    init_logging(log_json);
+    init_logging(
+        log_json || logging_format == Some(LogFormat::Json),
+        verbosity,
+    );
     // Lower-cased, as kube-proxy does with --hostname-override.
     let node_name = node_name
         .map(|n| n.trim().to_lowercase())
@@ -773,9 +804,10 @@ async fn kube_client(
     )?)
 }
 
-fn init_logging(json: bool) {
+/// Logs to stderr, filtered by RUST_LOG if set, else by the klog verbosity.
+fn init_logging(json: bool, verbosity: u32) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_filter(verbosity)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -898,5 +930,85 @@ mod tests {
         assert_eq!(args.sync_period, Duration::from_secs(45));
         assert_eq!(args.min_sync_period, Duration::from_secs(2));
         assert_eq!(args.proxy.masquerade_bit, 13);
+        assert_eq!(args.verbosity, 0);
+
+        // What kube-proxy DaemonSets pass (EKS: --v=2), klog's short form,
+        // and the rest of kube-proxy's logging and mode flags.
+        for verbosity in [["--v=2"], ["-v=2"]] {
+            let cli = Cli::try_parse_from(
+                ["causeway-agent", "run", "--hostname-override", "N1"]
+                    .into_iter()
+                    .chain(verbosity),
+            )
+            .unwrap();
+            let Command::Run(args) = cli.command else {
+                panic!("run")
+            };
+            assert_eq!(args.verbosity, 2);
+        }
+        let cli = Cli::try_parse_from([
+            "causeway-agent",
+            "run",
+            "-v",
+            "4",
+            "--proxy-mode=iptables",
+            "--logging-format",
+            "json",
+            "--iptables-localhost-nodeports=false",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("run")
+        };
+        assert_eq!(args.verbosity, 4);
+        assert_eq!(args.logging_format, Some(LogFormat::Json));
+        assert!(!args.proxy.localhost_nodeports);
+        let error = Cli::try_parse_from(["causeway-agent", "run", "--proxy-mode", "ipvs"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            error.contains("\"ipvs\": causeway-agent is kube-proxy's iptables mode"),
+            "{error}"
+        );
+        assert!(
+            Cli::try_parse_from([
+                "causeway-agent",
+                "run",
+                "--log-json",
+                "--logging-format=text"
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn the_files_logging_settings_apply_unless_a_flag_says_otherwise() {
+        let file = kube_proxy_config::parse(
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
+             kind: KubeProxyConfiguration\n\
+             logging: {format: json, verbosity: 4}\n",
+        )
+        .unwrap();
+        let parse = |flags: &[&str]| {
+            let matches = Cli::command()
+                .try_get_matches_from(["causeway-agent", "run"].iter().chain(flags))
+                .unwrap();
+            let Command::Run(mut args) = Cli::from_arg_matches(&matches).unwrap().command else {
+                panic!("run")
+            };
+            args.apply_file(&file, &given_flags(&matches, "run"));
+            args
+        };
+        let args = parse(&[]);
+        assert_eq!(args.verbosity, 4);
+        assert_eq!(args.logging_format, Some(LogFormat::Json));
+        let args = parse(&["--v=2", "--logging-format=text"]);
+        assert_eq!(args.verbosity, 2);
+        assert_eq!(args.logging_format, Some(LogFormat::Text));
+        // --log-json and the file agree; the flag alone decides either way.
+        let args = parse(&["--log-json"]);
+        assert!(args.log_json);
+        assert_eq!(args.logging_format, None);
     }
 }

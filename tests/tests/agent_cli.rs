@@ -200,5 +200,24 @@ fn a_kube_proxy_configuration_file_drives_the_agent() -> Result<()> {
     assert_ne!(code, 0, "{text}");
     assert!(text.contains("mode: \"ipvs\""), "{text}");
     assert!(!text.contains("panicked"), "{text}");
+    // So is kube-proxy's --proxy-mode flag: a usage error, before anything runs.
+    let (code, text) = agent(&["run", "--node-name", "n", "--proxy-mode", "ipvs"])?;
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("\"ipvs\": causeway-agent is kube-proxy's iptables mode"),
+        "{text}"
+    );
+    // And a logging format the file cannot have.
+    std::fs::write(
+        &config,
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+         logging: {format: xml}\n",
+    )?;
+    let (code, text) = agent(&["run", "--config", &config, "--node-name", "n"])?;
+    assert_ne!(code, 0, "{text}");
+    assert!(
+        text.contains(&config) && text.contains("logging.format: \"xml\" is not text or json"),
+        "{text}"
+    );
     Ok(())
 }

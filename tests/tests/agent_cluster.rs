@@ -103,9 +103,10 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
     // Configured as kube-proxy is, from its configuration file: no periodic
     // full sync during the test (every sync it sees is caused by an API
     // change), and /metrics open to the network, as the Helm chart's pod
-    // monitor wants it (checked from another host below). A field the agent
-    // has no use for, and one the API dropped long ago, are logged and
-    // ignored.
+    // monitor wants it (checked from another host below). Its klog
+    // verbosity 4 turns on the agent's debug lines. A field the agent has no
+    // use for, and one the API dropped long ago, are logged and ignored.
+    // kube-proxy's --proxy-mode flag is taken as it is.
     let config = cluster.dir().join("kube-proxy.conf");
     std::fs::write(
         &config,
@@ -115,13 +116,18 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
          metricsBindAddress: 0.0.0.0:10249\n\
          iptables: {syncPeriod: 10m0s, minSyncPeriod: 1s}\n\
          conntrack: {maxPerCore: 32768}\n\
+         logging: {verbosity: 4}\n\
          resourceContainer: /kube-proxy\n",
     )?;
     let agent_pid = cluster.spawn_agent(
         "node-1",
         "agent-node-1",
         &agent,
-        &["--config", &config.display().to_string()],
+        &[
+            "--config",
+            &config.display().to_string(),
+            "--proxy-mode=iptables",
+        ],
     )?;
 
     let client_pod = cluster
@@ -377,6 +383,13 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
     std::thread::sleep(Duration::from_secs(3));
     let after = restores(&http_get(&node1.netns, "http://127.0.0.1:10249/metrics")?.2);
     assert_eq!(after, before, "a no-op change ran iptables-restore");
+    // At the file's verbosity 4 the sync said why it wrote nothing.
+    let log = std::fs::read_to_string(cluster.dir().join("agent-node-1.log"))?;
+    assert!(
+        log.lines()
+            .any(|l| l.contains("DEBUG") && l.contains("nothing changed")),
+        "{log}"
+    );
 
     // A burst is batched (--min-sync-period 1s): ten Services created back
     // to back cost a few restores, not ten.
