@@ -42,6 +42,10 @@ pub struct FileSettings {
     pub verbosity: Option<u32>,
     /// `logging.format`.
     pub log_format: Option<LogFormat>,
+    /// `conntrack.tcpBeLiberal`.
+    pub conntrack_tcp_be_liberal: Option<bool>,
+    /// `oomScoreAdj`.
+    pub oom_score_adj: Option<i32>,
     /// Fields set in the file that the agent does not use, by path
     /// (`conntrack`, `clientConnection.qps`).
     pub ignored: Vec<String>,
@@ -186,15 +190,36 @@ struct KubeProxyConfiguration {
     #[serde(default)]
     windows_run_as_service: Option<Value>,
     #[serde(default)]
-    conntrack: Option<Value>,
+    conntrack: Option<Conntrack>,
     #[serde(default)]
-    oom_score_adj: Option<Value>,
+    oom_score_adj: Option<i32>,
     #[serde(default)]
     config_sync_period: Option<Value>,
     #[serde(default)]
     port_range: Option<Value>,
     #[serde(default)]
     logging: Option<Logging>,
+}
+
+/// kube-proxy sets these conntrack sysctls; the agent only takes
+/// `tcpBeLiberal`, which decides a rule too.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Conntrack {
+    #[serde(default)]
+    tcp_be_liberal: Option<bool>,
+    #[serde(default)]
+    max_per_core: Option<Value>,
+    #[serde(default)]
+    min: Option<Value>,
+    #[serde(default)]
+    tcp_established_timeout: Option<Value>,
+    #[serde(default)]
+    tcp_close_wait_timeout: Option<Value>,
+    #[serde(default)]
+    udp_timeout: Option<Value>,
+    #[serde(default)]
+    udp_stream_timeout: Option<Value>,
 }
 
 /// component-base's `LoggingConfiguration`.
@@ -317,8 +342,20 @@ impl KubeProxyConfiguration {
         note("nftables", &self.nftables);
         note("winkernel", &self.winkernel);
         note("windowsRunAsService", &self.windows_run_as_service);
-        note("conntrack", &self.conntrack);
-        note("oomScoreAdj", &self.oom_score_adj);
+        if let Some(conntrack) = &self.conntrack {
+            note("conntrack.maxPerCore", &conntrack.max_per_core);
+            note("conntrack.min", &conntrack.min);
+            note(
+                "conntrack.tcpEstablishedTimeout",
+                &conntrack.tcp_established_timeout,
+            );
+            note(
+                "conntrack.tcpCloseWaitTimeout",
+                &conntrack.tcp_close_wait_timeout,
+            );
+            note("conntrack.udpTimeout", &conntrack.udp_timeout);
+            note("conntrack.udpStreamTimeout", &conntrack.udp_stream_timeout);
+        }
         note("configSyncPeriod", &self.config_sync_period);
         note("portRange", &self.port_range);
         let (verbosity, log_format) = match &self.logging {
@@ -378,6 +415,11 @@ impl KubeProxyConfiguration {
             ),
             None => (None, None),
         };
+        if let Some(adj) = self.oom_score_adj
+            && !(-1000..=1000).contains(&adj)
+        {
+            return Err(format!("oomScoreAdj: {adj} is not between -1000 and 1000"));
+        }
         let sync_period = duration("iptables.syncPeriod", iptables.sync_period)?;
         let min_sync_period = duration("iptables.minSyncPeriod", iptables.min_sync_period)?;
         Ok(FileSettings {
@@ -405,6 +447,8 @@ impl KubeProxyConfiguration {
             metrics_bind_address: non_empty(self.metrics_bind_address),
             verbosity,
             log_format,
+            conntrack_tcp_be_liberal: self.conntrack.as_ref().and_then(|c| c.tcp_be_liberal),
+            oom_score_adj: self.oom_score_adj,
             ignored,
             unknown: Vec::new(),
         })
@@ -545,6 +589,8 @@ winkernel:
                 // verbosity 0 and the zero buffer sizes are kube-proxy's unset.
                 verbosity: None,
                 log_format: None,
+                conntrack_tcp_be_liberal: Some(false),
+                oom_score_adj: None,
                 // bindAddress is the only other field kubeadm sets.
                 ignored: vec!["bindAddress".to_string()],
                 unknown: Vec::new(),
@@ -576,7 +622,7 @@ winkernel:
                 "iptables.syncPeriode"
             ]
         );
-        assert_eq!(settings.ignored, ["conntrack"]);
+        assert_eq!(settings.ignored, ["conntrack.maxPerCore"]);
         assert_eq!(settings.node_name.as_deref(), Some("node-a"));
         assert_eq!(settings.sync_period, None);
         assert_eq!(settings.min_sync_period, Some(Duration::from_millis(500)));
@@ -642,6 +688,10 @@ winkernel:
             (
                 "iptables: {syncPeriod: soon}\n",
                 "iptables.syncPeriod: \"soon\"",
+            ),
+            (
+                "oomScoreAdj: -1001\n",
+                "oomScoreAdj: -1001 is not between -1000 and 1000",
             ),
             (
                 "logging: {format: xml}\n",

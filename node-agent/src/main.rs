@@ -95,6 +95,12 @@ struct ProxyFlags {
     #[arg(long, alias = "iptables-localhost-nodeports", env = "CAUSEWAY_LOCALHOST_NODEPORTS", action = ArgAction::Set, num_args = 0..=1,
           default_value_t = true, default_missing_value = "true")]
     localhost_nodeports: bool,
+    /// As kube-proxy's: conntrack's liberal TCP mode is on, so forwarded
+    /// packets conntrack finds INVALID are not dropped; `run` also sets
+    /// net.netfilter.nf_conntrack_tcp_be_liberal=1.
+    #[arg(long, env = "CAUSEWAY_CONNTRACK_TCP_BE_LIBERAL", action = ArgAction::Set, num_args = 0..=1,
+          default_value_t = false, default_missing_value = "true")]
+    conntrack_tcp_be_liberal: bool,
 }
 
 /// Sets `target` from the configuration file unless the user gave flag `id`
@@ -185,14 +191,15 @@ impl ProxyFlags {
             &mut self.localhost_nodeports,
             f.localhost_nodeports,
         );
+        fill(
+            given,
+            "conntrack_tcp_be_liberal",
+            &mut self.conntrack_tcp_be_liberal,
+            f.conntrack_tcp_be_liberal,
+        );
     }
 
-    fn options(
-        &self,
-        node_ips: &[IpAddr],
-        random_fully: bool,
-        conntrack_tcp_liberal: bool,
-    ) -> ProxyOptions {
+    fn options(&self, node_ips: &[IpAddr], random_fully: bool) -> ProxyOptions {
         let ProxyFlags {
             cluster_cidr,
             detect_local_mode,
@@ -202,6 +209,7 @@ impl ProxyFlags {
             masquerade_bit,
             nodeport_addresses,
             localhost_nodeports,
+            conntrack_tcp_be_liberal,
         } = self.clone();
         ProxyOptions {
             cluster_cidrs: cluster_cidr,
@@ -214,7 +222,7 @@ impl ProxyFlags {
             localhost_nodeports,
             random_fully,
             node_ips: node_ips.to_vec(),
-            conntrack_tcp_liberal,
+            conntrack_tcp_liberal: conntrack_tcp_be_liberal,
         }
     }
 }
@@ -267,6 +275,9 @@ struct RunArgs {
     /// kubeconfig file; default: in-cluster config, then ~/.kube/config.
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+    /// The API server's address, over the kubeconfig's (kube-proxy's --master).
+    #[arg(long)]
+    master: Option<String>,
     /// Extra addresses of this node (default: the Node's InternalIPs).
     #[arg(long, value_delimiter = ',')]
     node_ip: Vec<IpAddr>,
@@ -294,6 +305,14 @@ struct RunArgs {
     /// `iptables` (or empty) is accepted.
     #[arg(long, value_parser = parse_proxy_mode)]
     proxy_mode: Option<String>,
+    /// The agent's OOM score adjustment (/proc/self/oom_score_adj), as
+    /// kube-proxy's --oom-score-adj; default: left as the process has it.
+    #[arg(long, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(i32).range(-1000..=1000))]
+    oom_score_adj: Option<i32>,
+    /// Remove the agent's rules and exit, as `causeway-agent cleanup` (kube-proxy's --cleanup).
+    #[arg(long)]
+    cleanup: bool,
     /// Where /healthz and /livez answer.
     #[arg(
         long,
@@ -356,6 +375,72 @@ struct TraceArgs {
     proxy: ProxyFlags,
 }
 
+/// kube-proxy's flags that `run` takes and has no use for, so that a
+/// DaemonSet or static pod written for kube-proxy runs unchanged; each one
+/// given is named in a warning at start, as the configuration file's unused
+/// fields are. Hidden from --help; docs/agent.md lists them.
+const UNUSED_KUBE_PROXY_FLAGS: &[&str] = &[
+    "bind-address",
+    "bind-address-hard-fail",
+    "config-sync-period",
+    "conntrack-max-per-core",
+    "conntrack-min",
+    "conntrack-tcp-timeout-close-wait",
+    "conntrack-tcp-timeout-established",
+    "conntrack-udp-timeout",
+    "conntrack-udp-timeout-stream",
+    "feature-gates",
+    "ipvs-exclude-cidrs",
+    "ipvs-min-sync-period",
+    "ipvs-scheduler",
+    "ipvs-strict-arp",
+    "ipvs-sync-period",
+    "ipvs-tcp-timeout",
+    "ipvs-tcpfin-timeout",
+    "ipvs-udp-timeout",
+    "kube-api-burst",
+    "kube-api-content-type",
+    "kube-api-qps",
+    "log-flush-frequency",
+    "log-json-info-buffer-size",
+    "log-json-split-stream",
+    "log-text-info-buffer-size",
+    "log-text-split-stream",
+    "profiling",
+    "show-hidden-metrics-for-version",
+    "vmodule",
+    "windows-service",
+];
+
+/// The command line: the derived one, with [`UNUSED_KUBE_PROXY_FLAGS`] on `run`.
+fn command() -> clap::Command {
+    Cli::command().mut_subcommand("run", |run| {
+        UNUSED_KUBE_PROXY_FLAGS.iter().fold(run, |run, name| {
+            run.arg(
+                clap::Arg::new(*name)
+                    .long(*name)
+                    .hide(true)
+                    .num_args(0..=1)
+                    .default_missing_value("true")
+                    .allow_negative_numbers(true)
+                    .action(ArgAction::Set),
+            )
+        })
+    })
+}
+
+/// Which of [`UNUSED_KUBE_PROXY_FLAGS`] the user gave to `run`.
+fn unused_flags_given(matches: &ArgMatches) -> Vec<String> {
+    let Some(run) = matches.subcommand_matches("run") else {
+        return Vec::new();
+    };
+    UNUSED_KUBE_PROXY_FLAGS
+        .iter()
+        .filter(|name| run.value_source(name) == Some(ValueSource::CommandLine))
+        .map(|name| format!("--{name}"))
+        .collect()
+}
+
 fn parse_ip_family(text: &str) -> Result<u8, String> {
     match text {
         "4" | "ipv4" | "IPv4" => Ok(4),
@@ -365,7 +450,7 @@ fn parse_ip_family(text: &str) -> Result<u8, String> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let matches = Cli::command().get_matches();
+    let matches = command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Render(mut args) => {
@@ -390,9 +475,14 @@ fn main() -> anyhow::Result<()> {
             render(args)
         }
         Command::Run(mut args) => {
+            if args.cleanup {
+                return cleanup(CleanupArgs {
+                    iptables_backend: args.iptables_backend,
+                });
+            }
             let (file, text) = config_file(args.config.as_deref())?;
             args.apply_file(&file, &given_flags(&matches, "run"));
-            run(args, &file, text)
+            run(args, &file, text, &unused_flags_given(&matches))
         }
         Command::Trace(args) => trace(args),
         Command::Cleanup(args) => cleanup(args),
@@ -435,6 +525,12 @@ impl RunArgs {
             f.metrics_bind_address,
         );
         fill(given, "verbosity", &mut self.verbosity, f.verbosity);
+        fill(
+            given,
+            "oom_score_adj",
+            &mut self.oom_score_adj,
+            f.oom_score_adj.map(Some),
+        );
         // One format, from --log-json or --logging-format if either was given.
         if !given.contains("log_json") {
             fill(
@@ -495,7 +591,7 @@ fn render_manifests(args: &RenderArgs) -> anyhow::Result<Rendered> {
         );
     }
 
-    let options = args.proxy.options(&args.node_ip, args.random_fully, false);
+    let options = args.proxy.options(&args.node_ip, args.random_fully);
     let config = options
         .render_config(family, &node)
         .with_context(|| format!("configuring the IPv{} rules", args.ip_family))?;
@@ -681,11 +777,17 @@ fn local_addresses_here() -> Vec<IpAddr> {
 /// How often `run` looks at its `--config` file for a change.
 const CONFIG_CHECK_PERIOD: Duration = Duration::from_secs(5);
 
-fn run(args: RunArgs, file: &FileSettings, file_text: String) -> anyhow::Result<()> {
+fn run(
+    args: RunArgs,
+    file: &FileSettings,
+    file_text: String,
+    unused_flags: &[String],
+) -> anyhow::Result<()> {
     let RunArgs {
         config: config_path,
         node_name,
         kubeconfig,
+        master,
         node_ip,
         sync_period,
         min_sync_period,
@@ -693,6 +795,8 @@ fn run(args: RunArgs, file: &FileSettings, file_text: String) -> anyhow::Result<
         logging_format,
         verbosity,
         proxy_mode: _,
+        oom_score_adj,
+        cleanup: _,
         iptables_backend,
         healthz_bind_address,
         metrics_bind_address,
@@ -709,6 +813,27 @@ fn run(args: RunArgs, file: &FileSettings, file_text: String) -> anyhow::Result<
         .context(
             "no node name: pass --node-name, set NODE_NAME, or set hostnameOverride in --config",
         )?;
+    if !unused_flags.is_empty() {
+        tracing::warn!(
+            flags = unused_flags.join(", "),
+            "these kube-proxy flags are not used by causeway-agent"
+        );
+    }
+    if let Some(adj) = oom_score_adj {
+        // As kube-proxy: a failure is logged, not fatal.
+        match std::fs::write("/proc/self/oom_score_adj", adj.to_string()) {
+            Ok(()) => tracing::info!(oom_score_adj = adj, "set the OOM score adjustment"),
+            Err(e) => {
+                tracing::warn!(error = %e, oom_score_adj = adj, "cannot set the OOM score adjustment")
+            }
+        }
+    }
+    if proxy.conntrack_tcp_be_liberal {
+        const LIBERAL: &str = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal";
+        if let Err(e) = std::fs::write(LIBERAL, "1") {
+            tracing::warn!(error = %e, "cannot set net.netfilter.nf_conntrack_tcp_be_liberal=1; the rule dropping INVALID packets is left out all the same");
+        }
+    }
     if let Some(path) = &config_path {
         tracing::info!(file = %path.display(), "read kube-proxy's configuration");
         if !file.unknown.is_empty() {
@@ -754,10 +879,10 @@ fn run(args: RunArgs, file: &FileSettings, file_text: String) -> anyhow::Result<
         .build()?;
     runtime.block_on(async move {
         let metrics = Arc::new(Metrics::new());
-        let client = kube_client(kubeconfig.as_deref(), &metrics).await?;
+        let client = kube_client(kubeconfig.as_deref(), master.as_deref(), &metrics).await?;
         let config = RunConfig {
             node_name,
-            options: proxy.options(&node_ip, random_fully, false),
+            options: proxy.options(&node_ip, random_fully),
             sync_period,
             min_sync_period,
             backend,
@@ -781,12 +906,20 @@ fn run(args: RunArgs, file: &FileSettings, file_text: String) -> anyhow::Result<
 }
 
 /// A client from `--kubeconfig`, else the in-cluster config, else
-/// ~/.kube/config; its requests are counted in `metrics`.
+/// ~/.kube/config, at `master` if given; its requests are counted in
+/// `metrics`.
 async fn kube_client(
     kubeconfig: Option<&std::path::Path>,
+    master: Option<&str>,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
+    let master: Option<http::Uri> = master
+        .map(|m| {
+            m.parse()
+                .with_context(|| format!("--master {m:?} is not a URL"))
+        })
+        .transpose()?;
+    let mut config = match kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
@@ -794,10 +927,19 @@ async fn kube_client(
                 .await
                 .with_context(|| format!("using kubeconfig {}", path.display()))?
         }
-        None => kube::Config::infer()
-            .await
-            .context("no kubeconfig: pass --kubeconfig, or run in a pod")?,
+        None => match (kube::Config::infer().await, &master) {
+            (Ok(config), _) => config,
+            // kube-proxy, too, runs with --master alone: no credentials.
+            (Err(_), Some(master)) => kube::Config::new(master.clone()),
+            (Err(e), None) => {
+                return Err(anyhow::Error::new(e)
+                    .context("no kubeconfig: pass --kubeconfig or --master, or run in a pod"));
+            }
+        },
     };
+    if let Some(master) = master {
+        config.cluster_url = master;
+    }
     Ok(causeway_telemetry::rest_client::client(
         config,
         &metrics.rest_client,
@@ -980,6 +1122,71 @@ mod tests {
             ])
             .is_err()
         );
+    }
+
+    #[test]
+    fn a_kube_proxy_static_pods_flags_are_taken() {
+        // kops-style: every flag kube-proxy has, those the agent does not
+        // use included, with negative numbers and bare booleans.
+        let matches = command()
+            .try_get_matches_from([
+                "causeway-agent",
+                "run",
+                "--master=https://api.internal.example:443",
+                "--hostname-override=ip-10-0-1-5.ec2.internal",
+                "--conntrack-max-per-core=131072",
+                "--oom-score-adj=-998",
+                "--kube-api-qps",
+                "20",
+                "--profiling",
+                "--feature-gates=A=true,B=false",
+                "--conntrack-tcp-be-liberal",
+                "--v=2",
+            ])
+            .unwrap();
+        assert_eq!(
+            unused_flags_given(&matches),
+            [
+                "--conntrack-max-per-core",
+                "--feature-gates",
+                "--kube-api-qps",
+                "--profiling"
+            ]
+        );
+        let Command::Run(args) = Cli::from_arg_matches(&matches).unwrap().command else {
+            panic!("run")
+        };
+        assert_eq!(
+            args.master.as_deref(),
+            Some("https://api.internal.example:443")
+        );
+        assert_eq!(args.oom_score_adj, Some(-998));
+        assert!(args.proxy.conntrack_tcp_be_liberal);
+        assert!(!args.cleanup);
+        // The unused flags stay out of --help, which lists what the agent does.
+        let help = command()
+            .find_subcommand_mut("run")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("--master"), "{help}");
+        assert!(!help.contains("--kube-api-qps"), "{help}");
+        for bad in [&["--oom-score-adj=-1001"][..], &["--no-such-flag"]] {
+            assert!(
+                command()
+                    .try_get_matches_from(["causeway-agent", "run"].iter().chain(bad))
+                    .is_err(),
+                "{bad:?}"
+            );
+        }
+        let matches = command()
+            .try_get_matches_from(["causeway-agent", "run", "--cleanup"])
+            .unwrap();
+        let Command::Run(args) = Cli::from_arg_matches(&matches).unwrap().command else {
+            panic!("run")
+        };
+        assert!(args.cleanup);
+        assert!(unused_flags_given(&matches).is_empty());
     }
 
     #[test]

@@ -156,6 +156,22 @@ fn a_kube_proxy_configuration_file_drives_the_agent() -> Result<()> {
         text.contains("-A KUBE-MARK-MASQ -j MARK --or-mark 0x1000"),
         "{text}"
     );
+    // conntrack's liberal TCP mode, from the flag or the file, leaves out
+    // the rule dropping INVALID forwarded packets, as in kube-proxy.
+    let invalid_drop = "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP";
+    assert!(text.contains(invalid_drop), "{text}");
+    let (code, text) = render(&["--conntrack-tcp-be-liberal"])?;
+    assert_eq!(code, 0, "{text}");
+    assert!(!text.contains(invalid_drop), "{text}");
+    let config_text = std::fs::read_to_string(&config)?;
+    std::fs::write(
+        &config,
+        format!("{config_text}conntrack: {{tcpBeLiberal: true, maxPerCore: 0}}\n"),
+    )?;
+    let (code, text) = render(&[])?;
+    assert_eq!(code, 0, "{text}");
+    assert!(!text.contains(invalid_drop), "{text}");
+    std::fs::write(&config, &config_text)?;
 
     // A misspelt field, or one dropped from the API: named in a warning and
     // ignored, as kube-proxy's lenient decoding does; the rest still applies.

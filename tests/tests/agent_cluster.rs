@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use causeway_tests::cluster::{ClusterOptions, Pod};
 use causeway_tests::metrics;
 use causeway_tests::paths::workspace_bin;
@@ -958,8 +958,43 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
             .duration_since(std::time::UNIX_EPOCH)?
             .as_secs_f64())
     };
+    // The new agent starts as a kops static pod starts kube-proxy: the API
+    // server from --master (its kubeconfig names a port nothing listens
+    // on), its OOM score set, and kube-proxy flags it has no use for. (kops
+    // passes -998; lowering the score needs CAP_SYS_RESOURCE, which this
+    // machine withholds even from root, so the test raises it.)
+    let kubeconfig = std::fs::read_to_string(cluster.kubeconfig())?;
+    let server = kubeconfig
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: "))
+        .context("the kubeconfig's server")?
+        .to_string();
+    let (scheme_and_host, _port) = server.rsplit_once(':').context("the server's port")?;
+    let stale = cluster.dir().join("kubeconfig-stale-server");
+    std::fs::write(
+        &stale,
+        kubeconfig.replace(&server, &format!("{scheme_and_host}:1")),
+    )?;
+    let (stale, master, cidr) = (
+        stale.display().to_string(),
+        format!("--master={server}"),
+        cluster.cluster_cidr(),
+    );
+    let mut kops_style = vec![
+        "run",
+        "--hostname-override=node-1",
+        "--kubeconfig",
+        &stale,
+        &master,
+        "--cluster-cidr",
+        &cidr,
+        "--oom-score-adj=500",
+        "--conntrack-max-per-core=131072",
+        "--v=2",
+    ];
+    kops_style.extend_from_slice(&args);
     let spawned = now()?;
-    let second = cluster.spawn_agent("node-1", "agent-2", &agent, &args)?;
+    let second = cluster.spawn_in(&node1.netns, "agent-2", &agent, &kops_style)?;
     // (A sync after the spawn: the old agent may still be answering.)
     let last_sync = |metrics: &str| {
         metrics::value(metrics, "kubeproxy_sync_proxy_rules_last_timestamp_seconds")
@@ -977,6 +1012,17 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
     .await?;
     let tally = paced.join().expect("the client thread")?;
     let client_done = now()?;
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{second}/oom_score_adj"))?.trim(),
+        "500"
+    );
+    let log = std::fs::read_to_string(cluster.dir().join("agent-2.log"))?;
+    assert!(
+        log.lines()
+            .any(|l| l.contains("kube-proxy flags are not used")
+                && l.contains("--conntrack-max-per-core")),
+        "{log}"
+    );
     assert_eq!(
         tally.trim(),
         "600 ok web-1",
@@ -1048,11 +1094,13 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
     // Stop, clean up: exactly what was there before the agent remains.
     netns::run("kill", &["-TERM", &second.to_string()])?;
     std::thread::sleep(Duration::from_millis(500));
-    let report = netns::exec_in(
-        &node1.netns,
-        &agent.display().to_string(),
-        &["cleanup", "--iptables-backend", backend],
-    )?;
+    // With legacy, as kube-proxy spells it: `run --cleanup`.
+    let cleanup: &[&str] = if backend == "legacy" {
+        &["run", "--cleanup", "--iptables-backend", backend]
+    } else {
+        &["cleanup", "--iptables-backend", backend]
+    };
+    let report = netns::exec_in(&node1.netns, &agent.display().to_string(), cleanup)?;
     assert!(
         report.contains("chain(s)") && report.contains("kept filter/KUBE-FIREWALL"),
         "{report}"
