@@ -59,9 +59,11 @@ pub struct RunConfig {
     pub sync_period: Duration,
     pub min_sync_period: Duration,
     pub backend: Backend,
-    /// Where `/healthz` and `/livez` answer (kube-proxy: 0.0.0.0:10256).
+    /// Where `/healthz` and `/livez` answer (kube-proxy: 0.0.0.0:10256);
+    /// empty: nowhere, as in kube-proxy.
     pub healthz_bind_address: String,
-    /// Where `/metrics` and `/debug/rules` answer (kube-proxy: 127.0.0.1:10249).
+    /// Where `/metrics` and `/debug/rules` answer (kube-proxy: 127.0.0.1:10249);
+    /// empty: nowhere.
     pub metrics_bind_address: String,
 }
 
@@ -332,6 +334,11 @@ async fn serve_in_background(
     what: &str,
     connections: &ConnectionBudget,
 ) -> anyhow::Result<()> {
+    // kube-proxy's "" (e.g. --healthz-port 0): no server.
+    if address.is_empty() {
+        info!("the {what} server is off");
+        return Ok(());
+    }
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("binding the {what} server to {address}"))?;
@@ -982,7 +989,7 @@ mod tests {
             nodeport_addresses: Vec::new(),
             localhost_nodeports: true,
             random_fully: true,
-            conntrack_tcp_liberal: false,
+            conntrack_tcp_be_liberal: false,
         }
     }
 

@@ -67,7 +67,7 @@ pub struct ProxyOptions {
     pub random_fully: bool,
     /// `--node-ip`: addresses of this node in addition to its InternalIPs.
     pub node_ips: Vec<IpAddr>,
-    pub conntrack_tcp_liberal: bool,
+    pub conntrack_tcp_be_liberal: bool,
 }
 
 impl Default for ProxyOptions {
@@ -83,7 +83,7 @@ impl Default for ProxyOptions {
             localhost_nodeports: true,
             random_fully: true,
             node_ips: Vec::new(),
-            conntrack_tcp_liberal: false,
+            conntrack_tcp_be_liberal: false,
         }
     }
 }
@@ -208,7 +208,7 @@ impl ProxyOptions {
             nodeport_addresses,
             localhost_nodeports: self.localhost_nodeports && family == IpFamily::V4,
             node_ips,
-            conntrack_tcp_liberal: self.conntrack_tcp_liberal,
+            conntrack_tcp_be_liberal: self.conntrack_tcp_be_liberal,
         })
     }
 }
@@ -272,15 +272,11 @@ pub enum LogFormat {
     Json,
 }
 
-impl FromStr for LogFormat {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        match text.trim() {
-            "text" => Ok(LogFormat::Text),
-            "json" => Ok(LogFormat::Json),
-            other => Err(format!("{other:?} is not text or json")),
-        }
+impl LogFormat {
+    /// As the configuration file writes it.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        <Self as clap::ValueEnum>::from_str(text.trim(), false)
+            .map_err(|_| format!("{:?} is not text or json", text.trim()))
     }
 }
 
@@ -298,9 +294,9 @@ pub fn log_filter(verbosity: u32) -> &'static str {
     }
 }
 
-/// kube-proxy's `--proxy-mode`: the agent is its iptables mode, so only that
-/// (or kube-proxy's "unset", empty) is accepted.
-pub fn parse_proxy_mode(text: &str) -> Result<String, String> {
+/// kube-proxy's `--proxy-mode` and `mode`, checked: the agent is its iptables
+/// mode, so only that (or kube-proxy's "unset", empty) is accepted.
+pub fn check_proxy_mode(text: &str) -> Result<String, String> {
     match text.trim() {
         "" | "iptables" => Ok("iptables".to_string()),
         other => Err(format!(
@@ -333,10 +329,10 @@ mod tests {
 
     #[test]
     fn only_the_iptables_proxy_mode_is_accepted() {
-        assert_eq!(parse_proxy_mode("iptables").as_deref(), Ok("iptables"));
-        assert_eq!(parse_proxy_mode("").as_deref(), Ok("iptables"));
+        assert_eq!(check_proxy_mode("iptables").as_deref(), Ok("iptables"));
+        assert_eq!(check_proxy_mode("").as_deref(), Ok("iptables"));
         for other in ["ipvs", "nftables", "kernelspace", "userspace"] {
-            let error = parse_proxy_mode(other).unwrap_err();
+            let error = check_proxy_mode(other).unwrap_err();
             assert!(
                 error.starts_with(&format!(
                     "{other:?}: causeway-agent is kube-proxy's iptables mode"
@@ -344,10 +340,14 @@ mod tests {
                 "{error}"
             );
         }
-        assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));
-        assert_eq!(" text ".parse::<LogFormat>(), Ok(LogFormat::Text));
+    }
+
+    #[test]
+    fn log_formats_read_as_the_file_writes_them() {
+        assert_eq!(LogFormat::parse("json"), Ok(LogFormat::Json));
+        assert_eq!(LogFormat::parse(" text "), Ok(LogFormat::Text));
         assert_eq!(
-            "xml".parse::<LogFormat>(),
+            LogFormat::parse("xml"),
             Err("\"xml\" is not text or json".to_string())
         );
     }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use crate::config::{DetectLocalMode, LogFormat, parse_duration, parse_proxy_mode};
+use crate::config::{DetectLocalMode, LogFormat, check_proxy_mode, parse_duration};
 
 const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 
@@ -46,8 +46,11 @@ pub struct FileSettings {
     pub conntrack_tcp_be_liberal: Option<bool>,
     /// `oomScoreAdj`.
     pub oom_score_adj: Option<i32>,
+    /// `bindAddress` when it names one address (not 0.0.0.0 or ::): kube-proxy
+    /// takes it as the node's IP of its family.
+    pub bind_address: Option<std::net::IpAddr>,
     /// Fields set in the file that the agent does not use, by path
-    /// (`conntrack`, `clientConnection.qps`).
+    /// (`conntrack.maxPerCore`, `clientConnection.qps`).
     pub ignored: Vec<String>,
     /// Fields kube-proxy's v1alpha1 does not have (misspelt, or dropped
     /// from the API), by path (`iptables.syncPeriode`).
@@ -174,7 +177,7 @@ struct KubeProxyConfiguration {
     #[serde(default)]
     feature_gates: Option<Value>,
     #[serde(default)]
-    bind_address: Option<Value>,
+    bind_address: Option<String>,
     #[serde(default)]
     bind_address_hard_fail: Option<Value>,
     #[serde(default)]
@@ -322,7 +325,7 @@ impl KubeProxyConfiguration {
             ));
         }
         if let Some(mode) = non_empty(self.mode) {
-            parse_proxy_mode(&mode).map_err(|e| format!("mode: {e}"))?;
+            check_proxy_mode(&mode).map_err(|e| format!("mode: {e}"))?;
         }
         let mut ignored = Vec::new();
         let mut note = |name: &str, value: &Option<Value>| {
@@ -331,7 +334,6 @@ impl KubeProxyConfiguration {
             }
         };
         note("featureGates", &self.feature_gates);
-        note("bindAddress", &self.bind_address);
         note("bindAddressHardFail", &self.bind_address_hard_fail);
         note("enableProfiling", &self.enable_profiling);
         note(
@@ -365,9 +367,7 @@ impl KubeProxyConfiguration {
                 note("logging.options", &logging.options);
                 let format = match non_empty(logging.format.clone()) {
                     Some(format) => Some(
-                        format
-                            .parse::<LogFormat>()
-                            .map_err(|e| format!("logging.format: {e}"))?,
+                        LogFormat::parse(&format).map_err(|e| format!("logging.format: {e}"))?,
                     ),
                     None => None,
                 };
@@ -415,6 +415,15 @@ impl KubeProxyConfiguration {
             ),
             None => (None, None),
         };
+        let bind_address = match non_empty(self.bind_address) {
+            None => None,
+            Some(text) => {
+                let ip: std::net::IpAddr = text
+                    .parse()
+                    .map_err(|_| format!("bindAddress: {text:?} is not an IP address"))?;
+                (!ip.is_unspecified()).then_some(ip)
+            }
+        };
         if let Some(adj) = self.oom_score_adj
             && !(-1000..=1000).contains(&adj)
         {
@@ -449,6 +458,7 @@ impl KubeProxyConfiguration {
             log_format,
             conntrack_tcp_be_liberal: self.conntrack.as_ref().and_then(|c| c.tcp_be_liberal),
             oom_score_adj: self.oom_score_adj,
+            bind_address,
             ignored,
             unknown: Vec::new(),
         })
@@ -591,8 +601,9 @@ winkernel:
                 log_format: None,
                 conntrack_tcp_be_liberal: Some(false),
                 oom_score_adj: None,
-                // bindAddress is the only other field kubeadm sets.
-                ignored: vec!["bindAddress".to_string()],
+                // kubeadm's 0.0.0.0: every address, no node IP.
+                bind_address: None,
+                ignored: Vec::new(),
                 unknown: Vec::new(),
             }
         );
@@ -634,13 +645,19 @@ winkernel:
     }
 
     #[test]
-    fn logging_verbosity_and_format_are_read() {
+    fn logging_bind_address_conntrack_and_oom_score_are_read() {
         let settings = parse(
             "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
              kind: KubeProxyConfiguration\n\
+             bindAddress: 10.0.1.5\n\
+             oomScoreAdj: -998\n\
+             conntrack: {tcpBeLiberal: true}\n\
              logging: {format: json, verbosity: 4, vmodule: [{filePattern: proxier, verbosity: 6}]}\n",
         )
         .unwrap();
+        assert_eq!(settings.bind_address, Some("10.0.1.5".parse().unwrap()));
+        assert_eq!(settings.oom_score_adj, Some(-998));
+        assert_eq!(settings.conntrack_tcp_be_liberal, Some(true));
         assert_eq!(settings.verbosity, Some(4));
         assert_eq!(settings.log_format, Some(LogFormat::Json));
         assert_eq!(settings.ignored, ["logging.vmodule"]);
@@ -688,6 +705,10 @@ winkernel:
             (
                 "iptables: {syncPeriod: soon}\n",
                 "iptables.syncPeriod: \"soon\"",
+            ),
+            (
+                "bindAddress: all\n",
+                "bindAddress: \"all\" is not an IP address",
             ),
             (
                 "oomScoreAdj: -1001\n",

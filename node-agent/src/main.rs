@@ -17,7 +17,7 @@ use clap::{
 use causeway_agent::addr::IpFamily;
 use causeway_agent::agent::{self, RunConfig};
 use causeway_agent::config::{
-    DetectLocalMode, LogFormat, ProxyOptions, log_filter, parse_duration, parse_proxy_mode,
+    DetectLocalMode, LogFormat, ProxyOptions, check_proxy_mode, log_filter, parse_duration,
 };
 use causeway_agent::kube_proxy_config::{self, FileSettings};
 use causeway_agent::manifests;
@@ -40,6 +40,9 @@ enum Command {
     /// Print the iptables-restore payload for YAML manifests, without a cluster.
     Render(RenderArgs),
     /// Watch the API server and keep this node's iptables rules in sync.
+    // A flag given twice takes its last value, as kube-proxy's flags do: a
+    // chart's fixed arguments are often extended by the user's.
+    #[command(args_override_self = true)]
     Run(RunArgs),
     /// Explain one packet's fate through the rules: the running agent's
     /// (live), a saved payload, or one rendered from manifests.
@@ -222,7 +225,7 @@ impl ProxyFlags {
             localhost_nodeports,
             random_fully,
             node_ips: node_ips.to_vec(),
-            conntrack_tcp_liberal: conntrack_tcp_be_liberal,
+            conntrack_tcp_be_liberal,
         }
     }
 }
@@ -272,15 +275,21 @@ struct RunArgs {
     /// --hostname-override is accepted too.
     #[arg(long, alias = "hostname-override", env = "NODE_NAME")]
     node_name: Option<String>,
-    /// kubeconfig file; default: in-cluster config, then ~/.kube/config.
+    /// kubeconfig file; default: ~/.kube/config, then the in-cluster config.
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
-    /// The API server's address, over the kubeconfig's (kube-proxy's --master).
+    /// The API server's URL, over the kubeconfig's (kube-proxy's --master).
+    /// Without --kubeconfig it is used alone, with no credentials, as in
+    /// kube-proxy. Without a scheme: https with a kubeconfig, else http.
     #[arg(long)]
     master: Option<String>,
     /// Extra addresses of this node (default: the Node's InternalIPs).
     #[arg(long, value_delimiter = ',')]
     node_ip: Vec<IpAddr>,
+    /// kube-proxy's --bind-address: one address is taken as this node's IP of
+    /// its family (added to --node-ip); 0.0.0.0 and :: change nothing.
+    #[arg(long)]
+    bind_address: Option<IpAddr>,
     /// How often our rules are checked for damage by other programs (a full
     /// sync repairs it), and the longest the agent waits between syncs.
     /// kube-proxy's --iptables-sync-period is accepted too.
@@ -293,8 +302,9 @@ struct RunArgs {
     /// Log as JSON lines.
     #[arg(long, env = "CAUSEWAY_LOG_JSON")]
     log_json: bool,
-    /// kube-proxy's --logging-format: text or json (json is --log-json).
-    #[arg(long, value_enum, conflicts_with = "log_json")]
+    /// kube-proxy's --logging-format: text or json; on the command line it
+    /// wins over --log-json and CAUSEWAY_LOG_JSON.
+    #[arg(long, value_enum)]
     logging_format: Option<LogFormat>,
     /// Log verbosity, as kube-proxy's -v/--v: up to 3 the usual log, 4 and 5
     /// the agent's debug lines too, 6 and 7 every library's (the API
@@ -302,8 +312,8 @@ struct RunArgs {
     #[arg(short = 'v', long = "v", value_name = "LEVEL", default_value_t = 0)]
     verbosity: u32,
     /// kube-proxy's --proxy-mode: the agent is its iptables mode, so only
-    /// `iptables` (or empty) is accepted.
-    #[arg(long, value_parser = parse_proxy_mode)]
+    /// `iptables` (or empty) is accepted. Checked, then not needed.
+    #[arg(long, value_parser = check_proxy_mode)]
     proxy_mode: Option<String>,
     /// The agent's OOM score adjustment (/proc/self/oom_score_adj), as
     /// kube-proxy's --oom-score-adj; default: left as the process has it.
@@ -311,8 +321,17 @@ struct RunArgs {
           value_parser = clap::value_parser!(i32).range(-1000..=1000))]
     oom_score_adj: Option<i32>,
     /// Remove the agent's rules and exit, as `causeway-agent cleanup` (kube-proxy's --cleanup).
-    #[arg(long)]
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true")]
     cleanup: bool,
+    /// kube-proxy's deprecated --healthz-port: the port of
+    /// --healthz-bind-address; 0 turns the server off.
+    #[arg(long, hide = true)]
+    healthz_port: Option<u16>,
+    /// kube-proxy's deprecated --metrics-port: the port of
+    /// --metrics-bind-address; 0 turns the server off.
+    #[arg(long, hide = true)]
+    metrics_port: Option<u16>,
     /// Where /healthz and /livez answer.
     #[arg(
         long,
@@ -380,7 +399,6 @@ struct TraceArgs {
 /// given is named in a warning at start, as the configuration file's unused
 /// fields are. Hidden from --help; docs/agent.md lists them.
 const UNUSED_KUBE_PROXY_FLAGS: &[&str] = &[
-    "bind-address",
     "bind-address-hard-fail",
     "config-sync-period",
     "conntrack-max-per-core",
@@ -409,11 +427,10 @@ const UNUSED_KUBE_PROXY_FLAGS: &[&str] = &[
     "profiling",
     "show-hidden-metrics-for-version",
     "vmodule",
-    "windows-service",
 ];
 
 /// The command line: the derived one, with [`UNUSED_KUBE_PROXY_FLAGS`] on `run`.
-fn command() -> clap::Command {
+fn cli_command() -> clap::Command {
     Cli::command().mut_subcommand("run", |run| {
         UNUSED_KUBE_PROXY_FLAGS.iter().fold(run, |run, name| {
             run.arg(
@@ -450,7 +467,7 @@ fn parse_ip_family(text: &str) -> Result<u8, String> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let matches = command().get_matches();
+    let matches = cli_command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Render(mut args) => {
@@ -525,6 +542,12 @@ impl RunArgs {
             f.metrics_bind_address,
         );
         fill(given, "verbosity", &mut self.verbosity, f.verbosity);
+        fill(
+            given,
+            "bind_address",
+            &mut self.bind_address,
+            f.bind_address.map(Some),
+        );
         fill(
             given,
             "oom_score_adj",
@@ -788,7 +811,8 @@ fn run(
         node_name,
         kubeconfig,
         master,
-        node_ip,
+        mut node_ip,
+        bind_address,
         sync_period,
         min_sync_period,
         log_json,
@@ -797,15 +821,25 @@ fn run(
         proxy_mode: _,
         oom_score_adj,
         cleanup: _,
+        healthz_port,
+        metrics_port,
         iptables_backend,
         healthz_bind_address,
         metrics_bind_address,
         proxy,
     } = args;
     init_logging(
-        log_json || logging_format == Some(LogFormat::Json),
+        logging_format.map_or(log_json, |format| format == LogFormat::Json),
         verbosity,
     );
+    let healthz_bind_address = with_port(healthz_bind_address, healthz_port, "--healthz-port")?;
+    let metrics_bind_address = with_port(metrics_bind_address, metrics_port, "--metrics-port")?;
+    // As kube-proxy: one bind address is the node's IP of its family.
+    if let Some(ip) = bind_address.filter(|ip| !ip.is_unspecified())
+        && !node_ip.contains(&ip)
+    {
+        node_ip.push(ip);
+    }
     // Lower-cased, as kube-proxy does with --hostname-override.
     let node_name = node_name
         .map(|n| n.trim().to_lowercase())
@@ -820,20 +854,9 @@ fn run(
         );
     }
     if let Some(adj) = oom_score_adj {
-        // As kube-proxy: a failure is logged, not fatal.
-        match std::fs::write("/proc/self/oom_score_adj", adj.to_string()) {
-            Ok(()) => tracing::info!(oom_score_adj = adj, "set the OOM score adjustment"),
-            Err(e) => {
-                tracing::warn!(error = %e, oom_score_adj = adj, "cannot set the OOM score adjustment")
-            }
-        }
+        set_oom_score_adj(adj);
     }
-    if proxy.conntrack_tcp_be_liberal {
-        const LIBERAL: &str = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal";
-        if let Err(e) = std::fs::write(LIBERAL, "1") {
-            tracing::warn!(error = %e, "cannot set net.netfilter.nf_conntrack_tcp_be_liberal=1; the rule dropping INVALID packets is left out all the same");
-        }
-    }
+    let conntrack_tcp_be_liberal = conntrack_tcp_be_liberal(proxy.conntrack_tcp_be_liberal)?;
     if let Some(path) = &config_path {
         tracing::info!(file = %path.display(), "read kube-proxy's configuration");
         if !file.unknown.is_empty() {
@@ -882,7 +905,10 @@ fn run(
         let client = kube_client(kubeconfig.as_deref(), master.as_deref(), &metrics).await?;
         let config = RunConfig {
             node_name,
-            options: proxy.options(&node_ip, random_fully),
+            options: ProxyOptions {
+                conntrack_tcp_be_liberal,
+                ..proxy.options(&node_ip, random_fully)
+            },
             sync_period,
             min_sync_period,
             backend,
@@ -905,45 +931,95 @@ fn run(
     })
 }
 
-/// A client from `--kubeconfig`, else the in-cluster config, else
-/// ~/.kube/config, at `master` if given; its requests are counted in
+/// `address` with the port of kube-proxy's deprecated `--healthz-port` or
+/// `--metrics-port`, if given; port 0 is no server (an empty address).
+fn with_port(address: String, port: Option<u16>, flag: &str) -> anyhow::Result<String> {
+    match port {
+        None => Ok(address),
+        Some(0) => Ok(String::new()),
+        Some(port) => {
+            let mut socket: std::net::SocketAddr = address.parse().with_context(|| {
+                format!("{flag} {port}: {address:?} is not an address and port")
+            })?;
+            socket.set_port(port);
+            Ok(socket.to_string())
+        }
+    }
+}
+
+/// Writes the agent's OOM score adjustment. As in kube-proxy, a failure
+/// (lowering the score needs CAP_SYS_RESOURCE) is logged, not fatal.
+fn set_oom_score_adj(adj: i32) {
+    match std::fs::write("/proc/self/oom_score_adj", adj.to_string()) {
+        Ok(()) => tracing::info!(oom_score_adj = adj, "set the OOM score adjustment"),
+        Err(e) => {
+            tracing::warn!(error = %e, oom_score_adj = adj, "cannot set the OOM score adjustment")
+        }
+    }
+}
+
+/// Whether conntrack tracks TCP liberally in this network namespace, after
+/// turning that on if `set` (--conntrack-tcp-be-liberal). As in kube-proxy,
+/// the sysctl's value, not the flag, decides whether forwarded packets
+/// conntrack finds INVALID are dropped, and a failed write stops the agent.
+fn conntrack_tcp_be_liberal(set: bool) -> anyhow::Result<bool> {
+    const LIBERAL: &str = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal";
+    if set {
+        std::fs::write(LIBERAL, "1")
+            .with_context(|| format!("--conntrack-tcp-be-liberal: writing 1 to {LIBERAL}"))?;
+    }
+    // Unreadable (conntrack not loaded yet): not liberal, so the drop stays.
+    Ok(std::fs::read_to_string(LIBERAL).is_ok_and(|value| value.trim() != "0"))
+}
+
+/// A client from `--kubeconfig` (at `--master` if given), else one for
+/// `--master` alone with no credentials (as kube-proxy makes it), else from
+/// ~/.kube/config or the in-cluster config; its requests are counted in
 /// `metrics`.
 async fn kube_client(
     kubeconfig: Option<&std::path::Path>,
     master: Option<&str>,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<kube::Client> {
-    let master: Option<http::Uri> = master
-        .map(|m| {
-            m.parse()
-                .with_context(|| format!("--master {m:?} is not a URL"))
-        })
-        .transpose()?;
-    let mut config = match kubeconfig {
-        Some(path) => {
+    let config = match (kubeconfig, master) {
+        (Some(path), master) => {
             let file = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(file, &Default::default())
+            let mut config = kube::Config::from_custom_kubeconfig(file, &Default::default())
                 .await
-                .with_context(|| format!("using kubeconfig {}", path.display()))?
-        }
-        None => match (kube::Config::infer().await, &master) {
-            (Ok(config), _) => config,
-            // kube-proxy, too, runs with --master alone: no credentials.
-            (Err(_), Some(master)) => kube::Config::new(master.clone()),
-            (Err(e), None) => {
-                return Err(anyhow::Error::new(e)
-                    .context("no kubeconfig: pass --kubeconfig or --master, or run in a pod"));
+                .with_context(|| format!("using kubeconfig {}", path.display()))?;
+            if let Some(master) = master {
+                config.cluster_url = master_url(master, true)?;
             }
-        },
+            config
+        }
+        (None, Some(master)) => kube::Config::new(master_url(master, false)?),
+        (None, None) => kube::Config::infer()
+            .await
+            .context("no kubeconfig: pass --kubeconfig or --master, or run in a pod")?,
     };
-    if let Some(master) = master {
-        config.cluster_url = master;
-    }
     Ok(causeway_telemetry::rest_client::client(
         config,
         &metrics.rest_client,
     )?)
+}
+
+/// kube-proxy's `--master` as a URL. Without a scheme it is https when a
+/// kubeconfig brings the TLS settings, else http, as client-go defaults it.
+fn master_url(text: &str, tls: bool) -> anyhow::Result<http::Uri> {
+    let text = text.trim();
+    let url = if text.contains("://") {
+        text.to_string()
+    } else {
+        format!("{}://{text}", if tls { "https" } else { "http" })
+    };
+    let uri: http::Uri = url
+        .parse()
+        .with_context(|| format!("--master {text:?} is not a URL"))?;
+    if uri.host().is_none_or(str::is_empty) {
+        anyhow::bail!("--master {text:?} names no host");
+    }
+    Ok(uri)
 }
 
 /// Logs to stderr, filtered by RUST_LOG if set, else by the klog verbosity.
@@ -1113,22 +1189,27 @@ mod tests {
             error.contains("\"ipvs\": causeway-agent is kube-proxy's iptables mode"),
             "{error}"
         );
-        assert!(
-            Cli::try_parse_from([
-                "causeway-agent",
-                "run",
-                "--log-json",
-                "--logging-format=text"
-            ])
-            .is_err()
-        );
+        // On the command line --logging-format wins over --log-json (the
+        // Helm chart passes --log-json; a user may add kube-proxy's flag).
+        let cli = Cli::try_parse_from([
+            "causeway-agent",
+            "run",
+            "--log-json",
+            "--logging-format=text",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("run")
+        };
+        assert!(args.log_json);
+        assert_eq!(args.logging_format, Some(LogFormat::Text));
     }
 
     #[test]
     fn a_kube_proxy_static_pods_flags_are_taken() {
         // kops-style: every flag kube-proxy has, those the agent does not
         // use included, with negative numbers and bare booleans.
-        let matches = command()
+        let matches = cli_command()
             .try_get_matches_from([
                 "causeway-agent",
                 "run",
@@ -1163,30 +1244,102 @@ mod tests {
         assert_eq!(args.oom_score_adj, Some(-998));
         assert!(args.proxy.conntrack_tcp_be_liberal);
         assert!(!args.cleanup);
+        assert_eq!(args.verbosity, 2);
         // The unused flags stay out of --help, which lists what the agent does.
-        let help = command()
+        let help = cli_command()
             .find_subcommand_mut("run")
             .unwrap()
             .render_long_help()
             .to_string();
         assert!(help.contains("--master"), "{help}");
         assert!(!help.contains("--kube-api-qps"), "{help}");
-        for bad in [&["--oom-score-adj=-1001"][..], &["--no-such-flag"]] {
+        for bad in [
+            &["--oom-score-adj=-1001"][..],
+            &["--no-such-flag"],
+            // Windows-only in kube-proxy.
+            &["--windows-service"],
+            &["--bind-address=all"],
+        ] {
             assert!(
-                command()
+                cli_command()
                     .try_get_matches_from(["causeway-agent", "run"].iter().chain(bad))
                     .is_err(),
                 "{bad:?}"
             );
         }
-        let matches = command()
-            .try_get_matches_from(["causeway-agent", "run", "--cleanup"])
+        // Booleans as Go's flag package takes them.
+        for (flags, cleanup) in [
+            (&["--cleanup"][..], true),
+            (&["--cleanup=true"], true),
+            (&["--cleanup=false"], false),
+        ] {
+            let matches = cli_command()
+                .try_get_matches_from(["causeway-agent", "run"].iter().chain(flags))
+                .unwrap();
+            let Command::Run(args) = Cli::from_arg_matches(&matches).unwrap().command else {
+                panic!("run")
+            };
+            assert_eq!(args.cleanup, cleanup, "{flags:?}");
+            assert!(unused_flags_given(&matches).is_empty());
+        }
+        // Given twice, the last one counts, as in kube-proxy; lists add up.
+        let matches = cli_command()
+            .try_get_matches_from([
+                "causeway-agent",
+                "run",
+                "--v=2",
+                "--hostname-override=a",
+                "--feature-gates=A=true",
+                "--v=4",
+                "--hostname-override=b",
+                "--feature-gates=B=true",
+                "--bind-address=10.0.1.5",
+                "--healthz-port=10356",
+                "--node-ip=10.0.2.5",
+                "--node-ip=fd00::5",
+            ])
             .unwrap();
+        assert_eq!(unused_flags_given(&matches), ["--feature-gates"]);
         let Command::Run(args) = Cli::from_arg_matches(&matches).unwrap().command else {
             panic!("run")
         };
-        assert!(args.cleanup);
-        assert!(unused_flags_given(&matches).is_empty());
+        assert_eq!(args.verbosity, 4);
+        assert_eq!(args.node_name.as_deref(), Some("b"));
+        assert_eq!(args.node_ip.len(), 2);
+        assert_eq!(args.bind_address, Some("10.0.1.5".parse().unwrap()));
+        assert_eq!(args.healthz_port, Some(10356));
+    }
+
+    #[test]
+    fn deprecated_port_flags_set_the_bind_addresses_port() {
+        let with = |address: &str, port| with_port(address.to_string(), port, "--healthz-port");
+        assert_eq!(with("0.0.0.0:10256", None).unwrap(), "0.0.0.0:10256");
+        assert_eq!(with("0.0.0.0:10256", Some(10356)).unwrap(), "0.0.0.0:10356");
+        assert_eq!(with("[::]:10256", Some(10356)).unwrap(), "[::]:10356");
+        // 0 is kube-proxy's "no server".
+        assert_eq!(with("0.0.0.0:10256", Some(0)).unwrap(), "");
+        let error = with("localhost:10256", Some(1)).unwrap_err().to_string();
+        assert!(error.contains("--healthz-port 1"), "{error}");
+    }
+
+    #[test]
+    fn master_urls_get_client_gos_default_scheme() {
+        let url = |text, tls| master_url(text, tls).map(|u| u.to_string());
+        assert_eq!(
+            url("https://api.internal.example", false).unwrap(),
+            "https://api.internal.example/"
+        );
+        assert_eq!(
+            url("10.0.0.1:6443", true).unwrap(),
+            "https://10.0.0.1:6443/"
+        );
+        assert_eq!(
+            url("10.0.0.1:8080", false).unwrap(),
+            "http://10.0.0.1:8080/"
+        );
+        for bad in ["https://", "http://[::1", "a b"] {
+            assert!(master_url(bad, true).is_err(), "{bad}");
+        }
     }
 
     #[test]

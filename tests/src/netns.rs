@@ -66,6 +66,9 @@ pub fn spawn_in(
     Command::new("ip")
         .args(["netns", "exec", ns, program])
         .args(args)
+        // A program logs as its own flags say, not as the test runner's
+        // RUST_LOG would have it.
+        .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
         .stderr(file)

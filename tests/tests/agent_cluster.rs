@@ -950,6 +950,9 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
             )
         })
     };
+    // Not liberal (the namespace's default): INVALID packets are dropped.
+    let forward = netns::exec_in(&node1.netns, iptables, &["-S", "KUBE-FORWARD"])?;
+    assert!(forward.contains("--ctstate INVALID -j DROP"), "{forward}");
     std::thread::sleep(Duration::from_secs(1));
     netns::run("kill", &["-TERM", &first.to_string()])?;
     std::thread::sleep(Duration::from_secs(1));
@@ -960,7 +963,8 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
     };
     // The new agent starts as a kops static pod starts kube-proxy: the API
     // server from --master (its kubeconfig names a port nothing listens
-    // on), its OOM score set, and kube-proxy flags it has no use for. (kops
+    // on), its OOM score set, conntrack's liberal TCP mode asked for, and
+    // kube-proxy flags it has no use for. (kops
     // passes -998; lowering the score needs CAP_SYS_RESOURCE, which this
     // machine withholds even from root, so the test raises it.)
     let kubeconfig = std::fs::read_to_string(cluster.kubeconfig())?;
@@ -990,6 +994,7 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
         &cidr,
         "--oom-score-adj=500",
         "--conntrack-max-per-core=131072",
+        "--conntrack-tcp-be-liberal",
         "--v=2",
     ];
     kops_style.extend_from_slice(&args);
@@ -1022,6 +1027,24 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
             .any(|l| l.contains("kube-proxy flags are not used")
                 && l.contains("--conntrack-max-per-core")),
         "{log}"
+    );
+    // klog's verbosity 2 is the usual log: no debug lines.
+    assert!(!log.contains("DEBUG"), "{log}");
+    // Liberal TCP tracking is on in the node's namespace, so the new agent's
+    // first sync left out the drop of INVALID packets the first one had.
+    assert_eq!(
+        netns::exec_in(
+            &node1.netns,
+            "cat",
+            &["/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"]
+        )?
+        .trim(),
+        "1"
+    );
+    let forward = netns::exec_in(&node1.netns, iptables, &["-S", "KUBE-FORWARD"])?;
+    assert!(
+        forward.contains("KUBE-FORWARD") && !forward.contains("INVALID"),
+        "{forward}"
     );
     assert_eq!(
         tally.trim(),

@@ -195,7 +195,7 @@ pub struct RenderConfig {
     /// also admits traffic the node sends to its own LoadBalancer IPs.
     pub node_ips: Vec<IpAddr>,
     /// `nf_conntrack_tcp_be_liberal` is set, so INVALID packets need no DROP.
-    pub conntrack_tcp_liberal: bool,
+    pub conntrack_tcp_be_liberal: bool,
 }
 
 impl RenderConfig {
@@ -210,7 +210,7 @@ impl RenderConfig {
             nodeport_addresses: NodePortAddresses::All,
             localhost_nodeports: family == IpFamily::V4,
             node_ips: Vec::new(),
-            conntrack_tcp_liberal: false,
+            conntrack_tcp_be_liberal: false,
         }
     }
 
@@ -819,7 +819,7 @@ pub fn render(model: &Model, config: &RenderConfig, options: &RenderOptions<'_>)
     }
 
     if !partial {
-        if !config.conntrack_tcp_liberal {
+        if !config.conntrack_tcp_be_liberal {
             // INVALID packets would otherwise reach pods un-NATed and reset
             // connections (kubernetes#74839).
             let r = filter.append(KUBE_FORWARD);
