@@ -60,11 +60,11 @@ pub struct RunConfig {
     pub min_sync_period: Duration,
     pub backend: Backend,
     /// Where `/healthz` and `/livez` answer (kube-proxy: 0.0.0.0:10256);
-    /// empty: nowhere, as in kube-proxy.
-    pub healthz_bind_address: String,
-    /// Where `/metrics` and `/debug/rules` answer (kube-proxy: 127.0.0.1:10249);
-    /// empty: nowhere.
-    pub metrics_bind_address: String,
+    /// `None`: nowhere (kube-proxy's `--healthz-port 0`).
+    pub healthz_bind_address: Option<String>,
+    /// Where `/metrics` and `/debug/rules` answer (kube-proxy:
+    /// 127.0.0.1:10249); `None`: nowhere.
+    pub metrics_bind_address: Option<String>,
 }
 
 /// State the sync loop shares with the HTTP servers.
@@ -176,14 +176,14 @@ pub async fn run(client: Client, config: RunConfig, metrics: Arc<Metrics>) -> an
     // The servers start first: a probe during the cache sync should get an
     // answer (unhealthy until the first sync), not a refused connection.
     serve_in_background(
-        &config.healthz_bind_address,
+        config.healthz_bind_address.as_deref(),
         health::proxy_router(shared.health.clone(), shared.metrics.clone()),
         "health",
         &shared.connections,
     )
     .await?;
     serve_in_background(
-        &config.metrics_bind_address,
+        config.metrics_bind_address.as_deref(),
         debug::router(shared.metrics.clone(), shared.rules.clone()),
         "metrics",
         &shared.connections,
@@ -329,16 +329,15 @@ pub async fn run(client: Client, config: RunConfig, metrics: Arc<Metrics>) -> an
 
 /// Binds `address` and serves `router` in the background.
 async fn serve_in_background(
-    address: &str,
+    address: Option<&str>,
     router: axum::Router,
     what: &str,
     connections: &ConnectionBudget,
 ) -> anyhow::Result<()> {
-    // kube-proxy's "" (e.g. --healthz-port 0): no server.
-    if address.is_empty() {
+    let Some(address) = address else {
         info!("the {what} server is off");
         return Ok(());
-    }
+    };
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("binding the {what} server to {address}"))?;

@@ -294,6 +294,16 @@ pub fn log_filter(verbosity: u32) -> &'static str {
     }
 }
 
+/// A boolean flag's value as Go's flag package reads it (`strconv.ParseBool`),
+/// so `--masquerade-all=1` means what it means to kube-proxy.
+pub fn parse_go_bool(text: &str) -> Result<bool, String> {
+    match text {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        other => Err(format!("{other:?} is not true or false")),
+    }
+}
+
 /// kube-proxy's `--proxy-mode` and `mode`, checked: the agent is its iptables
 /// mode, so only that (or kube-proxy's "unset", empty) is accepted.
 pub fn check_proxy_mode(text: &str) -> Result<String, String> {
@@ -340,6 +350,20 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    #[test]
+    fn booleans_read_as_go_reads_them() {
+        for yes in ["1", "t", "T", "TRUE", "true", "True"] {
+            assert_eq!(parse_go_bool(yes), Ok(true), "{yes}");
+        }
+        for no in ["0", "f", "F", "FALSE", "false", "False"] {
+            assert_eq!(parse_go_bool(no), Ok(false), "{no}");
+        }
+        assert_eq!(
+            parse_go_bool("yes"),
+            Err("\"yes\" is not true or false".to_string())
+        );
     }
 
     #[test]

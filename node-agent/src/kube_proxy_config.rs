@@ -46,8 +46,9 @@ pub struct FileSettings {
     pub conntrack_tcp_be_liberal: Option<bool>,
     /// `oomScoreAdj`.
     pub oom_score_adj: Option<i32>,
-    /// `bindAddress` when it names one address (not 0.0.0.0 or ::): kube-proxy
-    /// takes it as the node's IP of its family.
+    /// `bindAddress`. One address (not 0.0.0.0 or ::) is the node's IP of
+    /// its family to kube-proxy; an IPv6 one (:: included) moves the servers'
+    /// defaults to IPv6.
     pub bind_address: Option<std::net::IpAddr>,
     /// Fields set in the file that the agent does not use, by path
     /// (`conntrack.maxPerCore`, `clientConnection.qps`).
@@ -421,7 +422,7 @@ impl KubeProxyConfiguration {
                 let ip: std::net::IpAddr = text
                     .parse()
                     .map_err(|_| format!("bindAddress: {text:?} is not an IP address"))?;
-                (!ip.is_unspecified()).then_some(ip)
+                Some(ip)
             }
         };
         if let Some(adj) = self.oom_score_adj
@@ -601,8 +602,8 @@ winkernel:
                 log_format: None,
                 conntrack_tcp_be_liberal: Some(false),
                 oom_score_adj: None,
-                // kubeadm's 0.0.0.0: every address, no node IP.
-                bind_address: None,
+                // kubeadm's: every IPv4 address.
+                bind_address: Some("0.0.0.0".parse().unwrap()),
                 ignored: Vec::new(),
                 unknown: Vec::new(),
             }

@@ -18,6 +18,7 @@ use causeway_agent::addr::IpFamily;
 use causeway_agent::agent::{self, RunConfig};
 use causeway_agent::config::{
     DetectLocalMode, LogFormat, ProxyOptions, check_proxy_mode, log_filter, parse_duration,
+    parse_go_bool,
 };
 use causeway_agent::kube_proxy_config::{self, FileSettings};
 use causeway_agent::manifests;
@@ -38,6 +39,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Print the iptables-restore payload for YAML manifests, without a cluster.
+    #[command(args_override_self = true)]
     Render(RenderArgs),
     /// Watch the API server and keep this node's iptables rules in sync.
     // A flag given twice takes its last value, as kube-proxy's flags do: a
@@ -46,6 +48,7 @@ enum Command {
     Run(RunArgs),
     /// Explain one packet's fate through the rules: the running agent's
     /// (live), a saved payload, or one rendered from manifests.
+    #[command(args_override_self = true)]
     Trace(TraceArgs),
     /// Remove every rule and chain the agent created (both IP families), and
     /// nothing else; run after stopping the agent.
@@ -64,7 +67,9 @@ struct CleanupArgs {
 struct ProxyFlags {
     /// Pod network CIDR(s), at most one per IP family; used by
     /// `--detect-local-mode ClusterCIDR`.
-    #[arg(long, env = "CAUSEWAY_CLUSTER_CIDR", value_delimiter = ',')]
+    // One comma-separated value as in kube-proxy, so that a second
+    // --cluster-cidr replaces the first instead of adding to it.
+    #[arg(long, env = "CAUSEWAY_CLUSTER_CIDR", value_delimiter = ',', action = ArgAction::Set)]
     cluster_cidr: Vec<String>,
     /// How traffic from local pods is recognised:
     /// ClusterCIDR, NodeCIDR, BridgeInterface, InterfaceNamePrefix or None.
@@ -81,7 +86,7 @@ struct ProxyFlags {
     #[arg(long, env = "CAUSEWAY_POD_INTERFACE_NAME_PREFIX")]
     pod_interface_name_prefix: Option<String>,
     /// Masquerade all traffic sent to cluster IPs.
-    #[arg(long, env = "CAUSEWAY_MASQUERADE_ALL", action = ArgAction::Set, num_args = 0..=1,
+    #[arg(long, env = "CAUSEWAY_MASQUERADE_ALL", action = ArgAction::Set, num_args = 0..=1, value_parser = parse_go_bool,
           default_value_t = false, default_missing_value = "true")]
     masquerade_all: bool,
     /// The fwmark bit that marks packets to masquerade (mark 1<<bit);
@@ -95,13 +100,13 @@ struct ProxyFlags {
     nodeport_addresses: Vec<String>,
     /// Answer IPv4 NodePorts on 127.0.0.1 (sets net.ipv4.conf.all.route_localnet=1);
     /// kube-proxy's --iptables-localhost-nodeports is accepted too.
-    #[arg(long, alias = "iptables-localhost-nodeports", env = "CAUSEWAY_LOCALHOST_NODEPORTS", action = ArgAction::Set, num_args = 0..=1,
+    #[arg(long, alias = "iptables-localhost-nodeports", env = "CAUSEWAY_LOCALHOST_NODEPORTS", action = ArgAction::Set, num_args = 0..=1, value_parser = parse_go_bool,
           default_value_t = true, default_missing_value = "true")]
     localhost_nodeports: bool,
     /// As kube-proxy's: conntrack's liberal TCP mode is on, so forwarded
     /// packets conntrack finds INVALID are not dropped; `run` also sets
     /// net.netfilter.nf_conntrack_tcp_be_liberal=1.
-    #[arg(long, env = "CAUSEWAY_CONNTRACK_TCP_BE_LIBERAL", action = ArgAction::Set, num_args = 0..=1,
+    #[arg(long, env = "CAUSEWAY_CONNTRACK_TCP_BE_LIBERAL", action = ArgAction::Set, num_args = 0..=1, value_parser = parse_go_bool,
           default_value_t = false, default_missing_value = "true")]
     conntrack_tcp_be_liberal: bool,
 }
@@ -246,11 +251,11 @@ struct RenderArgs {
     #[arg(long, default_value_t = 4, value_parser = parse_ip_family)]
     ip_family: u8,
     /// Add --random-fully to MASQUERADE rules.
-    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_value_t = true, default_missing_value = "true")]
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, value_parser = parse_go_bool, default_value_t = true, default_missing_value = "true")]
     random_fully: bool,
     /// Include the jump rules from PREROUTING/INPUT/FORWARD/OUTPUT/POSTROUTING
     /// (as `-I CHAIN 1`); load such a payload once into a fresh namespace.
-    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_value_t = true, default_missing_value = "true")]
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, value_parser = parse_go_bool, default_value_t = true, default_missing_value = "true")]
     jump_rules: bool,
     /// Print the payload even when some objects could not be used (they are
     /// reported on stderr and left out).
@@ -263,6 +268,10 @@ struct RenderArgs {
     #[command(flatten)]
     proxy: ProxyFlags,
 }
+
+/// kube-proxy's defaults, for IPv4 (see [`RunArgs::apply_file`] for IPv6).
+const DEFAULT_HEALTHZ_BIND_ADDRESS: &str = "0.0.0.0:10256";
+const DEFAULT_METRICS_BIND_ADDRESS: &str = "127.0.0.1:10249";
 
 #[derive(Args, Debug)]
 struct RunArgs {
@@ -321,22 +330,23 @@ struct RunArgs {
           value_parser = clap::value_parser!(i32).range(-1000..=1000))]
     oom_score_adj: Option<i32>,
     /// Remove the agent's rules and exit, as `causeway-agent cleanup` (kube-proxy's --cleanup).
-    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_value_t = false,
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, value_parser = parse_go_bool, default_value_t = false,
           default_missing_value = "true")]
     cleanup: bool,
-    /// kube-proxy's deprecated --healthz-port: the port of
-    /// --healthz-bind-address; 0 turns the server off.
+    /// kube-proxy's deprecated --healthz-port: the port for a
+    /// --healthz-bind-address without one; 0 turns the server off.
     #[arg(long, hide = true)]
     healthz_port: Option<u16>,
-    /// kube-proxy's deprecated --metrics-port: the port of
-    /// --metrics-bind-address; 0 turns the server off.
+    /// kube-proxy's deprecated --metrics-port: the port for a
+    /// --metrics-bind-address without one; 0 turns the server off.
     #[arg(long, hide = true)]
     metrics_port: Option<u16>,
-    /// Where /healthz and /livez answer.
+    /// Where /healthz and /livez answer (a port of the address's own, else
+    /// 10256).
     #[arg(
         long,
         env = "CAUSEWAY_HEALTHZ_BIND_ADDRESS",
-        default_value = "0.0.0.0:10256"
+        default_value = DEFAULT_HEALTHZ_BIND_ADDRESS
     )]
     healthz_bind_address: String,
     /// Where /metrics and /debug/rules answer (keep it local: the rules are
@@ -344,7 +354,7 @@ struct RunArgs {
     #[arg(
         long,
         env = "CAUSEWAY_METRICS_BIND_ADDRESS",
-        default_value = "127.0.0.1:10249"
+        default_value = DEFAULT_METRICS_BIND_ADDRESS
     )]
     metrics_bind_address: String,
     /// Which iptables to program: auto (the `iptables` on PATH), nft or legacy.
@@ -548,6 +558,29 @@ impl RunArgs {
             &mut self.bind_address,
             f.bind_address.map(Some),
         );
+        // kube-proxy's defaulting of the file: with an IPv6 bindAddress (`::`
+        // included, as kubeadm writes it for IPv6 clusters) its servers
+        // default to IPv6 addresses too.
+        if f.bind_address.is_some_and(|ip| ip.is_ipv6()) {
+            for (id, field, from_file, default) in [
+                (
+                    "healthz_bind_address",
+                    &mut self.healthz_bind_address,
+                    &file.healthz_bind_address,
+                    "[::]:10256",
+                ),
+                (
+                    "metrics_bind_address",
+                    &mut self.metrics_bind_address,
+                    &file.metrics_bind_address,
+                    "[::1]:10249",
+                ),
+            ] {
+                if !given.contains(id) && from_file.is_none() {
+                    *field = default.to_string();
+                }
+            }
+        }
         fill(
             given,
             "oom_score_adj",
@@ -832,8 +865,20 @@ fn run(
         logging_format.map_or(log_json, |format| format == LogFormat::Json),
         verbosity,
     );
-    let healthz_bind_address = with_port(healthz_bind_address, healthz_port, "--healthz-port")?;
-    let metrics_bind_address = with_port(metrics_bind_address, metrics_port, "--metrics-port")?;
+    let healthz_bind_address = server_address(
+        &healthz_bind_address,
+        DEFAULT_HEALTHZ_BIND_ADDRESS,
+        HEALTHZ_PORT,
+        healthz_port,
+    )
+    .context("--healthz-bind-address")?;
+    let metrics_bind_address = server_address(
+        &metrics_bind_address,
+        DEFAULT_METRICS_BIND_ADDRESS,
+        METRICS_PORT,
+        metrics_port,
+    )
+    .context("--metrics-bind-address")?;
     // As kube-proxy: one bind address is the node's IP of its family.
     if let Some(ip) = bind_address.filter(|ip| !ip.is_unspecified())
         && !node_ip.contains(&ip)
@@ -931,20 +976,37 @@ fn run(
     })
 }
 
-/// `address` with the port of kube-proxy's deprecated `--healthz-port` or
-/// `--metrics-port`, if given; port 0 is no server (an empty address).
-fn with_port(address: String, port: Option<u16>, flag: &str) -> anyhow::Result<String> {
-    match port {
-        None => Ok(address),
-        Some(0) => Ok(String::new()),
-        Some(port) => {
-            let mut socket: std::net::SocketAddr = address.parse().with_context(|| {
-                format!("{flag} {port}: {address:?} is not an address and port")
-            })?;
-            socket.set_port(port);
-            Ok(socket.to_string())
-        }
+/// kube-proxy's ports for its servers, added to a bind address that has none.
+const HEALTHZ_PORT: u16 = 10256;
+const METRICS_PORT: u16 = 10249;
+
+/// Where a server listens, read as kube-proxy reads its bind addresses: an
+/// empty one is the default; one without a port gets `port_flag`'s port
+/// (the deprecated `--healthz-port`/`--metrics-port`) or kube-proxy's; a
+/// port the address has is kept; `port_flag` 0 is no server.
+fn server_address(
+    address: &str,
+    default: &str,
+    default_port: u16,
+    port_flag: Option<u16>,
+) -> anyhow::Result<Option<String>> {
+    if port_flag == Some(0) {
+        return Ok(None);
     }
+    let address = match address.trim() {
+        "" => default,
+        given => given,
+    };
+    if let Ok(socket) = address.parse::<std::net::SocketAddr>() {
+        return Ok(Some(socket.to_string()));
+    }
+    let ip: IpAddr = address
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .with_context(|| format!("{address:?} is not an address, with or without a port"))?;
+    let port = port_flag.unwrap_or(default_port);
+    Ok(Some(std::net::SocketAddr::new(ip, port).to_string()))
 }
 
 /// Writes the agent's OOM score adjustment. As in kube-proxy, a failure
@@ -961,15 +1023,27 @@ fn set_oom_score_adj(adj: i32) {
 /// Whether conntrack tracks TCP liberally in this network namespace, after
 /// turning that on if `set` (--conntrack-tcp-be-liberal). As in kube-proxy,
 /// the sysctl's value, not the flag, decides whether forwarded packets
-/// conntrack finds INVALID are dropped, and a failed write stops the agent.
+/// conntrack finds INVALID are dropped; it is written only when it differs
+/// (a read-only /proc/sys is fine on a node already liberal), and a failed
+/// write stops the agent.
 fn conntrack_tcp_be_liberal(set: bool) -> anyhow::Result<bool> {
     const LIBERAL: &str = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal";
-    if set {
-        std::fs::write(LIBERAL, "1")
-            .with_context(|| format!("--conntrack-tcp-be-liberal: writing 1 to {LIBERAL}"))?;
+    let liberal = || std::fs::read_to_string(LIBERAL).map(|value| value.trim() != "0");
+    if !set {
+        // Unreadable (conntrack not loaded yet): not liberal, so the drop stays.
+        return Ok(liberal().unwrap_or(false));
     }
-    // Unreadable (conntrack not loaded yet): not liberal, so the drop stays.
-    Ok(std::fs::read_to_string(LIBERAL).is_ok_and(|value| value.trim() != "0"))
+    match liberal() {
+        Ok(true) => Ok(true),
+        Ok(false) => {
+            std::fs::write(LIBERAL, "1")
+                .with_context(|| format!("--conntrack-tcp-be-liberal: writing 1 to {LIBERAL}"))?;
+            Ok(true)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "--conntrack-tcp-be-liberal: reading {LIBERAL} (is the nf_conntrack module loaded?)"
+        ))),
+    }
 }
 
 /// A client from `--kubeconfig` (at `--master` if given), else one for
@@ -989,7 +1063,11 @@ async fn kube_client(
                 .await
                 .with_context(|| format!("using kubeconfig {}", path.display()))?;
             if let Some(master) = master {
-                config.cluster_url = master_url(master, true)?;
+                let tls = config.root_cert.is_some()
+                    || config.accept_invalid_certs
+                    || config.auth_info.client_certificate.is_some()
+                    || config.auth_info.client_certificate_data.is_some();
+                config.cluster_url = master_url(master, tls)?;
             }
             config
         }
@@ -1004,22 +1082,32 @@ async fn kube_client(
     )?)
 }
 
-/// kube-proxy's `--master` as a URL. Without a scheme it is https when a
-/// kubeconfig brings the TLS settings, else http, as client-go defaults it.
+/// kube-proxy's `--master` as a URL. Without a scheme it is https when the
+/// client has TLS settings, else http, as client-go defaults it.
 fn master_url(text: &str, tls: bool) -> anyhow::Result<http::Uri> {
     let text = text.trim();
     let url = if text.contains("://") {
         text.to_string()
+    } else if text.contains('/') {
+        anyhow::bail!("--master {text:?}: give a URL or a host:port pair");
     } else {
         format!("{}://{text}", if tls { "https" } else { "http" })
     };
     let uri: http::Uri = url
         .parse()
         .with_context(|| format!("--master {text:?} is not a URL"))?;
-    if uri.host().is_none_or(str::is_empty) {
-        anyhow::bail!("--master {text:?} names no host");
+    match uri.authority() {
+        None => anyhow::bail!("--master {text:?} names no host"),
+        Some(authority) if authority.host().is_empty() => {
+            anyhow::bail!("--master {text:?} names no host")
+        }
+        // Credentials go in the kubeconfig, not in a URL that is logged and
+        // labels the request metrics.
+        Some(authority) if authority.as_str().contains('@') => {
+            anyhow::bail!("--master: a user or password in the URL is not taken; use --kubeconfig")
+        }
+        Some(_) => Ok(uri),
     }
-    Ok(uri)
 }
 
 /// Logs to stderr, filtered by RUST_LOG if set, else by the klog verbosity.
@@ -1272,6 +1360,8 @@ mod tests {
             (&["--cleanup"][..], true),
             (&["--cleanup=true"], true),
             (&["--cleanup=false"], false),
+            (&["--cleanup=1"], true),
+            (&["--cleanup=F"], false),
         ] {
             let matches = cli_command()
                 .try_get_matches_from(["causeway-agent", "run"].iter().chain(flags))
@@ -1297,6 +1387,11 @@ mod tests {
                 "--healthz-port=10356",
                 "--node-ip=10.0.2.5",
                 "--node-ip=fd00::5",
+                "--cluster-cidr=10.0.0.0/8",
+                "--cluster-cidr=10.244.0.0/16,fd00:10:244::/56",
+                "--masquerade-all=1",
+                "--nodeport-addresses=primary",
+                "--nodeport-addresses=127.0.0.0/8",
             ])
             .unwrap();
         assert_eq!(unused_flags_given(&matches), ["--feature-gates"]);
@@ -1308,18 +1403,78 @@ mod tests {
         assert_eq!(args.node_ip.len(), 2);
         assert_eq!(args.bind_address, Some("10.0.1.5".parse().unwrap()));
         assert_eq!(args.healthz_port, Some(10356));
+        // --cluster-cidr is one value in kube-proxy, --nodeport-addresses a list.
+        assert_eq!(
+            args.proxy.cluster_cidr,
+            ["10.244.0.0/16", "fd00:10:244::/56"]
+        );
+        assert_eq!(args.proxy.nodeport_addresses, ["primary", "127.0.0.0/8"]);
+        assert!(args.proxy.masquerade_all);
     }
 
     #[test]
-    fn deprecated_port_flags_set_the_bind_addresses_port() {
-        let with = |address: &str, port| with_port(address.to_string(), port, "--healthz-port");
-        assert_eq!(with("0.0.0.0:10256", None).unwrap(), "0.0.0.0:10256");
-        assert_eq!(with("0.0.0.0:10256", Some(10356)).unwrap(), "0.0.0.0:10356");
-        assert_eq!(with("[::]:10256", Some(10356)).unwrap(), "[::]:10356");
-        // 0 is kube-proxy's "no server".
-        assert_eq!(with("0.0.0.0:10256", Some(0)).unwrap(), "");
-        let error = with("localhost:10256", Some(1)).unwrap_err().to_string();
-        assert!(error.contains("--healthz-port 1"), "{error}");
+    fn bind_addresses_read_as_kube_proxy_reads_them() {
+        let healthz = |address: &str, port| {
+            server_address(address, DEFAULT_HEALTHZ_BIND_ADDRESS, HEALTHZ_PORT, port)
+        };
+        let some = |text: &str| Some(text.to_string());
+        assert_eq!(
+            healthz("0.0.0.0:10256", None).unwrap(),
+            some("0.0.0.0:10256")
+        );
+        // Empty is the default, not "off".
+        assert_eq!(healthz("", None).unwrap(), some("0.0.0.0:10256"));
+        // No port: kube-proxy's, or the deprecated port flag's.
+        assert_eq!(healthz("10.0.1.5", None).unwrap(), some("10.0.1.5:10256"));
+        assert_eq!(healthz("::", Some(10356)).unwrap(), some("[::]:10356"));
+        assert_eq!(healthz("[::1]", None).unwrap(), some("[::1]:10256"));
+        // A port of its own is kept, as kube-proxy keeps it.
+        assert_eq!(
+            healthz("0.0.0.0:10256", Some(10356)).unwrap(),
+            some("0.0.0.0:10256")
+        );
+        // Port 0: no server.
+        assert_eq!(healthz("0.0.0.0:10256", Some(0)).unwrap(), None);
+        let error = healthz("localhost:10256", None).unwrap_err().to_string();
+        assert!(
+            error.contains("\"localhost:10256\" is not an address"),
+            "{error}"
+        );
+    }
+
+    /// `run` with `flags`, and a configuration file of `fields` applied.
+    fn run_with_file(fields: &str, flags: &[&str]) -> RunArgs {
+        let file = kube_proxy_config::parse(&format!(
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
+             kind: KubeProxyConfiguration\n{fields}"
+        ))
+        .unwrap();
+        let matches = cli_command()
+            .try_get_matches_from(["causeway-agent", "run"].iter().chain(flags))
+            .unwrap();
+        let Command::Run(mut args) = Cli::from_arg_matches(&matches).unwrap().command else {
+            panic!("run")
+        };
+        args.apply_file(&file, &given_flags(&matches, "run"));
+        args
+    }
+
+    #[test]
+    fn an_ipv6_bind_address_in_the_file_moves_the_servers_defaults() {
+        let parse = run_with_file;
+        let args = parse("bindAddress: \"::\"\n", &[]);
+        assert_eq!(args.healthz_bind_address, "[::]:10256");
+        assert_eq!(args.metrics_bind_address, "[::1]:10249");
+        // kubeadm's IPv4 file changes nothing.
+        let args = parse("bindAddress: 0.0.0.0\n", &[]);
+        assert_eq!(args.healthz_bind_address, "0.0.0.0:10256");
+        // The file's own address, or a flag, wins over that default.
+        let args = parse(
+            "bindAddress: \"::\"\nmetricsBindAddress: \"[::]:10249\"\n",
+            &["--healthz-bind-address=[fd00::5]:10256"],
+        );
+        assert_eq!(args.healthz_bind_address, "[fd00::5]:10256");
+        assert_eq!(args.metrics_bind_address, "[::]:10249");
     }
 
     #[test]
@@ -1337,29 +1492,25 @@ mod tests {
             url("10.0.0.1:8080", false).unwrap(),
             "http://10.0.0.1:8080/"
         );
-        for bad in ["https://", "http://[::1", "a b"] {
+        assert_eq!(
+            url("[fd00::1]:6443", true).unwrap(),
+            "https://[fd00::1]:6443/"
+        );
+        for bad in [
+            "https://",
+            "http://[::1",
+            "a b",
+            "10.0.0.1:6443/prefix",
+            "https://admin:secret@10.0.0.1:6443",
+        ] {
             assert!(master_url(bad, true).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn the_files_logging_settings_apply_unless_a_flag_says_otherwise() {
-        let file = kube_proxy_config::parse(
-            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
-             kind: KubeProxyConfiguration\n\
-             logging: {format: json, verbosity: 4}\n",
-        )
-        .unwrap();
-        let parse = |flags: &[&str]| {
-            let matches = Cli::command()
-                .try_get_matches_from(["causeway-agent", "run"].iter().chain(flags))
-                .unwrap();
-            let Command::Run(mut args) = Cli::from_arg_matches(&matches).unwrap().command else {
-                panic!("run")
-            };
-            args.apply_file(&file, &given_flags(&matches, "run"));
-            args
-        };
+        let parse =
+            |flags: &[&str]| run_with_file("logging: {format: json, verbosity: 4}\n", flags);
         let args = parse(&[]);
         assert_eq!(args.verbosity, 4);
         assert_eq!(args.logging_format, Some(LogFormat::Json));

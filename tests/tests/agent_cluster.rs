@@ -103,7 +103,8 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
     // Configured as kube-proxy is, from its configuration file: no periodic
     // full sync during the test (every sync it sees is caused by an API
     // change), and /metrics open to the network, as the Helm chart's pod
-    // monitor wants it (checked from another host below). Its klog
+    // monitor wants it (checked from another host below; the address has no
+    // port, so kube-proxy's 10249 is added, as kube-proxy adds it). Its klog
     // verbosity 4 turns on the agent's debug lines. A field the agent has no
     // use for, and one the API dropped long ago, are logged and ignored.
     // kube-proxy's --proxy-mode flag is taken as it is.
@@ -113,7 +114,7 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
         "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
          kind: KubeProxyConfiguration\n\
          mode: iptables\n\
-         metricsBindAddress: 0.0.0.0:10249\n\
+         metricsBindAddress: 0.0.0.0\n\
          iptables: {syncPeriod: 10m0s, minSyncPeriod: 1s}\n\
          conntrack: {maxPerCore: 32768}\n\
          logging: {verbosity: 4}\n\
