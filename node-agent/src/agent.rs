@@ -346,6 +346,18 @@ async fn serve_in_background(
     Ok(())
 }
 
+/// Turns on `net.ipv4.conf.all.route_localnet`, which NodePorts on 127.0.0.1
+/// need. It is written only when it differs, so an agent whose /proc/sys is
+/// read-only (a container with NET_ADMIN only) runs on a node where it was
+/// set before, by an earlier agent or by an init container.
+fn set_route_localnet() -> std::io::Result<()> {
+    const ROUTE_LOCALNET: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
+    if std::fs::read_to_string(ROUTE_LOCALNET).is_ok_and(|value| value.trim() == "1") {
+        return Ok(());
+    }
+    std::fs::write(ROUTE_LOCALNET, "1")
+}
+
 /// Drops what the agent never reads before an object enters a cache: the
 /// managed-fields bookkeeping and kubectl's last-applied copy are often
 /// larger than the rest of a Service or EndpointSlice.
@@ -647,7 +659,7 @@ impl Syncer {
                 }
             };
             if needs_route_localnet(&render_config) && !self.route_localnet_set {
-                match std::fs::write("/proc/sys/net/ipv4/conf/all/route_localnet", "1") {
+                match set_route_localnet() {
                     Ok(()) => self.route_localnet_set = true,
                     Err(e) => {
                         warn!(error = %e, "cannot set net.ipv4.conf.all.route_localnet=1; NodePorts on 127.0.0.1 will not answer")

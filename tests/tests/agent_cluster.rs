@@ -999,8 +999,37 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
         "--v=2",
     ];
     kops_style.extend_from_slice(&args);
+    // With legacy, the new agent runs as a container with NET_ADMIN only
+    // does: /proc/sys read-only. The sysctls it needs were set before (by the
+    // first agent, and here as an init container would), so it writes none.
+    let read_only_proc_sys = backend == "legacy";
+    let read_only_start = format!(
+        "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec {} \"$@\"",
+        agent.display()
+    );
+    if read_only_proc_sys {
+        netns::exec_in(
+            &node1.netns,
+            "sh",
+            &[
+                "-c",
+                "echo 1 > /proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal",
+            ],
+        )?;
+    }
     let spawned = now()?;
-    let second = cluster.spawn_in(&node1.netns, "agent-2", &agent, &kops_style)?;
+    let second = if read_only_proc_sys {
+        let mut wrapped = vec!["--mount", "sh", "-c", &read_only_start, "causeway-agent"];
+        wrapped.extend_from_slice(&kops_style);
+        cluster.spawn_in(
+            &node1.netns,
+            "agent-2",
+            std::path::Path::new("unshare"),
+            &wrapped,
+        )?
+    } else {
+        cluster.spawn_in(&node1.netns, "agent-2", &agent, &kops_style)?
+    };
     // (A sync after the spawn: the old agent may still be answering.)
     let last_sync = |metrics: &str| {
         metrics::value(metrics, "kubeproxy_sync_proxy_rules_last_timestamp_seconds")
@@ -1031,6 +1060,17 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
     );
     // klog's verbosity 2 is the usual log: no debug lines.
     assert!(!log.contains("DEBUG"), "{log}");
+    if read_only_proc_sys {
+        let mounts = std::fs::read_to_string(format!("/proc/{second}/mountinfo"))?;
+        assert!(
+            mounts
+                .lines()
+                .any(|l| l.split(' ').nth(4) == Some("/proc/sys")
+                    && l.split(' ').nth(5).is_some_and(|o| o.starts_with("ro"))),
+            "{mounts}"
+        );
+        assert!(!log.contains("cannot set"), "{log}");
+    }
     // Liberal TCP tracking is on in the node's namespace, so the new agent's
     // first sync left out the drop of INVALID packets the first one had.
     assert_eq!(
