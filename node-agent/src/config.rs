@@ -1,6 +1,8 @@
 //! kube-proxy style settings (`--cluster-cidr`, `--detect-local-mode`,
 //! `--nodeport-addresses`, …) + this node → the [`RenderConfig`] of one IP
-//! family. Shared by `render` and `run`, so both build the same rules.
+//! family. Shared by `render` and `run`, so both build the same rules. Also
+//! how kube-proxy's flag and file values read: Go durations and booleans,
+//! the proxy mode, the log format and klog's verbosity.
 
 use std::fmt;
 use std::net::IpAddr;

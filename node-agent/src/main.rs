@@ -103,9 +103,10 @@ struct ProxyFlags {
     #[arg(long, alias = "iptables-localhost-nodeports", env = "CAUSEWAY_LOCALHOST_NODEPORTS", action = ArgAction::Set, num_args = 0..=1, value_parser = parse_go_bool,
           default_value_t = true, default_missing_value = "true")]
     localhost_nodeports: bool,
-    /// As kube-proxy's: conntrack's liberal TCP mode is on, so forwarded
-    /// packets conntrack finds INVALID are not dropped; `run` also sets
-    /// net.netfilter.nf_conntrack_tcp_be_liberal=1.
+    /// As kube-proxy's: conntrack tracks TCP liberally, so forwarded packets
+    /// it finds INVALID are not dropped. `run` sets
+    /// net.netfilter.nf_conntrack_tcp_be_liberal=1 and then goes by the
+    /// sysctl, as kube-proxy does; `render` by this flag.
     #[arg(long, env = "CAUSEWAY_CONNTRACK_TCP_BE_LIBERAL", action = ArgAction::Set, num_args = 0..=1, value_parser = parse_go_bool,
           default_value_t = false, default_missing_value = "true")]
     conntrack_tcp_be_liberal: bool,
@@ -289,7 +290,8 @@ struct RunArgs {
     kubeconfig: Option<PathBuf>,
     /// The API server's URL, over the kubeconfig's (kube-proxy's --master).
     /// Without --kubeconfig it is used alone, with no credentials, as in
-    /// kube-proxy. Without a scheme: https with a kubeconfig, else http.
+    /// kube-proxy. Without a scheme: https when the kubeconfig has TLS
+    /// settings, else http, as client-go decides.
     #[arg(long)]
     master: Option<String>,
     /// Extra addresses of this node (default: the Node's InternalIPs).
@@ -879,7 +881,8 @@ fn run(
         metrics_port,
     )
     .context("--metrics-bind-address")?;
-    // As kube-proxy: one bind address is the node's IP of its family.
+    // kube-proxy makes one bind address the node's primary IP of its family;
+    // the agent adds it to the node's addresses.
     if let Some(ip) = bind_address.filter(|ip| !ip.is_unspecified())
         && !node_ip.contains(&ip)
     {
