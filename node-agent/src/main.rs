@@ -933,6 +933,16 @@ fn run(
         causeway_agent::netfilter::refuse_other_backend(resolved, family)?;
         backend = resolved;
     }
+    // kube-proxy's nftables mode would steer packets beside us; kube-proxy in
+    // iptables mode deletes its tables at start, and so does the agent.
+    let removed = causeway_agent::netfilter::remove_nftables_mode_leftovers()
+        .context("deleting the tables kube-proxy's nftables mode left behind")?;
+    if !removed.is_empty() {
+        tracing::warn!(
+            tables = removed.join(", "),
+            "deleted the tables of kube-proxy's nftables mode, as kube-proxy does when it starts in iptables mode"
+        );
+    }
     let random_fully = match causeway_agent::netfilter::supports_random_fully(backend) {
         Ok(true) => true,
         Ok(false) => {

@@ -371,6 +371,52 @@ pub fn refuse_other_backend(chosen: Backend, family: IpFamily) -> anyhow::Result
     )
 }
 
+/// The tables kube-proxy's nftables mode keeps its rules in (`nft` syntax).
+const KUBE_PROXY_NFT_TABLES: [&str; 2] = ["ip kube-proxy", "ip6 kube-proxy"];
+
+/// Which of kube-proxy's nftables-mode tables `nft list tables` lists.
+pub fn kube_proxy_nft_tables(listing: &str) -> Vec<&'static str> {
+    KUBE_PROXY_NFT_TABLES
+        .into_iter()
+        .filter(|table| {
+            listing
+                .lines()
+                .any(|line| line.trim().strip_prefix("table ") == Some(*table))
+        })
+        .collect()
+}
+
+/// Deletes the tables kube-proxy's nftables mode left behind, as kube-proxy
+/// itself does when it starts in iptables mode: their chains would steer
+/// Service packets beside ours. Returns the tables deleted. Without an `nft`
+/// program there is nothing to do (kube-proxy skips it then too).
+pub fn remove_nftables_mode_leftovers() -> anyhow::Result<Vec<&'static str>> {
+    let nft = |args: &[&str]| -> anyhow::Result<Option<String>> {
+        let output = match Command::new("nft").args(args).output() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            other => other?,
+        };
+        if !output.status.success() {
+            anyhow::bail!(
+                "nft {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(Some(String::from_utf8_lossy(&output.stdout).into_owned()))
+    };
+    let Some(listing) = nft(&["list", "tables"])? else {
+        return Ok(Vec::new());
+    };
+    let found = kube_proxy_nft_tables(&listing);
+    for table in &found {
+        let mut args = vec!["delete", "table"];
+        args.extend(table.split(' '));
+        nft(&args)?;
+    }
+    Ok(found)
+}
+
 /// What `cleanup` removed from one family.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct CleanupReport {
@@ -604,6 +650,18 @@ pub fn service_chains_in_save(text: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kube_proxys_nftables_mode_tables_are_found_in_a_listing() {
+        let listing = "table ip filter\ntable ip kube-proxy\ntable inet other\n\
+                       table ip6 kube-proxy\ntable ip kube-proxy-x\n";
+        assert_eq!(
+            kube_proxy_nft_tables(listing),
+            ["ip kube-proxy", "ip6 kube-proxy"]
+        );
+        assert!(kube_proxy_nft_tables("table inet kube-proxy\ntable ip nat\n").is_empty());
+        assert!(kube_proxy_nft_tables("").is_empty());
+    }
 
     #[test]
     fn the_failed_line_is_found_in_both_backends_messages() {

@@ -120,6 +120,27 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
          logging: {verbosity: 4}\n\
          resourceContainer: /kube-proxy\n",
     )?;
+    // The node ran kube-proxy's nftables mode before: its tables are left,
+    // one dropping what would reach a Service on port 80, beside another
+    // program's table. The agent deletes kube-proxy's, as kube-proxy does
+    // when it starts in iptables mode, and leaves the other.
+    let leftovers = cluster.dir().join("nftables-leftovers.nft");
+    std::fs::write(
+        &leftovers,
+        "table ip kube-proxy {\n\
+         \tchain filter-prerouting {\n\
+         \t\ttype filter hook prerouting priority -110; policy accept;\n\
+         \t\ttcp dport 80 drop\n\
+         \t}\n\
+         }\n\
+         table ip6 kube-proxy {\n}\n\
+         table inet other-program {\n\tchain idle {\n\t}\n}\n",
+    )?;
+    netns::exec_in(
+        &node1.netns,
+        "nft",
+        &["-f", &leftovers.display().to_string()],
+    )?;
     let agent_pid = cluster.spawn_agent(
         "node-1",
         "agent-node-1",
@@ -239,6 +260,18 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
         log.lines()
             .any(|l| l.contains("not known to kube-proxy") && l.contains("resourceContainer")),
         "{log}"
+    );
+    assert!(
+        log.lines().any(
+            |l| l.contains("deleted the tables of kube-proxy's nftables mode")
+                && l.contains("ip kube-proxy, ip6 kube-proxy")
+        ),
+        "{log}"
+    );
+    let tables = netns::exec_in(&node1.netns, "nft", &["list", "tables"])?;
+    assert!(
+        !tables.contains("kube-proxy") && tables.contains("table inet other-program"),
+        "{tables}"
     );
 
     // The agent's own health, as the NLB and kubelet probe it.
