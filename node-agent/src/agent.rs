@@ -35,9 +35,10 @@ use crate::health::{self, BindFailure, ProxyHealth, ServiceHealth, ServiceHealth
 use crate::metrics::Metrics;
 use crate::model::cache::ModelCache;
 use crate::model::{Issue, Model, NodeInfo, Protocol, ServicePortName};
-use crate::netfilter::{Backend, Netfilter};
+use crate::netfilter::{Backend, Netfilter, NftablesLeftovers};
 use crate::rules::{self, Dispatch, Partial, RenderConfig, RenderOptions, RuleCounts};
 use crate::serve::{self, ConnectionBudget};
+use crate::sysctl;
 
 /// A full sync also runs this often, whatever else happens (kube-proxy's
 /// `FullSyncPeriod`): it repairs rules another program deleted without
@@ -346,16 +347,26 @@ async fn serve_in_background(
     Ok(())
 }
 
-/// Turns on `net.ipv4.conf.all.route_localnet`, which NodePorts on 127.0.0.1
-/// need. It is written only when it differs, so an agent whose /proc/sys is
-/// read-only (a container with NET_ADMIN only) runs on a node where it was
-/// set before, by an earlier agent or by an init container.
-fn set_route_localnet() -> std::io::Result<()> {
-    const ROUTE_LOCALNET: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
-    if std::fs::read_to_string(ROUTE_LOCALNET).is_ok_and(|value| value.trim() == "1") {
-        return Ok(());
+/// Deletes the tables kube-proxy's nftables mode left, as kube-proxy does when
+/// it starts in iptables mode: their chains would steer Service packets
+/// beside ours. Called once our rules are in place, so the node is never
+/// without Service rules in between. Best effort, as in kube-proxy: a
+/// failure is logged.
+fn remove_kube_proxy_nftables_tables() {
+    match crate::netfilter::remove_kube_proxy_nftables_tables() {
+        Ok(NftablesLeftovers::Deleted(tables)) if !tables.is_empty() => warn!(
+            tables = tables.join(", "),
+            "deleted the tables of kube-proxy's nftables mode, as kube-proxy does when it starts in iptables mode"
+        ),
+        Ok(NftablesLeftovers::Deleted(_)) => {}
+        Ok(NftablesLeftovers::NoNft) => warn!(
+            "no nft program: tables kube-proxy's nftables mode may have left (ip and ip6 kube-proxy) cannot be looked for"
+        ),
+        Err(e) => error!(
+            error = %e,
+            "cannot delete the tables kube-proxy's nftables mode left; if they hold rules they steer Service packets beside ours"
+        ),
     }
-    std::fs::write(ROUTE_LOCALNET, "1")
 }
 
 /// Drops what the agent never reads before an object enters a cache: the
@@ -576,6 +587,9 @@ struct Syncer {
     families: Vec<FamilyState>,
     reported: BTreeSet<String>,
     route_localnet_set: bool,
+    /// Whether kube-proxy's nftables-mode tables were looked for: once,
+    /// after the first sync that applied everything.
+    nftables_leftovers_checked: bool,
 }
 
 impl Syncer {
@@ -586,6 +600,7 @@ impl Syncer {
             families: Vec::new(),
             reported: BTreeSet::new(),
             route_localnet_set: false,
+            nftables_leftovers_checked: false,
         }
     }
 
@@ -659,7 +674,7 @@ impl Syncer {
                 }
             };
             if needs_route_localnet(&render_config) && !self.route_localnet_set {
-                match set_route_localnet() {
+                match sysctl::ensure(sysctl::ROUTE_LOCALNET, "1") {
                     Ok(()) => self.route_localnet_set = true,
                     Err(e) => {
                         warn!(error = %e, "cannot set net.ipv4.conf.all.route_localnet=1; NodePorts on 127.0.0.1 will not answer")
@@ -848,6 +863,10 @@ impl Syncer {
                 self.shared.metrics.set_rules_written(table, *rules);
             }
             self.shared.health.updated(started_at);
+            if !self.nftables_leftovers_checked {
+                self.nftables_leftovers_checked = true;
+                remove_kube_proxy_nftables_tables();
+            }
             self.shared
                 .metrics
                 .last_sync_timestamp

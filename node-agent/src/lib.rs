@@ -15,4 +15,5 @@ pub mod model;
 pub mod netfilter;
 pub mod rules;
 pub mod serve;
+pub mod sysctl;
 pub mod trace;

@@ -933,16 +933,6 @@ fn run(
         causeway_agent::netfilter::refuse_other_backend(resolved, family)?;
         backend = resolved;
     }
-    // kube-proxy's nftables mode would steer packets beside us; kube-proxy in
-    // iptables mode deletes its tables at start, and so does the agent.
-    let removed = causeway_agent::netfilter::remove_nftables_mode_leftovers()
-        .context("deleting the tables kube-proxy's nftables mode left behind")?;
-    if !removed.is_empty() {
-        tracing::warn!(
-            tables = removed.join(", "),
-            "deleted the tables of kube-proxy's nftables mode, as kube-proxy does when it starts in iptables mode"
-        );
-    }
     let random_fully = match causeway_agent::netfilter::supports_random_fully(backend) {
         Ok(true) => true,
         Ok(false) => {
@@ -1034,29 +1024,23 @@ fn set_oom_score_adj(adj: i32) {
 }
 
 /// Whether conntrack tracks TCP liberally in this network namespace, after
-/// turning that on if `set` (--conntrack-tcp-be-liberal). As in kube-proxy,
-/// the sysctl's value, not the flag, decides whether forwarded packets
-/// conntrack finds INVALID are dropped; it is written only when it differs
-/// (a read-only /proc/sys is fine on a node already liberal), and a failed
-/// write stops the agent.
+/// turning that on if `set` (--conntrack-tcp-be-liberal or the file's
+/// conntrack.tcpBeLiberal). As in kube-proxy, the sysctl's value, not the
+/// setting, decides whether forwarded packets conntrack finds INVALID are
+/// dropped, and a failed write stops the agent.
 fn conntrack_tcp_be_liberal(set: bool) -> anyhow::Result<bool> {
-    const LIBERAL: &str = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal";
-    let liberal = || std::fs::read_to_string(LIBERAL).map(|value| value.trim() != "0");
-    if !set {
-        // Unreadable (conntrack not loaded yet): not liberal, so the drop stays.
-        return Ok(liberal().unwrap_or(false));
+    use causeway_agent::sysctl::{self, CONNTRACK_TCP_BE_LIBERAL};
+    if set {
+        sysctl::ensure(CONNTRACK_TCP_BE_LIBERAL, "1").with_context(|| {
+            format!(
+                "conntrack's liberal TCP mode (--conntrack-tcp-be-liberal, conntrack.tcpBeLiberal): \
+                 setting {CONNTRACK_TCP_BE_LIBERAL} to 1; set it on the node beforehand, run the \
+                 agent with a writable /proc/sys (privileged), or load nf_conntrack first"
+            )
+        })?;
     }
-    match liberal() {
-        Ok(true) => Ok(true),
-        Ok(false) => {
-            std::fs::write(LIBERAL, "1")
-                .with_context(|| format!("--conntrack-tcp-be-liberal: writing 1 to {LIBERAL}"))?;
-            Ok(true)
-        }
-        Err(e) => Err(anyhow::Error::new(e).context(format!(
-            "--conntrack-tcp-be-liberal: reading {LIBERAL} (is the nf_conntrack module loaded?)"
-        ))),
-    }
+    // Unreadable (conntrack not loaded yet): not liberal, so the drop stays.
+    Ok(sysctl::read(CONNTRACK_TCP_BE_LIBERAL).is_ok_and(|value| value != "0"))
 }
 
 /// A client from `--kubeconfig` (at `--master` if given), else one for

@@ -1,7 +1,8 @@
 //! The I/O edge to netfilter: `iptables-restore --noflush --wait` for the
 //! payload, `iptables -C` for the jump rules in the built-in chains (kube-proxy's
-//! EnsureRule), and one `iptables-save` at start to learn which service chains
-//! an earlier run (or kube-proxy) left behind.
+//! EnsureRule), one `iptables-save` at start to learn which service chains
+//! an earlier run (or kube-proxy) left behind, and `nft` for the tables
+//! kube-proxy's nftables mode leaves.
 //!
 //! Everything that interprets the tools' output is a pure function below, so
 //! it is unit-tested without netfilter.
@@ -371,50 +372,74 @@ pub fn refuse_other_backend(chosen: Backend, family: IpFamily) -> anyhow::Result
     )
 }
 
-/// The tables kube-proxy's nftables mode keeps its rules in (`nft` syntax).
-const KUBE_PROXY_NFT_TABLES: [&str; 2] = ["ip kube-proxy", "ip6 kube-proxy"];
+/// The tables kube-proxy's nftables mode keeps its rules in: family, name.
+const KUBE_PROXY_NFT_TABLES: [(&str, &str); 2] = [("ip", "kube-proxy"), ("ip6", "kube-proxy")];
 
-/// Which of kube-proxy's nftables-mode tables `nft list tables` lists.
-pub fn kube_proxy_nft_tables(listing: &str) -> Vec<&'static str> {
+/// Which of kube-proxy's nftables-mode tables an `nft list tables` listing
+/// holds (one `table <family> <name>` per line).
+pub fn kube_proxy_tables_in_listing(listing: &str) -> Vec<(&'static str, &'static str)> {
     KUBE_PROXY_NFT_TABLES
         .into_iter()
-        .filter(|table| {
-            listing
-                .lines()
-                .any(|line| line.trim().strip_prefix("table ") == Some(*table))
+        .filter(|(family, name)| {
+            listing.lines().any(|line| {
+                let mut words = line.split_whitespace();
+                words.next() == Some("table")
+                    && words.next() == Some(*family)
+                    && words.next() == Some(*name)
+                    && words.next().is_none()
+            })
         })
         .collect()
 }
 
-/// Deletes the tables kube-proxy's nftables mode left behind, as kube-proxy
-/// itself does when it starts in iptables mode: their chains would steer
-/// Service packets beside ours. Returns the tables deleted. Without an `nft`
-/// program there is nothing to do (kube-proxy skips it then too).
-pub fn remove_nftables_mode_leftovers() -> anyhow::Result<Vec<&'static str>> {
-    let nft = |args: &[&str]| -> anyhow::Result<Option<String>> {
-        let output = match Command::new("nft").args(args).output() {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            other => other?,
-        };
-        if !output.status.success() {
-            anyhow::bail!(
-                "nft {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
+/// What became of kube-proxy's nftables-mode tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NftablesLeftovers {
+    /// No `nft` program here: they cannot be looked for.
+    NoNft,
+    /// Those found, deleted (`ip kube-proxy`); often none.
+    Deleted(Vec<String>),
+}
+
+/// Deletes the tables kube-proxy's nftables mode left behind. A table gone
+/// between the listing and the deletion (another cleanup) counts as deleted.
+pub fn remove_kube_proxy_nftables_tables() -> anyhow::Result<NftablesLeftovers> {
+    let nft = |args: &[&str]| -> anyhow::Result<Option<std::process::Output>> {
+        match Command::new("nft").args(args).output() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(anyhow::Error::new(e).context(format!("running nft {}", args.join(" ")))),
+            Ok(output) => Ok(Some(output)),
         }
-        Ok(Some(String::from_utf8_lossy(&output.stdout).into_owned()))
     };
-    let Some(listing) = nft(&["list", "tables"])? else {
-        return Ok(Vec::new());
+    let failure = |args: &[&str], output: &std::process::Output| {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let why = match stderr.trim() {
+            "" => output.status.to_string(),
+            text => text.to_string(),
+        };
+        anyhow::anyhow!("nft {}: {why}", args.join(" "))
     };
-    let found = kube_proxy_nft_tables(&listing);
-    for table in &found {
-        let mut args = vec!["delete", "table"];
-        args.extend(table.split(' '));
-        nft(&args)?;
+    let list = ["list", "tables"];
+    let Some(listing) = nft(&list)? else {
+        return Ok(NftablesLeftovers::NoNft);
+    };
+    if !listing.status.success() {
+        return Err(failure(&list, &listing));
     }
-    Ok(found)
+    let mut deleted = Vec::new();
+    for (family, name) in kube_proxy_tables_in_listing(&String::from_utf8_lossy(&listing.stdout)) {
+        let delete = ["delete", "table", family, name];
+        let Some(output) = nft(&delete)? else {
+            return Ok(NftablesLeftovers::NoNft);
+        };
+        if !output.status.success()
+            && !String::from_utf8_lossy(&output.stderr).contains("No such file or directory")
+        {
+            return Err(failure(&delete, &output));
+        }
+        deleted.push(format!("{family} {name}"));
+    }
+    Ok(NftablesLeftovers::Deleted(deleted))
 }
 
 /// What `cleanup` removed from one family.
@@ -656,11 +681,11 @@ mod tests {
         let listing = "table ip filter\ntable ip kube-proxy\ntable inet other\n\
                        table ip6 kube-proxy\ntable ip kube-proxy-x\n";
         assert_eq!(
-            kube_proxy_nft_tables(listing),
-            ["ip kube-proxy", "ip6 kube-proxy"]
+            kube_proxy_tables_in_listing(listing),
+            [("ip", "kube-proxy"), ("ip6", "kube-proxy")]
         );
-        assert!(kube_proxy_nft_tables("table inet kube-proxy\ntable ip nat\n").is_empty());
-        assert!(kube_proxy_nft_tables("").is_empty());
+        assert!(kube_proxy_tables_in_listing("table inet kube-proxy\ntable ip nat\n").is_empty());
+        assert!(kube_proxy_tables_in_listing("").is_empty());
     }
 
     #[test]

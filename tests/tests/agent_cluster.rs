@@ -1032,14 +1032,13 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
         "--v=2",
     ];
     kops_style.extend_from_slice(&args);
-    // With legacy, the new agent runs as a container with NET_ADMIN only
-    // does: /proc/sys read-only. The sysctls it needs were set before (by the
-    // first agent, and here as an init container would), so it writes none.
+    // With legacy, the new agent runs as it would in a container with
+    // NET_ADMIN only: /proc/sys read-only. The sysctls it needs were set
+    // before (by the first agent, and here as an init container would), so
+    // it writes none.
     let read_only_proc_sys = backend == "legacy";
-    let read_only_start = format!(
-        "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec {} \"$@\"",
-        agent.display()
-    );
+    let read_only_start = "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec \"$0\" \"$@\"";
+    let agent_path = agent.display().to_string();
     if read_only_proc_sys {
         netns::exec_in(
             &node1.netns,
@@ -1052,7 +1051,7 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
     }
     let spawned = now()?;
     let second = if read_only_proc_sys {
-        let mut wrapped = vec!["--mount", "sh", "-c", &read_only_start, "causeway-agent"];
+        let mut wrapped = vec!["--mount", "sh", "-c", read_only_start, &agent_path];
         wrapped.extend_from_slice(&kops_style);
         cluster.spawn_in(
             &node1.netns,
