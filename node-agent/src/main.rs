@@ -112,14 +112,17 @@ struct ProxyFlags {
     conntrack_tcp_be_liberal: bool,
 }
 
-/// Sets `target` from the configuration file unless the user gave flag `id`
-/// (on the command line or in the environment), which wins.
-fn fill<T>(given: &BTreeSet<String>, id: &str, target: &mut T, from_file: Option<T>) {
-    if let Some(value) = from_file
-        && !given.contains(id)
-    {
-        *target = value;
-    }
+/// Sets a field from the configuration file's value unless the user gave its
+/// flag (on the command line or in the environment), which wins. The flag's
+/// id is the field's name, as clap derives it.
+macro_rules! fill {
+    ($given:expr, $self:ident . $field:ident, $from_file:expr) => {
+        if let Some(value) = $from_file
+            && !$given.contains(stringify!($field))
+        {
+            $self.$field = value;
+        }
+    };
 }
 
 /// The flags of subcommand `name` that the user gave, on the command line or
@@ -152,59 +155,26 @@ impl ProxyFlags {
     /// Takes what the configuration file sets, except where a flag was given.
     fn apply_file(&mut self, file: &FileSettings, given: &BTreeSet<String>) {
         let f = file.clone();
-        fill(
+        fill!(given, self.cluster_cidr, f.cluster_cidrs);
+        fill!(given, self.detect_local_mode, f.detect_local_mode);
+        fill!(
             given,
-            "cluster_cidr",
-            &mut self.cluster_cidr,
-            f.cluster_cidrs,
+            self.pod_bridge_interface,
+            f.pod_bridge_interface.map(Some)
         );
-        fill(
+        fill!(
             given,
-            "detect_local_mode",
-            &mut self.detect_local_mode,
-            f.detect_local_mode,
+            self.pod_interface_name_prefix,
+            f.pod_interface_name_prefix.map(Some)
         );
-        fill(
+        fill!(given, self.masquerade_all, f.masquerade_all);
+        fill!(given, self.masquerade_bit, f.masquerade_bit);
+        fill!(given, self.nodeport_addresses, f.nodeport_addresses);
+        fill!(given, self.localhost_nodeports, f.localhost_nodeports);
+        fill!(
             given,
-            "pod_bridge_interface",
-            &mut self.pod_bridge_interface,
-            f.pod_bridge_interface.map(Some),
-        );
-        fill(
-            given,
-            "pod_interface_name_prefix",
-            &mut self.pod_interface_name_prefix,
-            f.pod_interface_name_prefix.map(Some),
-        );
-        fill(
-            given,
-            "masquerade_all",
-            &mut self.masquerade_all,
-            f.masquerade_all,
-        );
-        fill(
-            given,
-            "masquerade_bit",
-            &mut self.masquerade_bit,
-            f.masquerade_bit,
-        );
-        fill(
-            given,
-            "nodeport_addresses",
-            &mut self.nodeport_addresses,
-            f.nodeport_addresses,
-        );
-        fill(
-            given,
-            "localhost_nodeports",
-            &mut self.localhost_nodeports,
-            f.localhost_nodeports,
-        );
-        fill(
-            given,
-            "conntrack_tcp_be_liberal",
-            &mut self.conntrack_tcp_be_liberal,
-            f.conntrack_tcp_be_liberal,
+            self.conntrack_tcp_be_liberal,
+            f.conntrack_tcp_be_liberal
         );
     }
 
@@ -522,44 +492,14 @@ impl RunArgs {
     /// Takes what the configuration file sets, except where a flag was given.
     fn apply_file(&mut self, file: &FileSettings, given: &BTreeSet<String>) {
         let f = file.clone();
-        fill(
-            given,
-            "node_name",
-            &mut self.node_name,
-            f.node_name.map(Some),
-        );
-        fill(
-            given,
-            "kubeconfig",
-            &mut self.kubeconfig,
-            f.kubeconfig.map(Some),
-        );
-        fill(given, "sync_period", &mut self.sync_period, f.sync_period);
-        fill(
-            given,
-            "min_sync_period",
-            &mut self.min_sync_period,
-            f.min_sync_period,
-        );
-        fill(
-            given,
-            "healthz_bind_address",
-            &mut self.healthz_bind_address,
-            f.healthz_bind_address,
-        );
-        fill(
-            given,
-            "metrics_bind_address",
-            &mut self.metrics_bind_address,
-            f.metrics_bind_address,
-        );
-        fill(given, "verbosity", &mut self.verbosity, f.verbosity);
-        fill(
-            given,
-            "bind_address",
-            &mut self.bind_address,
-            f.bind_address.map(Some),
-        );
+        fill!(given, self.node_name, f.node_name.map(Some));
+        fill!(given, self.kubeconfig, f.kubeconfig.map(Some));
+        fill!(given, self.sync_period, f.sync_period);
+        fill!(given, self.min_sync_period, f.min_sync_period);
+        fill!(given, self.healthz_bind_address, f.healthz_bind_address);
+        fill!(given, self.metrics_bind_address, f.metrics_bind_address);
+        fill!(given, self.verbosity, f.verbosity);
+        fill!(given, self.bind_address, f.bind_address.map(Some));
         // kube-proxy's defaulting of the file: with an IPv6 bindAddress (`::`
         // included, as kubeadm writes it for IPv6 clusters) its servers
         // default to IPv6 addresses too.
@@ -583,20 +523,10 @@ impl RunArgs {
                 }
             }
         }
-        fill(
-            given,
-            "oom_score_adj",
-            &mut self.oom_score_adj,
-            f.oom_score_adj.map(Some),
-        );
+        fill!(given, self.oom_score_adj, f.oom_score_adj.map(Some));
         // One format, from --log-json or --logging-format if either was given.
         if !given.contains("log_json") {
-            fill(
-                given,
-                "logging_format",
-                &mut self.logging_format,
-                f.log_format.map(Some),
-            );
+            fill!(given, self.logging_format, f.log_format.map(Some));
         }
         self.proxy.apply_file(file, given);
     }
@@ -870,14 +800,12 @@ fn run(
     let healthz_bind_address = server_address(
         &healthz_bind_address,
         DEFAULT_HEALTHZ_BIND_ADDRESS,
-        HEALTHZ_PORT,
         healthz_port,
     )
     .context("--healthz-bind-address")?;
     let metrics_bind_address = server_address(
         &metrics_bind_address,
         DEFAULT_METRICS_BIND_ADDRESS,
-        METRICS_PORT,
         metrics_port,
     )
     .context("--metrics-bind-address")?;
@@ -904,7 +832,7 @@ fn run(
     if let Some(adj) = oom_score_adj {
         set_oom_score_adj(adj);
     }
-    let conntrack_tcp_be_liberal = conntrack_tcp_be_liberal(proxy.conntrack_tcp_be_liberal)?;
+    let conntrack_tcp_be_liberal = liberal_tcp_tracking(proxy.conntrack_tcp_be_liberal)?;
     if let Some(path) = &config_path {
         tracing::info!(file = %path.display(), "read kube-proxy's configuration");
         if !file.unknown.is_empty() {
@@ -979,18 +907,13 @@ fn run(
     })
 }
 
-/// kube-proxy's ports for its servers, added to a bind address that has none.
-const HEALTHZ_PORT: u16 = 10256;
-const METRICS_PORT: u16 = 10249;
-
 /// Where a server listens, read as kube-proxy reads its bind addresses: an
-/// empty one is the default; one without a port gets `port_flag`'s port
-/// (the deprecated `--healthz-port`/`--metrics-port`) or kube-proxy's; a
-/// port the address has is kept; `port_flag` 0 is no server.
+/// empty one is `default`; one without a port gets `port_flag`'s port (the
+/// deprecated `--healthz-port`/`--metrics-port`) or `default`'s, which is
+/// kube-proxy's; a port the address has is kept; `port_flag` 0 is no server.
 fn server_address(
     address: &str,
     default: &str,
-    default_port: u16,
     port_flag: Option<u16>,
 ) -> anyhow::Result<Option<String>> {
     if port_flag == Some(0) {
@@ -1008,6 +931,10 @@ fn server_address(
         .trim_end_matches(']')
         .parse()
         .with_context(|| format!("{address:?} is not an address, with or without a port"))?;
+    let default_port = default
+        .parse::<std::net::SocketAddr>()
+        .context("a default bind address")?
+        .port();
     let port = port_flag.unwrap_or(default_port);
     Ok(Some(std::net::SocketAddr::new(ip, port).to_string()))
 }
@@ -1028,7 +955,7 @@ fn set_oom_score_adj(adj: i32) {
 /// conntrack.tcpBeLiberal). As in kube-proxy, the sysctl's value, not the
 /// setting, decides whether forwarded packets conntrack finds INVALID are
 /// dropped, and a failed write stops the agent.
-fn conntrack_tcp_be_liberal(set: bool) -> anyhow::Result<bool> {
+fn liberal_tcp_tracking(set: bool) -> anyhow::Result<bool> {
     use causeway_agent::sysctl::{self, CONNTRACK_TCP_BE_LIBERAL};
     if set {
         sysctl::ensure(CONNTRACK_TCP_BE_LIBERAL, "1").with_context(|| {
@@ -1411,9 +1338,8 @@ mod tests {
 
     #[test]
     fn bind_addresses_read_as_kube_proxy_reads_them() {
-        let healthz = |address: &str, port| {
-            server_address(address, DEFAULT_HEALTHZ_BIND_ADDRESS, HEALTHZ_PORT, port)
-        };
+        let healthz =
+            |address: &str, port| server_address(address, DEFAULT_HEALTHZ_BIND_ADDRESS, port);
         let some = |text: &str| Some(text.to_string());
         assert_eq!(
             healthz("0.0.0.0:10256", None).unwrap(),
