@@ -7,11 +7,13 @@
 //! Everything that interprets the tools' output is a pure function below, so
 //! it is unit-tested without netfilter.
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
+use anyhow::Context as _;
+
 use crate::addr::IpFamily;
-use std::collections::BTreeMap;
 
 use crate::rules::{
     JumpRule, KUBE_EXTERNAL_SERVICES, KUBE_FIREWALL, KUBE_FORWARD, KUBE_MARK_MASQ, KUBE_NODEPORTS,
@@ -404,13 +406,7 @@ pub enum NftablesLeftovers {
 /// Deletes the tables kube-proxy's nftables mode left behind. A table gone
 /// between the listing and the deletion (another cleanup) counts as deleted.
 pub fn remove_kube_proxy_nftables_tables() -> anyhow::Result<NftablesLeftovers> {
-    let nft = |args: &[&str]| -> anyhow::Result<Option<std::process::Output>> {
-        match Command::new("nft").args(args).output() {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(anyhow::Error::new(e).context(format!("running nft {}", args.join(" ")))),
-            Ok(output) => Ok(Some(output)),
-        }
-    };
+    let nft = |args: &[&str]| Command::new("nft").args(args).output();
     let failure = |args: &[&str], output: &std::process::Output| {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let why = match stderr.trim() {
@@ -420,8 +416,11 @@ pub fn remove_kube_proxy_nftables_tables() -> anyhow::Result<NftablesLeftovers> 
         anyhow::anyhow!("nft {}: {why}", args.join(" "))
     };
     let list = ["list", "tables"];
-    let Some(listing) = nft(&list)? else {
-        return Ok(NftablesLeftovers::NoNft);
+    let listing = match nft(&list) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(NftablesLeftovers::NoNft);
+        }
+        result => result.context("running nft list tables")?,
     };
     if !listing.status.success() {
         return Err(failure(&list, &listing));
@@ -429,9 +428,7 @@ pub fn remove_kube_proxy_nftables_tables() -> anyhow::Result<NftablesLeftovers> 
     let mut deleted = Vec::new();
     for (family, name) in kube_proxy_tables_in_listing(&String::from_utf8_lossy(&listing.stdout)) {
         let delete = ["delete", "table", family, name];
-        let Some(output) = nft(&delete)? else {
-            return Ok(NftablesLeftovers::NoNft);
-        };
+        let output = nft(&delete).context("running nft delete table")?;
         if !output.status.success()
             && !String::from_utf8_lossy(&output.stderr).contains("No such file or directory")
         {
