@@ -66,6 +66,9 @@ pub struct RunConfig {
     /// Where `/metrics` and `/debug/rules` answer (kube-proxy:
     /// 127.0.0.1:10249); `None`: nowhere.
     pub metrics_bind_address: Option<String>,
+    /// What went wrong before the API could be reached (conntrack defaults
+    /// out of reach): each becomes a Warning event on the Node.
+    pub start_warnings: Vec<String>,
 }
 
 /// State the sync loop shares with the HTTP servers.
@@ -274,6 +277,9 @@ pub async fn run(client: Client, config: RunConfig, metrics: Arc<Metrics>) -> an
             instance: Some(config.node_name.clone()),
         },
     );
+    for warning in &config.start_warnings {
+        publish_start_warning(&recorder, &caches, &config.node_name, warning).await;
+    }
     let mut syncer = Syncer::new(config.clone(), shared.clone());
     let mut health_checks =
         ServiceHealthServers::new(shared.health.clone(), shared.connections.clone());
@@ -538,6 +544,29 @@ async fn publish_bind_failure(recorder: &Recorder, caches: &Caches, failure: &Bi
             failure.port, failure.message
         )),
         action: "Serve".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &reference).await {
+        warn!(error = %e, "could not publish a Warning event");
+    }
+}
+
+/// A Warning event on this Node about the agent's start, where `kubectl
+/// describe node` shows it (kube-proxy, too, reports there the conntrack
+/// limits it could not raise).
+async fn publish_start_warning(recorder: &Recorder, caches: &Caches, node: &str, warning: &str) {
+    let reference = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(node.to_string()),
+        uid: uid_of(caches, "Node", None, node),
+        ..ObjectReference::default()
+    };
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "ConntrackNotTuned".into(),
+        note: Some(warning.to_string()),
+        action: "Start".into(),
         secondary: None,
     };
     if let Err(e) = recorder.publish(&event, &reference).await {

@@ -6,7 +6,7 @@
 //! Decoding is lenient, as kube-proxy's is when its strict decoding fails:
 //! files of long-lived clusters still carry fields the API has since dropped.
 //! Unknown fields are reported back by path, and so are fields the agent has
-//! no use for (IPVS, Windows, conntrack sysctls, …), so the caller can name
+//! no use for (IPVS, Windows, client rate limits, …), so the caller can name
 //! them. A value of the wrong type, or a mode other than iptables, is an error
 //! that names the field.
 
@@ -44,6 +44,19 @@ pub struct FileSettings {
     pub log_format: Option<LogFormat>,
     /// `conntrack.tcpBeLiberal`.
     pub conntrack_tcp_be_liberal: Option<bool>,
+    /// `conntrack.maxPerCore` and `conntrack.min`; `null` is the default,
+    /// and a `maxPerCore` of 0 leaves the table size alone.
+    pub conntrack_max_per_core: Option<u32>,
+    pub conntrack_min: Option<u32>,
+    /// `conntrack.tcpEstablishedTimeout` and `conntrack.tcpCloseWaitTimeout`:
+    /// unlike the other durations, `0s` here is not the default (that is
+    /// `null`) but "leave it as the node has it", as in kube-proxy.
+    pub conntrack_tcp_established_timeout: Option<Duration>,
+    pub conntrack_tcp_close_wait_timeout: Option<Duration>,
+    /// `conntrack.udpTimeout` and `conntrack.udpStreamTimeout`; kube-proxy's
+    /// default, and `0s`, leave them.
+    pub conntrack_udp_timeout: Option<Duration>,
+    pub conntrack_udp_stream_timeout: Option<Duration>,
     /// `oomScoreAdj`.
     pub oom_score_adj: Option<i32>,
     /// `bindAddress`. One address (not 0.0.0.0 or ::) is the node's IP of
@@ -51,7 +64,7 @@ pub struct FileSettings {
     /// defaults to IPv6.
     pub bind_address: Option<std::net::IpAddr>,
     /// Fields set in the file that the agent does not use, by path
-    /// (`conntrack.maxPerCore`, `clientConnection.qps`).
+    /// (`ipvs.scheduler`, `clientConnection.qps`).
     pub ignored: Vec<String>,
     /// Fields kube-proxy's v1alpha1 does not have (misspelt, or dropped
     /// from the API), by path (`iptables.syncPeriode`).
@@ -205,25 +218,75 @@ struct KubeProxyConfiguration {
     logging: Option<Logging>,
 }
 
-/// kube-proxy sets these conntrack sysctls; the agent only takes
-/// `tcpBeLiberal`, which decides a rule too.
+/// The conntrack sysctls kube-proxy sets at start.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Conntrack {
     #[serde(default)]
     tcp_be_liberal: Option<bool>,
     #[serde(default)]
-    max_per_core: Option<Value>,
+    max_per_core: Option<i64>,
     #[serde(default)]
-    min: Option<Value>,
+    min: Option<i64>,
     #[serde(default)]
-    tcp_established_timeout: Option<Value>,
+    tcp_established_timeout: Option<String>,
     #[serde(default)]
-    tcp_close_wait_timeout: Option<Value>,
+    tcp_close_wait_timeout: Option<String>,
     #[serde(default)]
-    udp_timeout: Option<Value>,
+    udp_timeout: Option<String>,
     #[serde(default)]
-    udp_stream_timeout: Option<Value>,
+    udp_stream_timeout: Option<String>,
+}
+
+/// [`Conntrack`]'s sizes and timeouts, checked.
+#[derive(Debug, Default)]
+struct ConntrackTuning {
+    max_per_core: Option<u32>,
+    min: Option<u32>,
+    tcp_established_timeout: Option<Duration>,
+    tcp_close_wait_timeout: Option<Duration>,
+    udp_timeout: Option<Duration>,
+    udp_stream_timeout: Option<Duration>,
+}
+
+impl Conntrack {
+    /// The sizes and timeouts, checked as kube-proxy's validation does.
+    fn tuning(&self) -> Result<ConntrackTuning, String> {
+        let count = |field: &str, value: Option<i64>| -> Result<Option<u32>, String> {
+            match value {
+                None => Ok(None),
+                Some(n) => u32::try_from(n)
+                    .map(Some)
+                    .map_err(|_| format!("{field}: {n} is not between 0 and {}", u32::MAX)),
+            }
+        };
+        // `null` is the default; `0s` is "leave it".
+        let timeout = |field: &str, value: &Option<String>| -> Result<Option<Duration>, String> {
+            match non_empty(value.clone()) {
+                None => Ok(None),
+                Some(text) => parse_duration(&text)
+                    .map(Some)
+                    .map_err(|e| format!("{field}: {e}")),
+            }
+        };
+        Ok(ConntrackTuning {
+            max_per_core: count("conntrack.maxPerCore", self.max_per_core)?,
+            min: count("conntrack.min", self.min)?,
+            tcp_established_timeout: timeout(
+                "conntrack.tcpEstablishedTimeout",
+                &self.tcp_established_timeout,
+            )?,
+            tcp_close_wait_timeout: timeout(
+                "conntrack.tcpCloseWaitTimeout",
+                &self.tcp_close_wait_timeout,
+            )?,
+            udp_timeout: duration("conntrack.udpTimeout", self.udp_timeout.clone())?,
+            udp_stream_timeout: duration(
+                "conntrack.udpStreamTimeout",
+                self.udp_stream_timeout.clone(),
+            )?,
+        })
+    }
 }
 
 /// component-base's `LoggingConfiguration`.
@@ -345,20 +408,10 @@ impl KubeProxyConfiguration {
         note("nftables", &self.nftables);
         note("winkernel", &self.winkernel);
         note("windowsRunAsService", &self.windows_run_as_service);
-        if let Some(conntrack) = &self.conntrack {
-            note("conntrack.maxPerCore", &conntrack.max_per_core);
-            note("conntrack.min", &conntrack.min);
-            note(
-                "conntrack.tcpEstablishedTimeout",
-                &conntrack.tcp_established_timeout,
-            );
-            note(
-                "conntrack.tcpCloseWaitTimeout",
-                &conntrack.tcp_close_wait_timeout,
-            );
-            note("conntrack.udpTimeout", &conntrack.udp_timeout);
-            note("conntrack.udpStreamTimeout", &conntrack.udp_stream_timeout);
-        }
+        let tuning = match &self.conntrack {
+            Some(conntrack) => conntrack.tuning()?,
+            None => ConntrackTuning::default(),
+        };
         note("configSyncPeriod", &self.config_sync_period);
         note("portRange", &self.port_range);
         let (verbosity, log_format) = match &self.logging {
@@ -458,6 +511,12 @@ impl KubeProxyConfiguration {
             verbosity,
             log_format,
             conntrack_tcp_be_liberal: self.conntrack.as_ref().and_then(|c| c.tcp_be_liberal),
+            conntrack_max_per_core: tuning.max_per_core,
+            conntrack_min: tuning.min,
+            conntrack_tcp_established_timeout: tuning.tcp_established_timeout,
+            conntrack_tcp_close_wait_timeout: tuning.tcp_close_wait_timeout,
+            conntrack_udp_timeout: tuning.udp_timeout,
+            conntrack_udp_stream_timeout: tuning.udp_stream_timeout,
             oom_score_adj: self.oom_score_adj,
             bind_address,
             ignored,
@@ -601,6 +660,13 @@ winkernel:
                 verbosity: None,
                 log_format: None,
                 conntrack_tcp_be_liberal: Some(false),
+                // null: kube-proxy's defaults; 0s UDP timeouts: left alone.
+                conntrack_max_per_core: None,
+                conntrack_min: None,
+                conntrack_tcp_established_timeout: None,
+                conntrack_tcp_close_wait_timeout: None,
+                conntrack_udp_timeout: None,
+                conntrack_udp_stream_timeout: None,
                 oom_score_adj: None,
                 // kubeadm's: every IPv4 address.
                 bind_address: Some("0.0.0.0".parse().unwrap()),
@@ -623,7 +689,7 @@ winkernel:
              detectLocalMode: InterfaceNamePrefix\n\
              detectLocal: {interfaceNamePrefix: veth}\n\
              iptables: {syncPeriode: 45s, minSyncPeriod: 500ms}\n\
-             conntrack: {maxPerCore: 32768}\n",
+             ipvs: {scheduler: rr}\n",
         )
         .unwrap();
         assert_eq!(
@@ -634,7 +700,7 @@ winkernel:
                 "iptables.syncPeriode"
             ]
         );
-        assert_eq!(settings.ignored, ["conntrack.maxPerCore"]);
+        assert_eq!(settings.ignored, ["ipvs"]);
         assert_eq!(settings.node_name.as_deref(), Some("node-a"));
         assert_eq!(settings.sync_period, None);
         assert_eq!(settings.min_sync_period, Some(Duration::from_millis(500)));
@@ -652,13 +718,30 @@ winkernel:
              kind: KubeProxyConfiguration\n\
              bindAddress: 10.0.1.5\n\
              oomScoreAdj: -998\n\
-             conntrack: {tcpBeLiberal: true}\n\
+             conntrack: {tcpBeLiberal: true, maxPerCore: 0, min: 65536, tcpEstablishedTimeout: 2h0m0s,\n\
+                         tcpCloseWaitTimeout: 0s, udpTimeout: 45s}\n\
              logging: {format: json, verbosity: 4, vmodule: [{filePattern: proxier, verbosity: 6}]}\n",
         )
         .unwrap();
         assert_eq!(settings.bind_address, Some("10.0.1.5".parse().unwrap()));
         assert_eq!(settings.oom_score_adj, Some(-998));
         assert_eq!(settings.conntrack_tcp_be_liberal, Some(true));
+        assert_eq!(settings.conntrack_max_per_core, Some(0));
+        assert_eq!(settings.conntrack_min, Some(65536));
+        assert_eq!(
+            settings.conntrack_tcp_established_timeout,
+            Some(Duration::from_secs(7200))
+        );
+        // 0s: leave it, which is not the default (24 h).
+        assert_eq!(
+            settings.conntrack_tcp_close_wait_timeout,
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            settings.conntrack_udp_timeout,
+            Some(Duration::from_secs(45))
+        );
+        assert_eq!(settings.conntrack_udp_stream_timeout, None);
         assert_eq!(settings.verbosity, Some(4));
         assert_eq!(settings.log_format, Some(LogFormat::Json));
         assert_eq!(settings.ignored, ["logging.vmodule"]);
@@ -718,6 +801,14 @@ winkernel:
             (
                 "logging: {format: xml}\n",
                 "logging.format: \"xml\" is not text or json",
+            ),
+            (
+                "conntrack: {maxPerCore: -1}\n",
+                "conntrack.maxPerCore: -1 is not between 0 and 4294967295",
+            ),
+            (
+                "conntrack: {tcpEstablishedTimeout: -1s}\n",
+                "conntrack.tcpEstablishedTimeout: \"-1s\"",
             ),
             (
                 "logging: {verbosity: -1}\n",

@@ -6,6 +6,7 @@ pub mod addr;
 pub mod agent;
 pub mod config;
 pub mod conntrack;
+pub mod conntrack_tuning;
 pub mod debug;
 pub mod health;
 pub mod kube_proxy_config;

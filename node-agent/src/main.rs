@@ -20,6 +20,7 @@ use causeway_agent::config::{
     DetectLocalMode, LogFormat, ProxyOptions, check_proxy_mode, log_filter, parse_duration,
     parse_go_bool,
 };
+use causeway_agent::conntrack_tuning::{self, Tuning};
 use causeway_agent::kube_proxy_config::{self, FileSettings};
 use causeway_agent::manifests;
 use causeway_agent::metrics::Metrics;
@@ -301,6 +302,37 @@ struct RunArgs {
     #[arg(long, allow_negative_numbers = true,
           value_parser = clap::value_parser!(i32).range(-1000..=1000))]
     oom_score_adj: Option<i32>,
+    /// Conntrack table size per CPU, as kube-proxy's: at start,
+    /// net.netfilter.nf_conntrack_max is raised (never lowered) to this × the
+    /// node's CPUs (at most 1 048 576), at least --conntrack-min, and the
+    /// hash size to a quarter of it; 0 leaves both as they are.
+    #[arg(long, default_value_t = conntrack_tuning::DEFAULT_MAX_PER_CORE)]
+    conntrack_max_per_core: u32,
+    /// The least nf_conntrack_max, whatever the CPUs (unless
+    /// --conntrack-max-per-core is 0).
+    #[arg(long, default_value_t = conntrack_tuning::DEFAULT_MIN)]
+    conntrack_min: u32,
+    /// Idle timeout of established TCP connections in conntrack
+    /// (net.netfilter.nf_conntrack_tcp_timeout_established); 0 leaves it.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    conntrack_tcp_timeout_established: Duration,
+    /// Conntrack's timeout for TCP connections in CLOSE_WAIT
+    /// (net.netfilter.nf_conntrack_tcp_timeout_close_wait); 0 leaves it.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    conntrack_tcp_timeout_close_wait: Duration,
+    /// Conntrack's timeout for UDP flows that have not seen a reply
+    /// (net.netfilter.nf_conntrack_udp_timeout); 0, the default, leaves it.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    conntrack_udp_timeout: Duration,
+    /// Conntrack's timeout for UDP flows with replies
+    /// (net.netfilter.nf_conntrack_udp_timeout_stream); 0, the default,
+    /// leaves it.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    conntrack_udp_timeout_stream: Duration,
+    /// Which conntrack settings the user gave (flag or file): those must
+    /// take effect; the defaults are best effort.
+    #[arg(skip)]
+    conntrack_given: BTreeSet<&'static str>,
     /// Remove the agent's rules and exit, as `causeway-agent cleanup` (kube-proxy's --cleanup).
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, value_parser = parse_go_bool, default_value_t = false,
           default_missing_value = "true")]
@@ -383,12 +415,6 @@ struct TraceArgs {
 const UNUSED_KUBE_PROXY_FLAGS: &[&str] = &[
     "bind-address-hard-fail",
     "config-sync-period",
-    "conntrack-max-per-core",
-    "conntrack-min",
-    "conntrack-tcp-timeout-close-wait",
-    "conntrack-tcp-timeout-established",
-    "conntrack-udp-timeout",
-    "conntrack-udp-timeout-stream",
     "feature-gates",
     "ipvs-exclude-cidrs",
     "ipvs-min-sync-period",
@@ -524,6 +550,44 @@ impl RunArgs {
             }
         }
         fill!(given, self.oom_score_adj, f.oom_score_adj.map(Some));
+        // A conntrack setting given as a flag or in the file must take
+        // effect; kube-proxy's defaults are best effort.
+        macro_rules! fill_conntrack {
+            ($field:ident, $from_file:expr, $flag:expr) => {
+                let from_file = $from_file;
+                if from_file.is_some() || given.contains(stringify!($field)) {
+                    self.conntrack_given.insert($flag);
+                }
+                fill!(given, self.$field, from_file);
+            };
+        }
+        use conntrack_tuning as ct;
+        fill_conntrack!(
+            conntrack_max_per_core,
+            f.conntrack_max_per_core,
+            ct::MAX_PER_CORE
+        );
+        fill_conntrack!(conntrack_min, f.conntrack_min, ct::MIN);
+        fill_conntrack!(
+            conntrack_tcp_timeout_established,
+            f.conntrack_tcp_established_timeout,
+            ct::TCP_ESTABLISHED_TIMEOUT
+        );
+        fill_conntrack!(
+            conntrack_tcp_timeout_close_wait,
+            f.conntrack_tcp_close_wait_timeout,
+            ct::TCP_CLOSE_WAIT_TIMEOUT
+        );
+        fill_conntrack!(
+            conntrack_udp_timeout,
+            f.conntrack_udp_timeout,
+            ct::UDP_TIMEOUT
+        );
+        fill_conntrack!(
+            conntrack_udp_timeout_stream,
+            f.conntrack_udp_stream_timeout,
+            ct::UDP_STREAM_TIMEOUT
+        );
         // One format, from --log-json or --logging-format if either was given.
         if !given.contains("log_json") {
             fill!(given, self.logging_format, f.log_format.map(Some));
@@ -785,6 +849,13 @@ fn run(
         verbosity,
         proxy_mode: _,
         oom_score_adj,
+        conntrack_max_per_core,
+        conntrack_min,
+        conntrack_tcp_timeout_established,
+        conntrack_tcp_timeout_close_wait,
+        conntrack_udp_timeout,
+        conntrack_udp_timeout_stream,
+        conntrack_given,
         cleanup: _,
         healthz_port,
         metrics_port,
@@ -832,6 +903,15 @@ fn run(
     if let Some(adj) = oom_score_adj {
         set_oom_score_adj(adj);
     }
+    let start_warnings = tune_conntrack(&Tuning {
+        max_per_core: conntrack_max_per_core,
+        min: conntrack_min,
+        tcp_established_timeout: conntrack_tcp_timeout_established,
+        tcp_close_wait_timeout: conntrack_tcp_timeout_close_wait,
+        udp_timeout: conntrack_udp_timeout,
+        udp_stream_timeout: conntrack_udp_timeout_stream,
+        given: conntrack_given,
+    })?;
     let conntrack_tcp_be_liberal = liberal_tcp_tracking(proxy.conntrack_tcp_be_liberal)?;
     if let Some(path) = &config_path {
         tracing::info!(file = %path.display(), "read kube-proxy's configuration");
@@ -890,6 +970,7 @@ fn run(
             backend,
             healthz_bind_address,
             metrics_bind_address,
+            start_warnings,
         };
         let Some(path) = config_path else {
             return agent::run(client, config, metrics).await;
@@ -948,6 +1029,25 @@ fn set_oom_score_adj(adj: i32) {
             tracing::warn!(error = %e, oom_score_adj = adj, "cannot set the OOM score adjustment")
         }
     }
+}
+
+/// Sets conntrack's table size and timeouts as kube-proxy does at start; the
+/// defaults that could not be set are logged and returned (for Node events).
+fn tune_conntrack(tuning: &Tuning) -> anyhow::Result<Vec<String>> {
+    let cpus = conntrack_tuning::node_cpus();
+    let applied = conntrack_tuning::apply(tuning, cpus, &conntrack_tuning::Paths::default())
+        .map_err(anyhow::Error::msg)?;
+    for (setting, value) in &applied.set {
+        tracing::info!(
+            setting,
+            value,
+            "set conntrack's setting, as kube-proxy does"
+        );
+    }
+    for warning in &applied.warnings {
+        tracing::warn!("{warning}");
+    }
+    Ok(applied.warnings)
 }
 
 /// Whether conntrack tracks TCP liberally in this network namespace, after
@@ -1218,6 +1318,79 @@ mod tests {
     }
 
     #[test]
+    fn conntrack_settings_come_from_flags_then_the_file_then_kube_proxys_defaults() {
+        let file = kube_proxy_config::parse(
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
+             kind: KubeProxyConfiguration\n\
+             conntrack: {maxPerCore: 0, min: null, tcpCloseWaitTimeout: 0s, udpTimeout: 45s}\n",
+        )
+        .unwrap();
+        let matches = cli_command()
+            .try_get_matches_from([
+                "causeway-agent",
+                "run",
+                "--conntrack-min=65536",
+                "--conntrack-udp-timeout=10s",
+                "--conntrack-tcp-timeout-established=2h",
+            ])
+            .unwrap();
+        let Command::Run(mut args) = Cli::from_arg_matches(&matches).unwrap().command else {
+            panic!("run")
+        };
+        args.apply_file(&file, &given_flags(&matches, "run"));
+        assert_eq!(args.conntrack_max_per_core, 0);
+        assert_eq!(args.conntrack_min, 65_536);
+        assert_eq!(
+            args.conntrack_tcp_timeout_established,
+            Duration::from_secs(7200)
+        );
+        // 0s in the file: leave it, not kube-proxy's default of 1 h.
+        assert_eq!(args.conntrack_tcp_timeout_close_wait, Duration::ZERO);
+        assert_eq!(args.conntrack_udp_timeout, Duration::from_secs(10));
+        assert_eq!(args.conntrack_udp_timeout_stream, Duration::ZERO);
+        assert_eq!(
+            args.conntrack_given,
+            BTreeSet::from([
+                conntrack_tuning::MAX_PER_CORE,
+                conntrack_tuning::MIN,
+                conntrack_tuning::TCP_ESTABLISHED_TIMEOUT,
+                conntrack_tuning::TCP_CLOSE_WAIT_TIMEOUT,
+                conntrack_tuning::UDP_TIMEOUT,
+            ])
+        );
+        // Nothing given: kube-proxy's defaults, none of them insisted on.
+        let matches = cli_command()
+            .try_get_matches_from(["causeway-agent", "run"])
+            .unwrap();
+        let Command::Run(mut args) = Cli::from_arg_matches(&matches).unwrap().command else {
+            panic!("run")
+        };
+        args.apply_file(&FileSettings::default(), &given_flags(&matches, "run"));
+        assert_eq!(args.conntrack_max_per_core, 32_768);
+        assert_eq!(args.conntrack_min, 131_072);
+        assert_eq!(
+            args.conntrack_tcp_timeout_established,
+            Duration::from_secs(86_400)
+        );
+        assert_eq!(
+            args.conntrack_tcp_timeout_close_wait,
+            Duration::from_secs(3600)
+        );
+        assert!(args.conntrack_given.is_empty());
+        for bad in [
+            "--conntrack-max-per-core=-1",
+            "--conntrack-udp-timeout=soon",
+        ] {
+            assert!(
+                cli_command()
+                    .try_get_matches_from(["causeway-agent", "run", bad])
+                    .is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn a_kube_proxy_static_pods_flags_are_taken() {
         // kops-style: every flag kube-proxy has, those the agent does not
         // use included, with negative numbers and bare booleans.
@@ -1239,12 +1412,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             unused_flags_given(&matches),
-            [
-                "--conntrack-max-per-core",
-                "--feature-gates",
-                "--kube-api-qps",
-                "--profiling"
-            ]
+            ["--feature-gates", "--kube-api-qps", "--profiling"]
         );
         let Command::Run(args) = Cli::from_arg_matches(&matches).unwrap().command else {
             panic!("run")
@@ -1255,6 +1423,7 @@ mod tests {
         );
         assert_eq!(args.oom_score_adj, Some(-998));
         assert!(args.proxy.conntrack_tcp_be_liberal);
+        assert_eq!(args.conntrack_max_per_core, 131_072);
         assert!(!args.cleanup);
         assert_eq!(args.verbosity, 2);
         // The unused flags stay out of --help, which lists what the agent does.

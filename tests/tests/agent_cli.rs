@@ -237,3 +237,52 @@ fn a_kube_proxy_configuration_file_drives_the_agent() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_conntrack_table_size_that_cannot_be_set_stops_run_and_says_how_to_leave_it() -> Result<()> {
+    use causeway_tests::netns;
+    // A network namespace other than the node's, where the kernel keeps
+    // nf_conntrack_max read-only (named so that the data-path sweep removes
+    // it if this run is killed).
+    let ns = format!("cwdp{}n999-conntrack", std::process::id());
+    netns::add_netns(&ns)?;
+    let outcome = (|| -> Result<(Option<i32>, String, String)> {
+        let max = netns::exec_in(&ns, "cat", &["/proc/sys/net/netfilter/nf_conntrack_max"])?;
+        let wanted = max.trim().parse::<u64>()? + 1;
+        let agent = workspace_bin("causeway-agent").display().to_string();
+        // No API server: the check comes first, and a run that got past it
+        // would fail on the connection instead, with another message.
+        let out = netns::exec_in_raw(
+            &ns,
+            "timeout",
+            &[
+                "10",
+                &agent,
+                "run",
+                "--node-name=node-1",
+                "--master=http://127.0.0.1:1",
+                "--healthz-bind-address=127.0.0.1:10256",
+                &format!("--conntrack-min={wanted}"),
+            ],
+        )?;
+        let after = netns::exec_in(&ns, "cat", &["/proc/sys/net/netfilter/nf_conntrack_max"])?;
+        Ok((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            format!("{} -> {}", max.trim(), after.trim()),
+        ))
+    })();
+    netns::del_netns(&ns);
+    let (code, stderr, max) = outcome?;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot raise net.netfilter.nf_conntrack_max from ")
+            && stderr.contains("at least --conntrack-min ")
+            && stderr.contains("pass --conntrack-max-per-core=0 to leave it"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let (before, after) = max.split_once(" -> ").unwrap();
+    assert_eq!(before, after);
+    Ok(())
+}

@@ -105,9 +105,11 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
     // change), and /metrics open to the network, as the Helm chart's pod
     // monitor wants it (checked from another host below; the address has no
     // port, so kube-proxy's 10249 is added, as kube-proxy adds it). Its klog
-    // verbosity 4 turns on the agent's debug lines. A field the agent has no
-    // use for, and one the API dropped long ago, are logged and ignored.
-    // kube-proxy's --proxy-mode flag is taken as it is.
+    // verbosity 4 turns on the agent's debug lines. Its conntrack section is
+    // applied in the node's namespace at start, as kube-proxy applies it: a
+    // maxPerCore of 0 and a 0s timeout leave a setting alone. A field the
+    // agent has no use for, and one the API dropped long ago, are logged and
+    // ignored. kube-proxy's --proxy-mode flag is taken as it is.
     let config = cluster.dir().join("kube-proxy.conf");
     std::fs::write(
         &config,
@@ -116,10 +118,31 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
          mode: iptables\n\
          metricsBindAddress: 0.0.0.0\n\
          iptables: {syncPeriod: 10m0s, minSyncPeriod: 1s}\n\
-         conntrack: {maxPerCore: 32768}\n\
+         conntrack: {maxPerCore: 0, tcpEstablishedTimeout: 2h0m0s, tcpCloseWaitTimeout: 0s,\n\
+                     udpStreamTimeout: 3m0s}\n\
+         ipvs: {scheduler: rr}\n\
          logging: {verbosity: 4}\n\
          resourceContainer: /kube-proxy\n",
     )?;
+    let conntrack_setting = |name: &str| -> Result<String> {
+        Ok(netns::exec_in(
+            &node1.netns,
+            "cat",
+            &[&format!("/proc/sys/net/netfilter/{name}")],
+        )?
+        .trim()
+        .to_string())
+    };
+    // The kernel's values, in this namespace as on a new node.
+    let kernel_defaults = [
+        ("nf_conntrack_tcp_timeout_established", "432000"),
+        ("nf_conntrack_tcp_timeout_close_wait", "60"),
+        ("nf_conntrack_udp_timeout", "30"),
+        ("nf_conntrack_udp_timeout_stream", "120"),
+    ];
+    for (name, value) in kernel_defaults {
+        assert_eq!(conntrack_setting(name)?, value, "{name} before the agent");
+    }
     // The node ran kube-proxy's nftables mode before: its tables are left,
     // one dropping what would reach a Service on port 80, beside another
     // program's table. The agent deletes kube-proxy's, as kube-proxy does
@@ -158,6 +181,24 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
     let web1 = cluster
         .add_pod("node-1", "web-1", &[("app", "web")])
         .await?;
+    eventually(
+        Duration::from_secs(10),
+        "the file's conntrack timeouts",
+        || async {
+            Ok(
+                (conntrack_setting("nf_conntrack_tcp_timeout_established")? == "7200")
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
+    assert_eq!(conntrack_setting("nf_conntrack_udp_timeout_stream")?, "180");
+    // 0s and kube-proxy's unset UDP timeout: left as they were.
+    assert_eq!(
+        conntrack_setting("nf_conntrack_tcp_timeout_close_wait")?,
+        "60"
+    );
+    assert_eq!(conntrack_setting("nf_conntrack_udp_timeout")?, "30");
     let web2 = cluster
         .add_pod("node-2", "web-2", &[("app", "web")])
         .await?;
@@ -253,7 +294,7 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
     let log = std::fs::read_to_string(cluster.dir().join("agent-node-1.log"))?;
     assert!(
         log.lines()
-            .any(|l| l.contains("not used by causeway-agent") && l.contains("conntrack")),
+            .any(|l| l.contains("not used by causeway-agent") && l.contains("ipvs")),
         "{log}"
     );
     assert!(
@@ -1027,7 +1068,7 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
         "--cluster-cidr",
         &cidr,
         "--oom-score-adj=500",
-        "--conntrack-max-per-core=131072",
+        "--kube-api-qps=20",
         "--conntrack-tcp-be-liberal",
         "--v=2",
     ];
@@ -1049,6 +1090,20 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
             ],
         )?;
     }
+    // The first agent set kube-proxy's conntrack timeouts; put one back to
+    // the kernel's default, as on a node kube-proxy never ran on. The new
+    // agent sets it again at start, or, with /proc/sys read-only, says it
+    // cannot (a default out of reach does not stop it).
+    let established = "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established";
+    assert_eq!(
+        netns::exec_in(&node1.netns, "cat", &[established])?.trim(),
+        "86400"
+    );
+    netns::exec_in(
+        &node1.netns,
+        "sh",
+        &["-c", &format!("echo 432000 > {established}")],
+    )?;
     let spawned = now()?;
     let second = if read_only_proc_sys {
         let mut wrapped = vec!["--mount", "sh", "-c", read_only_start, &agent_path];
@@ -1086,8 +1141,7 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
     let log = std::fs::read_to_string(cluster.dir().join("agent-2.log"))?;
     assert!(
         log.lines()
-            .any(|l| l.contains("kube-proxy flags are not used")
-                && l.contains("--conntrack-max-per-core")),
+            .any(|l| l.contains("kube-proxy flags are not used") && l.contains("--kube-api-qps")),
         "{log}"
     );
     // klog's verbosity 2 is the usual log: no debug lines.
@@ -1101,7 +1155,36 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
                     && l.split(' ').nth(5).is_some_and(|o| o.starts_with("ro"))),
             "{mounts}"
         );
-        assert!(!log.contains("cannot set"), "{log}");
+        assert!(!log.contains("route_localnet"), "{log}");
+        assert_eq!(
+            netns::exec_in(&node1.netns, "cat", &[established])?.trim(),
+            "432000"
+        );
+        let problem = "cannot set net.netfilter.nf_conntrack_tcp_timeout_established to 86400";
+        assert!(
+            log.lines()
+                .any(|l| l.contains("WARN") && l.contains(problem)),
+            "{log}"
+        );
+        let node: k8s_openapi::api::core::v1::Node =
+            Api::all(cluster.client()).get("node-1").await?;
+        let note = causeway_tests::controller::wait_for_event(
+            &cluster.client(),
+            &node.metadata.uid.unwrap_or_default(),
+            "Warning",
+            "ConntrackNotTuned",
+            Duration::from_secs(20),
+        )
+        .await?;
+        assert!(
+            note.contains(problem) && note.contains("--conntrack-tcp-timeout-established=0"),
+            "{note}"
+        );
+    } else {
+        assert_eq!(
+            netns::exec_in(&node1.netns, "cat", &[established])?.trim(),
+            "86400"
+        );
     }
     // Liberal TCP tracking is on in the node's namespace, so the new agent's
     // first sync left out the drop of INVALID packets the first one had.
