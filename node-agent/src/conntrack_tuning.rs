@@ -5,7 +5,9 @@
 //! the agent keeps the values it had, and a new node gets them too.
 //!
 //! A value the user gave that cannot be set stops the agent, as in
-//! kube-proxy. A default that cannot be set is a warning: the agent may run
+//! kube-proxy; one that restates kube-proxy's default (EKS's ConfigMap spells
+//! them all out) counts as the default. A default that cannot be set is a
+//! warning: the agent may run
 //! where these are out of its reach (a network namespace other than the
 //! node's, where `nf_conntrack_max` is read-only, or a container without a
 //! writable /proc/sys), and a tuning default is no reason to leave a node
@@ -47,6 +49,28 @@ pub struct Tuning {
     /// The settings the user gave (flag or file), by flag name; the others
     /// are kube-proxy's defaults.
     pub given: BTreeSet<&'static str>,
+}
+
+impl Tuning {
+    /// Whether the user asked for `flag`'s setting, with a value other than
+    /// kube-proxy's default: then it must take effect.
+    fn insists_on(&self, flag: &str) -> bool {
+        let defaults = Tuning::default();
+        let differs = match flag {
+            MAX_PER_CORE => self.max_per_core != defaults.max_per_core,
+            MIN => self.min != defaults.min,
+            TCP_ESTABLISHED_TIMEOUT => {
+                self.tcp_established_timeout != defaults.tcp_established_timeout
+            }
+            TCP_CLOSE_WAIT_TIMEOUT => {
+                self.tcp_close_wait_timeout != defaults.tcp_close_wait_timeout
+            }
+            UDP_TIMEOUT => self.udp_timeout != defaults.udp_timeout,
+            UDP_STREAM_TIMEOUT => self.udp_stream_timeout != defaults.udp_stream_timeout,
+            _ => false,
+        };
+        differs && self.given.contains(flag)
+    }
 }
 
 impl Default for Tuning {
@@ -139,7 +163,7 @@ pub struct Applied {
 pub fn apply(tuning: &Tuning, cpus: u64, paths: &Paths) -> Result<Applied, String> {
     let mut applied = Applied::default();
     if let Some(target) = table_size(tuning.max_per_core, tuning.min, cpus) {
-        let given = tuning.given.contains(MAX_PER_CORE) || tuning.given.contains(MIN);
+        let given = tuning.insists_on(MAX_PER_CORE) || tuning.insists_on(MIN);
         raise_table_size(paths, target, cpus, tuning, given, &mut applied)?;
     }
     for (flag, field, sysctl, timeout) in [
@@ -184,13 +208,17 @@ pub fn apply(tuning: &Tuning, cpus: u64, paths: &Paths) -> Result<Applied, Strin
                 .set
                 .push((format!("net.netfilter.{sysctl}"), seconds)),
             Err(e) => {
+                let hint = if refused_by_the_kernel(&e) {
+                    ""
+                } else {
+                    "run the agent with a writable /proc/sys (privileged), or "
+                };
                 let problem = format!(
                     "cannot set net.netfilter.{sysctl} to {seconds} (--{flag}, {field}): {}; \
-                     run the agent with a writable /proc/sys (privileged), or pass \
-                     --{flag}=0 to leave it as the node has it",
+                     {hint}pass --{flag}=0 to leave it as the node has it",
                     describe(&e)
                 );
-                fail(tuning.given.contains(flag), problem, &mut applied)?;
+                fail(tuning.insists_on(flag), problem, &mut applied)?;
             }
         }
     }
@@ -209,18 +237,26 @@ fn raise_table_size(
 ) -> Result<(), String> {
     let path = paths.netfilter.join("nf_conntrack_max");
     let current = read_number(&path);
-    if current.as_ref().is_ok_and(|current| *current >= target) {
-        // Large enough already: never lowered.
+    // Large enough already, or 0, which is no limit at all: never lowered.
+    if current
+        .as_ref()
+        .is_ok_and(|current| *current >= target || *current == 0)
+    {
     } else if let Err(e) = std::fs::write(&path, target.to_string()) {
         let from = match &current {
             Ok(current) => format!(" from {current}"),
             Err(_) => String::new(),
         };
+        let hint = if refused_by_the_kernel(&e) {
+            ""
+        } else {
+            "only the node's own network namespace can set it, with a writable /proc/sys. \
+             Set it on the node, or "
+        };
         let problem = format!(
             "cannot raise net.netfilter.nf_conntrack_max{from} to {target} \
              (--{MAX_PER_CORE} {} × {cpus} CPUs, at least --{MIN} {}; conntrack.maxPerCore, \
-             conntrack.min): {}; only the node's own network namespace can set it, with a \
-             writable /proc/sys. Set it on the node, or pass --{MAX_PER_CORE}=0 to leave it",
+             conntrack.min): {}; {hint}pass --{MAX_PER_CORE}=0 to leave it",
             tuning.max_per_core,
             tuning.min,
             describe(&e)
@@ -276,10 +312,17 @@ fn read_number(path: &Path) -> io::Result<u64> {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-/// An I/O error in words, with the likely cause of a missing file.
+/// Whether the kernel took the write and refused the value itself (out of
+/// its range), rather than the write being denied.
+fn refused_by_the_kernel(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::InvalidInput
+}
+
+/// An I/O error in words, with the likely cause.
 fn describe(error: &io::Error) -> String {
     match error.kind() {
         io::ErrorKind::NotFound => format!("{error} (is nf_conntrack loaded?)"),
+        io::ErrorKind::InvalidInput => format!("{error} (the kernel refuses this value)"),
         _ => error.to_string(),
     }
 }
@@ -459,6 +502,37 @@ mod tests {
             error.contains("nf_conntrack_tcp_timeout_close_wait to 600 (--conntrack-tcp-timeout-close-wait, conntrack.tcpCloseWaitTimeout)"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn kube_proxys_defaults_restated_are_still_defaults() {
+        // EKS's kube-proxy ConfigMap spells the defaults out; on a node where
+        // they cannot be set they warn, as if the file had left them out.
+        let (_dir, mut paths) = node(65_536, 65_536);
+        paths.netfilter = paths.netfilter.join("missing");
+        let restated = Tuning {
+            given: [
+                MAX_PER_CORE,
+                MIN,
+                TCP_ESTABLISHED_TIMEOUT,
+                TCP_CLOSE_WAIT_TIMEOUT,
+            ]
+            .into(),
+            ..Tuning::default()
+        };
+        assert_eq!(apply(&restated, 2, &paths).unwrap().warnings.len(), 3);
+        let other = Tuning {
+            tcp_established_timeout: Duration::from_secs(86_401),
+            ..restated
+        };
+        assert!(apply(&other, 2, &paths).is_err());
+    }
+
+    #[test]
+    fn an_unlimited_table_stays_unlimited() {
+        let (_dir, paths) = node(0, 16_384);
+        apply(&Tuning::default(), 2, &paths).unwrap();
+        assert_eq!(value(&paths, "nf_conntrack_max"), 0);
     }
 
     #[test]

@@ -255,9 +255,9 @@ impl Conntrack {
         let count = |field: &str, value: Option<i64>| -> Result<Option<u32>, String> {
             match value {
                 None => Ok(None),
-                Some(n) => u32::try_from(n)
-                    .map(Some)
-                    .map_err(|_| format!("{field}: {n} is not between 0 and {}", u32::MAX)),
+                // int32 in kube-proxy.
+                Some(n @ 0..=0x7fff_ffff) => Ok(Some(n as u32)),
+                Some(n) => Err(format!("{field}: {n} is not between 0 and {}", i32::MAX)),
             }
         };
         // `null` is the default; `0s` is "leave it".
@@ -804,7 +804,7 @@ winkernel:
             ),
             (
                 "conntrack: {maxPerCore: -1}\n",
-                "conntrack.maxPerCore: -1 is not between 0 and 4294967295",
+                "conntrack.maxPerCore: -1 is not between 0 and 2147483647",
             ),
             (
                 "conntrack: {tcpEstablishedTimeout: -1s}\n",

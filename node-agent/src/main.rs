@@ -306,11 +306,13 @@ struct RunArgs {
     /// net.netfilter.nf_conntrack_max is raised (never lowered) to this × the
     /// node's CPUs (at most 1 048 576), at least --conntrack-min, and the
     /// hash size to a quarter of it; 0 leaves both as they are.
-    #[arg(long, default_value_t = conntrack_tuning::DEFAULT_MAX_PER_CORE)]
+    #[arg(long, default_value_t = conntrack_tuning::DEFAULT_MAX_PER_CORE,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(i32::MAX)))]
     conntrack_max_per_core: u32,
     /// The least nf_conntrack_max, whatever the CPUs (unless
     /// --conntrack-max-per-core is 0).
-    #[arg(long, default_value_t = conntrack_tuning::DEFAULT_MIN)]
+    #[arg(long, default_value_t = conntrack_tuning::DEFAULT_MIN,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(i32::MAX)))]
     conntrack_min: u32,
     /// Idle timeout of established TCP connections in conntrack
     /// (net.netfilter.nf_conntrack_tcp_timeout_established); 0 leaves it.
@@ -903,16 +905,6 @@ fn run(
     if let Some(adj) = oom_score_adj {
         set_oom_score_adj(adj);
     }
-    let start_warnings = tune_conntrack(&Tuning {
-        max_per_core: conntrack_max_per_core,
-        min: conntrack_min,
-        tcp_established_timeout: conntrack_tcp_timeout_established,
-        tcp_close_wait_timeout: conntrack_tcp_timeout_close_wait,
-        udp_timeout: conntrack_udp_timeout,
-        udp_stream_timeout: conntrack_udp_timeout_stream,
-        given: conntrack_given,
-    })?;
-    let conntrack_tcp_be_liberal = liberal_tcp_tracking(proxy.conntrack_tcp_be_liberal)?;
     if let Some(path) = &config_path {
         tracing::info!(file = %path.display(), "read kube-proxy's configuration");
         if !file.unknown.is_empty() {
@@ -941,6 +933,17 @@ fn run(
         causeway_agent::netfilter::refuse_other_backend(resolved, family)?;
         backend = resolved;
     }
+    // Then the node's settings, as kube-proxy sets them before its rules.
+    let start_warnings = tune_conntrack(&Tuning {
+        max_per_core: conntrack_max_per_core,
+        min: conntrack_min,
+        tcp_established_timeout: conntrack_tcp_timeout_established,
+        tcp_close_wait_timeout: conntrack_tcp_timeout_close_wait,
+        udp_timeout: conntrack_udp_timeout,
+        udp_stream_timeout: conntrack_udp_timeout_stream,
+        given: conntrack_given,
+    })?;
+    let conntrack_tcp_be_liberal = liberal_tcp_tracking(proxy.conntrack_tcp_be_liberal)?;
     let random_fully = match causeway_agent::netfilter::supports_random_fully(backend) {
         Ok(true) => true,
         Ok(false) => {
@@ -1379,6 +1382,8 @@ mod tests {
         assert!(args.conntrack_given.is_empty());
         for bad in [
             "--conntrack-max-per-core=-1",
+            // kube-proxy's are int32.
+            "--conntrack-min=2147483648",
             "--conntrack-udp-timeout=soon",
         ] {
             assert!(
