@@ -335,6 +335,13 @@ struct RunArgs {
     /// take effect; the defaults are best effort.
     #[arg(skip)]
     conntrack_given: BTreeSet<&'static str>,
+    /// kube-proxy's --init-only: set what needs a writable /proc/sys (the
+    /// conntrack settings, liberal TCP tracking, route_localnet for NodePorts
+    /// on 127.0.0.1) and exit, without the API server; a privileged init
+    /// container's job, so that the agent itself runs with NET_ADMIN only.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, value_parser = parse_go_bool, default_value_t = false,
+          default_missing_value = "true")]
+    init_only: bool,
     /// Remove the agent's rules and exit, as `causeway-agent cleanup` (kube-proxy's --cleanup).
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, value_parser = parse_go_bool, default_value_t = false,
           default_missing_value = "true")]
@@ -858,6 +865,7 @@ fn run(
         conntrack_udp_timeout,
         conntrack_udp_timeout_stream,
         conntrack_given,
+        init_only,
         cleanup: _,
         healthz_port,
         metrics_port,
@@ -944,6 +952,11 @@ fn run(
         given: conntrack_given,
     })?;
     let conntrack_tcp_be_liberal = liberal_tcp_tracking(proxy.conntrack_tcp_be_liberal)?;
+    if init_only {
+        ensure_route_localnet(&proxy, &node_ip, &node_name)?;
+        tracing::info!("the node's settings are in place; exiting (--init-only)");
+        return Ok(());
+    }
     let random_fully = match causeway_agent::netfilter::supports_random_fully(backend) {
         Ok(true) => true,
         Ok(false) => {
@@ -1051,6 +1064,36 @@ fn tune_conntrack(tuning: &Tuning) -> anyhow::Result<Vec<String>> {
         tracing::warn!("{warning}");
     }
     Ok(applied.warnings)
+}
+
+/// For --init-only: `route_localnet`, if NodePorts are to answer on
+/// 127.0.0.1, as the first sync would set it (and stop there if it cannot:
+/// setting it is this run's whole job).
+fn ensure_route_localnet(
+    proxy: &ProxyFlags,
+    node_ip: &[IpAddr],
+    node_name: &str,
+) -> anyhow::Result<()> {
+    use causeway_agent::sysctl::{self, ROUTE_LOCALNET};
+    let node = NodeInfo::named(node_name.to_string());
+    // An error here is `primary` NodePort addresses without an IPv4 node IP
+    // given: those never include 127.0.0.1.
+    let Ok(config) = proxy
+        .options(node_ip, false)
+        .render_config(IpFamily::V4, &node)
+    else {
+        return Ok(());
+    };
+    if causeway_agent::config::needs_route_localnet(&config) {
+        sysctl::ensure(ROUTE_LOCALNET, "1").with_context(|| {
+            format!(
+                "setting {ROUTE_LOCALNET} to 1 for NodePorts on 127.0.0.1 (--localhost-nodeports=false \
+                 turns them off)"
+            )
+        })?;
+        tracing::info!("net.ipv4.conf.all.route_localnet is 1, for NodePorts on 127.0.0.1");
+    }
+    Ok(())
 }
 
 /// Whether conntrack tracks TCP liberally in this network namespace, after

@@ -286,3 +286,68 @@ fn a_conntrack_table_size_that_cannot_be_set_stops_run_and_says_how_to_leave_it(
     assert_eq!(before, after);
     Ok(())
 }
+
+#[test]
+fn run_init_only_sets_the_nodes_settings_and_exits_without_the_api() -> Result<()> {
+    use causeway_tests::netns;
+    let agent = workspace_bin("causeway-agent").display().to_string();
+    let settings = [
+        "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established",
+        "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close_wait",
+        "/proc/sys/net/ipv4/conf/all/route_localnet",
+    ];
+    // (args, the settings after) in a fresh namespace each; the kernel's
+    // defaults before: 432000, 60, 0.
+    for (k, (extra, expected)) in [
+        (&[][..], ["86400", "3600", "1"]),
+        (
+            &[
+                "--conntrack-tcp-timeout-close-wait=2h",
+                "--localhost-nodeports=false",
+            ][..],
+            ["86400", "7200", "0"],
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let ns = format!("cwdp{}n99{k}-init", std::process::id());
+        netns::add_netns(&ns)?;
+        // (settings before, exit code, output, settings after)
+        type Outcome = (Vec<String>, Option<i32>, String, Vec<String>);
+        let outcome = (|| -> Result<Outcome> {
+            let read = || -> Result<Vec<String>> {
+                settings
+                    .iter()
+                    .map(|path| Ok(netns::exec_in(&ns, "cat", &[path])?.trim().to_string()))
+                    .collect()
+            };
+            let before = read()?;
+            // No API server at that address: --init-only must not need one.
+            let mut args = vec![
+                "10",
+                agent.as_str(),
+                "run",
+                "--init-only",
+                "--node-name=node-1",
+                "--master=http://127.0.0.1:1",
+            ];
+            args.extend_from_slice(extra);
+            let out = netns::exec_in_raw(&ns, "timeout", &args)?;
+            Ok((
+                before,
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr),
+                read()?,
+            ))
+        })();
+        netns::del_netns(&ns);
+        let (before, code, log, after) = outcome?;
+        assert_eq!(before, ["432000", "60", "0"], "{extra:?}");
+        assert_eq!(code, Some(0), "{extra:?}: {log}");
+        assert!(log.contains("exiting (--init-only)"), "{log}");
+        assert_eq!(after, expected, "{extra:?}: {log}");
+    }
+    Ok(())
+}

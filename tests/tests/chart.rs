@@ -116,7 +116,7 @@ fn objects(rendered: &str) -> Vec<(String, String)> {
 
 /// The `--flags` in the container args of the template `source` (e.g.
 /// `agent-daemonset.yaml`).
-fn rendered_flags(rendered: &str, source: &str) -> Vec<String> {
+fn rendered_flags(rendered: &str, source: &str) -> Vec<Vec<String>> {
     let marker = format!("# Source: causeway/templates/{source}");
     let Some(doc) = rendered
         .split("\n---")
@@ -125,13 +125,21 @@ fn rendered_flags(rendered: &str, source: &str) -> Vec<String> {
     else {
         return Vec::new();
     };
-    doc.lines()
-        .filter_map(|l| {
-            let item = l.trim().strip_prefix("- ")?.trim_matches('"');
-            let flag = item.strip_prefix("--")?;
-            Some(flag.split('=').next().unwrap_or_default().to_string())
-        })
-        .collect()
+    // One list per container: each `args:` starts one.
+    let mut containers: Vec<Vec<String>> = Vec::new();
+    for line in doc.lines() {
+        if line.trim() == "args:" {
+            containers.push(Vec::new());
+            continue;
+        }
+        let Some(item) = line.trim().strip_prefix("- ").map(|i| i.trim_matches('"')) else {
+            continue;
+        };
+        if let (Some(flag), Some(container)) = (item.strip_prefix("--"), containers.last_mut()) {
+            container.push(flag.split('=').next().unwrap_or_default().to_string());
+        }
+    }
+    containers
 }
 
 /// The long flags `<binary> run --help` lists.
@@ -185,18 +193,23 @@ fn chart_lints_renders_and_passes_only_real_flags() -> Result<()> {
             ("controller-deployment.yaml", &controller_flags),
             ("agent-daemonset.yaml", &agent_flags),
         ] {
-            let flags = rendered_flags(&rendered, source);
-            assert!(!flags.is_empty(), "{what}: no flags rendered in {source}");
-            let mut seen = BTreeSet::new();
-            for flag in &flags {
-                assert!(
-                    help.contains(flag),
-                    "{what}: {source} passes --{flag}, which `run --help` does not list: {help:?}"
-                );
-                assert!(
-                    seen.insert(flag),
-                    "{what}: {source} passes --{flag} twice (clap rejects that)"
-                );
+            let containers = rendered_flags(&rendered, source);
+            assert!(
+                containers.iter().any(|flags| !flags.is_empty()),
+                "{what}: no flags rendered in {source}"
+            );
+            for flags in &containers {
+                let mut seen = BTreeSet::new();
+                for flag in flags {
+                    assert!(
+                        help.contains(flag),
+                        "{what}: {source} passes --{flag}, which `run --help` does not list: {help:?}"
+                    );
+                    assert!(
+                        seen.insert(flag),
+                        "{what}: {source} passes --{flag} twice (clap rejects that)"
+                    );
+                }
             }
         }
     }
@@ -212,6 +225,25 @@ fn chart_lints_renders_and_passes_only_real_flags() -> Result<()> {
         );
     }
     assert!(full_rendered.contains("eks.amazonaws.com/role-arn"));
+    // The init container (kube-proxy's --init-only) runs the agent's own
+    // arguments; by default there is none.
+    let agent_containers = rendered_flags(&full_rendered, "agent-daemonset.yaml");
+    assert_eq!(agent_containers.len(), 2, "{agent_containers:?}");
+    let (init, agent) = (&agent_containers[0], &agent_containers[1]);
+    assert_eq!(
+        init.last().map(String::as_str),
+        Some("init-only"),
+        "{init:?}"
+    );
+    assert_eq!(init[..init.len() - 1], agent[..]);
+    assert_eq!(
+        rendered_flags(
+            &template(&["--set", "clusterName=demo"])?,
+            "agent-daemonset.yaml"
+        )
+        .len(),
+        1
+    );
     assert!(full_rendered.contains(&format!("namespace: {LEASE_NAMESPACE}")));
 
     // Bad values stop the rendering with a sentence that says what to fix.

@@ -67,3 +67,37 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "causeway.image" -}}
 {{- printf "%s:%s" .image.repository (default .ctx.Chart.AppVersion .image.tag) }}
 {{- end }}
+
+{{/* The agent's arguments (the list items), shared by the agent and its
+init container. Pass the root context. */}}
+{{- define "causeway.agent.args" -}}
+{{- $a := .Values.agent -}}
+- run
+- --iptables-backend={{ $a.iptablesBackend }}
+- --sync-period={{ $a.syncPeriod }}
+- --min-sync-period={{ $a.minSyncPeriod }}
+{{- with $a.clusterCIDRs }}
+- --cluster-cidr={{ join "," . }}
+{{- end }}
+- --detect-local-mode={{ $a.detectLocalMode }}
+{{- with $a.podBridgeInterface }}
+- --pod-bridge-interface={{ . }}
+{{- end }}
+{{- with $a.podInterfaceNamePrefix }}
+- --pod-interface-name-prefix={{ . }}
+{{- end }}
+- --masquerade-all={{ $a.masqueradeAll }}
+- --masquerade-bit={{ $a.masqueradeBit }}
+{{- with $a.nodePortAddresses }}
+- --nodeport-addresses={{ join "," . }}
+{{- end }}
+- --localhost-nodeports={{ $a.localhostNodePorts }}
+- --healthz-bind-address=0.0.0.0:{{ $a.healthPort }}
+- --metrics-bind-address={{ $a.metricsBindAddress }}
+{{- if $a.logJson }}
+- --log-json
+{{- end }}
+{{- range $a.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end }}
