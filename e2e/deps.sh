@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need and the machine lacks: Debian
-# packages (iproute2, iptables with both backends, conntrack, nftables, openssl,
-# python3-venv), the Kubernetes binaries and helm (built from Go modules, cached) and moto
+# packages (iproute2, iptables with both backends, conntrack, nfacct, nftables,
+# openssl, python3-venv), the Kubernetes binaries and helm (built from Go modules, cached) and moto
 # (a venv, cached). Safe to run again: it installs only what is missing.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -17,6 +17,7 @@ need ip iproute2
 need iptables-restore iptables
 need iptables-legacy-restore iptables
 need conntrack conntrack
+need nfacct nfacct
 need nft nftables
 need openssl openssl
 need curl curl

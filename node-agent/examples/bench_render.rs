@@ -60,6 +60,11 @@ struct Args {
     /// `externalTrafficPolicy: Local` on NodePort and LoadBalancer Services.
     #[arg(long)]
     etp_local: bool,
+    /// Count into kube-proxy's nfacct counters, as `run` does where `nfacct`
+    /// is installed (the INVALID drop, and a second entry per NodePort for
+    /// 127.0.0.0/8); `--apply` creates them in its namespace.
+    #[arg(long)]
+    nfacct: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -188,6 +193,20 @@ fn apply(netfilter: &Netfilter, payloads: &[&str]) -> Result<Vec<Duration>, Stri
         return Err(format!("ip netns add {namespace} failed"));
     }
     let result = (|| {
+        for counter in [
+            causeway_agent::nfacct::CT_STATE_INVALID_DROPPED,
+            causeway_agent::nfacct::LOCALHOST_NODEPORTS_ACCEPTED,
+        ] {
+            if payloads.iter().any(|p| p.contains(counter)) {
+                let status = Command::new("ip")
+                    .args(["netns", "exec", &namespace, "nfacct", "add", counter])
+                    .status()
+                    .map_err(|e| format!("nfacct: {e}"))?;
+                if !status.success() {
+                    return Err(format!("nfacct add {counter} failed"));
+                }
+            }
+        }
         let mut times = Vec::new();
         for payload in payloads {
             let start = Instant::now();
@@ -280,6 +299,10 @@ fn main() {
 
     let options = ProxyOptions {
         cluster_cidrs: vec!["10.128.0.0/9".into()],
+        accounting: rules::Accounting {
+            invalid_dropped: args.nfacct,
+            localhost_nodeports: args.nfacct,
+        },
         ..ProxyOptions::default()
     };
     let config = options.render_config(IpFamily::V4, &node).expect("config");

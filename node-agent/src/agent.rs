@@ -1049,6 +1049,7 @@ mod tests {
             localhost_nodeports: true,
             random_fully: true,
             conntrack_tcp_be_liberal: false,
+            accounting: Default::default(),
         }
     }
 

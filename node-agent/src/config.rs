@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::addr::{Cidr, IpFamily, parse_cidr};
 use crate::model::NodeInfo;
-use crate::rules::{LocalTraffic, NodePortAddresses, RenderConfig};
+use crate::rules::{Accounting, LocalTraffic, NodePortAddresses, RenderConfig};
 
 /// `--detect-local-mode`, with kube-proxy's spelling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -70,6 +70,8 @@ pub struct ProxyOptions {
     /// `--node-ip`: addresses of this node in addition to its InternalIPs.
     pub node_ips: Vec<IpAddr>,
     pub conntrack_tcp_be_liberal: bool,
+    /// The nfacct counters that exist, for the rules to count into.
+    pub accounting: Accounting,
 }
 
 impl Default for ProxyOptions {
@@ -86,6 +88,7 @@ impl Default for ProxyOptions {
             random_fully: true,
             node_ips: Vec::new(),
             conntrack_tcp_be_liberal: false,
+            accounting: Accounting::default(),
         }
     }
 }
@@ -211,6 +214,7 @@ impl ProxyOptions {
             localhost_nodeports: self.localhost_nodeports && family == IpFamily::V4,
             node_ips,
             conntrack_tcp_be_liberal: self.conntrack_tcp_be_liberal,
+            accounting: self.accounting,
         })
     }
 }
@@ -218,14 +222,7 @@ impl ProxyOptions {
 /// Whether the rules for `config` answer NodePorts on 127.0.0.1, which needs
 /// `net.ipv4.conf.all.route_localnet=1`.
 pub fn needs_route_localnet(config: &RenderConfig) -> bool {
-    if !config.localhost_nodeports_effective() {
-        return false;
-    }
-    let loopback: IpAddr = "127.0.0.1".parse().expect("literal");
-    match &config.nodeport_addresses {
-        NodePortAddresses::All => true,
-        NodePortAddresses::Cidrs(cidrs) => cidrs.iter().any(|c| c.contains(&loopback)),
-    }
+    config.nodeports_on_loopback()
 }
 
 /// A duration as kube-proxy's flags and configuration file write it, in Go's

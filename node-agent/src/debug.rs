@@ -134,12 +134,16 @@ pub fn router(metrics: Arc<Metrics>, rules: Arc<RulesLog>) -> Router {
 }
 
 async fn metrics_text(State((metrics, _)): State<DebugState>) -> Response {
+    // Off the async workers: the nfacct counters are read by a program.
+    let Ok(text) = tokio::task::spawn_blocking(move || metrics.encode()).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        metrics.encode(),
+        text,
     )
         .into_response()
 }

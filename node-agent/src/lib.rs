@@ -14,6 +14,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod model;
 pub mod netfilter;
+pub mod nfacct;
 pub mod rules;
 pub mod serve;
 pub mod sysctl;

@@ -26,7 +26,8 @@ use causeway_agent::manifests;
 use causeway_agent::metrics::Metrics;
 use causeway_agent::model::{self, NodeInfo};
 use causeway_agent::netfilter::Backend;
-use causeway_agent::rules::{self, RenderOptions};
+use causeway_agent::nfacct;
+use causeway_agent::rules::{self, Accounting, RenderOptions};
 use causeway_agent::trace;
 
 /// Programs Services into iptables on this node, like kube-proxy.
@@ -203,6 +204,7 @@ impl ProxyFlags {
             random_fully,
             node_ips: node_ips.to_vec(),
             conntrack_tcp_be_liberal,
+            accounting: Accounting::default(),
         }
     }
 }
@@ -705,6 +707,20 @@ fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
             }
         }
     }
+    // The counters the agent created, once no rule of ours counts into them;
+    // one that another program's rules still use stays.
+    if !failed {
+        for name in [
+            nfacct::CT_STATE_INVALID_DROPPED,
+            nfacct::LOCALHOST_NODEPORTS_ACCEPTED,
+        ] {
+            match nfacct::remove(name) {
+                Ok(true) => println!("removed nfacct counter {name}"),
+                Ok(false) => {}
+                Err(e) => println!("kept nfacct counter {name}: {e} (other rules count into it)"),
+            }
+        }
+    }
     if failed {
         anyhow::bail!("cleanup did not finish (see above)");
     }
@@ -968,17 +984,21 @@ fn run(
             false
         }
     };
+    let accounting = ensure_accounting();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let metrics = Arc::new(Metrics::new());
+        let mut metrics = Metrics::new();
+        metrics.register_accounting(accounting);
+        let metrics = Arc::new(metrics);
         let client = kube_client(kubeconfig.as_deref(), master.as_deref(), &metrics).await?;
         let config = RunConfig {
             node_name,
             options: ProxyOptions {
                 conntrack_tcp_be_liberal,
+                accounting,
                 ..proxy.options(&node_ip, random_fully)
             },
             sync_period,
@@ -1044,6 +1064,23 @@ fn set_oom_score_adj(adj: i32) {
         Err(e) => {
             tracing::warn!(error = %e, oom_score_adj = adj, "cannot set the OOM score adjustment")
         }
+    }
+}
+
+/// Creates kube-proxy's nfacct counters, which the rules then count into
+/// and /metrics exports; one that cannot be created is left out of both,
+/// with a warning, as in kube-proxy.
+fn ensure_accounting() -> Accounting {
+    let ensure = |name: &str| match nfacct::ensure(name) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(counter = name, error = %e, "cannot create an nfacct counter; its rules count nothing and its kubeproxy_iptables_* metric is not exported (install nfacct)");
+            false
+        }
+    };
+    Accounting {
+        invalid_dropped: ensure(nfacct::CT_STATE_INVALID_DROPPED),
+        localhost_nodeports: ensure(nfacct::LOCALHOST_NODEPORTS_ACCEPTED),
     }
 }
 

@@ -17,6 +17,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::model::Model;
+use crate::nfacct;
+use crate::rules::Accounting;
 
 type Labels = Vec<(String, String)>;
 
@@ -252,12 +254,77 @@ impl Metrics {
             .inc();
     }
 
-    /// The OpenMetrics text exposition.
+    /// Exports kube-proxy's nfacct counters that exist (read at each
+    /// scrape, as kube-proxy reads them).
+    pub fn register_accounting(&mut self, accounting: Accounting) {
+        let mut counters = Vec::new();
+        if accounting.invalid_dropped {
+            counters.push(NfacctMetric {
+                name: "kubeproxy_iptables_ct_state_invalid_dropped_packets",
+                help: "packets dropped by iptables to work around conntrack problems",
+                counter: nfacct::CT_STATE_INVALID_DROPPED,
+            });
+        }
+        if accounting.localhost_nodeports {
+            counters.push(NfacctMetric {
+                name: "kubeproxy_iptables_localhost_nodeports_accepted_packets",
+                help: "Number of packets accepted on nodeports of loopback interface",
+                counter: nfacct::LOCALHOST_NODEPORTS_ACCEPTED,
+            });
+        }
+        if !counters.is_empty() {
+            self.registry
+                .register_collector(Box::new(NfacctCollector { counters }));
+        }
+    }
+
+    /// The OpenMetrics text exposition. It may run `nfacct`: call it where
+    /// blocking is allowed.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// One nfacct counter exported as a Prometheus counter.
+#[derive(Debug)]
+struct NfacctMetric {
+    name: &'static str,
+    help: &'static str,
+    counter: &'static str,
+}
+
+/// Reads the nfacct counters at each scrape; one that cannot be read is
+/// left out of that scrape (and logged), as kube-proxy does.
+#[derive(Debug)]
+struct NfacctCollector {
+    counters: Vec<NfacctMetric>,
+}
+
+impl prometheus_client::collector::Collector for NfacctCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric as _;
+        use prometheus_client::metrics::counter::ConstCounter;
+        for metric in &self.counters {
+            match nfacct::packets(metric.counter) {
+                Ok(packets) => {
+                    let counter = ConstCounter::new(packets);
+                    counter.encode(encoder.encode_descriptor(
+                        metric.name,
+                        metric.help,
+                        None,
+                        counter.metric_type(),
+                    )?)?;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read an nfacct counter"),
+            }
+        }
+        Ok(())
     }
 }
 

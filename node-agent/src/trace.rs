@@ -421,7 +421,8 @@ fn parse_rule(line: &str, words: &[String]) -> Result<Rule, &'static str> {
             "--probability" => matches.push(Match::Random(
                 value(i)?.parse().map_err(|_| "a bad probability")?,
             )),
-            "--mode" | "--name" | "--seconds" | "--mask" => {}
+            // Accounting (`-m nfacct`) counts and always matches.
+            "--mode" | "--name" | "--seconds" | "--mask" | "--nfacct-name" => {}
             "--rcheck" | "--update" => {
                 matches.push(Match::RecentCheck);
                 step = 1;
@@ -1341,6 +1342,28 @@ COMMIT
             "DNAT: default/web6 → one of 2 endpoints, chosen at random"
         );
         assert!(traced.outcomes.iter().all(|o| o.masquerade), "{traced}");
+    }
+
+    /// A rule that only counts (`-m nfacct`, no target: the localhost NodePort
+    /// counter) is passed through.
+    #[test]
+    fn a_counting_rule_matches_and_leads_on() {
+        let chain = ":KUBE-EXT-BL4VTDSJDQ5TV32O - [0:0]";
+        let counting = "-A KUBE-EXT-BL4VTDSJDQ5TV32O -m comment --comment \"count default/api NodePort packets to 127.0.0.0/8\" -d 127.0.0.0/8 -m nfacct --nfacct-name localhost_nps_accepted_pkts";
+        let golden = include_str!("../tests/golden/nodeport-etp-local.txt");
+        assert!(golden.contains(chain));
+        let payload = golden.replace(chain, &format!("{chain}\n{counting}"));
+        let rules = Ruleset::parse(&payload).unwrap();
+        let t = trace(
+            &rules,
+            &packet("127.0.0.1", "127.0.0.1", 30443),
+            &NodeView {
+                local_addresses: vec![ip("127.0.0.1"), ip("192.168.0.10")],
+                in_interface: None,
+            },
+        );
+        assert_eq!(t.verdict.kind, VerdictKind::Dnat, "{t}");
+        assert!(t.to_string().contains("localhost_nps_accepted_pkts"), "{t}");
     }
 
     /// Found side by side with real packets: a packet for one of the node's own

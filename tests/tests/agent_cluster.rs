@@ -344,6 +344,44 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
         "NodePort",
     )?;
 
+    // kube-proxy's nfacct counters, which tell whether a node depends on
+    // what only the iptables mode does. None of those connections came to
+    // 127.0.0.1; the node's own to 127.0.0.1:<nodePort> are counted.
+    let nfacct_count = |name: &str| -> Result<f64> {
+        let text = http_get(&node1.netns, "http://127.0.0.1:10249/metrics")?.2;
+        metrics::value(&text, name).with_context(|| format!("no {name} in\n{text}"))
+    };
+    let localhost = "kubeproxy_iptables_localhost_nodeports_accepted_packets_total";
+    assert_eq!(nfacct_count(localhost)?, 0.0);
+    wait_for_pods(
+        &node1.netns,
+        "tcp",
+        &format!("127.0.0.1:{node_port}"),
+        &["web-1"],
+        "NodePort on 127.0.0.1",
+    )?;
+    let counted = nfacct_count(localhost)?;
+    assert!(
+        counted >= 1.0,
+        "{counted}: {}",
+        netns::exec_in(
+            &node1.netns,
+            "iptables",
+            &["-t", "nat", "-v", "-n", "-L", "KUBE-NODEPORTS"]
+        )?
+    );
+    // Forwarded packets conntrack finds INVALID (here SYN and FIN at once,
+    // from a pod to a pod on node-2) are dropped in KUBE-FORWARD and counted.
+    let invalid = "kubeproxy_iptables_ct_state_invalid_dropped_packets_total";
+    let dropped_before = nfacct_count(invalid)?;
+    send_syn_fin(&client_pod.netns, client_pod.ip, web2.ip, 5)?;
+    eventually(
+        Duration::from_secs(5),
+        "5 INVALID packets counted",
+        || async { Ok((nfacct_count(invalid)? >= dropped_before + 5.0).then_some(())) },
+    )
+    .await?;
+
     // externalTrafficPolicy: Local — the health-check node port answers 200
     // with the local endpoint count while web-1 (on node-1) is ready, 503 after.
     let health_port = make_etp_local(&services, "web").await?;
@@ -1027,7 +1065,12 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
     };
     // Not liberal (the namespace's default): INVALID packets are dropped.
     let forward = netns::exec_in(&node1.netns, iptables, &["-S", "KUBE-FORWARD"])?;
-    assert!(forward.contains("--ctstate INVALID -j DROP"), "{forward}");
+    assert!(
+        forward
+            .lines()
+            .any(|l| l.contains("--ctstate INVALID") && l.ends_with("-j DROP")),
+        "{forward}"
+    );
     std::thread::sleep(Duration::from_secs(1));
     netns::run("kill", &["-TERM", &first.to_string()])?;
     std::thread::sleep(Duration::from_secs(1));
@@ -1293,11 +1336,26 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
     } else {
         &["cleanup", "--iptables-backend", backend]
     };
+    let counters = || -> Result<String> {
+        Ok(
+            String::from_utf8_lossy(&netns::exec_in_raw(&node1.netns, "nfacct", &["list"])?.stdout)
+                .into_owned(),
+        )
+    };
+    assert!(
+        counters()?.contains("= ct_state_invalid_dropped_pkts;"),
+        "the agent's nfacct counters: {}",
+        counters()?
+    );
     let report = netns::exec_in(&node1.netns, &agent.display().to_string(), cleanup)?;
     assert!(
-        report.contains("chain(s)") && report.contains("kept filter/KUBE-FIREWALL"),
+        report.contains("chain(s)")
+            && report.contains("kept filter/KUBE-FIREWALL")
+            && report.contains("removed nfacct counter ct_state_invalid_dropped_pkts")
+            && report.contains("removed nfacct counter localhost_nps_accepted_pkts"),
         "{report}"
     );
+    assert!(!counters()?.contains("pkts"), "{}", counters()?);
     let after = rule_lines(&netns::exec_in(
         &node1.netns,
         &format!("{iptables}-save"),
@@ -1307,6 +1365,37 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
         after, before,
         "cleanup left exactly the other programs' rules, kubelet's guard included"
     );
+    Ok(())
+}
+
+/// Sends `count` TCP packets with SYN and FIN both set (a combination
+/// conntrack calls INVALID) from `ns`, whose address is `src`, to `dst`.
+fn send_syn_fin(
+    ns: &str,
+    src: std::net::Ipv4Addr,
+    dst: std::net::Ipv4Addr,
+    count: u32,
+) -> Result<()> {
+    const SEND: &str = "import socket, struct, sys\n\
+src, dst, count = sys.argv[1], sys.argv[2], int(sys.argv[3])\n\
+header = struct.pack('!HHIIBBHHH', 40999, 80, 1, 0, 0x50, 0x03, 64240, 0, 0)\n\
+pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack('!BBH', 0, 6, len(header))\n\
+total = sum(struct.unpack('!16H', pseudo + header))\n\
+while total >> 16:\n    total = (total & 0xffff) + (total >> 16)\n\
+header = header[:16] + struct.pack('!H', ~total & 0xffff) + header[18:]\n\
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)\n\
+for _ in range(count):\n    raw.sendto(header, (dst, 0))\n";
+    netns::exec_in(
+        ns,
+        "python3",
+        &[
+            "-c",
+            SEND,
+            &src.to_string(),
+            &dst.to_string(),
+            &count.to_string(),
+        ],
+    )?;
     Ok(())
 }
 

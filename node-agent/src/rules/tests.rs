@@ -452,6 +452,78 @@ fn node_ports_on_all_local_addresses_with_localhost_guard() {
 }
 
 #[test]
+fn nfacct_counters_count_invalid_drops_and_localhost_node_ports() {
+    let service = web().type_("NodePort").node_port(30080).build();
+    let slices = [slice(&[("10.244.2.1", "node-b")])];
+    let counting = RenderConfig {
+        accounting: Accounting {
+            invalid_dropped: true,
+            localhost_nodeports: true,
+        },
+        ..config()
+    };
+    let payload = render_with(std::slice::from_ref(&service), &slices, &counting);
+    assert_eq!(
+        lines_with(&payload, "INVALID"),
+        [
+            "-A KUBE-FORWARD -m conntrack --ctstate INVALID -m nfacct --nfacct-name ct_state_invalid_dropped_pkts -j DROP"
+        ]
+    );
+    // One entry per NodePort, as without counting; the chain it leads to
+    // counts what came for 127.0.0.0/8 first, then goes on as before.
+    assert_eq!(
+        lines_with(&payload, "-A KUBE-NODEPORTS"),
+        [
+            "-A KUBE-NODEPORTS -m comment --comment \"default/web:http\" -m tcp -p tcp --dport 30080 -j KUBE-EXT-CDGGSHYLG3RE2FKL"
+        ]
+    );
+    assert_eq!(
+        lines_with(&payload, "-A KUBE-EXT-"),
+        [
+            "-A KUBE-EXT-CDGGSHYLG3RE2FKL -m comment --comment \"count default/web:http NodePort packets to 127.0.0.0/8\" -d 127.0.0.0/8 -m nfacct --nfacct-name localhost_nps_accepted_pkts",
+            "-A KUBE-EXT-CDGGSHYLG3RE2FKL -m comment --comment \"masquerade traffic for default/web:http external destinations\" -j KUBE-MARK-MASQ",
+            "-A KUBE-EXT-CDGGSHYLG3RE2FKL -j KUBE-SVC-CDGGSHYLG3RE2FKL",
+        ]
+    );
+    // No counting rule where NodePorts do not answer on 127.0.0.1, nor
+    // where the counter does not exist, nor for a load balancer without a
+    // NodePort.
+    let load_balancer_only = web()
+        .type_("LoadBalancer")
+        .ingress("198.51.100.1", None)
+        .build();
+    for (service, config) in [
+        (
+            &service,
+            RenderConfig {
+                localhost_nodeports: false,
+                ..counting.clone()
+            },
+        ),
+        (
+            &service,
+            RenderConfig {
+                nodeport_addresses: NodePortAddresses::Cidrs(vec![
+                    parse_cidr("192.168.0.10/32").unwrap(),
+                ]),
+                ..counting.clone()
+            },
+        ),
+        (&service, config()),
+        (&load_balancer_only, counting.clone()),
+    ] {
+        let payload = render_with(std::slice::from_ref(service), &slices, &config);
+        assert!(lines_with(&payload, "nfacct-name localhost").is_empty());
+        assert_eq!(lines_with(&payload, "-A KUBE-EXT-").len(), 2);
+    }
+    let plain = render_with(std::slice::from_ref(&service), &slices, &config());
+    assert_eq!(
+        lines_with(&plain, "INVALID"),
+        ["-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP"]
+    );
+}
+
+#[test]
 fn node_port_addresses_restrict_destinations() {
     let config = RenderConfig {
         nodeport_addresses: NodePortAddresses::Cidrs(vec![
