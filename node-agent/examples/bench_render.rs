@@ -61,8 +61,8 @@ struct Args {
     #[arg(long)]
     etp_local: bool,
     /// Count into kube-proxy's nfacct counters, as `run` does where `nfacct`
-    /// is installed (the INVALID drop, and a second entry per NodePort for
-    /// 127.0.0.0/8); `--apply` creates them in its namespace.
+    /// is installed (the INVALID drop, and a counting rule first in each
+    /// NodePort's KUBE-EXT- chain); `--apply` creates them in its namespace.
     #[arg(long)]
     nfacct: bool,
 }

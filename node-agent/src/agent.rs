@@ -353,6 +353,26 @@ async fn serve_in_background(
     Ok(())
 }
 
+/// Makes the nfacct counters the rules count into again if they are gone (an
+/// `nfacct del`, another program's cleanup): a restore that counts into a
+/// missing counter fails, and the full sync that follows a failure comes here.
+fn ensure_counters(accounting: crate::rules::Accounting) {
+    for (wanted, name) in [
+        (
+            accounting.invalid_dropped,
+            crate::nfacct::CT_STATE_INVALID_DROPPED,
+        ),
+        (
+            accounting.localhost_nodeports,
+            crate::nfacct::LOCALHOST_NODEPORTS_ACCEPTED,
+        ),
+    ] {
+        if wanted && let Err(e) = crate::nfacct::ensure(name) {
+            error!(counter = name, error = %e, "cannot create an nfacct counter the rules count into");
+        }
+    }
+}
+
 /// Deletes the tables kube-proxy's nftables mode left, as kube-proxy does when
 /// it starts in iptables mode: their chains would steer Service packets
 /// beside ours. Called once our rules are in place, so the node is never
@@ -755,6 +775,9 @@ impl Syncer {
                 || state.last_full.is_none()
                 || damaged
                 || periodic;
+            if full {
+                ensure_counters(render_config.accounting);
+            }
             let changed: BTreeSet<(ServicePortName, Protocol)> = match (&state.applied_model, full)
             {
                 (Some(before), false) => rules::changed_ports(before, &model),

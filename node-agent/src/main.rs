@@ -707,18 +707,18 @@ fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
             }
         }
     }
-    // The counters the agent created, once no rule of ours counts into them;
-    // one that another program's rules still use stays.
-    if !failed {
-        for name in [
-            nfacct::CT_STATE_INVALID_DROPPED,
-            nfacct::LOCALHOST_NODEPORTS_ACCEPTED,
-        ] {
-            match nfacct::remove(name) {
-                Ok(true) => println!("removed nfacct counter {name}"),
-                Ok(false) => {}
-                Err(e) => println!("kept nfacct counter {name}: {e} (other rules count into it)"),
-            }
+    // The nfacct counters stay, as kube-proxy's cleanup leaves them: they
+    // are kube-proxy's too, by name, and a proxy still running (the other
+    // backend's agent, a kube-proxy) counts into them, which it could no
+    // longer do once one is deleted while no rule happens to use it.
+    for name in [
+        nfacct::CT_STATE_INVALID_DROPPED,
+        nfacct::LOCALHOST_NODEPORTS_ACCEPTED,
+    ] {
+        if nfacct::packets(name).is_ok() {
+            println!(
+                "kept nfacct counter {name}: kube-proxy's too; `nfacct del {name}` removes it"
+            );
         }
     }
     if failed {
@@ -1112,15 +1112,17 @@ fn ensure_route_localnet(
     node_name: &str,
 ) -> anyhow::Result<()> {
     use causeway_agent::sysctl::{self, ROUTE_LOCALNET};
+    // Only the NodePort addresses matter, and 127.0.0.1 is never the node's
+    // `primary` address: a node without its IPs or pod CIDRs (which NodeCIDR
+    // detection needs) decides the same.
     let node = NodeInfo::named(node_name.to_string());
-    // An error here is `primary` NodePort addresses without an IPv4 node IP
-    // given: those never include 127.0.0.1.
-    let Ok(config) = proxy
-        .options(node_ip, false)
-        .render_config(IpFamily::V4, &node)
-    else {
-        return Ok(());
+    let options = ProxyOptions {
+        detect_local_mode: DetectLocalMode::None,
+        ..proxy.options(node_ip, false)
     };
+    let config = options
+        .render_config(IpFamily::V4, &node)
+        .context("the NodePort addresses")?;
     if causeway_agent::config::needs_route_localnet(&config) {
         sysctl::ensure(ROUTE_LOCALNET, "1").with_context(|| {
             format!(

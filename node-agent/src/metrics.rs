@@ -296,8 +296,9 @@ struct NfacctMetric {
     counter: &'static str,
 }
 
-/// Reads the nfacct counters at each scrape; one that cannot be read is
-/// left out of that scrape (and logged), as kube-proxy does.
+/// Reads the nfacct counters at each scrape, all with one `nfacct list`;
+/// one that cannot be read is left out of that scrape (and logged), as
+/// kube-proxy does.
 #[derive(Debug)]
 struct NfacctCollector {
     counters: Vec<NfacctMetric>,
@@ -310,19 +311,25 @@ impl prometheus_client::collector::Collector for NfacctCollector {
     ) -> Result<(), std::fmt::Error> {
         use prometheus_client::encoding::EncodeMetric as _;
         use prometheus_client::metrics::counter::ConstCounter;
-        for metric in &self.counters {
-            match nfacct::packets(metric.counter) {
-                Ok(packets) => {
-                    let counter = ConstCounter::new(packets);
-                    counter.encode(encoder.encode_descriptor(
-                        metric.name,
-                        metric.help,
-                        None,
-                        counter.metric_type(),
-                    )?)?;
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot read an nfacct counter"),
+        let counts = match nfacct::all_packets(std::time::Duration::from_secs(2)) {
+            Ok(counts) => counts,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the nfacct counters");
+                return Ok(());
             }
+        };
+        for metric in &self.counters {
+            let Some(packets) = counts.get(metric.counter) else {
+                tracing::warn!(counter = metric.counter, "an nfacct counter is gone");
+                continue;
+            };
+            let counter = ConstCounter::new(*packets);
+            counter.encode(encoder.encode_descriptor(
+                metric.name,
+                metric.help,
+                None,
+                counter.metric_type(),
+            )?)?;
         }
         Ok(())
     }

@@ -6,7 +6,9 @@
 //! counts keep growing across syncs. Driven through the `nfacct` program
 //! (Debian package `nfacct`), as conntrack is through `conntrack`.
 
-use std::process::Command;
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// kube-proxy's counter for the INVALID drop in `KUBE-FORWARD`.
 pub const CT_STATE_INVALID_DROPPED: &str = "ct_state_invalid_dropped_pkts";
@@ -32,26 +34,6 @@ pub fn ensure(name: &str) -> Result<(), String> {
     ))
 }
 
-/// Deletes the counter `name`: `Ok(true)` if it was there, `Ok(false)` if
-/// not (or there is no `nfacct` to ask). The kernel refuses while a rule
-/// still counts into it.
-pub fn remove(name: &str) -> Result<bool, String> {
-    if packets(name).is_err() {
-        return Ok(false);
-    }
-    let out = Command::new("nfacct")
-        .args(["del", name])
-        .output()
-        .map_err(|e| format!("cannot run nfacct: {e}"))?;
-    if out.status.success() {
-        return Ok(true);
-    }
-    Err(format!(
-        "nfacct del {name}: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    ))
-}
-
 /// The packets counted so far by `name`.
 pub fn packets(name: &str) -> Result<u64, String> {
     let out = Command::new("nfacct")
@@ -68,17 +50,54 @@ pub fn packets(name: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("nfacct get {name}: no packet count in its output"))
 }
 
-/// The packet count in `nfacct get`'s line for `name`:
-/// `{ pkts = 00000000000000000042, bytes = 00000000000000002520 } = name;`.
-pub fn parse_packets(output: &str, name: &str) -> Option<u64> {
-    output.lines().find_map(|line| {
-        let (counts, counter) = line.rsplit_once(" = ")?;
-        if counter.trim().trim_end_matches(';') != name {
-            return None;
+/// Every counter's packets, by name, from one `nfacct list`, which is
+/// killed after `timeout`: a scrape must not wait on it for long.
+pub fn all_packets(timeout: Duration) -> Result<BTreeMap<String, u64>, String> {
+    let mut child = Command::new("nfacct")
+        .arg("list")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run nfacct: {e}"))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("nfacct list: no answer within {timeout:?}"));
+            }
+            Err(e) => return Err(format!("nfacct list: {e}")),
         }
-        let packets = counts.split("pkts = ").nth(1)?;
-        packets.split(',').next()?.trim().parse().ok()
-    })
+    }
+    let mut text = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        std::io::Read::read_to_string(&mut out, &mut text)
+            .map_err(|e| format!("nfacct list: {e}"))?;
+    }
+    Ok(parse_list(&text))
+}
+
+/// `nfacct`'s lines, `{ pkts = 00000000000000000042, bytes =
+/// 00000000000000002520 } = name;`, as packets by counter name.
+pub fn parse_list(output: &str) -> BTreeMap<String, u64> {
+    output
+        .lines()
+        .filter_map(|line| {
+            let (counts, counter) = line.rsplit_once(" = ")?;
+            let packets = counts.split("pkts = ").nth(1)?;
+            let packets = packets.split(',').next()?.trim().parse().ok()?;
+            Some((counter.trim().trim_end_matches(';').to_string(), packets))
+        })
+        .collect()
+}
+
+/// The packet count in `nfacct get`'s line for `name`.
+pub fn parse_packets(output: &str, name: &str) -> Option<u64> {
+    parse_list(output).get(name).copied()
 }
 
 #[cfg(test)]
@@ -92,6 +111,17 @@ mod tests {
         assert_eq!(parse_packets(out, CT_STATE_INVALID_DROPPED), Some(42));
         assert_eq!(parse_packets(out, LOCALHOST_NODEPORTS_ACCEPTED), None);
         assert_eq!(parse_packets("", CT_STATE_INVALID_DROPPED), None);
+        let list = format!(
+            "{out}{{ pkts = 00000000000000000007, bytes = 00000000000000000420 }} = \
+             localhost_nps_accepted_pkts;\n"
+        );
+        assert_eq!(
+            parse_list(&list),
+            BTreeMap::from([
+                (CT_STATE_INVALID_DROPPED.to_string(), 42),
+                (LOCALHOST_NODEPORTS_ACCEPTED.to_string(), 7)
+            ])
+        );
         assert_eq!(
             parse_packets(
                 "{ pkts = x, bytes = 0 } = ct_state_invalid_dropped_pkts;",

@@ -1349,7 +1349,7 @@ COMMIT
     #[test]
     fn a_counting_rule_matches_and_leads_on() {
         let chain = ":KUBE-EXT-BL4VTDSJDQ5TV32O - [0:0]";
-        let counting = "-A KUBE-EXT-BL4VTDSJDQ5TV32O -m comment --comment \"count default/api NodePort packets to 127.0.0.0/8\" -d 127.0.0.0/8 -m nfacct --nfacct-name localhost_nps_accepted_pkts";
+        let counting = "-A KUBE-EXT-BL4VTDSJDQ5TV32O -m comment --comment \"count default/api NodePort packets to 127.0.0.0/8\" -m tcp -p tcp -d 127.0.0.0/8 --dport 30443 -m nfacct --nfacct-name localhost_nps_accepted_pkts";
         let golden = include_str!("../tests/golden/nodeport-etp-local.txt");
         assert!(golden.contains(chain));
         let payload = golden.replace(chain, &format!("{chain}\n{counting}"));

@@ -313,6 +313,8 @@ fn run_init_only_sets_the_nodes_settings_and_exits_without_the_api() -> Result<(
     {
         let ns = format!("cwdp{}n99{k}-init", std::process::id());
         netns::add_netns(&ns)?;
+        // A new namespace takes net.ipv4.conf.all from the host's: start from 0.
+        netns::sysctl_in(&ns, "net.ipv4.conf.all.route_localnet", "0")?;
         // (settings before, exit code, output, settings after)
         type Outcome = (Vec<String>, Option<i32>, String, Vec<String>);
         let outcome = (|| -> Result<Outcome> {

@@ -1389,13 +1389,14 @@ fn render_service_port(
         ctx.service_chains.push(chains.external.clone());
         // Counts the NodePort's packets to 127.0.0.0/8 and goes on. kube-proxy
         // counts them with a second KUBE-NODEPORTS entry; here it is the first
-        // rule of the chain that entry leads to, which nothing else reaches
-        // with such a destination (load-balancer and external IPs are never
+        // rule of the chain that entry leads to, matching what the entry
+        // matches (only a load-balancer IP in 127.0.0.0/8 with the NodePort's
+        // number as its port could add to it; external IPs cannot be
         // loopback). Each KUBE-NODEPORTS entry costs iptables-nft-restore a
         // walk past every KUBE-EXT- chain, so a second one per NodePort took
-        // a full apply of 10 000 NodePorts from 6.5-7.2 s to 11.4-12.4 s
+        // a full apply of 10 000 NodePorts from 6.4-7.2 s to 11.4-12.4 s
         // (docs/benchmarks.md); a rule here costs no such walk.
-        if port.node_port.is_some()
+        if let Some(node_port) = port.node_port
             && has_endpoints
             && ctx.config.accounting.localhost_nodeports
             && ctx.config.nodeports_on_loopback()
@@ -1403,7 +1404,7 @@ fn render_service_port(
             let r = ext_own.append(&chains.external);
             let _ = write!(
                 r,
-                " -m comment --comment \"count {name} NodePort packets to 127.0.0.0/8\" -d 127.0.0.0/8 -m nfacct --nfacct-name {}",
+                " -m comment --comment \"count {name} NodePort packets to 127.0.0.0/8\" {match_proto} -d 127.0.0.0/8 --dport {node_port} -m nfacct --nfacct-name {}",
                 nfacct::LOCALHOST_NODEPORTS_ACCEPTED
             );
             ext_own.end();

@@ -210,16 +210,25 @@ fn external_traffic_policy_local_short_circuits_pods_and_the_node() {
     );
 }
 
-#[test]
-fn external_traffic_policy_local_without_local_endpoints_drops_external_traffic_only() {
-    let service = web()
+/// A LoadBalancer with NodePort 30080, `externalTrafficPolicy: Local` and
+/// health-check NodePort 32000, at 198.51.100.1.
+fn local_load_balancer() -> Service {
+    web()
         .type_("LoadBalancer")
         .node_port(30080)
         .external_traffic_policy("Local")
         .health_check_node_port(32000)
         .ingress("198.51.100.1", None)
-        .build();
-    let payload = render_with(&[service], &[slice(&[("10.244.2.1", "node-b")])], &config());
+        .build()
+}
+
+#[test]
+fn external_traffic_policy_local_without_local_endpoints_drops_external_traffic_only() {
+    let payload = render_with(
+        &[local_load_balancer()],
+        &[slice(&[("10.244.2.1", "node-b")])],
+        &config(),
+    );
     assert_eq!(
         lines_with(&payload, "has no local endpoints"),
         [
@@ -480,7 +489,7 @@ fn nfacct_counters_count_invalid_drops_and_localhost_node_ports() {
     assert_eq!(
         lines_with(&payload, "-A KUBE-EXT-"),
         [
-            "-A KUBE-EXT-CDGGSHYLG3RE2FKL -m comment --comment \"count default/web:http NodePort packets to 127.0.0.0/8\" -d 127.0.0.0/8 -m nfacct --nfacct-name localhost_nps_accepted_pkts",
+            "-A KUBE-EXT-CDGGSHYLG3RE2FKL -m comment --comment \"count default/web:http NodePort packets to 127.0.0.0/8\" -m tcp -p tcp -d 127.0.0.0/8 --dport 30080 -m nfacct --nfacct-name localhost_nps_accepted_pkts",
             "-A KUBE-EXT-CDGGSHYLG3RE2FKL -m comment --comment \"masquerade traffic for default/web:http external destinations\" -j KUBE-MARK-MASQ",
             "-A KUBE-EXT-CDGGSHYLG3RE2FKL -j KUBE-SVC-CDGGSHYLG3RE2FKL",
         ]
@@ -520,6 +529,23 @@ fn nfacct_counters_count_invalid_drops_and_localhost_node_ports() {
     assert_eq!(
         lines_with(&plain, "INVALID"),
         ["-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP"]
+    );
+    // A LoadBalancer with a NodePort and externalTrafficPolicy: Local: the
+    // counting rule comes before the short circuits for pods and the node,
+    // and the load-balancer IP's entry is unchanged.
+    let local_lb = local_load_balancer();
+    let local_slices = [slice(&[("10.244.1.7", "node-a")])];
+    let counted = render_with(std::slice::from_ref(&local_lb), &local_slices, &counting);
+    let uncounted = render_with(std::slice::from_ref(&local_lb), &local_slices, &config());
+    let ext = lines_with(&counted, "-A KUBE-EXT-");
+    assert!(
+        ext[0].contains("-d 127.0.0.0/8 --dport 30080 -m nfacct"),
+        "{ext:#?}"
+    );
+    assert_eq!(ext[1..], lines_with(&uncounted, "-A KUBE-EXT-")[..]);
+    assert_eq!(
+        lines_with(&counted, "-d 198.51.100.1"),
+        lines_with(&uncounted, "-d 198.51.100.1")
     );
 }
 
