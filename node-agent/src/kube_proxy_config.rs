@@ -112,6 +112,181 @@ pub async fn changed(path: &Path, read: &str, every: std::time::Duration) -> Str
     }
 }
 
+/// `settings` as a KubeProxyConfiguration file, for kube-proxy's
+/// `--write-config-to`: [`parse`] reads it back as the same settings, and
+/// kube-proxy reads it as it would its own. Unset fields are left out.
+pub fn write(settings: &FileSettings) -> String {
+    use serde_yaml::Mapping;
+    fn put(map: &mut Mapping, key: &str, value: Option<Value>) {
+        if let Some(value) = value {
+            map.insert(Value::from(key), value);
+        }
+    }
+    fn section(parent: &mut Mapping, key: &str, section: Mapping) {
+        if !section.is_empty() {
+            parent.insert(Value::from(key), Value::Mapping(section));
+        }
+    }
+    let text = |value: &Option<String>| value.clone().map(Value::from);
+    let duration = |value: Option<Duration>| value.map(|d| Value::from(go_duration(d)));
+    let f = settings;
+    let mut root = Mapping::new();
+    put(&mut root, "apiVersion", Some(API_VERSION.into()));
+    put(&mut root, "kind", Some("KubeProxyConfiguration".into()));
+    put(&mut root, "mode", Some("iptables".into()));
+    put(&mut root, "hostnameOverride", text(&f.node_name));
+    put(
+        &mut root,
+        "bindAddress",
+        f.bind_address.map(|ip| ip.to_string().into()),
+    );
+    let mut client = Mapping::new();
+    put(
+        &mut client,
+        "kubeconfig",
+        f.kubeconfig
+            .as_ref()
+            .map(|p| p.display().to_string().into()),
+    );
+    section(&mut root, "clientConnection", client);
+    put(
+        &mut root,
+        "clusterCIDR",
+        f.cluster_cidrs.as_ref().map(|c| c.join(",").into()),
+    );
+    put(
+        &mut root,
+        "detectLocalMode",
+        f.detect_local_mode.map(|m| m.to_string().into()),
+    );
+    let mut detect_local = Mapping::new();
+    put(
+        &mut detect_local,
+        "bridgeInterface",
+        text(&f.pod_bridge_interface),
+    );
+    put(
+        &mut detect_local,
+        "interfaceNamePrefix",
+        text(&f.pod_interface_name_prefix),
+    );
+    section(&mut root, "detectLocal", detect_local);
+    put(
+        &mut root,
+        "healthzBindAddress",
+        text(&f.healthz_bind_address),
+    );
+    put(
+        &mut root,
+        "metricsBindAddress",
+        text(&f.metrics_bind_address),
+    );
+    put(
+        &mut root,
+        "nodePortAddresses",
+        f.nodeport_addresses
+            .as_ref()
+            .map(|a| Value::Sequence(a.iter().map(|s| Value::from(s.as_str())).collect())),
+    );
+    let mut iptables = Mapping::new();
+    put(
+        &mut iptables,
+        "masqueradeAll",
+        f.masquerade_all.map(Value::from),
+    );
+    put(
+        &mut iptables,
+        "masqueradeBit",
+        f.masquerade_bit.map(Value::from),
+    );
+    put(
+        &mut iptables,
+        "localhostNodePorts",
+        f.localhost_nodeports.map(Value::from),
+    );
+    put(&mut iptables, "syncPeriod", duration(f.sync_period));
+    put(&mut iptables, "minSyncPeriod", duration(f.min_sync_period));
+    section(&mut root, "iptables", iptables);
+    let mut conntrack = Mapping::new();
+    put(
+        &mut conntrack,
+        "maxPerCore",
+        f.conntrack_max_per_core.map(Value::from),
+    );
+    put(&mut conntrack, "min", f.conntrack_min.map(Value::from));
+    put(
+        &mut conntrack,
+        "tcpBeLiberal",
+        f.conntrack_tcp_be_liberal.map(Value::from),
+    );
+    put(
+        &mut conntrack,
+        "tcpEstablishedTimeout",
+        duration(f.conntrack_tcp_established_timeout),
+    );
+    put(
+        &mut conntrack,
+        "tcpCloseWaitTimeout",
+        duration(f.conntrack_tcp_close_wait_timeout),
+    );
+    put(
+        &mut conntrack,
+        "udpTimeout",
+        duration(f.conntrack_udp_timeout),
+    );
+    put(
+        &mut conntrack,
+        "udpStreamTimeout",
+        duration(f.conntrack_udp_stream_timeout),
+    );
+    section(&mut root, "conntrack", conntrack);
+    let mut logging = Mapping::new();
+    put(
+        &mut logging,
+        "format",
+        f.log_format.map(|format| {
+            Value::from(match format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            })
+        }),
+    );
+    put(&mut logging, "verbosity", f.verbosity.map(Value::from));
+    section(&mut root, "logging", logging);
+    put(&mut root, "oomScoreAdj", f.oom_score_adj.map(Value::from));
+    serde_yaml::to_string(&Value::Mapping(root)).expect("a mapping of plain values")
+}
+
+/// A duration as Go prints one (`24h0m0s`, `1m30s`, `45s`, `1.5s`, `500ms`),
+/// which is how kube-proxy writes its file.
+pub fn go_duration(duration: Duration) -> String {
+    if duration.is_zero() {
+        return "0s".into();
+    }
+    let nanos = duration.subsec_nanos();
+    let secs = duration.as_secs();
+    if secs == 0 {
+        return if nanos.is_multiple_of(1_000_000) {
+            format!("{}ms", nanos / 1_000_000)
+        } else if nanos.is_multiple_of(1_000) {
+            format!("{}µs", nanos / 1_000)
+        } else {
+            format!("{nanos}ns")
+        };
+    }
+    let seconds = if nanos == 0 {
+        format!("{}s", secs % 60)
+    } else {
+        let fraction = format!("{nanos:09}");
+        format!("{}.{}s", secs % 60, fraction.trim_end_matches('0'))
+    };
+    match (secs / 3600, secs / 60 % 60) {
+        (0, 0) => seconds,
+        (0, minutes) => format!("{minutes}m{seconds}"),
+        (hours, minutes) => format!("{hours}h{minutes}m{seconds}"),
+    }
+}
+
 /// The file's text into settings; the error names the field.
 pub fn parse(text: &str) -> Result<FileSettings, String> {
     // YAML merge keys (`<<: *defaults`) are applied to a parsed value, then
@@ -601,6 +776,56 @@ winkernel:
   rootHnsEndpointName: ""
   sourceVip: ""
 "#;
+
+    #[test]
+    fn durations_are_written_as_go_prints_them() {
+        for (seconds, millis, text) in [
+            (0, 0, "0s"),
+            (86_400, 0, "24h0m0s"),
+            (3_600, 0, "1h0m0s"),
+            (90, 0, "1m30s"),
+            (45, 0, "45s"),
+            (1, 500, "1.5s"),
+            (0, 500, "500ms"),
+            (3_661, 250, "1h1m1.25s"),
+        ] {
+            let duration = Duration::from_secs(seconds) + Duration::from_millis(millis);
+            assert_eq!(go_duration(duration), text);
+            assert_eq!(parse_duration(text), Ok(duration), "{text}");
+        }
+        assert_eq!(go_duration(Duration::from_micros(250)), "250µs");
+        assert_eq!(parse_duration("250µs"), Ok(Duration::from_micros(250)));
+    }
+
+    #[test]
+    fn a_written_file_reads_back_as_the_same_settings() {
+        let mut settings = parse(KUBEADM).unwrap();
+        settings.node_name = Some("node-a".into());
+        settings.detect_local_mode = Some(DetectLocalMode::InterfaceNamePrefix);
+        settings.pod_interface_name_prefix = Some("veth".into());
+        settings.verbosity = Some(4);
+        settings.log_format = Some(LogFormat::Json);
+        settings.oom_score_adj = Some(-998);
+        settings.conntrack_max_per_core = Some(0);
+        settings.conntrack_min = Some(131_072);
+        settings.conntrack_tcp_established_timeout = Some(Duration::from_secs(86_400));
+        settings.conntrack_tcp_close_wait_timeout = Some(Duration::ZERO);
+        settings.conntrack_udp_timeout = Some(Duration::from_secs(45));
+        let text = write(&settings);
+        assert!(text.contains("tcpEstablishedTimeout: 24h0m0s"), "{text}");
+        assert!(text.contains("mode: iptables"), "{text}");
+        let read = parse(&text).unwrap();
+        assert!(
+            read.unknown.is_empty() && read.ignored.is_empty(),
+            "{read:?}"
+        );
+        assert_eq!(read, settings, "{text}");
+        // Nothing set: only what names the file.
+        assert_eq!(
+            write(&FileSettings::default()),
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: iptables\n"
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_changed_or_removed_file_is_noticed() {

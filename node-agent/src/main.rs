@@ -344,6 +344,11 @@ struct RunArgs {
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, value_parser = parse_go_bool, default_value_t = false,
           default_missing_value = "true")]
     init_only: bool,
+    /// kube-proxy's --write-config-to: write the settings `run` would go by
+    /// (flags, --config and defaults) to this file as a
+    /// KubeProxyConfiguration, and exit.
+    #[arg(long, value_name = "PATH")]
+    write_config_to: Option<PathBuf>,
     /// Remove the agent's rules and exit, as `causeway-agent cleanup` (kube-proxy's --cleanup).
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, value_parser = parse_go_bool, default_value_t = false,
           default_missing_value = "true")]
@@ -518,6 +523,12 @@ fn main() -> anyhow::Result<()> {
             }
             let (file, text) = config_file(args.config.as_deref())?;
             args.apply_file(&file, &given_flags(&matches, "run"));
+            if let Some(path) = &args.write_config_to {
+                let settings = kube_proxy_config::write(&args.effective_settings());
+                std::fs::write(path, settings)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                return Ok(());
+            }
             run(args, &file, text, &unused_flags_given(&matches))
         }
         Command::Trace(args) => trace(args),
@@ -604,6 +615,49 @@ impl RunArgs {
             fill!(given, self.logging_format, f.log_format.map(Some));
         }
         self.proxy.apply_file(file, given);
+    }
+}
+
+impl RunArgs {
+    /// The settings `run` goes by, as a configuration file holds them.
+    fn effective_settings(&self) -> FileSettings {
+        let p = &self.proxy;
+        let non_empty = |list: &Vec<String>| (!list.is_empty()).then(|| list.clone());
+        let non_zero = |d: Duration| (!d.is_zero()).then_some(d);
+        let log_format = match (self.logging_format, self.log_json) {
+            (Some(format), _) => format,
+            (None, true) => LogFormat::Json,
+            (None, false) => LogFormat::Text,
+        };
+        FileSettings {
+            node_name: self.node_name.clone(),
+            kubeconfig: self.kubeconfig.clone(),
+            cluster_cidrs: non_empty(&p.cluster_cidr),
+            detect_local_mode: Some(p.detect_local_mode),
+            pod_bridge_interface: p.pod_bridge_interface.clone(),
+            pod_interface_name_prefix: p.pod_interface_name_prefix.clone(),
+            masquerade_all: Some(p.masquerade_all),
+            masquerade_bit: Some(p.masquerade_bit),
+            nodeport_addresses: non_empty(&p.nodeport_addresses),
+            localhost_nodeports: Some(p.localhost_nodeports),
+            sync_period: Some(self.sync_period),
+            min_sync_period: Some(self.min_sync_period),
+            healthz_bind_address: Some(self.healthz_bind_address.clone()),
+            metrics_bind_address: Some(self.metrics_bind_address.clone()),
+            verbosity: Some(self.verbosity),
+            log_format: Some(log_format),
+            conntrack_tcp_be_liberal: Some(p.conntrack_tcp_be_liberal),
+            conntrack_max_per_core: Some(self.conntrack_max_per_core),
+            conntrack_min: Some(self.conntrack_min),
+            conntrack_tcp_established_timeout: Some(self.conntrack_tcp_timeout_established),
+            conntrack_tcp_close_wait_timeout: Some(self.conntrack_tcp_timeout_close_wait),
+            conntrack_udp_timeout: non_zero(self.conntrack_udp_timeout),
+            conntrack_udp_stream_timeout: non_zero(self.conntrack_udp_timeout_stream),
+            oom_score_adj: self.oom_score_adj,
+            bind_address: self.bind_address,
+            ignored: Vec::new(),
+            unknown: Vec::new(),
+        }
     }
 }
 
@@ -882,6 +936,7 @@ fn run(
         conntrack_udp_timeout_stream,
         conntrack_given,
         init_only,
+        write_config_to: _,
         cleanup: _,
         healthz_port,
         metrics_port,
@@ -1475,6 +1530,59 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn write_config_to_writes_what_run_goes_by_and_reads_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kube-proxy.conf");
+        std::fs::write(
+            &file,
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
+             kind: KubeProxyConfiguration\n\
+             clusterCIDR: 10.244.0.0/16\n\
+             iptables: {masqueradeBit: 13, syncPeriod: 1m0s}\n\
+             conntrack: {maxPerCore: 0, tcpCloseWaitTimeout: 0s}\n",
+        )
+        .unwrap();
+        let file = file.display().to_string();
+        let effective = |argv: &[&str]| {
+            let matches = cli_command()
+                .try_get_matches_from(["causeway-agent", "run"].iter().chain(argv))
+                .unwrap();
+            let Command::Run(mut args) = Cli::from_arg_matches(&matches).unwrap().command else {
+                panic!("run")
+            };
+            let (settings, _) = config_file(args.config.as_deref()).unwrap();
+            args.apply_file(&settings, &given_flags(&matches, "run"));
+            args.effective_settings()
+        };
+        let first = effective(&[
+            "--config",
+            &file,
+            "--hostname-override=node-a",
+            "--masquerade-bit=12",
+            "--v=4",
+            "--logging-format=json",
+            "--nodeport-addresses=primary,127.0.0.0/8",
+            "--conntrack-udp-timeout=45s",
+            "--oom-score-adj=-998",
+        ]);
+        // The file's values, the flags over them, and kube-proxy's defaults.
+        assert_eq!(first.masquerade_bit, Some(12));
+        assert_eq!(first.sync_period, Some(Duration::from_secs(60)));
+        assert_eq!(first.conntrack_max_per_core, Some(0));
+        assert_eq!(first.conntrack_min, Some(131_072));
+        assert_eq!(first.conntrack_tcp_close_wait_timeout, Some(Duration::ZERO));
+        let written = dir.path().join("written.conf");
+        std::fs::write(&written, kube_proxy_config::write(&first)).unwrap();
+        let again = effective(&["--config", &written.display().to_string()]);
+        assert_eq!(
+            again,
+            first,
+            "{}",
+            std::fs::read_to_string(&written).unwrap()
+        );
     }
 
     #[test]

@@ -124,6 +124,41 @@ fn a_kube_proxy_configuration_file_drives_the_agent() -> Result<()> {
          ipvs: {scheduler: \"\"}\n",
     )?;
     let (service, config) = (service.display().to_string(), config.display().to_string());
+    // `run --write-config-to` writes the settings run would go by (the file,
+    // the flags over it) and exits; that file drives render alike.
+    let written = dir.path().join("written.conf").display().to_string();
+    let (code, text) = agent(&[
+        "run",
+        "--config",
+        &config,
+        "--node-name=node-1",
+        "--masquerade-bit=11",
+        "--write-config-to",
+        &written,
+    ])?;
+    assert_eq!(code, 0, "{text}");
+    let written_text = std::fs::read_to_string(&written)?;
+    assert!(
+        written_text.contains("masqueradeBit: 11")
+            && written_text.contains("syncPeriod: 1m0s")
+            && written_text.contains("clusterCIDR: 10.244.0.0/16"),
+        "{written_text}"
+    );
+    let (code, text) = agent(&[
+        "render",
+        "--manifests",
+        &service,
+        "--node-name",
+        "node-1",
+        "--config",
+        &written,
+    ])?;
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("-A KUBE-MARK-MASQ -j MARK --or-mark 0x800")
+            && text.contains("! -s 10.244.0.0/16 -j KUBE-MARK-MASQ"),
+        "{text}"
+    );
     let render = |extra: &[&str]| -> Result<(i32, String)> {
         let mut args = vec![
             "render",
