@@ -982,6 +982,7 @@ fn wanted_families(options: &ProxyOptions, node: &NodeInfo) -> Vec<IpFamily> {
     let mut families: Vec<IpFamily> = options
         .node_ips
         .iter()
+        .chain(&options.primary_ip)
         .chain(&node.internal_ips)
         .map(IpFamily::of)
         .chain(
@@ -1071,6 +1072,7 @@ mod tests {
             nodeport_addresses: Vec::new(),
             localhost_nodeports: true,
             random_fully: true,
+            primary_ip: None,
             conntrack_tcp_be_liberal: false,
             accounting: Default::default(),
         }

@@ -69,6 +69,9 @@ pub struct ProxyOptions {
     pub random_fully: bool,
     /// `--node-ip`: addresses of this node in addition to its InternalIPs.
     pub node_ips: Vec<IpAddr>,
+    /// kube-proxy's `--bind-address` (a specific address): this node's IP of
+    /// its family, in place of the Node's InternalIPs of that family.
+    pub primary_ip: Option<IpAddr>,
     pub conntrack_tcp_be_liberal: bool,
     /// The nfacct counters that exist, for the rules to count into.
     pub accounting: Accounting,
@@ -87,6 +90,7 @@ impl Default for ProxyOptions {
             localhost_nodeports: true,
             random_fully: true,
             node_ips: Vec::new(),
+            primary_ip: None,
             conntrack_tcp_be_liberal: false,
             accounting: Accounting::default(),
         }
@@ -135,14 +139,16 @@ impl ProxyOptions {
             return Err(ConfigError::BadMasqueradeBit(self.masquerade_bit));
         }
         let node_ips: Vec<IpAddr> = {
-            let mut ips: Vec<IpAddr> = self
-                .node_ips
-                .iter()
-                .chain(&node.internal_ips)
-                .copied()
-                .collect();
-            ips.retain(|ip| IpFamily::of(ip) == family);
-            ips.dedup();
+            // As kube-proxy's node IP: a bind address replaces the Node's
+            // InternalIPs of its family (`--node-ip` still adds).
+            let primary = self.primary_ip.filter(|ip| IpFamily::of(ip) == family);
+            let internal = node.internal_ips.iter().filter(|_| primary.is_none());
+            let mut ips: Vec<IpAddr> = Vec::new();
+            for ip in primary.iter().chain(&self.node_ips).chain(internal) {
+                if IpFamily::of(ip) == family && !ips.contains(ip) {
+                    ips.push(*ip);
+                }
+            }
             ips
         };
         let local_traffic = match self.detect_local_mode {
@@ -502,5 +508,38 @@ mod tests {
             bad.render_config(IpFamily::V4, &node()).unwrap_err().kind(),
             "nodeport_addresses"
         );
+    }
+
+    #[test]
+    fn a_bind_address_is_the_node_ip_of_its_family() {
+        let options = ProxyOptions {
+            nodeport_addresses: vec!["primary".into()],
+            primary_ip: Some("192.168.7.7".parse().unwrap()),
+            node_ips: vec!["192.168.9.9".parse().unwrap()],
+            ..ProxyOptions::default()
+        };
+        let v4 = options.render_config(IpFamily::V4, &node()).unwrap();
+        // The Node's InternalIP 192.168.0.10 is replaced; --node-ip adds.
+        assert_eq!(
+            v4.node_ips,
+            [
+                "192.168.7.7".parse::<IpAddr>().unwrap(),
+                "192.168.9.9".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            v4.nodeport_addresses,
+            NodePortAddresses::Cidrs(vec![
+                parse_cidr("192.168.7.7/32").unwrap(),
+                parse_cidr("192.168.9.9/32").unwrap()
+            ])
+        );
+        // The other family keeps the Node's addresses.
+        let v6_bind = ProxyOptions {
+            primary_ip: Some("fd00::7".parse().unwrap()),
+            ..ProxyOptions::default()
+        };
+        let v4 = v6_bind.render_config(IpFamily::V4, &node()).unwrap();
+        assert_eq!(v4.node_ips, ["192.168.0.10".parse::<IpAddr>().unwrap()]);
     }
 }

@@ -203,6 +203,7 @@ impl ProxyFlags {
             localhost_nodeports,
             random_fully,
             node_ips: node_ips.to_vec(),
+            primary_ip: None,
             conntrack_tcp_be_liberal,
             accounting: Accounting::default(),
         }
@@ -270,8 +271,9 @@ struct RunArgs {
     /// Extra addresses of this node (default: the Node's InternalIPs).
     #[arg(long, value_delimiter = ',')]
     node_ip: Vec<IpAddr>,
-    /// kube-proxy's --bind-address: one address is taken as this node's IP of
-    /// its family (added to --node-ip); 0.0.0.0 and :: change nothing.
+    /// kube-proxy's --bind-address: one address is this node's IP of its
+    /// family, in place of the Node's InternalIPs of that family (--node-ip
+    /// still adds); 0.0.0.0 and :: change nothing.
     #[arg(long)]
     bind_address: Option<IpAddr>,
     /// How often our rules are checked for damage by other programs (a full
@@ -919,7 +921,7 @@ fn run(
         node_name,
         kubeconfig,
         master,
-        mut node_ip,
+        node_ip,
         bind_address,
         sync_period,
         min_sync_period,
@@ -961,13 +963,9 @@ fn run(
         metrics_port,
     )
     .context("--metrics-bind-address")?;
-    // kube-proxy makes one bind address the node's primary IP of its family;
-    // the agent adds it to the node's addresses.
-    if let Some(ip) = bind_address.filter(|ip| !ip.is_unspecified())
-        && !node_ip.contains(&ip)
-    {
-        node_ip.push(ip);
-    }
+    // As in kube-proxy, a specific bind address is this node's IP of its
+    // family, in place of the Node's InternalIPs of that family.
+    let primary_ip = bind_address.filter(|ip| !ip.is_unspecified());
     // Lower-cased, as kube-proxy does with --hostname-override.
     let node_name = node_name
         .map(|n| n.trim().to_lowercase())
@@ -1003,7 +1001,9 @@ fn run(
     // Before anything else: two backends with Service rules is a node that
     // silently misroutes, so say so and stop.
     let mut families = vec![IpFamily::V4];
-    if node_ip.iter().any(IpAddr::is_ipv6) || proxy.cluster_cidr.iter().any(|c| c.contains(':')) {
+    if node_ip.iter().chain(&primary_ip).any(IpAddr::is_ipv6)
+        || proxy.cluster_cidr.iter().any(|c| c.contains(':'))
+    {
         families.push(IpFamily::V6);
     }
     let mut backend = iptables_backend;
@@ -1054,6 +1054,7 @@ fn run(
             options: ProxyOptions {
                 conntrack_tcp_be_liberal,
                 accounting,
+                primary_ip,
                 ..proxy.options(&node_ip, random_fully)
             },
             sync_period,

@@ -739,6 +739,69 @@ async fn client_and_web(cluster: &Cluster) -> Result<(Pod, Api<Service>, String)
     Ok((client, services, ip))
 }
 
+/// kube-proxy's `--bind-address`: one address is the node's IP of its family,
+/// in place of the Node's InternalIP, so `--nodeport-addresses primary`
+/// answers there and not on the InternalIP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bind_address_is_the_node_ip_that_primary_node_ports_answer_on() -> Result<()> {
+    let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
+    let node1 = cluster.node("node-1").clone();
+    // A second address on the node's interface, in the same subnet.
+    let (device, prefix) = netns::exec_in(&node1.netns, "ip", &["-o", "-4", "addr", "show"])?
+        .lines()
+        .find_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let (ip, prefix) = words.get(3)?.split_once('/')?;
+            (ip == node1.ip.to_string()).then(|| (words[1].to_string(), prefix.to_string()))
+        })
+        .context("the node's interface")?;
+    let octets = node1.ip.octets();
+    let bind = std::net::Ipv4Addr::new(octets[0], octets[1], octets[2], 222);
+    netns::exec_in(
+        &node1.netns,
+        "ip",
+        &["addr", "add", &format!("{bind}/{prefix}"), "dev", &device],
+    )?;
+    let agent = workspace_bin("causeway-agent");
+    cluster.spawn_agent(
+        "node-1",
+        "agent-1",
+        &agent,
+        &[
+            &format!("--bind-address={bind}"),
+            "--nodeport-addresses=primary",
+        ],
+    )?;
+    let (_client, services, _ip) = client_and_web(&cluster).await?;
+    let patch = json!({"spec": {"type": "NodePort"}});
+    services
+        .patch("web", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    let node_port = services
+        .get("web")
+        .await?
+        .spec
+        .and_then(|s| s.ports)
+        .and_then(|ports| ports.first().and_then(|p| p.node_port))
+        .context("a nodePort")?;
+    wait_for_pods(
+        &cluster.external_netns(),
+        "tcp",
+        &format!("{bind}:{node_port}"),
+        &["web-1"],
+        "the NodePort on the bind address",
+    )?;
+    // The InternalIP is no longer the node's IP: nothing answers there.
+    let on_internal_ip = tally(
+        &cluster.external_netns(),
+        "tcp",
+        &format!("{}:{node_port}", node1.ip),
+        5,
+    )?;
+    assert!(!on_internal_ip.contains_key("web-1"), "{on_internal_ip:?}");
+    Ok(())
+}
+
 /// The `KUBE-SVC-` chain the nat `KUBE-SERVICES` entry of `ns/name` jumps to.
 fn service_chain(netns_name: &str, service: &str) -> Result<Option<String>> {
     let entries = netns::exec_in(
