@@ -80,7 +80,7 @@ pub struct Shared {
     pub connections: ConnectionBudget,
     /// Trigger times of EndpointSlice changes not yet applied; a sync that
     /// applies them turns each into a network programming latency.
-    triggers: std::sync::Mutex<Vec<Timestamp>>,
+    triggers: std::sync::Mutex<Vec<(IpFamily, Timestamp)>>,
     started: Timestamp,
 }
 
@@ -114,14 +114,19 @@ impl Shared {
             return;
         }
         seen.insert(uid.clone(), trigger.clone());
+        let family = match slice.address_type.as_str() {
+            "IPv4" => IpFamily::V4,
+            "IPv6" => IpFamily::V6,
+            _ => return,
+        };
         if let Ok(at) = trigger.parse::<Timestamp>()
             && at >= self.started
         {
-            self.lock_triggers().push(at);
+            self.lock_triggers().push((family, at));
         }
     }
 
-    fn lock_triggers(&self) -> std::sync::MutexGuard<'_, Vec<Timestamp>> {
+    fn lock_triggers(&self) -> std::sync::MutexGuard<'_, Vec<(IpFamily, Timestamp)>> {
         self.triggers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -131,8 +136,7 @@ impl Shared {
     fn queued(&self, kind: ChangeKind, object: bool) {
         self.health.queued();
         self.metrics
-            .last_queued_timestamp
-            .set(Timestamp::now().as_millisecond() as f64 / 1000.0);
+            .queued_at(Timestamp::now().as_millisecond() as f64 / 1000.0);
         if !object {
             return;
         }
@@ -699,16 +703,23 @@ impl Syncer {
             }
         }
 
+        let families: Vec<IpFamily> = self.families.iter().map(|f| f.netfilter.family).collect();
+        self.shared.metrics.set_families(&families);
         let mut failed = false;
-        let mut all_full = true;
-        let mut restored = false;
         let mut models = Vec::new();
-        let mut rule_counts: BTreeMap<&str, usize> = BTreeMap::new();
-        let mut rules_written: BTreeMap<&str, usize> =
-            [("filter", 0), ("nat", 0), ("mangle", 0)].into();
+        let mut rule_counts: BTreeMap<(IpFamily, &str), usize> = BTreeMap::new();
+        let mut rules_written: BTreeMap<(IpFamily, &str), usize> = families
+            .iter()
+            .flat_map(|f| ["filter", "nat", "mangle"].map(|table| ((*f, table), 0)))
+            .collect();
         let mut stale_flows = Vec::new();
+        // Per family, as kube-proxy's per-family proxiers time their syncs:
+        // when its part began, and whether it applied a full payload or a
+        // partial one. A part ends where the next begins.
+        let mut timings: Vec<(IpFamily, Instant, Option<bool>)> = Vec::new();
         for state in &mut self.families {
             let family = state.netfilter.family;
+            timings.push((family, Instant::now(), None));
             let model_started = Instant::now();
             let (model, model_issues) = state.model_cache.build(&services, &slices, &node);
             let model_ms = model_started.elapsed().as_millis() as u64;
@@ -813,8 +824,9 @@ impl Syncer {
                     dispatch,
                 },
             );
-            all_full &= full;
-            restored = true;
+            if let Some(timing) = timings.last_mut() {
+                timing.2 = Some(full);
+            }
             self.shared
                 .metrics
                 .restore_bytes
@@ -837,8 +849,8 @@ impl Syncer {
                         ("nat", payload.totals.nat, payload.nat.rules),
                         ("mangle", payload.mangle.rules, payload.mangle.rules),
                     ] {
-                        *rule_counts.entry(table).or_default() += held;
-                        *rules_written.entry(table).or_default() += written;
+                        *rule_counts.entry((family, table)).or_default() += held;
+                        *rules_written.entry((family, table)).or_default() += written;
                     }
                     info!(
                         family = ?family,
@@ -891,10 +903,7 @@ impl Syncer {
                     self.shared
                         .rules
                         .failed(family, &payload.text, &e.to_string());
-                    self.shared.metrics.restore_failures.inc();
-                    if !full {
-                        self.shared.metrics.partial_restore_failures.inc();
-                    }
+                    self.shared.metrics.count_restore_failure(family, !full);
                     state.applied_chains = None;
                     state.applied_model = None;
                     models.extend(self.shared.rules.applied_model(family));
@@ -908,42 +917,50 @@ impl Syncer {
             self.shared.health.queued();
             self.shared.lock_triggers().extend(triggers);
         } else {
-            for (table, rules) in &rule_counts {
-                self.shared.metrics.set_rules(table, *rules);
+            for ((family, table), rules) in &rule_counts {
+                self.shared.metrics.set_rules(*family, table, *rules);
             }
-            for (table, rules) in &rules_written {
-                self.shared.metrics.set_rules_written(table, *rules);
+            for ((family, table), rules) in &rules_written {
+                self.shared
+                    .metrics
+                    .set_rules_written(*family, table, *rules);
             }
             self.shared.health.updated(started_at);
             if !self.nftables_leftovers_checked {
                 self.nftables_leftovers_checked = true;
                 remove_kube_proxy_nftables_tables();
             }
-            self.shared
-                .metrics
-                .last_sync_timestamp
-                .set(Timestamp::now().as_millisecond() as f64 / 1000.0);
             let now = Timestamp::now();
-            for at in triggers {
+            for family in &families {
                 self.shared
                     .metrics
-                    .network_programming_duration
-                    .observe(now.duration_since(at).as_secs_f64().max(0.0));
+                    .synced(*family, now.as_millisecond() as f64 / 1000.0);
+            }
+            for (family, at) in triggers {
+                self.shared.metrics.observe_network_programming(
+                    family,
+                    now.duration_since(at).as_secs_f64().max(0.0),
+                );
             }
         }
+        let loop_end = Instant::now();
+        let mut seconds: BTreeMap<IpFamily, f64> = BTreeMap::new();
+        for (i, (family, began, _)) in timings.iter().enumerate() {
+            let ended = timings.get(i + 1).map_or(loop_end, |next| next.1);
+            seconds.insert(*family, ended.duration_since(*began).as_secs_f64());
+        }
         // After the metrics, as kube-proxy does: the rules are live already,
-        // and the conntrack tool takes its time.
+        // and the conntrack tool takes its time (counted in its family's sync).
         for (family, stale) in stale_flows {
+            let deleting = Instant::now();
             let deleted = conntrack::delete(&stale, family);
             self.shared.metrics.conntrack_deleted.inc_by(deleted);
+            *seconds.entry(family).or_default() += deleting.elapsed().as_secs_f64();
             debug!(filters = stale.len(), deleted, "deleted stale UDP flows");
         }
-        let elapsed = started.elapsed().as_secs_f64();
-        self.shared.metrics.sync_duration.observe(elapsed);
-        if restored && all_full {
-            self.shared.metrics.sync_full_duration.observe(elapsed);
-        } else if restored {
-            self.shared.metrics.sync_partial_duration.observe(elapsed);
+        for (family, _, applied) in &timings {
+            let elapsed = seconds.get(family).copied().unwrap_or_default();
+            self.shared.metrics.observe_sync(*family, elapsed, *applied);
         }
         let model_refs: Vec<&Model> = models.iter().map(|m| m.as_ref()).collect();
         self.shared.metrics.set_no_local_endpoints(&model_refs);

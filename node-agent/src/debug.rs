@@ -270,6 +270,6 @@ mod tests {
         let missing = fetch(&address, "/debug/rules?family=6").await.unwrap_err();
         assert!(missing.to_string().contains("404"), "{missing}");
         let metrics = fetch(&address, "/metrics").await.unwrap();
-        assert!(metrics.contains("kubeproxy_sync_proxy_rules_iptables_restore_failures_total"));
+        assert!(metrics.contains("kubeproxy_sync_proxy_rules_service_changes_total"));
     }
 }

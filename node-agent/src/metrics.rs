@@ -3,8 +3,8 @@
 //! standard `process_*` metrics that kube-proxy's dashboards chart too.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
 use causeway_telemetry::process::ProcessCollector;
 use causeway_telemetry::rest_client::RestClientMetrics;
@@ -16,35 +16,57 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::addr::IpFamily;
 use crate::model::Model;
 use crate::nfacct;
 use crate::rules::Accounting;
 
 type Labels = Vec<(String, String)>;
+type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
+type Timestamps = Family<Labels, Gauge<f64, AtomicU64>>;
 
-/// Every metric the agent exports.
+/// kube-proxy's `ip_family` label, which its per-family metrics carry.
+fn family_labels(family: IpFamily) -> Labels {
+    let name = match family {
+        IpFamily::V4 => "IPv4",
+        IpFamily::V6 => "IPv6",
+    };
+    vec![("ip_family".to_string(), name.to_string())]
+}
+
+fn family_labels_and(family: IpFamily, key: &str, value: &str) -> Labels {
+    let mut labels = family_labels(family);
+    labels.push((key.to_string(), value.to_string()));
+    labels
+}
+
+/// Every metric the agent exports. Those kube-proxy labels by IP family are
+/// set through the methods, which take the family.
 pub struct Metrics {
     registry: Registry,
-    pub sync_duration: Histogram,
-    pub sync_full_duration: Histogram,
-    pub sync_partial_duration: Histogram,
-    pub network_programming_duration: Histogram,
-    pub rules_total: Family<Labels, Gauge>,
-    pub restore_failures: Counter,
-    pub partial_restore_failures: Counter,
+    sync_duration: Histograms,
+    sync_full_duration: Histograms,
+    sync_partial_duration: Histograms,
+    network_programming_duration: Histograms,
+    rules_total: Family<Labels, Gauge>,
+    restore_failures: Family<Labels, Counter>,
+    partial_restore_failures: Family<Labels, Counter>,
     pub service_changes_pending: Gauge,
     pub endpoint_changes_pending: Gauge,
     pub service_changes: Counter,
     pub endpoint_changes: Counter,
-    pub rules_last: Family<Labels, Gauge>,
-    pub no_local_endpoints: Family<Labels, Gauge>,
+    rules_last: Family<Labels, Gauge>,
+    no_local_endpoints: Family<Labels, Gauge>,
     pub healthz_answers: Family<Labels, Counter>,
     pub livez_answers: Family<Labels, Counter>,
     /// The API client's requests; [`causeway_telemetry::rest_client::client`]
     /// records into it.
     pub rest_client: Arc<RestClientMetrics>,
-    pub last_sync_timestamp: Gauge<f64, AtomicU64>,
-    pub last_queued_timestamp: Gauge<f64, AtomicU64>,
+    last_sync_timestamp: Timestamps,
+    last_queued_timestamp: Timestamps,
+    /// The families synced, and when a change was last queued: a change
+    /// queues a sync of every family.
+    queued: Mutex<(Vec<IpFamily>, Option<f64>)>,
     pub restore_bytes: Histogram,
     pub conntrack_deleted: Counter,
     pub rules_damaged: Counter,
@@ -64,15 +86,19 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let sync_duration = Histogram::new(duration_buckets());
-        let sync_full_duration = Histogram::new(duration_buckets());
-        let sync_partial_duration = Histogram::new(duration_buckets());
-        let network_programming_duration = Histogram::new([
-            0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0,
-        ]);
+        let sync_histograms =
+            || Histograms::new_with_constructor(|| Histogram::new(duration_buckets()));
+        let sync_duration = sync_histograms();
+        let sync_full_duration = sync_histograms();
+        let sync_partial_duration = sync_histograms();
+        let network_programming_duration = Histograms::new_with_constructor(|| {
+            Histogram::new([
+                0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0,
+            ])
+        });
         let rules_total = Family::<Labels, Gauge>::default();
-        let restore_failures = Counter::default();
-        let partial_restore_failures = Counter::default();
+        let restore_failures = Family::<Labels, Counter>::default();
+        let partial_restore_failures = Family::<Labels, Counter>::default();
         let service_changes_pending = Gauge::default();
         let endpoint_changes_pending = Gauge::default();
         let service_changes = Counter::default();
@@ -82,8 +108,8 @@ impl Metrics {
         let healthz_answers = Family::<Labels, Counter>::default();
         let livez_answers = Family::<Labels, Counter>::default();
         let rest_client = Arc::new(RestClientMetrics::default());
-        let last_sync_timestamp = Gauge::<f64, AtomicU64>::default();
-        let last_queued_timestamp = Gauge::<f64, AtomicU64>::default();
+        let last_sync_timestamp = Timestamps::default();
+        let last_queued_timestamp = Timestamps::default();
         let restore_bytes = Histogram::new(exponential_buckets(1024.0, 4.0, 10));
         let conntrack_deleted = Counter::default();
         let rules_damaged = Counter::default();
@@ -211,34 +237,107 @@ impl Metrics {
             rest_client,
             last_sync_timestamp,
             last_queued_timestamp,
+            queued: Mutex::new((Vec::new(), None)),
             restore_bytes,
             conntrack_deleted,
             rules_damaged,
         }
     }
 
-    /// Sets the rule count of one table.
-    pub fn set_rules(&self, table: &str, rules: usize) {
+    /// Records one family's sync: how long it took, and whether it applied
+    /// a full payload (`Some(true)`), a partial one, or nothing.
+    pub fn observe_sync(&self, family: IpFamily, seconds: f64, applied: Option<bool>) {
+        let labels = family_labels(family);
+        self.sync_duration.get_or_create(&labels).observe(seconds);
+        match applied {
+            Some(true) => self
+                .sync_full_duration
+                .get_or_create(&labels)
+                .observe(seconds),
+            Some(false) => self
+                .sync_partial_duration
+                .get_or_create(&labels)
+                .observe(seconds),
+            None => {}
+        }
+    }
+
+    /// Counts a refused restore of `family`'s rules (`partial` or full).
+    pub fn count_restore_failure(&self, family: IpFamily, partial: bool) {
+        let labels = family_labels(family);
+        self.restore_failures.get_or_create(&labels).inc();
+        if partial {
+            self.partial_restore_failures.get_or_create(&labels).inc();
+        }
+    }
+
+    /// Sets the rule count of one table of `family`.
+    pub fn set_rules(&self, family: IpFamily, table: &str, rules: usize) {
         self.rules_total
-            .get_or_create(&vec![("table".to_string(), table.to_string())])
+            .get_or_create(&family_labels_and(family, "table", table))
             .set(rules as i64);
     }
 
-    /// Sets the rules one sync wrote into one table.
-    pub fn set_rules_written(&self, table: &str, rules: usize) {
+    /// Sets the rules one sync wrote into one table of `family`.
+    pub fn set_rules_written(&self, family: IpFamily, table: &str, rules: usize) {
         self.rules_last
-            .get_or_create(&vec![("table".to_string(), table.to_string())])
+            .get_or_create(&family_labels_and(family, "table", table))
             .set(rules as i64);
+    }
+
+    /// `family`'s rules are in place as of `at` (seconds since the epoch).
+    pub fn synced(&self, family: IpFamily, at: f64) {
+        self.last_sync_timestamp
+            .get_or_create(&family_labels(family))
+            .set(at);
+    }
+
+    /// A change was queued at `at` (seconds since the epoch), for every
+    /// family the agent syncs.
+    pub fn queued_at(&self, at: f64) {
+        let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        queued.1 = Some(at);
+        for family in &queued.0 {
+            self.last_queued_timestamp
+                .get_or_create(&family_labels(*family))
+                .set(at);
+        }
+    }
+
+    /// The families the agent syncs (known from its first sync on).
+    pub fn set_families(&self, families: &[IpFamily]) {
+        let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        if queued.0 == families {
+            return;
+        }
+        queued.0 = families.to_vec();
+        if let Some(at) = queued.1 {
+            for family in families {
+                self.last_queued_timestamp
+                    .get_or_create(&family_labels(*family))
+                    .set(at);
+            }
+        }
+    }
+
+    /// An EndpointSlice change of `family` was live `seconds` after its
+    /// trigger time.
+    pub fn observe_network_programming(&self, family: IpFamily, seconds: f64) {
+        self.network_programming_duration
+            .get_or_create(&family_labels(family))
+            .observe(seconds);
     }
 
     /// Sets the Local-policy ports without local endpoints from the models
-    /// the rules now follow.
+    /// the rules now follow, per family.
     pub fn set_no_local_endpoints(&self, models: &[&Model]) {
-        let counts = NoLocalEndpoints::of(models);
-        for (policy, count) in [("internal", counts.internal), ("external", counts.external)] {
-            self.no_local_endpoints
-                .get_or_create(&vec![("traffic_policy".to_string(), policy.to_string())])
-                .set(count as i64);
+        for model in models {
+            let counts = NoLocalEndpoints::of(std::slice::from_ref(model));
+            for (policy, count) in [("internal", counts.internal), ("external", counts.external)] {
+                self.no_local_endpoints
+                    .get_or_create(&family_labels_and(model.family, "traffic_policy", policy))
+                    .set(count as i64);
+            }
         }
     }
 
@@ -376,19 +475,52 @@ mod tests {
     #[test]
     fn kube_proxy_names_are_exported() {
         let metrics = Metrics::new();
-        metrics.restore_failures.inc();
-        metrics.set_rules("nat", 42);
-        metrics.sync_full_duration.observe(0.05);
+        metrics.count_restore_failure(IpFamily::V4, false);
+        metrics.count_restore_failure(IpFamily::V6, true);
+        metrics.set_rules(IpFamily::V4, "nat", 42);
+        metrics.observe_sync(IpFamily::V4, 0.05, Some(true));
+        metrics.observe_sync(IpFamily::V6, 0.01, None);
+        metrics.observe_network_programming(IpFamily::V6, 1.5);
+        metrics.synced(IpFamily::V4, 1_700_000_000.0);
         let text = metrics.encode();
+        // kube-proxy's names, with its ip_family label where it has one.
         for expected in [
-            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total 1",
-            "kubeproxy_sync_proxy_rules_iptables_total{table=\"nat\"} 42",
-            "kubeproxy_sync_full_proxy_rules_duration_seconds_count 1",
-            "kubeproxy_network_programming_duration_seconds_count 0",
-            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family=\"IPv4\"} 1",
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family=\"IPv6\"} 1",
+            "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total{ip_family=\"IPv6\"} 1",
+            "kubeproxy_sync_proxy_rules_iptables_total{ip_family=\"IPv4\",table=\"nat\"} 42",
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 1",
+            "kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv6\"} 1",
+            "kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv6\"} 1",
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"} 1700000000.0",
             "causeway_agent_conntrack_entries_deleted_total 0",
         ] {
             assert!(text.contains(expected), "{expected} missing from:\n{text}");
+        }
+        // A sync that applied nothing is neither full nor partial.
+        assert!(!text.contains(
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds_count{ip_family=\"IPv6\"}"
+        ));
+        assert!(!text.contains(
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv6\"}"
+        ));
+    }
+
+    #[test]
+    fn a_queued_change_stamps_every_family_synced() {
+        let metrics = Metrics::new();
+        let stamp = "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds";
+        // Before the first sync the families are not known yet.
+        metrics.queued_at(100.0);
+        assert!(!metrics.encode().contains(stamp));
+        metrics.set_families(&[IpFamily::V4, IpFamily::V6]);
+        metrics.queued_at(200.0);
+        let text = metrics.encode();
+        for family in ["IPv4", "IPv6"] {
+            assert!(
+                text.contains(&format!("{stamp}{{ip_family=\"{family}\"}} 200.0")),
+                "{text}"
+            );
         }
     }
 
@@ -403,7 +535,7 @@ mod tests {
         metrics.endpoint_changes.inc();
         metrics.endpoint_changes.inc();
         metrics.service_changes.inc();
-        metrics.set_rules_written("nat", 12);
+        metrics.set_rules_written(IpFamily::V4, "nat", 12);
         metrics.count_health_answer(true, 200);
         metrics.count_health_answer(true, 503);
         metrics.count_health_answer(true, 503);
@@ -413,7 +545,7 @@ mod tests {
             ("kubeproxy_sync_proxy_rules_endpoint_changes_total", 2.0),
             ("kubeproxy_sync_proxy_rules_service_changes_total", 1.0),
             (
-                "kubeproxy_sync_proxy_rules_iptables_last{table=\"nat\"}",
+                "kubeproxy_sync_proxy_rules_iptables_last{ip_family=\"IPv4\",table=\"nat\"}",
                 12.0,
             ),
             ("kubeproxy_proxy_healthz_total{code=\"200\"}", 1.0),
@@ -498,14 +630,16 @@ mod tests {
                 external: 1
             }
         );
+        // The metric counts per family, as kube-proxy's per-family proxiers do.
         let metrics = Metrics::new();
         metrics.set_no_local_endpoints(&[&model]);
         let text = metrics.encode();
         for policy in ["internal", "external"] {
             let name = format!(
-                "kubeproxy_sync_proxy_rules_no_local_endpoints_total{{traffic_policy=\"{policy}\"}}"
+                "kubeproxy_sync_proxy_rules_no_local_endpoints_total{{ip_family=\"IPv4\",traffic_policy=\"{policy}\"}}"
             );
             assert_eq!(sample(&text, &name), 1.0, "{text}");
         }
+        assert!(!text.contains("IPv6"), "{text}");
     }
 }

@@ -281,7 +281,11 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
         },
     )
     .await?;
-    assert!(metrics.contains("kubeproxy_sync_proxy_rules_iptables_total{table=\"nat\"}"));
+    assert!(
+        metrics.contains(
+            "kubeproxy_sync_proxy_rules_iptables_total{ip_family=\"IPv4\",table=\"nat\"}"
+        )
+    );
     // Changes since the first sync were applied as partial syncs.
     let partial: u64 = metrics::value(
         &metrics,
@@ -420,7 +424,7 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
         metrics::value(
             text,
             &format!(
-                "kubeproxy_sync_proxy_rules_no_local_endpoints_total{{traffic_policy=\"{policy}\"}}"
+                "kubeproxy_sync_proxy_rules_no_local_endpoints_total{{ip_family=\"IPv4\",traffic_policy=\"{policy}\"}}"
             ),
         )
     };
@@ -448,7 +452,7 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
     for (name, at_least) in [
         ("kubeproxy_proxy_healthz_total{code=\"200\"}", 1.0),
         (
-            "kubeproxy_sync_proxy_rules_iptables_last{table=\"nat\"}",
+            "kubeproxy_sync_proxy_rules_iptables_last{ip_family=\"IPv4\",table=\"nat\"}",
             1.0,
         ),
         ("process_resident_memory_bytes", 1e6),
