@@ -719,7 +719,13 @@ impl Syncer {
         let mut timings: Vec<(IpFamily, Instant, Option<bool>)> = Vec::new();
         for state in &mut self.families {
             let family = state.netfilter.family;
-            timings.push((family, Instant::now(), None));
+            // The first part also carries the reading of the caches above.
+            let began = if timings.is_empty() {
+                started
+            } else {
+                Instant::now()
+            };
+            timings.push((family, began, None));
             let model_started = Instant::now();
             let (model, model_issues) = state.model_cache.build(&services, &slices, &node);
             let model_ms = model_started.elapsed().as_millis() as u64;
@@ -912,6 +918,7 @@ impl Syncer {
             }
         }
 
+        let loop_end = Instant::now();
         if failed {
             // The changes stay pending: health turns 503 if this persists.
             self.shared.health.queued();
@@ -936,14 +943,15 @@ impl Syncer {
                     .metrics
                     .synced(*family, now.as_millisecond() as f64 / 1000.0);
             }
-            for (family, at) in triggers {
+            // A slice of a family this node does not program (an IPv6 one
+            // on an IPv4-only node) made no rule here.
+            for (family, at) in triggers.into_iter().filter(|(f, _)| families.contains(f)) {
                 self.shared.metrics.observe_network_programming(
                     family,
                     now.duration_since(at).as_secs_f64().max(0.0),
                 );
             }
         }
-        let loop_end = Instant::now();
         let mut seconds: BTreeMap<IpFamily, f64> = BTreeMap::new();
         for (i, (family, began, _)) in timings.iter().enumerate() {
             let ended = timings.get(i + 1).map_or(loop_end, |next| next.1);

@@ -311,6 +311,12 @@ impl Metrics {
             return;
         }
         queued.0 = families.to_vec();
+        // From 0, so that a family's first failure is an increase.
+        for family in families {
+            let labels = family_labels(*family);
+            let _ = self.restore_failures.get_or_create(&labels);
+            let _ = self.partial_restore_failures.get_or_create(&labels);
+        }
         if let Some(at) = queued.1 {
             for family in families {
                 self.last_queued_timestamp
@@ -514,11 +520,23 @@ mod tests {
         metrics.queued_at(100.0);
         assert!(!metrics.encode().contains(stamp));
         metrics.set_families(&[IpFamily::V4, IpFamily::V6]);
+        assert!(
+            metrics
+                .encode()
+                .contains(&format!("{stamp}{{ip_family=\"IPv6\"}} 100.0"))
+        );
         metrics.queued_at(200.0);
         let text = metrics.encode();
         for family in ["IPv4", "IPv6"] {
             assert!(
                 text.contains(&format!("{stamp}{{ip_family=\"{family}\"}} 200.0")),
+                "{text}"
+            );
+            // The failure counters start at 0 once a family is synced.
+            assert!(
+                text.contains(&format!(
+                    "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{{ip_family=\"{family}\"}} 0"
+                )),
                 "{text}"
             );
         }

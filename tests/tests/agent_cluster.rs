@@ -1241,8 +1241,11 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
     };
     // (A sync after the spawn: the old agent may still be answering.)
     let last_sync = |metrics: &str| {
-        metrics::value(metrics, "kubeproxy_sync_proxy_rules_last_timestamp_seconds")
-            .filter(|t| *t > spawned)
+        metrics::value(
+            metrics,
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}",
+        )
+        .filter(|t| *t > spawned)
     };
     let first_sync = eventually(
         Duration::from_secs(9),
@@ -1354,7 +1357,7 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
     let full_syncs = |metrics: &str| {
         metrics::value(
             metrics,
-            "kubeproxy_sync_full_proxy_rules_duration_seconds_count",
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}",
         )
         .unwrap_or(0.0)
     };

@@ -364,13 +364,13 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<M
         if let Ok(text) = metrics()
             && let Some(n) = metrics::value(
                 &text,
-                "kubeproxy_sync_full_proxy_rules_duration_seconds_count",
+                "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}",
             )
             && n >= 1.0
         {
             break metrics::value(
                 &text,
-                "kubeproxy_sync_full_proxy_rules_duration_seconds_sum",
+                "kubeproxy_sync_full_proxy_rules_duration_seconds_sum{ip_family=\"IPv4\"}",
             )
             .unwrap_or(0.0);
         }
@@ -390,9 +390,11 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<M
     for change in 0..args.changes {
         let name = format!("svc-{:05}", change % count.max(1));
         let before = metrics()?;
-        let last_before =
-            metrics::value(&before, "kubeproxy_sync_proxy_rules_last_timestamp_seconds")
-                .unwrap_or(0.0);
+        let last_before = metrics::value(
+            &before,
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}",
+        )
+        .unwrap_or(0.0);
         let bytes_before =
             metrics::value(&before, "causeway_agent_restore_bytes_sum").unwrap_or(0.0);
         let written = now_seconds();
@@ -407,8 +409,11 @@ async fn measure(args: &Args, agent: &std::path::Path, count: usize) -> Result<M
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let text = metrics()?;
-            let last = metrics::value(&text, "kubeproxy_sync_proxy_rules_last_timestamp_seconds")
-                .unwrap_or(0.0);
+            let last = metrics::value(
+                &text,
+                "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}",
+            )
+            .unwrap_or(0.0);
             if last > last_before && last >= written {
                 latencies.push((last - written) * 1000.0);
                 payloads.push(
