@@ -962,8 +962,11 @@ impl Syncer {
         for (family, stale) in stale_flows {
             let deleting = Instant::now();
             let deleted = conntrack::delete(&stale, family);
-            self.shared.metrics.conntrack_deleted.inc_by(deleted);
-            *seconds.entry(family).or_default() += deleting.elapsed().as_secs_f64();
+            let took = deleting.elapsed().as_secs_f64();
+            self.shared
+                .metrics
+                .observe_conntrack_cleanup(family, deleted, took);
+            *seconds.entry(family).or_default() += took;
             debug!(filters = stale.len(), deleted, "deleted stale UDP flows");
         }
         for (family, _, applied) in &timings {

@@ -68,7 +68,9 @@ pub struct Metrics {
     /// queues a sync of every family.
     queued: Mutex<(Vec<IpFamily>, Option<f64>)>,
     pub restore_bytes: Histogram,
-    pub conntrack_deleted: Counter,
+    conntrack_deleted: Counter,
+    conntrack_reconciler_deleted: Family<Labels, Counter>,
+    conntrack_reconciler_duration: Histograms,
     pub rules_damaged: Counter,
 }
 
@@ -112,6 +114,8 @@ impl Metrics {
         let last_queued_timestamp = Timestamps::default();
         let restore_bytes = Histogram::new(exponential_buckets(1024.0, 4.0, 10));
         let conntrack_deleted = Counter::default();
+        let conntrack_reconciler_deleted = Family::<Labels, Counter>::default();
+        let conntrack_reconciler_duration = sync_histograms();
         let rules_damaged = Counter::default();
 
         registry.register(
@@ -207,6 +211,16 @@ impl Metrics {
             restore_bytes.clone(),
         );
         registry.register(
+            "kubeproxy_conntrack_reconciler_deleted_entries",
+            "Cumulative conntrack flows deleted by conntrack reconciler",
+            conntrack_reconciler_deleted.clone(),
+        );
+        registry.register(
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds",
+            "ReconcileConntrackFlowsLatency latency in seconds",
+            conntrack_reconciler_duration.clone(),
+        );
+        registry.register(
             "causeway_agent_conntrack_entries_deleted",
             "Stale UDP conntrack entries deleted after syncs",
             conntrack_deleted.clone(),
@@ -240,6 +254,8 @@ impl Metrics {
             queued: Mutex::new((Vec::new(), None)),
             restore_bytes,
             conntrack_deleted,
+            conntrack_reconciler_deleted,
+            conntrack_reconciler_duration,
             rules_damaged,
         }
     }
@@ -283,6 +299,20 @@ impl Metrics {
         self.rules_last
             .get_or_create(&family_labels_and(family, "table", table))
             .set(rules as i64);
+    }
+
+    /// One cleanup of stale conntrack flows of `family` after a sync: what it
+    /// deleted, and how long it took (kube-proxy's conntrack reconciler
+    /// metrics, and ours).
+    pub fn observe_conntrack_cleanup(&self, family: IpFamily, deleted: u64, seconds: f64) {
+        let labels = family_labels(family);
+        self.conntrack_deleted.inc_by(deleted);
+        self.conntrack_reconciler_deleted
+            .get_or_create(&labels)
+            .inc_by(deleted);
+        self.conntrack_reconciler_duration
+            .get_or_create(&labels)
+            .observe(seconds);
     }
 
     /// `family`'s rules are in place as of `at` (seconds since the epoch).
@@ -488,6 +518,7 @@ mod tests {
         metrics.observe_sync(IpFamily::V6, 0.01, None);
         metrics.observe_network_programming(IpFamily::V6, 1.5);
         metrics.synced(IpFamily::V4, 1_700_000_000.0);
+        metrics.observe_conntrack_cleanup(IpFamily::V4, 3, 0.002);
         let text = metrics.encode();
         // kube-proxy's names, with its ip_family label where it has one.
         for expected in [
@@ -499,7 +530,9 @@ mod tests {
             "kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv6\"} 1",
             "kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv6\"} 1",
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"} 1700000000.0",
-            "causeway_agent_conntrack_entries_deleted_total 0",
+            "causeway_agent_conntrack_entries_deleted_total 3",
+            "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv4\"} 3",
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds_count{ip_family=\"IPv4\"} 1",
         ] {
             assert!(text.contains(expected), "{expected} missing from:\n{text}");
         }

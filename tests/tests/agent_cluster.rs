@@ -1602,6 +1602,15 @@ async fn udp_clients_are_moved_off_stale_conntrack_entries() -> Result<()> {
     let deleted: u64 = metrics::value(&metrics, "causeway_agent_conntrack_entries_deleted_total")
         .unwrap_or(0.0) as u64;
     assert!(deleted >= 2, "conntrack deletions counted: {deleted}");
+    // kube-proxy's name for the count, per family.
+    assert_eq!(
+        metrics::value(
+            &metrics,
+            "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv4\"}"
+        ),
+        Some(deleted as f64),
+        "{metrics}"
+    );
     Ok(())
 }
 
