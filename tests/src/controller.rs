@@ -408,6 +408,17 @@ tg_tags = tags_of([tg['TargetGroupArn'] for tg in tgs])
 /// The Events about the object with `uid` in namespace `default`, as
 /// (type, reason, note), oldest first.
 pub async fn events_of(client: &kube::Client, uid: &str) -> Result<Vec<(String, String, String)>> {
+    events_reported_by(client, uid, None).await
+}
+
+/// [`events_of`], only those `reporter` (the `reportingController`) wrote
+/// when given: other components write about a Service too (the apiserver's
+/// ClusterIP repair loop, for one).
+pub async fn events_reported_by(
+    client: &kube::Client,
+    uid: &str,
+    reporter: Option<&str>,
+) -> Result<Vec<(String, String, String)>> {
     use k8s_openapi::api::events::v1::Event;
     use kube::api::{Api, ListParams};
     let events: Api<Event> = Api::namespaced(client.clone(), "default");
@@ -421,6 +432,7 @@ pub async fn events_of(client: &kube::Client, uid: &str) -> Result<Vec<(String, 
     Ok(items
         .into_iter()
         .filter(|e| e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(uid))
+        .filter(|e| reporter.is_none() || e.reporting_controller.as_deref() == reporter)
         .map(|e| {
             (
                 e.type_.unwrap_or_default(),
