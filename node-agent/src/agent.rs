@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
 use crate::addr::IpFamily;
-use crate::config::{ProxyOptions, needs_route_localnet};
+use crate::config::ProxyOptions;
 use crate::conntrack;
 use crate::debug::{self, RulesLog};
 use crate::health::{self, BindFailure, ProxyHealth, ServiceHealth, ServiceHealthServers};
@@ -510,92 +510,91 @@ fn uid_of(caches: &Caches, kind: &str, namespace: Option<&str>, name: &str) -> O
     }
 }
 
-/// A Warning event on the object the agent had to skip (or partly skip).
-async fn publish_issue(recorder: &Recorder, caches: &Caches, issue: &Issue) {
-    let api_version = match issue.object.kind {
+/// Publishes a Warning event about the `kind` object `namespace`/`name` (its
+/// uid from the caches); a failure to publish is logged.
+async fn publish_warning(
+    recorder: &Recorder,
+    caches: &Caches,
+    (kind, namespace, name): (&'static str, Option<&str>, &str),
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let api_version = match kind {
         "EndpointSlice" => "discovery.k8s.io/v1",
         _ => "v1",
     };
     let reference = ObjectReference {
         api_version: Some(api_version.into()),
-        kind: Some(issue.object.kind.into()),
-        namespace: issue.object.namespace.clone(),
-        name: Some(issue.object.name.clone()),
-        uid: uid_of(
-            caches,
-            issue.object.kind,
-            issue.object.namespace.as_deref(),
-            &issue.object.name,
-        ),
+        kind: Some(kind.into()),
+        namespace: namespace.map(str::to_string),
+        name: Some(name.to_string()),
+        uid: uid_of(caches, kind, namespace, name),
         ..ObjectReference::default()
     };
     let event = Event {
         type_: EventType::Warning,
-        reason: "InvalidObject".into(),
-        note: Some(format!(
-            "{}: {} (skipped by causeway-agent)",
-            issue.field, issue.message
-        )),
-        action: "Sync".into(),
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
         secondary: None,
     };
     if let Err(e) = recorder.publish(&event, &reference).await {
-        warn!(object = %issue.object, error = %e, "could not publish a Warning event");
+        warn!(kind, name, error = %e, "could not publish a Warning event");
     }
+}
+
+/// A Warning event on the object the agent had to skip (or partly skip).
+async fn publish_issue(recorder: &Recorder, caches: &Caches, issue: &Issue) {
+    let object = &issue.object;
+    publish_warning(
+        recorder,
+        caches,
+        (object.kind, object.namespace.as_deref(), &object.name),
+        "InvalidObject",
+        "Sync",
+        format!(
+            "{}: {} (skipped by causeway-agent)",
+            issue.field, issue.message
+        ),
+    )
+    .await;
 }
 
 /// A Warning event on a Service whose health-check port could not be opened.
 async fn publish_bind_failure(recorder: &Recorder, caches: &Caches, failure: &BindFailure) {
     warn!(port = failure.port, error = %failure.message, "cannot serve a Service health check");
-    let reference = ObjectReference {
-        api_version: Some("v1".into()),
-        kind: Some("Service".into()),
-        namespace: Some(failure.service.namespace.clone()),
-        name: Some(failure.service.name.clone()),
-        uid: uid_of(
-            caches,
+    publish_warning(
+        recorder,
+        caches,
+        (
             "Service",
             Some(&failure.service.namespace),
             &failure.service.name,
         ),
-        ..ObjectReference::default()
-    };
-    let event = Event {
-        type_: EventType::Warning,
-        reason: "HealthCheckBindFailed".into(),
-        note: Some(format!(
+        "HealthCheckBindFailed",
+        "Serve",
+        format!(
             "cannot serve the health check on healthCheckNodePort {}: {}",
             failure.port, failure.message
-        )),
-        action: "Serve".into(),
-        secondary: None,
-    };
-    if let Err(e) = recorder.publish(&event, &reference).await {
-        warn!(error = %e, "could not publish a Warning event");
-    }
+        ),
+    )
+    .await;
 }
 
 /// A Warning event on this Node about the agent's start, where `kubectl
 /// describe node` shows it (kube-proxy, too, reports there the conntrack
 /// limits it could not raise).
 async fn publish_start_warning(recorder: &Recorder, caches: &Caches, node: &str, warning: &str) {
-    let reference = ObjectReference {
-        api_version: Some("v1".into()),
-        kind: Some("Node".into()),
-        name: Some(node.to_string()),
-        uid: uid_of(caches, "Node", None, node),
-        ..ObjectReference::default()
-    };
-    let event = Event {
-        type_: EventType::Warning,
-        reason: "ConntrackNotTuned".into(),
-        note: Some(warning.to_string()),
-        action: "Start".into(),
-        secondary: None,
-    };
-    if let Err(e) = recorder.publish(&event, &reference).await {
-        warn!(error = %e, "could not publish a Warning event");
-    }
+    publish_warning(
+        recorder,
+        caches,
+        ("Node", None, node),
+        "ConntrackNotTuned",
+        "Start",
+        warning.to_string(),
+    )
+    .await;
 }
 
 /// What one sync did, for the loop.
@@ -717,6 +716,7 @@ impl Syncer {
         // when its part began, and whether it applied a full payload or a
         // partial one. A part ends where the next begins.
         let mut timings: Vec<(IpFamily, Instant, Option<bool>)> = Vec::new();
+        let mut counters_checked = false;
         for state in &mut self.families {
             let family = state.netfilter.family;
             // The first part also carries the reading of the caches above.
@@ -739,9 +739,9 @@ impl Syncer {
                     continue;
                 }
             };
-            if needs_route_localnet(&render_config) && !self.route_localnet_set {
+            if render_config.nodeports_on_loopback() && !self.route_localnet_set {
                 match sysctl::ensure(sysctl::ROUTE_LOCALNET, "1") {
-                    Ok(()) => self.route_localnet_set = true,
+                    Ok(_) => self.route_localnet_set = true,
                     Err(e) => {
                         warn!(error = %e, "cannot set net.ipv4.conf.all.route_localnet=1; NodePorts on 127.0.0.1 will not answer")
                     }
@@ -792,7 +792,9 @@ impl Syncer {
                 || state.last_full.is_none()
                 || damaged
                 || periodic;
-            if full {
+            // Once per sync: the counters are the namespace's, not a family's.
+            if full && !counters_checked {
+                counters_checked = true;
                 ensure_counters(render_config.accounting);
             }
             let changed: BTreeSet<(ServicePortName, Protocol)> = match (&state.applied_model, full)

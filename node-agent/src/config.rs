@@ -225,12 +225,6 @@ impl ProxyOptions {
     }
 }
 
-/// Whether the rules for `config` answer NodePorts on 127.0.0.1, which needs
-/// `net.ipv4.conf.all.route_localnet=1`.
-pub fn needs_route_localnet(config: &RenderConfig) -> bool {
-    config.nodeports_on_loopback()
-}
-
 /// A duration as kube-proxy's flags and configuration file write it, in Go's
 /// syntax (`30s`, `1m0s`, `1h30m`, `250ms`), or plain seconds (`2`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -495,11 +489,11 @@ mod tests {
                 parse_cidr("10.0.0.0/8").unwrap()
             ])
         );
-        assert!(!needs_route_localnet(&v4), "loopback not in the addresses");
+        assert!(!v4.nodeports_on_loopback(), "loopback not in the addresses");
         let all = ProxyOptions::default()
             .render_config(IpFamily::V4, &node())
             .unwrap();
-        assert!(needs_route_localnet(&all));
+        assert!(all.nodeports_on_loopback());
         let bad = ProxyOptions {
             nodeport_addresses: vec!["eth0".into()],
             ..ProxyOptions::default()

@@ -15,8 +15,10 @@
 
 use std::collections::BTreeSet;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::sysctl;
 
 /// kube-proxy's defaults (v1alpha1).
 pub const DEFAULT_MAX_PER_CORE: u32 = 32 * 1024;
@@ -166,7 +168,7 @@ pub fn apply(tuning: &Tuning, cpus: u64, paths: &Paths) -> Result<Applied, Strin
         let given = tuning.insists_on(MAX_PER_CORE) || tuning.insists_on(MIN);
         raise_table_size(paths, target, cpus, tuning, given, &mut applied)?;
     }
-    for (flag, field, sysctl, timeout) in [
+    for (flag, field, setting, timeout) in [
         (
             TCP_ESTABLISHED_TIMEOUT,
             "conntrack.tcpEstablishedTimeout",
@@ -198,15 +200,11 @@ pub fn apply(tuning: &Tuning, cpus: u64, paths: &Paths) -> Result<Applied, Strin
         // Whole seconds, as the kernel takes them; a fraction rounds up, so
         // that a timeout given is never written as 0.
         let seconds = timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0);
-        let path = paths.netfilter.join(sysctl);
-        match read_number(&path) {
-            Ok(current) if current == seconds => continue,
-            _ => {}
-        }
-        match std::fs::write(&path, seconds.to_string()) {
-            Ok(()) => applied
+        match sysctl::ensure(paths.netfilter.join(setting), &seconds.to_string()) {
+            Ok(false) => {}
+            Ok(true) => applied
                 .set
-                .push((format!("net.netfilter.{sysctl}"), seconds)),
+                .push((format!("net.netfilter.{setting}"), seconds)),
             Err(e) => {
                 let hint = if refused_by_the_kernel(&e) {
                     ""
@@ -214,7 +212,7 @@ pub fn apply(tuning: &Tuning, cpus: u64, paths: &Paths) -> Result<Applied, Strin
                     "run the agent with a writable /proc/sys (privileged), or "
                 };
                 let problem = format!(
-                    "cannot set net.netfilter.{sysctl} to {seconds} (--{flag}, {field}): {}; \
+                    "cannot set net.netfilter.{setting} to {seconds} (--{flag}, {field}): {}; \
                      {hint}pass --{flag}=0 to leave it as the node has it",
                     describe(&e)
                 );
@@ -236,7 +234,7 @@ fn raise_table_size(
     applied: &mut Applied,
 ) -> Result<(), String> {
     let path = paths.netfilter.join("nf_conntrack_max");
-    let current = read_number(&path);
+    let current = sysctl::read_number(&path);
     // Large enough already, or 0, which is no limit at all: never lowered.
     if current
         .as_ref()
@@ -271,7 +269,7 @@ fn raise_table_size(
     // new connection's lookup. Only the node's own namespace may resize it,
     // and only with a writable /sys; kube-proxy, too, went on without.
     let wanted = target / 4;
-    match read_number(&paths.hashsize) {
+    match sysctl::read_number(&paths.hashsize) {
         Ok(hashsize) if hashsize >= wanted => {}
         Ok(hashsize) => match std::fs::write(&paths.hashsize, wanted.to_string()) {
             Ok(()) => applied
@@ -303,13 +301,6 @@ fn fail(given: bool, problem: String, applied: &mut Applied) -> Result<(), Strin
         .warnings
         .push(format!("{problem} (a kube-proxy default)"));
     Ok(())
-}
-
-fn read_number(path: &Path) -> io::Result<u64> {
-    std::fs::read_to_string(path)?
-        .trim()
-        .parse()
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Whether the kernel took the write and refused the value itself (out of
@@ -357,7 +348,7 @@ mod tests {
     }
 
     fn value(paths: &Paths, name: &str) -> u64 {
-        read_number(&paths.netfilter.join(name)).unwrap()
+        sysctl::read_number(paths.netfilter.join(name)).unwrap()
     }
 
     #[test]
@@ -404,7 +395,7 @@ mod tests {
         );
         assert!(applied.warnings.is_empty(), "{:?}", applied.warnings);
         assert_eq!(value(&paths, "nf_conntrack_max"), 131_072);
-        assert_eq!(read_number(&paths.hashsize).unwrap(), 32_768);
+        assert_eq!(sysctl::read_number(&paths.hashsize).unwrap(), 32_768);
         assert_eq!(
             value(&paths, "nf_conntrack_tcp_timeout_established"),
             86_400

@@ -238,8 +238,9 @@ impl RenderConfig {
         self.localhost_nodeports && self.family == IpFamily::V4
     }
 
-    /// Whether NodePorts answer on 127.0.0.1: localhost NodePorts, and
-    /// NodePort addresses that include it.
+    /// Whether NodePorts answer on 127.0.0.1 (localhost NodePorts, and
+    /// NodePort addresses that include it), which needs
+    /// `net.ipv4.conf.all.route_localnet=1`.
     pub fn nodeports_on_loopback(&self) -> bool {
         if !self.localhost_nodeports_effective() {
             return false;
