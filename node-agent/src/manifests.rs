@@ -260,6 +260,25 @@ fn add_object(
                 .map_err(|e| document.invalid(&object, e.to_string()))?,
         })
     };
+    // k8s-openapi refuses any other apiVersion, but its message names neither
+    // the field nor the line; say both here.
+    let expected_api_version = match kind.as_str() {
+        "Service" | "Endpoints" | "Node" => Some("v1"),
+        "EndpointSlice" => Some("discovery.k8s.io/v1"),
+        _ => None,
+    };
+    if let (Some(expected), Some(found)) = (expected_api_version, value.get("apiVersion"))
+        && found.as_str() != Some(expected)
+    {
+        let found = serde_yaml::to_string(found).unwrap_or_default();
+        return Err(document.invalid(
+            &object,
+            format!(
+                "apiVersion: {} is not supported for {kind}; use {expected}",
+                found.trim()
+            ),
+        ));
+    }
     let offset = if text.is_some() {
         document.first_line - 1
     } else {
@@ -539,6 +558,20 @@ spec: {}
         assert_eq!(
             error,
             format!("{}: document 2: kind: missing", path.display())
+        );
+
+        let path = write(
+            dir.path(),
+            "beta.yaml",
+            "apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\nendpoints: []\n",
+        );
+        let error = load(std::slice::from_ref(&path)).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            format!(
+                "{}: EndpointSlice default/s: apiVersion: discovery.k8s.io/v1beta1 is not supported for EndpointSlice; use discovery.k8s.io/v1",
+                path.display()
+            )
         );
 
         let missing = dir.path().join("missing.yaml");
