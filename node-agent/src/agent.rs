@@ -69,6 +69,8 @@ pub struct RunConfig {
     /// What went wrong before the API could be reached (conntrack defaults
     /// out of reach): each becomes a Warning event on the Node.
     pub start_warnings: Vec<String>,
+    /// The settings as kube-proxy's `/configz` shows them (JSON).
+    pub configz: String,
 }
 
 /// State the sync loop shares with the HTTP servers.
@@ -192,7 +194,11 @@ pub async fn run(client: Client, config: RunConfig, metrics: Arc<Metrics>) -> an
     .await?;
     serve_in_background(
         config.metrics_bind_address.as_deref(),
-        debug::router(shared.metrics.clone(), shared.rules.clone()),
+        debug::router(
+            shared.metrics.clone(),
+            shared.rules.clone(),
+            config.configz.clone(),
+        ),
         "metrics",
         &shared.connections,
     )

@@ -1,7 +1,8 @@
 //! The local metrics and debug server (`--metrics-bind-address`, localhost by
 //! default): `/metrics`, and `/debug/rules` with the payload the agent last
 //! applied and the last one iptables refused (SPEC 2.4) — what
-//! `causeway-agent trace` reads for a live trace. Also the small client that
+//! `causeway-agent trace` reads for a live trace, and kube-proxy's
+//! `/proxyMode`, `/healthz` and `/configz`. Also the small client that
 //! `trace` uses to fetch it.
 
 use std::collections::BTreeMap;
@@ -125,12 +126,50 @@ fn default_family() -> u8 {
 
 type DebugState = (Arc<Metrics>, Arc<RulesLog>);
 
-/// `/metrics` and `/debug/rules?family=4|6&which=applied|failed`.
-pub fn router(metrics: Arc<Metrics>, rules: Arc<RulesLog>) -> Router {
+/// `/metrics` and `/debug/rules?family=4|6&which=applied|failed`, and what
+/// else kube-proxy's metrics server answers: `/proxyMode`, `/healthz` and
+/// `/configz` (`configz`, the JSON of [`crate::kube_proxy_config::configz`]).
+pub fn router(metrics: Arc<Metrics>, rules: Arc<RulesLog>, configz: String) -> Router {
+    let configz: Arc<str> = configz.into();
     Router::new()
         .route("/metrics", get(metrics_text))
         .route("/debug/rules", get(debug_rules))
+        // `curl localhost:10249/proxyMode`, as the Kubernetes docs tell
+        // people to check which mode the proxy runs in.
+        .route("/proxyMode", get(|| async { plain_text("iptables") }))
+        // kube-proxy's metrics server has the generic liveness check of
+        // every Kubernetes component, with no checks but "ping".
+        .route("/healthz", get(generic_healthz))
+        .route("/healthz/ping", get(|| async { plain_text("ok") }))
+        .route(
+            "/configz",
+            get(move || async move {
+                (
+                    [(header::CONTENT_TYPE, "application/json")],
+                    configz.to_string(),
+                )
+            }),
+        )
         .with_state((metrics, rules))
+}
+
+fn plain_text(text: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        text,
+    )
+        .into_response()
+}
+
+async fn generic_healthz(Query(query): Query<BTreeMap<String, String>>) -> Response {
+    if query.contains_key("verbose") {
+        plain_text("[+]ping ok\nhealthz check passed\n")
+    } else {
+        plain_text("ok")
+    }
 }
 
 async fn metrics_text(State((metrics, _)): State<DebugState>) -> Response {
@@ -249,7 +288,7 @@ mod tests {
         let address = format!("127.0.0.1:{port}");
         tokio::spawn(crate::serve::serve(
             listener,
-            router(metrics, rules),
+            router(metrics, rules, "{\"kubeproxy.config.k8s.io\":{}}".into()),
             crate::serve::ConnectionBudget::default(),
         ));
         let applied = fetch(&address, "/debug/rules?family=4").await.unwrap();
@@ -271,5 +310,19 @@ mod tests {
         assert!(missing.to_string().contains("404"), "{missing}");
         let metrics = fetch(&address, "/metrics").await.unwrap();
         assert!(metrics.contains("kubeproxy_sync_proxy_rules_service_changes_total"));
+        // What kube-proxy's metrics server answers beside /metrics.
+        assert_eq!(fetch(&address, "/proxyMode").await.unwrap(), "iptables");
+        assert_eq!(fetch(&address, "/healthz").await.unwrap(), "ok");
+        assert_eq!(fetch(&address, "/healthz/ping").await.unwrap(), "ok");
+        assert!(
+            fetch(&address, "/healthz?verbose")
+                .await
+                .unwrap()
+                .ends_with("healthz check passed\n")
+        );
+        assert_eq!(
+            fetch(&address, "/configz").await.unwrap(),
+            "{\"kubeproxy.config.k8s.io\":{}}"
+        );
     }
 }

@@ -257,6 +257,62 @@ pub fn write(settings: &FileSettings) -> String {
     serde_yaml::to_string(&Value::Mapping(root)).expect("a mapping of plain values")
 }
 
+/// What kube-proxy serves on `/configz`: its configuration under the API
+/// group's name, in the shape of its internal type, whose fields have no JSON
+/// tags (so `IPTables.MasqueradeBit`, not `iptables.masqueradeBit`; only
+/// `Logging`, a versioned type, keeps lower-case keys). Only the settings the
+/// agent goes by are shown; kube-proxy's others (`IPVS`, `ClientConnection.QPS`,
+/// …) would show values nothing here uses.
+pub fn configz(settings: &FileSettings) -> String {
+    let f = settings;
+    let duration = |value: Option<Duration>| go_duration(value.unwrap_or_default());
+    let text = |value: &Option<String>| value.clone().unwrap_or_default();
+    let configuration = serde_json::json!({
+        "Linux": {
+            "Conntrack": {
+                "MaxPerCore": f.conntrack_max_per_core,
+                "Min": f.conntrack_min,
+                "TCPEstablishedTimeout": f.conntrack_tcp_established_timeout.map(go_duration),
+                "TCPCloseWaitTimeout": f.conntrack_tcp_close_wait_timeout.map(go_duration),
+                "TCPBeLiberal": f.conntrack_tcp_be_liberal.unwrap_or_default(),
+                "UDPTimeout": duration(f.conntrack_udp_timeout),
+                "UDPStreamTimeout": duration(f.conntrack_udp_stream_timeout),
+            },
+            "MasqueradeAll": f.masquerade_all.unwrap_or_default(),
+            "OOMScoreAdj": f.oom_score_adj,
+        },
+        "ClientConnection": {
+            "Kubeconfig": f.kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        },
+        "Logging": {
+            "format": match f.log_format.unwrap_or(LogFormat::Text) {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            },
+            "verbosity": f.verbosity.unwrap_or_default(),
+        },
+        "HostnameOverride": text(&f.node_name),
+        "BindAddress": f.bind_address.map_or_else(|| "0.0.0.0".to_string(), |ip| ip.to_string()),
+        "HealthzBindAddress": text(&f.healthz_bind_address),
+        "MetricsBindAddress": text(&f.metrics_bind_address),
+        "Mode": "iptables",
+        "IPTables": {
+            "MasqueradeBit": f.masquerade_bit,
+            "LocalhostNodePorts": f.localhost_nodeports,
+        },
+        "DetectLocalMode": f.detect_local_mode.map(|m| m.to_string()).unwrap_or_default(),
+        "DetectLocal": {
+            "BridgeInterface": text(&f.pod_bridge_interface),
+            "ClusterCIDRs": f.cluster_cidrs.clone().unwrap_or_default(),
+            "InterfaceNamePrefix": text(&f.pod_interface_name_prefix),
+        },
+        "NodePortAddresses": f.nodeport_addresses,
+        "SyncPeriod": duration(f.sync_period),
+        "MinSyncPeriod": duration(f.min_sync_period),
+    });
+    serde_json::json!({ "kubeproxy.config.k8s.io": configuration }).to_string()
+}
+
 /// A duration as Go prints one (`24h0m0s`, `1m30s`, `45s`, `1.5s`, `500ms`),
 /// which is how kube-proxy writes its file.
 pub fn go_duration(duration: Duration) -> String {

@@ -916,6 +916,7 @@ fn run(
     file_text: String,
     unused_flags: &[String],
 ) -> anyhow::Result<()> {
+    let mut shown_settings = args.effective_settings();
     let RunArgs {
         config: config_path,
         node_name,
@@ -963,6 +964,10 @@ fn run(
         metrics_port,
     )
     .context("--metrics-bind-address")?;
+    // As kube-proxy shows them: with the port added, or empty when off.
+    shown_settings.healthz_bind_address = Some(healthz_bind_address.clone().unwrap_or_default());
+    shown_settings.metrics_bind_address = Some(metrics_bind_address.clone().unwrap_or_default());
+    let configz = kube_proxy_config::configz(&shown_settings);
     // As in kube-proxy, a specific bind address is this node's IP of its
     // family, in place of the Node's InternalIPs of that family.
     let primary_ip = bind_address.filter(|ip| !ip.is_unspecified());
@@ -1063,6 +1068,7 @@ fn run(
             healthz_bind_address,
             metrics_bind_address,
             start_warnings,
+            configz,
         };
         let Some(path) = config_path else {
             return agent::run(client, config, metrics).await;
@@ -1575,6 +1581,34 @@ mod tests {
         assert_eq!(first.conntrack_max_per_core, Some(0));
         assert_eq!(first.conntrack_min, Some(131_072));
         assert_eq!(first.conntrack_tcp_close_wait_timeout, Some(Duration::ZERO));
+        // /configz shows the same settings, in kube-proxy's internal shape.
+        let configz: serde_json::Value =
+            serde_json::from_str(&kube_proxy_config::configz(&first)).unwrap();
+        let shown = &configz["kubeproxy.config.k8s.io"];
+        assert_eq!(shown["Mode"], "iptables");
+        assert_eq!(shown["HostnameOverride"], "node-a");
+        assert_eq!(shown["IPTables"]["MasqueradeBit"], 12);
+        assert_eq!(shown["IPTables"]["LocalhostNodePorts"], true);
+        assert_eq!(shown["SyncPeriod"], "1m0s");
+        assert_eq!(shown["MinSyncPeriod"], "1s");
+        assert_eq!(
+            shown["DetectLocal"]["ClusterCIDRs"],
+            serde_json::json!(["10.244.0.0/16"])
+        );
+        assert_eq!(
+            shown["NodePortAddresses"],
+            serde_json::json!(["primary", "127.0.0.0/8"])
+        );
+        let conntrack = &shown["Linux"]["Conntrack"];
+        assert_eq!(conntrack["MaxPerCore"], 0);
+        assert_eq!(conntrack["Min"], 131_072);
+        assert_eq!(conntrack["TCPEstablishedTimeout"], "24h0m0s");
+        assert_eq!(conntrack["TCPCloseWaitTimeout"], "0s");
+        assert_eq!(conntrack["UDPTimeout"], "45s");
+        assert_eq!(shown["Linux"]["OOMScoreAdj"], -998);
+        assert_eq!(shown["Logging"]["format"], "json");
+        assert_eq!(shown["Logging"]["verbosity"], 4);
+        assert_eq!(shown["MetricsBindAddress"], "127.0.0.1:10249");
         let written = dir.path().join("written.conf");
         std::fs::write(&written, kube_proxy_config::write(&first)).unwrap();
         let again = effective(&["--config", &written.display().to_string()]);

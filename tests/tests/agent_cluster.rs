@@ -293,6 +293,21 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
     )
     .unwrap_or(0.0) as u64;
     assert!(partial > 0, "no partial sync:\n{metrics}");
+    // The rest of kube-proxy's metrics server: the mode, as the Kubernetes
+    // docs check it, and the settings from the file, as kube-proxy shows them.
+    let (status, head, mode) = http_get(&node1.netns, "http://127.0.0.1:10249/proxyMode")?;
+    assert_eq!((status, mode.as_str()), (200, "iptables"), "{head}");
+    let (status, _, configz) = http_get(&node1.netns, "http://127.0.0.1:10249/configz")?;
+    assert_eq!(status, 200);
+    let configz: serde_json::Value = serde_json::from_str(&configz)?;
+    let shown = &configz["kubeproxy.config.k8s.io"];
+    assert_eq!(shown["SyncPeriod"], "10m0s", "{configz}");
+    assert_eq!(shown["MetricsBindAddress"], "0.0.0.0:10249", "{configz}");
+    assert_eq!(
+        shown["Linux"]["Conntrack"]["TCPEstablishedTimeout"], "2h0m0s",
+        "{configz}"
+    );
+    assert_eq!(shown["Logging"]["verbosity"], 4, "{configz}");
     // The configuration file's field the agent does not use, and the one
     // kube-proxy's API no longer has, were named.
     let log = std::fs::read_to_string(cluster.dir().join("agent-node-1.log"))?;
