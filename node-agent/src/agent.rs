@@ -287,6 +287,21 @@ pub async fn run(client: Client, config: RunConfig, metrics: Arc<Metrics>) -> an
             instance: Some(config.node_name.clone()),
         },
     );
+    // As kube-proxy does at start, where `kubectl describe node` shows
+    // when the node's proxy (re)started.
+    publish_event(
+        &recorder,
+        &caches,
+        ("Node", None, &config.node_name),
+        EventType::Normal,
+        "Starting",
+        "Start",
+        format!(
+            "Starting causeway-agent {} (kube-proxy's iptables mode)",
+            env!("CARGO_PKG_VERSION")
+        ),
+    )
+    .await;
     for warning in &config.start_warnings {
         publish_start_warning(&recorder, &caches, &config.node_name, warning).await;
     }
@@ -521,7 +536,28 @@ fn uid_of(caches: &Caches, kind: &str, namespace: Option<&str>, name: &str) -> O
 async fn publish_warning(
     recorder: &Recorder,
     caches: &Caches,
+    object: (&'static str, Option<&str>, &str),
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    publish_event(
+        recorder,
+        caches,
+        object,
+        EventType::Warning,
+        reason,
+        action,
+        note,
+    )
+    .await;
+}
+
+async fn publish_event(
+    recorder: &Recorder,
+    caches: &Caches,
     (kind, namespace, name): (&'static str, Option<&str>, &str),
+    type_: EventType,
     reason: &str,
     action: &str,
     note: String,
@@ -539,14 +575,14 @@ async fn publish_warning(
         ..ObjectReference::default()
     };
     let event = Event {
-        type_: EventType::Warning,
+        type_,
         reason: reason.into(),
         note: Some(note),
         action: action.into(),
         secondary: None,
     };
     if let Err(e) = recorder.publish(&event, &reference).await {
-        warn!(kind, name, error = %e, "could not publish a Warning event");
+        warn!(kind, name, reason, error = %e, "could not publish an event");
     }
 }
 

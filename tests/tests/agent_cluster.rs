@@ -308,6 +308,21 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
         "{configz}"
     );
     assert_eq!(shown["Logging"]["verbosity"], 4, "{configz}");
+    // As kube-proxy does, the agent says on the Node that it started.
+    let node: k8s_openapi::api::core::v1::Node = Api::all(cluster.client()).get("node-1").await?;
+    let uid = node.metadata.uid.unwrap_or_default();
+    let events = causeway_tests::controller::events_reported_by(
+        &cluster.client(),
+        &uid,
+        Some("causeway-agent"),
+    )
+    .await?;
+    assert!(
+        events.iter().any(|(type_, reason, note)| type_ == "Normal"
+            && reason == "Starting"
+            && note.starts_with("Starting causeway-agent")),
+        "{events:?}"
+    );
     // The configuration file's field the agent does not use, and the one
     // kube-proxy's API no longer has, were named.
     let log = std::fs::read_to_string(cluster.dir().join("agent-node-1.log"))?;
