@@ -1,15 +1,17 @@
 //! Serving the agent's HTTP ports, which anything on the network can reach:
 //! a deadline for the request head, a lifetime per connection, and caps on
-//! open connections, so that slow or idle clients cannot hold the agent's
-//! file descriptors or keep health answers from being read. A port that is
-//! full closes its oldest connection for a new one: a probe always gets in,
-//! and a client that holds connections open only churns them.
+//! open connections, per port and over all ports, so that slow or idle
+//! clients cannot hold the agent's file descriptors or keep health answers
+//! from being read. At either cap a new connection is let in, and the oldest
+//! connection of the client address holding the most is closed instead: a
+//! probe always gets in, and a client that holds or floods connections only
+//! churns its own, on any number of ports.
 //!
 //! `axum::serve` sets none of these (it gives hyper no timer, so even hyper's
 //! own header timeout never fires), hence this small accept loop.
 
-use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -18,7 +20,6 @@ use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio::task::AbortHandle;
 use tracing::debug;
 
@@ -29,19 +30,26 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// simply opens a new one.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// Open connections per listening port: one port's clients cannot use up
-/// what another port's need. A new connection beyond it closes the oldest.
+/// what another port's need.
 pub const CONNECTIONS_PER_PORT: usize = 64;
-/// Open connections over all ports, well under the usual 1 024 open files;
-/// beyond it a new connection is closed at once.
+/// Open connections over all ports, well under the usual 1 024 open files.
 pub const CONNECTIONS_TOTAL: usize = 512;
 
-/// Connection slots shared by every server of one agent.
+/// The open connections of every server of one agent, oldest first.
 #[derive(Debug, Clone)]
-pub struct ConnectionBudget(Arc<Semaphore>);
+pub struct ConnectionBudget(Arc<Mutex<OpenConnections>>);
 
 impl ConnectionBudget {
+    /// At most `total` connections over all ports.
     pub fn new(total: usize) -> Self {
-        ConnectionBudget(Arc::new(Semaphore::new(total)))
+        ConnectionBudget(Arc::new(Mutex::new(OpenConnections {
+            total,
+            ..OpenConnections::default()
+        })))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, OpenConnections> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -56,22 +64,72 @@ impl Default for ConnectionBudget {
 #[derive(Debug, Clone, Copy)]
 pub struct LocalAddr(pub SocketAddr);
 
-/// One port's open connections, oldest first.
-#[derive(Default)]
-struct OpenConnections {
-    next_id: u64,
-    open: VecDeque<(u64, AbortHandle)>,
+#[derive(Debug)]
+struct Connection {
+    id: u64,
+    /// Which `serve` (listening port) it belongs to.
+    port: u64,
+    client: IpAddr,
+    task: AbortHandle,
 }
 
-fn lock(open: &Mutex<OpenConnections>) -> MutexGuard<'_, OpenConnections> {
-    open.lock().unwrap_or_else(PoisonError::into_inner)
+#[derive(Debug, Default)]
+struct OpenConnections {
+    total: usize,
+    next_id: u64,
+    open: VecDeque<Connection>,
+}
+
+impl OpenConnections {
+    fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Makes room for one more connection on `port`: closes connections
+    /// while the port or the whole is at its cap.
+    fn make_room(&mut self, port: u64) {
+        loop {
+            let on_port = self.open.iter().filter(|c| c.port == port).count();
+            let evicted = if on_port >= CONNECTIONS_PER_PORT {
+                self.evict(|c| c.port == port)
+            } else if self.open.len() >= self.total {
+                self.evict(|_| true)
+            } else {
+                return;
+            };
+            match evicted {
+                // Dropping the task closes the socket.
+                Some(task) => task.abort(),
+                None => return,
+            }
+        }
+    }
+
+    /// Takes off the list, among the connections `among` picks, the oldest
+    /// of the client address holding the most of them (the oldest of all
+    /// when they tie). Closing simply the oldest would let a client that
+    /// opens connections faster than a probe sends its request close the
+    /// probe's.
+    fn evict(&mut self, among: impl Fn(&Connection) -> bool) -> Option<AbortHandle> {
+        let mut held: HashMap<IpAddr, usize> = HashMap::new();
+        for connection in self.open.iter().filter(|c| among(c)) {
+            *held.entry(connection.client).or_default() += 1;
+        }
+        let most = held.values().copied().max()?;
+        let position = self
+            .open
+            .iter()
+            .position(|c| among(c) && held[&c.client] == most)?;
+        self.open.remove(position).map(|c| c.task)
+    }
 }
 
 /// Serves `router` on `listener` until the task is dropped. Handlers can
 /// read the client's address with `ConnectInfo<SocketAddr>`, and the address
 /// it connected to with `Extension<LocalAddr>`.
 pub async fn serve(listener: TcpListener, router: Router, budget: ConnectionBudget) {
-    let connections = Arc::new(Mutex::new(OpenConnections::default()));
+    let port = budget.lock().next_id();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -82,10 +140,6 @@ pub async fn serve(listener: TcpListener, router: Router, budget: ConnectionBudg
                 continue;
             }
         };
-        let Ok(total_slot) = budget.0.clone().try_acquire_owned() else {
-            debug!(%peer, "too many open connections on all ports; closing a new one");
-            continue;
-        };
         let local = stream.local_addr().unwrap_or(peer);
         let service = TowerToHyperService::new(
             router
@@ -95,27 +149,24 @@ pub async fn serve(listener: TcpListener, router: Router, budget: ConnectionBudg
         );
         // Held while the task is spawned and listed: a task that ends at
         // once waits here before it takes itself off the list.
-        let mut open = lock(&connections);
-        if open.open.len() >= CONNECTIONS_PER_PORT
-            && let Some((_, oldest)) = open.open.pop_front()
-        {
-            // Dropping the task closes the socket and frees its slot.
-            oldest.abort();
-            debug!(%peer, "port full; closed its oldest connection");
-        }
-        open.next_id += 1;
-        let id = open.next_id;
-        let registry = connections.clone();
+        let mut open = budget.lock();
+        open.make_room(port);
+        let id = open.next_id();
+        let registry = budget.clone();
         let task = tokio::spawn(async move {
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
             let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
-            drop(total_slot);
-            lock(&registry).open.retain(|(open_id, _)| *open_id != id);
+            registry.lock().open.retain(|c| c.id != id);
         });
-        open.open.push_back((id, task.abort_handle()));
+        open.open.push_back(Connection {
+            id,
+            port,
+            client: peer.ip().to_canonical(),
+            task: task.abort_handle(),
+        });
     }
 }
 
@@ -139,16 +190,29 @@ mod tests {
     /// The answer to `GET /`; empty when the server closed (or reset) the
     /// connection without one.
     async fn get_root(address: SocketAddr) -> String {
-        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        ask(&mut tokio::net::TcpStream::connect(address).await.unwrap()).await
+    }
+
+    /// Sends `GET /` on a connection already open: the answer, or empty.
+    async fn ask(stream: &mut tokio::net::TcpStream) -> String {
         let mut answer = String::new();
         if stream
             .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             .await
             .is_ok()
         {
-            let _ = stream.read_to_string(&mut answer).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), stream.read_to_string(&mut answer))
+                    .await;
         }
         answer
+    }
+
+    /// A connection to `address` from the loopback address `client`.
+    async fn connect_from(client: &str, address: SocketAddr) -> tokio::net::TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{client}:0").parse().unwrap()).unwrap();
+        socket.connect(address).await.unwrap()
     }
 
     #[tokio::test(start_paused = true)]
@@ -197,16 +261,85 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_flood_from_one_address_closes_only_its_own_connections() {
+        let address = started(ConnectionBudget::default()).await;
+        // A probe from another address connects first, and is the oldest
+        // connection when one address fills the port.
+        let mut probe = connect_from("127.0.0.2", address).await;
+        let mut flood = Vec::new();
+        for _ in 0..CONNECTIONS_PER_PORT * 2 {
+            flood.push(tokio::net::TcpStream::connect(address).await.unwrap());
+        }
+        // Until the server has accepted them all (an answer proves the
+        // accept loop got past every earlier connection).
+        assert!(get_root(address).await.starts_with("HTTP/1.1 200"));
+        let answer = ask(&mut probe).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.contains("127.0.0.2:"),
+            "the probe's connection was closed by the flood: {answer:?}"
+        );
+        // The flood's first connections went instead.
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(2), flood[0].read_to_end(&mut rest)).await;
+        assert!(
+            closed.is_ok(),
+            "the flood's oldest connection is still open"
+        );
+    }
+
+    #[tokio::test]
     async fn the_shared_budget_caps_all_ports_together() {
         let budget = ConnectionBudget::new(2);
         let first = started(budget.clone()).await;
         let second = started(budget.clone()).await;
-        let _a = tokio::net::TcpStream::connect(first).await.unwrap();
+        let mut a = tokio::net::TcpStream::connect(first).await.unwrap();
         let _b = tokio::net::TcpStream::connect(first).await.unwrap();
         // Until the server has accepted both.
-        while budget.0.available_permits() > 0 {
+        while budget.lock().open.len() < 2 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert_eq!(get_root(second).await, "", "the other port took a third");
+        // The other port still answers: the oldest idle connection makes room.
+        assert!(get_root(second).await.starts_with("HTTP/1.1 200"));
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(2), a.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "the oldest connection is still open");
+        assert!(budget.lock().open.len() <= 2);
+    }
+
+    #[tokio::test]
+    async fn a_flood_over_many_ports_closes_only_its_own_connections() {
+        // One client holds every slot of the whole budget over several
+        // ports; a probe from another address to yet another port is
+        // answered, and no connection of another client is closed for it.
+        let budget = ConnectionBudget::new(CONNECTIONS_PER_PORT * 3);
+        let flooded: Vec<SocketAddr> = started_ports(&budget, 3).await;
+        let probed = started(budget.clone()).await;
+        let mut bystander = connect_from("127.0.0.3", probed).await;
+        let mut flood = Vec::new();
+        for port in &flooded {
+            for _ in 0..CONNECTIONS_PER_PORT {
+                flood.push(tokio::net::TcpStream::connect(port).await.unwrap());
+            }
+        }
+        while budget.lock().open.len() < CONNECTIONS_PER_PORT * 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut probe = connect_from("127.0.0.2", probed).await;
+        let answer = ask(&mut probe).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+        let answer = ask(&mut bystander).await;
+        assert!(
+            answer.contains("127.0.0.3:"),
+            "the other client's idle connection was closed: {answer:?}"
+        );
+    }
+
+    async fn started_ports(budget: &ConnectionBudget, count: usize) -> Vec<SocketAddr> {
+        let mut ports = Vec::new();
+        for _ in 0..count {
+            ports.push(started(budget.clone()).await);
+        }
+        ports
     }
 }
