@@ -119,6 +119,15 @@ pub struct SeedInstance {
     pub zone: String,
 }
 
+/// A control-plane component [`Cluster::stop_component`] stopped, and how to
+/// start it again.
+#[derive(Debug)]
+pub struct StoppedComponent {
+    name: String,
+    argv: Vec<String>,
+    cwd: PathBuf,
+}
+
 /// Everything an environment created, recorded before it is created.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct EnvState {
@@ -662,6 +671,82 @@ impl Cluster {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Stops a component of the control plane (`kube-apiserver`, `etcd`,
+    /// `kube-controller-manager`, `moto_server`) as a crash or an upgrade
+    /// would: killed. [`Cluster::start_component`] starts it again, with the
+    /// same command line, read from `/proc` before the kill.
+    pub fn stop_component(&self, name: &str) -> Result<StoppedComponent> {
+        let pid = {
+            let state = self.state.lock().expect("state lock");
+            state
+                .processes
+                .iter()
+                .rev()
+                .find(|p| p.name == name)
+                .map(|p| p.pid)
+                .with_context(|| format!("no {name} in this environment"))?
+        };
+        let argv: Vec<String> = fs::read(format!("/proc/{pid}/cmdline"))?
+            .split(|b| *b == 0)
+            .filter(|arg| !arg.is_empty())
+            .map(|arg| String::from_utf8_lossy(arg).into_owned())
+            .collect();
+        let cwd = fs::read_link(format!("/proc/{pid}/cwd"))?;
+        {
+            let mut children = self.children.lock().expect("children lock");
+            let index = children
+                .iter()
+                .position(|c| c.id() == pid)
+                .with_context(|| format!("{name} ({pid}) is not a child of this test"))?;
+            let mut child = children.remove(index);
+            let killed = child.kill();
+            child.wait()?;
+            killed?;
+        }
+        let mut state = self.state.lock().expect("state lock");
+        state.processes.retain(|p| p.pid != pid);
+        state.save()?;
+        Ok(StoppedComponent {
+            name: name.to_string(),
+            argv,
+            cwd,
+        })
+    }
+
+    /// Starts a component [`Cluster::stop_component`] stopped, its output
+    /// appended to its log; for the apiserver, waits until it is ready.
+    pub async fn start_component(&self, stopped: StoppedComponent) -> Result<()> {
+        let log = fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(self.dir().join(format!("{}.log", stopped.name)))?;
+        let (program, args) = stopped
+            .argv
+            .split_first()
+            .context("an empty command line")?;
+        let child = Command::new(program)
+            .args(args)
+            .current_dir(&stopped.cwd)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {program}"))?;
+        {
+            let mut state = self.state.lock().expect("state lock");
+            state.processes.push(RecordedProcess {
+                name: stopped.name.clone(),
+                pid: child.id(),
+            });
+            state.save()?;
+        }
+        self.children.lock().expect("children lock").push(child);
+        if stopped.name == "kube-apiserver" {
+            wait_apiserver(&self.kubeconfig, &mut || Ok(())).await?;
+        }
+        Ok(())
     }
 
     /// Starts a long-running program inside a namespace of this environment; it

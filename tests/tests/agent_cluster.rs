@@ -836,6 +836,76 @@ async fn a_bind_address_is_the_node_ip_that_primary_node_ports_answer_on() -> Re
     Ok(())
 }
 
+/// The apiserver goes away and comes back, as in a crash or a control-plane
+/// upgrade. Meanwhile the rules stay and answer, the agent keeps running and
+/// healthy, and once the apiserver is back it follows what changes there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_rides_out_an_apiserver_restart() -> Result<()> {
+    let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
+    let node1 = cluster.node("node-1").clone();
+    let agent = workspace_bin("causeway-agent");
+    // Changes that wait more than 2 × --sync-period make the agent unhealthy;
+    // the outage below lasts longer than that.
+    let agent_pid = cluster.spawn_agent("node-1", "agent-1", &agent, &["--sync-period", "2s"])?;
+    let (client, services, ip) = client_and_web(&cluster).await?;
+    let web = format!("{ip}:80");
+    wait_for_pods(&client.netns, "tcp", &web, &["web-1"], "web")?;
+    let healthz = format!("http://{}:10256/healthz", node1.ip);
+
+    let stopped = cluster.stop_component("kube-apiserver")?;
+    assert!(
+        services.get("web").await.is_err(),
+        "the apiserver still answers"
+    );
+    std::thread::sleep(Duration::from_secs(6));
+    let during = tally(&client.netns, "tcp", &web, 10)?;
+    assert_eq!(
+        during.get("web-1"),
+        Some(&10),
+        "during the outage: {during:?}"
+    );
+    let (status, _, body) = http_get(&cluster.external_netns(), &healthz)?;
+    assert_eq!(status, 200, "/healthz during the outage: {body}");
+    assert!(
+        std::path::Path::new(&format!("/proc/{agent_pid}")).exists(),
+        "the agent exited while the apiserver was away"
+    );
+
+    cluster.start_component(stopped).await?;
+    // An endpoint added, and a Service created, after the restart.
+    cluster
+        .add_pod("node-1", "web-2", &[("app", "web")])
+        .await?;
+    wait_for_pods(
+        &client.netns,
+        "tcp",
+        &web,
+        &["web-1", "web-2"],
+        "web's new endpoint after the restart",
+    )?;
+    let api: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "api"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 8080, "targetPort": 80}]}
+    }))?;
+    services.create(&PostParams::default(), &api).await?;
+    let api_ip = cluster_ip(&services, "api").await?;
+    wait_for_pods(
+        &client.netns,
+        "tcp",
+        &format!("{api_ip}:8080"),
+        &["web-1", "web-2"],
+        "a Service created after the restart",
+    )?;
+    let (status, _, body) = http_get(&cluster.external_netns(), &healthz)?;
+    assert_eq!(status, 200, "/healthz after the restart: {body}");
+    let log = std::fs::read_to_string(cluster.dir().join("agent-1.log"))?;
+    assert!(!log.contains("panicked"), "{log}");
+    // It said why it was retrying.
+    assert!(log.contains("watching Services failed; retrying"), "{log}");
+    Ok(())
+}
+
 /// The `KUBE-SVC-` chain the nat `KUBE-SERVICES` entry of `ns/name` jumps to.
 fn service_chain(netns_name: &str, service: &str) -> Result<Option<String>> {
     let entries = netns::exec_in(
