@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -492,8 +492,35 @@ fn parse_ip_family(text: &str) -> Result<u8, String> {
     }
 }
 
+/// The command line, with `run` put in when the agent was started as
+/// `kube-proxy` (the image links that name to it): a kube-proxy DaemonSet or
+/// static pod that runs `kube-proxy --config=… --hostname-override=…` then
+/// needs only its image changed. `kube-proxy --version` prints ours.
+fn command_line(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let started_as = args
+        .first()
+        .and_then(|arg0| Path::new(arg0).file_name())
+        .map(|name| name.to_string_lossy().into_owned());
+    if started_as.as_deref() != Some("kube-proxy") {
+        return args;
+    }
+    let asks_version = args[1..].iter().any(|arg| {
+        let arg = arg.to_string_lossy();
+        matches!(
+            arg.as_ref(),
+            "--version" | "--version=true" | "--version=raw" | "-V"
+        )
+    });
+    if asks_version {
+        return vec!["causeway-agent".into(), "--version".into()];
+    }
+    args[0] = "causeway-agent".into();
+    args.insert(1, "run".into());
+    args
+}
+
 fn main() -> anyhow::Result<()> {
-    let matches = cli_command().get_matches();
+    let matches = cli_command().get_matches_from(command_line(std::env::args_os().collect()));
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Render(mut args) => {
@@ -1537,6 +1564,44 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn started_as_kube_proxy_it_runs() {
+        let line = |args: &[&str]| -> Vec<String> {
+            command_line(args.iter().map(Into::into).collect())
+                .into_iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(
+            line(&["/usr/local/bin/kube-proxy", "--config=/c", "--v=2"]),
+            ["causeway-agent", "run", "--config=/c", "--v=2"]
+        );
+        assert_eq!(line(&["kube-proxy"]), ["causeway-agent", "run"]);
+        assert_eq!(
+            line(&["kube-proxy", "--version=raw"]),
+            ["causeway-agent", "--version"]
+        );
+        // Under its own name, nothing changes.
+        assert_eq!(
+            line(&["/bin/causeway-agent", "--version"]),
+            ["/bin/causeway-agent", "--version"]
+        );
+        assert_eq!(
+            line(&["causeway-agent", "render", "--manifests", "kube-proxy"]),
+            ["causeway-agent", "render", "--manifests", "kube-proxy"]
+        );
+        let matches = cli_command()
+            .try_get_matches_from(command_line(vec![
+                "kube-proxy".into(),
+                "--hostname-override=node-1".into(),
+            ]))
+            .unwrap();
+        assert!(matches!(
+            Cli::from_arg_matches(&matches).unwrap().command,
+            Command::Run(_)
+        ));
     }
 
     #[test]

@@ -673,6 +673,35 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// A kubeconfig for this environment that authenticates as `who` with
+    /// `token` (a ServiceAccount's, from `kubectl create token`).
+    pub fn kubeconfig_with_token(&self, who: &str, token: &str) -> Result<String> {
+        let path = self.dir().join(format!("kubeconfig-{who}"));
+        fs::copy(self.kubeconfig(), &path)?;
+        let path = path.display().to_string();
+        for args in [
+            vec![
+                "config",
+                "set-credentials",
+                who,
+                &format!("--token={token}"),
+            ],
+            vec![
+                "config",
+                "set-context",
+                "--current",
+                &format!("--user={who}"),
+            ],
+        ] {
+            let out = Command::new(self.bin_dir().join("kubectl"))
+                .args(&args)
+                .env("KUBECONFIG", &path)
+                .output()?;
+            anyhow::ensure!(out.status.success(), "kubectl {}: {out:?}", args[1]);
+        }
+        Ok(path)
+    }
+
     /// Stops a component of the control plane (`kube-apiserver`, `etcd`,
     /// `kube-controller-manager`, `moto_server`) as a crash or an upgrade
     /// would: killed. [`Cluster::start_component`] starts it again, with the

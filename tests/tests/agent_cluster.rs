@@ -906,6 +906,134 @@ async fn the_agent_rides_out_an_apiserver_restart() -> Result<()> {
     Ok(())
 }
 
+/// A kube-proxy DaemonSet with only its image changed. The image links
+/// `kube-proxy` to the agent; started by that name with kubeadm's arguments
+/// and kubeadm's configuration file, under kube-proxy's own RBAC (the
+/// bootstrap ClusterRole `system:node-proxier`, bound to a `kube-proxy`
+/// ServiceAccount as kubeadm binds it), the agent proxies Services and is
+/// refused nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn started_as_kube_proxy_with_kubeadms_arguments_and_rbac_it_proxies() -> Result<()> {
+    let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
+    let node1 = cluster.node("node-1").clone();
+    cluster.kubectl(&[
+        "create",
+        "serviceaccount",
+        "kube-proxy",
+        "-n",
+        "kube-system",
+    ])?;
+    cluster.kubectl(&[
+        "create",
+        "clusterrolebinding",
+        "kubeadm:node-proxier",
+        "--clusterrole=system:node-proxier",
+        "--serviceaccount=kube-system:kube-proxy",
+    ])?;
+    let token = cluster.kubectl(&[
+        "create",
+        "token",
+        "kube-proxy",
+        "-n",
+        "kube-system",
+        "--duration=1h",
+    ])?;
+    let kubeconfig = cluster.kubeconfig_with_token("kube-proxy", token.trim())?;
+    // What `kubeadm init` writes into the kube-proxy ConfigMap (kubeadm
+    // 1.34's defaults), with the cluster's pod CIDR and the kubeconfig.
+    let config = cluster.dir().join("config.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
+             bindAddress: 0.0.0.0\n\
+             bindAddressHardFail: false\n\
+             clientConnection:\n  acceptContentTypes: \"\"\n  burst: 0\n  contentType: \"\"\n  \
+               kubeconfig: {kubeconfig}\n  qps: 0\n\
+             clusterCIDR: {cidr}\n\
+             configSyncPeriod: 0s\n\
+             conntrack:\n  maxPerCore: null\n  min: null\n  tcpBeLiberal: false\n  \
+               tcpCloseWaitTimeout: null\n  tcpEstablishedTimeout: null\n  \
+               udpStreamTimeout: 0s\n  udpTimeout: 0s\n\
+             detectLocal:\n  bridgeInterface: \"\"\n  interfaceNamePrefix: \"\"\n\
+             detectLocalMode: \"\"\n\
+             enableProfiling: false\n\
+             healthzBindAddress: \"\"\n\
+             hostnameOverride: \"\"\n\
+             iptables:\n  localhostNodePorts: null\n  masqueradeAll: false\n  \
+               masqueradeBit: null\n  minSyncPeriod: 0s\n  syncPeriod: 0s\n\
+             ipvs:\n  excludeCIDRs: null\n  minSyncPeriod: 0s\n  scheduler: \"\"\n  \
+               strictARP: false\n  syncPeriod: 0s\n  tcpFinTimeout: 0s\n  tcpTimeout: 0s\n  \
+               udpTimeout: 0s\n\
+             kind: KubeProxyConfiguration\n\
+             logging:\n  flushFrequency: 0\n  options:\n    json:\n      infoBufferSize: \"0\"\n    \
+               text:\n      infoBufferSize: \"0\"\n  verbosity: 0\n\
+             metricsBindAddress: \"\"\n\
+             mode: \"\"\n\
+             nftables:\n  masqueradeAll: false\n  masqueradeBit: null\n  minSyncPeriod: 0s\n  \
+               syncPeriod: 0s\n\
+             nodePortAddresses: null\n\
+             oomScoreAdj: null\n\
+             portRange: \"\"\n\
+             showHiddenMetricsForVersion: \"\"\n\
+             winkernel:\n  enableDSR: false\n  forwardHealthCheckVip: false\n  networkName: \"\"\n  \
+               rootHnsEndpointName: \"\"\n  sourceVip: \"\"\n",
+            cidr = cluster.cluster_cidr(),
+        ),
+    )?;
+    // The image's `kube-proxy`: a link to the agent.
+    let image_bin = cluster.dir().join("image-bin");
+    std::fs::create_dir_all(&image_bin)?;
+    let kube_proxy = image_bin.join("kube-proxy");
+    std::os::unix::fs::symlink(workspace_bin("causeway-agent"), &kube_proxy)?;
+    // kubeadm's DaemonSet command, $(NODE_NAME) filled in by the kubelet.
+    cluster.spawn_in(
+        &node1.netns,
+        "kube-proxy",
+        &kube_proxy,
+        &[
+            &format!("--config={}", config.display()),
+            "--hostname-override=node-1",
+        ],
+    )?;
+    let (client, _services, ip) = client_and_web(&cluster).await?;
+    wait_for_pods(
+        &client.netns,
+        "tcp",
+        &format!("{ip}:80"),
+        &["web-1"],
+        "web, proxied by `kube-proxy`",
+    )?;
+    let (status, _, mode) = http_get(&node1.netns, "http://127.0.0.1:10249/proxyMode")?;
+    assert_eq!((status, mode.as_str()), (200, "iptables"));
+    // The Starting event, written with kube-proxy's RBAC.
+    let node: k8s_openapi::api::core::v1::Node = Api::all(cluster.client()).get("node-1").await?;
+    let uid = node.metadata.uid.unwrap_or_default();
+    eventually(
+        Duration::from_secs(10),
+        "the agent's Starting event on the Node",
+        || async {
+            let events = causeway_tests::controller::events_reported_by(
+                &cluster.client(),
+                &uid,
+                Some("causeway-agent"),
+            )
+            .await?;
+            Ok(events
+                .iter()
+                .any(|(_, reason, _)| reason == "Starting")
+                .then_some(()))
+        },
+    )
+    .await?;
+    let log = std::fs::read_to_string(cluster.dir().join("kube-proxy.log"))?;
+    assert!(
+        !log.contains("forbidden") && !log.contains("Forbidden"),
+        "refused something under system:node-proxier:\n{log}"
+    );
+    Ok(())
+}
+
 /// The `KUBE-SVC-` chain the nat `KUBE-SERVICES` entry of `ns/name` jumps to.
 fn service_chain(netns_name: &str, service: &str) -> Result<Option<String>> {
     let entries = netns::exec_in(

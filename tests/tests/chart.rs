@@ -365,7 +365,7 @@ async fn apiserver_accepts_every_rendered_object_and_the_rbac_runs_both_programs
     cluster.kubectl(&["apply", "-f", &rbac_file])?;
     let sa = format!("{RELEASE}-controller");
     let token = cluster.kubectl(&["create", "token", &sa, "-n", NAMESPACE, "--duration=1h"])?;
-    let kubeconfig = sa_kubeconfig(&cluster, "controller", token.trim())?;
+    let kubeconfig = cluster.kubeconfig_with_token("controller", token.trim())?;
     // The ServiceAccount can do exactly what the controller needs, and no more.
     for (verb, resource, ns, want) in [
         ("watch", "services", "", "yes"),
@@ -503,7 +503,7 @@ async fn apiserver_accepts_every_rendered_object_and_the_rbac_runs_both_programs
         NAMESPACE,
         "--duration=1h",
     ])?;
-    let agent_kubeconfig = sa_kubeconfig(&cluster, "agent", token.trim())?;
+    let agent_kubeconfig = cluster.kubeconfig_with_token("agent", token.trim())?;
     for (verb, resource, want) in [
         ("watch", "services", "yes"),
         ("watch", "endpointslices.discovery.k8s.io", "yes"),
@@ -564,34 +564,6 @@ async fn apiserver_accepts_every_rendered_object_and_the_rbac_runs_both_programs
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     Ok(())
-}
-
-/// A kubeconfig for this cluster that authenticates with `token`.
-fn sa_kubeconfig(cluster: &Cluster, who: &str, token: &str) -> Result<String> {
-    let path = cluster.dir().join(format!("kubeconfig-{who}"));
-    std::fs::copy(cluster.kubeconfig(), &path)?;
-    let path = path.display().to_string();
-    for args in [
-        vec![
-            "config",
-            "set-credentials",
-            who,
-            &format!("--token={token}"),
-        ],
-        vec![
-            "config",
-            "set-context",
-            "--current",
-            &format!("--user={who}"),
-        ],
-    ] {
-        let out = Command::new(cluster.bin_dir().join("kubectl"))
-            .args(&args)
-            .env("KUBECONFIG", &path)
-            .output()?;
-        ensure!(out.status.success(), "kubectl {}: {out:?}", args[1]);
-    }
-    Ok(path)
 }
 
 /// kubectl with another kubeconfig; stdout whatever the exit status (`auth
