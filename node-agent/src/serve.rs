@@ -20,6 +20,7 @@ use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio::task::AbortHandle;
 use tracing::debug;
 
@@ -35,21 +36,36 @@ pub const CONNECTIONS_PER_PORT: usize = 64;
 /// Open connections over all ports, well under the usual 1 024 open files.
 pub const CONNECTIONS_TOTAL: usize = 512;
 
-/// The open connections of every server of one agent, oldest first.
+/// How long a new connection waits for the socket of one closed to make room
+/// for it to be gone (its task dropped, which the runtime does promptly).
+const SOCKET_RELEASE_WAIT: Duration = Duration::from_secs(1);
+
+/// The open connections of every server of one agent.
 #[derive(Debug, Clone)]
-pub struct ConnectionBudget(Arc<Mutex<OpenConnections>>);
+pub struct ConnectionBudget {
+    /// The connections, oldest first.
+    open: Arc<Mutex<OpenConnections>>,
+    /// One permit per socket, held by its connection's task until the task
+    /// is dropped. A connection closed to make room leaves the list at once
+    /// but keeps its permit until its socket is really closed, so there are
+    /// never more sockets than the budget, however fast clients connect.
+    sockets: Arc<Semaphore>,
+}
 
 impl ConnectionBudget {
     /// At most `total` connections over all ports.
     pub fn new(total: usize) -> Self {
-        ConnectionBudget(Arc::new(Mutex::new(OpenConnections {
-            total,
-            ..OpenConnections::default()
-        })))
+        ConnectionBudget {
+            open: Arc::new(Mutex::new(OpenConnections {
+                total,
+                ..OpenConnections::default()
+            })),
+            sockets: Arc::new(Semaphore::new(total)),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, OpenConnections> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -125,6 +141,19 @@ impl OpenConnections {
     }
 }
 
+/// The address a connection counts against: an IPv4 client's own (mapped
+/// ones included), an IPv6 client's /64, which one host usually has whole.
+fn client_group(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            IpAddr::V6(octets.into())
+        }
+        v4 => v4,
+    }
+}
+
 /// Serves `router` on `listener` until the task is dropped. Handlers can
 /// read the client's address with `ConnectInfo<SocketAddr>`, and the address
 /// it connected to with `Extension<LocalAddr>`.
@@ -147,13 +176,25 @@ pub async fn serve(listener: TcpListener, router: Router, budget: ConnectionBudg
                 .layer(axum::Extension(ConnectInfo::<SocketAddr>(peer)))
                 .layer(axum::Extension(LocalAddr(local))),
         );
+        budget.lock().make_room(port);
+        let socket =
+            match tokio::time::timeout(SOCKET_RELEASE_WAIT, budget.sockets.clone().acquire_owned())
+                .await
+            {
+                Ok(Ok(socket)) => socket,
+                _ => {
+                    debug!(%peer, "no socket freed in time; closing a new connection");
+                    continue;
+                }
+            };
         // Held while the task is spawned and listed: a task that ends at
-        // once waits here before it takes itself off the list.
+        // once waits here before it takes itself off the list. (This loop
+        // alone adds to this port, so the room made above is still there.)
         let mut open = budget.lock();
-        open.make_room(port);
         let id = open.next_id();
         let registry = budget.clone();
         let task = tokio::spawn(async move {
+            let _socket = socket;
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
@@ -164,7 +205,7 @@ pub async fn serve(listener: TcpListener, router: Router, budget: ConnectionBudg
         open.open.push_back(Connection {
             id,
             port,
-            client: peer.ip().to_canonical(),
+            client: client_group(peer.ip()),
             task: task.abort_handle(),
         });
     }
@@ -304,7 +345,15 @@ mod tests {
         let mut rest = Vec::new();
         let closed = tokio::time::timeout(Duration::from_secs(2), a.read_to_end(&mut rest)).await;
         assert!(closed.is_ok(), "the oldest connection is still open");
-        assert!(budget.lock().open.len() <= 2);
+    }
+
+    #[test]
+    fn an_ipv6_client_counts_by_its_slash_64() {
+        let group = |ip: &str| client_group(ip.parse().unwrap()).to_string();
+        assert_eq!(group("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::");
+        assert_eq!(group("2001:db8:1:2:bbbb::7"), "2001:db8:1:2::");
+        assert_eq!(group("::ffff:10.0.0.5"), "10.0.0.5");
+        assert_eq!(group("10.0.0.5"), "10.0.0.5");
     }
 
     #[tokio::test]
