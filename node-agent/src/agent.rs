@@ -288,23 +288,30 @@ pub async fn run(client: Client, config: RunConfig, metrics: Arc<Metrics>) -> an
         },
     );
     // As kube-proxy does at start, where `kubectl describe node` shows
-    // when the node's proxy (re)started.
-    publish_event(
-        &recorder,
-        &caches,
-        ("Node", None, &config.node_name),
-        EventType::Normal,
-        "Starting",
-        "Start",
-        format!(
-            "Starting causeway-agent {} (kube-proxy's iptables mode)",
-            env!("CARGO_PKG_VERSION")
-        ),
-    )
-    .await;
-    for warning in &config.start_warnings {
-        publish_start_warning(&recorder, &caches, &config.node_name, warning).await;
-    }
+    // when the node's proxy (re)started; in the background, as kube-proxy's
+    // are, so that a slow apiserver does not hold back the first sync.
+    tokio::spawn({
+        let (recorder, caches, node) = (recorder.clone(), caches.clone(), config.node_name.clone());
+        let warnings = config.start_warnings.clone();
+        async move {
+            publish_event(
+                &recorder,
+                &caches,
+                ("Node", None, &node),
+                EventType::Normal,
+                "Starting",
+                "Start",
+                format!(
+                    "Starting causeway-agent {} (kube-proxy's iptables mode)",
+                    env!("CARGO_PKG_VERSION")
+                ),
+            )
+            .await;
+            for warning in &warnings {
+                publish_start_warning(&recorder, &caches, &node, warning).await;
+            }
+        }
+    });
     let mut syncer = Syncer::new(config.clone(), shared.clone());
     let mut health_checks =
         ServiceHealthServers::new(shared.health.clone(), shared.connections.clone());

@@ -260,8 +260,8 @@ fn add_object(
                 .map_err(|e| document.invalid(&object, e.to_string()))?,
         })
     };
-    // k8s-openapi refuses any other apiVersion, but its message names neither
-    // the field nor the line; say both here.
+    // k8s-openapi refuses any other apiVersion, but its message names
+    // neither the field nor the version to use; say both here.
     let expected_api_version = match kind.as_str() {
         "Service" | "Endpoints" | "Node" => Some("v1"),
         "EndpointSlice" => Some("discovery.k8s.io/v1"),
