@@ -191,6 +191,18 @@ fn process_matches(p: &RecordedProcess) -> bool {
     }
 }
 
+/// True while `pid` runs: it exists and is not a zombie waiting to be
+/// reaped (a child of the test that exited shows so until it is waited for).
+pub fn process_running(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+            Some(state != 'Z' && state != 'X')
+        })
+        .unwrap_or(false)
+}
+
 fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -717,9 +729,12 @@ impl Cluster {
                 .map(|p| p.pid)
                 .with_context(|| format!("no {name} in this environment"))?
         };
-        let argv: Vec<String> = fs::read(format!("/proc/{pid}/cmdline"))?
+        // NUL-terminated arguments; an empty one stays.
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline"))?;
+        let argv: Vec<String> = cmdline
+            .strip_suffix(&[0])
+            .unwrap_or(&cmdline)
             .split(|b| *b == 0)
-            .filter(|arg| !arg.is_empty())
             .map(|arg| String::from_utf8_lossy(arg).into_owned())
             .collect();
         let cwd = fs::read_link(format!("/proc/{pid}/cwd"))?;
@@ -771,9 +786,21 @@ impl Cluster {
             });
             state.save()?;
         }
+        let pid = child.id();
         self.children.lock().expect("children lock").push(child);
         if stopped.name == "kube-apiserver" {
-            wait_apiserver(&self.kubeconfig, &mut || Ok(())).await?;
+            let log = self.dir().join("kube-apiserver.log");
+            wait_apiserver(&self.kubeconfig, &mut || {
+                if process_running(pid) {
+                    return Ok(());
+                }
+                let log = fs::read_to_string(&log).unwrap_or_default();
+                bail!(
+                    "kube-apiserver exited after its restart: {}",
+                    log.lines().last().unwrap_or("(empty log)")
+                )
+            })
+            .await?;
         }
         Ok(())
     }

@@ -29,7 +29,19 @@ fn wait_for_pods(
     pods: &[&str],
     what: &str,
 ) -> Result<BTreeMap<String, usize>> {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_for_pods_within(Duration::from_secs(30), ns, proto, target, pods, what)
+}
+
+/// [`wait_for_pods`], giving up after `limit`.
+fn wait_for_pods_within(
+    limit: Duration,
+    ns: &str,
+    proto: &str,
+    target: &str,
+    pods: &[&str],
+    what: &str,
+) -> Result<BTreeMap<String, usize>> {
+    let deadline = Instant::now() + limit;
     loop {
         let counts = tally(ns, proto, target, 30)?;
         let only_expected = counts.keys().all(|k| pods.contains(&k.as_str()));
@@ -38,7 +50,9 @@ fn wait_for_pods(
             return Ok(counts);
         }
         if Instant::now() > deadline {
-            bail!("{what}: after 30 s {target} still answers {counts:?}, expected only {pods:?}");
+            bail!(
+                "{what}: after {limit:?} {target} still answers {counts:?}, expected only {pods:?}"
+            );
         }
         std::thread::sleep(Duration::from_millis(300));
     }
@@ -867,7 +881,7 @@ async fn the_agent_rides_out_an_apiserver_restart() -> Result<()> {
     let (status, _, body) = http_get(&cluster.external_netns(), &healthz)?;
     assert_eq!(status, 200, "/healthz during the outage: {body}");
     assert!(
-        std::path::Path::new(&format!("/proc/{agent_pid}")).exists(),
+        causeway_tests::cluster::process_running(agent_pid),
         "the agent exited while the apiserver was away"
     );
 
@@ -876,7 +890,11 @@ async fn the_agent_rides_out_an_apiserver_restart() -> Result<()> {
     cluster
         .add_pod("node-1", "web-2", &[("app", "web")])
         .await?;
-    wait_for_pods(
+    // The agent's watches and the EndpointSlice controller's come back
+    // after a pause of up to a minute (client-go's, and the agent's, with
+    // their random part).
+    wait_for_pods_within(
+        Duration::from_secs(90),
         &client.netns,
         "tcp",
         &web,
