@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -377,9 +376,18 @@ async fn serve_in_background(
         info!("the {what} server is off");
         return Ok(());
     };
-    let listener = tokio::net::TcpListener::bind(address)
-        .await
-        .with_context(|| format!("binding the {what} server to {address}"))?;
+    let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| {
+        let mut message = format!("binding the {what} server to {address}: {e}");
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            // kube-proxy listens on the same ports (10256, 10249).
+            message.push_str(
+                ". Is kube-proxy (or another causeway-agent) still running on this \
+                     node? Stop it first: two proxies would rewrite the same chains \
+                     (docs/agent.md, \"Replacing kube-proxy\")",
+            );
+        }
+        anyhow::anyhow!(message)
+    })?;
     info!(address = %address, "serving {what}");
     tokio::spawn(serve::serve(listener, router, connections.clone()));
     Ok(())

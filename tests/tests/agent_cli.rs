@@ -284,18 +284,11 @@ fn a_conntrack_table_size_that_cannot_be_set_stops_run_and_says_how_to_leave_it(
     let outcome = (|| -> Result<(Option<i32>, String, String)> {
         let max = netns::exec_in(&ns, "cat", &["/proc/sys/net/netfilter/nf_conntrack_max"])?;
         let wanted = max.trim().parse::<u64>()? + 1;
-        let agent = workspace_bin("causeway-agent").display().to_string();
         // No API server: the check comes first, and a run that got past it
         // would fail on the connection instead, with another message.
-        let out = netns::exec_in_raw(
+        let out = run_without_api(
             &ns,
-            "timeout",
             &[
-                "10",
-                &agent,
-                "run",
-                "--node-name=node-1",
-                "--master=http://127.0.0.1:1",
                 "--healthz-bind-address=127.0.0.1:10256",
                 &format!("--conntrack-min={wanted}"),
             ],
@@ -319,6 +312,66 @@ fn a_conntrack_table_size_that_cannot_be_set_stops_run_and_says_how_to_leave_it(
     assert!(!stderr.contains("panicked"), "{stderr}");
     let (before, after) = max.split_once(" -> ").unwrap();
     assert_eq!(before, after);
+    Ok(())
+}
+
+/// `causeway-agent run` for node-1 in namespace `ns`, with `extra` flags and
+/// no API server at its address, stopped after 10 s at most.
+fn run_without_api(ns: &str, extra: &[&str]) -> Result<std::process::Output> {
+    let agent = workspace_bin("causeway-agent").display().to_string();
+    let mut args = vec![
+        "10",
+        agent.as_str(),
+        "run",
+        "--node-name=node-1",
+        "--master=http://127.0.0.1:1",
+    ];
+    args.extend_from_slice(extra);
+    causeway_tests::netns::exec_in_raw(ns, "timeout", &args)
+}
+
+/// kube-proxy still running on the node holds 10256: `run` stops at once
+/// and says what is probably wrong, before it writes any rule.
+#[test]
+fn run_says_kube_proxy_may_still_run_when_its_health_port_is_taken() -> Result<()> {
+    use causeway_tests::netns;
+    let ns = format!("cwdp{}n998-bind", std::process::id());
+    netns::add_netns(&ns)?;
+    let outcome = (|| -> Result<(Option<i32>, String, String)> {
+        let log = tempfile::NamedTempFile::new()?;
+        let mut holder = netns::spawn_in(
+            &ns,
+            &workspace_bin("causeway-echo").display().to_string(),
+            &["serve", "--name", "kube-proxy", "--port", "10256"],
+            log.path(),
+        )?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read_to_string(log.path())?.contains("serving") {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "causeway-echo did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let out = run_without_api(&ns, &[]);
+        let _ = holder.kill();
+        let _ = holder.wait();
+        let out = out?;
+        Ok((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            netns::exec_in(&ns, "iptables-save", &[])?,
+        ))
+    })();
+    netns::del_netns(&ns);
+    let (code, stderr, rules) = outcome?;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("binding the health server to 0.0.0.0:10256")
+            && stderr.contains("Is kube-proxy (or another causeway-agent) still running"),
+        "{stderr}"
+    );
+    assert!(!rules.contains("KUBE-"), "rules written: {rules}");
     Ok(())
 }
 
