@@ -998,13 +998,10 @@ fn run(
     // As in kube-proxy, a specific bind address is this node's IP of its
     // family, in place of the Node's InternalIPs of that family.
     let primary_ip = bind_address.filter(|ip| !ip.is_unspecified());
-    // Lower-cased, as kube-proxy does with --hostname-override.
-    let node_name = node_name
-        .map(|n| n.trim().to_lowercase())
-        .filter(|n| !n.is_empty())
-        .context(
-            "no node name: pass --node-name, set NODE_NAME, or set hostnameOverride in --config",
-        )?;
+    let node_name = resolve_node_name(
+        node_name,
+        std::fs::read_to_string("/proc/sys/kernel/hostname").ok(),
+    )?;
     if !unused_flags.is_empty() {
         tracing::warn!(
             flags = unused_flags.join(", "),
@@ -1111,6 +1108,22 @@ fn run(
             }
         }
     })
+}
+
+/// The Node this agent serves: the name given (flag, NODE_NAME or the
+/// file's `hostnameOverride`), else this machine's hostname, as kube-proxy
+/// takes it; lower-cased and trimmed, as kube-proxy does with both.
+fn resolve_node_name(given: Option<String>, hostname: Option<String>) -> anyhow::Result<String> {
+    let clean = |name: String| Some(name.trim().to_lowercase()).filter(|n| !n.is_empty());
+    if let Some(name) = given.and_then(clean) {
+        return Ok(name);
+    }
+    let name = hostname.and_then(clean).context(
+        "no node name: pass --node-name, set NODE_NAME, or set hostnameOverride in --config \
+         (the hostname, which kube-proxy would use, is empty)",
+    )?;
+    tracing::info!(node = %name, "no node name given: using the hostname, as kube-proxy does");
+    Ok(name)
 }
 
 /// Where a server listens, read as kube-proxy reads its bind addresses: an
@@ -1564,6 +1577,26 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn without_a_node_name_the_hostname_is_used_as_kube_proxy_does() {
+        let name = |given: Option<&str>, host: Option<&str>| {
+            resolve_node_name(given.map(Into::into), host.map(Into::into))
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(name(Some(" Node-A "), Some("host")).unwrap(), "node-a");
+        assert_eq!(
+            name(None, Some("IP-10-0-1-5.ec2.internal\n")).unwrap(),
+            "ip-10-0-1-5.ec2.internal"
+        );
+        assert_eq!(name(Some(""), Some("host")).unwrap(), "host");
+        assert!(
+            name(None, Some("\n"))
+                .unwrap_err()
+                .starts_with("no node name")
+        );
+        assert!(name(None, None).unwrap_err().starts_with("no node name"));
     }
 
     #[test]
