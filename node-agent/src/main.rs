@@ -59,7 +59,7 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct CleanupArgs {
-    /// Which iptables to clean: auto (the `iptables` on PATH), nft or legacy.
+    /// Which iptables to clean: auto (as `run` picks it), nft or legacy.
     #[arg(long, env = "CAUSEWAY_IPTABLES_BACKEND", value_enum, default_value_t = Backend::Auto)]
     iptables_backend: Backend,
 }
@@ -379,7 +379,8 @@ struct RunArgs {
         default_value = DEFAULT_METRICS_BIND_ADDRESS
     )]
     metrics_bind_address: String,
-    /// Which iptables to program: auto (the `iptables` on PATH), nft or legacy.
+    /// Which iptables to program: auto (the backend kubelet hints at, else the
+    /// one holding more rules, else the `iptables` on PATH), nft or legacy.
     #[arg(long, env = "CAUSEWAY_IPTABLES_BACKEND", value_enum, default_value_t = Backend::Auto)]
     iptables_backend: Backend,
     #[command(flatten)]
@@ -495,32 +496,52 @@ fn parse_ip_family(text: &str) -> Result<u8, String> {
 /// The command line, with `run` put in when the agent was started as
 /// `kube-proxy` (the image links that name to it): a kube-proxy DaemonSet or
 /// static pod that runs `kube-proxy --config=… --hostname-override=…` then
-/// needs only its image changed. `kube-proxy --version` prints ours.
-fn command_line(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+/// needs only its image changed. `--version` (true or `raw`) prints ours,
+/// and a false one is dropped, as kube-proxy takes them. Also whether it was
+/// started so.
+fn command_line(mut args: Vec<std::ffi::OsString>) -> (Vec<std::ffi::OsString>, bool) {
     let started_as = args
         .first()
         .and_then(|arg0| Path::new(arg0).file_name())
         .map(|name| name.to_string_lossy().into_owned());
     if started_as.as_deref() != Some("kube-proxy") {
-        return args;
+        return (args, false);
     }
-    let asks_version = args[1..].iter().any(|arg| {
+    let version_asked = |arg: &std::ffi::OsString| -> Option<bool> {
         let arg = arg.to_string_lossy();
-        matches!(
-            arg.as_ref(),
-            "--version" | "--version=true" | "--version=raw" | "-V"
-        )
-    });
-    if asks_version {
-        return vec!["causeway-agent".into(), "--version".into()];
+        match arg.strip_prefix("--version")? {
+            "" | "=raw" => Some(true),
+            value => value
+                .strip_prefix('=')
+                .and_then(|v| causeway_agent::config::parse_go_bool(v).ok()),
+        }
+    };
+    if args[1..].iter().any(|arg| version_asked(arg) == Some(true)) {
+        return (vec!["causeway-agent".into(), "--version".into()], true);
     }
+    args.retain(|arg| version_asked(arg) != Some(false));
     args[0] = "causeway-agent".into();
     args.insert(1, "run".into());
-    args
+    (args, true)
+}
+
+/// The command line's definition; started as `kube-proxy`, `run` reads its
+/// node name and kubeconfig from flags and the file alone, as kube-proxy
+/// does (it ignores NODE_NAME and KUBECONFIG).
+fn cli_command_for(as_kube_proxy: bool) -> clap::Command {
+    let command = cli_command();
+    if !as_kube_proxy {
+        return command;
+    }
+    command.mut_subcommand("run", |run| {
+        run.mut_arg("node_name", |arg| arg.env(None))
+            .mut_arg("kubeconfig", |arg| arg.env(None))
+    })
 }
 
 fn main() -> anyhow::Result<()> {
-    let matches = cli_command().get_matches_from(command_line(std::env::args_os().collect()));
+    let (args, as_kube_proxy) = command_line(std::env::args_os().collect());
+    let matches = cli_command_for(as_kube_proxy).get_matches_from(args);
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Render(mut args) => {
@@ -762,9 +783,14 @@ fn render_manifests(args: &RenderArgs) -> anyhow::Result<Rendered> {
 }
 
 fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
+    // `auto` as `run` resolves it, so that cleanup finds what run wrote.
+    let (backend, why) = causeway_agent::netfilter::resolve_backend(args.iptables_backend)?;
+    if args.iptables_backend == causeway_agent::netfilter::Backend::Auto {
+        println!("iptables backend: {backend:?} ({why})");
+    }
     let mut failed = false;
     for family in [IpFamily::V4, IpFamily::V6] {
-        let netfilter = causeway_agent::netfilter::Netfilter::new(family, args.iptables_backend);
+        let netfilter = causeway_agent::netfilter::Netfilter::new(family, backend);
         match netfilter.cleanup() {
             Ok(report) => {
                 println!(
@@ -1035,11 +1061,10 @@ fn run(
     {
         families.push(IpFamily::V6);
     }
-    let mut backend = iptables_backend;
+    let (backend, why) = causeway_agent::netfilter::resolve_backend(iptables_backend)?;
+    tracing::info!(backend = ?backend, reason = why, "iptables backend");
     for family in families {
-        let resolved = causeway_agent::netfilter::resolve_backend(iptables_backend, family)?;
-        causeway_agent::netfilter::refuse_other_backend(resolved, family)?;
-        backend = resolved;
+        causeway_agent::netfilter::refuse_other_backend(backend, family)?;
     }
     // Then the node's settings, as kube-proxy sets them before its rules.
     let start_warnings = tune_conntrack(&Tuning {
@@ -1601,40 +1626,88 @@ mod tests {
 
     #[test]
     fn started_as_kube_proxy_it_runs() {
-        let line = |args: &[&str]| -> Vec<String> {
-            command_line(args.iter().map(Into::into).collect())
-                .into_iter()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect()
+        let line = |args: &[&str]| -> (Vec<String>, bool) {
+            let (line, as_kube_proxy) = command_line(args.iter().map(Into::into).collect());
+            (
+                line.into_iter()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect(),
+                as_kube_proxy,
+            )
+        };
+        let run = |rest: &[&str]| {
+            let mut line = vec!["causeway-agent".to_string(), "run".to_string()];
+            line.extend(rest.iter().map(|a| a.to_string()));
+            (line, true)
         };
         assert_eq!(
             line(&["/usr/local/bin/kube-proxy", "--config=/c", "--v=2"]),
-            ["causeway-agent", "run", "--config=/c", "--v=2"]
+            run(&["--config=/c", "--v=2"])
         );
-        assert_eq!(line(&["kube-proxy"]), ["causeway-agent", "run"]);
-        assert_eq!(
-            line(&["kube-proxy", "--version=raw"]),
-            ["causeway-agent", "--version"]
+        assert_eq!(line(&["kube-proxy"]), run(&[]));
+        let version = (
+            vec!["causeway-agent".to_string(), "--version".to_string()],
+            true,
         );
+        for asks in [
+            "--version",
+            "--version=raw",
+            "--version=true",
+            "--version=1",
+        ] {
+            assert_eq!(line(&["kube-proxy", "--v=2", asks]), version, "{asks}");
+        }
+        // A false one is dropped, as kube-proxy then just runs.
+        for declines in ["--version=false", "--version=0", "--version=F"] {
+            assert_eq!(
+                line(&["kube-proxy", declines, "--v=2"]),
+                run(&["--v=2"]),
+                "{declines}"
+            );
+        }
         // Under its own name, nothing changes.
         assert_eq!(
             line(&["/bin/causeway-agent", "--version"]),
-            ["/bin/causeway-agent", "--version"]
+            (
+                vec!["/bin/causeway-agent".to_string(), "--version".to_string()],
+                false
+            )
         );
-        assert_eq!(
-            line(&["causeway-agent", "render", "--manifests", "kube-proxy"]),
-            ["causeway-agent", "render", "--manifests", "kube-proxy"]
-        );
-        let matches = cli_command()
-            .try_get_matches_from(command_line(vec![
-                "kube-proxy".into(),
-                "--hostname-override=node-1".into(),
-            ]))
+        let (args, as_kube_proxy) = command_line(vec![
+            "kube-proxy".into(),
+            "--hostname-override=node-1".into(),
+        ]);
+        let matches = cli_command_for(as_kube_proxy)
+            .try_get_matches_from(args)
             .unwrap();
-        assert!(matches!(
-            Cli::from_arg_matches(&matches).unwrap().command,
-            Command::Run(_)
-        ));
+        let Command::Run(args) = Cli::from_arg_matches(&matches).unwrap().command else {
+            panic!("run")
+        };
+        assert_eq!(args.node_name.as_deref(), Some("node-1"));
+    }
+
+    #[test]
+    fn started_as_kube_proxy_the_environment_does_not_name_the_node() {
+        // kube-proxy ignores NODE_NAME and KUBECONFIG; under its own name
+        // the agent reads them (the chart sets NODE_NAME).
+        let command = cli_command_for(true);
+        let run_command = command.find_subcommand("run").unwrap();
+        for id in ["node_name", "kubeconfig"] {
+            let arg = run_command
+                .get_arguments()
+                .find(|a| a.get_id() == id)
+                .unwrap();
+            assert_eq!(arg.get_env(), None, "{id}");
+        }
+        let own = cli_command_for(false);
+        let own_run = own.find_subcommand("run").unwrap();
+        assert_eq!(
+            own_run
+                .get_arguments()
+                .find(|a| a.get_id() == "node_name")
+                .and_then(|a| a.get_env()),
+            Some(std::ffi::OsStr::new("NODE_NAME"))
+        );
     }
 
     #[test]

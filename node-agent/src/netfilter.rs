@@ -24,7 +24,7 @@ use crate::rules::{
 /// Which iptables binaries to call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Backend {
-    /// Whatever `iptables` is on this machine (the alternatives link).
+    /// The host's: resolved by [`resolve_backend`].
     #[default]
     Auto,
     /// `iptables-nft*`.
@@ -270,23 +270,73 @@ fn with_fastbins_off(own: &str) -> String {
     }
 }
 
-/// Resolves `auto` to the backend `iptables` on this machine uses (kube-proxy
-/// does the same), so the check below knows which one is "the other".
-pub fn resolve_backend(backend: Backend, family: IpFamily) -> anyhow::Result<Backend> {
+/// The chains kubelet creates in the mangle table of the backend it uses,
+/// for other programs to follow.
+const KUBELET_HINT_CHAINS: [&str; 2] = ["KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY"];
+
+/// Resolves `auto` as kube-proxy's image does (its iptables wrapper picks
+/// the host's backend): the backend kubelet marked with its hint chains,
+/// else the one holding more rules, else the one `iptables` here uses. A
+/// node whose kube-proxy ran on legacy iptables stays on legacy. Returns the
+/// backend and why, for the log; the check below then knows "the other".
+pub fn resolve_backend(backend: Backend) -> anyhow::Result<(Backend, &'static str)> {
     if backend != Backend::Auto {
-        return Ok(backend);
+        return Ok((backend, "as given"));
     }
-    let program = match family {
-        IpFamily::V4 => "iptables",
-        IpFamily::V6 => "ip6tables",
+    // (nft, legacy) saves of both families; a backend that cannot be read
+    // holds nothing.
+    let saves = |args: &[&str]| -> [String; 2] {
+        [Backend::Nft, Backend::Legacy].map(|backend| {
+            [IpFamily::V4, IpFamily::V6]
+                .iter()
+                .filter_map(|family| Netfilter::new(*family, backend).save(args).ok())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
     };
-    let out = Command::new(program)
+    let [nft, legacy] = saves(&["-t", "mangle"]);
+    if let Some(hinted) = backend_by_hint(&nft, &legacy) {
+        return Ok((hinted, "kubelet's hint chain"));
+    }
+    let [nft, legacy] = saves(&[]);
+    if let Some(fuller) = backend_by_rules(&nft, &legacy) {
+        return Ok((fuller, "the backend holding more rules"));
+    }
+    let out = Command::new("iptables")
         .arg("--version")
         .output()
-        .map_err(|e| anyhow::anyhow!("cannot run {program}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("cannot run iptables: {e}"))?;
     let version = String::from_utf8_lossy(&out.stdout);
-    backend_in_version(&version)
-        .ok_or_else(|| anyhow::anyhow!("cannot tell the backend of {program} from {version:?}"))
+    let backend = backend_in_version(&version)
+        .ok_or_else(|| anyhow::anyhow!("cannot tell the backend of iptables from {version:?}"))?;
+    Ok((backend, "no rules yet: the backend of iptables here"))
+}
+
+/// The backend whose mangle table (in `nft`'s or `legacy`'s save) holds
+/// one of kubelet's hint chains; nft first, as kube-proxy's wrapper looks.
+pub fn backend_by_hint(nft: &str, legacy: &str) -> Option<Backend> {
+    let hinted = |save: &str| {
+        declared_chains(save)
+            .into_iter()
+            .any(|(table, name)| table == "mangle" && KUBELET_HINT_CHAINS.contains(&name))
+    };
+    if hinted(nft) {
+        Some(Backend::Nft)
+    } else if hinted(legacy) {
+        Some(Backend::Legacy)
+    } else {
+        None
+    }
+}
+
+/// The backend with more rules in its save; `None` on a tie.
+pub fn backend_by_rules(nft: &str, legacy: &str) -> Option<Backend> {
+    let rules = |save: &str| save.lines().filter(|l| l.starts_with("-A ")).count();
+    match rules(nft).cmp(&rules(legacy)) {
+        std::cmp::Ordering::Greater => Some(Backend::Nft),
+        std::cmp::Ordering::Less => Some(Backend::Legacy),
+        std::cmp::Ordering::Equal => None,
+    }
 }
 
 /// Whether this backend's iptables takes MASQUERADE `--random-fully`, which
@@ -888,6 +938,26 @@ COMMIT
             Some(Backend::Legacy)
         );
         assert_eq!(backend_in_version("iptables v1.4.21\n"), None);
+    }
+
+    #[test]
+    fn auto_follows_kubelets_hint_then_the_rules_already_there() {
+        let hint = "*mangle\n:PREROUTING ACCEPT [0:0]\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n";
+        let canary = "*mangle\n:KUBE-KUBELET-CANARY - [0:0]\nCOMMIT\n";
+        let rules = "*nat\n:KUBE-SERVICES - [0:0]\n-A PREROUTING -j KUBE-SERVICES\nCOMMIT\n";
+        assert_eq!(backend_by_hint("", hint), Some(Backend::Legacy));
+        assert_eq!(backend_by_hint(canary, ""), Some(Backend::Nft));
+        // Both hinted: nft, as kube-proxy's wrapper looks there first.
+        assert_eq!(backend_by_hint(hint, hint), Some(Backend::Nft));
+        // The name in another table is not kubelet's hint.
+        assert_eq!(
+            backend_by_hint("*nat\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n", ""),
+            None
+        );
+        assert_eq!(backend_by_rules("", rules), Some(Backend::Legacy));
+        assert_eq!(backend_by_rules(rules, ""), Some(Backend::Nft));
+        assert_eq!(backend_by_rules(rules, rules), None);
+        assert_eq!(backend_by_rules(hint, ""), None);
     }
 
     #[test]

@@ -67,8 +67,11 @@ pub fn spawn_in(
         .args(["netns", "exec", ns, program])
         .args(args)
         // A program logs as its own flags say, not as the test runner's
-        // RUST_LOG would have it.
+        // RUST_LOG would have it; and it finds its cluster and node from its
+        // flags, not from a KUBECONFIG or NODE_NAME the runner happens to have.
         .env_remove("RUST_LOG")
+        .env_remove("KUBECONFIG")
+        .env_remove("NODE_NAME")
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
         .stderr(file)

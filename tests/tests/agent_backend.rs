@@ -84,3 +84,88 @@ fn rules_in_the_other_backend_stop_the_agent_with_a_clear_message() -> Result<()
     assert!(!ok && text.contains("/nonexistent/kubeconfig"), "{text}");
     Ok(())
 }
+
+/// A program and its arguments.
+type Command<'a> = (&'a str, &'a [&'a str]);
+
+/// `auto`, the default, picks the backend as kube-proxy's image does: the
+/// one kubelet marked with its hint chain, else the one already holding
+/// rules (a node whose kube-proxy ran on legacy iptables), else the one
+/// `iptables` here uses. With kube-proxy's legacy rules and no hint, the
+/// agent therefore goes on with legacy instead of refusing.
+#[test]
+fn auto_picks_the_backend_kubelet_and_kube_proxy_used() -> Result<()> {
+    netns::preflight()?;
+    let here = netns::run("iptables", &["--version"])?;
+    let here = if here.contains("(legacy)") {
+        "Legacy"
+    } else {
+        "Nft"
+    };
+    let kube_proxy_rules: &[Command] = &[
+        ("iptables-legacy", &["-t", "nat", "-N", "KUBE-SERVICES"]),
+        (
+            "iptables-legacy",
+            &["-t", "nat", "-A", "PREROUTING", "-j", "KUBE-SERVICES"],
+        ),
+    ];
+    // (what, commands, the backend chosen, why)
+    let cases: [(&str, &[Command], &str, &str); 4] = [
+        (
+            "kubelet's hint in legacy",
+            &[(
+                "iptables-legacy",
+                &["-t", "mangle", "-N", "KUBE-IPTABLES-HINT"],
+            )],
+            "Legacy",
+            "kubelet's hint chain",
+        ),
+        (
+            "kubelet's canary in nft",
+            &[(
+                "iptables-nft",
+                &["-t", "mangle", "-N", "KUBE-KUBELET-CANARY"],
+            )],
+            "Nft",
+            "kubelet's hint chain",
+        ),
+        (
+            "kube-proxy's legacy rules",
+            kube_proxy_rules,
+            "Legacy",
+            "the backend holding more rules",
+        ),
+        ("nothing yet", &[], here, "no rules yet"),
+    ];
+    for (k, (what, setup, backend, reason)) in cases.into_iter().enumerate() {
+        let ns = Namespace(format!("cwbk-{}-{k}", std::process::id()));
+        netns::add_netns(&ns.0)?;
+        for (program, args) in setup {
+            netns::exec_in(&ns.0, program, args)?;
+        }
+        let (ok, text) = agent(
+            &ns.0,
+            &[
+                "run",
+                "--node-name",
+                "node-1",
+                "--kubeconfig",
+                "/nonexistent/kubeconfig",
+            ],
+        )?;
+        // Past the backend check, as far as the kubeconfig.
+        assert!(
+            !ok && text.contains("/nonexistent/kubeconfig"),
+            "{what}: {text}"
+        );
+        let line = text
+            .lines()
+            .find(|l| l.contains("iptables backend"))
+            .unwrap_or_default();
+        assert!(
+            line.contains(backend) && line.contains(reason),
+            "{what}: expected {backend} ({reason}): {text}"
+        );
+    }
+    Ok(())
+}

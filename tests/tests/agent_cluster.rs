@@ -956,7 +956,33 @@ async fn started_as_kube_proxy_with_kubeadms_arguments_and_rbac_it_proxies() -> 
         "kube-system",
         "--duration=1h",
     ])?;
-    let kubeconfig = cluster.kubeconfig_with_token("kube-proxy", token.trim())?;
+    // As kubeadm's kubeconfig for kube-proxy: the token read from a file.
+    let kubeconfig = cluster.kubeconfig_with_token("kube-proxy", "")?;
+    let token_file = cluster.dir().join("kube-proxy-token");
+    std::fs::write(&token_file, token.trim())?;
+    for args in [
+        vec![
+            "config".to_string(),
+            "unset".to_string(),
+            "users.kube-proxy.token".to_string(),
+        ],
+        vec![
+            "config".to_string(),
+            "set".to_string(),
+            "users.kube-proxy.tokenFile".to_string(),
+            token_file.display().to_string(),
+        ],
+    ] {
+        let out = std::process::Command::new(cluster.bin_dir().join("kubectl"))
+            .args(&args)
+            .env("KUBECONFIG", &kubeconfig)
+            .output()?;
+        anyhow::ensure!(out.status.success(), "kubectl {args:?}: {out:?}");
+    }
+    assert!(
+        std::fs::read_to_string(&kubeconfig)?.contains("tokenFile:"),
+        "the kubeconfig reads its token from a file"
+    );
     // What `kubeadm init` writes into the kube-proxy ConfigMap (kubeadm
     // 1.34's defaults), with the cluster's pod CIDR and the kubeconfig.
     let config = cluster.dir().join("config.conf");
