@@ -85,7 +85,10 @@ struct Connection {
     id: u64,
     /// Which `serve` (listening port) it belongs to.
     port: u64,
+    /// The client's address, and its group: the address itself for IPv4,
+    /// its /64 for IPv6.
     client: IpAddr,
+    group: IpAddr,
     task: AbortHandle,
 }
 
@@ -94,6 +97,10 @@ struct OpenConnections {
     total: usize,
     next_id: u64,
     open: VecDeque<Connection>,
+    /// Accept loops that made room and wait for a socket to be freed: they
+    /// count against the total, or another port's loop would wait for the
+    /// same socket instead of making room of its own.
+    reserved: usize,
 }
 
 impl OpenConnections {
@@ -109,7 +116,7 @@ impl OpenConnections {
             let on_port = self.open.iter().filter(|c| c.port == port).count();
             let evicted = if on_port >= CONNECTIONS_PER_PORT {
                 self.evict(|c| c.port == port)
-            } else if self.open.len() >= self.total {
+            } else if self.open.len() + self.reserved >= self.total {
                 self.evict(|_| true)
             } else {
                 return;
@@ -123,20 +130,30 @@ impl OpenConnections {
     }
 
     /// Takes off the list, among the connections `among` picks, the oldest
-    /// of the client address holding the most of them (the oldest of all
-    /// when they tie). Closing simply the oldest would let a client that
-    /// opens connections faster than a probe sends its request close the
-    /// probe's.
+    /// of the busiest client: the one whose group (IPv6 /64) holds the most
+    /// of them, and within that, whose address does; the oldest on a tie.
+    /// Closing simply the oldest would let a client that opens connections
+    /// faster than a probe sends its request close the probe's; going by the
+    /// group alone would let a pod close the probes of its own /64 (one
+    /// subnet in a VPC).
     fn evict(&mut self, among: impl Fn(&Connection) -> bool) -> Option<AbortHandle> {
-        let mut held: HashMap<IpAddr, usize> = HashMap::new();
+        let mut groups: HashMap<IpAddr, usize> = HashMap::new();
+        let mut clients: HashMap<IpAddr, usize> = HashMap::new();
         for connection in self.open.iter().filter(|c| among(c)) {
-            *held.entry(connection.client).or_default() += 1;
+            *groups.entry(connection.group).or_default() += 1;
+            *clients.entry(connection.client).or_default() += 1;
         }
-        let most = held.values().copied().max()?;
-        let position = self
-            .open
-            .iter()
-            .position(|c| among(c) && held[&c.client] == most)?;
+        let mut chosen: Option<(usize, (usize, usize))> = None;
+        for (position, connection) in self.open.iter().enumerate() {
+            if !among(connection) {
+                continue;
+            }
+            let weight = (groups[&connection.group], clients[&connection.client]);
+            if chosen.is_none_or(|(_, best)| weight > best) {
+                chosen = Some((position, weight));
+            }
+        }
+        let (position, _) = chosen?;
         self.open.remove(position).map(|c| c.task)
     }
 }
@@ -176,21 +193,22 @@ pub async fn serve(listener: TcpListener, router: Router, budget: ConnectionBudg
                 .layer(axum::Extension(ConnectInfo::<SocketAddr>(peer)))
                 .layer(axum::Extension(LocalAddr(local))),
         );
-        budget.lock().make_room(port);
+        {
+            let mut open = budget.lock();
+            open.make_room(port);
+            open.reserved += 1;
+        }
         let socket =
-            match tokio::time::timeout(SOCKET_RELEASE_WAIT, budget.sockets.clone().acquire_owned())
-                .await
-            {
-                Ok(Ok(socket)) => socket,
-                _ => {
-                    debug!(%peer, "no socket freed in time; closing a new connection");
-                    continue;
-                }
-            };
+            tokio::time::timeout(SOCKET_RELEASE_WAIT, budget.sockets.clone().acquire_owned()).await;
         // Held while the task is spawned and listed: a task that ends at
         // once waits here before it takes itself off the list. (This loop
         // alone adds to this port, so the room made above is still there.)
         let mut open = budget.lock();
+        open.reserved -= 1;
+        let Ok(Ok(socket)) = socket else {
+            debug!(%peer, "no socket freed in time; closing a new connection");
+            continue;
+        };
         let id = open.next_id();
         let registry = budget.clone();
         let task = tokio::spawn(async move {
@@ -205,7 +223,8 @@ pub async fn serve(listener: TcpListener, router: Router, budget: ConnectionBudg
         open.open.push_back(Connection {
             id,
             port,
-            client: client_group(peer.ip()),
+            client: peer.ip().to_canonical(),
+            group: client_group(peer.ip()),
             task: task.abort_handle(),
         });
     }
@@ -345,6 +364,64 @@ mod tests {
         let mut rest = Vec::new();
         let closed = tokio::time::timeout(Duration::from_secs(2), a.read_to_end(&mut rest)).await;
         assert!(closed.is_ok(), "the oldest connection is still open");
+    }
+
+    #[test]
+    fn the_busiest_group_then_its_busiest_address_loses_its_oldest() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut open = OpenConnections {
+            total: 8,
+            ..OpenConnections::default()
+        };
+        for client in [
+            // A probe, then a pod flooding from the same /64, then another
+            // client elsewhere.
+            "2001:db8:0:1::100",
+            "2001:db8:0:1::7",
+            "2001:db8:0:1::7",
+            "2001:db8:0:1::7",
+            "2001:db8:0:2::1",
+            "2001:db8:0:2::1",
+        ] {
+            let client: IpAddr = client.parse().unwrap();
+            let id = open.next_id();
+            let task = runtime.spawn(std::future::pending::<()>()).abort_handle();
+            open.open.push_back(Connection {
+                id,
+                port: 1,
+                client,
+                group: client_group(client),
+                task,
+            });
+        }
+        let left = |open: &OpenConnections| {
+            open.open
+                .iter()
+                .map(|c| c.client.to_string())
+                .collect::<Vec<_>>()
+        };
+        open.evict(|_| true).unwrap();
+        // The flood's oldest went, not the older probe in its /64.
+        assert_eq!(
+            left(&open),
+            [
+                "2001:db8:0:1::100",
+                "2001:db8:0:1::7",
+                "2001:db8:0:1::7",
+                "2001:db8:0:2::1",
+                "2001:db8:0:2::1"
+            ]
+        );
+        open.evict(|_| true).unwrap();
+        open.evict(|_| true).unwrap();
+        // The flood's next; then, the groups even (two and two), the
+        // address holding two rather than the probe.
+        assert_eq!(
+            left(&open),
+            ["2001:db8:0:1::100", "2001:db8:0:1::7", "2001:db8:0:2::1"]
+        );
     }
 
     #[test]
