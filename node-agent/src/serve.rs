@@ -2,10 +2,10 @@
 //! a deadline for the request head, a lifetime per connection, and caps on
 //! open connections, per port and over all ports, so that slow or idle
 //! clients cannot hold the agent's file descriptors or keep health answers
-//! from being read. At either cap a new connection is let in, and the oldest
-//! connection of the client address holding the most is closed instead: a
-//! probe always gets in, and a client that holds or floods connections only
-//! churns its own, on any number of ports.
+//! from being read. At either cap a new connection is let in, and the
+//! busiest client's oldest connection is closed instead: a probe always gets
+//! in, and a client that holds or floods connections only churns its own, on
+//! any number of ports.
 //!
 //! `axum::serve` sets none of these (it gives hyper no timer, so even hyper's
 //! own header timeout never fires), hence this small accept loop.
