@@ -579,7 +579,13 @@ fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("writing {}", path.display()))?;
                 return Ok(());
             }
-            run(args, &file, text, &unused_flags_given(&matches))
+            run(
+                args,
+                &file,
+                text,
+                &unused_flags_given(&matches),
+                as_kube_proxy,
+            )
         }
         Command::Trace(args) => trace(args),
         Command::Cleanup(args) => cleanup(args),
@@ -968,6 +974,7 @@ fn run(
     file: &FileSettings,
     file_text: String,
     unused_flags: &[String],
+    as_kube_proxy: bool,
 ) -> anyhow::Result<()> {
     let mut shown_settings = args.effective_settings();
     let RunArgs {
@@ -1102,7 +1109,13 @@ fn run(
         let mut metrics = Metrics::new();
         metrics.register_accounting(accounting);
         let metrics = Arc::new(metrics);
-        let client = kube_client(kubeconfig.as_deref(), master.as_deref(), &metrics).await?;
+        let client = kube_client(
+            kubeconfig.as_deref(),
+            master.as_deref(),
+            as_kube_proxy,
+            &metrics,
+        )
+        .await?;
         let config = RunConfig {
             node_name,
             options: ProxyOptions {
@@ -1284,11 +1297,13 @@ fn liberal_tcp_tracking(set: bool) -> anyhow::Result<bool> {
 
 /// A client from `--kubeconfig` (at `--master` if given), else one for
 /// `--master` alone with no credentials (as kube-proxy makes it), else from
-/// ~/.kube/config or the in-cluster config; its requests are counted in
-/// `metrics`.
+/// KUBECONFIG, ~/.kube/config or the in-cluster config; started as
+/// `kube-proxy`, from the in-cluster config alone, as kube-proxy. Its
+/// requests are counted in `metrics`.
 async fn kube_client(
     kubeconfig: Option<&std::path::Path>,
     master: Option<&str>,
+    as_kube_proxy: bool,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<kube::Client> {
     let config = match (kubeconfig, master) {
@@ -1308,6 +1323,10 @@ async fn kube_client(
             config
         }
         (None, Some(master)) => kube::Config::new(master_url(master, false)?),
+        (None, None) if as_kube_proxy => kube::Config::incluster().context(
+            "no kubeconfig: pass --kubeconfig or --master, set clientConnection.kubeconfig in \
+             --config, or run in a pod",
+        )?,
         (None, None) => kube::Config::infer()
             .await
             .context("no kubeconfig: pass --kubeconfig or --master, or run in a pod")?,
