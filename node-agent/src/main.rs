@@ -789,11 +789,22 @@ fn render_manifests(args: &RenderArgs) -> anyhow::Result<Rendered> {
 }
 
 fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
-    // `auto` as `run` resolves it, so that cleanup finds what run wrote.
-    let (backend, why) = causeway_agent::netfilter::resolve_backend(args.iptables_backend)?;
-    if args.iptables_backend == causeway_agent::netfilter::Backend::Auto {
-        println!("iptables backend: {backend:?} ({why})");
-    }
+    // `auto` as `run` resolves it, so that cleanup finds what run wrote;
+    // if that fails, the plain `iptables` programs, as before.
+    let backend = match causeway_agent::netfilter::HostRules::read()
+        .and_then(|host| host.resolve(args.iptables_backend))
+    {
+        Ok((backend, why)) => {
+            if args.iptables_backend == causeway_agent::netfilter::Backend::Auto {
+                println!("iptables backend: {backend:?} ({why})");
+            }
+            backend
+        }
+        Err(e) => {
+            eprintln!("cannot tell the iptables backend ({e:#}); using iptables as it is");
+            args.iptables_backend
+        }
+    };
     let mut failed = false;
     for family in [IpFamily::V4, IpFamily::V6] {
         let netfilter = causeway_agent::netfilter::Netfilter::new(family, backend);
@@ -1068,11 +1079,13 @@ fn run(
     {
         families.push(IpFamily::V6);
     }
-    let (backend, why) = causeway_agent::netfilter::resolve_backend(iptables_backend)?;
-    tracing::info!(backend = ?backend, reason = why, "iptables backend");
+    let host = causeway_agent::netfilter::HostRules::read()?;
+    let (backend, why) = host.resolve(iptables_backend)?;
+    tracing::info!(backend = ?backend, reason = %why, "iptables backend");
     for family in families {
-        causeway_agent::netfilter::refuse_other_backend(backend, family)?;
+        host.refuse_other(backend, family)?;
     }
+    drop(host);
     // Then the node's settings, as kube-proxy sets them before its rules.
     let start_warnings = tune_conntrack(&Tuning {
         max_per_core: conntrack_max_per_core,

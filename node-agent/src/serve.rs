@@ -158,6 +158,41 @@ impl OpenConnections {
     }
 }
 
+/// The room an accept loop made for a new connection, counted against the
+/// total while the loop waits for a socket. Dropped unreleased (the server
+/// stopped during the wait: a Service's health check went away), it gives
+/// the room back itself.
+struct Reservation {
+    budget: ConnectionBudget,
+    held: bool,
+}
+
+impl Reservation {
+    fn make(budget: &ConnectionBudget, port: u64) -> Self {
+        let mut open = budget.lock();
+        open.make_room(port);
+        open.reserved += 1;
+        Reservation {
+            budget: budget.clone(),
+            held: true,
+        }
+    }
+
+    /// Gives the room to the connection being listed under `open`.
+    fn release(mut self, open: &mut OpenConnections) {
+        open.reserved -= 1;
+        self.held = false;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.held {
+            self.budget.lock().reserved -= 1;
+        }
+    }
+}
+
 /// The address a connection counts against: an IPv4 client's own (mapped
 /// ones included), an IPv6 client's /64, which one host usually has whole.
 fn client_group(ip: IpAddr) -> IpAddr {
@@ -193,18 +228,14 @@ pub async fn serve(listener: TcpListener, router: Router, budget: ConnectionBudg
                 .layer(axum::Extension(ConnectInfo::<SocketAddr>(peer)))
                 .layer(axum::Extension(LocalAddr(local))),
         );
-        {
-            let mut open = budget.lock();
-            open.make_room(port);
-            open.reserved += 1;
-        }
+        let reservation = Reservation::make(&budget, port);
         let socket =
             tokio::time::timeout(SOCKET_RELEASE_WAIT, budget.sockets.clone().acquire_owned()).await;
         // Held while the task is spawned and listed: a task that ends at
         // once waits here before it takes itself off the list. (This loop
         // alone adds to this port, so the room made above is still there.)
         let mut open = budget.lock();
-        open.reserved -= 1;
+        reservation.release(&mut open);
         let Ok(Ok(socket)) = socket else {
             debug!(%peer, "no socket freed in time; closing a new connection");
             continue;
@@ -422,6 +453,19 @@ mod tests {
             left(&open),
             ["2001:db8:0:1::100", "2001:db8:0:1::7", "2001:db8:0:2::1"]
         );
+    }
+
+    #[test]
+    fn a_reservation_dropped_unreleased_gives_its_room_back() {
+        let budget = ConnectionBudget::new(4);
+        let reservation = Reservation::make(&budget, 1);
+        assert_eq!(budget.lock().reserved, 1);
+        drop(reservation);
+        assert_eq!(budget.lock().reserved, 0);
+        let reservation = Reservation::make(&budget, 1);
+        let mut open = budget.lock();
+        reservation.release(&mut open);
+        assert_eq!(open.reserved, 0);
     }
 
     #[test]

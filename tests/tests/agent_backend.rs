@@ -88,11 +88,12 @@ fn rules_in_the_other_backend_stop_the_agent_with_a_clear_message() -> Result<()
 /// A program and its arguments.
 type Command<'a> = (&'a str, &'a [&'a str]);
 
-/// `auto`, the default, picks the backend as kube-proxy's image does: the
-/// one kubelet marked with its hint chain, else the one already holding
-/// rules (a node whose kube-proxy ran on legacy iptables), else the one
-/// `iptables` here uses. With kube-proxy's legacy rules and no hint, the
-/// agent therefore goes on with legacy instead of refusing.
+/// `auto`, the default, keeps Service rules where they are when one
+/// backend holds them (kube-proxy's on legacy iptables, or the agent's own
+/// from before), else picks the backend as kube-proxy's image does: the one
+/// kubelet marked with its hint chain, else the one holding more rules, else
+/// the one `iptables` here uses. So the agent goes on where kube-proxy's
+/// rules are instead of refusing.
 #[test]
 fn auto_picks_the_backend_kubelet_and_kube_proxy_used() -> Result<()> {
     netns::preflight()?;
@@ -109,8 +110,20 @@ fn auto_picks_the_backend_kubelet_and_kube_proxy_used() -> Result<()> {
             &["-t", "nat", "-A", "PREROUTING", "-j", "KUBE-SERVICES"],
         ),
     ];
+    // An agent's own rules in nft, on a node whose kubelet uses legacy.
+    let agent_rules_against_the_hint: &[Command] = &[
+        ("iptables-nft", &["-t", "nat", "-N", "KUBE-SERVICES"]),
+        (
+            "iptables-nft",
+            &["-t", "nat", "-A", "PREROUTING", "-j", "KUBE-SERVICES"],
+        ),
+        (
+            "iptables-legacy",
+            &["-t", "mangle", "-N", "KUBE-IPTABLES-HINT"],
+        ),
+    ];
     // (what, commands, the backend chosen, why)
-    let cases: [(&str, &[Command], &str, &str); 4] = [
+    let cases: [(&str, &[Command], &str, &str); 6] = [
         (
             "kubelet's hint in legacy",
             &[(
@@ -132,6 +145,24 @@ fn auto_picks_the_backend_kubelet_and_kube_proxy_used() -> Result<()> {
         (
             "kube-proxy's legacy rules",
             kube_proxy_rules,
+            "Legacy",
+            "the backend holding Service rules",
+        ),
+        (
+            "the agent's nft rules, kubelet on legacy",
+            agent_rules_against_the_hint,
+            "Nft",
+            "though kubelet's hint chain is in the other",
+        ),
+        (
+            "another program's legacy rule",
+            &[
+                ("iptables-legacy", &["-t", "filter", "-N", "SOMEONE-ELSE"]),
+                (
+                    "iptables-legacy",
+                    &["-t", "filter", "-A", "INPUT", "-j", "SOMEONE-ELSE"],
+                ),
+            ],
             "Legacy",
             "the backend holding more rules",
         ),
