@@ -596,6 +596,16 @@ impl RunArgs {
     /// Takes what the configuration file sets, except where a flag was given.
     fn apply_file(&mut self, file: &FileSettings, given: &BTreeSet<String>) {
         let f = file.clone();
+        // kube-proxy takes --hostname-override over the file only when it
+        // is not empty (kubeadm passes $(NODE_NAME), which may expand to "").
+        if self
+            .node_name
+            .as_deref()
+            .is_some_and(|n| n.trim().is_empty())
+            && f.node_name.is_some()
+        {
+            self.node_name = f.node_name.clone();
+        }
         fill!(given, self.node_name, f.node_name.map(Some));
         fill!(given, self.kubeconfig, f.kubeconfig.map(Some));
         fill!(given, self.sync_period, f.sync_period);
@@ -1654,6 +1664,34 @@ mod tests {
                 .starts_with("no node name")
         );
         assert!(name(None, None).unwrap_err().starts_with("no node name"));
+    }
+
+    #[test]
+    fn an_empty_hostname_override_leaves_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kube-proxy.conf");
+        std::fs::write(
+            &file,
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+             hostnameOverride: node-from-file\n",
+        )
+        .unwrap();
+        let file = file.display().to_string();
+        for (flag, want) in [
+            ("--hostname-override=", "node-from-file"),
+            ("--hostname-override=  ", "node-from-file"),
+            ("--hostname-override=node-b", "node-b"),
+        ] {
+            let matches = cli_command()
+                .try_get_matches_from(["causeway-agent", "run", "--config", &file, flag])
+                .unwrap();
+            let Command::Run(mut args) = Cli::from_arg_matches(&matches).unwrap().command else {
+                panic!("run")
+            };
+            let (settings, _) = config_file(args.config.as_deref()).unwrap();
+            args.apply_file(&settings, &given_flags(&matches, "run"));
+            assert_eq!(args.node_name.as_deref(), Some(want), "{flag:?}");
+        }
     }
 
     #[test]
