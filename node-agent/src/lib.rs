@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod model;
 pub mod netfilter;
 pub mod nfacct;
+pub mod program;
 pub mod rules;
 pub mod serve;
 pub mod sysctl;

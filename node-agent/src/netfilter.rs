@@ -10,11 +10,12 @@
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 
 use crate::addr::IpFamily;
+use crate::program;
 
 use crate::rules::{
     JumpRule, KUBE_EXTERNAL_SERVICES, KUBE_FIREWALL, KUBE_FORWARD, KUBE_MARK_MASQ, KUBE_NODEPORTS,
@@ -334,11 +335,7 @@ impl HostRules {
             .legacy
             .iter()
             .any(|(_, save)| !owned_chains(save).is_empty());
-        let legacy_hint = self.legacy.iter().any(|(_, save)| {
-            declared_chains(save)
-                .into_iter()
-                .any(|(table, name)| table == "mangle" && KUBELET_HINT_CHAINS.contains(&name))
-        });
+        let legacy_hint = self.legacy.iter().any(|(_, save)| holds_kubelet_hint(save));
         // Only when neither holds Service chains nor a hint: then nft's
         // save is small.
         let rule_counts = || -> anyhow::Result<[usize; 2]> {
@@ -447,14 +444,21 @@ pub fn choose_backend(
     })
 }
 
+/// Whether a save holds one of kubelet's hint chains in its mangle table.
+fn holds_kubelet_hint(save: &str) -> bool {
+    declared_chains(save)
+        .into_iter()
+        .any(|(table, name)| table == "mangle" && KUBELET_HINT_CHAINS.contains(&name))
+}
+
 /// Whether `table` holds `chain`, asked of the iptables program `iptables`
 /// (`-S` of that chain alone: quick however large the table). A program
 /// this machine lacks holds nothing.
 fn chain_exists(iptables: &str, table: &str, chain: &str) -> anyhow::Result<bool> {
-    match output_within(iptables, &["-t", table, "-S", chain], SAVE_LIMIT) {
-        Ok(_) => Ok(true),
-        Err(SaveFailure::Missing | SaveFailure::Failed(_)) => Ok(false),
-        Err(SaveFailure::TimedOut) => {
+    match program::run_within(iptables, &["-t", table, "-S", chain], SAVE_LIMIT) {
+        Ok(done) => Ok(done.success),
+        Err(program::Failure::Missing | program::Failure::Spawn(_)) => Ok(false),
+        Err(program::Failure::TimedOut) => {
             anyhow::bail!("{iptables} -t {table} -S {chain} gave no answer within {SAVE_LIMIT:?}")
         }
     }
@@ -463,27 +467,27 @@ fn chain_exists(iptables: &str, table: &str, chain: &str) -> anyhow::Result<bool
 /// One save program's output. A program this machine lacks, or one whose
 /// backend the kernel does not offer, gives nothing; another failure is
 /// tried once more, then named. A save that hangs stops the start.
-fn read_save(program: &str, args: &[&str]) -> anyhow::Result<String> {
+fn read_save(save: &str, args: &[&str]) -> anyhow::Result<String> {
     let mut last = String::new();
     for attempt in 0..2 {
         if attempt > 0 {
             std::thread::sleep(Duration::from_millis(200));
         }
-        match output_within(program, args, SAVE_LIMIT) {
-            Ok(text) => return Ok(text),
-            Err(SaveFailure::Missing) => return Ok(String::new()),
-            Err(SaveFailure::TimedOut) => {
-                anyhow::bail!("{program} gave no answer within {SAVE_LIMIT:?}")
+        let stderr = match program::run_within(save, args, SAVE_LIMIT) {
+            Ok(done) if done.success => return Ok(done.stdout),
+            Ok(done) => done.stderr,
+            Err(program::Failure::Missing) => return Ok(String::new()),
+            Err(program::Failure::TimedOut) => {
+                anyhow::bail!("{save} gave no answer within {SAVE_LIMIT:?}")
             }
-            Err(SaveFailure::Failed(stderr)) => {
-                if BACKEND_ABSENT.iter().any(|sign| stderr.contains(sign)) {
-                    return Ok(String::new());
-                }
-                last = stderr;
-            }
+            Err(program::Failure::Spawn(e)) => e,
+        };
+        if BACKEND_ABSENT.iter().any(|sign| stderr.contains(sign)) {
+            return Ok(String::new());
         }
+        last = stderr;
     }
-    anyhow::bail!("{program} failed twice: {}", last.trim())
+    anyhow::bail!("{save} failed twice: {}", last.trim())
 }
 
 /// What save programs say when the kernel lacks their backend.
@@ -492,58 +496,6 @@ const BACKEND_ABSENT: [&str; 3] = [
     "can't initialize",
     "Could not fetch rule set generation id",
 ];
-
-enum SaveFailure {
-    Missing,
-    TimedOut,
-    Failed(String),
-}
-
-/// Runs `program`, read concurrently (a save can be tens of MB), killed
-/// after `limit`.
-fn output_within(program: &str, args: &[&str], limit: Duration) -> Result<String, SaveFailure> {
-    let mut child = match Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
-        Ok(child) => child,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(SaveFailure::Missing),
-        Err(e) => return Err(SaveFailure::Failed(e.to_string())),
-    };
-    let drain = |stream: Option<Box<dyn std::io::Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            if let Some(mut stream) = stream {
-                let _ = stream.read_to_string(&mut text);
-            }
-            text
-        })
-    };
-    let stdout = drain(child.stdout.take().map(|s| Box::new(s) as _));
-    let stderr = drain(child.stderr.take().map(|s| Box::new(s) as _));
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-            Ok(None) | Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(SaveFailure::TimedOut);
-            }
-        }
-    };
-    let stdout = stdout.join().unwrap_or_default();
-    let stderr = stderr.join().unwrap_or_default();
-    if status.success() {
-        Ok(stdout)
-    } else {
-        Err(SaveFailure::Failed(stderr))
-    }
-}
 
 /// Whether this backend's iptables takes MASQUERADE `--random-fully`, which
 /// came with iptables 1.6.2 (kube-proxy checks the same version). An error
@@ -1147,12 +1099,12 @@ COMMIT
                 .is_some()
         );
         // The hint chains count in mangle only.
-        let save = "*nat\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n";
-        assert!(
-            !declared_chains(save)
-                .into_iter()
-                .any(|(table, name)| table == "mangle" && KUBELET_HINT_CHAINS.contains(&name))
-        );
+        assert!(holds_kubelet_hint(
+            "*mangle\n:PREROUTING ACCEPT [0:0]\n:KUBE-KUBELET-CANARY - [0:0]\nCOMMIT\n"
+        ));
+        assert!(!holds_kubelet_hint(
+            "*nat\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n"
+        ));
     }
 
     #[test]

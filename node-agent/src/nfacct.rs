@@ -7,8 +7,10 @@
 //! (Debian package `nfacct`), as conntrack is through `conntrack`.
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::program;
 
 /// kube-proxy's counter for the INVALID drop in `KUBE-FORWARD`.
 pub const CT_STATE_INVALID_DROPPED: &str = "ct_state_invalid_dropped_pkts";
@@ -53,32 +55,14 @@ pub fn packets(name: &str) -> Result<u64, String> {
 /// Every counter's packets, by name, from one `nfacct list`, which is
 /// killed after `timeout`: a scrape must not wait on it for long.
 pub fn all_packets(timeout: Duration) -> Result<BTreeMap<String, u64>, String> {
-    let mut child = Command::new("nfacct")
-        .arg("list")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot run nfacct: {e}"))?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("nfacct list: no answer within {timeout:?}"));
-            }
-            Err(e) => return Err(format!("nfacct list: {e}")),
+    match program::run_within("nfacct", &["list"], timeout) {
+        Ok(done) => Ok(parse_list(&done.stdout)),
+        Err(program::Failure::TimedOut) => {
+            Err(format!("nfacct list: no answer within {timeout:?}"))
         }
+        Err(program::Failure::Missing) => Err("cannot run nfacct: not found".to_string()),
+        Err(program::Failure::Spawn(e)) => Err(format!("cannot run nfacct: {e}")),
     }
-    let mut text = String::new();
-    if let Some(mut out) = child.stdout.take() {
-        std::io::Read::read_to_string(&mut out, &mut text)
-            .map_err(|e| format!("nfacct list: {e}"))?;
-    }
-    Ok(parse_list(&text))
 }
 
 /// `nfacct`'s lines, `{ pkts = 00000000000000000042, bytes =
