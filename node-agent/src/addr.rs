@@ -30,6 +30,13 @@ impl IpFamily {
             IpFamily::V6 => "IPv6",
         }
     }
+
+    /// The family an EndpointSlice `addressType` carries (`FQDN` has none).
+    pub fn of_address_type(address_type: &str) -> Option<Self> {
+        [IpFamily::V4, IpFamily::V6]
+            .into_iter()
+            .find(|family| family.address_type() == address_type)
+    }
 }
 
 impl fmt::Display for IpFamily {

@@ -115,10 +115,8 @@ impl Shared {
             return;
         }
         seen.insert(uid.clone(), trigger.clone());
-        let family = match slice.address_type.as_str() {
-            "IPv4" => IpFamily::V4,
-            "IPv6" => IpFamily::V6,
-            _ => return,
+        let Some(family) = IpFamily::of_address_type(&slice.address_type) else {
+            return;
         };
         if let Ok(at) = trigger.parse::<Timestamp>()
             && at >= self.started
@@ -699,6 +697,9 @@ struct Syncer {
     /// Whether kube-proxy's nftables-mode tables were looked for: once,
     /// after the first sync that applied everything.
     nftables_leftovers_checked: bool,
+    /// Whether the nfacct counters are known to be there: `run` has just
+    /// made them, so the first full sync need not look again.
+    counters_made: bool,
 }
 
 impl Syncer {
@@ -710,6 +711,7 @@ impl Syncer {
             reported: BTreeSet::new(),
             route_localnet_set: false,
             nftables_leftovers_checked: false,
+            counters_made: true,
         }
     }
 
@@ -852,7 +854,9 @@ impl Syncer {
             // Once per sync: the counters are the namespace's, not a family's.
             if full && !counters_checked {
                 counters_checked = true;
-                ensure_counters(render_config.accounting);
+                if !std::mem::take(&mut self.counters_made) {
+                    ensure_counters(render_config.accounting);
+                }
             }
             let changed: BTreeSet<(ServicePortName, Protocol)> = match (&state.applied_model, full)
             {

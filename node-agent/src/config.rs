@@ -277,6 +277,14 @@ impl LogFormat {
         <Self as clap::ValueEnum>::from_str(text.trim(), false)
             .map_err(|_| format!("{:?} is not text or json", text.trim()))
     }
+
+    /// As the configuration file writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
 }
 
 /// The log filter (`RUST_LOG` syntax) that kube-proxy's klog verbosity

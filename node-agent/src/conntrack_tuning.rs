@@ -13,7 +13,6 @@
 //! writable /proc/sys), and a tuning default is no reason to leave a node
 //! without Service rules.
 
-use std::collections::BTreeSet;
 use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -48,17 +47,15 @@ pub struct Tuning {
     pub tcp_close_wait_timeout: Duration,
     pub udp_timeout: Duration,
     pub udp_stream_timeout: Duration,
-    /// The settings the user gave (flag or file), by flag name; the others
-    /// are kube-proxy's defaults.
-    pub given: BTreeSet<&'static str>,
 }
 
 impl Tuning {
-    /// Whether the user asked for `flag`'s setting, with a value other than
-    /// kube-proxy's default: then it must take effect.
+    /// Whether `flag`'s setting is other than kube-proxy's default: then the
+    /// user asked for it (a flag or the file; one that restates the default
+    /// counts as the default), and it must take effect.
     fn insists_on(&self, flag: &str) -> bool {
         let defaults = Tuning::default();
-        let differs = match flag {
+        match flag {
             MAX_PER_CORE => self.max_per_core != defaults.max_per_core,
             MIN => self.min != defaults.min,
             TCP_ESTABLISHED_TIMEOUT => {
@@ -70,8 +67,7 @@ impl Tuning {
             UDP_TIMEOUT => self.udp_timeout != defaults.udp_timeout,
             UDP_STREAM_TIMEOUT => self.udp_stream_timeout != defaults.udp_stream_timeout,
             _ => false,
-        };
-        differs && self.given.contains(flag)
+        }
     }
 }
 
@@ -84,7 +80,6 @@ impl Default for Tuning {
             tcp_close_wait_timeout: DEFAULT_TCP_CLOSE_WAIT_TIMEOUT,
             udp_timeout: Duration::ZERO,
             udp_stream_timeout: Duration::ZERO,
-            given: BTreeSet::new(),
         }
     }
 }
@@ -433,7 +428,6 @@ mod tests {
             tcp_close_wait_timeout: Duration::ZERO,
             udp_timeout: Duration::from_millis(44_500),
             udp_stream_timeout: Duration::from_secs(180),
-            given: [TCP_ESTABLISHED_TIMEOUT, UDP_TIMEOUT, UDP_STREAM_TIMEOUT].into(),
             ..Tuning::default()
         };
         apply(&tuning, 2, &paths).unwrap();
@@ -473,7 +467,6 @@ mod tests {
 
         let given_min = Tuning {
             min: 4_000_000,
-            given: [MIN].into(),
             ..Tuning::default()
         };
         let error = apply(&given_min, 2, &paths).unwrap_err();
@@ -485,7 +478,6 @@ mod tests {
         let given_timeout = Tuning {
             max_per_core: 0,
             tcp_close_wait_timeout: Duration::from_secs(600),
-            given: [TCP_CLOSE_WAIT_TIMEOUT].into(),
             ..Tuning::default()
         };
         let error = apply(&given_timeout, 2, &paths).unwrap_err();
@@ -493,28 +485,10 @@ mod tests {
             error.contains("nf_conntrack_tcp_timeout_close_wait to 600 (--conntrack-tcp-timeout-close-wait, conntrack.tcpCloseWaitTimeout)"),
             "{error}"
         );
-    }
-
-    #[test]
-    fn kube_proxys_defaults_restated_are_still_defaults() {
-        // EKS's kube-proxy ConfigMap spells the defaults out; on a node where
-        // they cannot be set they warn, as if the file had left them out.
-        let (_dir, mut paths) = node(65_536, 65_536);
-        paths.netfilter = paths.netfilter.join("missing");
-        let restated = Tuning {
-            given: [
-                MAX_PER_CORE,
-                MIN,
-                TCP_ESTABLISHED_TIMEOUT,
-                TCP_CLOSE_WAIT_TIMEOUT,
-            ]
-            .into(),
-            ..Tuning::default()
-        };
-        assert_eq!(apply(&restated, 2, &paths).unwrap().warnings.len(), 3);
+        // Off the default by a second is asked for, and must take effect.
         let other = Tuning {
             tcp_established_timeout: Duration::from_secs(86_401),
-            ..restated
+            ..Tuning::default()
         };
         assert!(apply(&other, 2, &paths).is_err());
     }
@@ -530,11 +504,7 @@ mod tests {
     fn a_hash_size_that_cannot_grow_is_a_warning() {
         let (_dir, mut paths) = node(65_536, 16_384);
         paths.hashsize = paths.hashsize.with_file_name("missing/hashsize");
-        let given = Tuning {
-            given: [MAX_PER_CORE].into(),
-            ..Tuning::default()
-        };
-        let applied = apply(&given, 2, &paths).unwrap();
+        let applied = apply(&Tuning::default(), 2, &paths).unwrap();
         assert_eq!(value(&paths, "nf_conntrack_max"), 131_072);
         assert_eq!(applied.warnings.len(), 1, "{:?}", applied.warnings);
         assert!(applied.warnings[0].starts_with("cannot read conntrack's hash size"));

@@ -244,12 +244,7 @@ pub fn write(settings: &FileSettings) -> String {
     put(
         &mut logging,
         "format",
-        f.log_format.map(|format| {
-            Value::from(match format {
-                LogFormat::Text => "text",
-                LogFormat::Json => "json",
-            })
-        }),
+        f.log_format.map(|format| Value::from(format.as_str())),
     );
     put(&mut logging, "verbosity", f.verbosity.map(Value::from));
     section(&mut root, "logging", logging);
@@ -285,10 +280,7 @@ pub fn configz(settings: &FileSettings) -> String {
             "Kubeconfig": f.kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
         },
         "Logging": {
-            "format": match f.log_format.unwrap_or(LogFormat::Text) {
-                LogFormat::Text => "text",
-                LogFormat::Json => "json",
-            },
+            "format": f.log_format.unwrap_or(LogFormat::Text).as_str(),
             "verbosity": f.verbosity.unwrap_or_default(),
         },
         "HostnameOverride": text(&f.node_name),

@@ -335,10 +335,6 @@ struct RunArgs {
     /// leaves it.
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     conntrack_udp_timeout_stream: Duration,
-    /// Which conntrack settings the user gave (flag or file): those must
-    /// take effect; the defaults are best effort.
-    #[arg(skip)]
-    conntrack_given: BTreeSet<&'static str>,
     /// kube-proxy's --init-only: set what needs a writable /proc/sys (the
     /// conntrack settings, liberal TCP tracking, route_localnet for NodePorts
     /// on 127.0.0.1) and exit, without the API server; a privileged init
@@ -638,43 +634,23 @@ impl RunArgs {
             }
         }
         fill!(given, self.oom_score_adj, f.oom_score_adj.map(Some));
-        // A conntrack setting given as a flag or in the file must take
-        // effect; kube-proxy's defaults are best effort.
-        macro_rules! fill_conntrack {
-            ($field:ident, $from_file:expr, $flag:expr) => {
-                let from_file = $from_file;
-                if from_file.is_some() || given.contains(stringify!($field)) {
-                    self.conntrack_given.insert($flag);
-                }
-                fill!(given, self.$field, from_file);
-            };
-        }
-        use conntrack_tuning as ct;
-        fill_conntrack!(
-            conntrack_max_per_core,
-            f.conntrack_max_per_core,
-            ct::MAX_PER_CORE
+        fill!(given, self.conntrack_max_per_core, f.conntrack_max_per_core);
+        fill!(given, self.conntrack_min, f.conntrack_min);
+        fill!(
+            given,
+            self.conntrack_tcp_timeout_established,
+            f.conntrack_tcp_established_timeout
         );
-        fill_conntrack!(conntrack_min, f.conntrack_min, ct::MIN);
-        fill_conntrack!(
-            conntrack_tcp_timeout_established,
-            f.conntrack_tcp_established_timeout,
-            ct::TCP_ESTABLISHED_TIMEOUT
+        fill!(
+            given,
+            self.conntrack_tcp_timeout_close_wait,
+            f.conntrack_tcp_close_wait_timeout
         );
-        fill_conntrack!(
-            conntrack_tcp_timeout_close_wait,
-            f.conntrack_tcp_close_wait_timeout,
-            ct::TCP_CLOSE_WAIT_TIMEOUT
-        );
-        fill_conntrack!(
-            conntrack_udp_timeout,
-            f.conntrack_udp_timeout,
-            ct::UDP_TIMEOUT
-        );
-        fill_conntrack!(
-            conntrack_udp_timeout_stream,
-            f.conntrack_udp_stream_timeout,
-            ct::UDP_STREAM_TIMEOUT
+        fill!(given, self.conntrack_udp_timeout, f.conntrack_udp_timeout);
+        fill!(
+            given,
+            self.conntrack_udp_timeout_stream,
+            f.conntrack_udp_stream_timeout
         );
         // One format, from --log-json or --logging-format if either was given.
         if !given.contains("log_json") {
@@ -685,6 +661,18 @@ impl RunArgs {
 }
 
 impl RunArgs {
+    /// The conntrack settings to apply at start.
+    fn conntrack_tuning(&self) -> Tuning {
+        Tuning {
+            max_per_core: self.conntrack_max_per_core,
+            min: self.conntrack_min,
+            tcp_established_timeout: self.conntrack_tcp_timeout_established,
+            tcp_close_wait_timeout: self.conntrack_tcp_timeout_close_wait,
+            udp_timeout: self.conntrack_udp_timeout,
+            udp_stream_timeout: self.conntrack_udp_timeout_stream,
+        }
+    }
+
     /// The settings `run` goes by, as a configuration file holds them.
     fn effective_settings(&self) -> FileSettings {
         let p = &self.proxy;
@@ -801,19 +789,20 @@ fn render_manifests(args: &RenderArgs) -> anyhow::Result<Rendered> {
 fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
     // `auto` as `run` resolves it, so that cleanup finds what run wrote;
     // if that fails, the plain `iptables` programs, as before.
-    let backend = match causeway_agent::netfilter::HostRules::read()
-        .and_then(|host| host.resolve(args.iptables_backend))
-    {
-        Ok((backend, why)) => {
-            if args.iptables_backend == causeway_agent::netfilter::Backend::Auto {
+    let backend = match args.iptables_backend {
+        Backend::Auto => match causeway_agent::netfilter::HostRules::read()
+            .and_then(|host| host.resolve(Backend::Auto))
+        {
+            Ok((backend, why)) => {
                 println!("iptables backend: {backend:?} ({why})");
+                backend
             }
-            backend
-        }
-        Err(e) => {
-            eprintln!("cannot tell the iptables backend ({e:#}); using iptables as it is");
-            args.iptables_backend
-        }
+            Err(e) => {
+                eprintln!("cannot tell the iptables backend ({e:#}); using iptables as it is");
+                Backend::Auto
+            }
+        },
+        given => given,
     };
     let mut failed = false;
     for family in [IpFamily::V4, IpFamily::V6] {
@@ -998,6 +987,7 @@ fn run(
     as_kube_proxy: bool,
 ) -> anyhow::Result<()> {
     let mut shown_settings = args.effective_settings();
+    let tuning = args.conntrack_tuning();
     let RunArgs {
         config: config_path,
         node_name,
@@ -1012,13 +1002,12 @@ fn run(
         verbosity,
         proxy_mode: _,
         oom_score_adj,
-        conntrack_max_per_core,
-        conntrack_min,
-        conntrack_tcp_timeout_established,
-        conntrack_tcp_timeout_close_wait,
-        conntrack_udp_timeout,
-        conntrack_udp_timeout_stream,
-        conntrack_given,
+        conntrack_max_per_core: _,
+        conntrack_min: _,
+        conntrack_tcp_timeout_established: _,
+        conntrack_tcp_timeout_close_wait: _,
+        conntrack_udp_timeout: _,
+        conntrack_udp_timeout_stream: _,
         init_only,
         write_config_to: _,
         cleanup: _,
@@ -1097,15 +1086,7 @@ fn run(
     }
     drop(host);
     // Then the node's settings, as kube-proxy sets them before its rules.
-    let start_warnings = tune_conntrack(&Tuning {
-        max_per_core: conntrack_max_per_core,
-        min: conntrack_min,
-        tcp_established_timeout: conntrack_tcp_timeout_established,
-        tcp_close_wait_timeout: conntrack_tcp_timeout_close_wait,
-        udp_timeout: conntrack_udp_timeout,
-        udp_stream_timeout: conntrack_udp_timeout_stream,
-        given: conntrack_given,
-    })?;
+    let start_warnings = tune_conntrack(&tuning)?;
     let conntrack_tcp_be_liberal = liberal_tcp_tracking(proxy.conntrack_tcp_be_liberal)?;
     if init_only {
         ensure_route_localnet(&proxy, &node_ip, &node_name)?;
@@ -1573,25 +1554,14 @@ mod tests {
 
     #[test]
     fn conntrack_settings_come_from_flags_then_the_file_then_kube_proxys_defaults() {
-        let file = kube_proxy_config::parse(
-            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
-             kind: KubeProxyConfiguration\n\
-             conntrack: {maxPerCore: 0, min: null, tcpCloseWaitTimeout: 0s, udpTimeout: 45s}\n",
-        )
-        .unwrap();
-        let matches = cli_command()
-            .try_get_matches_from([
-                "causeway-agent",
-                "run",
+        let args = run_with_file(
+            "conntrack: {maxPerCore: 0, min: null, tcpCloseWaitTimeout: 0s, udpTimeout: 45s}\n",
+            &[
                 "--conntrack-min=65536",
                 "--conntrack-udp-timeout=10s",
                 "--conntrack-tcp-timeout-established=2h",
-            ])
-            .unwrap();
-        let Command::Run(mut args) = Cli::from_arg_matches(&matches).unwrap().command else {
-            panic!("run")
-        };
-        args.apply_file(&file, &given_flags(&matches, "run"));
+            ],
+        );
         assert_eq!(args.conntrack_max_per_core, 0);
         assert_eq!(args.conntrack_min, 65_536);
         assert_eq!(
@@ -1602,35 +1572,15 @@ mod tests {
         assert_eq!(args.conntrack_tcp_timeout_close_wait, Duration::ZERO);
         assert_eq!(args.conntrack_udp_timeout, Duration::from_secs(10));
         assert_eq!(args.conntrack_udp_timeout_stream, Duration::ZERO);
-        assert_eq!(
-            args.conntrack_given,
-            BTreeSet::from([
-                conntrack_tuning::MAX_PER_CORE,
-                conntrack_tuning::MIN,
-                conntrack_tuning::TCP_ESTABLISHED_TIMEOUT,
-                conntrack_tuning::TCP_CLOSE_WAIT_TIMEOUT,
-                conntrack_tuning::UDP_TIMEOUT,
-            ])
-        );
-        // Nothing given: kube-proxy's defaults, none of them insisted on.
-        let matches = cli_command()
-            .try_get_matches_from(["causeway-agent", "run"])
-            .unwrap();
-        let Command::Run(mut args) = Cli::from_arg_matches(&matches).unwrap().command else {
-            panic!("run")
-        };
-        args.apply_file(&FileSettings::default(), &given_flags(&matches, "run"));
+        // Nothing given: kube-proxy's defaults, which the tuning takes for
+        // best effort (what differs from them must take effect).
+        let args = run_with_file("", &[]);
+        assert_eq!(args.conntrack_tuning(), Tuning::default());
         assert_eq!(args.conntrack_max_per_core, 32_768);
-        assert_eq!(args.conntrack_min, 131_072);
         assert_eq!(
             args.conntrack_tcp_timeout_established,
             Duration::from_secs(86_400)
         );
-        assert_eq!(
-            args.conntrack_tcp_timeout_close_wait,
-            Duration::from_secs(3600)
-        );
-        assert!(args.conntrack_given.is_empty());
         for bad in [
             "--conntrack-max-per-core=-1",
             // kube-proxy's are int32.
@@ -1668,28 +1618,12 @@ mod tests {
 
     #[test]
     fn an_empty_hostname_override_leaves_the_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("kube-proxy.conf");
-        std::fs::write(
-            &file,
-            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
-             hostnameOverride: node-from-file\n",
-        )
-        .unwrap();
-        let file = file.display().to_string();
         for (flag, want) in [
             ("--hostname-override=", "node-from-file"),
             ("--hostname-override=  ", "node-from-file"),
             ("--hostname-override=node-b", "node-b"),
         ] {
-            let matches = cli_command()
-                .try_get_matches_from(["causeway-agent", "run", "--config", &file, flag])
-                .unwrap();
-            let Command::Run(mut args) = Cli::from_arg_matches(&matches).unwrap().command else {
-                panic!("run")
-            };
-            let (settings, _) = config_file(args.config.as_deref()).unwrap();
-            args.apply_file(&settings, &given_flags(&matches, "run"));
+            let args = run_with_file("hostnameOverride: node-from-file\n", &[flag]);
             assert_eq!(args.node_name.as_deref(), Some(want), "{flag:?}");
         }
     }
@@ -1794,17 +1728,7 @@ mod tests {
         )
         .unwrap();
         let file = file.display().to_string();
-        let effective = |argv: &[&str]| {
-            let matches = cli_command()
-                .try_get_matches_from(["causeway-agent", "run"].iter().chain(argv))
-                .unwrap();
-            let Command::Run(mut args) = Cli::from_arg_matches(&matches).unwrap().command else {
-                panic!("run")
-            };
-            let (settings, _) = config_file(args.config.as_deref()).unwrap();
-            args.apply_file(&settings, &given_flags(&matches, "run"));
-            args.effective_settings()
-        };
+        let effective = |argv: &[&str]| run_args(argv).effective_settings();
         let first = effective(&[
             "--config",
             &file,
@@ -2003,6 +1927,20 @@ mod tests {
             error.contains("\"localhost:10256\" is not an address"),
             "{error}"
         );
+    }
+
+    /// `run` with `flags` as `main` reads them: the file of their
+    /// `--config`, if any, read and applied under them.
+    fn run_args(flags: &[&str]) -> RunArgs {
+        let matches = cli_command()
+            .try_get_matches_from(["causeway-agent", "run"].iter().chain(flags))
+            .unwrap();
+        let Command::Run(mut args) = Cli::from_arg_matches(&matches).unwrap().command else {
+            panic!("run")
+        };
+        let (file, _) = config_file(args.config.as_deref()).unwrap();
+        args.apply_file(&file, &given_flags(&matches, "run"));
+        args
     }
 
     /// `run` with `flags`, and a configuration file of `fields` applied.

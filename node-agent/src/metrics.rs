@@ -27,11 +27,7 @@ type Timestamps = Family<Labels, Gauge<f64, AtomicU64>>;
 
 /// kube-proxy's `ip_family` label, which its per-family metrics carry.
 fn family_labels(family: IpFamily) -> Labels {
-    let name = match family {
-        IpFamily::V4 => "IPv4",
-        IpFamily::V6 => "IPv6",
-    };
-    vec![("ip_family".to_string(), name.to_string())]
+    vec![("ip_family".to_string(), family.address_type().to_string())]
 }
 
 fn family_labels_and(family: IpFamily, key: &str, value: &str) -> Labels {
