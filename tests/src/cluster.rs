@@ -688,17 +688,40 @@ impl Cluster {
     /// A kubeconfig for this environment that authenticates as `who` with
     /// `token` (a ServiceAccount's, from `kubectl create token`).
     pub fn kubeconfig_with_token(&self, who: &str, token: &str) -> Result<String> {
-        let path = self.dir().join(format!("kubeconfig-{who}"));
-        fs::copy(self.kubeconfig(), &path)?;
-        let path = path.display().to_string();
-        for args in [
-            vec![
+        self.kubeconfig_as(
+            who,
+            &[
                 "config",
                 "set-credentials",
                 who,
                 &format!("--token={token}"),
             ],
-            vec![
+        )
+    }
+
+    /// [`Cluster::kubeconfig_with_token`], the token read from `file` (as
+    /// kubeadm's kubeconfig for kube-proxy reads its ServiceAccount token).
+    pub fn kubeconfig_with_token_file(&self, who: &str, file: &Path) -> Result<String> {
+        self.kubeconfig_as(
+            who,
+            &[
+                "config",
+                "set",
+                &format!("users.{who}.tokenFile"),
+                &file.display().to_string(),
+            ],
+        )
+    }
+
+    /// A copy of the admin kubeconfig whose current user is `who`, with the
+    /// credential `set_credential` (kubectl arguments) gives it.
+    fn kubeconfig_as(&self, who: &str, set_credential: &[&str]) -> Result<String> {
+        let path = self.dir().join(format!("kubeconfig-{who}"));
+        fs::copy(self.kubeconfig(), &path)?;
+        let path = path.display().to_string();
+        for args in [
+            set_credential,
+            &[
                 "config",
                 "set-context",
                 "--current",
@@ -706,7 +729,7 @@ impl Cluster {
             ],
         ] {
             let out = Command::new(self.bin_dir().join("kubectl"))
-                .args(&args)
+                .args(args)
                 .env("KUBECONFIG", &path)
                 .output()?;
             anyhow::ensure!(out.status.success(), "kubectl {}: {out:?}", args[1]);

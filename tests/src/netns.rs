@@ -86,6 +86,25 @@ pub fn add_netns(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// A namespace a test made, deleted (with what runs in it) when this is
+/// dropped, also when the test fails.
+pub struct Scoped(pub String);
+
+impl Scoped {
+    /// Creates namespace `name` with its loopback up.
+    pub fn add(name: impl Into<String>) -> Result<Self> {
+        let scoped = Scoped(name.into());
+        add_netns(&scoped.0)?;
+        Ok(scoped)
+    }
+}
+
+impl Drop for Scoped {
+    fn drop(&mut self) {
+        del_netns(&self.0);
+    }
+}
+
 /// Deletes a namespace after killing whatever still runs in it. Missing is fine.
 pub fn del_netns(name: &str) {
     if let Ok(pids) = ip(&["netns", "pids", name]) {

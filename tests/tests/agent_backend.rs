@@ -5,15 +5,6 @@ use anyhow::Result;
 use causeway_tests::netns;
 use causeway_tests::paths::workspace_bin;
 
-/// A network namespace deleted on drop, even when the test fails.
-struct Namespace(String);
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        netns::del_netns(&self.0);
-    }
-}
-
 fn agent(ns: &str, args: &[&str]) -> Result<(bool, String)> {
     let out = netns::exec_in_raw(
         ns,
@@ -31,8 +22,7 @@ fn agent(ns: &str, args: &[&str]) -> Result<(bool, String)> {
 #[test]
 fn rules_in_the_other_backend_stop_the_agent_with_a_clear_message() -> Result<()> {
     netns::preflight()?;
-    let ns = Namespace(format!("cwbk-{}", std::process::id()));
-    netns::add_netns(&ns.0)?;
+    let ns = netns::Scoped::add(format!("cwbk-{}", std::process::id()))?;
     // What kube-proxy in legacy mode leaves behind, plus a rule of its own
     // that cleanup must keep.
     netns::exec_in(
@@ -169,8 +159,7 @@ fn auto_picks_the_backend_kubelet_and_kube_proxy_used() -> Result<()> {
         ("nothing yet", &[], here, "no rules yet"),
     ];
     for (k, (what, setup, backend, reason)) in cases.into_iter().enumerate() {
-        let ns = Namespace(format!("cwbk-{}-{k}", std::process::id()));
-        netns::add_netns(&ns.0)?;
+        let ns = netns::Scoped::add(format!("cwbk-{}-{k}", std::process::id()))?;
         for (program, args) in setup {
             netns::exec_in(&ns.0, program, args)?;
         }

@@ -787,6 +787,39 @@ async fn client_and_web(cluster: &Cluster) -> Result<(Pod, Api<Service>, String)
     Ok((client, services, ip))
 }
 
+/// One node running the agent with `--sync-period` `sync_period` (changes
+/// that wait longer than twice that make it unhealthy), a client pod, and
+/// Service `web` (cluster IP `ip`) answering at `web` from web-1.
+struct AgentAndWeb {
+    cluster: Cluster,
+    node1: causeway_tests::cluster::NodeInfo,
+    agent_pid: u32,
+    client: Pod,
+    services: Api<Service>,
+    ip: String,
+    web: String,
+}
+
+async fn agent_and_web(sync_period: &str) -> Result<AgentAndWeb> {
+    let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
+    let node1 = cluster.node("node-1").clone();
+    let agent = workspace_bin("causeway-agent");
+    let agent_pid =
+        cluster.spawn_agent("node-1", "agent-1", &agent, &["--sync-period", sync_period])?;
+    let (client, services, ip) = client_and_web(&cluster).await?;
+    let web = format!("{ip}:80");
+    wait_for_pods(&client.netns, "tcp", &web, &["web-1"], "web")?;
+    Ok(AgentAndWeb {
+        cluster,
+        node1,
+        agent_pid,
+        client,
+        services,
+        ip,
+        web,
+    })
+}
+
 /// kube-proxy's `--bind-address`: one address is the node's IP of its family,
 /// in place of the Node's InternalIP, so `--nodeport-addresses primary`
 /// answers there and not on the InternalIP.
@@ -855,15 +888,16 @@ async fn a_bind_address_is_the_node_ip_that_primary_node_ports_answer_on() -> Re
 /// healthy, and once the apiserver is back it follows what changes there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_rides_out_an_apiserver_restart() -> Result<()> {
-    let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
-    let node1 = cluster.node("node-1").clone();
-    let agent = workspace_bin("causeway-agent");
-    // Changes that wait more than 2 × --sync-period make the agent unhealthy;
-    // the outage below lasts longer than that.
-    let agent_pid = cluster.spawn_agent("node-1", "agent-1", &agent, &["--sync-period", "2s"])?;
-    let (client, services, ip) = client_and_web(&cluster).await?;
-    let web = format!("{ip}:80");
-    wait_for_pods(&client.netns, "tcp", &web, &["web-1"], "web")?;
+    // The outage below lasts longer than twice the sync period.
+    let AgentAndWeb {
+        cluster,
+        node1,
+        agent_pid,
+        client,
+        services,
+        web,
+        ..
+    } = agent_and_web("2s").await?;
     let healthz = format!("http://{}:10256/healthz", node1.ip);
 
     let stopped = cluster.stop_component("kube-apiserver")?;
@@ -957,32 +991,9 @@ async fn started_as_kube_proxy_with_kubeadms_arguments_and_rbac_it_proxies() -> 
         "--duration=1h",
     ])?;
     // As kubeadm's kubeconfig for kube-proxy: the token read from a file.
-    let kubeconfig = cluster.kubeconfig_with_token("kube-proxy", "")?;
     let token_file = cluster.dir().join("kube-proxy-token");
     std::fs::write(&token_file, token.trim())?;
-    for args in [
-        vec![
-            "config".to_string(),
-            "unset".to_string(),
-            "users.kube-proxy.token".to_string(),
-        ],
-        vec![
-            "config".to_string(),
-            "set".to_string(),
-            "users.kube-proxy.tokenFile".to_string(),
-            token_file.display().to_string(),
-        ],
-    ] {
-        let out = std::process::Command::new(cluster.bin_dir().join("kubectl"))
-            .args(&args)
-            .env("KUBECONFIG", &kubeconfig)
-            .output()?;
-        anyhow::ensure!(out.status.success(), "kubectl {args:?}: {out:?}");
-    }
-    assert!(
-        std::fs::read_to_string(&kubeconfig)?.contains("tokenFile:"),
-        "the kubeconfig reads its token from a file"
-    );
+    let kubeconfig = cluster.kubeconfig_with_token_file("kube-proxy", &token_file)?;
     // What `kubeadm init` writes into the kube-proxy ConfigMap (kubeadm
     // 1.34's defaults), with the cluster's pod CIDR and the kubeconfig.
     let config = cluster.dir().join("config.conf");
@@ -1094,12 +1105,14 @@ fn service_chain(netns_name: &str, service: &str) -> Result<Option<String>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_restore_applies_nothing_keeps_health_servers_and_is_retried() -> Result<()> {
-    let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
-    let node1 = cluster.node("node-1").clone();
-    let agent = workspace_bin("causeway-agent");
-    // Changes that wait more than 2 × --sync-period make the agent unhealthy.
-    cluster.spawn_agent("node-1", "agent-1", &agent, &["--sync-period", "2s"])?;
-    let (client, services, ip) = client_and_web(&cluster).await?;
+    let AgentAndWeb {
+        cluster,
+        node1,
+        client,
+        services,
+        web,
+        ..
+    } = agent_and_web("2s").await?;
     let health_port = make_etp_local(&services, "web").await?;
     let health = format!("http://{}:{health_port}/", node1.ip);
     wait_http(
@@ -1162,13 +1175,7 @@ async fn a_refused_restore_applies_nothing_keeps_health_servers_and_is_retried()
     // waited 2 × --sync-period, /healthz says 503, and the Service health
     // server, still up, says 503 with the agent unhealthy and its local
     // endpoint still counted (kube-proxy's answers).
-    wait_for_pods(
-        &client.netns,
-        "tcp",
-        &format!("{ip}:80"),
-        &["web-1"],
-        "while refused",
-    )?;
+    wait_for_pods(&client.netns, "tcp", &web, &["web-1"], "while refused")?;
     let healthz = format!("http://{}:10256/healthz", node1.ip);
     wait_http(&cluster.external_netns(), &healthz, 503, "lastUpdated")?;
     wait_http(
@@ -1200,13 +1207,12 @@ async fn a_refused_restore_applies_nothing_keeps_health_servers_and_is_retried()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_health_port_is_a_warning_event_and_health_servers_follow_services() -> Result<()> {
-    let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
-    let node1 = cluster.node("node-1").clone();
-    let agent = workspace_bin("causeway-agent");
-    cluster.spawn_agent("node-1", "agent-1", &agent, &["--sync-period", "2s"])?;
-    let (client, services, ip) = client_and_web(&cluster).await?;
-    let web = format!("{ip}:80");
-    wait_for_pods(&client.netns, "tcp", &web, &["web-1"], "web")?;
+    let AgentAndWeb {
+        cluster,
+        node1,
+        services,
+        ..
+    } = agent_and_web("2s").await?;
 
     // A health-check port another process holds: a Warning on the Service;
     // once the port is free, the server starts (the agent tries each sync).
@@ -1493,10 +1499,10 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
         netns::exec_in(&node1.netns, "cat", &[established])?.trim(),
         "86400"
     );
-    netns::exec_in(
+    netns::sysctl_in(
         &node1.netns,
-        "sh",
-        &["-c", &format!("echo 432000 > {established}")],
+        "net.netfilter.nf_conntrack_tcp_timeout_established",
+        "432000",
     )?;
     let spawned = now()?;
     let second = if read_only_proc_sys {
@@ -1695,10 +1701,10 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
                 .into_owned(),
         )
     };
+    let held = counters()?;
     assert!(
-        counters()?.contains("= ct_state_invalid_dropped_pkts;"),
-        "the agent's nfacct counters: {}",
-        counters()?
+        held.contains("= ct_state_invalid_dropped_pkts;"),
+        "the agent's nfacct counters: {held}"
     );
     let report = netns::exec_in(&node1.netns, &agent.display().to_string(), cleanup)?;
     assert!(
@@ -1709,10 +1715,11 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
         "{report}"
     );
     // kube-proxy's too, by name: a proxy still running may count into them.
+    let kept = counters()?;
     assert!(
-        counters()?.contains("= localhost_nps_accepted_pkts;"),
-        "{}",
-        counters()?
+        kept.contains("= ct_state_invalid_dropped_pkts;")
+            && kept.contains("= localhost_nps_accepted_pkts;"),
+        "{kept}"
     );
     let after = rule_lines(&netns::exec_in(
         &node1.netns,
@@ -1941,19 +1948,16 @@ async fn fillers(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_switches_to_dispatch_buckets_at_1000_addresses_and_back_below_500() -> Result<()> {
-    let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
-    let node = cluster.node("node-1").clone();
+    let AgentAndWeb {
+        cluster,
+        node1: node,
+        agent_pid: first,
+        client: client_pod,
+        services,
+        ip,
+        web: target,
+    } = agent_and_web("10m").await?;
     let agent = workspace_bin("causeway-agent");
-    let first = cluster.spawn_agent("node-1", "agent-1", &agent, &["--sync-period", "10m"])?;
-    let (client_pod, services, ip) = client_and_web(&cluster).await?;
-    let target = format!("{ip}:80");
-    wait_for_pods(
-        &client_pod.netns,
-        "tcp",
-        &target,
-        &["web-1"],
-        "small cluster",
-    )?;
     assert_eq!(dispatch_buckets(&iptables_save(&node.netns)?), 0);
 
     // web, the kubernetes Service and 998 more: 1 000 addresses.

@@ -15,14 +15,6 @@ use causeway_agent::model::{self, Model, NodeInfo};
 use causeway_agent::rules::{self, Dispatch, Partial, RenderConfig, RenderOptions};
 use causeway_tests::netns;
 
-struct Namespace(String);
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        netns::del_netns(&self.0);
-    }
-}
-
 const BEFORE: &str = r#"
 apiVersion: v1
 kind: Service
@@ -210,10 +202,8 @@ fn assert_ends_as(want: &str, steps: impl Fn(&str, &str, &str) -> Result<()>) ->
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        let stepped = Namespace(format!("cwpa-{id}"));
-        let direct = Namespace(format!("cwpb-{id}"));
-        netns::add_netns(&stepped.0)?;
-        netns::add_netns(&direct.0)?;
+        let stepped = netns::Scoped::add(format!("cwpa-{id}"))?;
+        let direct = netns::Scoped::add(format!("cwpb-{id}"))?;
         steps(&stepped.0, restore_program, save)?;
         restore(&direct.0, restore_program, want)?;
         let got = ruleset(&stepped.0, save)?;
