@@ -101,3 +101,20 @@ init container. Pass the root context. */}}
 - {{ . | quote }}
 {{- end }}
 {{- end }}
+
+{{/* The agent's environment (the list items), shared by the agent and its
+init container. Pass the root context. */}}
+{{- define "causeway.agent.env" -}}
+{{- $a := .Values.agent -}}
+- name: NODE_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: spec.nodeName
+{{- with $a.logLevel }}
+- name: RUST_LOG
+  value: {{ . | quote }}
+{{- end }}
+{{- with $a.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
