@@ -2,7 +2,6 @@
 //! alerts written for kube-proxy keep working, plus Causeway's own and the
 //! standard `process_*` metrics that kube-proxy's dashboards chart too.
 
-use std::collections::BTreeSet;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
@@ -364,7 +363,7 @@ impl Metrics {
     /// the rules now follow, per family.
     pub fn set_no_local_endpoints(&self, models: &[&Model]) {
         for model in models {
-            let counts = NoLocalEndpoints::of(std::slice::from_ref(model));
+            let counts = NoLocalEndpoints::of(model);
             for (policy, count) in [("internal", counts.internal), ("external", counts.external)] {
                 self.no_local_endpoints
                     .get_or_create(&family_labels_and(model.family, "traffic_policy", policy))
@@ -470,7 +469,7 @@ impl prometheus_client::collector::Collector for NfacctCollector {
 /// `externalTrafficPolicy: Local` (`external`) that have endpoints, none of
 /// them local, so that traffic under that policy is dropped on this node,
 /// as kube-proxy counts them (a port with no endpoints at all is rejected,
-/// not counted). A port of a dual-stack Service counts once.
+/// not counted), in one family's model.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct NoLocalEndpoints {
     pub internal: usize,
@@ -478,24 +477,16 @@ pub struct NoLocalEndpoints {
 }
 
 impl NoLocalEndpoints {
-    pub fn of(models: &[&Model]) -> Self {
-        let mut internal = BTreeSet::new();
-        let mut external = BTreeSet::new();
-        for port in models.iter().flat_map(|m| &m.service_ports) {
-            if !port.has_endpoints || !port.local_endpoints.is_empty() {
-                continue;
-            }
-            let key = (&port.name, port.protocol);
-            if port.internal_policy_local() {
-                internal.insert(key);
-            }
-            if port.external_policy_local() {
-                external.insert(key);
-            }
-        }
+    pub fn of(model: &Model) -> Self {
+        let dropped = || {
+            model
+                .service_ports
+                .iter()
+                .filter(|port| port.has_endpoints && port.local_endpoints.is_empty())
+        };
         NoLocalEndpoints {
-            internal: internal.len(),
-            external: external.len(),
+            internal: dropped().filter(|p| p.internal_policy_local()).count(),
+            external: dropped().filter(|p| p.external_policy_local()).count(),
         }
     }
 }
@@ -662,16 +653,7 @@ mod tests {
         let (model, issues) = build(&services, &slices, &node, IpFamily::V4);
         assert!(issues.is_empty(), "{issues:?}");
         assert_eq!(
-            NoLocalEndpoints::of(&[&model]),
-            NoLocalEndpoints {
-                internal: 1,
-                external: 1
-            }
-        );
-        // The same ports in a second family's model (as a dual-stack
-        // Service has) count once.
-        assert_eq!(
-            NoLocalEndpoints::of(&[&model, &model]),
+            NoLocalEndpoints::of(&model),
             NoLocalEndpoints {
                 internal: 1,
                 external: 1
