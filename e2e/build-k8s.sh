@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds etcd, kube-apiserver, kube-controller-manager and kubectl from the Go
-# modules pinned in e2e/k8s-bins, once per version: the binaries are cached in
-# $CAUSEWAY_CACHE/k8s/<version>/ outside the clone, so CI and later runs reuse them.
+# Builds etcd, kube-apiserver, kube-controller-manager, kubectl and kube-proxy
+# from the Go modules pinned in e2e/k8s-bins, once per version: the binaries are
+# cached in $CAUSEWAY_CACHE/k8s/<version>/ outside the clone, so CI and later
+# runs reuse them.
 # Prints the directory holding the binaries.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -9,7 +10,7 @@ version=$(awk '$1 == "k8s.io/kubernetes" { sub(/^v/, "", $2); print $2 }' "$here
 etcd_version=$(awk '$1 == "go.etcd.io/etcd/server/v3" { print $2 }' "$here/k8s-bins/go.mod")
 cache=${CAUSEWAY_CACHE:-$HOME/.cache/causeway}
 out="$cache/k8s/v$version"
-bins=(etcd kube-apiserver kube-controller-manager kubectl)
+bins=(etcd kube-apiserver kube-controller-manager kubectl kube-proxy)
 
 complete() { for b in "${bins[@]}"; do [ -x "$out/$b" ] || return 1; done; }
 if complete; then echo "$out"; exit 0; fi
@@ -31,5 +32,8 @@ build etcd go.etcd.io/etcd/server/v3
 build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
 build kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager
 build kubectl k8s.io/kubernetes/cmd/kubectl
+# kube-proxy is not part of the environment: the tests that switch a node
+# between it and the agent run it.
+build kube-proxy k8s.io/kubernetes/cmd/kube-proxy
 echo "etcd $etcd_version" > "$out/VERSIONS"
 echo "$out"
