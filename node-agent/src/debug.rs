@@ -297,7 +297,7 @@ mod tests {
             "{applied}"
         );
         assert!(
-            applied.contains(":KUBE-SERVICES-63 - [0:0]"),
+            applied.contains(":KUBE-SVC-0BUCKET-63 - [0:0]"),
             "rendered with the applied layout: {applied}"
         );
         assert_eq!(

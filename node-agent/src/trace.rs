@@ -19,7 +19,7 @@ use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 
 use crate::addr::{Cidr, MaskedAddr, parse_cidr, parse_ip, parse_masked};
-use crate::rules::{DISPATCH_BUCKET_PREFIX, KUBE_NODEPORTS, KUBE_SERVICES};
+use crate::rules::{KUBE_NODEPORTS, KUBE_SERVICES, is_dispatch_bucket};
 
 /// What `-s`/`-d` match.
 #[derive(Debug, Clone)]
@@ -968,9 +968,7 @@ fn dnat_service(best: Option<&Branch>) -> Option<String> {
         .steps
         .iter()
         .filter(|s| {
-            s.chain == KUBE_SERVICES
-                || s.chain == KUBE_NODEPORTS
-                || s.chain.starts_with(DISPATCH_BUCKET_PREFIX)
+            s.chain == KUBE_SERVICES || s.chain == KUBE_NODEPORTS || is_dispatch_bucket(&s.chain)
         })
         .filter_map(|s| {
             let words = split_words(&s.rule)?;

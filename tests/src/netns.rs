@@ -224,23 +224,37 @@ pub fn tally_by_pod(
     target: &str,
     count: usize,
 ) -> Result<std::collections::BTreeMap<String, usize>> {
+    paced_tally_by_pod(ns, proto, target, count, None)
+}
+
+/// [`tally_by_pod`], starting one attempt every `interval_ms` (each waits
+/// for the one before) when given.
+pub fn paced_tally_by_pod(
+    ns: &str,
+    proto: &str,
+    target: &str,
+    count: usize,
+    interval_ms: Option<u64>,
+) -> Result<std::collections::BTreeMap<String, usize>> {
     let echo = crate::paths::workspace_bin("causeway-echo")
         .display()
         .to_string();
-    let out = exec_in(
-        ns,
-        &echo,
-        &[
-            "probe",
-            &format!("--{proto}"),
-            target,
-            "--count",
-            &count.to_string(),
-            "--tally-by-name",
-            "--timeout-ms",
-            "700",
-        ],
-    )?;
+    let (proto, count) = (format!("--{proto}"), count.to_string());
+    let mut args = vec![
+        "probe",
+        &proto,
+        target,
+        "--count",
+        &count,
+        "--tally-by-name",
+        "--timeout-ms",
+        "700",
+    ];
+    let interval = interval_ms.map(|ms| ms.to_string());
+    if let Some(interval) = &interval {
+        args.extend(["--interval-ms", interval]);
+    }
+    let out = exec_in(ns, &echo, &args)?;
     let mut counts = std::collections::BTreeMap::new();
     for line in out.lines() {
         // "<n> ok <pod> <src>" or "<n> refused"

@@ -1398,26 +1398,8 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
     // and makes its first, full, sync while the client goes on. Every
     // connection lands (the rules stay until replaced atomically).
     let paced = {
-        let echo = workspace_bin("causeway-echo").display().to_string();
         let (ns, target) = (client.netns.clone(), target.clone());
-        std::thread::spawn(move || {
-            netns::exec_in(
-                &ns,
-                &echo,
-                &[
-                    "probe",
-                    "--tcp",
-                    &target,
-                    "--count",
-                    "600",
-                    "--interval-ms",
-                    "20",
-                    "--timeout-ms",
-                    "700",
-                    "--tally-by-name",
-                ],
-            )
-        })
+        std::thread::spawn(move || netns::paced_tally_by_pod(&ns, "tcp", &target, 600, Some(20)))
     };
     // Not liberal (the namespace's default): INVALID packets are dropped.
     let forward = netns::exec_in(&node1.netns, iptables, &["-S", "KUBE-FORWARD"])?;
@@ -1619,8 +1601,8 @@ async fn heals_restarts_and_cleans_up(backend: &str, iptables: &str) -> Result<(
         "{forward}"
     );
     assert_eq!(
-        tally.trim(),
-        "600 ok web-1",
+        tally,
+        BTreeMap::from([("web-1".to_string(), 600)]),
         "connections during the restart"
     );
     assert!(
@@ -1893,10 +1875,10 @@ async fn udp_clients_are_moved_off_stale_conntrack_entries() -> Result<()> {
     Ok(())
 }
 
-/// The nat dispatch buckets (`KUBE-SERVICES-<n>`) declared in `save`.
+/// The nat dispatch buckets (`KUBE-SVC-0BUCKET-<n>`) declared in `save`.
 fn dispatch_buckets(save: &str) -> usize {
     save.lines()
-        .filter(|l| l.starts_with(":KUBE-SERVICES-"))
+        .filter(|l| l.starts_with(":KUBE-SVC-0BUCKET-"))
         .count()
 }
 
@@ -1970,7 +1952,7 @@ async fn agent_switches_to_dispatch_buckets_at_1000_addresses_and_back_below_500
     .await?;
     let save = iptables_save(&node.netns)?;
     let bucket = format!(
-        "KUBE-SERVICES-{:02}",
+        "KUBE-SVC-0BUCKET-{:02}",
         ip.parse::<std::net::Ipv4Addr>()?.octets()[3] % 64
     );
     assert!(

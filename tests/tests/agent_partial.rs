@@ -12,7 +12,10 @@ use anyhow::{Result, bail};
 use causeway_agent::addr::IpFamily;
 use causeway_agent::manifests;
 use causeway_agent::model::{self, Model, NodeInfo};
-use causeway_agent::rules::{self, Dispatch, Partial, RenderConfig, RenderOptions};
+use causeway_agent::rules::{
+    self, DISPATCH_BUCKET_PREFIX, Dispatch, FORMER_DISPATCH_BUCKET_PREFIX, Partial, RenderConfig,
+    RenderOptions,
+};
 use causeway_tests::netns;
 
 const BEFORE: &str = r#"
@@ -227,6 +230,34 @@ fn assert_ends_as(want: &str, steps: impl Fn(&str, &str, &str) -> Result<()>) ->
     Ok(())
 }
 
+/// A full payload of `model` as `run` writes its first: built-in jumps
+/// included, the `stale` nat chains deleted.
+fn full_payload(
+    model: &Model,
+    config: &RenderConfig,
+    dispatch: Dispatch,
+    stale: &[String],
+) -> rules::Payload {
+    rules::render(
+        model,
+        config,
+        &RenderOptions {
+            builtin_jumps: &rules::builtin_jumps(config),
+            delete_nat_chains: stale,
+            dispatch,
+            ..RenderOptions::default()
+        },
+    )
+}
+
+/// The nat service chains namespace `ns` holds, listed as the agent lists
+/// them at start.
+fn service_chains_in(ns: &str, save: &str) -> Result<Vec<String>> {
+    Ok(causeway_agent::netfilter::service_chains_in_save(
+        &netns::exec_in(ns, save, &["-t", "nat"])?,
+    ))
+}
+
 fn node_config() -> Result<RenderConfig> {
     Ok(RenderConfig {
         node_ips: vec!["192.168.0.10".parse()?],
@@ -273,13 +304,14 @@ fn a_partial_sync_ends_where_a_full_sync_would_with_both_backends_and_layouts() 
             },
         );
         assert!(
-            !partial.text.contains(":KUBE-SERVICES"),
+            !partial.text.contains(":KUBE-SERVICES")
+                && !partial.text.contains(&format!(":{DISPATCH_BUCKET_PREFIX}")),
             "{dispatch:?}: a partial payload never flushes a dispatch chain or bucket"
         );
         if dispatch == Dispatch::Buckets {
             // shop-lb's cluster IP 10.96.0.88 is in bucket 88 % 64 = 24.
             assert!(
-                partial.text.contains("-I KUBE-SERVICES-24 1 "),
+                partial.text.contains("-I KUBE-SVC-0BUCKET-24 1 "),
                 "{}",
                 partial.text
             );
@@ -374,29 +406,107 @@ fn taking_over_from_kube_proxy_deletes_its_chains_in_one_restore_with_both_backe
         .expect("web in AFTER");
     let web_chain = rules::names::ServiceChains::new(&web.name, web.protocol).cluster;
     let config = node_config()?;
-    let jumps = rules::builtin_jumps(&config);
-    let render = |delete_nat_chains: &[String]| {
-        rules::render(
-            &after,
-            &config,
-            &RenderOptions {
-                builtin_jumps: &jumps,
-                delete_nat_chains,
-                ..RenderOptions::default()
-            },
-        )
-    };
+    let render = |stale: &[String]| full_payload(&after, &config, Dispatch::Flat, stale);
     assert_ends_as(&render(&[]).text, |ns, restore_program, save| {
         restore(ns, restore_program, &kube_proxy_ruleset(&web_chain))?;
         // What the agent does at start: list the service chains that exist,
         // then one full restore that deletes those it does not declare.
-        let existing = causeway_agent::netfilter::service_chains_in_save(&netns::exec_in(
-            ns,
-            save,
-            &["-t", "nat"],
-        )?);
+        let existing = service_chains_in(ns, save)?;
         assert_eq!(existing.len(), 6, "{existing:?}");
         restore(ns, restore_program, &render(&existing).text)
     })?;
+    Ok(())
+}
+
+/// Earlier versions named the buckets `KUBE-SERVICES-<n>`. An upgraded
+/// agent's first sync finds them, as any service chain, and deletes them in
+/// the restore that writes the buckets under their new names.
+#[test]
+fn an_upgraded_agent_deletes_the_buckets_of_their_former_names_with_both_backends() -> Result<()> {
+    netns::preflight()?;
+    let dir = tempfile::tempdir()?;
+    let model = model_of(AFTER, dir.path(), "after")?;
+    let config = node_config()?;
+    let render = |stale: &[String]| full_payload(&model, &config, Dispatch::Buckets, stale);
+    let former = render(&[])
+        .text
+        .replace(DISPATCH_BUCKET_PREFIX, FORMER_DISPATCH_BUCKET_PREFIX);
+    assert!(former.contains(":KUBE-SERVICES-24 - [0:0]"), "{former}");
+    assert_ends_as(&render(&[]).text, |ns, restore_program, save| {
+        restore(ns, restore_program, &former)?;
+        let existing = service_chains_in(ns, save)?;
+        assert!(
+            existing.iter().any(|c| c == "KUBE-SERVICES-24"),
+            "{existing:?}"
+        );
+        assert_eq!(
+            Dispatch::of_chains(&existing),
+            Dispatch::Buckets,
+            "the former buckets are a bucket layout"
+        );
+        restore(ns, restore_program, &render(&existing).text)
+    })?;
+    Ok(())
+}
+
+/// `kube-proxy --cleanup` (v1.34.4, the real one) removes a bucketed
+/// ruleset of the agent's: kube-proxy deletes every `KUBE-SVC-` chain, and
+/// the buckets are among them. With buckets named outside kube-proxy's
+/// prefixes, the cleanup could not delete the service chains they jump to.
+#[test]
+fn kube_proxys_cleanup_removes_a_bucketed_ruleset_with_both_backends() -> Result<()> {
+    netns::preflight()?;
+    let dir = tempfile::tempdir()?;
+    let model = model_of(AFTER, dir.path(), "after")?;
+    let payload = full_payload(&model, &node_config()?, Dispatch::Buckets, &[]);
+    let kube_proxy = causeway_tests::cluster::k8s_binaries()?.join("kube-proxy");
+    for backend in ["nft", "legacy"] {
+        // kube-proxy runs `iptables`, `iptables-save` and `iptables-restore`
+        // (and the ip6tables ones) from PATH: these are the backend's.
+        let bin = dir.path().join(backend);
+        std::fs::create_dir_all(&bin)?;
+        for family in ["iptables", "ip6tables"] {
+            for suffix in ["", "-save", "-restore"] {
+                let target = netns::which(&format!("{family}-{backend}{suffix}"))
+                    .ok_or_else(|| anyhow::anyhow!("{family}-{backend}{suffix} is missing"))?;
+                std::os::unix::fs::symlink(target, bin.join(format!("{family}{suffix}")))?;
+            }
+        }
+        let ns = netns::Scoped::add(format!("cwpk-{}-{backend}", std::process::id()))?;
+        restore(&ns.0, &format!("iptables-{backend}-restore"), &payload.text)?;
+        let save = format!("iptables-{backend}-save");
+        assert!(
+            netns::exec_in(&ns.0, &save, &["-t", "nat"])?
+                .contains(&format!(":{}", rules::dispatch_bucket_chain(24))),
+            "{backend}: the buckets are loaded"
+        );
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .arg(&kube_proxy)
+            .args(["--cleanup", "--v=2"])
+            .env("PATH", path)
+            .output()?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "{backend}: kube-proxy --cleanup:\n{log}"
+        );
+        assert!(!log.contains("Failed to execute"), "{backend}:\n{log}");
+        let left: Vec<String> = netns::exec_in(&ns.0, &save, &[])?
+            .lines()
+            .filter_map(|l| l.strip_prefix(':'))
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|chain| chain.starts_with("KUBE-"))
+            .map(str::to_string)
+            .collect();
+        // KUBE-FIREWALL, the localhost guard, is kubelet's chain as well,
+        // which kube-proxy leaves.
+        assert_eq!(left, ["KUBE-FIREWALL"], "{backend}: chains left");
+    }
     Ok(())
 }

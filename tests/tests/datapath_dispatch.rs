@@ -1,4 +1,4 @@
-//! Large rulesets dispatch through buckets (`KUBE-SERVICES-<n>`, chosen by
+//! Large rulesets dispatch through buckets (`KUBE-SVC-0BUCKET-<n>`, chosen by
 //! the low six bits of the destination), proven with real packets: with 1 100
 //! other Services rendered beside them, a ClusterIP, an external IP, a
 //! load-balancer IP, a NodePort and a Service without endpoints behave exactly
@@ -112,9 +112,17 @@ fn bucketed(family: Family, backend: Backend, network: PodNetwork) {
     assert_eq!(top.len(), 65, "{top:#?}");
     assert!(top[64].contains("-j KUBE-NODEPORTS"), "{}", top[64]);
     let (cluster_bucket, lb_bucket, external_bucket) = if six {
-        ("KUBE-SERVICES-16", "KUBE-SERVICES-16", "KUBE-SERVICES-32")
+        (
+            "KUBE-SVC-0BUCKET-16",
+            "KUBE-SVC-0BUCKET-16",
+            "KUBE-SVC-0BUCKET-32",
+        )
     } else {
-        ("KUBE-SERVICES-10", "KUBE-SERVICES-10", "KUBE-SERVICES-20")
+        (
+            "KUBE-SVC-0BUCKET-10",
+            "KUBE-SVC-0BUCKET-10",
+            "KUBE-SVC-0BUCKET-20",
+        )
     };
     for (bucket, ip) in [
         (cluster_bucket, &cluster_ip),

@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use super::{
-    DISPATCH_BUCKET_PREFIX, KUBE_EXTERNAL_SERVICES, KUBE_FIREWALL, KUBE_FORWARD, KUBE_MARK_MASQ,
-    KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_PROXY_CANARY, KUBE_PROXY_FIREWALL, KUBE_SERVICES,
+    KUBE_EXTERNAL_SERVICES, KUBE_FIREWALL, KUBE_FORWARD, KUBE_MARK_MASQ, KUBE_NODEPORTS,
+    KUBE_POSTROUTING, KUBE_PROXY_CANARY, KUBE_PROXY_FIREWALL, KUBE_SERVICES, is_dispatch_bucket,
 };
 
 const BUILTIN_CHAINS: [&str; 5] = ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"];
@@ -186,7 +186,7 @@ pub fn check(payload: &str) -> Vec<Problem> {
                 problems.push(problem(format!("{from} jumps to deleted chain {target}")));
             } else if !TOP_LEVEL_CHAINS.contains(&target.as_str())
                 // A dispatch bucket is empty when no Service address falls in it.
-                && !target.starts_with(DISPATCH_BUCKET_PREFIX)
+                && !is_dispatch_bucket(target)
                 && state.rules_per_chain.get(target).copied().unwrap_or(0) == 0
             {
                 problems.push(problem(format!("{from} jumps to empty chain {target}")));

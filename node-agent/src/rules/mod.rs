@@ -123,17 +123,34 @@ pub enum Dispatch {
     /// kube-proxy's layout: every entry in `KUBE-SERVICES`.
     #[default]
     Flat,
-    /// Entries in `KUBE-SERVICES-<n>`, `n` the destination's low bits.
+    /// Entries in `KUBE-SVC-0BUCKET-<n>`, `n` the destination's low bits.
     Buckets,
 }
 
 /// The low address bits that pick a bucket, and so the bucket count.
 pub const DISPATCH_BUCKET_BITS: u8 = 6;
 pub const DISPATCH_BUCKETS: u32 = 1 << DISPATCH_BUCKET_BITS;
-/// Prefix of the bucket chains' names. They sort between `KUBE-SERVICES`
-/// and `KUBE-SVC-`, which keeps iptables-nft-restore's chain walk short
-/// (see [`render`]).
-pub const DISPATCH_BUCKET_PREFIX: &str = "KUBE-SERVICES-";
+/// Prefix of the bucket chains' names (`KUBE-SVC-0BUCKET-05`).
+///
+/// - `KUBE-SVC-` is a prefix kube-proxy deletes as its own when no Service
+///   needs the chain. So a node given back to kube-proxy, or cleaned with
+///   `kube-proxy --cleanup`, loses the buckets with the rest. A bucket left
+///   behind would still jump to service chains; kube-proxy could then not
+///   delete those chains when their Services go, and every restore of its
+///   would fail (tests/tests/kube_proxy_switch.rs).
+/// - `0` is not in the base32 alphabet of kube-proxy's hashes, so no service
+///   chain has such a name. It also sorts after `KUBE-SERVICES` and before
+///   every `KUBE-SVC-<hash>`, which keeps iptables-nft-restore's chain walk
+///   short (see [`render`]).
+pub const DISPATCH_BUCKET_PREFIX: &str = "KUBE-SVC-0BUCKET-";
+/// The buckets' former prefix, still recognised so that an upgraded agent
+/// deletes the buckets an earlier one left.
+pub const FORMER_DISPATCH_BUCKET_PREFIX: &str = "KUBE-SERVICES-";
+
+/// Whether `chain` is a dispatch bucket, of this version or a former one.
+pub fn is_dispatch_bucket(chain: &str) -> bool {
+    chain.starts_with(DISPATCH_BUCKET_PREFIX) || chain.starts_with(FORMER_DISPATCH_BUCKET_PREFIX)
+}
 /// Entries from which the buckets pay off (a walk of 64 jump rules replaces
 /// a walk of up to this many entries) ...
 const BUCKETS_FROM_ENTRIES: usize = 1000;
@@ -161,10 +178,7 @@ impl Dispatch {
     /// The layout that the nat chains `applied` (a [`Payload::service_chains`],
     /// or the service chains read back from netfilter) belong to.
     pub fn of_chains(applied: &[String]) -> Dispatch {
-        if applied
-            .iter()
-            .any(|chain| chain.starts_with(DISPATCH_BUCKET_PREFIX))
-        {
+        if applied.iter().any(|chain| is_dispatch_bucket(chain)) {
             Dispatch::Buckets
         } else {
             Dispatch::Flat
@@ -172,7 +186,7 @@ impl Dispatch {
     }
 }
 
-/// The name of bucket `index` (`KUBE-SERVICES-05`).
+/// The name of bucket `index` (`KUBE-SVC-0BUCKET-05`).
 pub fn dispatch_bucket_chain(index: u32) -> String {
     format!("{DISPATCH_BUCKET_PREFIX}{index:02}")
 }

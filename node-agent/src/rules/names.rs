@@ -56,7 +56,8 @@ pub fn endpoint_chain(name: &ServicePortName, protocol: Protocol, endpoint: &End
 
 /// Prefixes of the nat chains that come and go with the Services, which any
 /// version of kube-proxy or this agent created, for finding stale ones: the
-/// per-service chains and the dispatch buckets.
+/// per-service chains and the dispatch buckets (whose names start with
+/// `KUBE-SVC-`, and formerly with `KUBE-SERVICES-`).
 pub const SERVICE_CHAIN_PREFIXES: [&str; 7] = [
     "KUBE-SVC-",
     "KUBE-SVL-",
@@ -64,7 +65,7 @@ pub const SERVICE_CHAIN_PREFIXES: [&str; 7] = [
     "KUBE-FW-",
     "KUBE-SEP-",
     "KUBE-XLB-",
-    super::DISPATCH_BUCKET_PREFIX,
+    super::FORMER_DISPATCH_BUCKET_PREFIX,
 ];
 
 pub fn is_service_chain(chain: &str) -> bool {

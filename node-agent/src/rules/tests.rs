@@ -1099,7 +1099,7 @@ fn buckets_hold_the_flat_entries_each_in_the_bucket_of_its_address() {
     let top = lines_with(&buckets, "-A KUBE-SERVICES ");
     assert_eq!(top.len(), 65);
     assert!(
-        top[5].contains("-d 0.0.0.5/0.0.0.63 -j KUBE-SERVICES-05"),
+        top[5].contains("-d 0.0.0.5/0.0.0.63 -j KUBE-SVC-0BUCKET-05"),
         "{}",
         top[5]
     );
@@ -1120,7 +1120,7 @@ fn buckets_hold_the_flat_entries_each_in_the_bucket_of_its_address() {
     let in_buckets: BTreeSet<String> = buckets
         .text
         .lines()
-        .filter(|l| l.starts_with("-A KUBE-SERVICES-"))
+        .filter(|l| l.starts_with("-A KUBE-SVC-0BUCKET-"))
         .map(String::from)
         .collect();
     assert_eq!(moved.len(), 303);
@@ -1128,7 +1128,7 @@ fn buckets_hold_the_flat_entries_each_in_the_bucket_of_its_address() {
     let rest = |p: &Payload| -> BTreeSet<String> {
         p.text
             .lines()
-            .filter(|l| !l.contains("KUBE-SERVICES"))
+            .filter(|l| !l.contains("KUBE-SERVICES") && !l.contains(DISPATCH_BUCKET_PREFIX))
             .map(String::from)
             .collect()
     };
@@ -1180,8 +1180,10 @@ fn a_partial_render_edits_the_bucket_of_a_changed_address() {
     // 203.0.113.9 (bucket 9) leaves, 203.0.113.70 (bucket 6) comes.
     let edits: Vec<&str> = lines_with(&payload, "external IP\"");
     assert_eq!(edits.len(), 2, "{}", payload.text);
-    assert!(edits[0].starts_with("-D KUBE-SERVICES-09 ") && edits[0].contains("203.0.113.9 "));
-    assert!(edits[1].starts_with("-I KUBE-SERVICES-06 1 ") && edits[1].contains("203.0.113.70 "));
+    assert!(edits[0].starts_with("-D KUBE-SVC-0BUCKET-09 ") && edits[0].contains("203.0.113.9 "));
+    assert!(
+        edits[1].starts_with("-I KUBE-SVC-0BUCKET-06 1 ") && edits[1].contains("203.0.113.70 ")
+    );
     assert!(!payload.text.contains(":KUBE-SERVICES"), "{}", payload.text);
     let full = render(&after, &config(), &options(Dispatch::Buckets));
     assert_eq!(payload.totals.nat, full.nat.rules);

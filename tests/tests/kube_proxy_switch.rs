@@ -1,0 +1,564 @@
+//! A node switched from the real kube-proxy (v1.34.4 in iptables mode, built
+//! from the Kubernetes Go modules by e2e/build-k8s.sh) to causeway-agent and
+//! back, on the real control plane, with clients connecting all along:
+//!
+//! - the agent takes kube-proxy's rules over under kube-proxy's own chain
+//!   names, and its rules differ from kube-proxy's only where docs/agent.md
+//!   says they do;
+//! - session affinity lives on in the same `-m recent` lists;
+//! - kube-proxy takes the node back with a successful restore, and deletes
+//!   everything of the agent's, dispatch buckets included.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result};
+use causeway_agent::rules::{DISPATCH_BUCKET_PREFIX, is_dispatch_bucket};
+use causeway_tests::cluster::{ClusterOptions, Pod, k8s_binaries, process_running};
+use causeway_tests::metrics;
+use causeway_tests::paths::workspace_bin;
+use causeway_tests::wait::eventually;
+use causeway_tests::{Cluster, netns};
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+/// The per-Service chains kube-proxy and the agent both write.
+const SERVICE_CHAINS: [&str; 4] = ["KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_takes_a_node_over_from_kube_proxy_and_gives_it_back() -> Result<()> {
+    switch_there_and_back(0).await
+}
+
+/// With 1 000 more Services the agent dispatches through its buckets, which
+/// kube-proxy does not know; it must still take the node back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_proxy_takes_a_node_back_from_the_agents_dispatch_buckets() -> Result<()> {
+    switch_there_and_back(1000).await
+}
+
+async fn switch_there_and_back(fillers: usize) -> Result<()> {
+    let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
+    let ns = cluster.node("node-1").netns.clone();
+    let client = cluster
+        .add_pod("node-1", "client", &[("app", "client")])
+        .await?;
+    for web in ["web-1", "web-2"] {
+        cluster.add_pod("node-1", web, &[("app", "web")]).await?;
+    }
+    let services: Api<Service> = Api::namespaced(cluster.client(), "default");
+    create_services(&services, fillers).await?;
+    let web = format!("{}:80", cluster_ip(&services, "web").await?);
+    let sticky = format!("{}:80", cluster_ip(&services, "sticky").await?);
+
+    // 1. kube-proxy programs the node.
+    let started = now()?;
+    let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy-1")?;
+    wait_for_sync(&ns, started, "kube-proxy's first sync").await?;
+    let by_kube_proxy = Rules::save(&ns)?;
+    let pinned = pinned_pod(&client, &sticky, "through kube-proxy's rules")?;
+    let list = recent_lists_holding(&ns, client.ip)?;
+    assert_eq!(list.len(), 1, "the client in one affinity list: {list:?}");
+
+    // 2. The agent takes over while the client connects every 20 ms.
+    let probe = paced(&client, &web, 400);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop(kube_proxy, "kube-proxy to stop").await?;
+    let switched = now()?;
+    let agent = cluster.spawn_agent("node-1", "agent", &workspace_bin("causeway-agent"), &[])?;
+    wait_for_sync(&ns, switched, "the agent's first sync").await?;
+    assert_all_answered(probe, 400, "while the agent took over")?;
+    let by_agent = Rules::save(&ns)?;
+    assert_eq!(
+        by_agent.nat_chains().iter().any(|c| is_dispatch_bucket(c)),
+        fillers > 0,
+        "dispatch buckets with {fillers} more Services"
+    );
+    assert_same_rules(&by_kube_proxy, &by_agent);
+    assert_affinity_kept(
+        &ns,
+        &client,
+        &sticky,
+        (&list, &pinned),
+        "the agent's takeover",
+    )?;
+
+    // 3. Back to kube-proxy, with a Service deleted while neither runs:
+    // kube-proxy's first sync must delete its chain.
+    let probe = paced(&client, &web, 400);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop(agent, "the agent to stop").await?;
+    services.delete("web-np", &DeleteParams::default()).await?;
+    let back = now()?;
+    spawn_kube_proxy(&cluster, "kube-proxy-2")?;
+    let metrics = match wait_for_sync(&ns, back, "kube-proxy's first sync after the agent").await {
+        Ok(metrics) => metrics,
+        Err(e) => {
+            let log = std::fs::read_to_string(cluster.dir().join("kube-proxy-2.log"))?;
+            let failures: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("failed") || l.contains("Failed"))
+                .collect();
+            return Err(e.context(format!("kube-proxy's log:\n{}", failures.join("\n"))));
+        }
+    };
+    assert_all_answered(probe, 400, "while kube-proxy took the node back")?;
+    let log = std::fs::read_to_string(cluster.dir().join("kube-proxy-2.log"))?;
+    assert!(
+        !log.contains("Failed to execute iptables-restore"),
+        "kube-proxy could not apply its rules:\n{log}"
+    );
+    assert_eq!(
+        metrics::value(
+            &metrics,
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total"
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "{metrics}"
+    );
+    let again = Rules::save(&ns)?;
+    let gone: BTreeSet<String> = by_agent
+        .nat_chains()
+        .difference(&again.nat_chains())
+        .cloned()
+        .collect();
+    let web_np = by_kube_proxy.chains_of("default/web-np cluster IP");
+    assert_eq!(
+        web_np.len(),
+        2,
+        "web-np's KUBE-SVC- and KUBE-EXT-: {web_np:?}"
+    );
+    let buckets: BTreeSet<String> = by_agent
+        .nat_chains()
+        .into_iter()
+        .filter(|c| is_dispatch_bucket(c))
+        .collect();
+    assert_eq!(
+        gone,
+        web_np.union(&buckets).cloned().collect(),
+        "kube-proxy deleted the chains of the deleted Service and the agent's buckets"
+    );
+    assert!(
+        !again.nat.iter().any(|l| l.contains("masquerade hairpin")),
+        "the agent's hairpin rules are gone"
+    );
+    assert_affinity_kept(
+        &ns,
+        &client,
+        &sticky,
+        (&list, &pinned),
+        "kube-proxy's return",
+    )?;
+    Ok(())
+}
+
+/// Services covering kube-proxy's chain kinds, selecting web-1 and web-2:
+/// `web` (ClusterIP), `web-np` (NodePort), `web-lb` (LoadBalancer with an
+/// ingress IP, `externalTrafficPolicy: Local` and a source range), `sticky`
+/// (ClientIP affinity) and `empty` (no endpoints); then `fillers` selector-less
+/// Services.
+async fn create_services(services: &Api<Service>, fillers: usize) -> Result<()> {
+    let ports = json!([{"port": 80, "targetPort": 80, "protocol": "TCP"}]);
+    let selector = json!({"app": "web"});
+    let specs = [
+        ("web", json!({"selector": selector, "ports": ports})),
+        (
+            "web-np",
+            json!({"type": "NodePort", "selector": selector, "ports": ports}),
+        ),
+        (
+            "web-lb",
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                   "loadBalancerSourceRanges": ["198.51.100.0/24"],
+                   "selector": selector, "ports": ports}),
+        ),
+        (
+            "sticky",
+            json!({"sessionAffinity": "ClientIP", "selector": selector, "ports": ports}),
+        ),
+        (
+            "empty",
+            json!({"selector": {"app": "nobody"}, "ports": ports}),
+        ),
+    ];
+    for (name, spec) in specs {
+        create(services, name, spec).await?;
+    }
+    services
+        .patch_status(
+            "web-lb",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.10"}]}}}),
+            ),
+        )
+        .await?;
+    let created = futures::stream::iter(0..fillers)
+        .map(|i| {
+            let services = services.clone();
+            async move {
+                create(
+                    &services,
+                    &format!("filler-{i}"),
+                    json!({"ports": [{"port": 80, "protocol": "TCP"}]}),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    created.into_iter().collect()
+}
+
+async fn create(services: &Api<Service>, name: &str, spec: serde_json::Value) -> Result<()> {
+    let svc: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": name}, "spec": spec
+    }))?;
+    services.create(&PostParams::default(), &svc).await?;
+    Ok(())
+}
+
+async fn cluster_ip(services: &Api<Service>, name: &str) -> Result<String> {
+    services
+        .get(name)
+        .await?
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .with_context(|| format!("{name} has no cluster IP"))
+}
+
+fn now() -> Result<f64> {
+    Ok(SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64())
+}
+
+fn kube_proxy_binary() -> Result<PathBuf> {
+    Ok(k8s_binaries()?.join("kube-proxy"))
+}
+
+/// Starts the real kube-proxy in iptables mode in node-1's namespace, kept
+/// off the host's own settings: the conntrack table size (a host-wide
+/// sysctl, and the module's hash size) and timeouts are left alone.
+fn spawn_kube_proxy(cluster: &Cluster, log_name: &str) -> Result<u32> {
+    let kubeconfig = format!("--kubeconfig={}", cluster.kubeconfig().display());
+    let cidr = format!("--cluster-cidr={}", cluster.cluster_cidr());
+    cluster.spawn_in(
+        &cluster.node("node-1").netns.clone(),
+        log_name,
+        &kube_proxy_binary()?,
+        &[
+            &kubeconfig,
+            &cidr,
+            "--hostname-override=node-1",
+            "--proxy-mode=iptables",
+            "--conntrack-max-per-core=0",
+            "--conntrack-tcp-timeout-established=0",
+            "--conntrack-tcp-timeout-close-wait=0",
+            "--oom-score-adj=0",
+            "--v=2",
+        ],
+    )
+}
+
+/// Waits for the proxy in `ns`, either one, to finish an IPv4 sync after
+/// `since` (kube-proxy's metric, which both export on 127.0.0.1:10249, is set
+/// by syncs that succeed); the metrics.
+async fn wait_for_sync(ns: &str, since: f64, what: &str) -> Result<String> {
+    eventually(Duration::from_secs(30), what, || async {
+        let metrics = netns::exec_in(
+            ns,
+            "curl",
+            &["-s", "--max-time", "2", "http://127.0.0.1:10249/metrics"],
+        )
+        .unwrap_or_default();
+        let synced = metrics.lines().any(|l| {
+            l.starts_with("kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}")
+                && l.split_whitespace()
+                    .last()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .is_some_and(|t| t > since)
+        });
+        Ok(synced.then_some(metrics))
+    })
+    .await
+}
+
+/// SIGTERM to `pid`, then waits until it is gone. Neither proxy removes its
+/// rules when it stops.
+async fn stop(pid: u32, what: &str) -> Result<()> {
+    netns::run("kill", &["-TERM", &pid.to_string()])?;
+    eventually(Duration::from_secs(15), what, || async {
+        Ok((!process_running(pid)).then_some(()))
+    })
+    .await
+}
+
+type Tally = std::thread::JoinHandle<Result<BTreeMap<String, usize>>>;
+
+/// `count` connections from `client` to `target`, one every 20 ms, in the
+/// background.
+fn paced(client: &Pod, target: &str, count: usize) -> Tally {
+    let (ns, target) = (client.netns.clone(), target.to_string());
+    std::thread::spawn(move || netns::paced_tally_by_pod(&ns, "tcp", &target, count, Some(20)))
+}
+
+fn assert_all_answered(probe: Tally, count: usize, what: &str) -> Result<()> {
+    let tally = probe.join().expect("the client thread")?;
+    let answered: usize = ["web-1", "web-2"]
+        .iter()
+        .map(|pod| tally.get(*pod).copied().unwrap_or(0))
+        .sum();
+    assert_eq!(answered, count, "{what}: {tally:?}");
+    Ok(())
+}
+
+/// The one pod that answers 10 connections to the ClientIP-affinity Service.
+fn pinned_pod(client: &Pod, sticky: &str, what: &str) -> Result<String> {
+    let tally = netns::tally_by_pod(&client.netns, "tcp", sticky, 10)?;
+    assert_eq!(tally.len(), 1, "{what}: affinity holds: {tally:?}");
+    let (pod, _) = tally.into_iter().next().expect("one pod");
+    Ok(pod)
+}
+
+/// The client's entry in its affinity list `kept.0` survived `switch`, and
+/// the client's connections to `sticky` still land on pod `kept.1`. (The
+/// list is looked at before any new connection could have filled it again.)
+fn assert_affinity_kept(
+    ns: &str,
+    client: &Pod,
+    sticky: &str,
+    kept: (&BTreeSet<String>, &str),
+    switch: &str,
+) -> Result<()> {
+    assert_eq!(
+        &recent_lists_holding(ns, client.ip)?,
+        kept.0,
+        "the affinity list survives {switch}"
+    );
+    assert_eq!(
+        pinned_pod(client, sticky, switch)?,
+        kept.1,
+        "after {switch}"
+    );
+    Ok(())
+}
+
+/// The `-m recent` lists (`/proc/net/xt_recent/<name>`) in `ns` holding
+/// `address`.
+fn recent_lists_holding(ns: &str, address: std::net::Ipv4Addr) -> Result<BTreeSet<String>> {
+    let out = netns::exec_in(
+        ns,
+        "sh",
+        &[
+            "-c",
+            &format!("grep -l 'src={address} ' /proc/net/xt_recent/* || true"),
+        ],
+    )?;
+    Ok(out
+        .lines()
+        .filter_map(|path| path.rsplit('/').next())
+        .map(str::to_string)
+        .collect())
+}
+
+/// One node's nat and filter rules as `iptables-save` prints them, counters
+/// left out.
+struct Rules {
+    nat: Vec<String>,
+    filter: Vec<String>,
+}
+
+impl Rules {
+    fn save(ns: &str) -> Result<Rules> {
+        let table = |name: &str| -> Result<Vec<String>> {
+            Ok(netns::exec_in(ns, "iptables-save", &["-t", name])?
+                .lines()
+                .filter(|l| l.starts_with(':') || l.starts_with("-A "))
+                .map(|l| match l.split_once(" [") {
+                    Some((declaration, _)) if l.starts_with(':') => declaration.to_string(),
+                    _ => l.to_string(),
+                })
+                .collect())
+        };
+        Ok(Rules {
+            nat: table("nat")?,
+            filter: table("filter")?,
+        })
+    }
+
+    fn nat_chains(&self) -> BTreeSet<String> {
+        self.nat
+            .iter()
+            .filter_map(|l| l.strip_prefix(':'))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The per-Service chains of the service port whose `KUBE-SERVICES`
+    /// entry has the comment `comment`: the chains named with its hash.
+    fn chains_of(&self, comment: &str) -> BTreeSet<String> {
+        let entry = format!("--comment \"{comment}\"");
+        let hash = self
+            .chain("KUBE-SERVICES")
+            .into_iter()
+            .find(|l| l.contains(&entry))
+            .and_then(|l| l.rsplit_once(" -j KUBE-SVC-"))
+            .map(|(_, hash)| hash.to_string())
+            .unwrap_or_default();
+        self.nat_chains()
+            .into_iter()
+            .filter(|c| {
+                SERVICE_CHAINS
+                    .iter()
+                    .any(|p| c.strip_prefix(p) == Some(&hash))
+            })
+            .collect()
+    }
+
+    /// The rules of `chain`, in order.
+    fn chain(&self, chain: &str) -> Vec<&str> {
+        let prefix = format!("-A {chain} ");
+        self.nat
+            .iter()
+            .filter(|l| l.starts_with(&prefix))
+            .map(String::as_str)
+            .collect()
+    }
+}
+
+/// Asserts that the agent's rules are kube-proxy's but for the differences
+/// docs/agent.md gives:
+/// - no `KUBE-SEP-` chains: each DNAT candidate sits in the service chain,
+///   with `-p <proto>` and no `-m <proto>`, and affinity refreshes its list
+///   with `--update` where kube-proxy jumps to a chain that `--set`s it;
+/// - hairpin masquerading in `KUBE-POSTROUTING`;
+/// - the localhost NodePort counting rule first in `KUBE-EXT-` instead of a
+///   second `KUBE-NODEPORTS` entry;
+/// - from 1 000 Service addresses, `KUBE-SERVICES`' entries in buckets.
+fn assert_same_rules(kube_proxy: &Rules, agent: &Rules) {
+    // The filter table is kube-proxy's, rule for rule.
+    assert_eq!(
+        sorted(&agent.filter),
+        sorted(&kube_proxy.filter),
+        "filter table"
+    );
+    // The same chains under the same names, but for the endpoint chains and
+    // the buckets.
+    let named = |rules: &Rules| -> BTreeSet<String> {
+        rules
+            .nat_chains()
+            .into_iter()
+            .filter(|c| !c.starts_with("KUBE-SEP-") && !is_dispatch_bucket(c))
+            .collect()
+    };
+    assert_eq!(named(agent), named(kube_proxy), "nat chains");
+    assert!(
+        named(agent).iter().any(|c| c.starts_with("KUBE-FW-"))
+            && named(agent).iter().any(|c| c.starts_with("KUBE-SVL-")),
+        "every kind of service chain is compared"
+    );
+    // Every rule outside the service chains, with the differences above
+    // taken out.
+    let outside = |rules: &Rules| -> BTreeSet<String> {
+        rules
+            .nat
+            .iter()
+            .filter(|l| l.starts_with("-A "))
+            .filter(|l| {
+                let chain = l.split_whitespace().nth(1).unwrap_or("");
+                !["KUBE-SVC-", "KUBE-SVL-", "KUBE-SEP-"]
+                    .iter()
+                    .any(|p| chain.starts_with(p))
+                    || is_dispatch_bucket(chain)
+            })
+            .filter(|l| !l.contains("-m nfacct") && !l.contains("masquerade hairpin"))
+            .filter(|l| {
+                !(l.starts_with("-A KUBE-SERVICES ")
+                    && l.contains(&format!("-j {DISPATCH_BUCKET_PREFIX}")))
+            })
+            .map(|l| {
+                let chain = l.split_whitespace().nth(1).unwrap_or("");
+                if is_dispatch_bucket(chain) {
+                    l.replacen(chain, "KUBE-SERVICES", 1)
+                } else {
+                    l.clone()
+                }
+            })
+            .collect()
+    };
+    let (ours, theirs) = (outside(agent), outside(kube_proxy));
+    assert_eq!(
+        ours,
+        theirs,
+        "nat rules outside the service chains:\n  only the agent's {:#?}\n  only kube-proxy's {:#?}",
+        ours.difference(&theirs).collect::<Vec<_>>(),
+        theirs.difference(&ours).collect::<Vec<_>>()
+    );
+    // Each service chain, in order, with kube-proxy's jumps to its endpoint
+    // chains resolved to their DNAT and the affinity matches compared apart.
+    let mut compared = 0;
+    for chain in named(kube_proxy)
+        .iter()
+        .filter(|c| c.starts_with("KUBE-SVC-") || c.starts_with("KUBE-SVL-"))
+    {
+        let theirs: Vec<(String, Option<String>)> = kube_proxy
+            .chain(chain)
+            .into_iter()
+            .map(|rule| {
+                let (rule, recent) = without_recent(rule);
+                match rule.rsplit_once(" -j KUBE-SEP-") {
+                    Some((head, sep)) => {
+                        let dnat = kube_proxy
+                            .chain(&format!("KUBE-SEP-{sep}"))
+                            .into_iter()
+                            .find_map(|l| l.split_once(" -j DNAT ").map(|(_, to)| to.to_string()))
+                            .unwrap_or_default();
+                        (format!("{head} -j DNAT {dnat}"), recent)
+                    }
+                    None => (rule, recent),
+                }
+            })
+            .collect();
+        let ours: Vec<(String, Option<String>)> = agent
+            .chain(chain)
+            .into_iter()
+            .map(|rule| {
+                let (rule, recent) = without_recent(rule);
+                let rule = if rule.contains(" -j DNAT ") {
+                    rule.replacen(&format!("-A {chain} -p tcp "), &format!("-A {chain} "), 1)
+                } else {
+                    rule
+                };
+                (rule, recent.map(|r| r.replace("--update", "--rcheck")))
+            })
+            .collect();
+        // kube-proxy's last step, its endpoint chain's `--set`, is in ours.
+        let ours: Vec<(String, Option<String>)> = ours
+            .into_iter()
+            .map(|(rule, recent)| (rule, recent.filter(|r| !r.contains("--set"))))
+            .collect();
+        assert_eq!(ours, theirs, "{chain}");
+        compared += 1;
+    }
+    assert!(compared >= 6, "{compared} service chains compared");
+}
+
+/// `rule` without its `-m recent … --rsource` match, and that match.
+fn without_recent(rule: &str) -> (String, Option<String>) {
+    match rule.split_once(" -m recent ") {
+        Some((head, rest)) => match rest.split_once(" --rsource") {
+            Some((recent, tail)) => (format!("{head}{tail}"), Some(recent.to_string())),
+            None => (rule.to_string(), None),
+        },
+        None => (rule.to_string(), None),
+    }
+}
+
+fn sorted(lines: &[String]) -> BTreeSet<&String> {
+    lines.iter().collect()
+}
