@@ -159,8 +159,9 @@ async fn switch_there_and_back(fillers: usize) -> Result<()> {
 /// Services covering kube-proxy's chain kinds, selecting web-1 and web-2:
 /// `web` (ClusterIP), `web-np` (NodePort), `web-lb` (LoadBalancer with an
 /// ingress IP, `externalTrafficPolicy: Local` and a source range), `sticky`
-/// (ClientIP affinity) and `empty` (no endpoints); then `fillers` selector-less
-/// Services.
+/// (ClientIP affinity), `empty` (a NodePort without endpoints), `multi` (a
+/// TCP and a UDP port, an external IP) and `np-local` (a NodePort, both
+/// traffic policies Local); then `fillers` selector-less Services.
 async fn create_services(services: &Api<Service>, fillers: usize) -> Result<()> {
     let ports = json!([{"port": 80, "targetPort": 80, "protocol": "TCP"}]);
     let selector = json!({"app": "web"});
@@ -182,7 +183,18 @@ async fn create_services(services: &Api<Service>, fillers: usize) -> Result<()> 
         ),
         (
             "empty",
-            json!({"selector": {"app": "nobody"}, "ports": ports}),
+            json!({"type": "NodePort", "selector": {"app": "nobody"}, "ports": ports}),
+        ),
+        (
+            "multi",
+            json!({"selector": selector, "externalIPs": ["203.0.113.20"], "ports": [
+                {"name": "http", "port": 8080, "targetPort": 80, "protocol": "TCP"},
+                {"name": "dns", "port": 53, "targetPort": 80, "protocol": "UDP"}]}),
+        ),
+        (
+            "np-local",
+            json!({"type": "NodePort", "externalTrafficPolicy": "Local",
+                   "internalTrafficPolicy": "Local", "selector": selector, "ports": ports}),
         ),
     ];
     for (name, spec) in specs {
@@ -529,10 +541,13 @@ fn assert_same_rules(kube_proxy: &Rules, agent: &Rules) {
             .into_iter()
             .map(|rule| {
                 let (rule, recent) = without_recent(rule);
-                let rule = if rule.contains(" -j DNAT ") {
-                    rule.replacen(&format!("-A {chain} -p tcp "), &format!("-A {chain} "), 1)
-                } else {
-                    rule
+                // `-A <chain> -p <proto> …` without the `-p <proto>`.
+                let rule = match rule
+                    .strip_prefix(&format!("-A {chain} -p "))
+                    .and_then(|rest| rest.split_once(' '))
+                {
+                    Some((_, tail)) if rule.contains(" -j DNAT ") => format!("-A {chain} {tail}"),
+                    _ => rule,
                 };
                 (rule, recent.map(|r| r.replace("--update", "--rcheck")))
             })
