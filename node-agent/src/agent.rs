@@ -30,7 +30,9 @@ use crate::addr::IpFamily;
 use crate::config::ProxyOptions;
 use crate::conntrack;
 use crate::debug::{self, RulesLog};
-use crate::health::{self, BindFailure, ProxyHealth, ServiceHealth, ServiceHealthServers};
+use crate::health::{
+    self, BindFailure, CheckAddresses, ProxyHealth, ServiceHealth, ServiceHealthServers,
+};
 use crate::metrics::Metrics;
 use crate::model::cache::ModelCache;
 use crate::model::{Issue, Model, NodeInfo, Protocol, ServicePortName};
@@ -323,7 +325,9 @@ pub async fn run(client: Client, config: RunConfig, metrics: Arc<Metrics>) -> an
         for issue in &outcome.new_issues {
             publish_issue(&recorder, &caches, issue).await;
         }
-        let failures = health_checks.sync(outcome.service_checks).await;
+        let failures = health_checks
+            .sync(outcome.service_checks, &outcome.check_addresses)
+            .await;
         let mut still_failing = BTreeSet::new();
         for failure in failures {
             let key = (
@@ -374,21 +378,36 @@ async fn serve_in_background(
         info!("the {what} server is off");
         return Ok(());
     };
-    let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| {
-        let mut message = format!("binding the {what} server to {address}: {e}");
-        if e.kind() == std::io::ErrorKind::AddrInUse {
-            // kube-proxy listens on the same ports (10256, 10249).
-            message.push_str(
-                ". Is kube-proxy (or another causeway-agent) still running on this \
+    let listener = resolve_listen_address(address)
+        .and_then(|a| serve::listen(a, false))
+        .map_err(|e| {
+            let mut message = format!("binding the {what} server to {address}: {e}");
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                // kube-proxy listens on the same ports (10256, 10249).
+                message.push_str(
+                    ". Is kube-proxy (or another causeway-agent) still running on this \
                      node? Stop it first: two proxies would rewrite the same chains \
                      (docs/agent.md, \"Replacing kube-proxy\")",
-            );
-        }
-        anyhow::anyhow!(message)
-    })?;
+                );
+            }
+            anyhow::anyhow!(message)
+        })?;
     info!(address = %address, "serving {what}");
     tokio::spawn(serve::serve(listener, router, connections.clone()));
     Ok(())
+}
+
+/// `address` as a socket address: `IP:port`, as kube-proxy's flags take,
+/// or else a name looked up.
+fn resolve_listen_address(address: &str) -> std::io::Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs as _;
+    if let Ok(parsed) = address.parse() {
+        return Ok(parsed);
+    }
+    address
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address by that name"))
 }
 
 /// Makes the nfacct counters the rules count into again if they are gone (an
@@ -663,6 +682,8 @@ struct SyncOutcome {
     /// keeps; kube-proxy leaves them alone then): the rules they answer for
     /// still stand.
     service_checks: BTreeMap<u16, ServiceHealth>,
+    /// Where they listen (`--nodeport-addresses`).
+    check_addresses: CheckAddresses,
 }
 
 /// Per-family state between syncs.
@@ -776,6 +797,7 @@ impl Syncer {
         // partial one. A part ends where the next begins.
         let mut timings: Vec<(IpFamily, Instant, Option<bool>)> = Vec::new();
         let mut counters_checked = false;
+        let mut nodeport_limits = Vec::new();
         for state in &mut self.families {
             let family = state.netfilter.family;
             // The first part also carries the reading of the caches above.
@@ -798,6 +820,7 @@ impl Syncer {
                     continue;
                 }
             };
+            nodeport_limits.push((family, render_config.nodeport_addresses.clone()));
             if render_config.nodeports_on_loopback() && !self.route_localnet_set {
                 match sysctl::ensure(sysctl::ROUTE_LOCALNET, "1") {
                     Ok(_) => self.route_localnet_set = true,
@@ -995,7 +1018,7 @@ impl Syncer {
                     .metrics
                     .set_rules_written(*family, table, *rules);
             }
-            self.shared.health.updated(started_at);
+            self.shared.health.updated(started_at, &families);
             if !self.nftables_leftovers_checked {
                 self.nftables_leftovers_checked = true;
                 remove_kube_proxy_nftables_tables();
@@ -1043,6 +1066,7 @@ impl Syncer {
             new_issues: self.remember(issues),
             failed,
             service_checks,
+            check_addresses: CheckAddresses::of(&nodeport_limits, serve::local_addresses),
         }
     }
 

@@ -150,6 +150,7 @@ pub fn router(metrics: Arc<Metrics>, rules: Arc<RulesLog>, configz: String) -> R
                 )
             }),
         )
+        .fallback(crate::health::go_not_found)
         .with_state((metrics, rules))
 }
 

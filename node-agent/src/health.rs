@@ -8,6 +8,7 @@
 //! the servers are thin axum routers around them.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -15,15 +16,17 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::any;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use serde_json::json;
+use serde::Serialize;
 use tokio::task::JoinHandle;
 use tracing::info;
 
+use crate::addr::IpFamily;
 use crate::metrics::Metrics;
 use crate::model::Model;
+use crate::rules::NodePortAddresses;
 use crate::serve::{ConnectionBudget, serve};
 
 /// The taint the cluster autoscaler puts on a node it is about to remove.
@@ -34,10 +37,34 @@ pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
 pub struct HealthState {
     /// The last successful sync.
     pub last_updated: Option<Timestamp>,
+    /// The families that sync applied (kube-proxy reports each).
+    pub families: FamilySet,
     /// The oldest change not yet applied.
     pub oldest_pending: Option<Timestamp>,
     /// False while the Node is being deleted or drained by the autoscaler.
     pub node_eligible: bool,
+}
+
+/// IPv4 and/or IPv6.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FamilySet {
+    pub v4: bool,
+    pub v6: bool,
+}
+
+impl FamilySet {
+    pub fn of(families: &[IpFamily]) -> FamilySet {
+        FamilySet {
+            v4: families.contains(&IpFamily::V4),
+            v6: families.contains(&IpFamily::V6),
+        }
+    }
+
+    fn iter(self) -> impl Iterator<Item = IpFamily> {
+        [(self.v4, IpFamily::V4), (self.v6, IpFamily::V6)]
+            .into_iter()
+            .filter_map(|(on, family)| on.then_some(family))
+    }
 }
 
 /// kube-proxy's rule: unhealthy when a change has waited longer than the
@@ -90,10 +117,11 @@ impl ProxyHealth {
         }
     }
 
-    /// A sync applied everything queued before it started.
-    pub fn updated(&self, sync_started: Timestamp) {
+    /// A sync of `families` applied everything queued before it started.
+    pub fn updated(&self, sync_started: Timestamp, families: &[IpFamily]) {
         let mut state = self.lock();
         state.last_updated = Some(Timestamp::now());
+        state.families = FamilySet::of(families);
         if state.oldest_pending.is_some_and(|q| q <= sync_started) {
             state.oldest_pending = None;
         }
@@ -116,24 +144,64 @@ impl ProxyHealth {
     }
 }
 
+/// The JSON body of `/healthz` and `/livez`: kube-proxy's `ProxyHealth`,
+/// its fields in kube-proxy's order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyHealthBody {
+    /// The time of the last sync; the time of the answer when it is 200, as
+    /// in kube-proxy, which keeps the meaning older releases gave it ("the
+    /// sync loop ran recently").
+    pub last_updated: String,
+    pub current_time: String,
+    /// `/healthz` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_eligible: Option<bool>,
+    /// The proxy's own health, without the Node's eligibility.
+    pub healthy: bool,
+    /// Per family synced: its last sync and health.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub status: BTreeMap<&'static str, FamilyHealth>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FamilyHealth {
+    pub last_updated: String,
+    pub healthy: bool,
+}
+
+/// How Go writes a time that was never set, which Go clients parse back.
+const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";
+
 /// `/healthz` (`with_node` = true) or `/livez`: status and JSON body.
 pub fn proxy_answer(
     state: &HealthState,
     now: Timestamp,
     timeout: Duration,
     with_node: bool,
-) -> (StatusCode, serde_json::Value) {
+) -> (StatusCode, ProxyHealthBody) {
     let healthy = is_healthy(state, now, timeout);
     let last = state
         .last_updated
-        .map(|t| t.to_string())
-        .unwrap_or_default();
-    let mut body = json!({"lastUpdated": last, "currentTime": now.to_string()});
-    let ok = if with_node {
-        body["nodeEligible"] = json!(state.node_eligible);
-        healthy && state.node_eligible
-    } else {
-        healthy
+        .map_or_else(|| GO_ZERO_TIME.to_string(), |t| t.to_string());
+    let ok = healthy && (!with_node || state.node_eligible);
+    let body = ProxyHealthBody {
+        last_updated: if ok { now.to_string() } else { last.clone() },
+        current_time: now.to_string(),
+        node_eligible: with_node.then_some(state.node_eligible),
+        healthy,
+        status: state
+            .families
+            .iter()
+            .map(|family| {
+                let health = FamilyHealth {
+                    last_updated: last.clone(),
+                    healthy,
+                };
+                (family.address_type(), health)
+            })
+            .collect(),
     };
     let status = if ok {
         StatusCode::OK
@@ -160,11 +228,15 @@ pub fn service_answer(service: &ServiceHealth, proxy_healthy: bool) -> Response 
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({
-        "service": {"namespace": service.namespace, "name": service.name},
-        "localEndpoints": service.local_endpoints,
-        "serviceProxyHealthy": proxy_healthy,
-    });
+    // kube-proxy's text, byte for byte: indented with tabs, in this order.
+    let quoted = |text: &str| serde_json::to_string(text).unwrap_or_default();
+    let body = format!(
+        "{{\n\t\"service\": {{\n\t\t\"namespace\": {},\n\t\t\"name\": {}\n\t}},\n\t\
+         \"localEndpoints\": {},\n\t\"serviceProxyHealthy\": {proxy_healthy}\n}}",
+        quoted(&service.namespace),
+        quoted(&service.name),
+        service.local_endpoints,
+    );
     let mut headers = HeaderMap::new();
     headers.insert(
         header::CONTENT_TYPE,
@@ -178,7 +250,7 @@ pub fn service_answer(service: &ServiceHealth, proxy_healthy: bool) -> Response 
         "X-Load-Balancing-Endpoint-Weight",
         HeaderValue::from(service.local_endpoints),
     );
-    (status, headers, body.to_string()).into_response()
+    (status, headers, body).into_response()
 }
 
 /// The health-check ports the model asks for, with what each answers. Ports
@@ -204,11 +276,28 @@ pub fn wanted_service_checks(models: &[&Model]) -> BTreeMap<u16, ServiceHealth> 
 
 /// The router of the agent's own health server; each answer is counted in
 /// kube-proxy's `kubeproxy_proxy_healthz_total` / `_livez_total`.
+/// As kube-proxy's, they answer every method, and any other path gets Go's
+/// 404.
 pub fn proxy_router(health: Arc<ProxyHealth>, metrics: Arc<Metrics>) -> Router {
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/livez", get(livez))
+        .route("/healthz", any(healthz))
+        .route("/livez", any(livez))
+        .fallback(go_not_found)
         .with_state((health, metrics))
+}
+
+/// The answer of Go's `http.ServeMux` to a path it has no handler for, which
+/// kube-proxy's servers give.
+pub async fn go_not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        "404 page not found\n",
+    )
+        .into_response()
 }
 
 type ProxyState = (Arc<ProxyHealth>, Arc<Metrics>);
@@ -229,7 +318,70 @@ fn answer_proxy_probe(health: &ProxyHealth, metrics: &Metrics, with_node: bool) 
         with_node,
     );
     metrics.count_health_answer(with_node, status.as_u16());
-    (status, axum::Json(body)).into_response()
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        serde_json::to_string(&body).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+/// Where the Service health checks listen. As kube-proxy's: on every
+/// address, unless `--nodeport-addresses` limits the NodePorts; then on this
+/// node's addresses inside those ranges (and on every address of a family
+/// it does not limit).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum CheckAddresses {
+    /// Both families' every address, through one socket.
+    #[default]
+    Any,
+    /// These; none when no address of the node falls inside the ranges.
+    Only(Vec<IpAddr>),
+}
+
+impl CheckAddresses {
+    /// From each synced family's NodePort addresses; `local` (the node's
+    /// addresses) is asked only when some family limits them.
+    pub fn of(
+        limits: &[(IpFamily, NodePortAddresses)],
+        local: impl FnOnce() -> Vec<IpAddr>,
+    ) -> CheckAddresses {
+        if limits.iter().all(|(_, l)| *l == NodePortAddresses::All) {
+            return CheckAddresses::Any;
+        }
+        let local = local();
+        let mut addresses: Vec<IpAddr> = Vec::new();
+        for (family, limit) in limits {
+            match limit {
+                NodePortAddresses::All => addresses.push(match family {
+                    IpFamily::V4 => Ipv4Addr::UNSPECIFIED.into(),
+                    IpFamily::V6 => Ipv6Addr::UNSPECIFIED.into(),
+                }),
+                NodePortAddresses::Cidrs(cidrs) => addresses.extend(
+                    local
+                        .iter()
+                        .filter(|ip| IpFamily::of(ip) == *family)
+                        .filter(|ip| cidrs.iter().any(|c| c.contains(ip))),
+                ),
+            }
+        }
+        addresses.sort();
+        addresses.dedup();
+        CheckAddresses::Only(addresses)
+    }
+
+    fn sockets(&self, port: u16) -> Vec<(SocketAddr, bool)> {
+        match self {
+            CheckAddresses::Any => vec![((Ipv4Addr::UNSPECIFIED, port).into(), false)],
+            CheckAddresses::Only(addresses) => addresses
+                .iter()
+                .map(|ip| (SocketAddr::new(*ip, port), true))
+                .collect(),
+        }
+    }
 }
 
 /// One server per health-check node port, started and stopped as Services
@@ -237,7 +389,8 @@ fn answer_proxy_probe(health: &ProxyHealth, metrics: &Metrics, with_node: bool) 
 pub struct ServiceHealthServers {
     health: Arc<ProxyHealth>,
     answers: Arc<RwLock<BTreeMap<u16, ServiceHealth>>>,
-    running: BTreeMap<u16, JoinHandle<()>>,
+    /// Per port: where it listens, and a server per socket.
+    running: BTreeMap<u16, (CheckAddresses, Vec<JoinHandle<()>>)>,
     connections: ConnectionBudget,
 }
 
@@ -259,18 +412,23 @@ impl ServiceHealthServers {
         }
     }
 
-    /// Makes the servers match `wanted`; returns the ports that could not be
-    /// bound (tried again on the next sync).
-    pub async fn sync(&mut self, wanted: BTreeMap<u16, ServiceHealth>) -> Vec<BindFailure> {
-        let gone: Vec<u16> = self
+    /// Makes the servers match `wanted`, listening on `addresses`; returns
+    /// the ports that could not be bound (tried again on the next sync).
+    pub async fn sync(
+        &mut self,
+        wanted: BTreeMap<u16, ServiceHealth>,
+        addresses: &CheckAddresses,
+    ) -> Vec<BindFailure> {
+        // Gone, or to listen elsewhere (restarted below).
+        let stale: Vec<u16> = self
             .running
-            .keys()
-            .filter(|p| !wanted.contains_key(p))
-            .copied()
+            .iter()
+            .filter(|(port, (at, _))| !wanted.contains_key(port) || at != addresses)
+            .map(|(port, _)| *port)
             .collect();
-        for port in gone {
-            if let Some(task) = self.running.remove(&port) {
-                task.abort();
+        for port in stale {
+            if let Some((_, tasks)) = self.running.remove(&port) {
+                tasks.iter().for_each(JoinHandle::abort);
                 info!(port, "stopped a Service health check server");
             }
         }
@@ -280,18 +438,34 @@ impl ServiceHealthServers {
             if self.running.contains_key(&port) {
                 continue;
             }
-            match tokio::net::TcpListener::bind(("0.0.0.0", port)).await {
-                Ok(listener) => {
-                    let router = Router::new().fallback(get(service_check)).with_state((
+            let sockets = addresses.sockets(port);
+            let opened: std::io::Result<Vec<tokio::net::TcpListener>> = if sockets.is_empty() {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrNotAvailable,
+                    "no address of this node is inside --nodeport-addresses",
+                ))
+            } else {
+                sockets
+                    .iter()
+                    .map(|(at, family_only)| crate::serve::listen(*at, *family_only))
+                    .collect()
+            };
+            match opened {
+                Ok(listeners) => {
+                    // Every path and method, as kube-proxy's.
+                    let router = Router::new().fallback(service_check).with_state((
                         self.health.clone(),
                         self.answers.clone(),
                         port,
                     ));
-                    self.running.insert(
-                        port,
-                        tokio::spawn(serve(listener, router, self.connections.clone())),
-                    );
-                    info!(port, service = %format!("{}/{}", service.namespace, service.name), "serving a Service health check");
+                    let tasks = listeners
+                        .into_iter()
+                        .map(|listener| {
+                            tokio::spawn(serve(listener, router.clone(), self.connections.clone()))
+                        })
+                        .collect();
+                    self.running.insert(port, (addresses.clone(), tasks));
+                    info!(port, service = %format!("{}/{}", service.namespace, service.name), on = ?addresses, "serving a Service health check");
                 }
                 Err(e) => failures.push(BindFailure {
                     port,
@@ -336,6 +510,7 @@ mod tests {
         let timeout = Duration::from_secs(60);
         let idle = HealthState {
             last_updated: Some(at(0)),
+            families: FamilySet::default(),
             oldest_pending: None,
             node_eligible: true,
         };
@@ -352,17 +527,58 @@ mod tests {
     fn healthz_fails_for_an_ineligible_node_but_livez_does_not() {
         let state = HealthState {
             last_updated: Some(at(0)),
+            families: FamilySet::of(&[IpFamily::V4]),
             oldest_pending: None,
             node_eligible: false,
         };
         let (status, body) = proxy_answer(&state, at(5), Duration::from_secs(60), true);
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(body["nodeEligible"], json!(false));
-        assert_eq!(body["lastUpdated"], json!(at(0).to_string()));
-        assert_eq!(body["currentTime"], json!(at(5).to_string()));
+        // kube-proxy's text: its fields in its order; the last sync's time
+        // when the answer is not 200; `healthy` is the proxy's alone.
+        let (last, now) = (at(0).to_string(), at(5).to_string());
+        assert_eq!(
+            serde_json::to_string(&body).unwrap(),
+            format!(
+                "{{\"lastUpdated\":\"{last}\",\"currentTime\":\"{now}\",\"nodeEligible\":false,\
+                 \"healthy\":true,\"status\":{{\"IPv4\":{{\"lastUpdated\":\"{last}\",\"healthy\":true}}}}}}"
+            )
+        );
+        // /livez: no eligibility, 200, and then lastUpdated is the answer's
+        // time, as kube-proxy keeps it for older clients.
         let (status, body) = proxy_answer(&state, at(5), Duration::from_secs(60), false);
         assert_eq!(status, StatusCode::OK);
-        assert!(body.get("nodeEligible").is_none());
+        assert_eq!(body.node_eligible, None);
+        assert_eq!(body.last_updated, now);
+        assert_eq!(body.status["IPv4"].last_updated, last);
+    }
+
+    #[test]
+    fn a_late_change_makes_every_family_unhealthy_and_before_any_sync_times_are_gos_zero() {
+        let state = HealthState {
+            last_updated: None,
+            families: FamilySet::default(),
+            oldest_pending: Some(at(0)),
+            node_eligible: true,
+        };
+        let (status, body) = proxy_answer(&state, at(120), Duration::from_secs(60), false);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body.last_updated, "0001-01-01T00:00:00Z");
+        assert!(!body.healthy);
+        assert!(
+            !serde_json::to_string(&body).unwrap().contains("status"),
+            "no family synced yet"
+        );
+        let synced = HealthState {
+            last_updated: Some(at(10)),
+            families: FamilySet::of(&[IpFamily::V4, IpFamily::V6]),
+            ..state
+        };
+        let (_, body) = proxy_answer(&synced, at(120), Duration::from_secs(60), true);
+        assert_eq!(
+            body.status.keys().copied().collect::<Vec<_>>(),
+            ["IPv4", "IPv6"]
+        );
+        assert!(body.status.values().all(|f| !f.healthy));
     }
 
     #[test]
@@ -385,6 +601,114 @@ mod tests {
     }
 
     #[test]
+    fn checks_listen_everywhere_unless_nodeport_addresses_limit_them() {
+        let cidr = |c: &str| NodePortAddresses::Cidrs(vec![crate::addr::parse_cidr(c).unwrap()]);
+        let local = || -> Vec<IpAddr> {
+            ["127.0.0.1", "10.0.0.5", "192.168.1.9", "::1", "fd00::5"]
+                .iter()
+                .map(|a| a.parse().unwrap())
+                .collect()
+        };
+        let unasked = || -> Vec<IpAddr> { panic!("the addresses are not needed") };
+        assert_eq!(
+            CheckAddresses::of(
+                &[
+                    (IpFamily::V4, NodePortAddresses::All),
+                    (IpFamily::V6, NodePortAddresses::All)
+                ],
+                unasked
+            ),
+            CheckAddresses::Any
+        );
+        let ip = |a: &str| a.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            CheckAddresses::of(&[(IpFamily::V4, cidr("10.0.0.0/8"))], local),
+            CheckAddresses::Only(vec![ip("10.0.0.5")])
+        );
+        // A family without limits keeps its every address.
+        assert_eq!(
+            CheckAddresses::of(
+                &[
+                    (IpFamily::V4, cidr("10.0.0.0/8")),
+                    (IpFamily::V6, NodePortAddresses::All)
+                ],
+                local
+            ),
+            CheckAddresses::Only(vec![ip("10.0.0.5"), ip("::")])
+        );
+        assert_eq!(
+            CheckAddresses::of(&[(IpFamily::V4, cidr("172.16.0.0/12"))], local),
+            CheckAddresses::Only(Vec::new())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_limited_check_listens_only_on_the_addresses_inside_the_ranges() {
+        let health = Arc::new(ProxyHealth::new(Duration::from_secs(30)));
+        let mut servers = ServiceHealthServers::new(health, ConnectionBudget::default());
+        // A free port, found by binding 0 and letting go.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let service = ServiceHealth {
+            namespace: "shop".into(),
+            name: "web".into(),
+            local_endpoints: 1,
+        };
+        let only = CheckAddresses::Only(vec!["127.0.0.1".parse().unwrap()]);
+        let failures = servers
+            .sync(BTreeMap::from([(port, service.clone())]), &only)
+            .await;
+        assert!(failures.is_empty(), "{failures:?}");
+        assert!(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        );
+        assert!(
+            tokio::net::TcpStream::connect(("127.0.0.2", port))
+                .await
+                .is_err()
+        );
+        // Nothing inside the ranges: a failure to report, not a silent gap.
+        let failures = servers
+            .sync(
+                BTreeMap::from([(port, service)]),
+                &CheckAddresses::Only(Vec::new()),
+            )
+            .await;
+        assert_eq!(failures.len(), 1);
+        assert!(
+            failures[0].message.contains("--nodeport-addresses"),
+            "{failures:?}"
+        );
+        assert!(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_service_check_writes_kube_proxys_text() {
+        let service = ServiceHealth {
+            namespace: "shop".into(),
+            name: "web".into(),
+            local_endpoints: 2,
+        };
+        let body = axum::body::to_bytes(service_answer(&service, true).into_body(), 4096)
+            .await
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&body),
+            "{\n\t\"service\": {\n\t\t\"namespace\": \"shop\",\n\t\t\"name\": \"web\"\n\t},\n\t\
+             \"localEndpoints\": 2,\n\t\"serviceProxyHealthy\": true\n}"
+        );
+    }
+
+    #[test]
     fn a_service_check_answers_with_its_local_endpoints() {
         let service = ServiceHealth {
             namespace: "shop".into(),
@@ -393,6 +717,7 @@ mod tests {
         };
         let answer = service_answer(&service, true);
         assert_eq!(answer.status(), StatusCode::OK);
+        assert_eq!(answer.headers()["Content-Type"], "application/json");
         assert_eq!(
             answer.headers()["X-Load-Balancing-Endpoint-Weight"],
             HeaderValue::from(2)

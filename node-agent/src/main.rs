@@ -908,7 +908,7 @@ fn trace(args: TraceArgs) -> anyhow::Result<()> {
                  (or pass --manifests or --payload)"
             )
         })?;
-        (text, local_addresses_here())
+        (text, causeway_agent::serve::local_addresses())
     };
     local_addresses.extend(local_address);
     // A live payload leaves out the jump rules that already existed when it
@@ -959,23 +959,6 @@ fn live_rules(address: &str, ipv6: bool) -> anyhow::Result<String> {
 }
 
 /// This network namespace's addresses, for `addrtype LOCAL` in live traces.
-fn local_addresses_here() -> Vec<IpAddr> {
-    let Ok(out) = std::process::Command::new("ip")
-        .args(["-o", "addr", "show"])
-        .output()
-    else {
-        return Vec::new();
-    };
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            words.find(|w| *w == "inet" || *w == "inet6")?;
-            words.next()?.split('/').next()?.parse().ok()
-        })
-        .collect()
-}
-
 /// How often `run` looks at its `--config` file for a change.
 const CONFIG_CHECK_PERIOD: Duration = Duration::from_secs(5);
 

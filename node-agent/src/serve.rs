@@ -11,7 +11,8 @@
 //! own header timeout never fires), hence this small accept loop.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::io::ErrorKind;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -206,6 +207,58 @@ fn client_group(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Opens a listening socket on `address` as Go's `net.Listen("tcp", …)`,
+/// which kube-proxy's servers use, does. An unspecified address (`0.0.0.0`
+/// or `[::]`) listens on both families through one IPv6 socket that takes
+/// IPv4 clients too, whatever the node's `net.ipv6.bindv6only`, or on IPv4
+/// alone where the node has no IPv6. With `family_only`, an unspecified
+/// address keeps to its own family, so that specific addresses of the other
+/// family can be bound beside it on the same port.
+pub fn listen(address: SocketAddr, family_only: bool) -> std::io::Result<TcpListener> {
+    if address.ip().is_unspecified() && !family_only {
+        let both = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), address.port());
+        match open_listener(both, Some(false)) {
+            Err(e) if !matches!(e.kind(), ErrorKind::AddrInUse | ErrorKind::PermissionDenied) => {
+                debug!(error = %e, "no IPv6 socket; listening on IPv4 alone");
+                let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), address.port());
+                return open_listener(v4, None);
+            }
+            opened => return opened,
+        }
+    }
+    open_listener(address, address.is_ipv6().then_some(true))
+}
+
+fn open_listener(address: SocketAddr, v6_only: Option<bool>) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    if let Some(only) = v6_only {
+        socket.set_only_v6(only)?;
+    }
+    // As tokio's and Go's listeners: a restart need not wait for the old
+    // connections' TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// The addresses of this node's interfaces (none when they cannot be read).
+pub fn local_addresses() -> Vec<IpAddr> {
+    match if_addrs::get_if_addrs() {
+        Ok(interfaces) => interfaces.iter().map(|i| i.ip()).collect(),
+        Err(e) => {
+            debug!(error = %e, "cannot list the interfaces' addresses");
+            Vec::new()
+        }
+    }
+}
+
 /// Serves `router` on `listener` until the task is dropped. Handlers can
 /// read the client's address with `ConnectInfo<SocketAddr>`, and the address
 /// it connected to with `Extension<LocalAddr>`.
@@ -221,7 +274,11 @@ pub async fn serve(listener: TcpListener, router: Router, budget: ConnectionBudg
                 continue;
             }
         };
-        let local = stream.local_addr().unwrap_or(peer);
+        // A dual-stack socket (see [`listen`]) sees IPv4 clients as
+        // IPv4-mapped IPv6 addresses; handlers and the caps want them plain.
+        let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+        let peer = canonical(peer);
+        let local = canonical(stream.local_addr().unwrap_or(peer));
         let service = TowerToHyperService::new(
             router
                 .clone()
@@ -254,7 +311,7 @@ pub async fn serve(listener: TcpListener, router: Router, budget: ConnectionBudg
         open.open.push_back(Connection {
             id,
             port,
-            client: peer.ip().to_canonical(),
+            client: peer.ip(),
             group: client_group(peer.ip()),
             task: task.abort_handle(),
         });
@@ -264,8 +321,47 @@ pub async fn serve(listener: TcpListener, router: Router, budget: ConnectionBudg
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use axum::routing::get;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    #[tokio::test]
+    async fn an_unspecified_address_listens_on_both_families_as_go_does() {
+        let both = listen("0.0.0.0:0".parse().unwrap(), false).unwrap();
+        let port = both.local_addr().unwrap().port();
+        assert!(TcpStream::connect(("127.0.0.1", port)).await.is_ok());
+        assert!(TcpStream::connect(("::1", port)).await.is_ok());
+        let (_, peer) = both.accept().await.unwrap();
+        assert!(peer.is_ipv6(), "IPv4 clients arrive mapped: {peer}");
+        let v4 = listen("0.0.0.0:0".parse().unwrap(), true).unwrap();
+        let port = v4.local_addr().unwrap().port();
+        assert!(TcpStream::connect(("127.0.0.1", port)).await.is_ok());
+        assert!(TcpStream::connect(("::1", port)).await.is_err());
+        // Family-only, the IPv6 wildcard leaves the port's IPv4 side free.
+        let v6 = listen("[::]:0".parse().unwrap(), true).unwrap();
+        let port = v6.local_addr().unwrap().port();
+        assert!(listen(SocketAddr::from(([127, 0, 0, 1], port)), true).is_ok());
+    }
+
+    #[tokio::test]
+    async fn handlers_see_ipv4_clients_of_a_dual_stack_socket_as_ipv4() {
+        let listener = listen("0.0.0.0:0".parse().unwrap(), false).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let router = Router::new().route(
+            "/",
+            get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.ip().to_string() }),
+        );
+        tokio::spawn(serve(listener, router, ConnectionBudget::default()));
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.ends_with("\r\n\r\n127.0.0.1"), "{answer}");
+    }
 
     async fn started(budget: ConnectionBudget) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

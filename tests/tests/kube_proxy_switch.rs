@@ -5,6 +5,7 @@
 //! - the agent takes kube-proxy's rules over under kube-proxy's own chain
 //!   names, and its rules differ from kube-proxy's only where docs/agent.md
 //!   says they do;
+//! - its health and metrics servers answer as kube-proxy's;
 //! - session affinity lives on in the same `-m recent` lists;
 //! - kube-proxy takes the node back with a successful restore, and deletes
 //!   everything of the agent's, dispatch buckets included.
@@ -59,6 +60,7 @@ async fn switch_there_and_back(fillers: usize) -> Result<()> {
     let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy-1")?;
     wait_for_sync(&ns, started, "kube-proxy's first sync").await?;
     let by_kube_proxy = Rules::save(&ns)?;
+    let kube_proxys_answers = http_answers(&ns, &services).await?;
     let pinned = pinned_pod(&client, &sticky, "through kube-proxy's rules")?;
     let list = recent_lists_holding(&ns, client.ip)?;
     assert_eq!(list.len(), 1, "the client in one affinity list: {list:?}");
@@ -78,6 +80,11 @@ async fn switch_there_and_back(fillers: usize) -> Result<()> {
         "dispatch buckets with {fillers} more Services"
     );
     assert_same_rules(&by_kube_proxy, &by_agent);
+    let agents_answers = http_answers(&ns, &services).await?;
+    assert_eq!(
+        agents_answers, kube_proxys_answers,
+        "HTTP answers: the agent's, then kube-proxy's"
+    );
     assert_affinity_kept(
         &ns,
         &client,
@@ -576,4 +583,80 @@ fn without_recent(rule: &str) -> (String, Option<String>) {
 
 fn sorted(lines: &[String]) -> BTreeSet<&String> {
     lines.iter().collect()
+}
+
+/// What a proxy's HTTP servers answer in `ns`: per request, the status,
+/// the headers kube-proxy sets (the date aside) and the body, with every
+/// time in it replaced by `<time>`.
+async fn http_answers(ns: &str, services: &Api<Service>) -> Result<BTreeMap<String, String>> {
+    let health_check = services
+        .get("web-lb")
+        .await?
+        .spec
+        .and_then(|s| s.health_check_node_port)
+        .context("web-lb's healthCheckNodePort")?;
+    let requests = [
+        ("GET", "http://127.0.0.1:10256/healthz".to_string()),
+        ("GET", "http://127.0.0.1:10256/livez".to_string()),
+        ("POST", "http://127.0.0.1:10256/healthz".to_string()),
+        ("GET", "http://127.0.0.1:10256/other".to_string()),
+        // Over IPv6 too: kube-proxy's 0.0.0.0 takes both families.
+        ("GET", "http://[::1]:10256/livez".to_string()),
+        ("GET", format!("http://127.0.0.1:{health_check}/")),
+        ("GET", format!("http://[::1]:{health_check}/anything")),
+        ("POST", format!("http://127.0.0.1:{health_check}/")),
+        ("GET", "http://127.0.0.1:10249/proxyMode".to_string()),
+        ("GET", "http://127.0.0.1:10249/healthz".to_string()),
+        ("GET", "http://127.0.0.1:10249/other".to_string()),
+    ];
+    let mut answers = BTreeMap::new();
+    for (method, url) in requests {
+        let raw = netns::exec_in(
+            ns,
+            "curl",
+            &["-s", "-i", "--max-time", "3", "-X", method, &url],
+        )
+        .unwrap_or_else(|e| format!("no answer: {e}"));
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+        // The proxy's own health: its times and their length vary.
+        let timed = body.contains("\"currentTime\"");
+        let mut head: Vec<String> = head
+            .lines()
+            .map(|l| l.trim().to_ascii_lowercase())
+            .filter(|l| !l.starts_with("date:"))
+            .filter(|l| !(timed && l.starts_with("content-length:")))
+            .collect();
+        head.sort();
+        let body = if timed {
+            without_times(body)
+        } else {
+            body.to_string()
+        };
+        answers.insert(
+            format!("{method} {url}"),
+            format!("{}\n\n{body}", head.join("\n")),
+        );
+    }
+    Ok(answers)
+}
+
+/// The JSON `body` with its times replaced by `<time>`, and the `status` of
+/// IPv6 left out: kube-proxy runs an IPv6 proxier on any node with
+/// ip6tables, the agent only for a family the node or the cluster has.
+fn without_times(body: &str) -> String {
+    let Ok(mut json) = serde_json::from_str::<serde_json::Value>(body) else {
+        return body.to_string();
+    };
+    if let Some(status) = json.get_mut("status").and_then(|s| s.as_object_mut()) {
+        status.remove("IPv6");
+    }
+    let mut out = json.to_string();
+    // RFC 3339 times as Go and the agent write them.
+    while let Some(at) = out.find("\"20") {
+        let Some(len) = out[at + 1..].find('"') else {
+            break;
+        };
+        out.replace_range(at..at + len + 2, "<time>");
+    }
+    out
 }
