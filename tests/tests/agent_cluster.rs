@@ -445,17 +445,27 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
     // with the local endpoint count while web-1 (on node-1) is ready, 503 after.
     let health_port = make_etp_local(&services, "web").await?;
     let url = format!("http://{}:{health_port}/", node1.ip);
-    let (head, body) = wait_http(&cluster.external_netns(), &url, 200, "\"localEndpoints\":1")?;
+    let (head, body) = wait_http(
+        &cluster.external_netns(),
+        &url,
+        200,
+        "\"localEndpoints\": 1",
+    )?;
     assert!(
         head.to_ascii_lowercase()
             .contains("x-load-balancing-endpoint-weight: 1"),
         "weight header: {head}"
     );
-    assert!(body.contains("\"name\":\"web\""), "{body}");
+    assert!(body.contains("\"name\": \"web\""), "{body}");
     cluster
         .set_pod_ready("default", "web-1", web1.ip, cluster.node("node-1"), false)
         .await?;
-    wait_http(&cluster.external_netns(), &url, 503, "\"localEndpoints\":0")?;
+    wait_http(
+        &cluster.external_netns(),
+        &url,
+        503,
+        "\"localEndpoints\": 0",
+    )?;
 
     // kube-proxy's other sync and probe metrics. web has no endpoints at
     // all now: REJECTed, so not among the Local-policy ports without local
@@ -613,7 +623,12 @@ async fn agent_run_follows_services_and_endpoint_slices_from_the_apiserver() -> 
         held.push(huge);
     }
     wait_http(&cluster.external_netns(), &healthz, 200, "lastUpdated")?;
-    wait_http(&cluster.external_netns(), &url, 503, "\"localEndpoints\":0")?;
+    wait_http(
+        &cluster.external_netns(),
+        &url,
+        503,
+        "\"localEndpoints\": 0",
+    )?;
     // The server closes a request head that is not complete in 5 s.
     let slow = &mut held[0];
     slow.set_read_timeout(Some(Duration::from_secs(15)))?;
@@ -1119,7 +1134,7 @@ async fn a_refused_restore_applies_nothing_keeps_health_servers_and_is_retried()
         &cluster.external_netns(),
         &health,
         200,
-        "\"localEndpoints\":1",
+        "\"localEndpoints\": 1",
     )?;
 
     let doomed: Service = serde_json::from_value(json!({
@@ -1182,7 +1197,7 @@ async fn a_refused_restore_applies_nothing_keeps_health_servers_and_is_retried()
         &cluster.external_netns(),
         &health,
         503,
-        "{\"localEndpoints\":1,\"service\":{\"name\":\"web\",\"namespace\":\"default\"},\"serviceProxyHealthy\":false}",
+        "\"name\": \"web\"\n\t},\n\t\"localEndpoints\": 1,\n\t\"serviceProxyHealthy\": false",
     )?;
 
     // The other program lets go: the next retry applies, the chain goes.
@@ -1200,7 +1215,7 @@ async fn a_refused_restore_applies_nothing_keeps_health_servers_and_is_retried()
         &cluster.external_netns(),
         &health,
         200,
-        "\"serviceProxyHealthy\":true",
+        "\"serviceProxyHealthy\": true",
     )?;
     Ok(())
 }
@@ -1247,10 +1262,10 @@ async fn a_busy_health_port_is_a_warning_event_and_health_servers_follow_service
         &cluster.external_netns(),
         &health,
         200,
-        "\"localEndpoints\":1",
+        "\"localEndpoints\": 1",
     )?;
     assert!(
-        body.contains("\"name\":\"local\"")
+        body.contains("\"name\": \"local\"")
             && head
                 .to_ascii_lowercase()
                 .contains("x-content-type-options: nosniff"),

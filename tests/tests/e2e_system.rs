@@ -422,7 +422,7 @@ async fn load_balancer_service_end_to_end_through_agents_and_a_failing_over_cont
             &external,
             &format!("http://{}:{health_port}/", cluster.node(node).ip),
             status,
-            &format!("\"localEndpoints\":{local}"),
+            &format!("\"localEndpoints\": {local}"),
         )
         .with_context(|| format!("health check of {node}"))?;
     }
