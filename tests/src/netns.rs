@@ -215,6 +215,29 @@ pub fn which(program: &str) -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// A `PATH` on which `iptables`, `ip6tables` and their `-save` and
+/// `-restore` are `backend`'s (`nft` or `legacy`), through links made in
+/// `dir`: for programs that run plain `iptables`, such as kube-proxy.
+pub fn iptables_path(backend: &str, dir: &std::path::Path) -> Result<String> {
+    let bin = dir.join(format!("iptables-{backend}-bin"));
+    std::fs::create_dir_all(&bin)?;
+    for family in ["iptables", "ip6tables"] {
+        for suffix in ["", "-save", "-restore"] {
+            let program = format!("{family}-{backend}{suffix}");
+            let target = which(&program).ok_or_else(|| anyhow::anyhow!("{program} is missing"))?;
+            let link = bin.join(format!("{family}{suffix}"));
+            if !link.exists() {
+                std::os::unix::fs::symlink(target, link)?;
+            }
+        }
+    }
+    Ok(format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    ))
+}
+
 /// Probes `target` `count` times (`proto` is `tcp` or `udp`) from namespace
 /// `ns` with `causeway-echo`, 700 ms per attempt; the replies tallied by pod
 /// name (`refused`/`timeout` for failures).

@@ -461,17 +461,6 @@ fn kube_proxys_cleanup_removes_a_bucketed_ruleset_with_both_backends() -> Result
     let payload = full_payload(&model, &node_config()?, Dispatch::Buckets, &[]);
     let kube_proxy = causeway_tests::cluster::k8s_binaries()?.join("kube-proxy");
     for backend in ["nft", "legacy"] {
-        // kube-proxy runs `iptables`, `iptables-save` and `iptables-restore`
-        // (and the ip6tables ones) from PATH: these are the backend's.
-        let bin = dir.path().join(backend);
-        std::fs::create_dir_all(&bin)?;
-        for family in ["iptables", "ip6tables"] {
-            for suffix in ["", "-save", "-restore"] {
-                let target = netns::which(&format!("{family}-{backend}{suffix}"))
-                    .ok_or_else(|| anyhow::anyhow!("{family}-{backend}{suffix} is missing"))?;
-                std::os::unix::fs::symlink(target, bin.join(format!("{family}{suffix}")))?;
-            }
-        }
         let ns = netns::Scoped::add(format!("cwpk-{}-{backend}", std::process::id()))?;
         restore(&ns.0, &format!("iptables-{backend}-restore"), &payload.text)?;
         let save = format!("iptables-{backend}-save");
@@ -480,11 +469,8 @@ fn kube_proxys_cleanup_removes_a_bucketed_ruleset_with_both_backends() -> Result
                 .contains(&format!(":{}", rules::dispatch_bucket_chain(24))),
             "{backend}: the buckets are loaded"
         );
-        let path = format!(
-            "{}:{}",
-            bin.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
+        // kube-proxy runs plain `iptables`, `iptables-save` and so on.
+        let path = netns::iptables_path(backend, dir.path())?;
         let out = Command::new("ip")
             .args(["netns", "exec", &ns.0])
             .arg(&kube_proxy)
