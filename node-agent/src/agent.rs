@@ -821,7 +821,7 @@ impl Syncer {
                 }
             };
             nodeport_limits.push((family, render_config.nodeport_addresses.clone()));
-            if render_config.nodeports_on_loopback() && !self.route_localnet_set {
+            if render_config.localhost_nodeports_effective() && !self.route_localnet_set {
                 match sysctl::ensure(sysctl::ROUTE_LOCALNET, "1") {
                     Ok(_) => self.route_localnet_set = true,
                     Err(e) => {

@@ -497,11 +497,14 @@ mod tests {
                 parse_cidr("10.0.0.0/8").unwrap()
             ])
         );
-        assert!(!v4.nodeports_on_loopback(), "loopback not in the addresses");
+        assert!(
+            !v4.localhost_nodeports_effective(),
+            "loopback not in the addresses"
+        );
         let all = ProxyOptions::default()
             .render_config(IpFamily::V4, &node())
             .unwrap();
-        assert!(all.nodeports_on_loopback());
+        assert!(all.localhost_nodeports_effective());
         let bad = ProxyOptions {
             nodeport_addresses: vec!["eth0".into()],
             ..ProxyOptions::default()

@@ -1250,7 +1250,7 @@ fn ensure_route_localnet(
     let config = options
         .render_config(IpFamily::V4, &node)
         .context("the NodePort addresses")?;
-    if config.nodeports_on_loopback() {
+    if config.localhost_nodeports_effective() {
         sysctl::ensure(ROUTE_LOCALNET, "1").with_context(|| {
             format!(
                 "setting {ROUTE_LOCALNET} to 1 for NodePorts on 127.0.0.1 (--localhost-nodeports=false \

@@ -31,26 +31,33 @@ const SERVICE_CHAINS: [&str; 4] = ["KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_takes_a_node_over_from_kube_proxy_and_gives_it_back() -> Result<()> {
-    switch_there_and_back("nft", 0).await
+    switch_there_and_back("nft", 0, &[]).await
 }
 
 /// kube-proxy on a legacy node (as EKS on Amazon Linux 2): the agent's
 /// `auto` backend finds kube-proxy's rules there and keeps to them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_takes_a_legacy_node_over_from_kube_proxy_and_gives_it_back() -> Result<()> {
-    switch_there_and_back("legacy", 0).await
+    switch_there_and_back("legacy", 0, &[]).await
+}
+
+/// Both proxies with `--nodeport-addresses primary`: NodePorts and the
+/// Service health checks on the node's IP alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_and_kube_proxy_agree_on_nodeport_addresses() -> Result<()> {
+    switch_there_and_back("nft", 0, &["--nodeport-addresses=primary"]).await
 }
 
 /// With 1 000 more Services the agent dispatches through its buckets, which
 /// kube-proxy does not know; it must still take the node back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_proxy_takes_a_node_back_from_the_agents_dispatch_buckets() -> Result<()> {
-    switch_there_and_back("nft", 1000).await
+    switch_there_and_back("nft", 1000, &[]).await
 }
 
 /// kube-proxy runs with `backend`'s iptables; the agent with its default,
-/// `auto`.
-async fn switch_there_and_back(backend: &str, fillers: usize) -> Result<()> {
+/// `auto`. Both get the flags `both`.
+async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> Result<()> {
     let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
     let ns = cluster.node("node-1").netns.clone();
     let client = cluster
@@ -66,10 +73,10 @@ async fn switch_there_and_back(backend: &str, fillers: usize) -> Result<()> {
 
     // 1. kube-proxy programs the node.
     let started = now()?;
-    let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy-1", backend)?;
+    let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy-1", backend, both)?;
     wait_for_sync(&ns, started, "kube-proxy's first sync").await?;
     let by_kube_proxy = Rules::save(&ns, backend)?;
-    let kube_proxys_answers = http_answers(&ns, &services).await?;
+    let kube_proxys_answers = http_answers(&cluster, &services).await?;
     let pinned = pinned_pod(&client, &sticky, "through kube-proxy's rules")?;
     let list = recent_lists_holding(&ns, client.ip)?;
     assert_eq!(list.len(), 1, "the client in one affinity list: {list:?}");
@@ -79,7 +86,7 @@ async fn switch_there_and_back(backend: &str, fillers: usize) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop(kube_proxy, "kube-proxy to stop").await?;
     let switched = now()?;
-    let agent = cluster.spawn_agent("node-1", "agent", &workspace_bin("causeway-agent"), &[])?;
+    let agent = cluster.spawn_agent("node-1", "agent", &workspace_bin("causeway-agent"), both)?;
     wait_for_sync(&ns, switched, "the agent's first sync").await?;
     assert_all_answered(probe, 400, "while the agent took over")?;
     let by_agent = Rules::save(&ns, backend)?;
@@ -96,7 +103,7 @@ async fn switch_there_and_back(backend: &str, fillers: usize) -> Result<()> {
         !elsewhere.contains(":KUBE-SERVICES"),
         "the agent kept to kube-proxy's backend, {backend}:\n{elsewhere}"
     );
-    let agents_answers = http_answers(&ns, &services).await?;
+    let agents_answers = http_answers(&cluster, &services).await?;
     assert_eq!(
         agents_answers, kube_proxys_answers,
         "HTTP answers: the agent's, then kube-proxy's"
@@ -116,7 +123,7 @@ async fn switch_there_and_back(backend: &str, fillers: usize) -> Result<()> {
     stop(agent, "the agent to stop").await?;
     services.delete("web-np", &DeleteParams::default()).await?;
     let back = now()?;
-    spawn_kube_proxy(&cluster, "kube-proxy-2", backend)?;
+    spawn_kube_proxy(&cluster, "kube-proxy-2", backend, both)?;
     let metrics = match wait_for_sync(&ns, back, "kube-proxy's first sync after the agent").await {
         Ok(metrics) => metrics,
         Err(e) => {
@@ -279,29 +286,36 @@ fn kube_proxy_binary() -> Result<PathBuf> {
 /// `backend`'s iptables, kept
 /// off the host's own settings: the conntrack table size (a host-wide
 /// sysctl, and the module's hash size) and timeouts are left alone.
-fn spawn_kube_proxy(cluster: &Cluster, log_name: &str, backend: &str) -> Result<u32> {
+fn spawn_kube_proxy(
+    cluster: &Cluster,
+    log_name: &str,
+    backend: &str,
+    extra: &[&str],
+) -> Result<u32> {
     let kubeconfig = format!("--kubeconfig={}", cluster.kubeconfig().display());
     let cidr = format!("--cluster-cidr={}", cluster.cluster_cidr());
     // kube-proxy runs plain `iptables`: the backend's, through PATH.
     let path = format!("PATH={}", netns::iptables_path(backend, &cluster.dir())?);
     let kube_proxy = kube_proxy_binary()?.display().to_string();
+    let mut args = vec![
+        path.as_str(),
+        &kube_proxy,
+        &kubeconfig,
+        &cidr,
+        "--hostname-override=node-1",
+        "--proxy-mode=iptables",
+        "--conntrack-max-per-core=0",
+        "--conntrack-tcp-timeout-established=0",
+        "--conntrack-tcp-timeout-close-wait=0",
+        "--oom-score-adj=0",
+        "--v=2",
+    ];
+    args.extend_from_slice(extra);
     cluster.spawn_in(
         &cluster.node("node-1").netns.clone(),
         log_name,
         std::path::Path::new("env"),
-        &[
-            &path,
-            &kube_proxy,
-            &kubeconfig,
-            &cidr,
-            "--hostname-override=node-1",
-            "--proxy-mode=iptables",
-            "--conntrack-max-per-core=0",
-            "--conntrack-tcp-timeout-established=0",
-            "--conntrack-tcp-timeout-close-wait=0",
-            "--oom-score-adj=0",
-            "--v=2",
-        ],
+        &args,
     )
 }
 
@@ -484,10 +498,13 @@ impl Rules {
 /// - from 1 000 Service addresses, `KUBE-SERVICES`' entries in buckets.
 fn assert_same_rules(kube_proxy: &Rules, agent: &Rules) {
     // The filter table is kube-proxy's, rule for rule.
+    let (ours, theirs) = (sorted(&agent.filter), sorted(&kube_proxy.filter));
     assert_eq!(
-        sorted(&agent.filter),
-        sorted(&kube_proxy.filter),
-        "filter table"
+        ours,
+        theirs,
+        "filter table:\n  only the agent's {:#?}\n  only kube-proxy's {:#?}",
+        ours.difference(&theirs).collect::<Vec<_>>(),
+        theirs.difference(&ours).collect::<Vec<_>>()
     );
     // The same chains under the same names, but for the endpoint chains and
     // the buckets.
@@ -611,7 +628,11 @@ fn sorted(lines: &[String]) -> BTreeSet<&String> {
 /// What a proxy's HTTP servers answer in `ns`: per request, the status,
 /// the headers kube-proxy sets (the date aside) and the body, with every
 /// time in it replaced by `<time>`.
-async fn http_answers(ns: &str, services: &Api<Service>) -> Result<BTreeMap<String, String>> {
+async fn http_answers(
+    cluster: &Cluster,
+    services: &Api<Service>,
+) -> Result<BTreeMap<String, String>> {
+    let (ns, node_ip) = (&cluster.node("node-1").netns, cluster.node("node-1").ip);
     let health_check = services
         .get("web-lb")
         .await?
@@ -625,6 +646,7 @@ async fn http_answers(ns: &str, services: &Api<Service>) -> Result<BTreeMap<Stri
         ("GET", "http://127.0.0.1:10256/other".to_string()),
         // Over IPv6 too: kube-proxy's 0.0.0.0 takes both families.
         ("GET", "http://[::1]:10256/livez".to_string()),
+        ("GET", format!("http://{node_ip}:{health_check}/")),
         ("GET", format!("http://127.0.0.1:{health_check}/")),
         ("GET", format!("http://[::1]:{health_check}/anything")),
         ("POST", format!("http://127.0.0.1:{health_check}/")),

@@ -247,22 +247,22 @@ impl RenderConfig {
         format!("{:#x}", 1u32 << self.masquerade_bit)
     }
 
-    /// Localhost NodePorts only exist for IPv4 (kube-proxy's rule).
+    /// Whether NodePorts answer on 127.0.0.0/8 (kube-proxy's localhost
+    /// NodePorts), which needs `net.ipv4.conf.all.route_localnet=1` and
+    /// brings the localnet guard. As in kube-proxy: IPv4 only, and only
+    /// while the NodePort addresses include the loopback range; kube-proxy
+    /// turns the setting off otherwise (`--nodeport-addresses primary`, say).
     pub fn localhost_nodeports_effective(&self) -> bool {
-        self.localhost_nodeports && self.family == IpFamily::V4
-    }
-
-    /// Whether NodePorts answer on 127.0.0.1 (localhost NodePorts, and
-    /// NodePort addresses that include it), which needs
-    /// `net.ipv4.conf.all.route_localnet=1`.
-    pub fn nodeports_on_loopback(&self) -> bool {
-        if !self.localhost_nodeports_effective() {
+        if !self.localhost_nodeports || self.family != IpFamily::V4 {
             return false;
         }
-        let loopback = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        let loopback_start = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 0));
         match &self.nodeport_addresses {
             NodePortAddresses::All => true,
-            NodePortAddresses::Cidrs(cidrs) => cidrs.iter().any(|c| c.contains(&loopback)),
+            NodePortAddresses::Cidrs(cidrs) => cidrs.iter().any(|c| {
+                c.family() == IpFamily::V4
+                    && (c.network().is_loopback() || c.contains(&loopback_start))
+            }),
         }
     }
 }
@@ -1414,7 +1414,7 @@ fn render_service_port(
         if let Some(node_port) = port.node_port
             && has_endpoints
             && ctx.config.accounting.localhost_nodeports
-            && ctx.config.nodeports_on_loopback()
+            && ctx.config.localhost_nodeports_effective()
         {
             let r = ext_own.append(&chains.external);
             let _ = write!(

@@ -458,6 +458,34 @@ fn node_ports_on_all_local_addresses_with_localhost_guard() {
         1
     );
     assert!(lines_with(&payload, "KUBE-FIREWALL").is_empty());
+
+    // As kube-proxy: NodePort addresses without the loopback range (such as
+    // `primary`) turn localhost NodePorts off, and with them the guard;
+    // with it, they stay on.
+    for (cidrs, guarded) in [
+        (vec!["192.168.0.10/32"], false),
+        (vec!["192.168.0.10/32", "127.0.0.0/8"], true),
+        (vec!["127.0.0.1/32"], true),
+        (vec!["0.0.0.0/0"], true),
+    ] {
+        let limited = RenderConfig {
+            nodeport_addresses: NodePortAddresses::Cidrs(
+                cidrs.iter().map(|c| parse_cidr(c).unwrap()).collect(),
+            ),
+            ..config()
+        };
+        assert_eq!(
+            limited.localhost_nodeports_effective(),
+            guarded,
+            "{cidrs:?}"
+        );
+        let payload = render_with(&[web().build()], &[], &limited);
+        assert_eq!(
+            lines_with(&payload, "block incoming localnet").len(),
+            usize::from(guarded),
+            "{cidrs:?}"
+        );
+    }
 }
 
 #[test]
