@@ -37,7 +37,9 @@ use crate::metrics::Metrics;
 use crate::model::cache::ModelCache;
 use crate::model::{Issue, Model, NodeInfo, Protocol, ServicePortName};
 use crate::netfilter::{Backend, Netfilter, NftablesLeftovers};
-use crate::rules::{self, Dispatch, Partial, RenderConfig, RenderOptions, RuleCounts};
+use crate::rules::{
+    self, Dispatch, NodePortAddresses, Partial, RenderConfig, RenderOptions, RuleCounts,
+};
 use crate::serve::{self, ConnectionBudget};
 use crate::sysctl;
 
@@ -378,36 +380,38 @@ async fn serve_in_background(
         info!("the {what} server is off");
         return Ok(());
     };
-    let listener = resolve_listen_address(address)
-        .and_then(|a| serve::listen(a, false))
-        .map_err(|e| {
-            let mut message = format!("binding the {what} server to {address}: {e}");
-            if e.kind() == std::io::ErrorKind::AddrInUse {
-                // kube-proxy listens on the same ports (10256, 10249).
-                message.push_str(
-                    ". Is kube-proxy (or another causeway-agent) still running on this \
+    let listener = listen_on(address).map_err(|e| {
+        let mut message = format!("binding the {what} server to {address}: {e}");
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            // kube-proxy listens on the same ports (10256, 10249).
+            message.push_str(
+                ". Is kube-proxy (or another causeway-agent) still running on this \
                      node? Stop it first: two proxies would rewrite the same chains \
                      (docs/agent.md, \"Replacing kube-proxy\")",
-                );
-            }
-            anyhow::anyhow!(message)
-        })?;
+            );
+        }
+        anyhow::anyhow!(message)
+    })?;
     info!(address = %address, "serving {what}");
     tokio::spawn(serve::serve(listener, router, connections.clone()));
     Ok(())
 }
 
-/// `address` as a socket address: `IP:port`, as kube-proxy's flags take,
-/// or else a name looked up.
-fn resolve_listen_address(address: &str) -> std::io::Result<std::net::SocketAddr> {
+/// Listens on `address`: `IP:port`, as kube-proxy's flags take, or else a
+/// name looked up, whose addresses are tried in turn.
+fn listen_on(address: &str) -> std::io::Result<tokio::net::TcpListener> {
     use std::net::ToSocketAddrs as _;
     if let Ok(parsed) = address.parse() {
-        return Ok(parsed);
+        return serve::listen(parsed, false);
     }
-    address
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address by that name"))
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "the name has no address");
+    for resolved in address.to_socket_addrs()? {
+        match serve::listen(resolved, false) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// Makes the nfacct counters the rules count into again if they are gone (an
@@ -721,6 +725,9 @@ struct Syncer {
     /// Whether the nfacct counters are known to be there: `run` has just
     /// made them, so the first full sync need not look again.
     counters_made: bool,
+    /// Each family's last `--nodeport-addresses`, resolved: where the
+    /// Service health checks listen.
+    nodeport_limits: BTreeMap<IpFamily, NodePortAddresses>,
 }
 
 impl Syncer {
@@ -733,6 +740,7 @@ impl Syncer {
             route_localnet_set: false,
             nftables_leftovers_checked: false,
             counters_made: true,
+            nodeport_limits: BTreeMap::new(),
         }
     }
 
@@ -797,7 +805,6 @@ impl Syncer {
         // partial one. A part ends where the next begins.
         let mut timings: Vec<(IpFamily, Instant, Option<bool>)> = Vec::new();
         let mut counters_checked = false;
-        let mut nodeport_limits = Vec::new();
         for state in &mut self.families {
             let family = state.netfilter.family;
             // The first part also carries the reading of the caches above.
@@ -820,7 +827,8 @@ impl Syncer {
                     continue;
                 }
             };
-            nodeport_limits.push((family, render_config.nodeport_addresses.clone()));
+            self.nodeport_limits
+                .insert(family, render_config.nodeport_addresses.clone());
             if render_config.localhost_nodeports_effective() && !self.route_localnet_set {
                 match sysctl::ensure(sysctl::ROUTE_LOCALNET, "1") {
                     Ok(_) => self.route_localnet_set = true,
@@ -1062,6 +1070,12 @@ impl Syncer {
         let model_refs: Vec<&Model> = models.iter().map(|m| m.as_ref()).collect();
         self.shared.metrics.set_no_local_endpoints(&model_refs);
         let service_checks = health::wanted_service_checks(&model_refs);
+        // A family whose configuration failed this time keeps its last
+        // limits: the health checks do not move for a passing error.
+        let nodeport_limits: Vec<(IpFamily, NodePortAddresses)> = families
+            .iter()
+            .filter_map(|f| Some((*f, self.nodeport_limits.get(f)?.clone())))
+            .collect();
         SyncOutcome {
             new_issues: self.remember(issues),
             failed,

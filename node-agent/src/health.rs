@@ -27,7 +27,7 @@ use crate::addr::IpFamily;
 use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::rules::NodePortAddresses;
-use crate::serve::{ConnectionBudget, serve};
+use crate::serve::{ConnectionBudget, serve_port};
 
 /// The taint the cluster autoscaler puts on a node it is about to remove.
 pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
@@ -349,21 +349,34 @@ impl CheckAddresses {
         limits: &[(IpFamily, NodePortAddresses)],
         local: impl FnOnce() -> Vec<IpAddr>,
     ) -> CheckAddresses {
-        if limits.iter().all(|(_, l)| *l == NodePortAddresses::All) {
+        // A range of length 0 is every address, as for the rules (and
+        // kube-proxy): the family's wildcard, not a list that would change
+        // with every pod's interface.
+        let matches_all = |limit: &NodePortAddresses, family: IpFamily| match limit {
+            NodePortAddresses::All => true,
+            NodePortAddresses::Cidrs(cidrs) => cidrs
+                .iter()
+                .any(|c| c.family() == family && c.prefix_len() == 0),
+        };
+        if limits.iter().all(|(family, l)| matches_all(l, *family)) {
             return CheckAddresses::Any;
         }
         let local = local();
         let mut addresses: Vec<IpAddr> = Vec::new();
         for (family, limit) in limits {
             match limit {
-                NodePortAddresses::All => addresses.push(match family {
+                _ if matches_all(limit, *family) => addresses.push(match family {
                     IpFamily::V4 => Ipv4Addr::UNSPECIFIED.into(),
                     IpFamily::V6 => Ipv6Addr::UNSPECIFIED.into(),
                 }),
+                NodePortAddresses::All => {}
                 NodePortAddresses::Cidrs(cidrs) => addresses.extend(
                     local
                         .iter()
                         .filter(|ip| IpFamily::of(ip) == *family)
+                        // A link-local address needs its interface to be
+                        // bound, and every pod's veth has one.
+                        .filter(|ip| !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local()))
                         .filter(|ip| cidrs.iter().any(|c| c.contains(ip))),
                 ),
             }
@@ -428,7 +441,13 @@ impl ServiceHealthServers {
             .collect();
         for port in stale {
             if let Some((_, tasks)) = self.running.remove(&port) {
-                tasks.iter().for_each(JoinHandle::abort);
+                // Awaited: an aborted task drops its listener only when it
+                // next runs, and a listener still open would refuse the new
+                // binding below.
+                for task in tasks {
+                    task.abort();
+                    let _ = task.await;
+                }
                 info!(port, "stopped a Service health check server");
             }
         }
@@ -458,10 +477,13 @@ impl ServiceHealthServers {
                         self.answers.clone(),
                         port,
                     ));
+                    // One port for the connection caps, however many sockets.
+                    let id = self.connections.port_id();
                     let tasks = listeners
                         .into_iter()
                         .map(|listener| {
-                            tokio::spawn(serve(listener, router.clone(), self.connections.clone()))
+                            let (router, budget) = (router.clone(), self.connections.clone());
+                            tokio::spawn(serve_port(listener, router, budget, id))
                         })
                         .collect();
                     self.running.insert(port, (addresses.clone(), tasks));
@@ -640,6 +662,31 @@ mod tests {
             CheckAddresses::of(&[(IpFamily::V4, cidr("172.16.0.0/12"))], local),
             CheckAddresses::Only(Vec::new())
         );
+        // A range of length 0 is the family's wildcard; link-local
+        // addresses (every pod's veth has one) are never listed.
+        assert_eq!(
+            CheckAddresses::of(&[(IpFamily::V4, cidr("0.0.0.0/0"))], unasked),
+            CheckAddresses::Any
+        );
+        let with_link_local = || -> Vec<IpAddr> {
+            let mut addresses = local();
+            addresses.push(ip("fe80::1"));
+            addresses
+        };
+        assert_eq!(
+            CheckAddresses::of(
+                &[
+                    (IpFamily::V4, cidr("10.0.0.0/8")),
+                    (IpFamily::V6, cidr("::/0"))
+                ],
+                with_link_local
+            ),
+            CheckAddresses::Only(vec![ip("10.0.0.5"), ip("::")])
+        );
+        assert_eq!(
+            CheckAddresses::of(&[(IpFamily::V6, cidr("fe80::/10"))], with_link_local),
+            CheckAddresses::Only(Vec::new())
+        );
     }
 
     #[tokio::test]
@@ -672,6 +719,19 @@ mod tests {
                 .await
                 .is_err()
         );
+        // Moved to more addresses, then to all: each old listener is gone
+        // before the new ones bind, so each move succeeds at once.
+        let more = CheckAddresses::Only(vec![
+            "127.0.0.1".parse().unwrap(),
+            "127.0.0.2".parse().unwrap(),
+        ]);
+        for (addresses, also) in [(&more, "127.0.0.2"), (&CheckAddresses::Any, "127.0.0.3")] {
+            let failures = servers
+                .sync(BTreeMap::from([(port, service.clone())]), addresses)
+                .await;
+            assert!(failures.is_empty(), "{addresses:?}: {failures:?}");
+            assert!(tokio::net::TcpStream::connect((also, port)).await.is_ok());
+        }
         // Nothing inside the ranges: a failure to report, not a silent gap.
         let failures = servers
             .sync(

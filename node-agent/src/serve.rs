@@ -11,7 +11,6 @@
 //! own header timeout never fires), hence this small accept loop.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -23,7 +22,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::AbortHandle;
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// A client must send its whole request head within this. Load balancers'
 /// probes and scrapers send theirs at once.
@@ -63,6 +62,12 @@ impl ConnectionBudget {
             })),
             sockets: Arc::new(Semaphore::new(total)),
         }
+    }
+
+    /// A new port, as the per-port cap counts them; the sockets of one
+    /// port (one per address) share it through [`serve_port`].
+    pub fn port_id(&self) -> u64 {
+        self.lock().next_id()
     }
 
     fn lock(&self) -> MutexGuard<'_, OpenConnections> {
@@ -218,8 +223,8 @@ pub fn listen(address: SocketAddr, family_only: bool) -> std::io::Result<TcpList
     if address.ip().is_unspecified() && !family_only {
         let both = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), address.port());
         match open_listener(both, Some(false)) {
-            Err(e) if !matches!(e.kind(), ErrorKind::AddrInUse | ErrorKind::PermissionDenied) => {
-                debug!(error = %e, "no IPv6 socket; listening on IPv4 alone");
+            Err(e) if no_ipv6(&e) => {
+                warn!(error = %e, port = address.port(), "no IPv6 here; listening on IPv4 alone");
                 let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), address.port());
                 return open_listener(v4, None);
             }
@@ -227,6 +232,18 @@ pub fn listen(address: SocketAddr, family_only: bool) -> std::io::Result<TcpList
         }
     }
     open_listener(address, address.is_ipv6().then_some(true))
+}
+
+/// The errors of a node without IPv6 (the kernel's `ipv6.disable=1`, or no
+/// IPv6 module), as Linux numbers them; any other error is the caller's.
+fn no_ipv6(error: &std::io::Error) -> bool {
+    const EPROTONOSUPPORT: i32 = 93;
+    const EAFNOSUPPORT: i32 = 97;
+    const EADDRNOTAVAIL: i32 = 99;
+    matches!(
+        error.raw_os_error(),
+        Some(EPROTONOSUPPORT | EAFNOSUPPORT | EADDRNOTAVAIL)
+    )
 }
 
 fn open_listener(address: SocketAddr, v6_only: Option<bool>) -> std::io::Result<TcpListener> {
@@ -263,7 +280,18 @@ pub fn local_addresses() -> Vec<IpAddr> {
 /// read the client's address with `ConnectInfo<SocketAddr>`, and the address
 /// it connected to with `Extension<LocalAddr>`.
 pub async fn serve(listener: TcpListener, router: Router, budget: ConnectionBudget) {
-    let port = budget.lock().next_id();
+    let port = budget.port_id();
+    serve_port(listener, router, budget, port).await;
+}
+
+/// [`serve`], counting the connections against port `port` (a
+/// [`ConnectionBudget::port_id`]).
+pub async fn serve_port(
+    listener: TcpListener,
+    router: Router,
+    budget: ConnectionBudget,
+    port: u64,
+) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
