@@ -58,7 +58,9 @@ async fn kube_proxy_takes_a_node_back_from_the_agents_dispatch_buckets() -> Resu
 /// kube-proxy runs with `backend`'s iptables; the agent with its default,
 /// `auto`. Both get the flags `both`.
 async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> Result<()> {
-    let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
+    // node-1 switches proxies; node-2 holds an endpoint that is remote
+    // from it (node-2's own proxy does not matter here).
+    let cluster = Cluster::start(ClusterOptions::nodes(2)).await?;
     let ns = cluster.node("node-1").netns.clone();
     let client = cluster
         .add_pod("node-1", "client", &[("app", "client")])
@@ -66,6 +68,9 @@ async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> 
     for web in ["web-1", "web-2"] {
         cluster.add_pod("node-1", web, &[("app", "web")]).await?;
     }
+    cluster
+        .add_pod("node-2", "far-1", &[("app", "far")])
+        .await?;
     let services: Api<Service> = Api::namespaced(cluster.client(), "default");
     create_services(&services, fillers).await?;
     let web = format!("{}:80", cluster_ip(&services, "web").await?);
@@ -190,8 +195,10 @@ async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> 
 /// `web` (ClusterIP), `web-np` (NodePort), `web-lb` (LoadBalancer with an
 /// ingress IP, `externalTrafficPolicy: Local` and a source range), `sticky`
 /// (ClientIP affinity), `empty` (a NodePort without endpoints), `multi` (a
-/// TCP and a UDP port, an external IP) and `np-local` (a NodePort, both
-/// traffic policies Local); then `fillers` selector-less Services.
+/// TCP and a UDP port, an external IP), `np-local` (a NodePort, both
+/// traffic policies Local), and `far` (a LoadBalancer, both policies Local)
+/// and `far-cluster` (a NodePort) selecting far-1 on node-2; then `fillers`
+/// selector-less Services.
 async fn create_services(services: &Api<Service>, fillers: usize) -> Result<()> {
     let ports = json!([{"port": 80, "targetPort": 80, "protocol": "TCP"}]);
     let selector = json!({"app": "web"});
@@ -220,6 +227,17 @@ async fn create_services(services: &Api<Service>, fillers: usize) -> Result<()> 
             json!({"selector": selector, "externalIPs": ["203.0.113.20"], "ports": [
                 {"name": "http", "port": 8080, "targetPort": 80, "protocol": "TCP"},
                 {"name": "dns", "port": 53, "targetPort": 80, "protocol": "UDP"}]}),
+        ),
+        // Only a remote endpoint: Local policies find none on node-1.
+        (
+            "far",
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                   "internalTrafficPolicy": "Local", "selector": {"app": "far"},
+                   "ports": ports}),
+        ),
+        (
+            "far-cluster",
+            json!({"type": "NodePort", "selector": {"app": "far"}, "ports": ports}),
         ),
         (
             "np-local",
@@ -633,12 +651,16 @@ async fn http_answers(
     services: &Api<Service>,
 ) -> Result<BTreeMap<String, String>> {
     let (ns, node_ip) = (&cluster.node("node-1").netns, cluster.node("node-1").ip);
-    let health_check = services
-        .get("web-lb")
-        .await?
-        .spec
-        .and_then(|s| s.health_check_node_port)
-        .context("web-lb's healthCheckNodePort")?;
+    let health_check_of = |name: &'static str| async move {
+        services
+            .get(name)
+            .await?
+            .spec
+            .and_then(|s| s.health_check_node_port)
+            .with_context(|| format!("{name}'s healthCheckNodePort"))
+    };
+    let health_check = health_check_of("web-lb").await?;
+    let far_check = health_check_of("far").await?;
     let requests = [
         ("GET", "http://127.0.0.1:10256/healthz".to_string()),
         ("GET", "http://127.0.0.1:10256/livez".to_string()),
@@ -650,6 +672,8 @@ async fn http_answers(
         ("GET", format!("http://127.0.0.1:{health_check}/")),
         ("GET", format!("http://[::1]:{health_check}/anything")),
         ("POST", format!("http://127.0.0.1:{health_check}/")),
+        // No local endpoint: 503.
+        ("GET", format!("http://{node_ip}:{far_check}/")),
         ("GET", "http://127.0.0.1:10249/proxyMode".to_string()),
         ("GET", "http://127.0.0.1:10249/healthz".to_string()),
         ("GET", "http://127.0.0.1:10249/other".to_string()),
