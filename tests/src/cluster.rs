@@ -737,6 +737,40 @@ impl Cluster {
         Ok(path)
     }
 
+    /// Stops process `pid`, started by [`Cluster::spawn_in`], as a service
+    /// manager would: SIGTERM, then waits up to `limit` for it to exit (and
+    /// kills it if it does not), and forgets it.
+    pub fn terminate(&self, pid: u32, limit: Duration) -> Result<()> {
+        let mut child = {
+            let mut children = self.children.lock().expect("children lock");
+            let index = children
+                .iter()
+                .position(|c| c.id() == pid)
+                .with_context(|| format!("{pid} is not a child of this test"))?;
+            children.remove(index)
+        };
+        netns::run("kill", &["-TERM", &pid.to_string()])?;
+        let deadline = Instant::now() + limit;
+        let exited = loop {
+            if child.try_wait()?.is_some() {
+                break true;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                child.wait()?;
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut state = self.state.lock().expect("state lock");
+        state.processes.retain(|p| p.pid != pid);
+        state.save()?;
+        if !exited {
+            bail!("process {pid} did not stop within {limit:?} of SIGTERM; killed");
+        }
+        Ok(())
+    }
+
     /// Stops a component of the control plane (`kube-apiserver`, `etcd`,
     /// `kube-controller-manager`, `moto_server`) as a crash or an upgrade
     /// would: killed. [`Cluster::start_component`] starts it again, with the
@@ -837,12 +871,25 @@ impl Cluster {
         program: &Path,
         args: &[&str],
     ) -> Result<u32> {
+        self.spawn_in_with_env(netns, log_name, program, args, &[])
+    }
+
+    /// [`Cluster::spawn_in`] with environment variables `envs` set.
+    pub fn spawn_in_with_env(
+        &self,
+        netns: &str,
+        log_name: &str,
+        program: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<u32> {
         let dir = self.dir();
-        let child = netns::spawn_in(
+        let child = netns::spawn_in_with_env(
             netns,
             &program.display().to_string(),
             args,
             &dir.join(format!("{log_name}.log")),
+            envs,
         )?;
         let pid = child.id();
         let name = program

@@ -61,6 +61,17 @@ pub fn spawn_in(
     args: &[&str],
     log: &std::path::Path,
 ) -> Result<std::process::Child> {
+    spawn_in_with_env(ns, program, args, log, &[])
+}
+
+/// [`spawn_in`] with environment variables `envs` set.
+pub fn spawn_in_with_env(
+    ns: &str,
+    program: &str,
+    args: &[&str],
+    log: &std::path::Path,
+    envs: &[(&str, &str)],
+) -> Result<std::process::Child> {
     let file =
         std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
     Command::new("ip")
@@ -72,6 +83,7 @@ pub fn spawn_in(
         .env_remove("RUST_LOG")
         .env_remove("KUBECONFIG")
         .env_remove("NODE_NAME")
+        .envs(envs.iter().copied())
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
         .stderr(file)

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use causeway_agent::rules::{DISPATCH_BUCKET_PREFIX, is_dispatch_bucket};
 use causeway_tests::cluster::{ClusterOptions, Pod, k8s_binaries, process_running};
 use causeway_tests::metrics;
@@ -76,10 +76,15 @@ async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> 
     let web = format!("{}:80", cluster_ip(&services, "web").await?);
     let sticky = format!("{}:80", cluster_ip(&services, "sticky").await?);
 
+    let two = ["web", "web-np", "web-lb", "sticky", "multi", "np-local"];
+    let mut expected: Vec<(&str, usize)> = two.iter().map(|s| (*s, 2)).collect();
+    expected.extend([("far", 1), ("far-cluster", 1), ("empty", 0)]);
+    wait_for_endpoints(&cluster, &expected).await?;
+
     // 1. kube-proxy programs the node.
     let started = now()?;
     let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy-1", backend, both)?;
-    wait_for_sync(&ns, started, "kube-proxy's first sync").await?;
+    wait_for_sync(&cluster, &kube_proxy, started, "kube-proxy's first sync").await?;
     let by_kube_proxy = Rules::save(&ns, backend)?;
     let kube_proxys_answers = http_answers(&cluster, &services).await?;
     let pinned = pinned_pod(&client, &sticky, "through kube-proxy's rules")?;
@@ -89,10 +94,13 @@ async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> 
     // 2. The agent takes over while the client connects every 20 ms.
     let probe = paced(&client, &web, 400);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop(kube_proxy, "kube-proxy to stop").await?;
+    stop(&cluster, &kube_proxy)?;
     let switched = now()?;
-    let agent = cluster.spawn_agent("node-1", "agent", &workspace_bin("causeway-agent"), both)?;
-    wait_for_sync(&ns, switched, "the agent's first sync").await?;
+    let agent = Proxy {
+        pid: cluster.spawn_agent("node-1", "agent", &workspace_bin("causeway-agent"), both)?,
+        log: "agent",
+    };
+    wait_for_sync(&cluster, &agent, switched, "the agent's first sync").await?;
     assert_all_answered(probe, 400, "while the agent took over")?;
     let by_agent = Rules::save(&ns, backend)?;
     assert_eq!(
@@ -100,7 +108,13 @@ async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> 
         fillers > 0,
         "dispatch buckets with {fillers} more Services"
     );
-    assert_same_rules(&by_kube_proxy, &by_agent);
+    let local_endpoints: BTreeSet<String> = cluster
+        .pods()
+        .iter()
+        .filter(|p| p.name.starts_with("web-"))
+        .map(|p| p.ip.to_string())
+        .collect();
+    assert_same_rules(&by_kube_proxy, &by_agent, &local_endpoints);
     let other = if backend == "nft" { "legacy" } else { "nft" };
     // (A whole save: asked for one table, legacy would make it.)
     let elsewhere = netns::exec_in(&ns, &format!("iptables-{other}-save"), &[])?;
@@ -125,21 +139,17 @@ async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> 
     // kube-proxy's first sync must delete its chain.
     let probe = paced(&client, &web, 400);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop(agent, "the agent to stop").await?;
+    stop(&cluster, &agent)?;
     services.delete("web-np", &DeleteParams::default()).await?;
     let back = now()?;
-    spawn_kube_proxy(&cluster, "kube-proxy-2", backend, both)?;
-    let metrics = match wait_for_sync(&ns, back, "kube-proxy's first sync after the agent").await {
-        Ok(metrics) => metrics,
-        Err(e) => {
-            let log = std::fs::read_to_string(cluster.dir().join("kube-proxy-2.log"))?;
-            let failures: Vec<&str> = log
-                .lines()
-                .filter(|l| l.contains("failed") || l.contains("Failed"))
-                .collect();
-            return Err(e.context(format!("kube-proxy's log:\n{}", failures.join("\n"))));
-        }
-    };
+    let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy-2", backend, both)?;
+    let metrics = wait_for_sync(
+        &cluster,
+        &kube_proxy,
+        back,
+        "kube-proxy's first sync after the agent",
+    )
+    .await?;
     assert_all_answered(probe, 400, "while kube-proxy took the node back")?;
     let log = std::fs::read_to_string(cluster.dir().join("kube-proxy-2.log"))?;
     assert!(
@@ -306,19 +316,16 @@ fn kube_proxy_binary() -> Result<PathBuf> {
 /// sysctl, and the module's hash size) and timeouts are left alone.
 fn spawn_kube_proxy(
     cluster: &Cluster,
-    log_name: &str,
+    log_name: &'static str,
     backend: &str,
     extra: &[&str],
-) -> Result<u32> {
+) -> Result<Proxy> {
     let kubeconfig = format!("--kubeconfig={}", cluster.kubeconfig().display());
     let cidr = format!("--cluster-cidr={}", cluster.cluster_cidr());
     // kube-proxy runs plain `iptables`: the backend's, through PATH.
-    let path = format!("PATH={}", netns::iptables_path(backend, &cluster.dir())?);
-    let kube_proxy = kube_proxy_binary()?.display().to_string();
+    let path = netns::iptables_path(backend, &cluster.dir())?;
     let mut args = vec![
-        path.as_str(),
-        &kube_proxy,
-        &kubeconfig,
+        kubeconfig.as_str(),
         &cidr,
         "--hostname-override=node-1",
         "--proxy-mode=iptables",
@@ -329,19 +336,38 @@ fn spawn_kube_proxy(
         "--v=2",
     ];
     args.extend_from_slice(extra);
-    cluster.spawn_in(
+    let pid = cluster.spawn_in_with_env(
         &cluster.node("node-1").netns.clone(),
         log_name,
-        std::path::Path::new("env"),
+        &kube_proxy_binary()?,
         &args,
-    )
+        &[("PATH", &path)],
+    )?;
+    Ok(Proxy { pid, log: log_name })
 }
 
-/// Waits for the proxy in `ns`, either one, to finish an IPv4 sync after
-/// `since` (kube-proxy's metric, which both export on 127.0.0.1:10249, is set
-/// by syncs that succeed); the metrics.
-async fn wait_for_sync(ns: &str, since: f64, what: &str) -> Result<String> {
-    eventually(Duration::from_secs(30), what, || async {
+/// A proxy process of this test: its pid and the name of its log.
+struct Proxy {
+    pid: u32,
+    log: &'static str,
+}
+
+/// Waits for `proxy` to finish an IPv4 sync after `since` (kube-proxy's
+/// metric, which both proxies export on 127.0.0.1:10249, is set by syncs that
+/// succeed); the metrics. Fails at once if the proxy exits, and with the end
+/// of its log either way.
+async fn wait_for_sync(cluster: &Cluster, proxy: &Proxy, since: f64, what: &str) -> Result<String> {
+    let ns = &cluster.node("node-1").netns;
+    let log_tail = || {
+        let log = std::fs::read_to_string(cluster.dir().join(format!("{}.log", proxy.log)))
+            .unwrap_or_else(|e| format!("(no log: {e})"));
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(25)..].join("\n")
+    };
+    let waited = eventually(Duration::from_secs(30), what, || async {
+        if !process_running(proxy.pid) {
+            bail!("{} exited", proxy.log);
+        }
         let metrics = netns::exec_in(
             ns,
             "curl",
@@ -357,16 +383,46 @@ async fn wait_for_sync(ns: &str, since: f64, what: &str) -> Result<String> {
         });
         Ok(synced.then_some(metrics))
     })
-    .await
+    .await;
+    waited.map_err(|e| e.context(format!("the end of {}.log:\n{}", proxy.log, log_tail())))
 }
 
-/// SIGTERM to `pid`, then waits until it is gone. Neither proxy removes its
-/// rules when it stops.
-async fn stop(pid: u32, what: &str) -> Result<()> {
-    netns::run("kill", &["-TERM", &pid.to_string()])?;
-    eventually(Duration::from_secs(15), what, || async {
-        Ok((!process_running(pid)).then_some(()))
-    })
+/// SIGTERM to `proxy`, then waits until it is gone. Neither proxy removes
+/// its rules when it stops.
+fn stop(cluster: &Cluster, proxy: &Proxy) -> Result<()> {
+    tokio::task::block_in_place(|| cluster.terminate(proxy.pid, Duration::from_secs(15)))
+}
+
+/// Waits until the EndpointSlice controller has published each Service's
+/// ready endpoints, so that the first proxy's rules are whole.
+async fn wait_for_endpoints(cluster: &Cluster, expected: &[(&str, usize)]) -> Result<()> {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let slices: Api<EndpointSlice> = Api::namespaced(cluster.client(), "default");
+    eventually(
+        Duration::from_secs(30),
+        "the Services' EndpointSlices",
+        || async {
+            let list = slices.list(&Default::default()).await?;
+            let ready = |service: &str| -> usize {
+                list.items
+                    .iter()
+                    .filter(|s| {
+                        s.metadata
+                            .labels
+                            .as_ref()
+                            .and_then(|l| l.get("kubernetes.io/service-name"))
+                            .is_some_and(|n| n == service)
+                    })
+                    .flat_map(|s| &s.endpoints)
+                    .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+                    .count()
+            };
+            Ok(expected
+                .iter()
+                .all(|(service, count)| ready(service) == *count)
+                .then_some(()))
+        },
+    )
     .await
 }
 
@@ -380,6 +436,10 @@ fn paced(client: &Pod, target: &str, count: usize) -> Tally {
 }
 
 fn assert_all_answered(probe: Tally, count: usize, what: &str) -> Result<()> {
+    assert!(
+        !probe.is_finished(),
+        "{what}: the client was done before the new proxy's first sync, so the switch went untested"
+    );
     let tally = probe.join().expect("the client thread")?;
     let answered: usize = ["web-1", "web-2"]
         .iter()
@@ -392,8 +452,11 @@ fn assert_all_answered(probe: Tally, count: usize, what: &str) -> Result<()> {
 /// The one pod that answers 10 connections to the ClientIP-affinity Service.
 fn pinned_pod(client: &Pod, sticky: &str, what: &str) -> Result<String> {
     let tally = netns::tally_by_pod(&client.netns, "tcp", sticky, 10)?;
-    assert_eq!(tally.len(), 1, "{what}: affinity holds: {tally:?}");
-    let (pod, _) = tally.into_iter().next().expect("one pod");
+    let pod = tally.keys().next().cloned().unwrap_or_default();
+    assert!(
+        tally.len() == 1 && ["web-1", "web-2"].contains(&pod.as_str()),
+        "{what}: affinity holds: {tally:?}"
+    );
     Ok(pod)
 }
 
@@ -514,15 +577,23 @@ impl Rules {
 /// - the localhost NodePort counting rule first in `KUBE-EXT-` instead of a
 ///   second `KUBE-NODEPORTS` entry;
 /// - from 1 000 Service addresses, `KUBE-SERVICES`' entries in buckets.
-fn assert_same_rules(kube_proxy: &Rules, agent: &Rules) {
-    // The filter table is kube-proxy's, rule for rule.
-    let (ours, theirs) = (sorted(&agent.filter), sorted(&kube_proxy.filter));
-    assert_eq!(
-        ours,
-        theirs,
-        "filter table:\n  only the agent's {:#?}\n  only kube-proxy's {:#?}",
-        ours.difference(&theirs).collect::<Vec<_>>(),
-        theirs.difference(&ours).collect::<Vec<_>>()
+fn assert_same_rules(kube_proxy: &Rules, agent: &Rules, local_endpoints: &BTreeSet<String>) {
+    // The filter table is kube-proxy's, rule for rule; in order, but for
+    // the chains of one entry per Service, whose entries match different
+    // packets.
+    let unordered = |chain: &str| {
+        [
+            "KUBE-SERVICES",
+            "KUBE-EXTERNAL-SERVICES",
+            "KUBE-NODEPORTS",
+            "KUBE-PROXY-FIREWALL",
+        ]
+        .contains(&chain)
+    };
+    assert_same_chains(
+        "filter",
+        &by_chain(&agent.filter, unordered),
+        &by_chain(&kube_proxy.filter, unordered),
     );
     // The same chains under the same names, but for the endpoint chains and
     // the buckets.
@@ -539,9 +610,11 @@ fn assert_same_rules(kube_proxy: &Rules, agent: &Rules) {
             && named(agent).iter().any(|c| c.starts_with("KUBE-SVL-")),
         "every kind of service chain is compared"
     );
-    // Every rule outside the service chains, with the differences above
-    // taken out.
-    let outside = |rules: &Rules| -> BTreeSet<String> {
+    // Every nat rule outside the service chains, with the documented
+    // differences taken out here and checked below: the entries in the
+    // buckets count as KUBE-SERVICES', without the jumps to the buckets;
+    // no hairpin or counting rules.
+    let outside = |rules: &Rules| -> Vec<String> {
         rules
             .nat
             .iter()
@@ -568,16 +641,100 @@ fn assert_same_rules(kube_proxy: &Rules, agent: &Rules) {
             })
             .collect()
     };
-    let (ours, theirs) = (outside(agent), outside(kube_proxy));
-    assert_eq!(
-        ours,
-        theirs,
-        "nat rules outside the service chains:\n  only the agent's {:#?}\n  only kube-proxy's {:#?}",
-        ours.difference(&theirs).collect::<Vec<_>>(),
-        theirs.difference(&ours).collect::<Vec<_>>()
+    let nat_unordered = |chain: &str| chain == "KUBE-SERVICES" || chain == "KUBE-NODEPORTS";
+    assert_same_chains(
+        "nat",
+        &by_chain(&outside(agent), nat_unordered),
+        &by_chain(&outside(kube_proxy), nat_unordered),
     );
+    let last_entry = |rules: &Rules| rules.chain("KUBE-SERVICES").last().map(|l| l.to_string());
+    assert_eq!(
+        last_entry(agent),
+        last_entry(kube_proxy),
+        "the NodePort catch-all ends KUBE-SERVICES"
+    );
+    // Each bucket holds the addresses of its number.
+    for line in &agent.nat {
+        let Some(bucket) = line
+            .strip_prefix("-A ")
+            .and_then(|l| l.split_whitespace().next())
+            .filter(|c| is_dispatch_bucket(c))
+        else {
+            continue;
+        };
+        let number: u8 = bucket
+            .rsplit('-')
+            .next()
+            .unwrap_or("")
+            .parse()
+            .unwrap_or(255);
+        let address = line
+            .split_once(" -d ")
+            .and_then(|(_, rest)| rest.split('/').next())
+            .and_then(|a| a.parse::<std::net::Ipv4Addr>().ok())
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+        assert_eq!(address.octets()[3] % 64, number, "{line}");
+    }
+    // Hairpin traffic: kube-proxy masquerades it in each endpoint's chain,
+    // the agent in KUBE-POSTROUTING for the endpoints that can be local.
+    let source = |l: &str| -> Option<String> {
+        l.split_once(" -s ")?
+            .1
+            .split('/')
+            .next()
+            .map(str::to_string)
+    };
+    let masqueraded_sources: BTreeSet<String> = kube_proxy
+        .nat
+        .iter()
+        .filter(|l| l.starts_with("-A KUBE-SEP-") && l.ends_with("-j KUBE-MARK-MASQ"))
+        .filter_map(|l| source(l))
+        .collect();
+    let hairpins: BTreeSet<String> = agent
+        .chain("KUBE-POSTROUTING")
+        .into_iter()
+        .filter(|l| l.contains("masquerade hairpin"))
+        .filter_map(source)
+        .collect();
+    assert!(
+        local_endpoints.is_subset(&hairpins) && hairpins.is_subset(&masqueraded_sources),
+        "hairpin rules: local {local_endpoints:?}, the agent's {hairpins:?}, kube-proxy's {masqueraded_sources:?}"
+    );
+    // Localhost NodePort packets: counted by kube-proxy in a second
+    // KUBE-NODEPORTS entry, by the agent first in the port's KUBE-EXT-.
+    let counted_ports = |lines: Vec<&String>| -> BTreeSet<String> {
+        lines
+            .into_iter()
+            .filter(|l| l.contains("-m nfacct"))
+            .filter_map(|l| {
+                l.split_once("--dport ")?
+                    .1
+                    .split(' ')
+                    .next()
+                    .map(str::to_string)
+            })
+            .collect()
+    };
+    let theirs = counted_ports(
+        kube_proxy
+            .nat
+            .iter()
+            .filter(|l| l.starts_with("-A KUBE-NODEPORTS "))
+            .collect(),
+    );
+    let ours = counted_ports(
+        agent
+            .nat
+            .iter()
+            .filter(|l| l.starts_with("-A KUBE-EXT-"))
+            .collect(),
+    );
+    assert_eq!(ours, theirs, "NodePorts counted on 127.0.0.0/8");
     // Each service chain, in order, with kube-proxy's jumps to its endpoint
-    // chains resolved to their DNAT and the affinity matches compared apart.
+    // chains resolved: the protocol and DNAT of the endpoint chain's rule,
+    // and its affinity `--set` where the service chain's rule has no
+    // affinity match of its own. The agent refreshes a returning client
+    // with `--update` where kube-proxy checks (`--rcheck`) and sets again.
     let mut compared = 0;
     for chain in named(kube_proxy)
         .iter()
@@ -588,17 +745,26 @@ fn assert_same_rules(kube_proxy: &Rules, agent: &Rules) {
             .into_iter()
             .map(|rule| {
                 let (rule, recent) = without_recent(rule);
-                match rule.rsplit_once(" -j KUBE-SEP-") {
-                    Some((head, sep)) => {
-                        let dnat = kube_proxy
-                            .chain(&format!("KUBE-SEP-{sep}"))
-                            .into_iter()
-                            .find_map(|l| l.split_once(" -j DNAT ").map(|(_, to)| to.to_string()))
-                            .unwrap_or_default();
-                        (format!("{head} -j DNAT {dnat}"), recent)
-                    }
-                    None => (rule, recent),
-                }
+                let Some((head, sep)) = rule.rsplit_once(" -j KUBE-SEP-") else {
+                    return (rule, recent);
+                };
+                let dnat_rule = kube_proxy
+                    .chain(&format!("KUBE-SEP-{sep}"))
+                    .into_iter()
+                    .find(|l| l.contains(" -j DNAT "))
+                    .unwrap_or("");
+                let (dnat_rule, set) = without_recent(dnat_rule);
+                let proto = dnat_rule
+                    .split_once(" -p ")
+                    .and_then(|(_, rest)| rest.split(' ').next())
+                    .unwrap_or("?");
+                let to = dnat_rule.split_once(" -j DNAT ").map_or("", |(_, to)| to);
+                let head = head.replacen(
+                    &format!("-A {chain} "),
+                    &format!("-A {chain} -p {proto} "),
+                    1,
+                );
+                (format!("{head} -j DNAT {to}"), recent.or(set))
             })
             .collect();
         let ours: Vec<(String, Option<String>)> = agent
@@ -606,26 +772,44 @@ fn assert_same_rules(kube_proxy: &Rules, agent: &Rules) {
             .into_iter()
             .map(|rule| {
                 let (rule, recent) = without_recent(rule);
-                // `-A <chain> -p <proto> …` without the `-p <proto>`.
-                let rule = match rule
-                    .strip_prefix(&format!("-A {chain} -p "))
-                    .and_then(|rest| rest.split_once(' '))
-                {
-                    Some((_, tail)) if rule.contains(" -j DNAT ") => format!("-A {chain} {tail}"),
-                    _ => rule,
-                };
                 (rule, recent.map(|r| r.replace("--update", "--rcheck")))
             })
-            .collect();
-        // kube-proxy's last step, its endpoint chain's `--set`, is in ours.
-        let ours: Vec<(String, Option<String>)> = ours
-            .into_iter()
-            .map(|(rule, recent)| (rule, recent.filter(|r| !r.contains("--set"))))
             .collect();
         assert_eq!(ours, theirs, "{chain}");
         compared += 1;
     }
-    assert!(compared >= 6, "{compared} service chains compared");
+    assert!(compared >= 8, "{compared} service chains compared");
+}
+
+/// A table's rules per chain: in order, or sorted for the chains
+/// `unordered` names.
+fn by_chain(lines: &[String], unordered: impl Fn(&str) -> bool) -> BTreeMap<String, Vec<String>> {
+    let mut chains: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in lines.iter().filter(|l| l.starts_with("-A ")) {
+        let chain = line.split_whitespace().nth(1).unwrap_or("").to_string();
+        chains.entry(chain).or_default().push(line.clone());
+    }
+    for (chain, rules) in &mut chains {
+        if unordered(chain) {
+            rules.sort();
+        }
+    }
+    chains
+}
+
+fn assert_same_chains(
+    table: &str,
+    ours: &BTreeMap<String, Vec<String>>,
+    theirs: &BTreeMap<String, Vec<String>>,
+) {
+    let names: BTreeSet<&String> = ours.keys().chain(theirs.keys()).collect();
+    for chain in names {
+        assert_eq!(
+            ours.get(chain),
+            theirs.get(chain),
+            "{table} {chain}: the agent's rules, then kube-proxy's"
+        );
+    }
 }
 
 /// `rule` without its `-m recent … --rsource` match, and that match.
@@ -637,10 +821,6 @@ fn without_recent(rule: &str) -> (String, Option<String>) {
         },
         None => (rule.to_string(), None),
     }
-}
-
-fn sorted(lines: &[String]) -> BTreeSet<&String> {
-    lines.iter().collect()
 }
 
 /// What a proxy's HTTP servers answer in `ns`: per request, the status,
@@ -661,25 +841,47 @@ async fn http_answers(
     };
     let health_check = health_check_of("web-lb").await?;
     let far_check = health_check_of("far").await?;
+    // With the status each must have, where it does not depend on
+    // `--nodeport-addresses` (which may keep 127.0.0.1 and ::1 out).
     let requests = [
-        ("GET", "http://127.0.0.1:10256/healthz".to_string()),
-        ("GET", "http://127.0.0.1:10256/livez".to_string()),
-        ("POST", "http://127.0.0.1:10256/healthz".to_string()),
-        ("GET", "http://127.0.0.1:10256/other".to_string()),
+        (
+            "GET",
+            "http://127.0.0.1:10256/healthz".to_string(),
+            Some(200),
+        ),
+        ("GET", "http://127.0.0.1:10256/livez".to_string(), Some(200)),
+        (
+            "POST",
+            "http://127.0.0.1:10256/healthz".to_string(),
+            Some(200),
+        ),
+        ("GET", "http://127.0.0.1:10256/other".to_string(), Some(404)),
         // Over IPv6 too: kube-proxy's 0.0.0.0 takes both families.
-        ("GET", "http://[::1]:10256/livez".to_string()),
-        ("GET", format!("http://{node_ip}:{health_check}/")),
-        ("GET", format!("http://127.0.0.1:{health_check}/")),
-        ("GET", format!("http://[::1]:{health_check}/anything")),
-        ("POST", format!("http://127.0.0.1:{health_check}/")),
-        // No local endpoint: 503.
-        ("GET", format!("http://{node_ip}:{far_check}/")),
-        ("GET", "http://127.0.0.1:10249/proxyMode".to_string()),
-        ("GET", "http://127.0.0.1:10249/healthz".to_string()),
-        ("GET", "http://127.0.0.1:10249/other".to_string()),
+        ("GET", "http://[::1]:10256/livez".to_string(), Some(200)),
+        (
+            "GET",
+            format!("http://{node_ip}:{health_check}/"),
+            Some(200),
+        ),
+        ("GET", format!("http://127.0.0.1:{health_check}/"), None),
+        ("GET", format!("http://[::1]:{health_check}/anything"), None),
+        ("POST", format!("http://127.0.0.1:{health_check}/"), None),
+        // No local endpoint.
+        ("GET", format!("http://{node_ip}:{far_check}/"), Some(503)),
+        (
+            "GET",
+            "http://127.0.0.1:10249/proxyMode".to_string(),
+            Some(200),
+        ),
+        (
+            "GET",
+            "http://127.0.0.1:10249/healthz".to_string(),
+            Some(200),
+        ),
+        ("GET", "http://127.0.0.1:10249/other".to_string(), Some(404)),
     ];
     let mut answers = BTreeMap::new();
-    for (method, url) in requests {
+    for (method, url, status) in requests {
         let raw = netns::exec_in(
             ns,
             "curl",
@@ -687,6 +889,12 @@ async fn http_answers(
         )
         .unwrap_or_else(|e| format!("no answer: {e}"));
         let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+        if let Some(status) = status {
+            assert!(
+                head.starts_with(&format!("HTTP/1.1 {status} ")),
+                "{method} {url}: expected {status}, got {raw}"
+            );
+        }
         // The proxy's own health: its times and their length vary.
         let timed = body.contains("\"currentTime\"");
         let mut head: Vec<String> = head
