@@ -9,6 +9,9 @@
 //!
 //! `axum::serve` sets none of these (it gives hyper no timer, so even hyper's
 //! own header timeout never fires), hence this small accept loop.
+//!
+//! The sockets are opened as Go opens kube-proxy's ([`listen`]): an
+//! unspecified address takes both IP families.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
