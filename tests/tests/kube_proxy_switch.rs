@@ -84,7 +84,8 @@ async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> 
     // 1. kube-proxy programs the node.
     let started = now()?;
     let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy-1", backend, both)?;
-    wait_for_sync(&cluster, &kube_proxy, started, "kube-proxy's first sync").await?;
+    let kube_proxys_metrics =
+        wait_for_sync(&cluster, &kube_proxy, started, "kube-proxy's first sync").await?;
     let by_kube_proxy = Rules::save(&ns, backend)?;
     let kube_proxys_answers = http_answers(&cluster, &services).await?;
     let pinned = pinned_pod(&client, &sticky, "through kube-proxy's rules")?;
@@ -100,7 +101,8 @@ async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> 
         pid: cluster.spawn_agent("node-1", "agent", &workspace_bin("causeway-agent"), both)?,
         log: "agent",
     };
-    wait_for_sync(&cluster, &agent, switched, "the agent's first sync").await?;
+    let agents_metrics =
+        wait_for_sync(&cluster, &agent, switched, "the agent's first sync").await?;
     assert_all_answered(probe, 400, "while the agent took over")?;
     let by_agent = Rules::save(&ns, backend)?;
     assert_eq!(
@@ -121,6 +123,18 @@ async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> 
     assert!(
         !elsewhere.contains(":KUBE-SERVICES"),
         "the agent kept to kube-proxy's backend, {backend}:\n{elsewhere}"
+    );
+    // Every kube-proxy series kube-proxy exported, the agent exports too.
+    let theirs = kubeproxy_series(&kube_proxys_metrics);
+    assert!(
+        theirs.contains("kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family}"),
+        "{theirs:#?}"
+    );
+    let ours = kubeproxy_series(&agents_metrics);
+    let missing: Vec<&String> = theirs.difference(&ours).collect();
+    assert!(
+        missing.is_empty(),
+        "kube-proxy's metrics the agent lacks: {missing:?}"
     );
     let agents_answers = http_answers(&cluster, &services).await?;
     assert_eq!(
@@ -821,6 +835,28 @@ fn without_recent(rule: &str) -> (String, Option<String>) {
         },
         None => (rule.to_string(), None),
     }
+}
+
+/// The `kubeproxy_*` series of a metrics text: name and label names (label
+/// values such as a table's rule count differ).
+fn kubeproxy_series(metrics: &str) -> BTreeSet<String> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("kubeproxy_"))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(|series| match series.split_once('{') {
+            Some((name, labels)) => {
+                let names: Vec<&str> = labels
+                    .trim_end_matches('}')
+                    .split(',')
+                    .filter_map(|pair| pair.split_once('=').map(|(k, _)| k))
+                    .filter(|k| *k != "le")
+                    .collect();
+                format!("{name}{{{}}}", names.join(","))
+            }
+            None => series.to_string(),
+        })
+        .collect()
 }
 
 /// What a proxy's HTTP servers answer in `ns`: per request, the status,
