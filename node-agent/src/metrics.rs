@@ -336,11 +336,15 @@ impl Metrics {
             return;
         }
         queued.0 = families.to_vec();
-        // From 0, so that a family's first failure is an increase.
+        // From 0, so that a family's first failure is an increase; and the
+        // conntrack cleanup's series exist before any cleanup ran, as
+        // kube-proxy's, whose reconciler runs every sync.
         for family in families {
             let labels = family_labels(*family);
             let _ = self.restore_failures.get_or_create(&labels);
             let _ = self.partial_restore_failures.get_or_create(&labels);
+            let _ = self.conntrack_reconciler_deleted.get_or_create(&labels);
+            let _ = self.conntrack_reconciler_duration.get_or_create(&labels);
         }
         if let Some(at) = queued.1 {
             for family in families {
@@ -552,13 +556,18 @@ mod tests {
                 text.contains(&format!("{stamp}{{ip_family=\"{family}\"}} 200.0")),
                 "{text}"
             );
-            // The failure counters start at 0 once a family is synced.
-            assert!(
-                text.contains(&format!(
-                    "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{{ip_family=\"{family}\"}} 0"
-                )),
-                "{text}"
-            );
+            // The failure and conntrack counters start at 0 once a family
+            // is synced.
+            for counter in [
+                "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
+                "kubeproxy_conntrack_reconciler_deleted_entries_total",
+                "kubeproxy_conntrack_reconciler_sync_duration_seconds_count",
+            ] {
+                assert!(
+                    text.contains(&format!("{counter}{{ip_family=\"{family}\"}} 0")),
+                    "{counter}: {text}"
+                );
+            }
         }
     }
 

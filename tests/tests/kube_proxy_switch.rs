@@ -84,10 +84,12 @@ async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> 
     // 1. kube-proxy programs the node.
     let started = now()?;
     let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy-1", backend, both)?;
-    let kube_proxys_metrics =
-        wait_for_sync(&cluster, &kube_proxy, started, "kube-proxy's first sync").await?;
+    wait_for_sync(&cluster, &kube_proxy, started, "kube-proxy's first sync").await?;
     let by_kube_proxy = Rules::save(&ns, backend)?;
     let kube_proxys_answers = http_answers(&cluster, &services).await?;
+    // Read after the sync has finished: a scrape right after the sync's
+    // timestamp may come before its durations are observed.
+    let kube_proxys_metrics = metrics_text(&ns)?;
     let pinned = pinned_pod(&client, &sticky, "through kube-proxy's rules")?;
     let list = recent_lists_holding(&ns, client.ip)?;
     assert_eq!(list.len(), 1, "the client in one affinity list: {list:?}");
@@ -101,8 +103,7 @@ async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> 
         pid: cluster.spawn_agent("node-1", "agent", &workspace_bin("causeway-agent"), both)?,
         log: "agent",
     };
-    let agents_metrics =
-        wait_for_sync(&cluster, &agent, switched, "the agent's first sync").await?;
+    wait_for_sync(&cluster, &agent, switched, "the agent's first sync").await?;
     assert_all_answered(probe, 400, "while the agent took over")?;
     let by_agent = Rules::save(&ns, backend)?;
     assert_eq!(
@@ -124,7 +125,13 @@ async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> 
         !elsewhere.contains(":KUBE-SERVICES"),
         "the agent kept to kube-proxy's backend, {backend}:\n{elsewhere}"
     );
+    let agents_answers = http_answers(&cluster, &services).await?;
+    assert_eq!(
+        agents_answers, kube_proxys_answers,
+        "HTTP answers: the agent's, then kube-proxy's"
+    );
     // Every kube-proxy series kube-proxy exported, the agent exports too.
+    let agents_metrics = metrics_text(&ns)?;
     let theirs = kubeproxy_series(&kube_proxys_metrics);
     assert!(
         theirs.contains("kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family}"),
@@ -135,11 +142,6 @@ async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> 
     assert!(
         missing.is_empty(),
         "kube-proxy's metrics the agent lacks: {missing:?}"
-    );
-    let agents_answers = http_answers(&cluster, &services).await?;
-    assert_eq!(
-        agents_answers, kube_proxys_answers,
-        "HTTP answers: the agent's, then kube-proxy's"
     );
     assert_affinity_kept(
         &ns,
@@ -835,6 +837,15 @@ fn without_recent(rule: &str) -> (String, Option<String>) {
         },
         None => (rule.to_string(), None),
     }
+}
+
+/// What the proxy in `ns` serves on 127.0.0.1:10249/metrics.
+fn metrics_text(ns: &str) -> Result<String> {
+    netns::exec_in(
+        ns,
+        "curl",
+        &["-sf", "--max-time", "3", "http://127.0.0.1:10249/metrics"],
+    )
 }
 
 /// The `kubeproxy_*` series of a metrics text: name and label names (label
