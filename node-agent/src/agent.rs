@@ -1076,11 +1076,17 @@ impl Syncer {
             .iter()
             .filter_map(|f| Some((*f, self.nodeport_limits.get(f)?.clone())))
             .collect();
+        // The node's addresses are read only when some check needs them.
+        let check_addresses = if service_checks.is_empty() {
+            CheckAddresses::Any
+        } else {
+            CheckAddresses::of(&nodeport_limits, serve::local_addresses)
+        };
         SyncOutcome {
             new_issues: self.remember(issues),
             failed,
             service_checks,
-            check_addresses: CheckAddresses::of(&nodeport_limits, serve::local_addresses),
+            check_addresses,
         }
     }
 

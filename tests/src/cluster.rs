@@ -741,14 +741,7 @@ impl Cluster {
     /// manager would: SIGTERM, then waits up to `limit` for it to exit (and
     /// kills it if it does not), and forgets it.
     pub fn terminate(&self, pid: u32, limit: Duration) -> Result<()> {
-        let mut child = {
-            let mut children = self.children.lock().expect("children lock");
-            let index = children
-                .iter()
-                .position(|c| c.id() == pid)
-                .with_context(|| format!("{pid} is not a child of this test"))?;
-            children.remove(index)
-        };
+        let mut child = self.take_child(pid)?;
         netns::run("kill", &["-TERM", &pid.to_string()])?;
         let deadline = Instant::now() + limit;
         let exited = loop {
@@ -762,13 +755,28 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        let mut state = self.state.lock().expect("state lock");
-        state.processes.retain(|p| p.pid != pid);
-        state.save()?;
+        self.forget_process(pid)?;
         if !exited {
             bail!("process {pid} did not stop within {limit:?} of SIGTERM; killed");
         }
         Ok(())
+    }
+
+    /// The child process `pid`, no longer killed at tear-down by this handle.
+    fn take_child(&self, pid: u32) -> Result<Child> {
+        let mut children = self.children.lock().expect("children lock");
+        let index = children
+            .iter()
+            .position(|c| c.id() == pid)
+            .with_context(|| format!("{pid} is not a child of this test"))?;
+        Ok(children.remove(index))
+    }
+
+    /// Takes `pid` off the recorded processes (it is gone).
+    fn forget_process(&self, pid: u32) -> Result<()> {
+        let mut state = self.state.lock().expect("state lock");
+        state.processes.retain(|p| p.pid != pid);
+        state.save()
     }
 
     /// Stops a component of the control plane (`kube-apiserver`, `etcd`,
@@ -795,20 +803,13 @@ impl Cluster {
             .map(|arg| String::from_utf8_lossy(arg).into_owned())
             .collect();
         let cwd = fs::read_link(format!("/proc/{pid}/cwd"))?;
-        {
-            let mut children = self.children.lock().expect("children lock");
-            let index = children
-                .iter()
-                .position(|c| c.id() == pid)
-                .with_context(|| format!("{name} ({pid}) is not a child of this test"))?;
-            let mut child = children.remove(index);
-            let killed = child.kill();
-            child.wait()?;
-            killed?;
-        }
-        let mut state = self.state.lock().expect("state lock");
-        state.processes.retain(|p| p.pid != pid);
-        state.save()?;
+        let mut child = self
+            .take_child(pid)
+            .with_context(|| format!("stopping {name}"))?;
+        let killed = child.kill();
+        child.wait()?;
+        killed?;
+        self.forget_process(pid)?;
         Ok(StoppedComponent {
             name: name.to_string(),
             argv,
@@ -1340,6 +1341,12 @@ pub fn k8s_binaries() -> Result<PathBuf> {
         return Ok(PathBuf::from(dir));
     }
     script_output("e2e/build-k8s.sh")
+}
+
+/// The real kube-proxy, built beside the other Kubernetes binaries; the
+/// environment does not run it, tests that compare the agent with it do.
+pub fn kube_proxy_binary() -> Result<PathBuf> {
+    Ok(k8s_binaries()?.join("kube-proxy"))
 }
 
 /// The venv holding moto's server: created once by e2e/install-moto.sh.

@@ -478,7 +478,7 @@ fn kube_proxys_cleanup_removes_a_bucketed_ruleset_with_both_backends() -> Result
     let dir = tempfile::tempdir()?;
     let model = model_of(AFTER, dir.path(), "after")?;
     let payload = full_payload(&model, &node_config()?, Dispatch::Buckets, &[]);
-    let kube_proxy = causeway_tests::cluster::k8s_binaries()?.join("kube-proxy");
+    let kube_proxy = causeway_tests::cluster::kube_proxy_binary()?;
     for backend in ["nft", "legacy"] {
         let ns = netns::Scoped::add(format!("cwpk-{}-{backend}", std::process::id()))?;
         restore(&ns.0, &format!("iptables-{backend}-restore"), &payload.text)?;

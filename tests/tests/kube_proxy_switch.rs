@@ -11,12 +11,11 @@
 //!   everything of the agent's, dispatch buckets included.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
 use causeway_agent::rules::{DISPATCH_BUCKET_PREFIX, is_dispatch_bucket};
-use causeway_tests::cluster::{ClusterOptions, Pod, k8s_binaries, process_running};
+use causeway_tests::cluster::{ClusterOptions, Pod, kube_proxy_binary, process_running};
 use causeway_tests::metrics;
 use causeway_tests::paths::workspace_bin;
 use causeway_tests::wait::eventually;
@@ -322,10 +321,6 @@ fn now() -> Result<f64> {
     Ok(SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64())
 }
 
-fn kube_proxy_binary() -> Result<PathBuf> {
-    Ok(k8s_binaries()?.join("kube-proxy"))
-}
-
 /// Starts the real kube-proxy in iptables mode in node-1's namespace, on
 /// `backend`'s iptables, kept
 /// off the host's own settings: the conntrack table size (a host-wide
@@ -373,7 +368,7 @@ struct Proxy {
 /// succeed); the metrics. Fails at once if the proxy exits, and with the end
 /// of its log either way.
 async fn wait_for_sync(cluster: &Cluster, proxy: &Proxy, since: f64, what: &str) -> Result<String> {
-    let ns = &cluster.node("node-1").netns;
+    let ns = cluster.node("node-1").netns.as_str();
     let log_tail = || {
         let log = std::fs::read_to_string(cluster.dir().join(format!("{}.log", proxy.log)))
             .unwrap_or_else(|e| format!("(no log: {e})"));
@@ -384,19 +379,13 @@ async fn wait_for_sync(cluster: &Cluster, proxy: &Proxy, since: f64, what: &str)
         if !process_running(proxy.pid) {
             bail!("{} exited", proxy.log);
         }
-        let metrics = netns::exec_in(
-            ns,
-            "curl",
-            &["-s", "--max-time", "2", "http://127.0.0.1:10249/metrics"],
+        // Nothing listening yet is not a failure.
+        let metrics = metrics_text(ns).unwrap_or_default();
+        let synced = metrics::value(
+            &metrics,
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}",
         )
-        .unwrap_or_default();
-        let synced = metrics.lines().any(|l| {
-            l.starts_with("kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}")
-                && l.split_whitespace()
-                    .last()
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .is_some_and(|t| t > since)
-        });
+        .is_some_and(|t| t > since);
         Ok(synced.then_some(metrics))
     })
     .await;
