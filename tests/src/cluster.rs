@@ -5,7 +5,9 @@
 //! Every environment takes a free *slot* and lives entirely inside it: addresses
 //! `100.(64+slot).0.0/16` (node network `.0.0/24` with the bridge at `.0.1`, node
 //! `i` at `.0.(10+i)` with pod CIDR `.(128+i).0/24`, Service range `.64.0/18` (16 382 addresses)),
-//! names prefixed `cw<slot>`, and a state directory under `/tmp/causeway-env`.
+//! an IPv6 Service range beside it (`fd00:96:<slot>::/112`: the apiserver is
+//! dual-stack, so that tests can write IPv6 Services, though the pods are
+//! IPv4 alone), names prefixed `cw<slot>`, and a state directory under `/tmp/causeway-env`.
 //! Each thing is written to the state file *before* it is created, so tear-down
 //! (on drop, on `causeway-env down`, or the sweep of an environment whose owner
 //! died) removes exactly what exists and nothing else. Environments on distinct
@@ -283,6 +285,10 @@ fn addr(slot: u8, a: u8, b: u8) -> Ipv4Addr {
     Ipv4Addr::new(100, 64 + slot, a, b)
 }
 
+fn service_cidr_v6(slot: u8) -> String {
+    format!("fd00:96:{slot:x}::/112")
+}
+
 /// A running environment. Dropping it tears everything down, also when the
 /// test that owns it panics; [`Cluster::detach`] hands it over to
 /// `causeway-env down` instead.
@@ -401,7 +407,11 @@ impl Cluster {
                     "--service-account-signing-key-file={}",
                     pki.sa_key.display()
                 ),
-                &format!("--service-cluster-ip-range={}/18", addr(slot, 64, 0)),
+                &format!(
+                    "--service-cluster-ip-range={}/18,{}",
+                    addr(slot, 64, 0),
+                    service_cidr_v6(slot)
+                ),
                 "--service-node-port-range=30000-32767",
                 // As in real clusters: kube-proxy and our agent run privileged.
                 "--allow-privileged=true",
@@ -623,6 +633,11 @@ impl Cluster {
     /// The Service ClusterIP range given to the apiserver.
     pub fn service_cidr(&self) -> String {
         format!("{}/18", addr(self.slot, 64, 0))
+    }
+
+    /// The apiserver's IPv6 Service range, for IPv6 Services.
+    pub fn service_cidr_v6(&self) -> String {
+        service_cidr_v6(self.slot)
     }
 
     /// The range every pod address of this environment falls in.

@@ -54,6 +54,249 @@ async fn kube_proxy_takes_a_node_back_from_the_agents_dispatch_buckets() -> Resu
     switch_there_and_back("nft", 1000, &[]).await
 }
 
+/// The IPv6 cluster CIDR of the dual-stack run: node `i`'s (made-up) pods
+/// in `fd00:244:0:<i>::/64`.
+const CLUSTER_CIDR_V6: &str = "fd00:244::/56";
+
+/// Both families on one node: kube-proxy and the agent with an IPv4 and an
+/// IPv6 cluster CIDR, and the Services of [`create_services`] made
+/// dual-stack, plus `draining` (only serving-but-terminating and
+/// non-serving endpoints), `zoned` (zone hints) and `same-node` (node
+/// hints). The pods are IPv4 alone, so these Services have no selectors:
+/// their EndpointSlices, written here as the EndpointSlice controller
+/// writes them, name made-up endpoints on node-1 and node-2. No packets:
+/// rules, health answers, and kube-proxy's return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_and_kube_proxy_agree_on_both_families() -> Result<()> {
+    let cluster = Cluster::start(ClusterOptions::nodes(2)).await?;
+    let ns = cluster.node("node-1").netns.clone();
+    let services: Api<Service> = Api::namespaced(cluster.client(), "default");
+    let local_endpoints = create_dual_stack_services(&cluster, &services).await?;
+    let cidrs = format!(
+        "--cluster-cidr={},{CLUSTER_CIDR_V6}",
+        cluster.cluster_cidr()
+    );
+    let both = [cidrs.as_str()];
+    let families = ["IPv4", "IPv6"];
+
+    let started = now()?;
+    let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy-1", "nft", &both)?;
+    for family in families {
+        wait_for_family_sync(&cluster, &kube_proxy, started, family, "kube-proxy's syncs").await?;
+    }
+    let by_kube_proxy: Vec<Rules> = families
+        .iter()
+        .map(|f| Rules::save_family(&ns, "nft", f))
+        .collect::<Result<_>>()?;
+    let kube_proxys_answers = http_answers(&cluster, &services, true).await?;
+    stop(&cluster, &kube_proxy)?;
+
+    let switched = now()?;
+    let agent = Proxy {
+        pid: cluster.spawn_agent("node-1", "agent", &workspace_bin("causeway-agent"), &both)?,
+        log: "agent",
+    };
+    for family in families {
+        wait_for_family_sync(&cluster, &agent, switched, family, "the agent's syncs").await?;
+    }
+    for (family, kube_proxys) in families.iter().zip(&by_kube_proxy) {
+        let agents = Rules::save_family(&ns, "nft", family)?;
+        let local: BTreeSet<String> = local_endpoints
+            .iter()
+            .filter(|ip| ip.contains(':') == (*family == "IPv6"))
+            .cloned()
+            .collect();
+        let compared = std::panic::catch_unwind(|| assert_same_rules(kube_proxys, &agents, &local));
+        if let Err(panic) = compared {
+            eprintln!("{family} rules differ");
+            std::panic::resume_unwind(panic);
+        }
+    }
+    let agents_answers = http_answers(&cluster, &services, true).await?;
+    assert_eq!(
+        agents_answers, kube_proxys_answers,
+        "HTTP answers: the agent's, then kube-proxy's"
+    );
+    stop(&cluster, &agent)?;
+
+    // kube-proxy takes both families back to exactly its own rules.
+    let back = now()?;
+    let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy-2", "nft", &both)?;
+    for family in families {
+        wait_for_family_sync(&cluster, &kube_proxy, back, family, "kube-proxy's return").await?;
+    }
+    let log = std::fs::read_to_string(cluster.dir().join("kube-proxy-2.log"))?;
+    assert!(
+        !log.contains("Failed to execute iptables-restore"),
+        "kube-proxy could not apply its rules:\n{log}"
+    );
+    for (family, before) in families.iter().zip(&by_kube_proxy) {
+        let again = Rules::save_family(&ns, "nft", family)?;
+        let sorted = |lines: &[String]| -> Vec<String> {
+            let mut lines = lines.to_vec();
+            lines.sort();
+            lines
+        };
+        assert_eq!(
+            sorted(&again.nat),
+            sorted(&before.nat),
+            "{family} nat after kube-proxy's return"
+        );
+        assert_eq!(
+            sorted(&again.filter),
+            sorted(&before.filter),
+            "{family} filter after kube-proxy's return"
+        );
+    }
+    Ok(())
+}
+
+/// The Services of [`service_specs`] on both families and without
+/// selectors, `draining`, `zoned` and `same-node`, with an EndpointSlice
+/// per family; the addresses of the endpoints on node-1.
+async fn create_dual_stack_services(
+    cluster: &Cluster,
+    services: &Api<Service>,
+) -> Result<BTreeSet<String>> {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let slices: Api<EndpointSlice> = Api::namespaced(cluster.client(), "default");
+    let (zone_1, zone_2) = (&cluster.node("node-1").zone, &cluster.node("node-2").zone);
+    assert_ne!(zone_1, zone_2, "the nodes' zones");
+    // Per family: two endpoints on node-1 and one on node-2.
+    // A made-up address in `node`'s pod CIDR (IPv4: `a.b.c.0/24`).
+    let pod_ip = |node: &str, family: &str, last: u8| -> String {
+        if family == "IPv6" {
+            format!("fd00:244:0:{}::{last:x}", node.trim_start_matches("node-"))
+        } else {
+            let cidr = &cluster.node(node).pod_cidr;
+            let network = cidr.rsplit_once(".0/").map_or(cidr.as_str(), |(n, _)| n);
+            format!("{network}.{last}")
+        }
+    };
+    let addresses = |family: &str| -> [String; 3] {
+        [
+            pod_ip("node-1", family, 200),
+            pod_ip("node-1", family, 201),
+            pod_ip("node-2", family, 200),
+        ]
+    };
+    let endpoint = |address: &str, node: &str, zone: &str, conditions: serde_json::Value| json!({"addresses": [address], "conditions": conditions, "nodeName": node, "zone": zone});
+    let ready = json!({"ready": true, "serving": true, "terminating": false});
+    let mut specs = service_specs();
+    specs.push((
+        "draining",
+        json!({"selector": {"app": "draining"},
+        "ports": [{"port": 80, "targetPort": 80, "protocol": "TCP"}]}),
+    ));
+    specs.push((
+        "zoned",
+        json!({"selector": {"app": "zoned"}, "trafficDistribution": "PreferClose",
+        "ports": [{"port": 80, "targetPort": 80, "protocol": "TCP"}]}),
+    ));
+    specs.push((
+        "same-node",
+        json!({"selector": {"app": "same-node"},
+        "trafficDistribution": "PreferSameNode",
+        "ports": [{"port": 80, "targetPort": 80, "protocol": "TCP"}]}),
+    ));
+    let mut local = BTreeSet::new();
+    for (name, mut spec) in specs {
+        let app = spec["selector"]["app"].as_str().unwrap_or("").to_string();
+        let spec_map = spec.as_object_mut().context("a Service spec")?;
+        spec_map.remove("selector");
+        spec_map.insert("ipFamilyPolicy".into(), json!("RequireDualStack"));
+        if let Some(ips) = spec_map
+            .get_mut("externalIPs")
+            .and_then(|v| v.as_array_mut())
+        {
+            ips.push(json!("2001:db8::20"));
+        }
+        if let Some(ranges) = spec_map
+            .get_mut("loadBalancerSourceRanges")
+            .and_then(|v| v.as_array_mut())
+        {
+            ranges.push(json!("2001:db8:100::/64"));
+        }
+        let ports: Vec<serde_json::Value> = spec["ports"]
+            .as_array()
+            .context("ports")?
+            .iter()
+            .map(|p| {
+                json!({"name": p.get("name").cloned().unwrap_or(json!("")),
+                            "port": p["targetPort"], "protocol": p["protocol"]})
+            })
+            .collect();
+        create(services, name, spec).await?;
+        for family in ["IPv4", "IPv6"] {
+            let [l1, l2, r1] = addresses(family);
+            let endpoints = match app.as_str() {
+                "web" => {
+                    local.extend([l1.clone(), l2.clone()]);
+                    vec![
+                        endpoint(&l1, "node-1", zone_1, ready.clone()),
+                        endpoint(&l2, "node-1", zone_1, ready.clone()),
+                    ]
+                }
+                "far" => vec![endpoint(&r1, "node-2", zone_2, ready.clone())],
+                "draining" => {
+                    local.insert(l1.clone());
+                    vec![
+                        endpoint(
+                            &l1,
+                            "node-1",
+                            zone_1,
+                            json!({"ready": false, "serving": true, "terminating": true}),
+                        ),
+                        endpoint(
+                            &l2,
+                            "node-1",
+                            zone_1,
+                            json!({"ready": false, "serving": false, "terminating": true}),
+                        ),
+                        endpoint(
+                            &r1,
+                            "node-2",
+                            zone_2,
+                            json!({"ready": false, "serving": true, "terminating": true}),
+                        ),
+                    ]
+                }
+                "zoned" | "same-node" => {
+                    local.insert(l1.clone());
+                    let hinted = |address: &str, node: &str, zone: &str| {
+                        let mut e = endpoint(address, node, zone, ready.clone());
+                        e["hints"] = if app == "zoned" {
+                            json!({"forZones": [{"name": zone}]})
+                        } else {
+                            json!({"forZones": [{"name": zone}], "forNodes": [{"name": node}]})
+                        };
+                        e
+                    };
+                    vec![hinted(&l1, "node-1", zone_1), hinted(&r1, "node-2", zone_2)]
+                }
+                _ => vec![],
+            };
+            let slice: EndpointSlice = serde_json::from_value(json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": format!("{name}-{}", family.to_ascii_lowercase()),
+                    "labels": {"kubernetes.io/service-name": name,
+                               "endpointslice.kubernetes.io/managed-by": "causeway-tests"}},
+                "addressType": family, "endpoints": endpoints, "ports": ports,
+            }))?;
+            slices.create(&PostParams::default(), &slice).await?;
+        }
+    }
+    services
+        .patch_status(
+            "web-lb",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": [
+                {"ip": "203.0.113.10"}, {"ip": "2001:db8::10"}]}}})),
+        )
+        .await?;
+    Ok(local)
+}
+
 /// kube-proxy runs with `backend`'s iptables; the agent with its default,
 /// `auto`. Both get the flags `both`.
 async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> Result<()> {
@@ -85,7 +328,7 @@ async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> 
     let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy-1", backend, both)?;
     wait_for_sync(&cluster, &kube_proxy, started, "kube-proxy's first sync").await?;
     let by_kube_proxy = Rules::save(&ns, backend)?;
-    let kube_proxys_answers = http_answers(&cluster, &services).await?;
+    let kube_proxys_answers = http_answers(&cluster, &services, false).await?;
     // Read after the sync has finished: a scrape right after the sync's
     // timestamp may come before its durations are observed.
     let kube_proxys_metrics = metrics_text(&ns)?;
@@ -124,7 +367,7 @@ async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> 
         !elsewhere.contains(":KUBE-SERVICES"),
         "the agent kept to kube-proxy's backend, {backend}:\n{elsewhere}"
     );
-    let agents_answers = http_answers(&cluster, &services).await?;
+    let agents_answers = http_answers(&cluster, &services, false).await?;
     assert_eq!(
         agents_answers, kube_proxys_answers,
         "HTTP answers: the agent's, then kube-proxy's"
@@ -225,9 +468,41 @@ async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> 
 /// and `far-cluster` (a NodePort) selecting far-1 on node-2; then `fillers`
 /// selector-less Services.
 async fn create_services(services: &Api<Service>, fillers: usize) -> Result<()> {
+    for (name, spec) in service_specs() {
+        create(services, name, spec).await?;
+    }
+    services
+        .patch_status(
+            "web-lb",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.10"}]}}}),
+            ),
+        )
+        .await?;
+    let created = futures::stream::iter(0..fillers)
+        .map(|i| {
+            let services = services.clone();
+            async move {
+                create(
+                    &services,
+                    &format!("filler-{i}"),
+                    json!({"ports": [{"port": 80, "protocol": "TCP"}]}),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    created.into_iter().collect()
+}
+
+/// The Services [`create_services`] describes, by name.
+fn service_specs() -> Vec<(&'static str, serde_json::Value)> {
     let ports = json!([{"port": 80, "targetPort": 80, "protocol": "TCP"}]);
     let selector = json!({"app": "web"});
-    let specs = [
+    vec![
         ("web", json!({"selector": selector, "ports": ports})),
         (
             "web-np",
@@ -269,35 +544,7 @@ async fn create_services(services: &Api<Service>, fillers: usize) -> Result<()> 
             json!({"type": "NodePort", "externalTrafficPolicy": "Local",
                    "internalTrafficPolicy": "Local", "selector": selector, "ports": ports}),
         ),
-    ];
-    for (name, spec) in specs {
-        create(services, name, spec).await?;
-    }
-    services
-        .patch_status(
-            "web-lb",
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.10"}]}}}),
-            ),
-        )
-        .await?;
-    let created = futures::stream::iter(0..fillers)
-        .map(|i| {
-            let services = services.clone();
-            async move {
-                create(
-                    &services,
-                    &format!("filler-{i}"),
-                    json!({"ports": [{"port": 80, "protocol": "TCP"}]}),
-                )
-                .await
-            }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<_>>()
-        .await;
-    created.into_iter().collect()
+    ]
 }
 
 async fn create(services: &Api<Service>, name: &str, spec: serde_json::Value) -> Result<()> {
@@ -368,6 +615,17 @@ struct Proxy {
 /// succeed); the metrics. Fails at once if the proxy exits, and with the end
 /// of its log either way.
 async fn wait_for_sync(cluster: &Cluster, proxy: &Proxy, since: f64, what: &str) -> Result<String> {
+    wait_for_family_sync(cluster, proxy, since, "IPv4", what).await
+}
+
+/// [`wait_for_sync`] for `family`'s sync.
+async fn wait_for_family_sync(
+    cluster: &Cluster,
+    proxy: &Proxy,
+    since: f64,
+    family: &str,
+    what: &str,
+) -> Result<String> {
     let ns = cluster.node("node-1").netns.as_str();
     let log_tail = || {
         let log = std::fs::read_to_string(cluster.dir().join(format!("{}.log", proxy.log)))
@@ -383,7 +641,7 @@ async fn wait_for_sync(cluster: &Cluster, proxy: &Proxy, since: f64, what: &str)
         let metrics = metrics_text(ns).unwrap_or_default();
         let synced = metrics::value(
             &metrics,
-            "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}",
+            &format!("kubeproxy_sync_proxy_rules_last_timestamp_seconds{{ip_family=\"{family}\"}}"),
         )
         .is_some_and(|t| t > since);
         Ok(synced.then_some(metrics))
@@ -515,7 +773,17 @@ struct Rules {
 
 impl Rules {
     fn save(ns: &str, backend: &str) -> Result<Rules> {
-        let save = format!("iptables-{backend}-save");
+        Rules::save_family(ns, backend, "IPv4")
+    }
+
+    /// The rules of `family` ("IPv4" or "IPv6").
+    fn save_family(ns: &str, backend: &str, family: &str) -> Result<Rules> {
+        let program = if family == "IPv6" {
+            "ip6tables"
+        } else {
+            "iptables"
+        };
+        let save = format!("{program}-{backend}-save");
         let table = |name: &str| -> Result<Vec<String>> {
             Ok(netns::exec_in(ns, &save, &["-t", name])?
                 .lines()
@@ -865,6 +1133,7 @@ fn kubeproxy_series(metrics: &str) -> BTreeSet<String> {
 async fn http_answers(
     cluster: &Cluster,
     services: &Api<Service>,
+    both_families: bool,
 ) -> Result<BTreeMap<String, String>> {
     let (ns, node_ip) = (&cluster.node("node-1").netns, cluster.node("node-1").ip);
     let health_check_of = |name: &'static str| async move {
@@ -941,7 +1210,7 @@ async fn http_answers(
             .collect();
         head.sort();
         let body = if timed {
-            without_times(body)
+            without_times(body, both_families)
         } else {
             body.to_string()
         };
@@ -953,14 +1222,17 @@ async fn http_answers(
     Ok(answers)
 }
 
-/// The JSON `body` with its times replaced by `<time>`, and the `status` of
-/// IPv6 left out: kube-proxy runs an IPv6 proxier on any node with
-/// ip6tables, the agent only for a family the node or the cluster has.
-fn without_times(body: &str) -> String {
+/// The JSON `body` with its times replaced by `<time>`, and unless
+/// `both_families`, the `status` of IPv6 left out: kube-proxy runs an IPv6
+/// proxier on any node with ip6tables, the agent only for a family the node
+/// or the cluster has.
+fn without_times(body: &str, both_families: bool) -> String {
     let Ok(mut json) = serde_json::from_str::<serde_json::Value>(body) else {
         return body.to_string();
     };
-    if let Some(status) = json.get_mut("status").and_then(|s| s.as_object_mut()) {
+    if let Some(status) = json.get_mut("status").and_then(|s| s.as_object_mut())
+        && !both_families
+    {
         status.remove("IPv6");
     }
     let mut out = json.to_string();
