@@ -696,6 +696,10 @@ struct FamilyState {
     /// Per-service nat chains in the last applied payload; `None` until the
     /// first sync has read what exists.
     applied_chains: Option<Vec<String>>,
+    /// Reading what exists failed: chains from before (an earlier run's,
+    /// kube-proxy's) may be left, so each sync reads again until it works,
+    /// and the sync after that is a full one that deletes them.
+    chains_unread: bool,
     /// The nat and filter rules the last applied payload left, the base of
     /// the next partial sync's counts.
     applied_totals: RuleCounts,
@@ -780,6 +784,7 @@ impl Syncer {
                 self.families.push(FamilyState {
                     netfilter: Netfilter::new(family, self.config.backend),
                     applied_chains: None,
+                    chains_unread: false,
                     applied_totals: RuleCounts::default(),
                     model_cache: ModelCache::new(family),
                     applied_model: None,
@@ -837,13 +842,18 @@ impl Syncer {
                     }
                 }
             }
+            let was_unread = state.chains_unread;
             let previous: Cow<'_, [String]> = match &state.applied_chains {
-                Some(chains) => Cow::Borrowed(chains),
-                None => match state.netfilter.existing_service_chains() {
-                    Ok(chains) => Cow::Owned(chains),
+                Some(chains) if !was_unread => Cow::Borrowed(chains),
+                applied => match state.netfilter.existing_service_chains() {
+                    Ok(chains) => {
+                        state.chains_unread = false;
+                        Cow::Owned(chains)
+                    }
                     Err(e) => {
-                        warn!(error = %e, "cannot list existing chains; stale ones stay until the next start");
-                        Cow::Owned(Vec::new())
+                        warn!(family = ?family, error = %e, "cannot list the existing chains; stale ones stay until a sync can");
+                        state.chains_unread = true;
+                        Cow::Owned(applied.clone().unwrap_or_default())
                     }
                 },
             };
@@ -881,7 +891,9 @@ impl Syncer {
                 || applied_dispatch != dispatch
                 || state.last_full.is_none()
                 || damaged
-                || periodic;
+                || periodic
+                // The chains could be read at last: delete the stale ones.
+                || (was_unread && !state.chains_unread);
             // Once per sync: the counters are the namespace's, not a family's.
             if full && !counters_checked {
                 counters_checked = true;

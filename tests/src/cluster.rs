@@ -931,6 +931,18 @@ impl Cluster {
         program: &Path,
         extra: &[&str],
     ) -> Result<u32> {
+        self.spawn_agent_with_env(node, log_name, program, extra, &[])
+    }
+
+    /// [`Cluster::spawn_agent`] with extra environment variables.
+    pub fn spawn_agent_with_env(
+        &self,
+        node: &str,
+        log_name: &str,
+        program: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<u32> {
         let netns = self.node(node).netns.clone();
         let kubeconfig = self.kubeconfig().display().to_string();
         let cluster_cidr = self.cluster_cidr();
@@ -944,7 +956,7 @@ impl Cluster {
             &cluster_cidr,
         ];
         args.extend_from_slice(extra);
-        self.spawn_in(&netns, log_name, program, &args)
+        self.spawn_in_with_env(&netns, log_name, program, &args, env)
     }
 
     /// Starts a long-running program in the host namespace (where the apiserver

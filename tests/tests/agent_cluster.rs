@@ -1220,6 +1220,94 @@ async fn a_refused_restore_applies_nothing_keeps_health_servers_and_is_retried()
     Ok(())
 }
 
+/// Chains from before the agent (kube-proxy's here) that its first sync
+/// cannot read, because `iptables-save` fails then, stay only until a
+/// sync can read them: that sync is a full one and deletes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chains_the_first_sync_could_not_read_go_once_a_sync_can() -> Result<()> {
+    let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
+    let ns = cluster.node("node-1").netns.clone();
+    let stale = ["KUBE-SVC-AAAAAAAAAAAAAAAA", "KUBE-SEP-AAAAAAAAAAAAAAAA"];
+    let payload = cluster.dir().join("stale.rules");
+    std::fs::write(
+        &payload,
+        format!(
+            "*nat\n:{svc} - [0:0]\n:{sep} - [0:0]\n-A {svc} -j {sep}\n\
+             -A {sep} -p tcp -j DNAT --to-destination 192.0.2.1:80\nCOMMIT\n",
+            svc = stale[0],
+            sep = stale[1]
+        ),
+    )?;
+    netns::exec_in(
+        &ns,
+        "iptables-nft-restore",
+        &["--noflush", &payload.display().to_string()],
+    )?;
+    // An iptables-nft-save that fails on the nat table while `broken` exists.
+    let bin = cluster.dir().join("failing-save");
+    std::fs::create_dir_all(&bin)?;
+    let broken = cluster.dir().join("broken");
+    std::fs::write(&broken, "")?;
+    let real = netns::which("iptables-nft-save").context("iptables-nft-save")?;
+    let wrapper = bin.join("iptables-nft-save");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ -e '{}' ] && [ \"$*\" = '-t nat' ]; then\n  \
+             echo 'injected failure' >&2; exit 1\nfi\nexec '{}' \"$@\"\n",
+            broken.display(),
+            real.display()
+        ),
+    )?;
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    cluster.spawn_agent_with_env(
+        "node-1",
+        "agent",
+        &workspace_bin("causeway-agent"),
+        &["--iptables-backend", "nft", "--sync-period", "2s"],
+        &[("PATH", &path)],
+    )?;
+    let (client, _services, ip) = client_and_web(&cluster).await?;
+    wait_for_pods(&client.netns, "tcp", &format!("{ip}:80"), &["web-1"], "web")?;
+    let log = std::fs::read_to_string(cluster.dir().join("agent.log"))?;
+    assert!(
+        log.contains("existing chains") && log.contains("injected failure"),
+        "the agent could not read the chains:\n{log}"
+    );
+    let nat = netns::exec_in(&ns, "iptables-nft", &["-t", "nat", "-S"])?;
+    assert!(
+        stale.iter().all(|c| nat.contains(&format!("-N {c}"))),
+        "the chains stay while they cannot be read:\n{nat}"
+    );
+
+    std::fs::remove_file(&broken)?;
+    eventually(
+        Duration::from_secs(20),
+        "the stale chains deleted",
+        || async {
+            let nat = netns::exec_in(&ns, "iptables-nft", &["-t", "nat", "-S"])?;
+            Ok(stale.iter().all(|c| !nat.contains(c)).then_some(()))
+        },
+    )
+    .await?;
+    wait_for_pods(
+        &client.netns,
+        "tcp",
+        &format!("{ip}:80"),
+        &["web-1"],
+        "web, afterwards",
+    )?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_health_port_is_a_warning_event_and_health_servers_follow_services() -> Result<()> {
     let AgentAndWeb {
