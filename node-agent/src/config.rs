@@ -107,8 +107,8 @@ pub enum ConfigError {
     BadNodePortAddress(String),
     #[error("--masquerade-bit: {0} is not in 0..=31")]
     BadMasqueradeBit(u8),
-    #[error("--detect-local-mode NodeCIDR: node {node} has no {family} podCIDR yet")]
-    NoPodCidr { node: String, family: IpFamily },
+    #[error("--detect-local-mode NodeCIDR: node {node} has no podCIDR yet")]
+    NoPodCidr { node: String },
     #[error("--detect-local-mode BridgeInterface needs --pod-bridge-interface")]
     NoBridgeInterface,
     #[error("--detect-local-mode InterfaceNamePrefix needs --pod-interface-name-prefix")]
@@ -169,15 +169,17 @@ impl ProxyOptions {
                 found.map_or(LocalTraffic::None, LocalTraffic::Cidr)
             }
             DetectLocalMode::NodeCidr => {
-                let cidr = node
-                    .pod_cidrs
-                    .iter()
-                    .find(|c| c.family() == family)
-                    .ok_or_else(|| ConfigError::NoPodCidr {
-                        node: node.name.clone(),
-                        family,
-                    })?;
-                LocalTraffic::Cidr(*cidr)
+                match node.pod_cidrs.iter().find(|c| c.family() == family) {
+                    Some(cidr) => LocalTraffic::Cidr(*cidr),
+                    // As kube-proxy: it waits for the node's first podCIDR,
+                    // then proxies a family without one with no detection.
+                    None if !node.pod_cidrs.is_empty() => LocalTraffic::None,
+                    None => {
+                        return Err(ConfigError::NoPodCidr {
+                            node: node.name.clone(),
+                        });
+                    }
+                }
             }
             DetectLocalMode::BridgeInterface => LocalTraffic::Bridge(
                 self.pod_bridge_interface
@@ -445,9 +447,22 @@ mod tests {
                 .local_traffic,
             LocalTraffic::Cidr(parse_cidr("10.244.1.0/24").unwrap())
         );
+        // A family the node has no podCIDR for goes without detection, as
+        // with kube-proxy; a node with none at all is waited for.
         assert_eq!(
             mode(DetectLocalMode::NodeCidr)
                 .render_config(IpFamily::V6, &node())
+                .unwrap()
+                .local_traffic,
+            LocalTraffic::None
+        );
+        let unallocated = NodeInfo {
+            pod_cidrs: Vec::new(),
+            ..node()
+        };
+        assert_eq!(
+            mode(DetectLocalMode::NodeCidr)
+                .render_config(IpFamily::V4, &unallocated)
                 .unwrap_err()
                 .kind(),
             "no_pod_cidr"
