@@ -8,7 +8,10 @@
 //! - its health and metrics servers answer as kube-proxy's;
 //! - session affinity lives on in the same `-m recent` lists;
 //! - kube-proxy takes the node back with a successful restore, and deletes
-//!   everything of the agent's, dispatch buckets included.
+//!   everything of the agent's, dispatch buckets included;
+//! - on a dual-stack node both write the same rules for both families, with
+//!   each way of detecting pod traffic (rules and health answers only: the
+//!   harness's pods are IPv4).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -59,15 +62,41 @@ async fn kube_proxy_takes_a_node_back_from_the_agents_dispatch_buckets() -> Resu
 const CLUSTER_CIDR_V6: &str = "fd00:244::/56";
 
 /// Both families on one node: kube-proxy and the agent with an IPv4 and an
-/// IPv6 cluster CIDR, and the Services of [`create_services`] made
-/// dual-stack, plus `draining` (only serving-but-terminating and
-/// non-serving endpoints), `zoned` (zone hints) and `same-node` (node
-/// hints). The pods are IPv4 alone, so these Services have no selectors:
-/// their EndpointSlices, written here as the EndpointSlice controller
-/// writes them, name made-up endpoints on node-1 and node-2. No packets:
-/// rules, health answers, and kube-proxy's return.
+/// IPv6 cluster CIDR, and the Services of [`create_dual_stack_services`].
+/// No packets: rules, health answers, and kube-proxy's return.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_and_kube_proxy_agree_on_both_families() -> Result<()> {
+    agree_on_both_families(&[]).await
+}
+
+/// The same with kube-proxy's other ways to mark traffic for masquerading:
+/// all of it, on another mark bit, and pods told by their interfaces' names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_families_agree_masquerading_all_and_by_interface_prefix() -> Result<()> {
+    agree_on_both_families(&[
+        "--masquerade-all",
+        "--iptables-masquerade-bit=10",
+        "--detect-local-mode=InterfaceNamePrefix",
+        "--pod-interface-name-prefix=veth",
+    ])
+    .await
+}
+
+/// The same with pods told by their bridge, and then by the Node's pod
+/// CIDR (which the harness gives for IPv4 alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_families_agree_on_bridge_and_node_cidr_detection() -> Result<()> {
+    agree_on_both_families(&[
+        "--detect-local-mode=BridgeInterface",
+        "--pod-bridge-interface=cbr0",
+    ])
+    .await?;
+    agree_on_both_families(&["--detect-local-mode=NodeCIDR"]).await
+}
+
+/// Runs kube-proxy, then the agent, then kube-proxy again on node-1, all
+/// with `flags` and both cluster CIDRs, and compares what they write.
+async fn agree_on_both_families(flags: &[&str]) -> Result<()> {
     let cluster = Cluster::start(ClusterOptions::nodes(2)).await?;
     let ns = cluster.node("node-1").netns.clone();
     let services: Api<Service> = Api::namespaced(cluster.client(), "default");
@@ -76,7 +105,8 @@ async fn the_agent_and_kube_proxy_agree_on_both_families() -> Result<()> {
         "--cluster-cidr={},{CLUSTER_CIDR_V6}",
         cluster.cluster_cidr()
     );
-    let both = [cidrs.as_str()];
+    let mut both = vec![cidrs.as_str()];
+    both.extend_from_slice(flags);
     let families = ["IPv4", "IPv6"];
 
     let started = now()?;
@@ -151,9 +181,19 @@ async fn the_agent_and_kube_proxy_agree_on_both_families() -> Result<()> {
     Ok(())
 }
 
-/// The Services of [`service_specs`] on both families and without
-/// selectors, `draining`, `zoned` and `same-node`, with an EndpointSlice
-/// per family; the addresses of the endpoints on node-1.
+/// The Services of [`service_specs`] made dual-stack, and more:
+/// - `draining`: only serving-but-terminating and non-serving endpoints;
+/// - `zoned` and `same-node`: zone and node hints;
+/// - `sctp`: an SCTP port; `sticky-short`: affinity for 60 s;
+/// - `lb-cluster`: a LoadBalancer with `externalTrafficPolicy: Cluster`, a
+///   source range, and a hostname beside its IPs in the status; `lb-proxy`:
+///   its ingress IPs with `ipMode: Proxy` (not programmed);
+/// - `headless`, and `other-proxy` (labelled for another proxy): ignored.
+///
+/// The pods are IPv4 alone, so these Services have no selectors: their
+/// EndpointSlices, one per family, written here as the EndpointSlice
+/// controller writes them, name made-up endpoints on node-1 and node-2.
+/// Returns the addresses of the endpoints on node-1.
 async fn create_dual_stack_services(
     cluster: &Cluster,
     services: &Api<Service>,
@@ -199,6 +239,37 @@ async fn create_dual_stack_services(
         "trafficDistribution": "PreferSameNode",
         "ports": [{"port": 80, "targetPort": 80, "protocol": "TCP"}]}),
     ));
+    let web_ports =
+        |protocol: &str, port: u16| json!([{"port": port, "targetPort": 80, "protocol": protocol}]);
+    let web = json!({"app": "web"});
+    specs.extend([
+        (
+            "sctp",
+            json!({"selector": web, "ports": web_ports("SCTP", 9000)}),
+        ),
+        (
+            "sticky-short",
+            json!({"selector": web, "ports": web_ports("TCP", 80), "sessionAffinity": "ClientIP",
+                   "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}),
+        ),
+        (
+            "lb-cluster",
+            json!({"type": "LoadBalancer", "selector": web, "ports": web_ports("TCP", 80),
+                   "loadBalancerSourceRanges": ["198.51.100.0/24"]}),
+        ),
+        (
+            "lb-proxy",
+            json!({"type": "LoadBalancer", "selector": web, "ports": web_ports("TCP", 80)}),
+        ),
+        (
+            "headless",
+            json!({"clusterIP": "None", "selector": web, "ports": web_ports("TCP", 80)}),
+        ),
+        (
+            "other-proxy",
+            json!({"selector": web, "ports": web_ports("TCP", 80)}),
+        ),
+    ]);
     let mut local = BTreeSet::new();
     for (name, mut spec) in specs {
         let app = spec["selector"]["app"].as_str().unwrap_or("").to_string();
@@ -226,7 +297,16 @@ async fn create_dual_stack_services(
                             "port": p["targetPort"], "protocol": p["protocol"]})
             })
             .collect();
-        create(services, name, spec).await?;
+        let labels = if name == "other-proxy" {
+            json!({"service.kubernetes.io/service-proxy-name": "other"})
+        } else {
+            json!({})
+        };
+        let service: Service = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "labels": labels}, "spec": spec
+        }))?;
+        services.create(&PostParams::default(), &service).await?;
         for family in ["IPv4", "IPv6"] {
             let [l1, l2, r1] = addresses(family);
             let endpoints = match app.as_str() {
@@ -286,14 +366,30 @@ async fn create_dual_stack_services(
             slices.create(&PostParams::default(), &slice).await?;
         }
     }
-    services
-        .patch_status(
+    for (name, ingress) in [
+        (
             "web-lb",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": [
-                {"ip": "203.0.113.10"}, {"ip": "2001:db8::10"}]}}})),
-        )
-        .await?;
+            json!([{"ip": "203.0.113.10"}, {"ip": "2001:db8::10"}]),
+        ),
+        (
+            "lb-cluster",
+            json!([{"ip": "203.0.113.40"}, {"ip": "2001:db8::40"},
+                   {"hostname": "lb-cluster.example.com"}]),
+        ),
+        (
+            "lb-proxy",
+            json!([{"ip": "203.0.113.30", "ipMode": "Proxy"},
+                   {"ip": "2001:db8::30", "ipMode": "Proxy"}]),
+        ),
+    ] {
+        services
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": ingress}}})),
+            )
+            .await?;
+    }
     Ok(local)
 }
 
