@@ -94,6 +94,15 @@ async fn both_families_agree_on_bridge_and_node_cidr_detection() -> Result<()> {
     agree_on_both_families(&["--detect-local-mode=NodeCIDR"]).await
 }
 
+/// The same with NodePorts on the node's network and an IPv6 range the
+/// node has no address in, and then on every address but without
+/// localhost NodePorts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_families_agree_on_nodeport_addresses() -> Result<()> {
+    agree_on_both_families(&["--nodeport-addresses=NODE_NETWORK,fd00:1::/64"]).await?;
+    agree_on_both_families(&["--iptables-localhost-nodeports=false"]).await
+}
+
 /// Runs kube-proxy, then the agent, then kube-proxy again on node-1, all
 /// with `flags` and both cluster CIDRs, and compares what they write.
 async fn agree_on_both_families(flags: &[&str]) -> Result<()> {
@@ -105,8 +114,14 @@ async fn agree_on_both_families(flags: &[&str]) -> Result<()> {
         "--cluster-cidr={},{CLUSTER_CIDR_V6}",
         cluster.cluster_cidr()
     );
+    // NODE_NETWORK in a flag: the /24 of node-1's address.
+    let [a, b, c, _] = cluster.node("node-1").ip.octets();
+    let flags: Vec<String> = flags
+        .iter()
+        .map(|f| f.replace("NODE_NETWORK", &format!("{a}.{b}.{c}.0/24")))
+        .collect();
     let mut both = vec![cidrs.as_str()];
-    both.extend_from_slice(flags);
+    both.extend(flags.iter().map(String::as_str));
     let families = ["IPv4", "IPv6"];
 
     let started = now()?;
@@ -188,7 +203,12 @@ async fn agree_on_both_families(flags: &[&str]) -> Result<()> {
 /// - `lb-cluster`: a LoadBalancer with `externalTrafficPolicy: Cluster`, a
 ///   source range, and a hostname beside its IPs in the status; `lb-proxy`:
 ///   its ingress IPs with `ipMode: Proxy` (not programmed);
-/// - `headless`, and `other-proxy` (labelled for another proxy): ignored.
+/// - `headless`, and `other-proxy` (labelled for another proxy): ignored;
+/// - `lb-no-nodeports`: a LoadBalancer without NodePorts; `ext-local`: an
+///   external IP, `externalTrafficPolicy: Local` and affinity;
+/// - `named`: a named target port that is 8080 on one endpoint and 9090 on
+///   the other; `unset-conditions`: an endpoint without conditions (ready);
+///   `duplicated`: an endpoint in two slices.
 ///
 /// The pods are IPv4 alone, so these Services have no selectors: their
 /// EndpointSlices, one per family, written here as the EndpointSlice
@@ -269,6 +289,30 @@ async fn create_dual_stack_services(
             "other-proxy",
             json!({"selector": web, "ports": web_ports("TCP", 80)}),
         ),
+        (
+            "lb-no-nodeports",
+            json!({"type": "LoadBalancer", "allocateLoadBalancerNodePorts": false,
+                   "selector": web, "ports": web_ports("TCP", 80)}),
+        ),
+        (
+            "ext-local",
+            json!({"type": "NodePort", "externalTrafficPolicy": "Local",
+                   "sessionAffinity": "ClientIP", "externalIPs": ["203.0.113.21"],
+                   "selector": web, "ports": web_ports("TCP", 80)}),
+        ),
+        (
+            "named",
+            json!({"selector": {"app": "named"}, "ports": [
+                {"name": "http", "port": 80, "targetPort": "web-port", "protocol": "TCP"}]}),
+        ),
+        (
+            "unset-conditions",
+            json!({"selector": {"app": "unset-conditions"}, "ports": web_ports("TCP", 80)}),
+        ),
+        (
+            "duplicated",
+            json!({"selector": {"app": "duplicated"}, "ports": web_ports("TCP", 80)}),
+        ),
     ]);
     let mut local = BTreeSet::new();
     for (name, mut spec) in specs {
@@ -276,11 +320,17 @@ async fn create_dual_stack_services(
         let spec_map = spec.as_object_mut().context("a Service spec")?;
         spec_map.remove("selector");
         spec_map.insert("ipFamilyPolicy".into(), json!("RequireDualStack"));
+        // 203.0.113.N has the twin 2001:db8::N.
         if let Some(ips) = spec_map
             .get_mut("externalIPs")
             .and_then(|v| v.as_array_mut())
         {
-            ips.push(json!("2001:db8::20"));
+            let twins: Vec<serde_json::Value> = ips
+                .iter()
+                .filter_map(|ip| ip.as_str()?.rsplit('.').next())
+                .map(|last| json!(format!("2001:db8::{last}")))
+                .collect();
+            ips.extend(twins);
         }
         if let Some(ranges) = spec_map
             .get_mut("loadBalancerSourceRanges")
@@ -297,6 +347,7 @@ async fn create_dual_stack_services(
                             "port": p["targetPort"], "protocol": p["protocol"]})
             })
             .collect();
+        let ports = json!(ports);
         let labels = if name == "other-proxy" {
             json!({"service.kubernetes.io/service-proxy-name": "other"})
         } else {
@@ -309,7 +360,8 @@ async fn create_dual_stack_services(
         services.create(&PostParams::default(), &service).await?;
         for family in ["IPv4", "IPv6"] {
             let [l1, l2, r1] = addresses(family);
-            let endpoints = match app.as_str() {
+            let mut ports = ports.clone();
+            let mut endpoints = match app.as_str() {
                 "web" => {
                     local.extend([l1.clone(), l2.clone()]);
                     vec![
@@ -354,16 +406,57 @@ async fn create_dual_stack_services(
                     };
                     vec![hinted(&l1, "node-1", zone_1), hinted(&r1, "node-2", zone_2)]
                 }
+                // Conditions left out: ready (and so serving), as the API
+                // reads them.
+                "unset-conditions" => {
+                    local.insert(l1.clone());
+                    vec![endpoint(&l1, "node-1", zone_1, json!({}))]
+                }
                 _ => vec![],
             };
-            let slice: EndpointSlice = serde_json::from_value(json!({
-                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                "metadata": {"name": format!("{name}-{}", family.to_ascii_lowercase()),
-                    "labels": {"kubernetes.io/service-name": name,
-                               "endpointslice.kubernetes.io/managed-by": "causeway-tests"}},
-                "addressType": family, "endpoints": endpoints, "ports": ports,
-            }))?;
-            slices.create(&PostParams::default(), &slice).await?;
+            // Slices beside the first: (ports, endpoints).
+            let mut more = Vec::new();
+            match app.as_str() {
+                // The named target port is 8080 on one endpoint, 9090 on
+                // the other.
+                "named" => {
+                    local.extend([l1.clone(), l2.clone()]);
+                    let named_port =
+                        |port: u16| json!([{"name": "http", "port": port, "protocol": "TCP"}]);
+                    endpoints.push(endpoint(&l1, "node-1", zone_1, ready.clone()));
+                    ports = named_port(8080);
+                    more.push((
+                        named_port(9090),
+                        vec![endpoint(&l2, "node-1", zone_1, ready.clone())],
+                    ));
+                }
+                // An endpoint in two slices (as while the controller moves
+                // it) counts once.
+                "duplicated" => {
+                    local.extend([l1.clone(), l2.clone()]);
+                    endpoints.extend([
+                        endpoint(&l1, "node-1", zone_1, ready.clone()),
+                        endpoint(&l2, "node-1", zone_1, ready.clone()),
+                    ]);
+                    more.push((
+                        ports.clone(),
+                        vec![endpoint(&l1, "node-1", zone_1, ready.clone())],
+                    ));
+                }
+                _ => {}
+            }
+            let family_name = family.to_ascii_lowercase();
+            let all = std::iter::once((ports.clone(), endpoints)).chain(more);
+            for (i, (ports, endpoints)) in all.enumerate() {
+                let slice: EndpointSlice = serde_json::from_value(json!({
+                    "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {"name": format!("{name}-{family_name}-{i}"),
+                        "labels": {"kubernetes.io/service-name": name,
+                                   "endpointslice.kubernetes.io/managed-by": "causeway-tests"}},
+                    "addressType": family, "endpoints": endpoints, "ports": ports,
+                }))?;
+                slices.create(&PostParams::default(), &slice).await?;
+            }
         }
     }
     for (name, ingress) in [
@@ -375,6 +468,10 @@ async fn create_dual_stack_services(
             "lb-cluster",
             json!([{"ip": "203.0.113.40"}, {"ip": "2001:db8::40"},
                    {"hostname": "lb-cluster.example.com"}]),
+        ),
+        (
+            "lb-no-nodeports",
+            json!([{"ip": "203.0.113.50"}, {"ip": "2001:db8::50"}]),
         ),
         (
             "lb-proxy",
@@ -865,6 +962,8 @@ fn recent_lists_holding(ns: &str, address: std::net::Ipv4Addr) -> Result<BTreeSe
 struct Rules {
     nat: Vec<String>,
     filter: Vec<String>,
+    /// The namespace's addresses of the family when the rules were read.
+    addresses: BTreeSet<std::net::IpAddr>,
 }
 
 impl Rules {
@@ -890,9 +989,16 @@ impl Rules {
                 })
                 .collect())
         };
+        let inet = if family == "IPv6" { "inet6" } else { "inet" };
+        let addresses = netns::exec_in(ns, "ip", &["-o", "addr", "show"])?
+            .lines()
+            .filter_map(|l| l.split_once(&format!(" {inet} "))?.1.split('/').next())
+            .filter_map(|a| a.parse().ok())
+            .collect();
         Ok(Rules {
             nat: table("nat")?,
             filter: table("filter")?,
+            addresses,
         })
     }
 
@@ -1000,6 +1106,7 @@ fn assert_same_rules(kube_proxy: &Rules, agent: &Rules, local_endpoints: &BTreeS
                 !(l.starts_with("-A KUBE-SERVICES ")
                     && l.contains(&format!("-j {DISPATCH_BUCKET_PREFIX}")))
             })
+            .filter(|l| !is_nodeports_jump(l))
             .map(|l| {
                 let chain = l.split_whitespace().nth(1).unwrap_or("");
                 if is_dispatch_bucket(chain) {
@@ -1016,12 +1123,7 @@ fn assert_same_rules(kube_proxy: &Rules, agent: &Rules, local_endpoints: &BTreeS
         &by_chain(&outside(agent), nat_unordered),
         &by_chain(&outside(kube_proxy), nat_unordered),
     );
-    let last_entry = |rules: &Rules| rules.chain("KUBE-SERVICES").last().map(|l| l.to_string());
-    assert_eq!(
-        last_entry(agent),
-        last_entry(kube_proxy),
-        "the NodePort catch-all ends KUBE-SERVICES"
-    );
+    assert_same_nodeport_jumps(kube_proxy, agent);
     // Each bucket holds the addresses of its number.
     for line in &agent.nat {
         let Some(bucket) = line
@@ -1148,6 +1250,81 @@ fn assert_same_rules(kube_proxy: &Rules, agent: &Rules, local_endpoints: &BTreeS
         compared += 1;
     }
     assert!(compared >= 8, "{compared} service chains compared");
+}
+
+/// Whether `rule` is one of the jumps that end nat `KUBE-SERVICES` and lead
+/// packets for the node's addresses on to `KUBE-NODEPORTS`.
+fn is_nodeports_jump(rule: &str) -> bool {
+    rule.starts_with("-A KUBE-SERVICES ") && rule.contains("\"kubernetes service nodeports;")
+}
+
+/// The jumps to `KUBE-NODEPORTS` end `KUBE-SERVICES` in both rulesets, and
+/// are the same, but for one documented difference: with
+/// `--nodeport-addresses` CIDRs, kube-proxy writes a jump per node address
+/// it finds inside them (`-d <address>`), the agent one per CIDR (`-d <cidr>
+/// -m addrtype --dst-type LOCAL`), so that an address added later needs no
+/// sync. Then the addresses they match must be the same.
+fn assert_same_nodeport_jumps(kube_proxy: &Rules, agent: &Rules) {
+    let jumps = |rules: &Rules| -> Vec<String> {
+        let entries = rules.chain("KUBE-SERVICES");
+        let tail: Vec<String> = entries
+            .iter()
+            .rev()
+            .take_while(|l| is_nodeports_jump(l))
+            .map(|l| l.to_string())
+            .collect();
+        assert_eq!(
+            tail.len(),
+            entries.iter().filter(|l| is_nodeports_jump(l)).count(),
+            "the NodePort jumps end KUBE-SERVICES: {entries:#?}"
+        );
+        let mut tail = tail;
+        tail.sort();
+        tail
+    };
+    let (ours, theirs) = (jumps(agent), jumps(kube_proxy));
+    if ours == theirs {
+        return;
+    }
+    let destination = |rule: &str| -> Option<String> {
+        rule.split_once(" -d ")
+            .filter(|(head, _)| !head.ends_with(" !"))
+            .and_then(|(_, rest)| rest.split(' ').next())
+            .map(str::to_string)
+    };
+    let theirs_matched: BTreeSet<std::net::IpAddr> = theirs
+        .iter()
+        .map(|rule| {
+            assert!(
+                !rule.contains("addrtype"),
+                "kube-proxy's jumps: {theirs:#?}"
+            );
+            let address = destination(rule).unwrap_or_default();
+            address
+                .split('/')
+                .next()
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("kube-proxy's jump to one address: {rule}"))
+        })
+        .collect();
+    let ours_matched: BTreeSet<std::net::IpAddr> = agent
+        .addresses
+        .iter()
+        .filter(|address| {
+            ours.iter().any(|rule| {
+                let cidr = destination(rule)
+                    .and_then(|d| causeway_agent::addr::parse_cidr(&d))
+                    .unwrap_or_else(|| panic!("the agent's jump to a CIDR: {rule}"));
+                cidr.contains(address)
+                    && (cidr.is_host() || rule.contains("-m addrtype --dst-type LOCAL"))
+            })
+        })
+        .copied()
+        .collect();
+    assert_eq!(
+        ours_matched, theirs_matched,
+        "the node addresses NodePorts answer on: the agent's {ours:#?}, kube-proxy's {theirs:#?}"
+    );
 }
 
 /// A table's rules per chain: in order, or sorted for the chains
