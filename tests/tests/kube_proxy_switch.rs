@@ -134,6 +134,7 @@ async fn agree_on_both_families(flags: &[&str]) -> Result<()> {
         .map(|f| Rules::save_family(&ns, "nft", f))
         .collect::<Result<_>>()?;
     let kube_proxys_answers = http_answers(&cluster, &services, true).await?;
+    let kube_proxys_metrics = metrics_text(&ns)?;
     stop(&cluster, &kube_proxy)?;
 
     let switched = now()?;
@@ -161,6 +162,17 @@ async fn agree_on_both_families(flags: &[&str]) -> Result<()> {
     assert_eq!(
         agents_answers, kube_proxys_answers,
         "HTTP answers: the agent's, then kube-proxy's"
+    );
+    let theirs = kubeproxy_series(&kube_proxys_metrics, true);
+    assert!(
+        theirs.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv6\"}"),
+        "{theirs:#?}"
+    );
+    let ours = kubeproxy_series(&metrics_text(&ns)?, true);
+    let missing: Vec<&String> = theirs.difference(&ours).collect();
+    assert!(
+        missing.is_empty(),
+        "kube-proxy's metrics the agent lacks: {missing:?}"
     );
     stop(&cluster, &agent)?;
 
@@ -567,12 +579,12 @@ async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> 
     );
     // Every kube-proxy series kube-proxy exported, the agent exports too.
     let agents_metrics = metrics_text(&ns)?;
-    let theirs = kubeproxy_series(&kube_proxys_metrics);
+    let theirs = kubeproxy_series(&kube_proxys_metrics, false);
     assert!(
         theirs.contains("kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family}"),
         "{theirs:#?}"
     );
-    let ours = kubeproxy_series(&agents_metrics);
+    let ours = kubeproxy_series(&agents_metrics, false);
     let missing: Vec<&String> = theirs.difference(&ours).collect();
     assert!(
         missing.is_empty(),
@@ -1379,8 +1391,9 @@ fn metrics_text(ns: &str) -> Result<String> {
 }
 
 /// The `kubeproxy_*` series of a metrics text: name and label names (label
-/// values such as a table's rule count differ).
-fn kubeproxy_series(metrics: &str) -> BTreeSet<String> {
+/// values such as a table's rule count differ), and with `families`, the
+/// value of `ip_family`.
+fn kubeproxy_series(metrics: &str, families: bool) -> BTreeSet<String> {
     metrics
         .lines()
         .filter(|l| l.starts_with("kubeproxy_"))
@@ -1390,7 +1403,14 @@ fn kubeproxy_series(metrics: &str) -> BTreeSet<String> {
                 let names: Vec<&str> = labels
                     .trim_end_matches('}')
                     .split(',')
-                    .filter_map(|pair| pair.split_once('=').map(|(k, _)| k))
+                    .filter_map(|pair| {
+                        let (key, _) = pair.split_once('=')?;
+                        Some(if families && key == "ip_family" {
+                            pair
+                        } else {
+                            key
+                        })
+                    })
                     .filter(|k| *k != "le")
                     .collect();
                 format!("{name}{{{}}}", names.join(","))
