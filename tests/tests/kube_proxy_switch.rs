@@ -103,6 +103,189 @@ async fn both_families_agree_on_nodeport_addresses() -> Result<()> {
     agree_on_both_families(&["--iptables-localhost-nodeports=false"]).await
 }
 
+/// The agent's partial syncs end where kube-proxy's full computation
+/// starts: the agent programs the dual-stack Services of
+/// [`create_dual_stack_services`], then follows a round of changes made
+/// through the apiserver, each family in partial syncs; kube-proxy, started
+/// after it, computes the same Services from scratch. Their rules must
+/// differ only as documented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_partial_syncs_end_where_kube_proxy_starts() -> Result<()> {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let cluster = Cluster::start(ClusterOptions::nodes(2)).await?;
+    let ns = cluster.node("node-1").netns.clone();
+    let services: Api<Service> = Api::namespaced(cluster.client(), "default");
+    let slices: Api<EndpointSlice> = Api::namespaced(cluster.client(), "default");
+    let local_endpoints = create_dual_stack_services(&cluster, &services).await?;
+    let cidrs = format!(
+        "--cluster-cidr={},{CLUSTER_CIDR_V6}",
+        cluster.cluster_cidr()
+    );
+    let both = [cidrs.as_str()];
+    let families = ["IPv4", "IPv6"];
+
+    let started = now()?;
+    let agent = Proxy {
+        pid: cluster.spawn_agent("node-1", "agent", &workspace_bin("causeway-agent"), &both)?,
+        log: "agent",
+    };
+    for family in families {
+        wait_for_family_sync(&cluster, &agent, started, family, "the agent's first syncs").await?;
+    }
+    // Let the first syncs' period pass, so that the changes are synced
+    // partially rather than folded into a full sync.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let merge = |value: serde_json::Value| Patch::Merge(value);
+    let params = PatchParams::default();
+    // Endpoints: web loses one on each family; empty gains one; draining's
+    // terminating endpoint is ready again.
+    for family in ["ipv4", "ipv6"] {
+        let name = format!("web-{family}-0");
+        let mut slice = slices.get(&name).await?;
+        slice.endpoints.truncate(1);
+        slices
+            .replace(&name, &PostParams::default(), &slice)
+            .await?;
+        for (service, ready_again) in [("empty", false), ("draining", true)] {
+            let name = format!("{service}-{family}-0");
+            let mut slice = slices.get(&name).await?;
+            if ready_again {
+                let conditions = slice.endpoints[0]
+                    .conditions
+                    .get_or_insert_with(Default::default);
+                conditions.ready = Some(true);
+                conditions.terminating = Some(false);
+            } else {
+                let mut endpoint =
+                    slices.get(&format!("web-{family}-0")).await?.endpoints[0].clone();
+                endpoint.hints = None;
+                slice.endpoints.push(endpoint);
+            }
+            slices
+                .replace(&name, &PostParams::default(), &slice)
+                .await?;
+        }
+    }
+    // Services: a type, a policy, affinity, a port, a source range and an
+    // ingress IP change; one goes, one comes.
+    let changes = [
+        (
+            "web-np",
+            json!({"spec": {"type": "ClusterIP", "ports": [
+            {"port": 80, "targetPort": 80, "protocol": "TCP", "nodePort": null}]}}),
+        ),
+        ("far", json!({"spec": {"externalTrafficPolicy": "Cluster"}})),
+        ("sticky", json!({"spec": {"sessionAffinity": "None"}})),
+        (
+            "multi",
+            json!({"spec": {"ports": [
+            {"name": "http", "port": 8080, "targetPort": 80, "protocol": "TCP"}]}}),
+        ),
+        (
+            "lb-cluster",
+            json!({"spec": {"loadBalancerSourceRanges": [
+            "198.51.100.128/25", "2001:db8:200::/64"]}}),
+        ),
+    ];
+    for (name, patch) in changes {
+        services.patch(name, &params, &merge(patch)).await?;
+    }
+    services
+        .patch_status(
+            "web-lb",
+            &params,
+            &merge(json!({"status": {"loadBalancer": {"ingress": [
+                {"ip": "203.0.113.11"}, {"ip": "2001:db8::11"}]}}})),
+        )
+        .await?;
+    services.delete("zoned", &DeleteParams::default()).await?;
+    let late: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "late"},
+        "spec": {"type": "NodePort", "ipFamilyPolicy": "RequireDualStack",
+                 "ports": [{"port": 80, "targetPort": 80, "protocol": "TCP"}]}
+    }))?;
+    services.create(&PostParams::default(), &late).await?;
+    for family in ["ipv4", "ipv6"] {
+        let mut slice = slices.get(&format!("web-{family}-0")).await?;
+        slice.metadata = serde_json::from_value(json!({
+            "name": format!("late-{family}-0"),
+            "labels": {"kubernetes.io/service-name": "late",
+                       "endpointslice.kubernetes.io/managed-by": "causeway-tests"}}))?;
+        slices.create(&PostParams::default(), &slice).await?;
+    }
+    let changed = now()?;
+
+    // Synced: nothing pending, and the last sync after the last change.
+    let synced = eventually(
+        Duration::from_secs(30),
+        "the agent's syncs of the changes",
+        || async {
+            let metrics = metrics_text(&ns).unwrap_or_default();
+            let value = |name: &str| metrics::value(&metrics, name);
+            let pending = value("kubeproxy_sync_proxy_rules_service_changes_pending")
+                .unwrap_or(1.0)
+                + value("kubeproxy_sync_proxy_rules_endpoint_changes_pending").unwrap_or(1.0);
+            let done = families.iter().all(|f| {
+                let last = value(&format!(
+                    "kubeproxy_sync_proxy_rules_last_timestamp_seconds{{ip_family=\"{f}\"}}"
+                ));
+                let queued = value(&format!(
+                    "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{{ip_family=\"{f}\"}}"
+                ));
+                matches!((last, queued), (Some(l), Some(q)) if l > changed && l >= q)
+            });
+            Ok((pending == 0.0 && done).then_some(metrics))
+        },
+    )
+    .await?;
+    for family in families {
+        let partial = format!(
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds_count{{ip_family=\"{family}\"}}"
+        );
+        assert!(
+            metrics::value(&synced, &partial).unwrap_or(0.0) >= 1.0,
+            "the agent synced {family} partially:\n{synced}"
+        );
+    }
+    let by_agent: Vec<Rules> = families
+        .iter()
+        .map(|f| Rules::save_family(&ns, "nft", f))
+        .collect::<Result<_>>()?;
+    stop(&cluster, &agent)?;
+
+    let back = now()?;
+    let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy", "nft", &both)?;
+    for family in families {
+        wait_for_family_sync(&cluster, &kube_proxy, back, family, "kube-proxy's syncs").await?;
+    }
+    for (family, agents) in families.iter().zip(&by_agent) {
+        let kube_proxys = Rules::save_family(&ns, "nft", family)?;
+        assert!(
+            !kube_proxys.nat.iter().any(|l| l.contains("default/zoned")),
+            "zoned is gone"
+        );
+        assert!(
+            kube_proxys
+                .nat
+                .iter()
+                .any(|l| l.contains("default/late cluster IP")),
+            "late is there"
+        );
+        let local: BTreeSet<String> = local_endpoints
+            .iter()
+            .filter(|ip| ip.contains(':') == (*family == "IPv6"))
+            .cloned()
+            .collect();
+        let compared = std::panic::catch_unwind(|| assert_same_rules(&kube_proxys, agents, &local));
+        if let Err(panic) = compared {
+            eprintln!("{family} rules differ");
+            std::panic::resume_unwind(panic);
+        }
+    }
+    Ok(())
+}
+
 /// Runs kube-proxy, then the agent, then kube-proxy again on node-1, all
 /// with `flags` and both cluster CIDRs, and compares what they write.
 async fn agree_on_both_families(flags: &[&str]) -> Result<()> {
@@ -1063,7 +1246,9 @@ impl Rules {
 /// - hairpin masquerading in `KUBE-POSTROUTING`;
 /// - the localhost NodePort counting rule first in `KUBE-EXT-` instead of a
 ///   second `KUBE-NODEPORTS` entry;
-/// - from 1 000 Service addresses, `KUBE-SERVICES`' entries in buckets.
+/// - from 1 000 Service addresses, `KUBE-SERVICES`' entries in buckets;
+/// - with `--nodeport-addresses` CIDRs, a jump to `KUBE-NODEPORTS` per CIDR;
+/// - no jumps to kubelet's `KUBE-FIREWALL` where it holds no rule.
 fn assert_same_rules(kube_proxy: &Rules, agent: &Rules, local_endpoints: &BTreeSet<String>) {
     // The filter table is kube-proxy's, rule for rule; in order, but for
     // the chains of one entry per Service, whose entries match different
@@ -1077,10 +1262,30 @@ fn assert_same_rules(kube_proxy: &Rules, agent: &Rules, local_endpoints: &BTreeS
         ]
         .contains(&chain)
     };
+    // kube-proxy makes sure kubelet's KUBE-FIREWALL chain and the jumps to
+    // it exist even where it writes no rule there (IPv6, or no localhost
+    // NodePorts); the agent only where it writes the localnet guard there.
+    // Jumps to an empty chain do nothing.
+    let firewall_empty = !kube_proxy
+        .filter
+        .iter()
+        .any(|l| l.starts_with("-A KUBE-FIREWALL "));
+    let filter = |rules: &Rules| -> Vec<String> {
+        rules
+            .filter
+            .iter()
+            .filter(|l| {
+                !(firewall_empty
+                    && ["-A INPUT -j KUBE-FIREWALL", "-A OUTPUT -j KUBE-FIREWALL"]
+                        .contains(&l.as_str()))
+            })
+            .cloned()
+            .collect()
+    };
     assert_same_chains(
         "filter",
-        &by_chain(&agent.filter, unordered),
-        &by_chain(&kube_proxy.filter, unordered),
+        &by_chain(&filter(agent), unordered),
+        &by_chain(&filter(kube_proxy), unordered),
     );
     // The same chains under the same names, but for the endpoint chains and
     // the buckets.
