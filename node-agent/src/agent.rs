@@ -693,13 +693,15 @@ struct SyncOutcome {
 /// Per-family state between syncs.
 struct FamilyState {
     netfilter: Netfilter,
-    /// Per-service nat chains in the last applied payload; `None` until the
-    /// first sync has read what exists.
+    /// Per-service nat chains in the last applied payload; `None` before
+    /// the first applied payload and after a failed restore (the next sync
+    /// then reads what exists).
     applied_chains: Option<Vec<String>>,
-    /// Reading what exists failed: chains from before (an earlier run's,
-    /// kube-proxy's) may be left, so each sync reads again until it works,
-    /// and the sync after that is a full one that deletes them.
-    chains_unread: bool,
+    /// When reading what exists last failed: chains from before (an earlier
+    /// run's, kube-proxy's) may be left. A sync reads again once per
+    /// `--sync-period` (a read of a large nat table takes seconds), and the
+    /// first whose read succeeds is a full sync that deletes them.
+    chains_unread_since: Option<Instant>,
     /// The nat and filter rules the last applied payload left, the base of
     /// the next partial sync's counts.
     applied_totals: RuleCounts,
@@ -784,7 +786,7 @@ impl Syncer {
                 self.families.push(FamilyState {
                     netfilter: Netfilter::new(family, self.config.backend),
                     applied_chains: None,
-                    chains_unread: false,
+                    chains_unread_since: None,
                     applied_totals: RuleCounts::default(),
                     model_cache: ModelCache::new(family),
                     applied_model: None,
@@ -842,18 +844,23 @@ impl Syncer {
                     }
                 }
             }
-            let was_unread = state.chains_unread;
+            let was_unread = state.chains_unread_since.is_some();
+            let read_again = state
+                .chains_unread_since
+                .is_some_and(|t| t.elapsed() >= self.config.sync_period);
             let previous: Cow<'_, [String]> = match &state.applied_chains {
-                Some(chains) if !was_unread => Cow::Borrowed(chains),
+                Some(chains) if !read_again => Cow::Borrowed(chains),
                 applied => match state.netfilter.existing_service_chains() {
                     Ok(chains) => {
-                        state.chains_unread = false;
+                        state.chains_unread_since = None;
                         Cow::Owned(chains)
                     }
                     Err(e) => {
-                        warn!(family = ?family, error = %e, "cannot list the existing chains; stale ones stay until a sync can");
-                        state.chains_unread = true;
-                        Cow::Owned(applied.clone().unwrap_or_default())
+                        warn!(family = ?family, error = %e, "cannot list the existing chains; stale ones stay until a sync can (tried again each --sync-period)");
+                        state.chains_unread_since = Some(Instant::now());
+                        applied
+                            .as_deref()
+                            .map_or(Cow::Owned(Vec::new()), Cow::Borrowed)
                     }
                 },
             };
@@ -893,7 +900,7 @@ impl Syncer {
                 || damaged
                 || periodic
                 // The chains could be read at last: delete the stale ones.
-                || (was_unread && !state.chains_unread);
+                || (was_unread && state.chains_unread_since.is_none());
             // Once per sync: the counters are the namespace's, not a family's.
             if full && !counters_checked {
                 counters_checked = true;
