@@ -125,16 +125,39 @@ async fn the_agents_partial_syncs_end_where_kube_proxy_starts() -> Result<()> {
     let families = ["IPv4", "IPv6"];
 
     let started = now()?;
+    // On an empty node `auto` would follow the host's iptables; the rules
+    // are read, and kube-proxy runs, with nft.
+    let agent_flags = [cidrs.as_str(), "--iptables-backend", "nft"];
     let agent = Proxy {
-        pid: cluster.spawn_agent("node-1", "agent", &workspace_bin("causeway-agent"), &both)?,
+        pid: cluster.spawn_agent(
+            "node-1",
+            "agent",
+            &workspace_bin("causeway-agent"),
+            &agent_flags,
+        )?,
         log: "agent",
     };
     for family in families {
         wait_for_family_sync(&cluster, &agent, started, family, "the agent's first syncs").await?;
     }
-    // Let the first syncs' period pass, so that the changes are synced
-    // partially rather than folded into a full sync.
+    // The count of full syncs once the first ones are recorded (a sync's
+    // durations are observed after its timestamp): none may follow.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let sync_counts = |metrics: &str, kind: &str| -> Vec<f64> {
+        families
+            .iter()
+            .map(|f| {
+                metrics::value(
+                    metrics,
+                    &format!("kubeproxy_sync_{kind}_proxy_rules_duration_seconds_count{{ip_family=\"{f}\"}}"),
+                )
+                .unwrap_or(0.0)
+            })
+            .collect()
+    };
+    let before = metrics_text(&ns)?;
+    let full_syncs = sync_counts(&before, "full");
+    let partial_syncs = sync_counts(&before, "partial");
 
     let merge = |value: serde_json::Value| Patch::Merge(value);
     let params = PatchParams::default();
@@ -216,38 +239,61 @@ async fn the_agents_partial_syncs_end_where_kube_proxy_starts() -> Result<()> {
     }
     let changed = now()?;
 
-    // Synced: nothing pending, and the last sync after the last change.
+    // Synced and at rest: nothing pending, each family's last sync after
+    // the last change and after its last queued change, and no sync in the
+    // 1.5 s after that (more than --min-sync-period, so a change received
+    // meanwhile would have been synced); the newest Service programmed.
+    let at_rest = |metrics: &str| -> Option<Vec<f64>> {
+        let value = |name: &str| metrics::value(metrics, name);
+        let pending = value("kubeproxy_sync_proxy_rules_service_changes_pending")?
+            + value("kubeproxy_sync_proxy_rules_endpoint_changes_pending")?;
+        let stamps: Vec<f64> = families
+            .iter()
+            .map(|f| {
+                let last = value(&format!(
+                    "kubeproxy_sync_proxy_rules_last_timestamp_seconds{{ip_family=\"{f}\"}}"
+                ))?;
+                let queued = value(&format!(
+                    "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{{ip_family=\"{f}\"}}"
+                ))?;
+                (last > changed && last >= queued).then_some(last)
+            })
+            .collect::<Option<_>>()?;
+        (pending == 0.0).then_some(stamps)
+    };
     let synced = eventually(
         Duration::from_secs(30),
         "the agent's syncs of the changes",
         || async {
+            let Some(first) = at_rest(&metrics_text(&ns).unwrap_or_default()) else {
+                return Ok(None);
+            };
+            tokio::time::sleep(Duration::from_millis(1500)).await;
             let metrics = metrics_text(&ns).unwrap_or_default();
-            let value = |name: &str| metrics::value(&metrics, name);
-            let pending = value("kubeproxy_sync_proxy_rules_service_changes_pending")
-                .unwrap_or(1.0)
-                + value("kubeproxy_sync_proxy_rules_endpoint_changes_pending").unwrap_or(1.0);
-            let done = families.iter().all(|f| {
-                let last = value(&format!(
-                    "kubeproxy_sync_proxy_rules_last_timestamp_seconds{{ip_family=\"{f}\"}}"
-                ));
-                let queued = value(&format!(
-                    "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{{ip_family=\"{f}\"}}"
-                ));
-                matches!((last, queued), (Some(l), Some(q)) if l > changed && l >= q)
+            let late_everywhere = families.iter().all(|f| {
+                Rules::save_family(&ns, "nft", f).is_ok_and(|r| {
+                    r.nat.iter().any(|l| l.contains("default/late cluster IP"))
+                        && !r.nat.iter().any(|l| l.contains("default/zoned"))
+                })
             });
-            Ok((pending == 0.0 && done).then_some(metrics))
+            Ok((at_rest(&metrics) == Some(first) && late_everywhere).then_some(metrics))
         },
     )
     .await?;
-    for family in families {
-        let partial = format!(
-            "kubeproxy_sync_partial_proxy_rules_duration_seconds_count{{ip_family=\"{family}\"}}"
-        );
-        assert!(
-            metrics::value(&synced, &partial).unwrap_or(0.0) >= 1.0,
-            "the agent synced {family} partially:\n{synced}"
-        );
-    }
+    // Followed in partial syncs, with no full one.
+    assert_eq!(
+        sync_counts(&synced, "full"),
+        full_syncs,
+        "full syncs:\n{synced}"
+    );
+    let partial_now = sync_counts(&synced, "partial");
+    assert!(
+        partial_now
+            .iter()
+            .zip(&partial_syncs)
+            .all(|(now, before)| now > before),
+        "partial syncs of each family: {partial_syncs:?} then {partial_now:?}"
+    );
     let by_agent: Vec<Rules> = families
         .iter()
         .map(|f| Rules::save_family(&ns, "nft", f))
@@ -1596,9 +1642,9 @@ fn metrics_text(ns: &str) -> Result<String> {
 }
 
 /// The `kubeproxy_*` series of a metrics text: name and label names (label
-/// values such as a table's rule count differ), and with `families`, the
-/// value of `ip_family`.
-fn kubeproxy_series(metrics: &str, families: bool) -> BTreeSet<String> {
+/// values such as a table's rule count differ), and with
+/// `keep_ip_family_value`, the value of `ip_family`.
+fn kubeproxy_series(metrics: &str, keep_ip_family_value: bool) -> BTreeSet<String> {
     metrics
         .lines()
         .filter(|l| l.starts_with("kubeproxy_"))
@@ -1610,7 +1656,7 @@ fn kubeproxy_series(metrics: &str, families: bool) -> BTreeSet<String> {
                     .split(',')
                     .filter_map(|pair| {
                         let (key, _) = pair.split_once('=')?;
-                        Some(if families && key == "ip_family" {
+                        Some(if keep_ip_family_value && key == "ip_family" {
                             pair
                         } else {
                             key
@@ -1728,9 +1774,7 @@ fn without_times(body: &str, both_families: bool) -> String {
     let Ok(mut json) = serde_json::from_str::<serde_json::Value>(body) else {
         return body.to_string();
     };
-    if let Some(status) = json.get_mut("status").and_then(|s| s.as_object_mut())
-        && !both_families
-    {
+    if !both_families && let Some(status) = json.get_mut("status").and_then(|s| s.as_object_mut()) {
         status.remove("IPv6");
     }
     let mut out = json.to_string();
