@@ -332,9 +332,22 @@ async fn the_agents_partial_syncs_end_where_kube_proxy_starts() -> Result<()> {
     Ok(())
 }
 
+/// The same on a legacy node (kube-proxy on iptables-legacy and
+/// ip6tables-legacy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_families_agree_on_a_legacy_node() -> Result<()> {
+    agree_on_both_families_with("legacy", &[]).await
+}
+
 /// Runs kube-proxy, then the agent, then kube-proxy again on node-1, all
 /// with `flags` and both cluster CIDRs, and compares what they write.
 async fn agree_on_both_families(flags: &[&str]) -> Result<()> {
+    agree_on_both_families_with("nft", flags).await
+}
+
+/// [`agree_on_both_families`] with kube-proxy on `backend`'s iptables (the
+/// agent, with `auto`, keeps to it).
+async fn agree_on_both_families_with(backend: &str, flags: &[&str]) -> Result<()> {
     let cluster = Cluster::start(ClusterOptions::nodes(2)).await?;
     let ns = cluster.node("node-1").netns.clone();
     let services: Api<Service> = Api::namespaced(cluster.client(), "default");
@@ -354,13 +367,13 @@ async fn agree_on_both_families(flags: &[&str]) -> Result<()> {
     let families = ["IPv4", "IPv6"];
 
     let started = now()?;
-    let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy-1", "nft", &both)?;
+    let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy-1", backend, &both)?;
     for family in families {
         wait_for_family_sync(&cluster, &kube_proxy, started, family, "kube-proxy's syncs").await?;
     }
     let by_kube_proxy: Vec<Rules> = families
         .iter()
-        .map(|f| Rules::save_family(&ns, "nft", f))
+        .map(|f| Rules::save_family(&ns, backend, f))
         .collect::<Result<_>>()?;
     let kube_proxys_answers = http_answers(&cluster, &services, true).await?;
     let kube_proxys_metrics = metrics_text(&ns)?;
@@ -375,7 +388,7 @@ async fn agree_on_both_families(flags: &[&str]) -> Result<()> {
         wait_for_family_sync(&cluster, &agent, switched, family, "the agent's syncs").await?;
     }
     for (family, kube_proxys) in families.iter().zip(&by_kube_proxy) {
-        let agents = Rules::save_family(&ns, "nft", family)?;
+        let agents = Rules::save_family(&ns, backend, family)?;
         let local: BTreeSet<String> = local_endpoints
             .iter()
             .filter(|ip| ip.contains(':') == (*family == "IPv6"))
@@ -407,7 +420,7 @@ async fn agree_on_both_families(flags: &[&str]) -> Result<()> {
 
     // kube-proxy takes both families back to exactly its own rules.
     let back = now()?;
-    let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy-2", "nft", &both)?;
+    let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy-2", backend, &both)?;
     for family in families {
         wait_for_family_sync(&cluster, &kube_proxy, back, family, "kube-proxy's return").await?;
     }
@@ -417,7 +430,7 @@ async fn agree_on_both_families(flags: &[&str]) -> Result<()> {
         "kube-proxy could not apply its rules:\n{log}"
     );
     for (family, before) in families.iter().zip(&by_kube_proxy) {
-        let again = Rules::save_family(&ns, "nft", family)?;
+        let again = Rules::save_family(&ns, backend, family)?;
         let sorted = |lines: &[String]| -> Vec<String> {
             let mut lines = lines.to_vec();
             lines.sort();
