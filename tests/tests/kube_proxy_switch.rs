@@ -339,6 +339,56 @@ async fn both_families_agree_on_a_legacy_node() -> Result<()> {
     agree_on_both_families_with("legacy", &[]).await
 }
 
+/// While the cluster autoscaler is taking node-1 away (its taint), both
+/// proxies answer `/healthz` with 503 and the same body, and the rest as
+/// before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_agree_while_the_autoscaler_removes_the_node() -> Result<()> {
+    use k8s_openapi::api::core::v1::Node;
+    let cluster = Cluster::start(ClusterOptions::nodes(2)).await?;
+    let services: Api<Service> = Api::namespaced(cluster.client(), "default");
+    create_dual_stack_services(&cluster, &services).await?;
+    let nodes: Api<Node> = Api::all(cluster.client());
+    nodes
+        .patch(
+            "node-1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"taints": [{
+                "key": "ToBeDeletedByClusterAutoscaler", "value": "1764670000",
+                "effect": "NoSchedule"}]}})),
+        )
+        .await?;
+    let cidrs = format!(
+        "--cluster-cidr={},{CLUSTER_CIDR_V6}",
+        cluster.cluster_cidr()
+    );
+    let both = [cidrs.as_str()];
+    let families = ["IPv4", "IPv6"];
+
+    let started = now()?;
+    let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy", "nft", &both)?;
+    for family in families {
+        wait_for_family_sync(&cluster, &kube_proxy, started, family, "kube-proxy's syncs").await?;
+    }
+    let kube_proxys_answers = http_answers(&cluster, &services, true, 503).await?;
+    stop(&cluster, &kube_proxy)?;
+
+    let switched = now()?;
+    let agent = Proxy {
+        pid: cluster.spawn_agent("node-1", "agent", &workspace_bin("causeway-agent"), &both)?,
+        log: "agent",
+    };
+    for family in families {
+        wait_for_family_sync(&cluster, &agent, switched, family, "the agent's syncs").await?;
+    }
+    let agents_answers = http_answers(&cluster, &services, true, 503).await?;
+    assert_eq!(
+        agents_answers, kube_proxys_answers,
+        "HTTP answers: the agent's, then kube-proxy's"
+    );
+    Ok(())
+}
+
 /// Runs kube-proxy, then the agent, then kube-proxy again on node-1, all
 /// with `flags` and both cluster CIDRs, and compares what they write.
 async fn agree_on_both_families(flags: &[&str]) -> Result<()> {
@@ -375,7 +425,7 @@ async fn agree_on_both_families_with(backend: &str, flags: &[&str]) -> Result<()
         .iter()
         .map(|f| Rules::save_family(&ns, backend, f))
         .collect::<Result<_>>()?;
-    let kube_proxys_answers = http_answers(&cluster, &services, true).await?;
+    let kube_proxys_answers = http_answers(&cluster, &services, true, 200).await?;
     let kube_proxys_metrics = metrics_text(&ns)?;
     stop(&cluster, &kube_proxy)?;
 
@@ -400,7 +450,7 @@ async fn agree_on_both_families_with(backend: &str, flags: &[&str]) -> Result<()
             std::panic::resume_unwind(panic);
         }
     }
-    let agents_answers = http_answers(&cluster, &services, true).await?;
+    let agents_answers = http_answers(&cluster, &services, true, 200).await?;
     assert_eq!(
         agents_answers, kube_proxys_answers,
         "HTTP answers: the agent's, then kube-proxy's"
@@ -775,7 +825,7 @@ async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> 
     let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy-1", backend, both)?;
     wait_for_sync(&cluster, &kube_proxy, started, "kube-proxy's first sync").await?;
     let by_kube_proxy = Rules::save(&ns, backend)?;
-    let kube_proxys_answers = http_answers(&cluster, &services, false).await?;
+    let kube_proxys_answers = http_answers(&cluster, &services, false, 200).await?;
     // Read after the sync has finished: a scrape right after the sync's
     // timestamp may come before its durations are observed.
     let kube_proxys_metrics = metrics_text(&ns)?;
@@ -814,7 +864,7 @@ async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> 
         !elsewhere.contains(":KUBE-SERVICES"),
         "the agent kept to kube-proxy's backend, {backend}:\n{elsewhere}"
     );
-    let agents_answers = http_answers(&cluster, &services, false).await?;
+    let agents_answers = http_answers(&cluster, &services, false, 200).await?;
     assert_eq!(
         agents_answers, kube_proxys_answers,
         "HTTP answers: the agent's, then kube-proxy's"
@@ -1686,11 +1736,12 @@ fn kubeproxy_series(metrics: &str, keep_ip_family_value: bool) -> BTreeSet<Strin
 
 /// What a proxy's HTTP servers answer in `ns`: per request, the status,
 /// the headers kube-proxy sets (the date aside) and the body, with every
-/// time in it replaced by `<time>`.
+/// time in it replaced by `<time>`. `/healthz` must answer `healthz`.
 async fn http_answers(
     cluster: &Cluster,
     services: &Api<Service>,
     both_families: bool,
+    healthz: u16,
 ) -> Result<BTreeMap<String, String>> {
     let (ns, node_ip) = (&cluster.node("node-1").netns, cluster.node("node-1").ip);
     let health_check_of = |name: &'static str| async move {
@@ -1709,13 +1760,13 @@ async fn http_answers(
         (
             "GET",
             "http://127.0.0.1:10256/healthz".to_string(),
-            Some(200),
+            Some(healthz),
         ),
         ("GET", "http://127.0.0.1:10256/livez".to_string(), Some(200)),
         (
             "POST",
             "http://127.0.0.1:10256/healthz".to_string(),
-            Some(200),
+            Some(healthz),
         ),
         ("GET", "http://127.0.0.1:10256/other".to_string(), Some(404)),
         // Over IPv6 too: kube-proxy's 0.0.0.0 takes both families.
