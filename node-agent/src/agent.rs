@@ -327,6 +327,17 @@ pub async fn run(client: Client, config: RunConfig, metrics: Arc<Metrics>) -> an
         for issue in &outcome.new_issues {
             publish_issue(&recorder, &caches, issue).await;
         }
+        if let Some(sign) = &outcome.kube_proxy_seen {
+            publish_warning(
+                &recorder,
+                &caches,
+                ("Node", None, &config.node_name),
+                "KubeProxyRunning",
+                "Sync",
+                format!("{KUBE_PROXY_BESIDE} ({sign}); causeway-agent restores its rules, and both keep rewriting them until kube-proxy stops"),
+            )
+            .await;
+        }
         let failures = health_checks
             .sync(outcome.service_checks, &outcome.check_addresses)
             .await;
@@ -567,6 +578,9 @@ fn uid_of(caches: &Caches, kind: &str, namespace: Option<&str>, name: &str) -> O
     }
 }
 
+/// What a sign of kube-proxy in our rules means.
+const KUBE_PROXY_BESIDE: &str = "kube-proxy is running on this node too: it rewrites the Service rules the agent writes; stop it (docs/agent.md, \"Replacing kube-proxy\")";
+
 /// Publishes a Warning event about the `kind` object `namespace`/`name` (its
 /// uid from the caches); a failure to publish is logged.
 async fn publish_warning(
@@ -688,6 +702,8 @@ struct SyncOutcome {
     service_checks: BTreeMap<u16, ServiceHealth>,
     /// Where they listen (`--nodeport-addresses`).
     check_addresses: CheckAddresses,
+    /// kube-proxy's sign in our rules, when this sync's check found one.
+    kube_proxy_seen: Option<String>,
 }
 
 /// Per-family state between syncs.
@@ -812,6 +828,7 @@ impl Syncer {
         // partial one. A part ends where the next begins.
         let mut timings: Vec<(IpFamily, Instant, Option<bool>)> = Vec::new();
         let mut counters_checked = false;
+        let mut kube_proxy_seen = None;
         for state in &mut self.families {
             let family = state.netfilter.family;
             // The first part also carries the reading of the caches above.
@@ -844,6 +861,38 @@ impl Syncer {
                     }
                 }
             }
+            // Once per --sync-period: has another program changed our rules
+            // (a canary chain deleted, a chain flushed, a jump gone, or
+            // kube-proxy running beside us)? Then the full sync reads what
+            // exists again, so that it also deletes what that program added.
+            let mut damaged = false;
+            if let Some(applied) = state.applied_model.as_deref()
+                && state
+                    .last_check
+                    .is_some_and(|t| t.elapsed() >= self.config.sync_period)
+            {
+                state.last_check = Some(Instant::now());
+                let probe = applied
+                    .service_ports
+                    .iter()
+                    .find(|p| !p.internal_policy_local() && !p.cluster_endpoints.is_empty())
+                    .map(|p| rules::names::ServiceChains::new(&p.name, p.protocol).cluster);
+                if let Some(damage) = state.netfilter.damage(
+                    &rules::never_empty_chains(&render_config),
+                    &rules::builtin_jumps(&render_config),
+                    probe.as_deref(),
+                ) {
+                    if damage.kube_proxy {
+                        error!(family = ?family, sign = %damage.what, "{KUBE_PROXY_BESIDE}; restoring our rules with a full sync");
+                        kube_proxy_seen = Some(damage.what.clone());
+                    } else {
+                        warn!(family = ?family, damage = %damage.what, "another program changed our rules; restoring them with a full sync");
+                    }
+                    self.shared.metrics.rules_damaged.inc();
+                    state.applied_chains = None;
+                    damaged = true;
+                }
+            }
             let was_unread = state.chains_unread_since.is_some();
             let read_again = state
                 .chains_unread_since
@@ -866,26 +915,8 @@ impl Syncer {
             };
             // Full: at start, after a failure, when the configuration or the
             // dispatch layout changed, when another program damaged our rules
-            // (checked once per --sync-period: a canary chain deleted, a
-            // chain flushed, a jump gone), and once per FULL_SYNC_PERIOD for
-            // damage the check does not see. Otherwise only what changed is
-            // written.
-            let mut damaged = false;
-            if state.applied_model.is_some()
-                && state
-                    .last_check
-                    .is_some_and(|t| t.elapsed() >= self.config.sync_period)
-            {
-                state.last_check = Some(Instant::now());
-                if let Some(damage) = state.netfilter.damage(
-                    &rules::never_empty_chains(&render_config),
-                    &rules::builtin_jumps(&render_config),
-                ) {
-                    warn!(family = ?family, %damage, "another program changed our rules; restoring them with a full sync");
-                    self.shared.metrics.rules_damaged.inc();
-                    damaged = true;
-                }
-            }
+            // (checked below), and once per FULL_SYNC_PERIOD for damage the
+            // check does not see. Otherwise only what changed is written.
             let periodic = state
                 .last_full
                 .is_some_and(|t| t.elapsed() >= FULL_SYNC_PERIOD);
@@ -1106,6 +1137,7 @@ impl Syncer {
             failed,
             service_checks,
             check_addresses,
+            kube_proxy_seen,
         }
     }
 

@@ -190,24 +190,40 @@ impl Netfilter {
     }
 
     /// What another program did to our rules, if anything, as the first
-    /// sign found (see [`damage_in_listing`]), table by table.
+    /// sign found (see [`damage_in_listing`] and [`kube_proxy_sign`]), table
+    /// by table. `probe` is one of our service chains with endpoints, which
+    /// kube-proxy, running beside us, would rewrite to jump to `KUBE-SEP-`
+    /// chains.
     ///
     /// iptables-legacy reads and parses the whole table for every command
     /// (1.37 s for 22 commands at 10 000 × 10), so with it each table is saved
     /// once (nat: 0.37 s). iptables-nft reads only the chain a command names,
     /// so with it only the chains the checks look at are listed, one small
     /// `iptables -S` each.
-    pub fn damage(&self, never_empty: &[(Table, &str)], jumps: &[JumpRule]) -> Option<String> {
+    pub fn damage(
+        &self,
+        never_empty: &[(Table, &str)],
+        jumps: &[JumpRule],
+        probe: Option<&str>,
+    ) -> Option<Damage> {
         [Table::Mangle, Table::Nat, Table::Filter]
             .into_iter()
             .find_map(|table| {
                 let listing = if self.backend == Backend::Legacy {
                     match self.save(&["-t", table.as_str()]) {
                         Ok(saved) => saved,
-                        Err(e) => return Some(format!("cannot read {}: {e:#}", table.as_str())),
+                        Err(e) => {
+                            return Some(Damage {
+                                what: format!("cannot read {}: {e:#}", table.as_str()),
+                                kube_proxy: false,
+                            });
+                        }
                     }
                 } else {
                     let mut chains = vec![KUBE_PROXY_CANARY];
+                    if table == Table::Nat {
+                        chains.extend(probe);
+                    }
                     let looked_at = never_empty
                         .iter()
                         .filter(|(t, _)| *t == table)
@@ -223,7 +239,21 @@ impl Netfilter {
                         .filter_map(|chain| self.list_chain(table, chain))
                         .collect()
                 };
-                damage_in_listing(table, &listing, never_empty, jumps)
+                let kube_proxy = (table == Table::Nat)
+                    .then(|| kube_proxy_sign(&listing))
+                    .flatten();
+                match kube_proxy {
+                    Some(what) => Some(Damage {
+                        what,
+                        kube_proxy: true,
+                    }),
+                    None => {
+                        damage_in_listing(table, &listing, never_empty, jumps).map(|what| Damage {
+                            what,
+                            kube_proxy: false,
+                        })
+                    }
+                }
             })
     }
 
@@ -734,6 +764,38 @@ pub fn owned_chains(save: &str) -> BTreeMap<String, Vec<String>> {
     owned
 }
 
+/// What [`Netfilter::damage`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// The first sign, in words.
+    pub what: String,
+    /// Whether it is kube-proxy's work: it runs on this node too.
+    pub kube_proxy: bool,
+}
+
+/// A sign in nat `listing` (`iptables-save -t nat`, or `iptables -S` of
+/// some chains) that kube-proxy runs beside the agent: a `KUBE-SEP-` chain.
+/// Only kube-proxy writes them (the agent deletes those it finds when it
+/// starts), and its every sync rewrites the service chains to jump to them.
+pub fn kube_proxy_sign(listing: &str) -> Option<String> {
+    listing.lines().find_map(|line| {
+        if let Some(chain) = line
+            .strip_prefix(':')
+            .or_else(|| line.strip_prefix("-N "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .filter(|c| c.starts_with("KUBE-SEP-"))
+        {
+            return Some(format!("nat has a {chain} chain"));
+        }
+        let (head, target) = line.rsplit_once(" -j ")?;
+        let target = target.split_whitespace().next()?;
+        let chain = head.strip_prefix("-A ")?.split_whitespace().next()?;
+        target
+            .starts_with("KUBE-SEP-")
+            .then(|| format!("nat {chain} jumps to {target}"))
+    })
+}
+
 fn jump_gone(jump: &JumpRule) -> String {
     format!(
         "the jump from {} {} to {} is gone",
@@ -1027,6 +1089,28 @@ COMMIT
             )
             .as_deref(),
             Some("filter KUBE-FORWARD was flushed")
+        );
+    }
+
+    #[test]
+    fn kube_proxys_endpoint_chains_are_its_sign() {
+        // The agent's own rules: affinity lists named KUBE-SEP-, no chain.
+        let ours = "\
+:KUBE-SVC-AAAAAAAAAAAAAAAA - [0:0]
+-A KUBE-SVC-AAAAAAAAAAAAAAAA -p tcp -m recent --rcheck --seconds 10800 --reap --name KUBE-SEP-BBBBBBBBBBBBBBBB --mask 255.255.255.255 --rsource -j DNAT --to-destination 10.0.0.1:80
+";
+        assert_eq!(kube_proxy_sign(ours), None);
+        // kube-proxy's, as iptables-save and as iptables -S list them.
+        assert_eq!(
+            kube_proxy_sign(&format!(
+                "{ours}-A KUBE-SVC-AAAAAAAAAAAAAAAA -m comment --comment \"default/web -> 10.0.0.1:80\" -j KUBE-SEP-BBBBBBBBBBBBBBBB\n"
+            ))
+            .as_deref(),
+            Some("nat KUBE-SVC-AAAAAAAAAAAAAAAA jumps to KUBE-SEP-BBBBBBBBBBBBBBBB")
+        );
+        assert_eq!(
+            kube_proxy_sign("-N KUBE-SEP-BBBBBBBBBBBBBBBB\n").as_deref(),
+            Some("nat has a KUBE-SEP-BBBBBBBBBBBBBBBB chain")
         );
     }
 

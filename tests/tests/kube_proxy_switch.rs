@@ -389,6 +389,105 @@ async fn health_answers_agree_while_the_autoscaler_removes_the_node() -> Result<
     Ok(())
 }
 
+/// kube-proxy started on a node the agent already runs (on other ports, as
+/// when its DaemonSet comes back beside the chart's): the agent says so, in
+/// its log and in a Warning event on the Node, within its check period; and
+/// once kube-proxy stops, the agent's rules are whole again, without
+/// kube-proxy's endpoint chains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_says_when_kube_proxy_runs_beside_it() -> Result<()> {
+    use k8s_openapi::api::core::v1::Node;
+    let cluster = Cluster::start(ClusterOptions::nodes(2)).await?;
+    let ns = cluster.node("node-1").netns.clone();
+    let services: Api<Service> = Api::namespaced(cluster.client(), "default");
+    create_dual_stack_services(&cluster, &services).await?;
+    let cidrs = format!(
+        "--cluster-cidr={},{CLUSTER_CIDR_V6}",
+        cluster.cluster_cidr()
+    );
+    let started = now()?;
+    let agent_flags = [
+        cidrs.as_str(),
+        "--iptables-backend",
+        "nft",
+        "--sync-period",
+        "3s",
+    ];
+    let agent = Proxy {
+        pid: cluster.spawn_agent(
+            "node-1",
+            "agent",
+            &workspace_bin("causeway-agent"),
+            &agent_flags,
+        )?,
+        log: "agent",
+    };
+    for family in ["IPv4", "IPv6"] {
+        wait_for_family_sync(&cluster, &agent, started, family, "the agent's first syncs").await?;
+    }
+    let sep_chains = |family: &str| -> Result<usize> {
+        Ok(Rules::save_family(&ns, "nft", family)?
+            .nat_chains()
+            .iter()
+            .filter(|c| c.starts_with("KUBE-SEP-"))
+            .count())
+    };
+    assert_eq!(
+        sep_chains("IPv4")?,
+        0,
+        "the agent writes no KUBE-SEP- chains"
+    );
+
+    let kube_proxy = spawn_kube_proxy(
+        &cluster,
+        "kube-proxy",
+        "nft",
+        &[
+            &cidrs,
+            "--healthz-bind-address=0.0.0.0:10257",
+            "--metrics-bind-address=127.0.0.1:10250",
+        ],
+    )?;
+    let node: Node = Api::all(cluster.client()).get("node-1").await?;
+    let uid = node.metadata.uid.unwrap_or_default();
+    let note = eventually(
+        Duration::from_secs(30),
+        "a KubeProxyRunning event on the Node",
+        || async {
+            Ok(
+                causeway_tests::controller::events_of(&cluster.client(), &uid)
+                    .await?
+                    .into_iter()
+                    .find(|(type_, reason, _)| type_ == "Warning" && reason == "KubeProxyRunning")
+                    .map(|(_, _, note)| note),
+            )
+        },
+    )
+    .await?;
+    assert!(
+        note.contains("kube-proxy is running on this node too") && note.contains("KUBE-SEP-"),
+        "{note}"
+    );
+    let log = std::fs::read_to_string(cluster.dir().join("agent.log"))?;
+    assert!(
+        log.contains("kube-proxy is running on this node too"),
+        "{log}"
+    );
+
+    stop(&cluster, &kube_proxy)?;
+    eventually(
+        Duration::from_secs(30),
+        "the agent's rules whole again",
+        || async {
+            let clean = sep_chains("IPv4")? == 0 && sep_chains("IPv6")? == 0;
+            Ok(clean.then_some(()))
+        },
+    )
+    .await?;
+    assert!(process_running(agent.pid), "the agent kept running");
+    Ok(())
+}
+
 /// Runs kube-proxy, then the agent, then kube-proxy again on node-1, all
 /// with `flags` and both cluster CIDRs, and compares what they write.
 async fn agree_on_both_families(flags: &[&str]) -> Result<()> {
