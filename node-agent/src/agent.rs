@@ -872,15 +872,11 @@ impl Syncer {
                     .is_some_and(|t| t.elapsed() >= self.config.sync_period)
             {
                 state.last_check = Some(Instant::now());
-                let probe = applied
-                    .service_ports
-                    .iter()
-                    .find(|p| !p.internal_policy_local() && !p.cluster_endpoints.is_empty())
-                    .map(|p| rules::names::ServiceChains::new(&p.name, p.protocol).cluster);
                 if let Some(damage) = state.netfilter.damage(
                     &rules::never_empty_chains(&render_config),
                     &rules::builtin_jumps(&render_config),
-                    probe.as_deref(),
+                    rules::kube_proxy_probe(applied).as_deref(),
+                    rules::writes_hairpin_rules(applied),
                 ) {
                     if damage.kube_proxy {
                         error!(family = ?family, sign = %damage.what, "{KUBE_PROXY_BESIDE}; restoring our rules with a full sync");
@@ -889,14 +885,25 @@ impl Syncer {
                         warn!(family = ?family, damage = %damage.what, "another program changed our rules; restoring them with a full sync");
                     }
                     self.shared.metrics.rules_damaged.inc();
-                    state.applied_chains = None;
                     damaged = true;
                 }
             }
+            // Full: at start, after a failure, when the configuration or the
+            // dispatch layout changed, when another program damaged our rules
+            // (above), and once per FULL_SYNC_PERIOD for damage the check
+            // does not see. Otherwise only what changed is written.
+            let periodic = state
+                .last_full
+                .is_some_and(|t| t.elapsed() >= FULL_SYNC_PERIOD);
+            // What exists is read at start, after a failed restore, after
+            // damage and hourly (so chains another program left go too), and
+            // once per --sync-period while reading fails.
             let was_unread = state.chains_unread_since.is_some();
-            let read_again = state
-                .chains_unread_since
-                .is_some_and(|t| t.elapsed() >= self.config.sync_period);
+            let read_again = damaged
+                || periodic
+                || state
+                    .chains_unread_since
+                    .is_some_and(|t| t.elapsed() >= self.config.sync_period);
             let previous: Cow<'_, [String]> = match &state.applied_chains {
                 Some(chains) if !read_again => Cow::Borrowed(chains),
                 applied => match state.netfilter.existing_service_chains() {
@@ -913,13 +920,6 @@ impl Syncer {
                     }
                 },
             };
-            // Full: at start, after a failure, when the configuration or the
-            // dispatch layout changed, when another program damaged our rules
-            // (checked below), and once per FULL_SYNC_PERIOD for damage the
-            // check does not see. Otherwise only what changed is written.
-            let periodic = state
-                .last_full
-                .is_some_and(|t| t.elapsed() >= FULL_SYNC_PERIOD);
             // The layout the applied chains show (after a restart, the one
             // netfilter holds); a change of layout is a full sync.
             let applied_dispatch = Dispatch::of_chains(&previous);

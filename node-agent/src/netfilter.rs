@@ -191,9 +191,10 @@ impl Netfilter {
 
     /// What another program did to our rules, if anything, as the first
     /// sign found (see [`damage_in_listing`] and [`kube_proxy_sign`]), table
-    /// by table. `probe` is one of our service chains with endpoints, which
-    /// kube-proxy, running beside us, would rewrite to jump to `KUBE-SEP-`
-    /// chains.
+    /// by table, nat first. `probe` is one of our service chains with
+    /// endpoints, which kube-proxy, running beside us, would rewrite to jump
+    /// to `KUBE-SEP-` chains; `hairpins`, whether our `KUBE-POSTROUTING`
+    /// holds hairpin rules.
     ///
     /// iptables-legacy reads and parses the whole table for every command
     /// (1.37 s for 22 commands at 10 000 × 10), so with it each table is saved
@@ -205,8 +206,10 @@ impl Netfilter {
         never_empty: &[(Table, &str)],
         jumps: &[JumpRule],
         probe: Option<&str>,
+        hairpins: bool,
     ) -> Option<Damage> {
-        [Table::Mangle, Table::Nat, Table::Filter]
+        // nat first: its signs say the most (kube-proxy's among them).
+        [Table::Nat, Table::Mangle, Table::Filter]
             .into_iter()
             .find_map(|table| {
                 let listing = if self.backend == Backend::Legacy {
@@ -247,12 +250,12 @@ impl Netfilter {
                         what,
                         kube_proxy: true,
                     }),
-                    None => {
-                        damage_in_listing(table, &listing, never_empty, jumps).map(|what| Damage {
+                    None => damage_in_listing(table, &listing, never_empty, jumps, hairpins).map(
+                        |what| Damage {
                             what,
                             kube_proxy: false,
-                        })
-                    }
+                        },
+                    ),
                 }
             })
     }
@@ -774,19 +777,12 @@ pub struct Damage {
 }
 
 /// A sign in nat `listing` (`iptables-save -t nat`, or `iptables -S` of
-/// some chains) that kube-proxy runs beside the agent: a `KUBE-SEP-` chain.
-/// Only kube-proxy writes them (the agent deletes those it finds when it
-/// starts), and its every sync rewrites the service chains to jump to them.
+/// some chains) that kube-proxy runs beside the agent: a jump to a
+/// `KUBE-SEP-` chain. Only kube-proxy writes them, and the service chains it
+/// rewrites jump to them. (A `KUBE-SEP-` chain that nothing jumps to is only
+/// left over: [`damage_in_listing`].)
 pub fn kube_proxy_sign(listing: &str) -> Option<String> {
     listing.lines().find_map(|line| {
-        if let Some(chain) = line
-            .strip_prefix(':')
-            .or_else(|| line.strip_prefix("-N "))
-            .and_then(|rest| rest.split_whitespace().next())
-            .filter(|c| c.starts_with("KUBE-SEP-"))
-        {
-            return Some(format!("nat has a {chain} chain"));
-        }
         let (head, target) = line.rsplit_once(" -j ")?;
         let target = target.split_whitespace().next()?;
         let chain = head.strip_prefix("-A ")?.split_whitespace().next()?;
@@ -819,6 +815,7 @@ pub fn damage_in_listing(
     listing: &str,
     never_empty: &[(Table, &str)],
     jumps: &[JumpRule],
+    hairpins: bool,
 ) -> Option<String> {
     let declared = |chain: &str| {
         listing.lines().any(|l| {
@@ -842,14 +839,36 @@ pub fn damage_in_listing(
             return Some(format!("{} {chain} was flushed", table.as_str()));
         }
     }
-    jumps
+    if let Some(gone) = jumps
         .iter()
         .filter(|jump| jump.table == table)
         .find(|jump| {
             let target = jump.args.last().map_or("", String::as_str);
             !has_rule(jump.chain, &format!(" -j {target}"))
         })
-        .map(jump_gone)
+    {
+        return Some(jump_gone(gone));
+    }
+    if table != Table::Nat {
+        return None;
+    }
+    let postrouting = format!("-A {KUBE_POSTROUTING} ");
+    if hairpins
+        && !listing
+            .lines()
+            .any(|l| l.starts_with(&postrouting) && l.contains("masquerade hairpin"))
+    {
+        return Some(format!(
+            "nat {KUBE_POSTROUTING} lost our hairpin rules (kube-proxy's syncs, if it runs here too, rewrite it so)"
+        ));
+    }
+    listing.lines().find_map(|l| {
+        l.strip_prefix(':')
+            .or_else(|| l.strip_prefix("-N "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .filter(|c| c.starts_with("KUBE-SEP-"))
+            .map(|c| format!("nat holds {c}, an endpoint chain kube-proxy left"))
+    })
 }
 
 /// The line number in iptables-restore's "line N failed" message.
@@ -1047,7 +1066,8 @@ COMMIT
 -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
 COMMIT
 ";
-        let damage = |table, listing: &str| damage_in_listing(table, listing, &never_empty, &jumps);
+        let damage =
+            |table, listing: &str| damage_in_listing(table, listing, &never_empty, &jumps, false);
         assert_eq!(damage(Table::Nat, intact), None);
         let without = |line: &str| intact.replace(line, "");
         let jump_line =
@@ -1090,6 +1110,29 @@ COMMIT
             .as_deref(),
             Some("filter KUBE-FORWARD was flushed")
         );
+        // kube-proxy's traces: KUBE-POSTROUTING rewritten without our hairpin
+        // rules, and an endpoint chain it left.
+        let with_hairpin = intact.replace(
+            "COMMIT",
+            "-A KUBE-POSTROUTING -m comment --comment \"masquerade hairpin traffic to 10.0.0.1\" -s 10.0.0.1 -d 10.0.0.1 -m conntrack --ctstate DNAT -j MASQUERADE\nCOMMIT",
+        );
+        let hairpin_damage =
+            |listing: &str| damage_in_listing(Table::Nat, listing, &never_empty, &jumps, true);
+        assert_eq!(hairpin_damage(&with_hairpin), None);
+        assert_eq!(
+            hairpin_damage(intact).as_deref(),
+            Some(
+                "nat KUBE-POSTROUTING lost our hairpin rules (kube-proxy's syncs, if it runs here too, rewrite it so)"
+            )
+        );
+        assert_eq!(
+            damage(
+                Table::Nat,
+                &intact.replace("COMMIT", ":KUBE-SEP-BBBBBBBBBBBBBBBB - [0:0]\nCOMMIT")
+            )
+            .as_deref(),
+            Some("nat holds KUBE-SEP-BBBBBBBBBBBBBBBB, an endpoint chain kube-proxy left")
+        );
     }
 
     #[test]
@@ -1108,9 +1151,10 @@ COMMIT
             .as_deref(),
             Some("nat KUBE-SVC-AAAAAAAAAAAAAAAA jumps to KUBE-SEP-BBBBBBBBBBBBBBBB")
         );
+        // A chain nothing jumps to is a leftover, not kube-proxy at work.
         assert_eq!(
-            kube_proxy_sign("-N KUBE-SEP-BBBBBBBBBBBBBBBB\n").as_deref(),
-            Some("nat has a KUBE-SEP-BBBBBBBBBBBBBBBB chain")
+            kube_proxy_sign(":KUBE-SEP-BBBBBBBBBBBBBBBB - [0:0]\n"),
+            None
         );
     }
 

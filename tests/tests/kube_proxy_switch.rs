@@ -392,8 +392,8 @@ async fn health_answers_agree_while_the_autoscaler_removes_the_node() -> Result<
 /// kube-proxy started on a node the agent already runs (on other ports, as
 /// when its DaemonSet comes back beside the chart's): the agent says so, in
 /// its log and in a Warning event on the Node, within its check period; and
-/// once kube-proxy stops, the agent's rules are whole again, without
-/// kube-proxy's endpoint chains.
+/// once kube-proxy stops, the agent's rules are again exactly what they were
+/// before, without kube-proxy's endpoint chains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_says_when_kube_proxy_runs_beside_it() -> Result<()> {
     use k8s_openapi::api::core::v1::Node;
@@ -405,6 +405,7 @@ async fn the_agent_says_when_kube_proxy_runs_beside_it() -> Result<()> {
         "--cluster-cidr={},{CLUSTER_CIDR_V6}",
         cluster.cluster_cidr()
     );
+    let families = ["IPv4", "IPv6"];
     let started = now()?;
     let agent_flags = [
         cidrs.as_str(),
@@ -422,19 +423,33 @@ async fn the_agent_says_when_kube_proxy_runs_beside_it() -> Result<()> {
         )?,
         log: "agent",
     };
-    for family in ["IPv4", "IPv6"] {
+    for family in families {
         wait_for_family_sync(&cluster, &agent, started, family, "the agent's first syncs").await?;
     }
-    let sep_chains = |family: &str| -> Result<usize> {
-        Ok(Rules::save_family(&ns, "nft", family)?
-            .nat_chains()
+    // The rules of the chains the agent writes (kubelet's KUBE-FIREWALL
+    // aside, which kube-proxy also makes sure of and the agent leaves).
+    let ours = |family: &str| -> Result<Vec<String>> {
+        let rules = Rules::save_family(&ns, "nft", family)?;
+        let mut lines: Vec<String> = rules
+            .nat
             .iter()
-            .filter(|c| c.starts_with("KUBE-SEP-"))
-            .count())
+            .chain(&rules.filter)
+            .filter(|l| {
+                let chain = l
+                    .strip_prefix("-A ")
+                    .or_else(|| l.strip_prefix(':'))
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .unwrap_or("");
+                chain.starts_with("KUBE-") && chain != "KUBE-FIREWALL"
+            })
+            .cloned()
+            .collect();
+        lines.sort();
+        Ok(lines)
     };
-    assert_eq!(
-        sep_chains("IPv4")?,
-        0,
+    let before: Vec<Vec<String>> = families.iter().map(|f| ours(f)).collect::<Result<_>>()?;
+    assert!(
+        !before.concat().iter().any(|l| l.contains(":KUBE-SEP-")),
         "the agent writes no KUBE-SEP- chains"
     );
 
@@ -448,6 +463,30 @@ async fn the_agent_says_when_kube_proxy_runs_beside_it() -> Result<()> {
             "--metrics-bind-address=127.0.0.1:10250",
         ],
     )?;
+    let kube_proxy_log =
+        || std::fs::read_to_string(cluster.dir().join("kube-proxy.log")).unwrap_or_default();
+    eventually(
+        Duration::from_secs(60),
+        "kube-proxy's first sync",
+        || async {
+            if !process_running(kube_proxy.pid) {
+                bail!("kube-proxy exited:\n{}", kube_proxy_log());
+            }
+            let metrics = netns::exec_in(
+                &ns,
+                "curl",
+                &["-sf", "--max-time", "3", "http://127.0.0.1:10250/metrics"],
+            )
+            .unwrap_or_default();
+            let synced = metrics::value(
+                &metrics,
+                "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}",
+            )
+            .is_some_and(|t| t > started);
+            Ok(synced.then_some(()))
+        },
+    )
+    .await?;
     let node: Node = Api::all(cluster.client()).get("node-1").await?;
     let uid = node.metadata.uid.unwrap_or_default();
     let note = eventually(
@@ -473,14 +512,38 @@ async fn the_agent_says_when_kube_proxy_runs_beside_it() -> Result<()> {
         log.contains("kube-proxy is running on this node too"),
         "{log}"
     );
+    // After the agent's repair, kube-proxy's later (partial) syncs are seen
+    // too: here for a Service changed, then changed back.
+    let damaged = || -> Result<f64> {
+        Ok(
+            metrics::value(&metrics_text(&ns)?, "causeway_agent_rules_damaged_total")
+                .unwrap_or(0.0),
+        )
+    };
+    for affinity in ["None", "ClientIP"] {
+        let seen = damaged()?;
+        services
+            .patch(
+                "sticky",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"sessionAffinity": affinity}})),
+            )
+            .await?;
+        eventually(
+            Duration::from_secs(30),
+            "the agent seeing kube-proxy's next sync",
+            || async { Ok((damaged()? > seen).then_some(())) },
+        )
+        .await?;
+    }
 
     stop(&cluster, &kube_proxy)?;
     eventually(
         Duration::from_secs(30),
-        "the agent's rules whole again",
+        "the agent's rules as before kube-proxy",
         || async {
-            let clean = sep_chains("IPv4")? == 0 && sep_chains("IPv6")? == 0;
-            Ok(clean.then_some(()))
+            let now: Vec<Vec<String>> = families.iter().map(|f| ours(f)).collect::<Result<_>>()?;
+            Ok((now == before).then_some(()))
         },
     )
     .await?;

@@ -383,6 +383,30 @@ pub fn builtin_jumps(config: &RenderConfig) -> Vec<JumpRule> {
     jumps
 }
 
+/// One of our service chains in `model` that holds DNAT candidates: kube-proxy,
+/// running beside us, rewrites it to jump to its `KUBE-SEP-` chains, which the
+/// periodic check looks for (a `KUBE-SVC-` chain first, else a `KUBE-SVL-`).
+pub fn kube_proxy_probe(model: &Model) -> Option<String> {
+    let chains = |port: &ServicePort| ServiceChains::new(&port.name, port.protocol);
+    let ports = &model.service_ports;
+    ports
+        .iter()
+        .find(|p| !p.cluster_endpoints.is_empty() && p.uses_cluster_endpoints())
+        .map(|p| chains(p).cluster)
+        .or_else(|| {
+            ports
+                .iter()
+                .find(|p| !p.local_endpoints.is_empty() && p.uses_local_endpoints())
+                .map(|p| chains(p).local)
+        })
+}
+
+/// Whether a payload of `model` writes hairpin rules into `KUBE-POSTROUTING`
+/// (which kube-proxy's every sync rewrites without them).
+pub fn writes_hairpin_rules(model: &Model) -> bool {
+    !hairpin_ips(model).is_empty()
+}
+
 /// Our chains that a full render always fills, whatever the Services: found
 /// empty, they were flushed by another program (`iptables -F`), and the
 /// periodic check restores them with a full sync. (The canary chains only
