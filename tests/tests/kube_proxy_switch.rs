@@ -117,29 +117,13 @@ async fn the_agents_partial_syncs_end_where_kube_proxy_starts() -> Result<()> {
     let services: Api<Service> = Api::namespaced(cluster.client(), "default");
     let slices: Api<EndpointSlice> = Api::namespaced(cluster.client(), "default");
     let local_endpoints = create_dual_stack_services(&cluster, &services).await?;
-    let cidrs = format!(
-        "--cluster-cidr={},{CLUSTER_CIDR_V6}",
-        cluster.cluster_cidr()
-    );
+    let cidrs = both_cluster_cidrs(&cluster);
     let both = [cidrs.as_str()];
-    let families = ["IPv4", "IPv6"];
+    let families = FAMILIES;
 
-    let started = now()?;
     // On an empty node `auto` would follow the host's iptables; the rules
     // are read, and kube-proxy runs, with nft.
-    let agent_flags = [cidrs.as_str(), "--iptables-backend", "nft"];
-    let agent = Proxy {
-        pid: cluster.spawn_agent(
-            "node-1",
-            "agent",
-            &workspace_bin("causeway-agent"),
-            &agent_flags,
-        )?,
-        log: "agent",
-    };
-    for family in families {
-        wait_for_family_sync(&cluster, &agent, started, family, "the agent's first syncs").await?;
-    }
+    let agent = agent_on_both_families(&cluster, &[&cidrs, "--iptables-backend", "nft"]).await?;
     // The count of full syncs once the first ones are recorded (a sync's
     // durations are observed after its timestamp): none may follow.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -300,11 +284,7 @@ async fn the_agents_partial_syncs_end_where_kube_proxy_starts() -> Result<()> {
         .collect::<Result<_>>()?;
     stop(&cluster, &agent)?;
 
-    let back = now()?;
-    let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy", "nft", &both)?;
-    for family in families {
-        wait_for_family_sync(&cluster, &kube_proxy, back, family, "kube-proxy's syncs").await?;
-    }
+    kube_proxy_on_both_families(&cluster, "kube-proxy", "nft", &both).await?;
     for (family, agents) in families.iter().zip(&by_agent) {
         let kube_proxys = Rules::save_family(&ns, "nft", family)?;
         assert!(
@@ -358,29 +338,14 @@ async fn health_answers_agree_while_the_autoscaler_removes_the_node() -> Result<
                 "effect": "NoSchedule"}]}})),
         )
         .await?;
-    let cidrs = format!(
-        "--cluster-cidr={},{CLUSTER_CIDR_V6}",
-        cluster.cluster_cidr()
-    );
+    let cidrs = both_cluster_cidrs(&cluster);
     let both = [cidrs.as_str()];
-    let families = ["IPv4", "IPv6"];
 
-    let started = now()?;
-    let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy", "nft", &both)?;
-    for family in families {
-        wait_for_family_sync(&cluster, &kube_proxy, started, family, "kube-proxy's syncs").await?;
-    }
+    let kube_proxy = kube_proxy_on_both_families(&cluster, "kube-proxy", "nft", &both).await?;
     let kube_proxys_answers = http_answers(&cluster, &services, true, 503).await?;
     stop(&cluster, &kube_proxy)?;
 
-    let switched = now()?;
-    let agent = Proxy {
-        pid: cluster.spawn_agent("node-1", "agent", &workspace_bin("causeway-agent"), &both)?,
-        log: "agent",
-    };
-    for family in families {
-        wait_for_family_sync(&cluster, &agent, switched, family, "the agent's syncs").await?;
-    }
+    agent_on_both_families(&cluster, &both).await?;
     let agents_answers = http_answers(&cluster, &services, true, 503).await?;
     assert_eq!(
         agents_answers, kube_proxys_answers,
@@ -401,31 +366,13 @@ async fn the_agent_says_when_kube_proxy_runs_beside_it() -> Result<()> {
     let ns = cluster.node("node-1").netns.clone();
     let services: Api<Service> = Api::namespaced(cluster.client(), "default");
     create_dual_stack_services(&cluster, &services).await?;
-    let cidrs = format!(
-        "--cluster-cidr={},{CLUSTER_CIDR_V6}",
-        cluster.cluster_cidr()
-    );
-    let families = ["IPv4", "IPv6"];
-    let started = now()?;
-    let agent_flags = [
-        cidrs.as_str(),
-        "--iptables-backend",
-        "nft",
-        "--sync-period",
-        "3s",
-    ];
-    let agent = Proxy {
-        pid: cluster.spawn_agent(
-            "node-1",
-            "agent",
-            &workspace_bin("causeway-agent"),
-            &agent_flags,
-        )?,
-        log: "agent",
-    };
-    for family in families {
-        wait_for_family_sync(&cluster, &agent, started, family, "the agent's first syncs").await?;
-    }
+    let cidrs = both_cluster_cidrs(&cluster);
+    let families = FAMILIES;
+    let agent = agent_on_both_families(
+        &cluster,
+        &[&cidrs, "--iptables-backend", "nft", "--sync-period", "3s"],
+    )
+    .await?;
     // The rules of the chains the agent writes (kubelet's KUBE-FIREWALL
     // aside, which kube-proxy also makes sure of and the agent leaves).
     let ours = |family: &str| -> Result<Vec<String>> {
@@ -453,6 +400,7 @@ async fn the_agent_says_when_kube_proxy_runs_beside_it() -> Result<()> {
         "the agent writes no KUBE-SEP- chains"
     );
 
+    let started = now()?;
     let kube_proxy = spawn_kube_proxy(
         &cluster,
         "kube-proxy",
@@ -564,10 +512,7 @@ async fn agree_on_both_families_with(backend: &str, flags: &[&str]) -> Result<()
     let ns = cluster.node("node-1").netns.clone();
     let services: Api<Service> = Api::namespaced(cluster.client(), "default");
     let local_endpoints = create_dual_stack_services(&cluster, &services).await?;
-    let cidrs = format!(
-        "--cluster-cidr={},{CLUSTER_CIDR_V6}",
-        cluster.cluster_cidr()
-    );
+    let cidrs = both_cluster_cidrs(&cluster);
     // NODE_NETWORK in a flag: the /24 of node-1's address.
     let [a, b, c, _] = cluster.node("node-1").ip.octets();
     let flags: Vec<String> = flags
@@ -576,13 +521,9 @@ async fn agree_on_both_families_with(backend: &str, flags: &[&str]) -> Result<()
         .collect();
     let mut both = vec![cidrs.as_str()];
     both.extend(flags.iter().map(String::as_str));
-    let families = ["IPv4", "IPv6"];
+    let families = FAMILIES;
 
-    let started = now()?;
-    let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy-1", backend, &both)?;
-    for family in families {
-        wait_for_family_sync(&cluster, &kube_proxy, started, family, "kube-proxy's syncs").await?;
-    }
+    let kube_proxy = kube_proxy_on_both_families(&cluster, "kube-proxy-1", backend, &both).await?;
     let by_kube_proxy: Vec<Rules> = families
         .iter()
         .map(|f| Rules::save_family(&ns, backend, f))
@@ -591,14 +532,7 @@ async fn agree_on_both_families_with(backend: &str, flags: &[&str]) -> Result<()
     let kube_proxys_metrics = metrics_text(&ns)?;
     stop(&cluster, &kube_proxy)?;
 
-    let switched = now()?;
-    let agent = Proxy {
-        pid: cluster.spawn_agent("node-1", "agent", &workspace_bin("causeway-agent"), &both)?,
-        log: "agent",
-    };
-    for family in families {
-        wait_for_family_sync(&cluster, &agent, switched, family, "the agent's syncs").await?;
-    }
+    let agent = agent_on_both_families(&cluster, &both).await?;
     for (family, kube_proxys) in families.iter().zip(&by_kube_proxy) {
         let agents = Rules::save_family(&ns, backend, family)?;
         let local: BTreeSet<String> = local_endpoints
@@ -631,11 +565,7 @@ async fn agree_on_both_families_with(backend: &str, flags: &[&str]) -> Result<()
     stop(&cluster, &agent)?;
 
     // kube-proxy takes both families back to exactly its own rules.
-    let back = now()?;
-    let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy-2", backend, &both)?;
-    for family in families {
-        wait_for_family_sync(&cluster, &kube_proxy, back, family, "kube-proxy's return").await?;
-    }
+    kube_proxy_on_both_families(&cluster, "kube-proxy-2", backend, &both).await?;
     let log = std::fs::read_to_string(cluster.dir().join("kube-proxy-2.log"))?;
     assert!(
         !log.contains("Failed to execute iptables-restore"),
@@ -824,7 +754,7 @@ async fn create_dual_stack_services(
             "metadata": {"name": name, "labels": labels}, "spec": spec
         }))?;
         services.create(&PostParams::default(), &service).await?;
-        for family in ["IPv4", "IPv6"] {
+        for family in FAMILIES {
             let [l1, l2, r1] = addresses(family);
             let mut ports = ports.clone();
             let mut endpoints = match app.as_str() {
@@ -1225,6 +1155,46 @@ async fn cluster_ip(services: &Api<Service>, name: &str) -> Result<String> {
 
 fn now() -> Result<f64> {
     Ok(SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64())
+}
+
+/// Both IP families, as the proxies' metrics name them.
+const FAMILIES: [&str; 2] = ["IPv4", "IPv6"];
+
+/// `--cluster-cidr` with the environment's IPv4 range and [`CLUSTER_CIDR_V6`].
+fn both_cluster_cidrs(cluster: &Cluster) -> String {
+    format!(
+        "--cluster-cidr={},{CLUSTER_CIDR_V6}",
+        cluster.cluster_cidr()
+    )
+}
+
+/// [`spawn_kube_proxy`], then waits for its first sync of both families.
+async fn kube_proxy_on_both_families(
+    cluster: &Cluster,
+    log_name: &'static str,
+    backend: &str,
+    extra: &[&str],
+) -> Result<Proxy> {
+    let since = now()?;
+    let proxy = spawn_kube_proxy(cluster, log_name, backend, extra)?;
+    for family in FAMILIES {
+        wait_for_family_sync(cluster, &proxy, since, family, "kube-proxy's first syncs").await?;
+    }
+    Ok(proxy)
+}
+
+/// Starts the agent in node-1's namespace (log `agent`) with `flags`, then
+/// waits for its first sync of both families.
+async fn agent_on_both_families(cluster: &Cluster, flags: &[&str]) -> Result<Proxy> {
+    let since = now()?;
+    let agent = Proxy {
+        pid: cluster.spawn_agent("node-1", "agent", &workspace_bin("causeway-agent"), flags)?,
+        log: "agent",
+    };
+    for family in FAMILIES {
+        wait_for_family_sync(cluster, &agent, since, family, "the agent's first syncs").await?;
+    }
+    Ok(agent)
 }
 
 /// Starts the real kube-proxy in iptables mode in node-1's namespace, on
