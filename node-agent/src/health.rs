@@ -369,6 +369,7 @@ impl CheckAddresses {
                     IpFamily::V4 => Ipv4Addr::UNSPECIFIED.into(),
                     IpFamily::V6 => Ipv6Addr::UNSPECIFIED.into(),
                 }),
+                // (Every address: the guard above took it.)
                 NodePortAddresses::All => {}
                 NodePortAddresses::Cidrs(cidrs) => addresses.extend(
                     local

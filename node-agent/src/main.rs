@@ -958,7 +958,6 @@ fn live_rules(address: &str, ipv6: bool) -> anyhow::Result<String> {
     })
 }
 
-/// This network namespace's addresses, for `addrtype LOCAL` in live traces.
 /// How often `run` looks at its `--config` file for a change.
 const CONFIG_CHECK_PERIOD: Duration = Duration::from_secs(5);
 

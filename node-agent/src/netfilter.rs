@@ -817,15 +817,14 @@ pub fn damage_in_listing(
     jumps: &[JumpRule],
     hairpins: bool,
 ) -> Option<String> {
-    let declared = |chain: &str| {
-        listing.lines().any(|l| {
-            l.strip_prefix(':')
-                .or_else(|| l.strip_prefix("-N "))
-                .and_then(|rest| rest.split_whitespace().next())
-                == Some(chain)
-        })
-    };
-    if !declared(KUBE_PROXY_CANARY) {
+    // Chains as `iptables-save` (`:NAME`) or `iptables -S` (`-N NAME`)
+    // declare them.
+    let mut declared = listing.lines().filter_map(|l| {
+        l.strip_prefix(':')
+            .or_else(|| l.strip_prefix("-N "))
+            .and_then(|rest| rest.split_whitespace().next())
+    });
+    if !declared.clone().any(|c| c == KUBE_PROXY_CANARY) {
         return Some(format!("{} {KUBE_PROXY_CANARY} is gone", table.as_str()));
     }
     let has_rule = |chain: &str, ends_with: &str| {
@@ -862,13 +861,9 @@ pub fn damage_in_listing(
             "nat {KUBE_POSTROUTING} lost our hairpin rules (kube-proxy's syncs, if it runs here too, rewrite it so)"
         ));
     }
-    listing.lines().find_map(|l| {
-        l.strip_prefix(':')
-            .or_else(|| l.strip_prefix("-N "))
-            .and_then(|rest| rest.split_whitespace().next())
-            .filter(|c| c.starts_with("KUBE-SEP-"))
-            .map(|c| format!("nat holds {c}, an endpoint chain kube-proxy left"))
-    })
+    declared
+        .find(|c| c.starts_with("KUBE-SEP-"))
+        .map(|c| format!("nat holds {c}, an endpoint chain kube-proxy left"))
 }
 
 /// The line number in iptables-restore's "line N failed" message.
