@@ -243,11 +243,16 @@ pub fn iptables_path(backend: &str, dir: &std::path::Path) -> Result<String> {
             }
         }
     }
-    Ok(format!(
+    Ok(path_with(&bin))
+}
+
+/// This process's `PATH` with `dir` first.
+pub fn path_with(dir: &std::path::Path) -> String {
+    format!(
         "{}:{}",
-        bin.display(),
+        dir.display(),
         std::env::var("PATH").unwrap_or_default()
-    ))
+    )
 }
 
 /// Probes `target` `count` times (`proto` is `tcp` or `udp`) from namespace

@@ -1263,11 +1263,7 @@ async fn chains_the_first_sync_could_not_read_go_once_a_sync_can() -> Result<()>
         &wrapper,
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )?;
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let path = netns::path_with(&bin);
     cluster.spawn_agent_with_env(
         "node-1",
         "agent",

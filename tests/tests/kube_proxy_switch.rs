@@ -119,16 +119,15 @@ async fn the_agents_partial_syncs_end_where_kube_proxy_starts() -> Result<()> {
     let local_endpoints = create_dual_stack_services(&cluster, &services).await?;
     let cidrs = both_cluster_cidrs(&cluster);
     let both = [cidrs.as_str()];
-    let families = FAMILIES;
 
     // On an empty node `auto` would follow the host's iptables; the rules
     // are read, and kube-proxy runs, with nft.
-    let agent = agent_on_both_families(&cluster, &[&cidrs, "--iptables-backend", "nft"]).await?;
+    let agent = start_agent(&cluster, &[&cidrs, "--iptables-backend", "nft"], &FAMILIES).await?;
     // The count of full syncs once the first ones are recorded (a sync's
     // durations are observed after its timestamp): none may follow.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let sync_counts = |metrics: &str, kind: &str| -> Vec<f64> {
-        families
+        FAMILIES
             .iter()
             .map(|f| {
                 metrics::value(
@@ -231,7 +230,7 @@ async fn the_agents_partial_syncs_end_where_kube_proxy_starts() -> Result<()> {
         let value = |name: &str| metrics::value(metrics, name);
         let pending = value("kubeproxy_sync_proxy_rules_service_changes_pending")?
             + value("kubeproxy_sync_proxy_rules_endpoint_changes_pending")?;
-        let stamps: Vec<f64> = families
+        let stamps: Vec<f64> = FAMILIES
             .iter()
             .map(|f| {
                 let last = value(&format!(
@@ -245,7 +244,7 @@ async fn the_agents_partial_syncs_end_where_kube_proxy_starts() -> Result<()> {
             .collect::<Option<_>>()?;
         (pending == 0.0).then_some(stamps)
     };
-    let synced = eventually(
+    let (synced, by_agent) = eventually(
         Duration::from_secs(30),
         "the agent's syncs of the changes",
         || async {
@@ -254,13 +253,17 @@ async fn the_agents_partial_syncs_end_where_kube_proxy_starts() -> Result<()> {
             };
             tokio::time::sleep(Duration::from_millis(1500)).await;
             let metrics = metrics_text(&ns).unwrap_or_default();
-            let late_everywhere = families.iter().all(|f| {
-                Rules::save_family(&ns, "nft", f).is_ok_and(|r| {
-                    r.nat.iter().any(|l| l.contains("default/late cluster IP"))
-                        && !r.nat.iter().any(|l| l.contains("default/zoned"))
-                })
+            if at_rest(&metrics) != Some(first) {
+                return Ok(None);
+            }
+            let Ok(rules) = Rules::save_families(&ns, "nft") else {
+                return Ok(None);
+            };
+            let programmed = rules.iter().all(|r| {
+                r.nat.iter().any(|l| l.contains("default/late cluster IP"))
+                    && !r.nat.iter().any(|l| l.contains("default/zoned"))
             });
-            Ok((at_rest(&metrics) == Some(first) && late_everywhere).then_some(metrics))
+            Ok(programmed.then_some((metrics, rules)))
         },
     )
     .await?;
@@ -278,36 +281,15 @@ async fn the_agents_partial_syncs_end_where_kube_proxy_starts() -> Result<()> {
             .all(|(now, before)| now > before),
         "partial syncs of each family: {partial_syncs:?} then {partial_now:?}"
     );
-    let by_agent: Vec<Rules> = families
-        .iter()
-        .map(|f| Rules::save_family(&ns, "nft", f))
-        .collect::<Result<_>>()?;
     stop(&cluster, &agent)?;
 
-    kube_proxy_on_both_families(&cluster, "kube-proxy", "nft", &both).await?;
-    for (family, agents) in families.iter().zip(&by_agent) {
-        let kube_proxys = Rules::save_family(&ns, "nft", family)?;
-        assert!(
-            !kube_proxys.nat.iter().any(|l| l.contains("default/zoned")),
-            "zoned is gone"
-        );
-        assert!(
-            kube_proxys
-                .nat
-                .iter()
-                .any(|l| l.contains("default/late cluster IP")),
-            "late is there"
-        );
-        let local: BTreeSet<String> = local_endpoints
-            .iter()
-            .filter(|ip| ip.contains(':') == (*family == "IPv6"))
-            .cloned()
-            .collect();
-        let compared = std::panic::catch_unwind(|| assert_same_rules(&kube_proxys, agents, &local));
-        if let Err(panic) = compared {
-            eprintln!("{family} rules differ");
-            std::panic::resume_unwind(panic);
-        }
+    start_kube_proxy(&cluster, "kube-proxy", "nft", &both, &FAMILIES).await?;
+    for ((family, agents), kube_proxys) in FAMILIES
+        .iter()
+        .zip(&by_agent)
+        .zip(Rules::save_families(&ns, "nft")?)
+    {
+        assert_same_family_rules(&ns, family, &kube_proxys, agents, &local_endpoints)?;
     }
     Ok(())
 }
@@ -341,11 +323,11 @@ async fn health_answers_agree_while_the_autoscaler_removes_the_node() -> Result<
     let cidrs = both_cluster_cidrs(&cluster);
     let both = [cidrs.as_str()];
 
-    let kube_proxy = kube_proxy_on_both_families(&cluster, "kube-proxy", "nft", &both).await?;
+    let (kube_proxy, _) = start_kube_proxy(&cluster, "kube-proxy", "nft", &both, &FAMILIES).await?;
     let kube_proxys_answers = http_answers(&cluster, &services, true, 503).await?;
     stop(&cluster, &kube_proxy)?;
 
-    agent_on_both_families(&cluster, &both).await?;
+    start_agent(&cluster, &both, &FAMILIES).await?;
     let agents_answers = http_answers(&cluster, &services, true, 503).await?;
     assert_eq!(
         agents_answers, kube_proxys_answers,
@@ -367,41 +349,26 @@ async fn the_agent_says_when_kube_proxy_runs_beside_it() -> Result<()> {
     let services: Api<Service> = Api::namespaced(cluster.client(), "default");
     create_dual_stack_services(&cluster, &services).await?;
     let cidrs = both_cluster_cidrs(&cluster);
-    let families = FAMILIES;
-    let agent = agent_on_both_families(
+    let agent = start_agent(
         &cluster,
         &[&cidrs, "--iptables-backend", "nft", "--sync-period", "3s"],
+        &FAMILIES,
     )
     .await?;
-    // The rules of the chains the agent writes (kubelet's KUBE-FIREWALL
-    // aside, which kube-proxy also makes sure of and the agent leaves).
-    let ours = |family: &str| -> Result<Vec<String>> {
-        let rules = Rules::save_family(&ns, "nft", family)?;
-        let mut lines: Vec<String> = rules
-            .nat
+    let ours = || -> Result<Vec<Vec<String>>> {
+        Ok(Rules::save_families(&ns, "nft")?
             .iter()
-            .chain(&rules.filter)
-            .filter(|l| {
-                let chain = l
-                    .strip_prefix("-A ")
-                    .or_else(|| l.strip_prefix(':'))
-                    .and_then(|rest| rest.split_whitespace().next())
-                    .unwrap_or("");
-                chain.starts_with("KUBE-") && chain != "KUBE-FIREWALL"
-            })
-            .cloned()
-            .collect();
-        lines.sort();
-        Ok(lines)
+            .map(Rules::agents_chains)
+            .collect())
     };
-    let before: Vec<Vec<String>> = families.iter().map(|f| ours(f)).collect::<Result<_>>()?;
+    let before = ours()?;
     assert!(
         !before.concat().iter().any(|l| l.contains(":KUBE-SEP-")),
         "the agent writes no KUBE-SEP- chains"
     );
 
-    let started = now()?;
-    let kube_proxy = spawn_kube_proxy(
+    // On ports of its own: the agent holds kube-proxy's.
+    let (kube_proxy, _) = start_kube_proxy(
         &cluster,
         "kube-proxy",
         "nft",
@@ -410,45 +377,17 @@ async fn the_agent_says_when_kube_proxy_runs_beside_it() -> Result<()> {
             "--healthz-bind-address=0.0.0.0:10257",
             "--metrics-bind-address=127.0.0.1:10250",
         ],
-    )?;
-    let kube_proxy_log =
-        || std::fs::read_to_string(cluster.dir().join("kube-proxy.log")).unwrap_or_default();
-    eventually(
-        Duration::from_secs(60),
-        "kube-proxy's first sync",
-        || async {
-            if !process_running(kube_proxy.pid) {
-                bail!("kube-proxy exited:\n{}", kube_proxy_log());
-            }
-            let metrics = netns::exec_in(
-                &ns,
-                "curl",
-                &["-sf", "--max-time", "3", "http://127.0.0.1:10250/metrics"],
-            )
-            .unwrap_or_default();
-            let synced = metrics::value(
-                &metrics,
-                "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}",
-            )
-            .is_some_and(|t| t > started);
-            Ok(synced.then_some(()))
-        },
+        &FAMILIES,
     )
     .await?;
     let node: Node = Api::all(cluster.client()).get("node-1").await?;
     let uid = node.metadata.uid.unwrap_or_default();
-    let note = eventually(
+    let note = causeway_tests::controller::wait_for_event(
+        &cluster.client(),
+        &uid,
+        "Warning",
+        "KubeProxyRunning",
         Duration::from_secs(30),
-        "a KubeProxyRunning event on the Node",
-        || async {
-            Ok(
-                causeway_tests::controller::events_of(&cluster.client(), &uid)
-                    .await?
-                    .into_iter()
-                    .find(|(type_, reason, _)| type_ == "Warning" && reason == "KubeProxyRunning")
-                    .map(|(_, _, note)| note),
-            )
-        },
     )
     .await?;
     assert!(
@@ -489,10 +428,7 @@ async fn the_agent_says_when_kube_proxy_runs_beside_it() -> Result<()> {
     eventually(
         Duration::from_secs(30),
         "the agent's rules as before kube-proxy",
-        || async {
-            let now: Vec<Vec<String>> = families.iter().map(|f| ours(f)).collect::<Result<_>>()?;
-            Ok((now == before).then_some(()))
-        },
+        || async { Ok((ours()? == before).then_some(())) },
     )
     .await?;
     assert!(process_running(agent.pid), "the agent kept running");
@@ -521,30 +457,21 @@ async fn agree_on_both_families_with(backend: &str, flags: &[&str]) -> Result<()
         .collect();
     let mut both = vec![cidrs.as_str()];
     both.extend(flags.iter().map(String::as_str));
-    let families = FAMILIES;
 
-    let kube_proxy = kube_proxy_on_both_families(&cluster, "kube-proxy-1", backend, &both).await?;
-    let by_kube_proxy: Vec<Rules> = families
-        .iter()
-        .map(|f| Rules::save_family(&ns, backend, f))
-        .collect::<Result<_>>()?;
+    let (kube_proxy, _) =
+        start_kube_proxy(&cluster, "kube-proxy-1", backend, &both, &FAMILIES).await?;
+    let by_kube_proxy = Rules::save_families(&ns, backend)?;
     let kube_proxys_answers = http_answers(&cluster, &services, true, 200).await?;
     let kube_proxys_metrics = metrics_text(&ns)?;
     stop(&cluster, &kube_proxy)?;
 
-    let agent = agent_on_both_families(&cluster, &both).await?;
-    for (family, kube_proxys) in families.iter().zip(&by_kube_proxy) {
-        let agents = Rules::save_family(&ns, backend, family)?;
-        let local: BTreeSet<String> = local_endpoints
-            .iter()
-            .filter(|ip| ip.contains(':') == (*family == "IPv6"))
-            .cloned()
-            .collect();
-        let compared = std::panic::catch_unwind(|| assert_same_rules(kube_proxys, &agents, &local));
-        if let Err(panic) = compared {
-            eprintln!("{family} rules differ");
-            std::panic::resume_unwind(panic);
-        }
+    let agent = start_agent(&cluster, &both, &FAMILIES).await?;
+    for ((family, kube_proxys), agents) in FAMILIES
+        .iter()
+        .zip(&by_kube_proxy)
+        .zip(Rules::save_families(&ns, backend)?)
+    {
+        assert_same_family_rules(&ns, family, kube_proxys, &agents, &local_endpoints)?;
     }
     let agents_answers = http_answers(&cluster, &services, true, 200).await?;
     assert_eq!(
@@ -552,10 +479,6 @@ async fn agree_on_both_families_with(backend: &str, flags: &[&str]) -> Result<()
         "HTTP answers: the agent's, then kube-proxy's"
     );
     let theirs = kubeproxy_series(&kube_proxys_metrics, true);
-    assert!(
-        theirs.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv6\"}"),
-        "{theirs:#?}"
-    );
     let ours = kubeproxy_series(&metrics_text(&ns)?, true);
     let missing: Vec<&String> = theirs.difference(&ours).collect();
     assert!(
@@ -565,27 +488,22 @@ async fn agree_on_both_families_with(backend: &str, flags: &[&str]) -> Result<()
     stop(&cluster, &agent)?;
 
     // kube-proxy takes both families back to exactly its own rules.
-    kube_proxy_on_both_families(&cluster, "kube-proxy-2", backend, &both).await?;
-    let log = std::fs::read_to_string(cluster.dir().join("kube-proxy-2.log"))?;
-    assert!(
-        !log.contains("Failed to execute iptables-restore"),
-        "kube-proxy could not apply its rules:\n{log}"
-    );
-    for (family, before) in families.iter().zip(&by_kube_proxy) {
-        let again = Rules::save_family(&ns, backend, family)?;
-        let sorted = |lines: &[String]| -> Vec<String> {
-            let mut lines = lines.to_vec();
-            lines.sort();
-            lines
-        };
+    let (_, metrics) =
+        start_kube_proxy(&cluster, "kube-proxy-2", backend, &both, &FAMILIES).await?;
+    assert_no_restore_failures(&metrics);
+    for ((family, before), again) in FAMILIES
+        .iter()
+        .zip(&by_kube_proxy)
+        .zip(Rules::save_families(&ns, backend)?)
+    {
         assert_eq!(
-            sorted(&again.nat),
-            sorted(&before.nat),
+            sorted(again.nat),
+            sorted(before.nat.clone()),
             "{family} nat after kube-proxy's return"
         );
         assert_eq!(
-            sorted(&again.filter),
-            sorted(&before.filter),
+            sorted(again.filter),
+            sorted(before.filter.clone()),
             "{family} filter after kube-proxy's return"
         );
     }
@@ -913,9 +831,8 @@ async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> 
     wait_for_endpoints(&cluster, &expected).await?;
 
     // 1. kube-proxy programs the node.
-    let started = now()?;
-    let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy-1", backend, both)?;
-    wait_for_sync(&cluster, &kube_proxy, started, "kube-proxy's first sync").await?;
+    let (kube_proxy, _) =
+        start_kube_proxy(&cluster, "kube-proxy-1", backend, both, &["IPv4"]).await?;
     let by_kube_proxy = Rules::save(&ns, backend)?;
     let kube_proxys_answers = http_answers(&cluster, &services, false, 200).await?;
     // Read after the sync has finished: a scrape right after the sync's
@@ -929,12 +846,7 @@ async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> 
     let probe = paced(&client, &web, 400);
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop(&cluster, &kube_proxy)?;
-    let switched = now()?;
-    let agent = Proxy {
-        pid: cluster.spawn_agent("node-1", "agent", &workspace_bin("causeway-agent"), both)?,
-        log: "agent",
-    };
-    wait_for_sync(&cluster, &agent, switched, "the agent's first sync").await?;
+    let agent = start_agent(&cluster, both, &["IPv4"]).await?;
     assert_all_answered(probe, 400, "while the agent took over")?;
     let by_agent = Rules::save(&ns, backend)?;
     assert_eq!(
@@ -948,7 +860,12 @@ async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> 
         .filter(|p| p.name.starts_with("web-"))
         .map(|p| p.ip.to_string())
         .collect();
-    assert_same_rules(&by_kube_proxy, &by_agent, &local_endpoints);
+    assert_same_rules(
+        &by_kube_proxy,
+        &by_agent,
+        &local_endpoints,
+        &node_addresses(&ns, "IPv4")?,
+    );
     let other = if backend == "nft" { "legacy" } else { "nft" };
     // (A whole save: asked for one table, legacy would make it.)
     let elsewhere = netns::exec_in(&ns, &format!("iptables-{other}-save"), &[])?;
@@ -988,30 +905,9 @@ async fn switch_there_and_back(backend: &str, fillers: usize, both: &[&str]) -> 
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop(&cluster, &agent)?;
     services.delete("web-np", &DeleteParams::default()).await?;
-    let back = now()?;
-    let kube_proxy = spawn_kube_proxy(&cluster, "kube-proxy-2", backend, both)?;
-    let metrics = wait_for_sync(
-        &cluster,
-        &kube_proxy,
-        back,
-        "kube-proxy's first sync after the agent",
-    )
-    .await?;
+    let (_, metrics) = start_kube_proxy(&cluster, "kube-proxy-2", backend, both, &["IPv4"]).await?;
     assert_all_answered(probe, 400, "while kube-proxy took the node back")?;
-    let log = std::fs::read_to_string(cluster.dir().join("kube-proxy-2.log"))?;
-    assert!(
-        !log.contains("Failed to execute iptables-restore"),
-        "kube-proxy could not apply its rules:\n{log}"
-    );
-    assert_eq!(
-        metrics::value(
-            &metrics,
-            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total"
-        )
-        .unwrap_or(0.0),
-        0.0,
-        "{metrics}"
-    );
+    assert_no_restore_failures(&metrics);
     let again = Rules::save(&ns, backend)?;
     let gone: BTreeSet<String> = by_agent
         .nat_chains()
@@ -1168,32 +1064,32 @@ fn both_cluster_cidrs(cluster: &Cluster) -> String {
     )
 }
 
-/// [`spawn_kube_proxy`], then waits for its first sync of both families.
-async fn kube_proxy_on_both_families(
+/// Starts kube-proxy as [`spawn_kube_proxy`] does, and waits for its first
+/// sync of `families`; the proxy and its metrics then.
+async fn start_kube_proxy(
     cluster: &Cluster,
     log_name: &'static str,
     backend: &str,
     extra: &[&str],
-) -> Result<Proxy> {
+    families: &[&str],
+) -> Result<(Proxy, String)> {
     let since = now()?;
     let proxy = spawn_kube_proxy(cluster, log_name, backend, extra)?;
-    for family in FAMILIES {
-        wait_for_family_sync(cluster, &proxy, since, family, "kube-proxy's first syncs").await?;
-    }
-    Ok(proxy)
+    let metrics =
+        wait_for_sync(cluster, &proxy, since, families, "kube-proxy's first sync").await?;
+    Ok((proxy, metrics))
 }
 
-/// Starts the agent in node-1's namespace (log `agent`) with `flags`, then
-/// waits for its first sync of both families.
-async fn agent_on_both_families(cluster: &Cluster, flags: &[&str]) -> Result<Proxy> {
+/// Starts the agent in node-1's namespace (log `agent`) with `flags`, and
+/// waits for its first sync of `families`.
+async fn start_agent(cluster: &Cluster, flags: &[&str], families: &[&str]) -> Result<Proxy> {
     let since = now()?;
     let agent = Proxy {
         pid: cluster.spawn_agent("node-1", "agent", &workspace_bin("causeway-agent"), flags)?,
         log: "agent",
+        metrics: DEFAULT_METRICS.to_string(),
     };
-    for family in FAMILIES {
-        wait_for_family_sync(cluster, &agent, since, family, "the agent's first syncs").await?;
-    }
+    wait_for_sync(cluster, &agent, since, families, "the agent's first sync").await?;
     Ok(agent)
 }
 
@@ -1230,29 +1126,38 @@ fn spawn_kube_proxy(
         &args,
         &[("PATH", &path)],
     )?;
-    Ok(Proxy { pid, log: log_name })
+    let metrics = extra
+        .iter()
+        .find_map(|f| f.strip_prefix("--metrics-bind-address="))
+        .unwrap_or(DEFAULT_METRICS)
+        .to_string();
+    Ok(Proxy {
+        pid,
+        log: log_name,
+        metrics,
+    })
 }
 
-/// A proxy process of this test: its pid and the name of its log.
+/// Where both proxies serve `/metrics` unless told otherwise.
+const DEFAULT_METRICS: &str = "127.0.0.1:10249";
+
+/// A proxy process of this test: its pid, the name of its log and where it
+/// serves its metrics.
 struct Proxy {
     pid: u32,
     log: &'static str,
+    metrics: String,
 }
 
-/// Waits for `proxy` to finish an IPv4 sync after `since` (kube-proxy's
-/// metric, which both proxies export on 127.0.0.1:10249, is set by syncs that
+/// Waits for `proxy` to finish a sync of each of `families` after `since`
+/// (kube-proxy's metric, which both proxies export, is set by syncs that
 /// succeed); the metrics. Fails at once if the proxy exits, and with the end
 /// of its log either way.
-async fn wait_for_sync(cluster: &Cluster, proxy: &Proxy, since: f64, what: &str) -> Result<String> {
-    wait_for_family_sync(cluster, proxy, since, "IPv4", what).await
-}
-
-/// [`wait_for_sync`] for `family`'s sync.
-async fn wait_for_family_sync(
+async fn wait_for_sync(
     cluster: &Cluster,
     proxy: &Proxy,
     since: f64,
-    family: &str,
+    families: &[&str],
     what: &str,
 ) -> Result<String> {
     let ns = cluster.node("node-1").netns.as_str();
@@ -1262,21 +1167,39 @@ async fn wait_for_family_sync(
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(25)..].join("\n")
     };
-    let waited = eventually(Duration::from_secs(30), what, || async {
+    let waited = eventually(Duration::from_secs(60), what, || async {
         if !process_running(proxy.pid) {
             bail!("{} exited", proxy.log);
         }
         // Nothing listening yet is not a failure.
-        let metrics = metrics_text(ns).unwrap_or_default();
-        let synced = metrics::value(
-            &metrics,
-            &format!("kubeproxy_sync_proxy_rules_last_timestamp_seconds{{ip_family=\"{family}\"}}"),
-        )
-        .is_some_and(|t| t > since);
+        let metrics = metrics_at(ns, &proxy.metrics).unwrap_or_default();
+        let synced = families.iter().all(|family| {
+            metrics::value(
+                &metrics,
+                &format!(
+                    "kubeproxy_sync_proxy_rules_last_timestamp_seconds{{ip_family=\"{family}\"}}"
+                ),
+            )
+            .is_some_and(|t| t > since)
+        });
         Ok(synced.then_some(metrics))
     })
     .await;
     waited.map_err(|e| e.context(format!("the end of {}.log:\n{}", proxy.log, log_tail())))
+}
+
+/// No restore of the proxy whose `metrics` these are has failed, in either
+/// family.
+fn assert_no_restore_failures(metrics: &str) {
+    assert_eq!(
+        metrics::value(
+            metrics,
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total"
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "restores failed:\n{metrics}"
+    );
 }
 
 /// SIGTERM to `proxy`, then waits until it is gone. Neither proxy removes
@@ -1398,8 +1321,6 @@ fn recent_lists_holding(ns: &str, address: std::net::Ipv4Addr) -> Result<BTreeSe
 struct Rules {
     nat: Vec<String>,
     filter: Vec<String>,
-    /// The namespace's addresses of the family when the rules were read.
-    addresses: BTreeSet<std::net::IpAddr>,
 }
 
 impl Rules {
@@ -1425,17 +1346,35 @@ impl Rules {
                 })
                 .collect())
         };
-        let inet = if family == "IPv6" { "inet6" } else { "inet" };
-        let addresses = netns::exec_in(ns, "ip", &["-o", "addr", "show"])?
-            .lines()
-            .filter_map(|l| l.split_once(&format!(" {inet} "))?.1.split('/').next())
-            .filter_map(|a| a.parse().ok())
-            .collect();
         Ok(Rules {
             nat: table("nat")?,
             filter: table("filter")?,
-            addresses,
         })
+    }
+
+    /// The rules of each of [`FAMILIES`].
+    fn save_families(ns: &str, backend: &str) -> Result<Vec<Rules>> {
+        FAMILIES
+            .iter()
+            .map(|f| Rules::save_family(ns, backend, f))
+            .collect()
+    }
+
+    /// The rules and declarations of the `KUBE-` chains the agent writes,
+    /// sorted (kubelet's `KUBE-FIREWALL` aside, which kube-proxy also makes
+    /// sure of and the agent leaves).
+    fn agents_chains(&self) -> Vec<String> {
+        sorted(
+            self.nat
+                .iter()
+                .chain(&self.filter)
+                .filter(|l| {
+                    let chain = chain_of(l);
+                    chain.starts_with("KUBE-") && chain != "KUBE-FIREWALL"
+                })
+                .cloned()
+                .collect(),
+        )
     }
 
     fn nat_chains(&self) -> BTreeSet<String> {
@@ -1479,6 +1418,58 @@ impl Rules {
     }
 }
 
+/// The chain a saved line declares (`:NAME …`) or appends to (`-A NAME …`).
+fn chain_of(line: &str) -> &str {
+    line.strip_prefix("-A ")
+        .or_else(|| line.strip_prefix(':'))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or("")
+}
+
+fn sorted(mut lines: Vec<String>) -> Vec<String> {
+    lines.sort();
+    lines
+}
+
+/// The addresses of `family` in namespace `ns`.
+fn node_addresses(ns: &str, family: &str) -> Result<BTreeSet<std::net::IpAddr>> {
+    let inet = if family == "IPv6" {
+        " inet6 "
+    } else {
+        " inet "
+    };
+    Ok(netns::exec_in(ns, "ip", &["-o", "addr", "show"])?
+        .lines()
+        .filter_map(|l| l.split_once(inet)?.1.split('/').next())
+        .filter_map(|a| a.parse().ok())
+        .collect())
+}
+
+/// [`assert_same_rules`] for `family`, with the endpoints among
+/// `local_endpoints` of that family and node-1's addresses (namespace
+/// `ns`); says which family differs.
+fn assert_same_family_rules(
+    ns: &str,
+    family: &str,
+    kube_proxy: &Rules,
+    agent: &Rules,
+    local_endpoints: &BTreeSet<String>,
+) -> Result<()> {
+    let local: BTreeSet<String> = local_endpoints
+        .iter()
+        .filter(|ip| ip.contains(':') == (family == "IPv6"))
+        .cloned()
+        .collect();
+    let addresses = node_addresses(ns, family)?;
+    let compared =
+        std::panic::catch_unwind(|| assert_same_rules(kube_proxy, agent, &local, &addresses));
+    if let Err(panic) = compared {
+        eprintln!("{family} rules differ");
+        std::panic::resume_unwind(panic);
+    }
+    Ok(())
+}
+
 /// Asserts that the agent's rules are kube-proxy's but for the differences
 /// docs/agent.md gives:
 /// - no `KUBE-SEP-` chains: each DNAT candidate sits in the service chain,
@@ -1490,7 +1481,12 @@ impl Rules {
 /// - from 1 000 Service addresses, `KUBE-SERVICES`' entries in buckets;
 /// - with `--nodeport-addresses` CIDRs, a jump to `KUBE-NODEPORTS` per CIDR;
 /// - no jumps to kubelet's `KUBE-FIREWALL` where it holds no rule.
-fn assert_same_rules(kube_proxy: &Rules, agent: &Rules, local_endpoints: &BTreeSet<String>) {
+fn assert_same_rules(
+    kube_proxy: &Rules,
+    agent: &Rules,
+    local_endpoints: &BTreeSet<String>,
+    node_addresses: &BTreeSet<std::net::IpAddr>,
+) {
     // The filter table is kube-proxy's, rule for rule; in order, but for
     // the chains of one entry per Service, whose entries match different
     // packets.
@@ -1537,10 +1533,11 @@ fn assert_same_rules(kube_proxy: &Rules, agent: &Rules, local_endpoints: &BTreeS
             .filter(|c| !c.starts_with("KUBE-SEP-") && !is_dispatch_bucket(c))
             .collect()
     };
-    assert_eq!(named(agent), named(kube_proxy), "nat chains");
+    let (agents_named, kube_proxys_named) = (named(agent), named(kube_proxy));
+    assert_eq!(agents_named, kube_proxys_named, "nat chains");
     assert!(
-        named(agent).iter().any(|c| c.starts_with("KUBE-FW-"))
-            && named(agent).iter().any(|c| c.starts_with("KUBE-SVL-")),
+        agents_named.iter().any(|c| c.starts_with("KUBE-FW-"))
+            && agents_named.iter().any(|c| c.starts_with("KUBE-SVL-")),
         "every kind of service chain is compared"
     );
     // Every nat rule outside the service chains, with the documented
@@ -1581,7 +1578,7 @@ fn assert_same_rules(kube_proxy: &Rules, agent: &Rules, local_endpoints: &BTreeS
         &by_chain(&outside(agent), nat_unordered),
         &by_chain(&outside(kube_proxy), nat_unordered),
     );
-    assert_same_nodeport_jumps(kube_proxy, agent);
+    assert_same_nodeport_jumps(kube_proxy, agent, node_addresses);
     // Each bucket holds the addresses of its number.
     for line in &agent.nat {
         let Some(bucket) = line
@@ -1631,10 +1628,11 @@ fn assert_same_rules(kube_proxy: &Rules, agent: &Rules, local_endpoints: &BTreeS
     );
     // Localhost NodePort packets: counted by kube-proxy in a second
     // KUBE-NODEPORTS entry, by the agent first in the port's KUBE-EXT-.
-    let counted_ports = |lines: Vec<&String>| -> BTreeSet<String> {
-        lines
-            .into_iter()
-            .filter(|l| l.contains("-m nfacct"))
+    let counted_ports = |rules: &Rules, chains: &str| -> BTreeSet<String> {
+        rules
+            .nat
+            .iter()
+            .filter(|l| l.starts_with(chains) && l.contains("-m nfacct"))
             .filter_map(|l| {
                 l.split_once("--dport ")?
                     .1
@@ -1644,20 +1642,8 @@ fn assert_same_rules(kube_proxy: &Rules, agent: &Rules, local_endpoints: &BTreeS
             })
             .collect()
     };
-    let theirs = counted_ports(
-        kube_proxy
-            .nat
-            .iter()
-            .filter(|l| l.starts_with("-A KUBE-NODEPORTS "))
-            .collect(),
-    );
-    let ours = counted_ports(
-        agent
-            .nat
-            .iter()
-            .filter(|l| l.starts_with("-A KUBE-EXT-"))
-            .collect(),
-    );
+    let theirs = counted_ports(kube_proxy, "-A KUBE-NODEPORTS ");
+    let ours = counted_ports(agent, "-A KUBE-EXT-");
     assert_eq!(ours, theirs, "NodePorts counted on 127.0.0.0/8");
     // Each service chain, in order, with kube-proxy's jumps to its endpoint
     // chains resolved: the protocol and DNAT of the endpoint chain's rule,
@@ -1665,7 +1651,7 @@ fn assert_same_rules(kube_proxy: &Rules, agent: &Rules, local_endpoints: &BTreeS
     // affinity match of its own. The agent refreshes a returning client
     // with `--update` where kube-proxy checks (`--rcheck`) and sets again.
     let mut compared = 0;
-    for chain in named(kube_proxy)
+    for chain in kube_proxys_named
         .iter()
         .filter(|c| c.starts_with("KUBE-SVC-") || c.starts_with("KUBE-SVL-"))
     {
@@ -1722,7 +1708,11 @@ fn is_nodeports_jump(rule: &str) -> bool {
 /// it finds inside them (`-d <address>`), the agent one per CIDR (`-d <cidr>
 /// -m addrtype --dst-type LOCAL`), so that an address added later needs no
 /// sync. Then the addresses they match must be the same.
-fn assert_same_nodeport_jumps(kube_proxy: &Rules, agent: &Rules) {
+fn assert_same_nodeport_jumps(
+    kube_proxy: &Rules,
+    agent: &Rules,
+    node_addresses: &BTreeSet<std::net::IpAddr>,
+) {
     let jumps = |rules: &Rules| -> Vec<String> {
         let entries = rules.chain("KUBE-SERVICES");
         let tail: Vec<String> = entries
@@ -1765,8 +1755,7 @@ fn assert_same_nodeport_jumps(kube_proxy: &Rules, agent: &Rules) {
                 .unwrap_or_else(|| panic!("kube-proxy's jump to one address: {rule}"))
         })
         .collect();
-    let ours_matched: BTreeSet<std::net::IpAddr> = agent
-        .addresses
+    let ours_matched: BTreeSet<std::net::IpAddr> = node_addresses
         .iter()
         .filter(|address| {
             ours.iter().any(|rule| {
@@ -1790,8 +1779,10 @@ fn assert_same_nodeport_jumps(kube_proxy: &Rules, agent: &Rules) {
 fn by_chain(lines: &[String], unordered: impl Fn(&str) -> bool) -> BTreeMap<String, Vec<String>> {
     let mut chains: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for line in lines.iter().filter(|l| l.starts_with("-A ")) {
-        let chain = line.split_whitespace().nth(1).unwrap_or("").to_string();
-        chains.entry(chain).or_default().push(line.clone());
+        chains
+            .entry(chain_of(line).to_string())
+            .or_default()
+            .push(line.clone());
     }
     for (chain, rules) in &mut chains {
         if unordered(chain) {
@@ -1829,11 +1820,13 @@ fn without_recent(rule: &str) -> (String, Option<String>) {
 
 /// What the proxy in `ns` serves on 127.0.0.1:10249/metrics.
 fn metrics_text(ns: &str) -> Result<String> {
-    netns::exec_in(
-        ns,
-        "curl",
-        &["-sf", "--max-time", "3", "http://127.0.0.1:10249/metrics"],
-    )
+    metrics_at(ns, DEFAULT_METRICS)
+}
+
+/// What `ns` serves at `address` (`IP:port`) on `/metrics`.
+fn metrics_at(ns: &str, address: &str) -> Result<String> {
+    let url = format!("http://{address}/metrics");
+    netns::exec_in(ns, "curl", &["-sf", "--max-time", "3", &url])
 }
 
 /// The `kubeproxy_*` series of a metrics text: name and label names (label
