@@ -6,8 +6,12 @@
 //! `100.(64+slot).0.0/16` (node network `.0.0/24` with the bridge at `.0.1`, node
 //! `i` at `.0.(10+i)` with pod CIDR `.(128+i).0/24`, Service range `.64.0/18` (16 382 addresses)),
 //! an IPv6 Service range beside it (`fd00:96:<slot>::/112`: the apiserver is
-//! dual-stack, so that tests can write IPv6 Services, though the pods are
-//! IPv4 alone), names prefixed `cw<slot>`, and a state directory under `/tmp/causeway-env`.
+//! dual-stack, so that tests can write IPv6 Services), names prefixed `cw<slot>`,
+//! and a state directory under `/tmp/causeway-env`. The pods are IPv4 alone
+//! unless a test calls [`Cluster::enable_ipv6`]: then the node network gets
+//! `fd00:10:<slot>::/64` (node `i` at `::(10+i)`, the external client at
+//! `::200`) and pods added afterwards an address in their node's
+//! `fd00:244:<slot>:<i>::/64`.
 //! Each thing is written to the state file *before* it is created, so tear-down
 //! (on drop, on `causeway-env down`, or the sweep of an environment whose owner
 //! died) removes exactly what exists and nothing else. Environments on distinct
@@ -20,10 +24,11 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write as _;
-use std::net::{Ipv4Addr, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -81,6 +86,9 @@ pub struct Pod {
     pub node: String,
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, for pods added after [`Cluster::enable_ipv6`].
+    #[serde(default)]
+    pub ip6: Option<Ipv6Addr>,
 }
 
 /// What moto was seeded with (see e2e/moto/seed.py).
@@ -285,6 +293,16 @@ fn addr(slot: u8, a: u8, b: u8) -> Ipv4Addr {
     Ipv4Addr::new(100, 64 + slot, a, b)
 }
 
+/// `fd00:<net>:<slot>:<subnet>::<host>`: the IPv6 plan of a slot (module header).
+fn addr6(net: u16, slot: u8, subnet: u16, host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, net, u16::from(slot), subnet, 0, 0, 0, host)
+}
+
+/// The node network's IPv6 prefix (`fd00:10:<slot>::`).
+const NODE_NET6: u16 = 0x10;
+/// The pods' IPv6 prefix (`fd00:244:<slot>:<node>::/64`).
+const POD_NET6: u16 = 0x244;
+
 fn service_cidr_v6(slot: u8) -> String {
     format!("fd00:96:{slot:x}::/112")
 }
@@ -305,6 +323,7 @@ pub struct Cluster {
     aws: AwsSeed,
     client: kube::Client,
     detached: bool,
+    ipv6: AtomicBool,
 }
 
 impl Cluster {
@@ -574,6 +593,7 @@ impl Cluster {
             token,
             nodes,
             pods: Mutex::new(Vec::new()),
+            ipv6: AtomicBool::new(false),
             aws,
             client,
             detached: false,
@@ -643,6 +663,97 @@ impl Cluster {
     /// The range every pod address of this environment falls in.
     pub fn cluster_cidr(&self) -> String {
         format!("{}/17", addr(self.slot, 128, 0))
+    }
+
+    /// The range every pod's IPv6 address falls in ([`Cluster::enable_ipv6`]).
+    pub fn cluster_cidr_v6(&self) -> String {
+        format!("{}/48", addr6(POD_NET6, self.slot, 0, 0))
+    }
+
+    /// `node`'s IPv6 address on the node network ([`Cluster::enable_ipv6`]).
+    pub fn node_ip6(&self, node: &str) -> Ipv6Addr {
+        addr6(NODE_NET6, self.slot, 0, 10 + self.node_index(node))
+    }
+
+    /// The external client's IPv6 address ([`Cluster::enable_ipv6`]).
+    pub fn external_ip6(&self) -> Ipv6Addr {
+        addr6(NODE_NET6, self.slot, 0, 200)
+    }
+
+    /// 1 for node-1, and so on.
+    fn node_index(&self, node: &str) -> u16 {
+        let position = self
+            .nodes
+            .iter()
+            .position(|n| n.name == node)
+            .unwrap_or_else(|| panic!("no node {node}"));
+        u16::try_from(position + 1).expect("at most 60 nodes")
+    }
+
+    /// Makes the environment dual-stack: IPv6 addresses on the node network
+    /// and on every node's pod bridge, routes between the nodes' IPv6 pod
+    /// ranges, and the external client's address. Pods added afterwards get
+    /// an IPv6 address beside their IPv4 one (also in their status, so the
+    /// EndpointSlice controller publishes them in dual-stack Services), and
+    /// agents started afterwards get both cluster CIDRs. Addresses skip
+    /// duplicate address detection, which would hold them back for a second.
+    pub fn enable_ipv6(&self) -> Result<()> {
+        let prefix = |net: u16, subnet: u16, host: u16| {
+            format!("{}/64", addr6(net, self.slot, subnet, host))
+        };
+        for node in &self.nodes {
+            let index = self.node_index(&node.name);
+            sysctl_in(&node.netns, "net.ipv6.conf.all.forwarding", "1")?;
+            for (address, dev) in [
+                (prefix(NODE_NET6, 0, 10 + index), "eth0"),
+                (prefix(POD_NET6, index, 1), "cbr0"),
+            ] {
+                exec_in(
+                    &node.netns,
+                    "ip",
+                    &["-6", "addr", "add", &address, "dev", dev, "nodad"],
+                )?;
+            }
+            // A default route, as every node has one: the kernel routes a
+            // packet the node sends before nat OUTPUT rewrites its address,
+            // so without one a cluster IP would be unreachable from the
+            // node. On-link, so that the host namespace stays untouched.
+            exec_in(
+                &node.netns,
+                "ip",
+                &["-6", "route", "add", "default", "dev", "eth0"],
+            )?;
+            for other in self.nodes.iter().filter(|o| o.name != node.name) {
+                let other_index = self.node_index(&other.name);
+                exec_in(
+                    &node.netns,
+                    "ip",
+                    &[
+                        "-6",
+                        "route",
+                        "add",
+                        &format!("{}/64", addr6(POD_NET6, self.slot, other_index, 0)),
+                        "via",
+                        &self.node_ip6(&other.name).to_string(),
+                    ],
+                )?;
+            }
+        }
+        exec_in(
+            &self.external_netns(),
+            "ip",
+            &[
+                "-6",
+                "addr",
+                "add",
+                &prefix(NODE_NET6, 0, 200),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        )?;
+        self.ipv6.store(true, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Directory with etcd, kube-apiserver, kube-controller-manager and kubectl.
@@ -945,7 +1056,11 @@ impl Cluster {
     ) -> Result<u32> {
         let netns = self.node(node).netns.clone();
         let kubeconfig = self.kubeconfig().display().to_string();
-        let cluster_cidr = self.cluster_cidr();
+        let cluster_cidr = if self.ipv6.load(Ordering::SeqCst) {
+            format!("{},{}", self.cluster_cidr(), self.cluster_cidr_v6())
+        } else {
+            self.cluster_cidr()
+        };
         let mut args = vec![
             "run",
             "--node-name",
@@ -1010,7 +1125,7 @@ impl Cluster {
         labels: &[(&str, &str)],
     ) -> Result<Pod> {
         let node_info = self.node(node).clone();
-        let (pod_ip, index) = {
+        let (pod, index) = {
             let mut pods = self.pods.lock().expect("pods lock");
             let index = pods.len() + 1;
             let on_node = pods.iter().filter(|p| p.node == node).count();
@@ -1024,16 +1139,26 @@ impl Cluster {
                 .expect("node exists") as u8
                 + 1;
             let ip = addr(self.slot, 128 + node_index, 2 + on_node as u8);
+            let ip6 = self.ipv6.load(Ordering::SeqCst).then(|| {
+                addr6(
+                    POD_NET6,
+                    self.slot,
+                    u16::from(node_index),
+                    2 + on_node as u16,
+                )
+            });
             let pod = Pod {
                 namespace: namespace.to_string(),
                 name: name.to_string(),
                 node: node.to_string(),
                 netns: format!("cw{}-{namespace}-{name}", self.slot),
                 ip,
+                ip6,
             };
-            pods.push(pod);
-            (ip, index)
+            pods.push(pod.clone());
+            (pod, index)
         };
+        let (pod_ip, pod_ip6) = (pod.ip, pod.ip6);
         let netns_name = format!("cw{}-{namespace}-{name}", self.slot);
         let outer = format!("cw{}p{index}", self.slot);
         {
@@ -1065,6 +1190,34 @@ impl Cluster {
             "ip",
             &["route", "add", "default", "via", &gateway],
         )?;
+        if let Some(ip6) = pod_ip6 {
+            let node_index = self.node_index(node);
+            exec_in(
+                &netns_name,
+                "ip",
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{ip6}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            )?;
+            exec_in(
+                &netns_name,
+                "ip",
+                &[
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &addr6(POD_NET6, self.slot, node_index, 1).to_string(),
+                ],
+            )?;
+        }
         let echo = paths::workspace_bin("causeway-echo");
         let mut args = vec!["serve".to_string(), "--name".into(), name.to_string()];
         for port in ECHO_PORTS {
@@ -1114,8 +1267,8 @@ impl Cluster {
             .expect("pod recorded"))
     }
 
-    /// Patches a pod's status as its kubelet would: Running, with its IP, and
-    /// Ready or not.
+    /// Patches a pod's status as its kubelet would: Running, with its IP (and
+    /// its IPv6 address, if it has one), and Ready or not.
     pub async fn set_pod_ready(
         &self,
         namespace: &str,
@@ -1127,13 +1280,22 @@ impl Cluster {
         let pods: Api<PodObject> = Api::namespaced(self.client.clone(), namespace);
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
         let flag = if ready { "True" } else { "False" };
+        let ip6 = self
+            .pods
+            .lock()
+            .expect("pods lock")
+            .iter()
+            .find(|p| p.namespace == namespace && p.name == name)
+            .and_then(|p| p.ip6);
+        let mut pod_ips = vec![json!({"ip": pod_ip.to_string()})];
+        pod_ips.extend(ip6.map(|ip| json!({"ip": ip.to_string()})));
         let status = json!({
             "status": {
                 "phase": "Running",
                 "hostIP": node.ip.to_string(),
                 "hostIPs": [{"ip": node.ip.to_string()}],
                 "podIP": pod_ip.to_string(),
-                "podIPs": [{"ip": pod_ip.to_string()}],
+                "podIPs": pod_ips,
                 "startTime": now,
                 "conditions": [
                     {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
@@ -1176,6 +1338,7 @@ impl Cluster {
             token: info.token.clone(),
             nodes: info.nodes.clone(),
             pods: Mutex::new(info.pods.clone()),
+            ipv6: AtomicBool::new(info.pods.iter().any(|p| p.ip6.is_some())),
             aws: info.aws.clone(),
             client,
             detached: false,

@@ -91,10 +91,23 @@ pub fn spawn_in_with_env(
         .with_context(|| format!("cannot start {program} in namespace {ns}"))
 }
 
-/// Creates a namespace with its loopback up.
+/// Creates a namespace with its loopback up and IPv6 duplicate address
+/// detection off.
 pub fn add_netns(name: &str) -> Result<()> {
     ip(&["netns", "add", name])?;
-    exec_in(name, "ip", &["link", "set", "lo", "up"])?;
+    // IPv6 duplicate address detection off for the links made here after:
+    // it would hold every link-local address back for a second or more,
+    // and neighbour discovery with it, and each address here is unique.
+    exec_in(
+        name,
+        "sh",
+        &[
+            "-c",
+            "ip link set lo up && { [ ! -d /proc/sys/net/ipv6 ] || \
+             for c in all default; do \
+             echo 0 > /proc/sys/net/ipv6/conf/$c/accept_dad || exit 1; done; }",
+        ],
+    )?;
     Ok(())
 }
 

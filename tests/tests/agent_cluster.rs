@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -1970,6 +1971,210 @@ async fn udp_clients_are_moved_off_stale_conntrack_entries() -> Result<()> {
         ),
         Some(deleted as f64),
         "{metrics}"
+    );
+    Ok(())
+}
+
+/// One TCP probe from `ns`: the pod that answered and the client address it
+/// saw.
+fn answer_and_source(ns: &str, target: &str) -> Result<(String, IpAddr)> {
+    let echo = workspace_bin("causeway-echo").display().to_string();
+    let out = netns::exec_in(
+        ns,
+        &echo,
+        &["probe", "--tcp", target, "--timeout-ms", "700"],
+    )?;
+    let line = out.trim();
+    let mut words = line
+        .strip_prefix("ok ")
+        .with_context(|| format!("{target} from {ns}: {line}"))?
+        .split_whitespace();
+    let pod = words.next().unwrap_or_default().to_string();
+    let seen: SocketAddr = words
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .with_context(|| format!("{target} from {ns}: {line}"))?;
+    Ok((pod, seen.ip()))
+}
+
+/// The IPv6 half of a dual-stack cluster, end to end: dual-stack pods on two
+/// nodes, a dual-stack Service written through the apiserver, and real IPv6
+/// packets from a pod, from the node and from outside, while the agent
+/// programs ip6tables from what it watches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_run_proxies_the_ipv6_side_of_a_dual_stack_service() -> Result<()> {
+    let cluster = Cluster::start(ClusterOptions::nodes(2)).await?;
+    cluster.enable_ipv6()?;
+    let node1 = cluster.node("node-1").clone();
+    let node1_ip6 = cluster.node_ip6("node-1");
+    let external = cluster.external_netns();
+    let client = cluster
+        .add_pod("node-1", "client", &[("app", "client")])
+        .await?;
+    let web1 = cluster
+        .add_pod("node-1", "web-1", &[("app", "web")])
+        .await?;
+    let web2 = cluster
+        .add_pod("node-2", "web-2", &[("app", "web")])
+        .await?;
+    let client_ip6 = IpAddr::V6(client.ip6.context("the client has an IPv6 address")?);
+    // Pod to pod over IPv6, across the nodes, needs no agent: the harness's
+    // routes carry it, and the pod sees the client's own address.
+    let web2_ip6 = web2.ip6.context("web-2 has an IPv6 address")?;
+    assert_eq!(
+        answer_and_source(&client.netns, &format!("[{web2_ip6}]:8080"))?,
+        ("web-2".to_string(), client_ip6)
+    );
+
+    let services: Api<Service> = Api::namespaced(cluster.client(), "default");
+    let service: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web"},
+        "spec": {
+            "type": "NodePort", "selector": {"app": "web"},
+            "ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv4", "IPv6"],
+            "ports": [
+                {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+                {"name": "dns", "port": 53, "targetPort": 9376, "protocol": "UDP"}]}
+    }))?;
+    services.create(&PostParams::default(), &service).await?;
+    let spec = services.get("web").await?.spec.context("web has a spec")?;
+    let cluster_ip6 = spec
+        .cluster_ips
+        .unwrap_or_default()
+        .into_iter()
+        .find(|ip| ip.contains(':'))
+        .context("web has an IPv6 cluster IP")?;
+    let node_port = spec
+        .ports
+        .unwrap_or_default()
+        .iter()
+        .find(|p| p.name.as_deref() == Some("http"))
+        .and_then(|p| p.node_port)
+        .context("http has a NodePort")?;
+    let agent = workspace_bin("causeway-agent");
+    cluster.spawn_agent("node-1", "agent", &agent, &[])?;
+
+    // From a pod on node-1: both endpoints answer at the IPv6 cluster IP, and
+    // each sees the pod's own address (no masquerade inside the cluster CIDR).
+    let http6 = format!("[{cluster_ip6}]:80");
+    wait_for_pods(
+        &client.netns,
+        "tcp",
+        &http6,
+        &["web-1", "web-2"],
+        "the IPv6 cluster IP from a pod",
+    )?;
+    let mut answered = BTreeMap::new();
+    for _ in 0..20 {
+        let (pod, seen) = answer_and_source(&client.netns, &http6)?;
+        assert_eq!(seen, client_ip6, "{pod} saw the client pod's address");
+        *answered.entry(pod).or_insert(0) += 1;
+    }
+    assert_eq!(answered.len(), 2, "both endpoints answered: {answered:?}");
+    // From node-1 itself.
+    wait_for_pods(
+        &node1.netns,
+        "tcp",
+        &http6,
+        &["web-1", "web-2"],
+        "the IPv6 cluster IP from node-1",
+    )?;
+    // From outside, at node-1's IPv6 address and the NodePort: both endpoints,
+    // each seeing an address of node-1 (masqueraded, so that the answer goes
+    // back through node-1), never the client's.
+    let nodeport6 = format!("[{node1_ip6}]:{node_port}");
+    wait_for_pods(
+        &external,
+        "tcp",
+        &nodeport6,
+        &["web-1", "web-2"],
+        "the NodePort at node-1's IPv6 address",
+    )?;
+    let node1_addresses = netns::exec_in(&node1.netns, "ip", &["-6", "-o", "addr", "show"])?;
+    for _ in 0..10 {
+        let (pod, seen) = answer_and_source(&external, &nodeport6)?;
+        assert!(
+            node1_addresses.contains(&format!(" {seen}/")),
+            "{pod} saw {seen}, not an address of node-1: {node1_addresses}"
+        );
+    }
+
+    // externalTrafficPolicy: Local: node-1 sends outside clients to web-1
+    // alone, which sees their own address, and the Service's health check
+    // answers on node-1's IPv6 address.
+    let health_port = make_etp_local(&services, "web").await?;
+    wait_http(
+        &external,
+        &format!("http://[{node1_ip6}]:{health_port}/"),
+        200,
+        "\"localEndpoints\": 1",
+    )?;
+    wait_for_pods(
+        &external,
+        "tcp",
+        &nodeport6,
+        &["web-1"],
+        "the NodePort with externalTrafficPolicy: Local",
+    )?;
+    assert_eq!(
+        answer_and_source(&external, &nodeport6)?,
+        ("web-1".to_string(), IpAddr::V6(cluster.external_ip6()))
+    );
+
+    // UDP: a client keeps its source port while the endpoint its conntrack
+    // entry points at stops serving. The agent deletes that IPv6 entry, so the
+    // next datagram from the same port reaches the other endpoint.
+    let dns6 = format!("[{cluster_ip6}]:53");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        let got = udp_from_port(&client.netns, &dns6, 40053)?;
+        if got == "web-1" || got == "web-2" {
+            break got;
+        }
+        if Instant::now() > deadline {
+            bail!("{dns6} from port 40053 answers {got:?}");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            udp_from_port(&client.netns, &dns6, 40053)?,
+            first,
+            "conntrack keeps the client on one endpoint"
+        );
+    }
+    let (stopping, other) = if first == "web-1" {
+        (&web1, "web-2")
+    } else {
+        (&web2, "web-1")
+    };
+    cluster
+        .set_pod_ready(
+            "default",
+            &first,
+            stopping.ip,
+            cluster.node(&stopping.node),
+            false,
+        )
+        .await?;
+    wait_udp_answer(
+        &client.netns,
+        &dns6,
+        40053,
+        other,
+        "after the first endpoint stopped serving",
+    )?;
+    let (_, _, metrics) = http_get(&node1.netns, "http://127.0.0.1:10249/metrics")?;
+    let deleted = metrics::value(
+        &metrics,
+        "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv6\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(
+        deleted >= 1.0,
+        "IPv6 conntrack deletions counted: {metrics}"
     );
     Ok(())
 }

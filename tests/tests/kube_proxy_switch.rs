@@ -11,7 +11,7 @@
 //!   everything of the agent's, dispatch buckets included;
 //! - on a dual-stack node both write the same rules for both families, with
 //!   each way of detecting pod traffic (rules and health answers only: the
-//!   harness's pods are IPv4).
+//!   pods here are IPv4; `agent_cluster` sends IPv6 packets through `run`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -83,7 +83,7 @@ async fn both_families_agree_masquerading_all_and_by_interface_prefix() -> Resul
 }
 
 /// The same with pods told by their bridge, and then by the Node's pod
-/// CIDR (which the harness gives for IPv4 alone).
+/// CIDR (which the harness's Node objects give for IPv4 alone).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_families_agree_on_bridge_and_node_cidr_detection() -> Result<()> {
     agree_on_both_families(&[
@@ -524,7 +524,7 @@ async fn agree_on_both_families_with(backend: &str, flags: &[&str]) -> Result<()
 ///   the other; `unset-conditions`: an endpoint without conditions (ready);
 ///   `duplicated`: an endpoint in two slices.
 ///
-/// The pods are IPv4 alone, so these Services have no selectors: their
+/// The pods here are IPv4 alone, so these Services have no selectors: their
 /// EndpointSlices, one per family, written here as the EndpointSlice
 /// controller writes them, name made-up endpoints on node-1 and node-2.
 /// Returns the addresses of the endpoints on node-1.
