@@ -9,9 +9,9 @@
 //! dual-stack, so that tests can write IPv6 Services), names prefixed `cw<slot>`,
 //! and a state directory under `/tmp/causeway-env`. The pods are IPv4 alone
 //! unless a test calls [`Cluster::enable_ipv6`]: then the node network gets
-//! `fd00:10:<slot>::/64` (node `i` at `::(10+i)`, the external client at
-//! `::200`) and pods added afterwards an address in their node's
-//! `fd00:244:<slot>:<i>::/64`.
+//! `fd00:10:<slot>::/64` (node `i` at `::(0x10 + i)`, so node-1 at `::11`, the
+//! external client at `::200`) and pods added afterwards an address in their
+//! node's `fd00:244:<slot>:<i>::/64`.
 //! Each thing is written to the state file *before* it is created, so tear-down
 //! (on drop, on `causeway-env down`, or the sweep of an environment whose owner
 //! died) removes exactly what exists and nothing else. Environments on distinct
@@ -672,12 +672,12 @@ impl Cluster {
 
     /// `node`'s IPv6 address on the node network ([`Cluster::enable_ipv6`]).
     pub fn node_ip6(&self, node: &str) -> Ipv6Addr {
-        addr6(NODE_NET6, self.slot, 0, 10 + self.node_index(node))
+        addr6(NODE_NET6, self.slot, 0, 0x10 + self.node_index(node))
     }
 
     /// The external client's IPv6 address ([`Cluster::enable_ipv6`]).
     pub fn external_ip6(&self) -> Ipv6Addr {
-        addr6(NODE_NET6, self.slot, 0, 200)
+        addr6(NODE_NET6, self.slot, 0, 0x200)
     }
 
     /// 1 for node-1, and so on.
@@ -687,7 +687,7 @@ impl Cluster {
             .iter()
             .position(|n| n.name == node)
             .unwrap_or_else(|| panic!("no node {node}"));
-        u16::try_from(position + 1).expect("at most 60 nodes")
+        u16::try_from(position + 1).expect("few nodes")
     }
 
     /// Makes the environment dual-stack: IPv6 addresses on the node network
@@ -695,23 +695,20 @@ impl Cluster {
     /// ranges, and the external client's address. Pods added afterwards get
     /// an IPv6 address beside their IPv4 one (also in their status, so the
     /// EndpointSlice controller publishes them in dual-stack Services), and
-    /// agents started afterwards get both cluster CIDRs. Addresses skip
-    /// duplicate address detection, which would hold them back for a second.
+    /// agents started afterwards get both cluster CIDRs. (Every namespace
+    /// here has duplicate address detection off: [`netns::add_netns`].)
     pub fn enable_ipv6(&self) -> Result<()> {
-        let prefix = |net: u16, subnet: u16, host: u16| {
-            format!("{}/64", addr6(net, self.slot, subnet, host))
-        };
         for node in &self.nodes {
             let index = self.node_index(&node.name);
             sysctl_in(&node.netns, "net.ipv6.conf.all.forwarding", "1")?;
             for (address, dev) in [
-                (prefix(NODE_NET6, 0, 10 + index), "eth0"),
-                (prefix(POD_NET6, index, 1), "cbr0"),
+                (self.node_ip6(&node.name), "eth0"),
+                (addr6(POD_NET6, self.slot, index, 1), "cbr0"),
             ] {
                 exec_in(
                     &node.netns,
                     "ip",
-                    &["-6", "addr", "add", &address, "dev", dev, "nodad"],
+                    &["-6", "addr", "add", &format!("{address}/64"), "dev", dev],
                 )?;
             }
             // A default route, as every node has one: the kernel routes a
@@ -746,10 +743,9 @@ impl Cluster {
                 "-6",
                 "addr",
                 "add",
-                &prefix(NODE_NET6, 0, 200),
+                &format!("{}/64", self.external_ip6()),
                 "dev",
                 "eth0",
-                "nodad",
             ],
         )?;
         self.ipv6.store(true, Ordering::SeqCst);
@@ -1125,7 +1121,7 @@ impl Cluster {
         labels: &[(&str, &str)],
     ) -> Result<Pod> {
         let node_info = self.node(node).clone();
-        let (pod, index) = {
+        let (pod, index, node_index) = {
             let mut pods = self.pods.lock().expect("pods lock");
             let index = pods.len() + 1;
             let on_node = pods.iter().filter(|p| p.node == node).count();
@@ -1156,7 +1152,7 @@ impl Cluster {
                 ip6,
             };
             pods.push(pod.clone());
-            (pod, index)
+            (pod, index, u16::from(node_index))
         };
         let (pod_ip, pod_ip6) = (pod.ip, pod.ip6);
         let netns_name = format!("cw{}-{namespace}-{name}", self.slot);
@@ -1191,19 +1187,10 @@ impl Cluster {
             &["route", "add", "default", "via", &gateway],
         )?;
         if let Some(ip6) = pod_ip6 {
-            let node_index = self.node_index(node);
             exec_in(
                 &netns_name,
                 "ip",
-                &[
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{ip6}/64"),
-                    "dev",
-                    "eth0",
-                    "nodad",
-                ],
+                &["-6", "addr", "add", &format!("{ip6}/64"), "dev", "eth0"],
             )?;
             exec_in(
                 &netns_name,
@@ -1257,14 +1244,7 @@ impl Cluster {
             .with_context(|| format!("creating pod {namespace}/{name}"))?;
         self.set_pod_ready(namespace, name, pod_ip, &node_info, true)
             .await?;
-        Ok(self
-            .pods
-            .lock()
-            .expect("pods lock")
-            .iter()
-            .find(|p| p.netns == netns_name)
-            .cloned()
-            .expect("pod recorded"))
+        Ok(pod)
     }
 
     /// Patches a pod's status as its kubelet would: Running, with its IP (and
@@ -1338,7 +1318,7 @@ impl Cluster {
             token: info.token.clone(),
             nodes: info.nodes.clone(),
             pods: Mutex::new(info.pods.clone()),
-            ipv6: AtomicBool::new(info.pods.iter().any(|p| p.ip6.is_some())),
+            ipv6: AtomicBool::new(info.ipv6),
             aws: info.aws.clone(),
             client,
             detached: false,
@@ -1369,6 +1349,7 @@ impl Cluster {
             cluster_cidr: self.cluster_cidr(),
             service_cidr: self.service_cidr(),
             aws: self.aws.clone(),
+            ipv6: self.ipv6.load(Ordering::SeqCst),
         };
         fs::write(dir.join("info.json"), serde_json::to_vec_pretty(&info)?)?;
         self.detached = true;
@@ -1393,6 +1374,9 @@ pub struct DetachedInfo {
     pub cluster_cidr: String,
     pub service_cidr: String,
     pub aws: AwsSeed,
+    /// Whether [`Cluster::enable_ipv6`] ran.
+    #[serde(default)]
+    pub ipv6: bool,
 }
 
 /// Tears down a detached environment by its directory. Missing is fine.

@@ -755,7 +755,8 @@ impl Outcome {
             _ => None,
         }
     }
-    fn parse(line: &str) -> Outcome {
+    /// A line of `causeway-echo probe`.
+    pub fn parse(line: &str) -> Outcome {
         let line = line.trim();
         if line == "refused" {
             return Outcome::Refused;
@@ -957,15 +958,10 @@ impl DataPath {
     }
 
     fn new_ns(&mut self, name: &str) -> Result<()> {
+        // add_netns turns duplicate address detection off, so addresses are
+        // usable at once.
         add_netns(name)?;
         self.namespaces.push(name.to_string());
-        // Addresses must be usable at once: no duplicate address detection.
-        for key in [
-            "net.ipv6.conf.all.accept_dad",
-            "net.ipv6.conf.default.accept_dad",
-        ] {
-            sysctl_in(name, key, "0")?;
-        }
         Ok(())
     }
 

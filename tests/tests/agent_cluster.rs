@@ -4,11 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use causeway_tests::cluster::{ClusterOptions, Pod};
+use causeway_tests::datapath::Outcome;
 use causeway_tests::metrics;
 use causeway_tests::paths::workspace_bin;
 use causeway_tests::wait::eventually;
@@ -1984,18 +1985,10 @@ fn answer_and_source(ns: &str, target: &str) -> Result<(String, IpAddr)> {
         &echo,
         &["probe", "--tcp", target, "--timeout-ms", "700"],
     )?;
-    let line = out.trim();
-    let mut words = line
-        .strip_prefix("ok ")
-        .with_context(|| format!("{target} from {ns}: {line}"))?
-        .split_whitespace();
-    let pod = words.next().unwrap_or_default().to_string();
-    let seen: SocketAddr = words
-        .next()
-        .unwrap_or_default()
-        .parse()
-        .with_context(|| format!("{target} from {ns}: {line}"))?;
-    Ok((pod, seen.ip()))
+    match Outcome::parse(&out) {
+        Outcome::Answered { pod, source } => Ok((pod, source)),
+        other => bail!("{target} from {ns}: {other:?}"),
+    }
 }
 
 /// The IPv6 half of a dual-stack cluster, end to end: dual-stack pods on two
