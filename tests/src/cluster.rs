@@ -7,11 +7,12 @@
 //! `i` at `.0.(10+i)` with pod CIDR `.(128+i).0/24`, Service range `.64.0/18` (16 382 addresses)),
 //! an IPv6 Service range beside it (`fd00:96:<slot>::/112`: the apiserver is
 //! dual-stack, so that tests can write IPv6 Services), names prefixed `cw<slot>`,
-//! and a state directory under `/tmp/causeway-env`. The pods are IPv4 alone
-//! unless a test calls [`Cluster::enable_ipv6`]: then the node network gets
+//! and a state directory under `/tmp/causeway-env`. Nodes and pods are IPv4
+//! alone unless the options ask for a dual-stack environment
+//! ([`ClusterOptions::dual_stack`]): then the node network also has
 //! `fd00:10:<slot>::/64` (node `i` at `::(0x10 + i)`, so node-1 at `::11`, the
-//! external client at `::200`) and pods added afterwards an address in their
-//! node's `fd00:244:<slot>:<i>::/64`.
+//! external client at `::200`), node `i` the IPv6 pod CIDR
+//! `fd00:244:<slot>:<i>::/64`, and every pod an address in its node's.
 //! Each thing is written to the state file *before* it is created, so tear-down
 //! (on drop, on `causeway-env down`, or the sweep of an environment whose owner
 //! died) removes exactly what exists and nothing else. Environments on distinct
@@ -28,7 +29,6 @@ use std::net::{Ipv4Addr, Ipv6Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -56,6 +56,8 @@ pub const K8S_VERSION: &str = "1.34.4";
 pub struct ClusterOptions {
     pub nodes: usize,
     pub cluster_name: String,
+    /// IPv6 beside IPv4 on the node network, the pods and the Node objects.
+    pub dual_stack: bool,
 }
 
 impl ClusterOptions {
@@ -63,7 +65,18 @@ impl ClusterOptions {
         Self {
             nodes,
             cluster_name: "causeway-e2e".to_string(),
+            dual_stack: false,
         }
+    }
+
+    /// A dual-stack environment, as a kubelet on a dual-stack node reports
+    /// it: each Node has an IPv6 InternalIP and IPv6 pod CIDR beside its IPv4
+    /// ones, each pod an IPv6 address in its status (so the EndpointSlice
+    /// controller publishes it in dual-stack Services), and agents get both
+    /// cluster CIDRs.
+    pub fn dual_stack(mut self) -> Self {
+        self.dual_stack = true;
+        self
     }
 }
 
@@ -76,6 +89,11 @@ pub struct NodeInfo {
     pub pod_cidr: String,
     pub zone: String,
     pub instance_id: String,
+    /// Its IPv6 address and pod CIDR, in a dual-stack environment.
+    #[serde(default)]
+    pub ip6: Option<Ipv6Addr>,
+    #[serde(default)]
+    pub pod_cidr6: Option<String>,
 }
 
 /// One pod: a network namespace behind a veth in its node, running causeway-echo.
@@ -86,7 +104,7 @@ pub struct Pod {
     pub node: String,
     pub netns: String,
     pub ip: Ipv4Addr,
-    /// Its IPv6 address, for pods added after [`Cluster::enable_ipv6`].
+    /// Its IPv6 address, in a dual-stack environment.
     #[serde(default)]
     pub ip6: Option<Ipv6Addr>,
 }
@@ -323,7 +341,6 @@ pub struct Cluster {
     aws: AwsSeed,
     client: kube::Client,
     detached: bool,
-    ipv6: AtomicBool,
 }
 
 impl Cluster {
@@ -497,6 +514,12 @@ impl Cluster {
                 pod_cidr: format!("{}/24", addr(slot, 128 + index, 0)),
                 zone: instance.zone.clone(),
                 instance_id: instance.id.clone(),
+                ip6: options
+                    .dual_stack
+                    .then(|| addr6(NODE_NET6, slot, 0, 0x10 + u16::from(index))),
+                pod_cidr6: options
+                    .dual_stack
+                    .then(|| format!("{}/64", addr6(POD_NET6, slot, u16::from(index), 0))),
             };
             p.record_netns(&node.netns)?;
             add_netns(&node.netns)?;
@@ -583,7 +606,7 @@ impl Cluster {
 
         let token = pki.token.clone();
         let state = p.disarm();
-        Ok(Cluster {
+        let cluster = Cluster {
             state: Mutex::new(state),
             children: Mutex::new(std::mem::take(&mut p.children)),
             options,
@@ -593,11 +616,15 @@ impl Cluster {
             token,
             nodes,
             pods: Mutex::new(Vec::new()),
-            ipv6: AtomicBool::new(false),
             aws,
             client,
             detached: false,
-        })
+        };
+        // Dropped on failure, which tears everything down.
+        if cluster.dual_stack() {
+            cluster.set_up_ipv6()?;
+        }
+        Ok(cluster)
     }
 
     pub fn client(&self) -> kube::Client {
@@ -665,17 +692,25 @@ impl Cluster {
         format!("{}/17", addr(self.slot, 128, 0))
     }
 
-    /// The range every pod's IPv6 address falls in ([`Cluster::enable_ipv6`]).
+    /// Whether the environment is dual-stack ([`ClusterOptions::dual_stack`]).
+    pub fn dual_stack(&self) -> bool {
+        self.options.dual_stack
+    }
+
+    /// The range every pod's IPv6 address falls in, in a dual-stack
+    /// environment.
     pub fn cluster_cidr_v6(&self) -> String {
         format!("{}/48", addr6(POD_NET6, self.slot, 0, 0))
     }
 
-    /// `node`'s IPv6 address on the node network ([`Cluster::enable_ipv6`]).
+    /// `node`'s IPv6 address on the node network (a dual-stack environment).
     pub fn node_ip6(&self, node: &str) -> Ipv6Addr {
-        addr6(NODE_NET6, self.slot, 0, 0x10 + self.node_index(node))
+        self.node(node)
+            .ip6
+            .unwrap_or_else(|| panic!("{node} has no IPv6 address: the environment is IPv4 alone"))
     }
 
-    /// The external client's IPv6 address ([`Cluster::enable_ipv6`]).
+    /// The external client's IPv6 address (a dual-stack environment).
     pub fn external_ip6(&self) -> Ipv6Addr {
         addr6(NODE_NET6, self.slot, 0, 0x200)
     }
@@ -690,14 +725,12 @@ impl Cluster {
         u16::try_from(position + 1).expect("few nodes")
     }
 
-    /// Makes the environment dual-stack: IPv6 addresses on the node network
-    /// and on every node's pod bridge, routes between the nodes' IPv6 pod
-    /// ranges, and the external client's address. Pods added afterwards get
-    /// an IPv6 address beside their IPv4 one (also in their status, so the
-    /// EndpointSlice controller publishes them in dual-stack Services), and
-    /// agents started afterwards get both cluster CIDRs. (Every namespace
-    /// here has duplicate address detection off: [`netns::add_netns`].)
-    pub fn enable_ipv6(&self) -> Result<()> {
+    /// The IPv6 half of a dual-stack environment's network: the nodes'
+    /// addresses, their pod bridges' gateways, an on-link default route and
+    /// routes to the other nodes' pod CIDRs, forwarding, and the external
+    /// client's address. (Every namespace here has duplicate address detection
+    /// off: [`netns::add_netns`].)
+    fn set_up_ipv6(&self) -> Result<()> {
         for node in &self.nodes {
             let index = self.node_index(&node.name);
             sysctl_in(&node.netns, "net.ipv6.conf.all.forwarding", "1")?;
@@ -721,18 +754,13 @@ impl Cluster {
                 &["-6", "route", "add", "default", "dev", "eth0"],
             )?;
             for other in self.nodes.iter().filter(|o| o.name != node.name) {
-                let other_index = self.node_index(&other.name);
+                let (Some(pod_cidr6), Some(ip6)) = (&other.pod_cidr6, other.ip6) else {
+                    bail!("{} has no IPv6 address", other.name);
+                };
                 exec_in(
                     &node.netns,
                     "ip",
-                    &[
-                        "-6",
-                        "route",
-                        "add",
-                        &format!("{}/64", addr6(POD_NET6, self.slot, other_index, 0)),
-                        "via",
-                        &self.node_ip6(&other.name).to_string(),
-                    ],
+                    &["-6", "route", "add", pod_cidr6, "via", &ip6.to_string()],
                 )?;
             }
         }
@@ -748,7 +776,6 @@ impl Cluster {
                 "eth0",
             ],
         )?;
-        self.ipv6.store(true, Ordering::SeqCst);
         Ok(())
     }
 
@@ -1052,7 +1079,7 @@ impl Cluster {
     ) -> Result<u32> {
         let netns = self.node(node).netns.clone();
         let kubeconfig = self.kubeconfig().display().to_string();
-        let cluster_cidr = if self.ipv6.load(Ordering::SeqCst) {
+        let cluster_cidr = if self.dual_stack() {
             format!("{},{}", self.cluster_cidr(), self.cluster_cidr_v6())
         } else {
             self.cluster_cidr()
@@ -1135,7 +1162,7 @@ impl Cluster {
                 .expect("node exists") as u8
                 + 1;
             let ip = addr(self.slot, 128 + node_index, 2 + on_node as u8);
-            let ip6 = self.ipv6.load(Ordering::SeqCst).then(|| {
+            let ip6 = self.dual_stack().then(|| {
                 addr6(
                     POD_NET6,
                     self.slot,
@@ -1311,6 +1338,7 @@ impl Cluster {
             options: ClusterOptions {
                 nodes: info.nodes.len(),
                 cluster_name: info.cluster_name.clone(),
+                dual_stack: info.nodes.iter().any(|n| n.ip6.is_some()),
             },
             slot: info.slot,
             bin_dir: info.bin_dir.clone(),
@@ -1318,7 +1346,6 @@ impl Cluster {
             token: info.token.clone(),
             nodes: info.nodes.clone(),
             pods: Mutex::new(info.pods.clone()),
-            ipv6: AtomicBool::new(info.ipv6),
             aws: info.aws.clone(),
             client,
             detached: false,
@@ -1349,7 +1376,6 @@ impl Cluster {
             cluster_cidr: self.cluster_cidr(),
             service_cidr: self.service_cidr(),
             aws: self.aws.clone(),
-            ipv6: self.ipv6.load(Ordering::SeqCst),
         };
         fs::write(dir.join("info.json"), serde_json::to_vec_pretty(&info)?)?;
         self.detached = true;
@@ -1374,9 +1400,6 @@ pub struct DetachedInfo {
     pub cluster_cidr: String,
     pub service_cidr: String,
     pub aws: AwsSeed,
-    /// Whether [`Cluster::enable_ipv6`] ran.
-    #[serde(default)]
-    pub ipv6: bool,
 }
 
 /// Tears down a detached environment by its directory. Missing is fine.
@@ -1786,7 +1809,7 @@ async fn register_nodes(client: &kube::Client, nodes: &[NodeInfo]) -> Result<()>
             "spec": {
                 "providerID": format!("aws:///{}/{}", node.zone, node.instance_id),
                 "podCIDR": node.pod_cidr,
-                "podCIDRs": [node.pod_cidr]
+                "podCIDRs": std::iter::once(&node.pod_cidr).chain(&node.pod_cidr6).collect::<Vec<_>>()
             }
         }))?;
         api.create(&PostParams::default(), &object)
@@ -1795,10 +1818,11 @@ async fn register_nodes(client: &kube::Client, nodes: &[NodeInfo]) -> Result<()>
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
         let status = json!({
             "status": {
-                "addresses": [
-                    {"type": "InternalIP", "address": node.ip.to_string()},
-                    {"type": "Hostname", "address": node.name}
-                ],
+                "addresses": std::iter::once(node.ip.to_string())
+                    .chain(node.ip6.map(|ip| ip.to_string()))
+                    .map(|ip| json!({"type": "InternalIP", "address": ip}))
+                    .chain([json!({"type": "Hostname", "address": node.name})])
+                    .collect::<Vec<_>>(),
                 "conditions": [{
                     "type": "Ready", "status": "True", "reason": "KubeletReady",
                     "message": "node namespace is up", "lastHeartbeatTime": now, "lastTransitionTime": now

@@ -1997,8 +1997,7 @@ fn answer_and_source(ns: &str, target: &str) -> Result<(String, IpAddr)> {
 /// programs ip6tables from what it watches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_run_proxies_the_ipv6_side_of_a_dual_stack_service() -> Result<()> {
-    let cluster = Cluster::start(ClusterOptions::nodes(2)).await?;
-    cluster.enable_ipv6()?;
+    let cluster = Cluster::start(ClusterOptions::nodes(2).dual_stack()).await?;
     let node1 = cluster.node("node-1").clone();
     let node1_ip6 = cluster.node_ip6("node-1");
     let external = cluster.external_netns();
@@ -2047,7 +2046,7 @@ async fn agent_run_proxies_the_ipv6_side_of_a_dual_stack_service() -> Result<()>
         .and_then(|p| p.node_port)
         .context("http has a NodePort")?;
     let agent = workspace_bin("causeway-agent");
-    cluster.spawn_agent("node-1", "agent", &agent, &[])?;
+    let agent_pid = cluster.spawn_agent("node-1", "agent", &agent, &[])?;
 
     // From a pod on node-1: both endpoints answer at the IPv6 cluster IP, and
     // each sees the pod's own address (no masquerade inside the cluster CIDR).
@@ -2093,6 +2092,14 @@ async fn agent_run_proxies_the_ipv6_side_of_a_dual_stack_service() -> Result<()>
             "{pod} saw {seen}, not an address of node-1: {node1_addresses}"
         );
     }
+    // NodePorts answer on every local address by default, the pod bridge's
+    // gateway among them.
+    let pod_cidr6 = node1
+        .pod_cidr6
+        .as_deref()
+        .context("node-1 has an IPv6 pod CIDR")?;
+    let gateway_nodeport6 = format!("[{}]:{node_port}", pod_cidr6.replace("::/64", "::1"));
+    answer_and_source(&node1.netns, &gateway_nodeport6)?;
 
     // externalTrafficPolicy: Local: node-1 sends outside clients to web-1
     // alone, which sees their own address, and the Service's health check
@@ -2169,6 +2176,38 @@ async fn agent_run_proxies_the_ipv6_side_of_a_dual_stack_service() -> Result<()>
         deleted >= 1.0,
         "IPv6 conntrack deletions counted: {metrics}"
     );
+
+    // Restarted with `--nodeport-addresses primary`, the agent takes the
+    // Node's IPv6 InternalIP: NodePorts answer there and no longer on the
+    // pod bridge's gateway. (Back to externalTrafficPolicy: Cluster first:
+    // with Local and no local endpoint left, kube-proxy's rules, and so the
+    // agent's, drop NodePort traffic to every local address.)
+    let patch = json!({"spec": {"externalTrafficPolicy": "Cluster"}});
+    services
+        .patch("web", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    cluster.terminate(agent_pid, Duration::from_secs(10))?;
+    cluster.spawn_agent(
+        "node-1",
+        "agent-primary",
+        &agent,
+        &["--nodeport-addresses", "primary"],
+    )?;
+    // Every attempt refused: nothing listens there once the rules are gone.
+    wait_for_pods(
+        &node1.netns,
+        "tcp",
+        &gateway_nodeport6,
+        &["refused"],
+        "the NodePort on the pod bridge's gateway with primary addresses",
+    )?;
+    wait_for_pods(
+        &node1.netns,
+        "tcp",
+        &nodeport6,
+        &[other],
+        "the NodePort on node-1's IPv6 InternalIP with primary addresses",
+    )?;
     Ok(())
 }
 

@@ -103,8 +103,8 @@ async fn up(
     );
     let started = Instant::now();
     let cluster = Cluster::start(ClusterOptions {
-        nodes,
         cluster_name,
+        ..ClusterOptions::nodes(nodes)
     })
     .await?;
     let env_file = env_dir.join("env");
