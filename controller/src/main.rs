@@ -79,8 +79,9 @@ struct RunArgs {
     /// Services reconciled in parallel.
     #[arg(long, default_value_t = 4)]
     workers: u16,
-    /// Read back every Service's resources this often, correcting drift (e.g. 10m, 30s).
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    /// Read back every Service's resources this often, correcting drift (Go
+    /// syntax: 10m, 1h30m, 90s; not zero).
+    #[arg(long, default_value = "10m", value_parser = parse_period)]
     drift_audit_period: Duration,
     /// Delete resources tagged with our cluster whose Service no longer
     /// exists, at start and every drift-audit period (`dry-run`: only log).
@@ -135,19 +136,14 @@ fn parse_scheme(s: &str) -> Result<Scheme, String> {
     }
 }
 
-/// `90`, `90s`, `15m`, `1h`.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a duration like 30s, 10m or 1h"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => return Err(format!("{s:?}: expected a duration like 30s, 10m or 1h")),
-    };
-    Ok(Duration::from_secs(secs))
+/// A period in Go's syntax (`10m`, `1h30m`, `90s`, or plain seconds); zero
+/// would audit without pause and spend the Describe budget.
+fn parse_period(s: &str) -> Result<Duration, String> {
+    let period = causeway_telemetry::duration::parse_duration(s)?;
+    if period.is_zero() {
+        return Err(format!("{s:?}: must be more than zero"));
+    }
+    Ok(period)
 }
 
 impl ClusterArgs {
@@ -512,4 +508,22 @@ async fn plan_command(args: PlanArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drift_audit_period_takes_go_durations_but_not_zero() {
+        assert_eq!(parse_period("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_period("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_period("10m0s"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_period("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(
+            parse_period("0m0s"),
+            Err("\"0m0s\": must be more than zero".to_string())
+        );
+        assert!(parse_period("often").is_err());
+    }
 }

@@ -162,13 +162,15 @@ async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the process ends.
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the process
+/// ends. `0.0.0.0` takes IPv6 clients too, as in Go controllers: kubelet
+/// probes a pod on an IPv6-only cluster at its IPv6 address.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(self::metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .with_state(metrics);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = causeway_telemetry::listen::listen(addr, false)?;
     axum::serve(listener, app).await
 }

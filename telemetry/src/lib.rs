@@ -1,9 +1,14 @@
-//! Metrics both programs export beside their own, under the names every
-//! Prometheus client and client-go use, so that the dashboards built for
-//! kube-proxy and for Kubernetes controllers chart them: the process's CPU,
-//! memory and file descriptors, and the API client's requests.
+//! What both programs share around their own work. Mostly metrics exported
+//! beside their own, under the names every Prometheus client and client-go
+//! use, so that the dashboards built for kube-proxy and for Kubernetes
+//! controllers chart them: the process's CPU, memory and file descriptors,
+//! and the API client's requests. Also the sockets their metrics and health
+//! servers listen on, and the Go-syntax durations of their flags, so that
+//! both behave as the Go programs they sit beside.
 #![forbid(unsafe_code)]
 
+pub mod duration;
+pub mod listen;
 pub mod process;
 pub mod rest_client;
 
