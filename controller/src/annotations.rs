@@ -739,7 +739,8 @@ impl<'a> Parser<'a> {
     }
 
     /// Checks a per-subnet address list: scheme or ip-address-type allowed,
-    /// and one per subnet when subnets are named.
+    /// and one per named subnet. Discovered subnets take no pinned address:
+    /// their number and order are not the user's to know.
     fn check_per_subnet(
         &mut self,
         key: &str,
@@ -750,7 +751,20 @@ impl<'a> Parser<'a> {
         let value = self.get(key).unwrap_or_default().to_string();
         if let Some((with, accepted)) = blocked_by {
             self.error(key, &value, accepted, ErrorKind::Conflict(with));
-        } else if subnet_count > 0 && count != subnet_count {
+        } else if subnet_count == 0 {
+            self.error(
+                key,
+                &value,
+                format!(
+                    "one address per subnet named in {}, in the same order",
+                    keys::SUBNETS
+                ),
+                ErrorKind::Conflict(format!(
+                    "{} not being set (subnets are discovered)",
+                    keys::SUBNETS
+                )),
+            );
+        } else if count != subnet_count {
             self.error(
                 key,
                 &value,
@@ -1208,6 +1222,12 @@ impl<'a> Parser<'a> {
                     &item,
                     "tag keys not starting with aws: (reserved by AWS)",
                 );
+            } else if !k.chars().chain(v.chars()).all(is_tag_character) {
+                self.invalid(
+                    keys::ADDITIONAL_RESOURCE_TAGS,
+                    &item,
+                    "keys and values of letters, digits, spaces and _ . : / = + - @",
+                );
             } else if k.chars().count() > 128 || v.chars().count() > 256 {
                 self.error(
                     keys::ADDITIONAL_RESOURCE_TAGS,
@@ -1481,6 +1501,14 @@ fn parse_bool(v: &str) -> Option<bool> {
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
         _ => None,
     }
+}
+
+/// A character ELBv2 and EC2 both accept in tags (ELBv2's pattern
+/// `[\p{L}\p{Z}\p{N}_.:/=+\-@]`).
+fn is_tag_character(c: char) -> bool {
+    c.is_alphanumeric()
+        || (c.is_whitespace() && !c.is_control())
+        || matches!(c, '_' | '.' | ':' | '/' | '=' | '+' | '-' | '@')
 }
 
 fn is_aws_id(v: &str, prefix: &str) -> bool {

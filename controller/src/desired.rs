@@ -36,13 +36,14 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sha2::{Digest, Sha256};
 
 use crate::annotations::{
-    self, AnnotationErrors, BackendProtocol, LbSpec, NodeLabelRequirement, ParseDefaults,
+    self, AnnotationError, AnnotationErrors, BackendProtocol, ErrorKind, LbSpec,
+    NodeLabelRequirement, ParseDefaults,
 };
 use crate::model::{
-    Cidr, Desired, HealthCheck, HealthCheckPort, HealthCheckProtocol, IpAddressType, IpProtocol,
-    Listener, LoadBalancer, Protocol, RuleSource, Scheme, SecurityGroup, SecurityGroupSelection,
-    ServiceRef, SgRule, SkippedNode, SubnetMapping, SubnetSelection, Target, TargetGroup,
-    TargetGroupIpAddressType, TargetType, tags,
+    AlpnPolicy, Cidr, Desired, HealthCheck, HealthCheckPort, HealthCheckProtocol, IpAddressType,
+    IpProtocol, Listener, LoadBalancer, Protocol, RuleSource, Scheme, SecurityGroup,
+    SecurityGroupSelection, ServiceRef, SgRule, SkippedNode, SubnetMapping, SubnetSelection,
+    Target, TargetGroup, TargetGroupIpAddressType, TargetType, tags,
 };
 
 /// Label that excludes a node from every external load balancer.
@@ -92,12 +93,16 @@ pub enum DesiredError {
 }
 
 impl DesiredError {
-    /// Bounded label for metrics and event reasons.
+    /// Bounded label for metrics (`causeway_reconciles_total{outcome}`): for
+    /// annotation errors, the first one's kind (docs/annotations.md, Errors).
     pub fn label(&self) -> &'static str {
         match self {
             DesiredError::NotOwned { .. } => "not_owned",
             DesiredError::MissingField { .. } => "missing_field",
-            DesiredError::InvalidAnnotations(_) => AnnotationErrors::LABEL,
+            DesiredError::InvalidAnnotations(errors) => errors
+                .0
+                .first()
+                .map_or(AnnotationErrors::LABEL, |e| e.kind.label()),
             DesiredError::InvalidService { .. } => "invalid_service",
         }
     }
@@ -387,6 +392,7 @@ pub fn desired(
             cfg.node_health_port,
             &lb_spec,
         );
+        check_timeout_within_interval(&health_check, service)?;
         // Not from the targets: a node or pod coming, going or turning
         // unready must never change security-group rules.
         let traffic_ports: BTreeSet<u16> = match lb_spec.target_type {
@@ -427,7 +433,11 @@ pub fn desired(
                 Vec::new()
             },
             ssl_policy: tls.then(|| lb_spec.ssl_negotiation_policy.clone()),
-            alpn_policy: if tls { lb_spec.alpn_policy } else { None },
+            // `None` is how AWS reports no policy; one spelling, so that the
+            // plan compares like with like.
+            alpn_policy: lb_spec
+                .alpn_policy
+                .filter(|p| tls && *p != AlpnPolicy::None),
             target_group: tg_name,
             attributes: {
                 let mut attributes = listener_attribute_defaults(listener_protocol);
@@ -786,6 +796,40 @@ fn health_check(
     hc.healthy_threshold = o.healthy_threshold.unwrap_or(hc.healthy_threshold);
     hc.unhealthy_threshold = o.unhealthy_threshold.unwrap_or(hc.unhealthy_threshold);
     hc
+}
+
+/// ELBv2 refuses a health-check timeout longer than the interval. The two
+/// annotations are valid alone (or with the other's default), so the pair is
+/// checked here, before any AWS write; the error names the one that was set.
+fn check_timeout_within_interval(hc: &HealthCheck, svc: &Service) -> Result<(), DesiredError> {
+    if hc.timeout_seconds <= hc.interval_seconds {
+        return Ok(());
+    }
+    let annotations = svc.metadata.annotations.as_ref();
+    let set = |key: &str| annotations.and_then(|a| a.get(key)).cloned();
+    let (key, value, other) = match set(annotations::keys::HEALTHCHECK_TIMEOUT) {
+        Some(value) => (
+            annotations::keys::HEALTHCHECK_TIMEOUT,
+            value,
+            annotations::keys::HEALTHCHECK_INTERVAL,
+        ),
+        None => (
+            annotations::keys::HEALTHCHECK_INTERVAL,
+            set(annotations::keys::HEALTHCHECK_INTERVAL).unwrap_or_default(),
+            annotations::keys::HEALTHCHECK_TIMEOUT,
+        ),
+    };
+    Err(DesiredError::InvalidAnnotations(AnnotationErrors(vec![
+        AnnotationError {
+            key: key.to_string(),
+            value,
+            accepted: format!(
+                "a health-check timeout no longer than its interval (here timeout {} s, interval {} s)",
+                hc.timeout_seconds, hc.interval_seconds
+            ),
+            kind: ErrorKind::Conflict(other.to_string()),
+        },
+    ])))
 }
 
 /// ELBv2 defaults for every NLB attribute the `attributes` annotation accepts

@@ -26,7 +26,7 @@ use std::fmt;
 use crate::desired::{lb_attribute_defaults, listener_attribute_defaults, tg_attribute_defaults};
 use crate::model::{
     Desired, HealthCheck, IpAddressType, Listener, LoadBalancer, Observed, ObservedListener,
-    ObservedLoadBalancer, ObservedSgRule, ObservedTargetGroup, SecurityGroup,
+    ObservedLoadBalancer, ObservedSgRule, ObservedTargetGroup, Protocol, SecurityGroup,
     SecurityGroupSelection, SgRule, SubnetMapping, SubnetRef, SubnetSelection, Target, TargetGroup,
 };
 
@@ -140,6 +140,18 @@ pub enum Action {
         listener: Listener,
         target_group: Ref,
     },
+    /// SNI certificates beside the default one, on a listener that exists
+    /// (`Ref::Arn`) or that this plan creates (`Ref::New(listener_key(port))`).
+    AddListenerCertificates {
+        listener: Ref,
+        port: u16,
+        certificates: Vec<String>,
+    },
+    RemoveListenerCertificates {
+        arn: String,
+        port: u16,
+        certificates: Vec<String>,
+    },
     /// A listener that exists (`Ref::Arn`) or that this plan creates
     /// (`Ref::New(listener_key(port))`).
     ModifyListenerAttributes {
@@ -192,6 +204,8 @@ impl Action {
             Action::DeregisterTargets { .. } => "DeregisterTargets",
             Action::CreateListener { .. } => "CreateListener",
             Action::ModifyListener { .. } => "ModifyListener",
+            Action::AddListenerCertificates { .. } => "AddListenerCertificates",
+            Action::RemoveListenerCertificates { .. } => "RemoveListenerCertificates",
             Action::ModifyListenerAttributes { .. } => "ModifyListenerAttributes",
             Action::AddTags { .. } => "AddTags",
             Action::RemoveTags { .. } => "RemoveTags",
@@ -348,6 +362,31 @@ impl fmt::Display for Action {
                 f,
                 "modify listener {arn}: {} {} → {target_group}",
                 listener.protocol, listener.port
+            ),
+            Action::AddListenerCertificates {
+                listener,
+                port,
+                certificates,
+            } => match listener {
+                Ref::Arn(arn) => write!(
+                    f,
+                    "add certificates to listener {port} ({arn}): {}",
+                    certificates.join(", ")
+                ),
+                Ref::New(_) => write!(
+                    f,
+                    "add certificates to listener {port} (new): {}",
+                    certificates.join(", ")
+                ),
+            },
+            Action::RemoveListenerCertificates {
+                arn,
+                port,
+                certificates,
+            } => write!(
+                f,
+                "remove certificates from listener {port} ({arn}): {}",
+                certificates.join(", ")
             ),
             Action::ModifyListenerAttributes {
                 listener,
@@ -784,6 +823,14 @@ fn converge(d: &Desired, o: &Observed) -> Vec<Action> {
                     listener: want.clone(),
                     target_group: tg_ref,
                 });
+                let (add, _) = sni_certificate_changes(want, &[]);
+                if !add.is_empty() {
+                    out.push(Action::AddListenerCertificates {
+                        listener: Ref::New(listener_key(want.port)),
+                        port: want.port,
+                        certificates: add,
+                    });
+                }
                 let attributes = changed(
                     &want.attributes,
                     &listener_attribute_defaults(want.protocol),
@@ -799,9 +846,11 @@ fn converge(d: &Desired, o: &Observed) -> Vec<Action> {
             Some(have) => {
                 let forwards_right =
                     matches!(&tg_ref, Ref::Arn(arn) if *arn == have.target_group_arn);
+                // ModifyListener sets the default certificate; the others
+                // are the listener's certificate list, changed on their own.
                 let same = forwards_right
                     && have.protocol == want.protocol
-                    && have.certificates == want.certificates
+                    && have.certificates.first() == want.certificates.first()
                     && have.ssl_policy == want.ssl_policy
                     && have.alpn_policy == want.alpn_policy;
                 if !same {
@@ -809,6 +858,22 @@ fn converge(d: &Desired, o: &Observed) -> Vec<Action> {
                         arn: have.arn.clone(),
                         listener: want.clone(),
                         target_group: tg_ref,
+                    });
+                }
+                let (add, remove) =
+                    sni_certificate_changes(want, have.certificates.get(1..).unwrap_or_default());
+                if !add.is_empty() {
+                    out.push(Action::AddListenerCertificates {
+                        listener: Ref::Arn(have.arn.clone()),
+                        port: want.port,
+                        certificates: add,
+                    });
+                }
+                if !remove.is_empty() {
+                    out.push(Action::RemoveListenerCertificates {
+                        arn: have.arn.clone(),
+                        port: want.port,
+                        certificates: remove,
                     });
                 }
                 let attributes = changed_from_defaults(
@@ -873,6 +938,36 @@ fn converge(d: &Desired, o: &Observed) -> Vec<Action> {
 /// The name under which a plan refers to a listener it creates.
 pub fn listener_key(port: u16) -> String {
     format!("listener:{port}")
+}
+
+/// The SNI certificates to add to and remove from a listener whose
+/// non-default certificates are `have_extra`, so that it serves every
+/// certificate of `want` (the first being the default, which ModifyListener
+/// and CreateListener set). Only TLS listeners have them; a listener turning
+/// to TCP loses its certificates with ModifyListener.
+fn sni_certificate_changes(want: &Listener, have_extra: &[String]) -> (Vec<String>, Vec<String>) {
+    if want.protocol != Protocol::Tls {
+        return (Vec::new(), Vec::new());
+    }
+    let default = want.certificates.first();
+    let mut want_extra: Vec<&String> = Vec::new();
+    for certificate in want.certificates.iter().skip(1) {
+        if Some(certificate) != default && !want_extra.contains(&certificate) {
+            want_extra.push(certificate);
+        }
+    }
+    let add = want_extra
+        .iter()
+        .filter(|c| !have_extra.contains(c))
+        .map(|c| (*c).clone())
+        .collect();
+    // AWS refuses to remove the default certificate from the list.
+    let remove = have_extra
+        .iter()
+        .filter(|c| !want_extra.contains(c) && Some(*c) != default)
+        .cloned()
+        .collect();
+    (add, remove)
 }
 
 /// Whether the NLB has exactly the desired security groups.

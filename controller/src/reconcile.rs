@@ -34,7 +34,7 @@ use crate::aws::{Aws, AwsError};
 use crate::desired::{
     ClusterConfig, DesiredError, desired, may_use_ip_targets, ownership, slice_of,
 };
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ReconcileTimer};
 use crate::model::{Desired, Observed, Protocol, TargetType};
 use crate::plan::{Action, lacks_subnets, plan, replacements};
 
@@ -247,7 +247,7 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Requeue, 
         return Ok(Requeue::requeue(wait));
     }
     let mut timer = ctx.metrics.reconcile_timer();
-    let result = reconcile_inner(&svc, &ctx).await;
+    let result = reconcile_inner(&svc, &ctx, &mut timer).await;
     match &result {
         Ok(_) => {
             ctx.failures.lock().expect("failures lock").remove(&uid);
@@ -297,7 +297,11 @@ pub fn error_policy(svc: Arc<Service>, error: &Error, ctx: Arc<Context>) -> Requ
     Requeue::requeue(delay)
 }
 
-async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Requeue, Error> {
+async fn reconcile_inner(
+    svc: &Service,
+    ctx: &Context,
+    timer: &mut ReconcileTimer<'_>,
+) -> Result<Requeue, Error> {
     let uid = svc.uid().unwrap_or_default();
     let has_finalizer = svc.finalizers().iter().any(|f| f == FINALIZER);
     let owned = ownership(svc, &ctx.settings.cluster).is_ok();
@@ -320,6 +324,7 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Requeue, Error>
                 DesiredError::InvalidAnnotations(_) => reasons::INVALID_ANNOTATION,
                 _ => reasons::SYNC_FAILED,
             };
+            timer.failed(e.label());
             ctx.event(svc, EventType::Warning, reason, e.to_string())
                 .await;
             set_condition(ctx, svc, false, "InvalidSpec", &e.to_string()).await?;
@@ -455,7 +460,9 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Requeue, Error>
             left = plan(Some(&desired), &observed);
         }
         if !left.is_empty() {
-            // AWS did not keep what we set: the next reconcile tries again.
+            // AWS did not keep what we set. What it reports is cached: the
+            // next change to the Service plans against it, and until then
+            // the drift audit reads it back and tries again.
             tracing::warn!(service = %desired.service, left = ?left, "not converged after apply");
         }
         let (reason, note) = if drift_audit {

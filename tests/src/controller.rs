@@ -248,7 +248,7 @@ pub fn node_sg_rule_ports(cluster: &Cluster, aws: &Value) -> Vec<u64> {
 
 /// Everything in moto tagged with `causeway.dev/service-uid=<uid>`: load
 /// balancers (with tags, attributes, subnets, security groups and listeners
-/// with their TLS settings and attributes), target groups (with tags,
+/// with their TLS settings, SNI certificates and attributes), target groups (with tags,
 /// attributes, health check and registered targets), security groups, and the rules on
 /// any security group whose description names the UID.
 pub fn aws_resources_of(cluster: &Cluster, uid: &str) -> Result<Value> {
@@ -272,6 +272,9 @@ for lb in lbs:
         'listeners': [{{'port': l['Port'], 'protocol': l['Protocol'],
                         'target_group': l['DefaultActions'][0].get('TargetGroupArn'),
                         'certificates': [c['CertificateArn'] for c in l.get('Certificates', [])],
+                        'sni_certificates': [c['CertificateArn'] for c in elb.describe_listener_certificates(
+                            ListenerArn=l['ListenerArn'])['Certificates'] if not c.get('IsDefault')]
+                            if l['Protocol'] == 'TLS' else [],
                         'ssl_policy': l.get('SslPolicy'), 'alpn_policy': l.get('AlpnPolicy', []),
                         'attributes': {{a['Key']: a['Value'] for a in elb.describe_listener_attributes(
                             ListenerArn=l['ListenerArn'])['Attributes']}}}} for l in listeners],

@@ -155,6 +155,9 @@ async fn a_realistic_annotation_set_is_applied_edited_in_place_and_restored() ->
     let cluster = Cluster::start(ClusterOptions::nodes(2)).await?;
     let client = cluster.client();
     let first_cert = acm_certificate(&cluster, "shop.example.com")?;
+    let second_cert = acm_certificate(&cluster, "shop.example.org")?;
+    let third_cert = acm_certificate(&cluster, "shop.example.net")?;
+    let two_certs = format!("{first_cert},{second_cert}");
     let mut controller = ControllerProcess::start(&cluster, &[])?;
     controller.wait_ready(Duration::from_secs(60))?;
     let private_subnets = cluster.aws().subnet_ids("internal-elb");
@@ -162,7 +165,7 @@ async fn a_realistic_annotation_set_is_applied_edited_in_place_and_restored() ->
     let idle_80 = format!("{PREFIX}listener-attributes.TCP-80");
     let realistic: BTreeMap<String, String> = [
         (key("scheme"), "internal"),
-        (key("ssl-cert"), first_cert.as_str()),
+        (key("ssl-cert"), two_certs.as_str()),
         (key("ssl-ports"), "https"),
         (key("cross-zone-load-balancing-enabled"), "true"),
         (
@@ -210,7 +213,9 @@ async fn a_realistic_annotation_set_is_applied_edited_in_place_and_restored() ->
         pairs(&[("cost-center", "42"), ("team", "payments")])
     );
     let https = listener(&aws, 443);
-    assert_eq!(https["certificates"], json!([first_cert]));
+    // The first ARN is the default certificate, the others are served by SNI.
+    assert_eq!(https["certificates"][0], json!(first_cert));
+    assert_eq!(https["sni_certificates"], json!([second_cert]));
     assert_eq!(https["ssl_policy"], "ELBSecurityPolicy-TLS13-1-2-2021-06");
     assert_eq!(https["attributes"]["tcp.idle_timeout.seconds"], "350");
     let http = listener(&aws, 80);
@@ -237,9 +242,11 @@ async fn a_realistic_annotation_set_is_applied_edited_in_place_and_restored() ->
     }
 
     // 2. Every value edited on the live Service converges in place: no
-    //    resource is created or deleted. (Not the TLS listener's certificate
-    //    or policy: moto 5.2.5 refuses any ModifyListener on a TLS listener
-    //    with UnsupportedProtocol; the plan tests cover those edits.)
+    //    resource is created or deleted. (Not the TLS listener's default
+    //    certificate or policy: moto 5.2.5 refuses any ModifyListener on a TLS
+    //    listener with UnsupportedProtocol; the plan tests cover those edits.
+    //    The SNI certificates change without one.)
+    let new_certs = format!("{first_cert},{third_cert}");
     let before = controller.aws_calls()?;
     annotate(
         &services,
@@ -254,6 +261,7 @@ async fn a_realistic_annotation_set_is_applied_edited_in_place_and_restored() ->
             (key("healthcheck-interval"), Some("20")),
             (key("additional-resource-tags"), Some("team=checkout")),
             (idle_80.clone(), Some("tcp.idle_timeout.seconds=900")),
+            (key("ssl-cert"), Some(new_certs.as_str())),
         ],
     )
     .await?;
@@ -263,6 +271,9 @@ async fn a_realistic_annotation_set_is_applied_edited_in_place_and_restored() ->
         listener(aws, 80)["attributes"]["tcp.idle_timeout.seconds"] == "900"
     })
     .await?;
+    let https = listener(&aws, 443);
+    assert_eq!(https["certificates"][0], json!(first_cert));
+    assert_eq!(https["sni_certificates"], json!([third_cert]));
     let lb = &aws["load_balancers"][0];
     assert_eq!(
         lb["attributes"]["load_balancing.cross_zone.enabled"],
@@ -279,10 +290,39 @@ async fn a_realistic_annotation_set_is_applied_edited_in_place_and_restored() ->
     }
     let edit_writes = writes(&calls_between(&before, &controller.aws_calls()?));
     assert!(
-        edit_writes
-            .keys()
-            .all(|op| op.starts_with("Modify") || op == "AddTags" || op == "RemoveTags"),
+        edit_writes.keys().all(|op| op.starts_with("Modify")
+            || [
+                "AddTags",
+                "RemoveTags",
+                "AddListenerCertificates",
+                "RemoveListenerCertificates"
+            ]
+            .contains(&op.as_str())),
         "an edit changes resources in place: {edit_writes:?}"
+    );
+    for op in ["AddListenerCertificates", "RemoveListenerCertificates"] {
+        assert_eq!(edit_writes.get(op), Some(&1), "{op}: {edit_writes:?}");
+    }
+
+    // 2b. A restarted controller reads everything back, SNI certificates
+    //     included, and finds nothing to change.
+    drop(controller);
+    controller = ControllerProcess::start(&cluster, &[])?;
+    controller.wait_ready(Duration::from_secs(60))?;
+    eventually(Duration::from_secs(30), "the first reconcile", || async {
+        Ok((controller.reconciles()? >= 1).then_some(()))
+    })
+    .await?;
+    let calls = controller.aws_calls()?;
+    assert!(
+        calls.get("DescribeListenerCertificates") >= Some(&1),
+        "the TLS listener's certificate list is read: {calls:?}"
+    );
+    let restart_writes = writes(&calls);
+    assert!(
+        restart_writes.is_empty(),
+        "nothing to change after a restart: {restart_writes:?}\n{}",
+        controller.log()
     );
 
     // 3. Removing the annotations restores AWS's defaults (the scheme stays,
@@ -359,6 +399,16 @@ async fn a_realistic_annotation_set_is_applied_edited_in_place_and_restored() ->
         assert!(note.contains(needle), "{needle:?} not in {note:?}");
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
+    // Counted by the error's kind, as docs/annotations.md says.
+    let invalid = controller
+        .metrics()?
+        .get("causeway_reconciles_total{outcome=\"invalid_value\"}")
+        .copied();
+    assert!(
+        invalid >= Some(1.0),
+        "reconciles: {:?}",
+        controller.metrics()?
+    );
     let invalid_writes = writes(&calls_between(&before, &controller.aws_calls()?));
     assert!(
         invalid_writes.is_empty(),

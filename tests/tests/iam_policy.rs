@@ -28,9 +28,11 @@ const IMPLIED: &[&str] = &["ec2:CreateTags"];
 /// Writes left unconditioned, as docs/iam-policy.md explains: listeners carry
 /// no tag of ours.
 const UNCONDITIONED_WRITES: &[&str] = &[
+    "elasticloadbalancing:AddListenerCertificates",
     "elasticloadbalancing:DeleteListener",
     "elasticloadbalancing:ModifyListener",
     "elasticloadbalancing:ModifyListenerAttributes",
+    "elasticloadbalancing:RemoveListenerCertificates",
 ];
 
 fn workspace() -> PathBuf {

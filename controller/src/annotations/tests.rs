@@ -230,21 +230,21 @@ fn ip_address_type() {
 
 #[test]
 fn eip_allocations() {
-    check(
-        keys::EIP_ALLOCATIONS,
-        |s| s.eip_allocations.clone(),
+    let spec = parse_pairs(&[
+        (keys::SUBNETS, "subnet-0a,subnet-0b"),
+        (keys::EIP_ALLOCATIONS, "eipalloc-0a1,eipalloc-0b2"),
+    ])
+    .unwrap();
+    assert_eq!(spec.eip_allocations, ["eipalloc-0a1", "eipalloc-0b2"]);
+    assert_eq!(
+        parse_pairs(&[
+            (keys::SUBNETS, "subnet-0a,subnet-0b"),
+            (keys::EIP_ALLOCATIONS, "eipalloc-0a1,203.0.113.7"),
+        ])
+        .unwrap_err(),
         vec![
-            (
-                "eipalloc-0a1,eipalloc-0b2",
-                Ok(vec!["eipalloc-0a1".into(), "eipalloc-0b2".into()]),
-            ),
-            (
-                "eipalloc-0a1,203.0.113.7",
-                Err(
-                    "service.beta.kubernetes.io/aws-load-balancer-eip-allocations: invalid value \"203.0.113.7\"; accepted: EIP allocation IDs eipalloc-<hex>",
-                ),
-            ),
-        ],
+            "service.beta.kubernetes.io/aws-load-balancer-eip-allocations: invalid value \"203.0.113.7\"; accepted: EIP allocation IDs eipalloc-<hex>"
+        ]
     );
 }
 
@@ -252,6 +252,7 @@ fn eip_allocations() {
 fn private_and_ipv6_addresses() {
     let spec = parse_pairs(&[
         (keys::SCHEME, "internal"),
+        (keys::SUBNETS, "subnet-0a,subnet-0b"),
         (keys::PRIVATE_IPV4_ADDRESSES, "10.0.1.10, 10.0.2.010"),
     ])
     .unwrap();
@@ -271,6 +272,7 @@ fn private_and_ipv6_addresses() {
     );
     let spec = parse_pairs(&[
         (keys::IP_ADDRESS_TYPE, "dualstack"),
+        (keys::SUBNETS, "subnet-0a"),
         (keys::IPV6_ADDRESSES, "2600:1f13::10"),
     ])
     .unwrap();
@@ -769,6 +771,21 @@ fn additional_resource_tags() {
                     "service.beta.kubernetes.io/aws-load-balancer-additional-resource-tags: invalid value \"aws:cloudformation:stack-name=x\"; accepted: tag keys not starting with aws: (reserved by AWS)",
                 ),
             ),
+            // AWS's tag alphabet: letters (any script), digits, spaces, _.:/=+-@.
+            (
+                "owner=ops@example.com, path=/a/b+c, équipe=café 2",
+                Ok(map(&[
+                    ("owner", "ops@example.com"),
+                    ("path", "/a/b+c"),
+                    ("équipe", "café 2"),
+                ])),
+            ),
+            (
+                "ticket=x#1",
+                Err(
+                    "service.beta.kubernetes.io/aws-load-balancer-additional-resource-tags: invalid value \"ticket=x#1\"; accepted: keys and values of letters, digits, spaces and _ . : / = + - @",
+                ),
+            ),
         ],
     );
     let many = (0..47)
@@ -985,6 +1002,40 @@ fn conflict_eips_with_internal_scheme() {
         .len(),
         1
     );
+}
+
+#[test]
+fn pinned_addresses_need_named_subnets() {
+    // Discovered subnets: which address would go where is not the user's to
+    // know, and AWS would assign others silently.
+    assert_eq!(
+        parse_pairs(&[(keys::EIP_ALLOCATIONS, "eipalloc-01,eipalloc-02")]).unwrap_err(),
+        vec![
+            "service.beta.kubernetes.io/aws-load-balancer-eip-allocations: value \"eipalloc-01,eipalloc-02\" conflicts with service.beta.kubernetes.io/aws-load-balancer-subnets not being set (subnets are discovered); accepted: one address per subnet named in service.beta.kubernetes.io/aws-load-balancer-subnets, in the same order"
+        ]
+    );
+    for (key, value, other) in [
+        (
+            keys::PRIVATE_IPV4_ADDRESSES,
+            "10.0.1.10",
+            (keys::SCHEME, "internal"),
+        ),
+        (
+            keys::IPV6_ADDRESSES,
+            "2600:1f13::10",
+            (keys::IP_ADDRESS_TYPE, "dualstack"),
+        ),
+    ] {
+        let errors = parse_pairs(&[(key, value), other]).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with(&format!(
+                "{key}: value {value:?} conflicts with {}",
+                keys::SUBNETS
+            )),
+            "{errors:?}"
+        );
+    }
 }
 
 #[test]

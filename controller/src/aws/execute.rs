@@ -19,9 +19,9 @@ use aws_sdk_elasticloadbalancingv2::types::{
 use super::observe::filter;
 use super::{Aws, AwsError, AwsErrorKind};
 use crate::model::{
-    HealthCheck, HealthCheckPort, HealthCheckProtocol, Listener, Observed, ObservedListener,
-    ObservedLoadBalancer, ObservedSecurityGroup, ObservedSecurityGroupRef, ObservedSgRule,
-    ObservedSubnetMapping, ObservedTargetGroup, RuleSource, SecurityGroupRef,
+    AlpnPolicy, HealthCheck, HealthCheckPort, HealthCheckProtocol, Listener, Observed,
+    ObservedListener, ObservedLoadBalancer, ObservedSecurityGroup, ObservedSecurityGroupRef,
+    ObservedSgRule, ObservedSubnetMapping, ObservedTargetGroup, RuleSource, SecurityGroupRef,
     SecurityGroupSelection, SgRule, SubnetMapping, SubnetRef, Target, TargetGroupIpAddressType,
 };
 use crate::plan::{Action, Ref, SgRef, listener_key};
@@ -522,6 +522,39 @@ impl Aws {
                 )
                 .await?;
             }
+            Action::AddListenerCertificates {
+                listener,
+                certificates,
+                ..
+            } => {
+                let arn = known.arn(listener)?;
+                self.call(
+                    "AddListenerCertificates",
+                    self.elb
+                        .add_listener_certificates()
+                        .listener_arn(arn)
+                        .set_certificates(Some(certificate_list(certificates)))
+                        .send(),
+                )
+                .await?;
+            }
+            Action::RemoveListenerCertificates {
+                arn, certificates, ..
+            } => {
+                let result = self
+                    .call(
+                        "RemoveListenerCertificates",
+                        self.elb
+                            .remove_listener_certificates()
+                            .listener_arn(arn)
+                            .set_certificates(Some(certificate_list(certificates)))
+                            .send(),
+                    )
+                    .await
+                    .map(|_| ());
+                // Gone with its listener: nothing left to remove.
+                done_if(result, &["ListenerNotFound"])?;
+            }
             Action::AddTags { resource, tags } => {
                 let arn = known.arn(resource)?;
                 self.call(
@@ -923,8 +956,10 @@ fn apply(action: &Action, known: &Known, state: &mut Observed) {
             target_group,
         } => {
             if let Some(l) = listener_mut(state, arn) {
-                // ModifyListener leaves the listener's attributes as they were.
+                // ModifyListener leaves the listener's attributes and its
+                // other certificates as they were.
                 let attributes = std::mem::take(&mut l.attributes);
+                let others: Vec<String> = l.certificates.drain(..).skip(1).collect();
                 *l = observed_listener(
                     arn.clone(),
                     l.load_balancer_arn.clone(),
@@ -932,6 +967,33 @@ fn apply(action: &Action, known: &Known, state: &mut Observed) {
                     arn_of(target_group),
                 );
                 l.attributes = attributes;
+                if l.protocol == crate::model::Protocol::Tls {
+                    let default = l.certificates.first().cloned();
+                    l.certificates
+                        .extend(others.into_iter().filter(|c| Some(c) != default.as_ref()));
+                }
+            }
+        }
+        Action::AddListenerCertificates {
+            listener,
+            certificates,
+            ..
+        } => {
+            if let Some(l) = listener_mut(state, &arn_of(listener)) {
+                for certificate in certificates {
+                    if !l.certificates.contains(certificate) {
+                        l.certificates.push(certificate.clone());
+                    }
+                }
+            }
+        }
+        Action::RemoveListenerCertificates {
+            arn, certificates, ..
+        } => {
+            if let Some(l) = listener_mut(state, arn) {
+                let default = l.certificates.first().cloned();
+                l.certificates
+                    .retain(|c| Some(c) == default.as_ref() || !certificates.contains(c));
             }
         }
         Action::AddTags { resource, tags } => {
@@ -1065,8 +1127,10 @@ fn observed_listener(
         load_balancer_arn,
         port: listener.port,
         protocol: listener.protocol,
+        // The default certificate; the others follow with
+        // AddListenerCertificates.
         certificates: if tls {
-            listener.certificates.clone()
+            listener.certificates.iter().take(1).cloned().collect()
         } else {
             Vec::new()
         },
@@ -1075,6 +1139,12 @@ fn observed_listener(
         target_group_arn,
         attributes: BTreeMap::new(),
     }
+}
+
+fn certificate_list(arns: &[String]) -> Vec<Certificate> {
+    arns.iter()
+        .map(|arn| Certificate::builder().certificate_arn(arn).build())
+        .collect()
 }
 
 /// The ELBv2 forward action to one target group.
@@ -1090,8 +1160,13 @@ fn listener_tls(listener: &Listener) -> (Option<Vec<Certificate>>, Option<Vec<St
     let certificates = listener
         .certificates
         .first()
-        .map(|arn| vec![Certificate::builder().certificate_arn(arn).build()]);
-    let alpn = listener.alpn_policy.map(|p| vec![p.as_str().to_string()]);
+        .map(|arn| certificate_list(std::slice::from_ref(arn)));
+    // Always said on a TLS listener: a ModifyListener without it would keep
+    // a policy the annotation no longer asks for.
+    let alpn = (listener.protocol == crate::model::Protocol::Tls).then(|| {
+        let policy = listener.alpn_policy.unwrap_or(AlpnPolicy::None);
+        vec![policy.as_str().to_string()]
+    });
     (certificates, alpn)
 }
 

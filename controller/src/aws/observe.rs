@@ -558,7 +558,8 @@ impl Aws {
                 let Some(protocol) = protocol(l.protocol().map(|p| p.as_str())) else {
                     continue;
                 };
-                // Default certificate first, as `desired` lists them.
+                // The default certificate (AWS reports no other here; the
+                // rest are read below).
                 let mut certificates: Vec<(bool, String)> = l
                     .certificates()
                     .iter()
@@ -570,6 +571,7 @@ impl Aws {
                     })
                     .collect();
                 certificates.sort_by_key(|(not_default, _)| *not_default);
+                certificates.truncate(1);
                 // TLS settings mean nothing on other listeners; moto reports
                 // a policy anyway.
                 let tls = protocol == Protocol::Tls;
@@ -588,7 +590,8 @@ impl Aws {
                         .alpn_policy()
                         .first()
                         .filter(|_| tls)
-                        .and_then(|p| AlpnPolicy::ALL.into_iter().find(|a| a.as_str() == p)),
+                        .and_then(|p| AlpnPolicy::ALL.into_iter().find(|a| a.as_str() == p))
+                        .filter(|p| *p != AlpnPolicy::None),
                     target_group_arn: l
                         .default_actions()
                         .iter()
@@ -611,6 +614,17 @@ impl Aws {
             }
         }
         for listener in &mut out {
+            if listener.protocol == Protocol::Tls {
+                let others = self.sni_certificates(&listener.arn).await?;
+                let default = listener.certificates.first().cloned();
+                for certificate in others {
+                    if Some(&certificate) != default.as_ref()
+                        && !listener.certificates.contains(&certificate)
+                    {
+                        listener.certificates.push(certificate);
+                    }
+                }
+            }
             let resp = self
                 .call(
                     "DescribeListenerAttributes",
@@ -623,6 +637,35 @@ impl Aws {
             listener.attributes = tag_map(resp.attributes().iter().map(|a| (a.key(), a.value())));
         }
         Ok(out)
+    }
+
+    /// The certificates of a TLS listener's list that are not its default
+    /// one (the SNI certificates), in the order AWS reports them.
+    async fn sni_certificates(&self, listener_arn: &str) -> Result<Vec<String>, AwsError> {
+        let mut out = Vec::new();
+        let mut marker = None;
+        loop {
+            let page = self
+                .call(
+                    "DescribeListenerCertificates",
+                    self.elb
+                        .describe_listener_certificates()
+                        .listener_arn(listener_arn)
+                        .set_marker(marker)
+                        .send(),
+                )
+                .await?;
+            out.extend(
+                page.certificates()
+                    .iter()
+                    .filter(|c| !c.is_default().unwrap_or(false))
+                    .filter_map(|c| c.certificate_arn().map(str::to_string)),
+            );
+            marker = page.next_marker().map(str::to_string);
+            if marker.is_none() {
+                return Ok(out);
+            }
+        }
     }
 
     /// Registered targets, without those already draining (they are leaving).

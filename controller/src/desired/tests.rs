@@ -1018,7 +1018,7 @@ fn invalid_annotations_are_an_error_not_a_partial_result() {
         .annotation(keys::SCHEME, "public")
         .build();
     let err = desired(&svc, &nodes(), &[], &cluster_config()).unwrap_err();
-    assert_eq!(err.label(), "invalid_annotation");
+    assert_eq!(err.label(), "invalid_value");
     assert_eq!(
         err.to_string(),
         "service.beta.kubernetes.io/aws-load-balancer-scheme: invalid value \"public\"; accepted: internet-facing, internal"
@@ -1045,5 +1045,56 @@ fn etp_local_without_health_check_node_port_is_explained() {
             .unwrap_err()
             .to_string(),
         "spec.healthCheckNodePort: externalTrafficPolicy is Local but no healthCheckNodePort is allocated yet"
+    );
+}
+
+#[test]
+fn a_health_check_timeout_longer_than_its_interval_is_refused_before_any_write() {
+    let refused = |pairs: &[(&str, &str)]| {
+        let mut svc = ServiceBuilder::new();
+        for (k, v) in pairs {
+            svc = svc.annotation(k, v);
+        }
+        match desired(&svc.build(), &nodes(), &[], &cluster_config()) {
+            Err(DesiredError::InvalidAnnotations(errors)) => errors.to_string(),
+            other => panic!("{pairs:?}: {other:?}"),
+        }
+    };
+    // Against the default interval (10 s), the timeout is to blame...
+    assert_eq!(
+        refused(&[(keys::HEALTHCHECK_TIMEOUT, "30")]),
+        "service.beta.kubernetes.io/aws-load-balancer-healthcheck-timeout: value \"30\" conflicts with service.beta.kubernetes.io/aws-load-balancer-healthcheck-interval; accepted: a health-check timeout no longer than its interval (here timeout 30 s, interval 10 s)"
+    );
+    // ... against the default timeout (6 s for HTTP), the interval.
+    assert_eq!(
+        refused(&[(keys::HEALTHCHECK_INTERVAL, "5")]),
+        "service.beta.kubernetes.io/aws-load-balancer-healthcheck-interval: value \"5\" conflicts with service.beta.kubernetes.io/aws-load-balancer-healthcheck-timeout; accepted: a health-check timeout no longer than its interval (here timeout 6 s, interval 5 s)"
+    );
+    // Equal is accepted (aws-load-balancer-controller's NLB defaults are 10/10).
+    let d = build(
+        ServiceBuilder::new()
+            .annotation(keys::HEALTHCHECK_INTERVAL, "5")
+            .annotation(keys::HEALTHCHECK_TIMEOUT, "5")
+            .build(),
+    );
+    let hc = &d.target_groups[0].health_check;
+    assert_eq!((hc.interval_seconds, hc.timeout_seconds), (5, 5));
+}
+
+#[test]
+fn alpn_none_is_no_policy() {
+    let cert = "arn:aws:acm:us-east-1:123456789012:certificate/a";
+    let with_alpn = |alpn: &str| {
+        build(
+            ServiceBuilder::new()
+                .annotation(keys::SSL_CERT, cert)
+                .annotation(keys::ALPN_POLICY, alpn)
+                .build(),
+        )
+    };
+    assert_eq!(with_alpn("None").listeners[0].alpn_policy, None);
+    assert_eq!(
+        with_alpn("HTTP2Preferred").listeners[0].alpn_policy,
+        Some(crate::model::AlpnPolicy::Http2Preferred)
     );
 }

@@ -794,3 +794,67 @@ fn discovery_only_adds_zones_a_live_nlb_does_not_cover() {
         )]
     );
 }
+
+#[test]
+fn sni_certificates_are_added_and_removed_beside_the_default() {
+    let arn = |id: &str| format!("arn:aws:acm:us-east-1:123456789012:certificate/{id}");
+    let tls = |ids: &[&str]| {
+        let list: Vec<String> = ids.iter().map(|id| arn(id)).collect();
+        web_with(&[(keys::SSL_CERT, list.join(",").as_str())])
+    };
+    let listener = "listener 80 (arn:listener/80)";
+
+    // A new listener gets its default certificate, then the others.
+    let created = plan_lines(
+        Some(&tls(&["a", "b", "c"])),
+        &Observed {
+            discovered_subnets: Some(vec!["subnet-1".into(), "subnet-2".into()]),
+            ..Observed::default()
+        },
+    );
+    assert_eq!(
+        &created[created.len() - 2..],
+        [
+            format!("create listener TLS 80 on {LB} (new) → {TG80} (new)"),
+            format!(
+                "add certificates to listener 80 (new): {}, {}",
+                arn("b"),
+                arn("c")
+            ),
+        ]
+    );
+
+    // Others swapped: no ModifyListener, which would only set the default.
+    assert_eq!(
+        plan_lines(Some(&tls(&["a", "c"])), &converged(&tls(&["a", "b"]))),
+        [
+            format!("add certificates to {listener}: {}", arn("c")),
+            format!("remove certificates from {listener}: {}", arn("b")),
+        ]
+    );
+    // The list's order and repeats mean nothing.
+    assert_eq!(
+        plan_lines(
+            Some(&tls(&["a", "b", "c", "b"])),
+            &converged(&tls(&["a", "c", "b"]))
+        ),
+        Vec::<String>::new()
+    );
+    // An SNI certificate that becomes the default is not removed (AWS
+    // refuses to remove a listener's default certificate).
+    assert_eq!(
+        plan_lines(Some(&tls(&["b"])), &converged(&tls(&["a", "b"]))),
+        [format!(
+            "modify listener arn:listener/80: TLS 80 → arn:tg/{TG80}"
+        )]
+    );
+    // Back to TCP: ModifyListener drops the certificates with TLS (and the
+    // TCP listener gets its idle timeout back).
+    assert_eq!(
+        plan_lines(Some(&web()), &converged(&tls(&["a", "b"]))),
+        [
+            format!("modify listener arn:listener/80: TCP 80 → arn:tg/{TG80}"),
+            format!("set attributes of {listener}: tcp.idle_timeout.seconds=350"),
+        ]
+    );
+}
