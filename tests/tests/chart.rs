@@ -3,13 +3,16 @@
 //! flag of the binary it is passed to, every rendered object is accepted by the
 //! real apiserver (server-side dry run), and the RBAC it renders is enough for
 //! `causeway-controller run` to list/watch and take the lease with its own
-//! ServiceAccount's token instead of the admin one.
+//! ServiceAccount's token instead of the admin one. Values reach the containers
+//! as the environment variables the programs and the AWS SDK read, values the
+//! programs would refuse stop the rendering with a message, and the install
+//! notes warn when the agent would depend on the ClusterIP it programs.
 //!
 //! `helm` is built from its Go module by `e2e/build-helm.sh` (which `e2e/deps.sh`
 //! runs) and cached under `<cache>/helm/<version>/helm`; a missing helm fails
 //! these tests, it never skips them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -114,15 +117,17 @@ fn objects(rendered: &str) -> Vec<(String, String)> {
     out
 }
 
+/// The rendered document of the template `source` (e.g.
+/// `agent-daemonset.yaml`), if it rendered one.
+fn document<'a>(rendered: &'a str, source: &str) -> Option<&'a str> {
+    let marker = format!("# Source: causeway/templates/{source}");
+    rendered.split("\n---").find(|d| d.contains(&marker))
+}
+
 /// The `--flags` in the container args of the template `source` (e.g.
 /// `agent-daemonset.yaml`).
 fn rendered_flags(rendered: &str, source: &str) -> Vec<Vec<String>> {
-    let marker = format!("# Source: causeway/templates/{source}");
-    let Some(doc) = rendered
-        .split("\n---")
-        .find(|d| d.contains(&marker))
-        .map(str::to_string)
-    else {
+    let Some(doc) = document(rendered, source) else {
         return Vec::new();
     };
     // One list per container: each `args:` starts one.
@@ -140,6 +145,55 @@ fn rendered_flags(rendered: &str, source: &str) -> Vec<Vec<String>> {
         }
     }
     containers
+}
+
+/// The environment of each container of the template `source`, in order
+/// (init containers first): name to value, "" for a `valueFrom`.
+fn rendered_env(rendered: &str, source: &str) -> Vec<BTreeMap<String, String>> {
+    let Some(doc) = document(rendered, source) else {
+        return Vec::new();
+    };
+    let indent = |line: &str| line.len() - line.trim_start().len();
+    let mut containers = Vec::new();
+    // The indentation of the current `env:`, while inside one.
+    let mut env_indent = None;
+    let mut name = None;
+    for line in doc.lines() {
+        let trimmed = line.trim();
+        if trimmed == "env:" {
+            env_indent = Some(indent(line));
+            containers.push(BTreeMap::new());
+            continue;
+        }
+        let Some(at) = env_indent else { continue };
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        if indent(line) <= at {
+            env_indent = None;
+            continue;
+        }
+        let Some(env) = containers.last_mut() else {
+            continue;
+        };
+        if let Some(n) = trimmed.strip_prefix("- name: ") {
+            let n = n.trim_matches('"').to_string();
+            env.insert(n.clone(), String::new());
+            name = Some(n);
+        } else if let (Some(v), Some(n)) = (trimmed.strip_prefix("value: "), &name) {
+            env.insert(n.clone(), v.trim_matches('"').to_string());
+        }
+    }
+    containers
+}
+
+/// `helm template` with `clusterName=demo` and each of `sets` as a `--set`.
+fn template_with(sets: &[&str]) -> Result<String> {
+    let mut args = vec!["--set", "clusterName=demo"];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    template(&args)
 }
 
 /// The long flags `<binary> run --help` lists.
@@ -264,6 +318,207 @@ fn chart_lints_renders_and_passes_only_real_flags() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn api_server_values_reach_the_agent_and_its_init_container() -> Result<()> {
+    // By default the agent uses the in-cluster defaults (the ClusterIP).
+    let default = template_with(&[])?;
+    let envs = rendered_env(&default, "agent-daemonset.yaml");
+    assert_eq!(envs.len(), 1, "{envs:?}");
+    assert!(
+        !envs[0].contains_key("KUBERNETES_SERVICE_HOST")
+            && !envs[0].contains_key("KUBERNETES_SERVICE_PORT"),
+        "{envs:?}"
+    );
+
+    // kind / kubeadm: a control-plane address and 6443, in both containers,
+    // so that `--init-only` reaches the same API server.
+    let kind = template_with(&[
+        "agent.initContainer=true",
+        "agent.apiServer.host=172.18.0.2",
+        "agent.apiServer.port=6443",
+    ])?;
+    let envs = rendered_env(&kind, "agent-daemonset.yaml");
+    assert_eq!(envs.len(), 2, "init and agent: {envs:?}");
+    for env in &envs {
+        assert_eq!(
+            env.get("KUBERNETES_SERVICE_HOST").map(String::as_str),
+            Some("172.18.0.2"),
+            "{env:?}"
+        );
+        assert_eq!(
+            env.get("KUBERNETES_SERVICE_PORT").map(String::as_str),
+            Some("6443"),
+            "{env:?}"
+        );
+        assert!(env.contains_key("NODE_NAME"), "{env:?}");
+    }
+    // The controller is an ordinary pod: the ClusterIP works for it once the
+    // agent runs.
+    for env in rendered_env(&kind, "controller-deployment.yaml") {
+        assert!(!env.contains_key("KUBERNETES_SERVICE_HOST"), "{env:?}");
+    }
+
+    // EKS: the cluster endpoint's host and the default port, 443; an IPv6
+    // address goes in bare, as kube-rs and client-go bracket it themselves.
+    for (host, port) in [
+        ("0123456789ABCDEF.gr7.eu-west-1.eks.amazonaws.com", "443"),
+        ("fd00:10:96::1", "443"),
+    ] {
+        let rendered = template_with(&[&format!("agent.apiServer.host={host}")])?;
+        let env = &rendered_env(&rendered, "agent-daemonset.yaml")[0];
+        assert_eq!(env["KUBERNETES_SERVICE_HOST"], host);
+        assert_eq!(env["KUBERNETES_SERVICE_PORT"], port);
+    }
+
+    // A URL or a host:port is not a host.
+    for host in ["https://172.18.0.2", "172.18.0.2:6443"] {
+        let err = template_with(&[&format!("agent.apiServer.host={host}")])
+            .expect_err("schema accepts a host with a scheme or port");
+        assert!(err.to_string().contains("agent/apiServer/host"), "{err}");
+    }
+    Ok(())
+}
+
+#[test]
+fn aws_endpoint_values_set_the_sdks_global_and_per_service_variables() -> Result<()> {
+    let controller_env = |rendered: &str| -> BTreeMap<String, String> {
+        let envs = rendered_env(rendered, "controller-deployment.yaml");
+        assert_eq!(envs.len(), 1, "{envs:?}");
+        envs.into_iter().next().unwrap_or_default()
+    };
+    let endpoints = |env: &BTreeMap<String, String>| -> BTreeMap<String, String> {
+        env.iter()
+            .filter(|(k, _)| k.starts_with("AWS_ENDPOINT_URL"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    assert!(endpoints(&controller_env(&template_with(&[])?)).is_empty());
+
+    // An emulator for every service.
+    let env = controller_env(&template_with(&["awsEndpoint=http://moto:5000"])?);
+    assert_eq!(
+        endpoints(&env),
+        BTreeMap::from([("AWS_ENDPOINT_URL".into(), "http://moto:5000".into())])
+    );
+
+    // VPC interface endpoints for ELBv2 and EC2 only: STS (IRSA) keeps its own.
+    let elbv2 = "https://vpce-1-elasticloadbalancing.eu-west-1.vpce.amazonaws.com";
+    let ec2 = "https://vpce-1-ec2.eu-west-1.vpce.amazonaws.com";
+    let env = controller_env(&template_with(&[
+        &format!("awsServiceEndpoints.elbv2={elbv2}"),
+        &format!("awsServiceEndpoints.ec2={ec2}"),
+    ])?);
+    assert_eq!(
+        endpoints(&env),
+        BTreeMap::from([
+            (
+                "AWS_ENDPOINT_URL_ELASTIC_LOAD_BALANCING_V2".into(),
+                elbv2.into()
+            ),
+            ("AWS_ENDPOINT_URL_EC2".into(), ec2.into()),
+        ])
+    );
+
+    let err = template_with(&["awsServiceEndpoints.ec2=ec2.example.com"])
+        .expect_err("schema accepts an endpoint without a scheme");
+    assert!(err.to_string().contains("awsServiceEndpoints/ec2"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn a_loopback_metrics_address_is_never_scraped_in_either_family() -> Result<()> {
+    let has_metrics_port = |rendered: &str| {
+        document(rendered, "agent-daemonset.yaml").is_some_and(|d| d.contains("- name: metrics"))
+    };
+    for loopback in ["127.0.0.1:10249", "[::1]:10249", "[0:0:0:0:0:0:0:1]:10249"] {
+        let rendered = template_with(&[&format!("agent.metricsBindAddress={loopback}")])?;
+        assert!(
+            !has_metrics_port(&rendered),
+            "{loopback} is exposed as a containerPort"
+        );
+        let err = template_with(&[
+            &format!("agent.metricsBindAddress={loopback}"),
+            "agent.podMonitor.enabled=true",
+        ])
+        .expect_err("a PodMonitor of a loopback address");
+        assert!(
+            err.to_string()
+                .contains(&format!("not the loopback address {loopback}")),
+            "{err}"
+        );
+    }
+    for reachable in ["0.0.0.0:10249", "[::]:10249"] {
+        let rendered = template_with(&[
+            &format!("agent.metricsBindAddress={reachable}"),
+            "agent.podMonitor.enabled=true",
+        ])?;
+        let agent = document(&rendered, "agent-daemonset.yaml").unwrap_or_default();
+        assert!(
+            agent.contains("- name: metrics\n              containerPort: 10249\n"),
+            "{reachable}: no metrics port 10249:\n{agent}"
+        );
+        assert!(
+            document(&rendered, "agent-podmonitor.yaml").is_some(),
+            "{reachable}: no PodMonitor"
+        );
+    }
+    // The agent takes an IP, as kube-proxy does: a host name is refused here
+    // rather than at the agent's start.
+    let err = template_with(&["agent.metricsBindAddress=localhost:10249"])
+        .expect_err("schema accepts a host name");
+    assert!(
+        err.to_string().contains("agent/metricsBindAddress"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn values_the_controller_would_refuse_stop_the_rendering() -> Result<()> {
+    // The controller exits at start when the lease would expire before the
+    // leader renews it.
+    for renew in ["15", "20"] {
+        let err = template_with(&[&format!("controller.leaderElection.renewDeadline={renew}")])
+            .expect_err("renewDeadline >= leaseDuration");
+        assert!(
+            err.to_string().contains(&format!(
+                "controller.leaderElection.renewDeadline ({renew}) must be shorter than controller.leaderElection.leaseDuration (15)"
+            )),
+            "{err}"
+        );
+    }
+    // Without leader election the timings are not used.
+    template_with(&[
+        "controller.replicas=1",
+        "controller.leaderElection.enabled=false",
+        "controller.leaderElection.renewDeadline=20",
+    ])?;
+
+    // Go durations reach the flag as written; zero is refused.
+    for period in ["10m", "1h30m", "500ms", "10m0s", "90s"] {
+        let rendered = template_with(&[&format!("controller.driftAuditPeriod={period}")])?;
+        assert!(
+            rendered.contains(&format!("- --drift-audit-period={period}\n")),
+            "{period} is not passed as --drift-audit-period"
+        );
+    }
+    for period in ["0s", "0m0s", "00h", "10", "1d"] {
+        let err = template_with(&[&format!("controller.driftAuditPeriod={period}")])
+            .expect_err("schema accepts a zero or malformed drift-audit period");
+        assert!(
+            err.to_string().contains("controller/driftAuditPeriod"),
+            "{period}: {err}"
+        );
+    }
+
+    // EKS cluster names go up to 100 characters.
+    template_with(&[&format!("clusterName={}", "c".repeat(100))])?;
+    let err = template_with(&[&format!("clusterName={}", "c".repeat(101))])
+        .expect_err("schema accepts a 101-character cluster name");
+    assert!(err.to_string().contains("clusterName"), "{err}");
+    Ok(())
+}
+
 /// Minimal CRDs for the Prometheus operator's ServiceMonitor and PodMonitor, so
 /// that the apiserver can validate the objects the chart renders for them.
 fn monitoring_crds() -> String {
@@ -343,6 +598,39 @@ async fn apiserver_accepts_every_rendered_object_and_the_rbac_runs_both_programs
                 .is_empty()
         );
     }
+
+    // The notes `helm install` prints warn about the agent's API server
+    // address while it is left to the ClusterIP the agent programs itself.
+    let chart = chart_dir().display().to_string();
+    let admin_kubeconfig = cluster.kubeconfig().display().to_string();
+    let notes = |extra: &[&str]| -> Result<String> {
+        let mut args = vec![
+            "install",
+            RELEASE,
+            &chart,
+            "--namespace",
+            NAMESPACE,
+            "--kubeconfig",
+            &admin_kubeconfig,
+            "--dry-run=server",
+            "--set",
+            "clusterName=demo",
+        ];
+        args.extend_from_slice(extra);
+        let out = run_helm(&args)?;
+        Ok(out
+            .split_once("NOTES:")
+            .map(|(_, n)| n.to_string())
+            .unwrap_or_default())
+    };
+    let default_notes = notes(&[])?;
+    assert!(
+        default_notes.contains("WARNING: agent.apiServer.host is empty"),
+        "{default_notes}"
+    );
+    let set_notes = notes(&["--set", "agent.apiServer.host=172.18.0.2"])?;
+    assert!(set_notes.contains("health checks"), "{set_notes}");
+    assert!(!set_notes.contains("WARNING"), "{set_notes}");
 
     // RBAC sufficiency: apply the default rendering's ServiceAccount and RBAC
     // for real, and run the controller with that ServiceAccount's token.

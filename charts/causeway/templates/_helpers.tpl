@@ -110,6 +110,14 @@ init container. Pass the root context. */}}
   valueFrom:
     fieldRef:
       fieldPath: spec.nodeName
+{{- with $a.apiServer.host }}
+# The API server itself, not the kubernetes Service's ClusterIP, which only
+# works once a service proxy (this agent) has programmed it.
+- name: KUBERNETES_SERVICE_HOST
+  value: {{ . | quote }}
+- name: KUBERNETES_SERVICE_PORT
+  value: {{ $a.apiServer.port | quote }}
+{{- end }}
 {{- with $a.logLevel }}
 - name: RUST_LOG
   value: {{ . | quote }}
@@ -117,4 +125,11 @@ init container. Pass the root context. */}}
 {{- with $a.extraEnv }}
 {{ toYaml . }}
 {{- end }}
+{{- end }}
+
+{{/* "true" when agent.metricsBindAddress is a loopback address (127.*,
+[::1] in any spelling, localhost), which nothing outside the node can scrape;
+empty otherwise. */}}
+{{- define "causeway.agent.metricsOnLoopback" -}}
+{{- if regexMatch `^(127\.|\[[0:]*:0*1\]:|localhost:)` .Values.agent.metricsBindAddress }}true{{ end }}
 {{- end }}
