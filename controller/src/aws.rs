@@ -280,11 +280,20 @@ pub struct Aws {
     node_sg_id: std::sync::Mutex<Option<String>>,
     /// Subnet discovery results by scheme, reused for [`SUBNET_CACHE_TTL`].
     subnets: std::sync::Mutex<std::collections::HashMap<crate::model::Scheme, DiscoveredAt>>,
+    /// The region's NLBs and target groups with their tags, shared by the
+    /// observes of every Service (`observe::Inventory`). An async lock: one
+    /// observe lists while the others wait for its listing.
+    inventory: tokio::sync::Mutex<Option<std::sync::Arc<observe::Inventory>>>,
+    inventory_ttl: std::time::Duration,
     /// Test-only stop point: abort the process after this many successful
     /// writes (`CAUSEWAY_TEST_EXIT_AFTER_WRITES`), to test crash safety.
     exit_after_writes: Option<u64>,
     limiter: Limiter,
 }
+
+/// How long a listing of NLBs and target groups is reused at most (the
+/// controller shortens it to a tenth of the drift-audit period).
+pub const DEFAULT_INVENTORY_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How long a subnet discovery is reused for new load balancers.
 const SUBNET_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
@@ -310,11 +319,20 @@ impl Aws {
             vpc_id: OnceCell::new(),
             node_sg_id: Default::default(),
             subnets: Default::default(),
+            inventory: Default::default(),
+            inventory_ttl: DEFAULT_INVENTORY_TTL,
             exit_after_writes: std::env::var("CAUSEWAY_TEST_EXIT_AFTER_WRITES")
                 .ok()
                 .and_then(|v| v.parse().ok()),
             limiter: Limiter::new(RateLimits::default()),
         }
+    }
+
+    /// How long one listing of the region's NLBs and target groups serves
+    /// every Service's observe, unless this client writes meanwhile.
+    pub fn with_inventory_ttl(mut self, ttl: std::time::Duration) -> Aws {
+        self.inventory_ttl = ttl;
+        self
     }
 
     /// Replaces the client-side rate limits.

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use causeway_controller::aws::{Aws, RateLimits};
+use causeway_controller::aws::{Aws, DEFAULT_INVENTORY_TTL, RateLimits};
 use causeway_controller::desired::{
     ClusterConfig, SERVICE_NAME_LABEL, desired, may_use_ip_targets, owns,
 };
@@ -229,7 +229,9 @@ async fn run(args: RunArgs) -> Result<()> {
         describe: aws_describe_rate,
         register: aws_register_rate,
         modify: aws_modify_rate,
-    });
+    })
+    // Out-of-band changes stay unseen for at most a tenth of an audit period.
+    .with_inventory_ttl(DEFAULT_INVENTORY_TTL.min(drift_audit_period / 10));
 
     for addr in
         std::iter::once(metrics_addr).chain((health_addr != metrics_addr).then_some(health_addr))

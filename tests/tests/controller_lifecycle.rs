@@ -620,3 +620,71 @@ async fn an_aws_refusal_is_reported_on_its_service_and_others_proceed() -> Resul
     );
     Ok(())
 }
+
+/// A restarted controller reads every Service's resources back. The region's
+/// NLBs and target groups are listed once for all of them (a listing per
+/// Service made a restart, or a drift-audit round, cost calls in the square
+/// of the number of Services).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_lists_the_load_balancers_once_for_every_service() -> Result<()> {
+    const SERVICES: usize = 12;
+    let cluster = Cluster::start(ClusterOptions::nodes(2)).await?;
+    let services: Api<Service> = Api::namespaced(cluster.client(), "default");
+    let controller = ControllerProcess::start(&cluster, &[])?;
+    controller.wait_ready(Duration::from_secs(60))?;
+    for i in 0..SERVICES {
+        services
+            .create(
+                &PostParams::default(),
+                &named(&format!("web-{i}"), json!({}))?,
+            )
+            .await?;
+    }
+    for i in 0..SERVICES {
+        wait_for_hostname(&services, &format!("web-{i}"), Duration::from_secs(120)).await?;
+    }
+    drop(controller);
+
+    let controller = ControllerProcess::start(&cluster, &[])?;
+    controller.wait_ready(Duration::from_secs(60))?;
+    eventually(
+        Duration::from_secs(60),
+        "every Service read back",
+        || async {
+            let targets_read = controller.aws_calls()?.get("DescribeTargetHealth").copied();
+            let done = controller.reconciles()? >= SERVICES as u64
+                && targets_read >= Some(SERVICES as u64);
+            Ok(done.then_some(()))
+        },
+    )
+    .await?;
+    // Nothing more is coming: no Service has anything to change.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let calls = controller.aws_calls()?;
+    // Each Service's own details are still read: its listeners once each.
+    assert_eq!(
+        calls.get("DescribeListeners"),
+        Some(&(SERVICES as u64)),
+        "{calls:?}"
+    );
+    // The listing: one page of each, and the tags of 24 resources in batches
+    // of 20, at start (the orphan sweep) and for the observes, which may
+    // outlive one listing's 30 s on a slow machine.
+    for (operation, once) in [
+        ("DescribeLoadBalancers", 1),
+        ("DescribeTargetGroups", 1),
+        ("DescribeTags", 2),
+    ] {
+        let n = calls.get(operation).copied().unwrap_or(0);
+        assert!(
+            (once..=2 * once).contains(&n),
+            "{operation}: {n} calls for {SERVICES} Services: {calls:?}"
+        );
+    }
+    let writes: Vec<&String> = calls
+        .keys()
+        .filter(|op| !op.starts_with("Describe"))
+        .collect();
+    assert!(writes.is_empty(), "nothing to change: {calls:?}");
+    Ok(())
+}

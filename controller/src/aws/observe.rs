@@ -171,10 +171,78 @@ fn sg_tags(sg: &Ec2SecurityGroup) -> BTreeMap<String, String> {
     tag_map(sg.tags().iter().map(|t| (t.key(), t.value())))
 }
 
+/// Every NLB and target group of the region with its tags: what each
+/// Service's observe filters by its UID. Listing them costs a call per page
+/// and one `DescribeTags` per 20 resources, so a listing per observe made a
+/// drift-audit round, or a restart, cost calls in the square of the number
+/// of Services. One listing now serves every observe for the inventory TTL,
+/// unless this client writes in between: a write makes it stale, so a
+/// Service's own changes are always seen, and other programs' changes within
+/// the TTL. The details of a Service's own resources (attributes, listeners,
+/// targets) are still read for each observe.
+#[derive(Debug)]
+pub(super) struct Inventory {
+    taken_at: std::time::Instant,
+    /// This client's write count when the listing started.
+    writes: u64,
+    load_balancers: Vec<ElbLoadBalancer>,
+    target_groups: Vec<ElbTargetGroup>,
+    tags: HashMap<String, BTreeMap<String, String>>,
+}
+
 impl Aws {
+    /// The current inventory: the last listing while it is fresh, else a new
+    /// one. Observes running at once wait for one listing and share it.
+    async fn inventory(&self) -> Result<std::sync::Arc<Inventory>, AwsError> {
+        let mut slot = self.inventory.lock().await;
+        if let Some(inventory) = slot.as_ref()
+            && inventory.writes == self.calls.writes()
+            && inventory.taken_at.elapsed() < self.inventory_ttl
+        {
+            return Ok(inventory.clone());
+        }
+        let taken_at = std::time::Instant::now();
+        let writes = self.calls.writes();
+        let load_balancers = self.all_load_balancers().await?;
+        let target_groups = self.all_target_groups().await?;
+        let tags = self
+            .tags_of(
+                load_balancers
+                    .iter()
+                    .filter_map(|l| l.load_balancer_arn())
+                    .chain(target_groups.iter().filter_map(|t| t.target_group_arn())),
+            )
+            .await?;
+        let inventory = std::sync::Arc::new(Inventory {
+            taken_at,
+            writes,
+            load_balancers,
+            target_groups,
+            tags,
+        });
+        *slot = Some(inventory.clone());
+        Ok(inventory)
+    }
+
     /// Everything tagged with `uid` in our cluster, plus subnet discovery when
     /// `desired` needs an LB created from discovered subnets.
     pub async fn observe(
+        &self,
+        uid: &str,
+        desired: Option<&Desired>,
+    ) -> Result<Observed, AwsError> {
+        match self.observe_listed(uid, desired).await {
+            // A resource the inventory lists is gone (deleted out of band
+            // since the listing): list again, once.
+            Err(e) if e.kind == super::AwsErrorKind::NotFound => {
+                *self.inventory.lock().await = None;
+                self.observe_listed(uid, desired).await
+            }
+            other => other,
+        }
+    }
+
+    async fn observe_listed(
         &self,
         uid: &str,
         desired: Option<&Desired>,
@@ -191,16 +259,13 @@ impl Aws {
             .and_then(|g| g.group_id())
             .map(str::to_string);
 
-        let all_lbs = self.all_load_balancers().await?;
-        let lb_tags = self
-            .tags_of(all_lbs.iter().filter_map(|l| l.load_balancer_arn()))
-            .await?;
+        let inventory = self.inventory().await?;
         let mut observed = Observed::default();
-        for lb in &all_lbs {
+        for lb in &inventory.load_balancers {
             let Some(arn) = lb.load_balancer_arn() else {
                 continue;
             };
-            let Some(tags) = lb_tags.get(arn).filter(|t| ours(t)) else {
+            let Some(tags) = inventory.tags.get(arn).filter(|t| ours(t)) else {
                 continue;
             };
             observed.load_balancers.push(ObservedLoadBalancer {
@@ -258,15 +323,11 @@ impl Aws {
             observed.listeners.extend(self.listeners(arn).await?);
         }
 
-        let all_tgs = self.all_target_groups().await?;
-        let tg_tags = self
-            .tags_of(all_tgs.iter().filter_map(|t| t.target_group_arn()))
-            .await?;
-        for tg in &all_tgs {
+        for tg in &inventory.target_groups {
             let Some(arn) = tg.target_group_arn() else {
                 continue;
             };
-            let Some(tags) = tg_tags.get(arn).filter(|t| ours(t)) else {
+            let Some(tags) = inventory.tags.get(arn).filter(|t| ours(t)) else {
                 continue;
             };
             observed.target_groups.push(ObservedTargetGroup {
@@ -371,13 +432,7 @@ impl Aws {
     pub async fn tagged_uids(&self) -> Result<std::collections::BTreeSet<String>, AwsError> {
         let cluster_tag = self.cluster_tag();
         let mut uids = std::collections::BTreeSet::new();
-        let lbs = self.all_load_balancers().await?;
-        let tgs = self.all_target_groups().await?;
-        let arns = lbs
-            .iter()
-            .filter_map(|l| l.load_balancer_arn())
-            .chain(tgs.iter().filter_map(|t| t.target_group_arn()));
-        for tags in self.tags_of(arns).await?.values() {
+        for tags in self.inventory().await?.tags.values() {
             if tags.contains_key(&cluster_tag)
                 && let Some(uid) = tags.get(tags::SERVICE_UID)
             {
