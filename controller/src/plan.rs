@@ -167,6 +167,16 @@ pub enum Action {
         resource: Ref,
         keys: Vec<String>,
     },
+    /// Tags of the managed frontend security group (EC2 `CreateTags`).
+    TagSecurityGroup {
+        id: String,
+        tags: BTreeMap<String, String>,
+    },
+    /// EC2 `DeleteTags` on the managed frontend security group.
+    UntagSecurityGroup {
+        id: String,
+        keys: Vec<String>,
+    },
     DeleteListener {
         arn: String,
         port: u16,
@@ -209,6 +219,8 @@ impl Action {
             Action::ModifyListenerAttributes { .. } => "ModifyListenerAttributes",
             Action::AddTags { .. } => "AddTags",
             Action::RemoveTags { .. } => "RemoveTags",
+            Action::TagSecurityGroup { .. } => "CreateTags",
+            Action::UntagSecurityGroup { .. } => "DeleteTags",
             Action::DeleteListener { .. } => "DeleteListener",
             Action::DeleteLoadBalancer { .. } => "DeleteLoadBalancer",
             Action::DeleteTargetGroup { .. } => "DeleteTargetGroup",
@@ -406,6 +418,12 @@ impl fmt::Display for Action {
             },
             Action::AddTags { resource, tags } => {
                 write!(f, "tag {resource}: {}", pairs(tags))
+            }
+            Action::TagSecurityGroup { id, tags } => {
+                write!(f, "tag security group {id}: {}", pairs(tags))
+            }
+            Action::UntagSecurityGroup { id, keys } => {
+                write!(f, "untag security group {id}: {}", keys.join(", "))
             }
             Action::RemoveTags { resource, keys } => {
                 write!(f, "untag {resource}: {}", keys.join(", "))
@@ -1120,6 +1138,27 @@ fn frontend_sg_actions(
                 out.push(Action::RevokeIngress {
                     group: SgRef::Id(have.id.clone()),
                     rules: extra,
+                });
+            }
+            // As for the NLB and target groups: added, changed and removed
+            // tags follow the annotation; `aws:` tags are AWS's.
+            let tags = changed(&want.tags, &have.tags);
+            if !tags.is_empty() {
+                out.push(Action::TagSecurityGroup {
+                    id: have.id.clone(),
+                    tags,
+                });
+            }
+            let keys: Vec<String> = have
+                .tags
+                .keys()
+                .filter(|k| !want.tags.contains_key(*k) && !k.starts_with("aws:"))
+                .cloned()
+                .collect();
+            if !keys.is_empty() {
+                out.push(Action::UntagSecurityGroup {
+                    id: have.id.clone(),
+                    keys,
                 });
             }
         }

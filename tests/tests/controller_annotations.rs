@@ -212,6 +212,10 @@ async fn a_realistic_annotation_set_is_applied_edited_in_place_and_restored() ->
         user_tags(&lb["tags"]),
         pairs(&[("cost-center", "42"), ("team", "payments")])
     );
+    assert_eq!(
+        user_tags(&aws["security_groups"][0]["tags"]),
+        pairs(&[("cost-center", "42"), ("team", "payments")])
+    );
     let https = listener(&aws, 443);
     // The first ARN is the default certificate, the others are served by SNI.
     assert_eq!(https["certificates"][0], json!(first_cert));
@@ -265,10 +269,12 @@ async fn a_realistic_annotation_set_is_applied_edited_in_place_and_restored() ->
         ],
     )
     .await?;
-    // The listener attribute is the plan's last action; the assertions below
-    // then check every value.
+    // The listeners' changes are the plan's last actions (port 80's
+    // attribute, port 443's certificates); the assertions below then check
+    // every value.
     let aws = until_aws(&cluster, &controller, &uid, "the edited values", |aws| {
         listener(aws, 80)["attributes"]["tcp.idle_timeout.seconds"] == "900"
+            && listener(aws, 443)["sni_certificates"] == json!([third_cert])
     })
     .await?;
     let https = listener(&aws, 443);
@@ -280,6 +286,11 @@ async fn a_realistic_annotation_set_is_applied_edited_in_place_and_restored() ->
         "false"
     );
     assert_eq!(user_tags(&lb["tags"]), pairs(&[("team", "checkout")]));
+    assert_eq!(
+        user_tags(&aws["security_groups"][0]["tags"]),
+        pairs(&[("team", "checkout")]),
+        "the managed SG's tags follow too"
+    );
     for port in [443, 80] {
         let tg = target_group(&aws, port);
         assert_eq!(
@@ -294,6 +305,8 @@ async fn a_realistic_annotation_set_is_applied_edited_in_place_and_restored() ->
             || [
                 "AddTags",
                 "RemoveTags",
+                "CreateTags",
+                "DeleteTags",
                 "AddListenerCertificates",
                 "RemoveListenerCertificates"
             ]
@@ -366,11 +379,11 @@ async fn a_realistic_annotation_set_is_applied_edited_in_place_and_restored() ->
         );
         assert!(user_tags(&tg["tags"]).is_empty());
     }
+    assert!(user_tags(&aws["security_groups"][0]["tags"]).is_empty());
     let restore_writes = writes(&calls_between(&before, &controller.aws_calls()?));
     assert!(
-        restore_writes
-            .keys()
-            .all(|op| op.starts_with("Modify") || op == "AddTags" || op == "RemoveTags"),
+        restore_writes.keys().all(|op| op.starts_with("Modify")
+            || ["AddTags", "RemoveTags", "DeleteTags"].contains(&op.as_str())),
         "restoring defaults changes resources in place: {restore_writes:?}"
     );
 

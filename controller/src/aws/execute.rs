@@ -522,6 +522,21 @@ impl Aws {
                 )
                 .await?;
             }
+            Action::TagSecurityGroup { id, tags } => {
+                let mut request = self.ec2.create_tags().resources(id);
+                for (k, v) in tags {
+                    request =
+                        request.tags(aws_sdk_ec2::types::Tag::builder().key(k).value(v).build());
+                }
+                self.call("CreateTags", request.send()).await?;
+            }
+            Action::UntagSecurityGroup { id, keys } => {
+                let mut request = self.ec2.delete_tags().resources(id);
+                for k in keys {
+                    request = request.tags(aws_sdk_ec2::types::Tag::builder().key(k).build());
+                }
+                self.call("DeleteTags", request.send()).await?;
+            }
             Action::AddListenerCertificates {
                 listener,
                 certificates,
@@ -972,6 +987,16 @@ fn apply(action: &Action, known: &Known, state: &mut Observed) {
                     l.certificates
                         .extend(others.into_iter().filter(|c| Some(c) != default.as_ref()));
                 }
+            }
+        }
+        Action::TagSecurityGroup { id, tags } => {
+            if let Some(g) = state.security_groups.iter_mut().find(|g| &g.id == id) {
+                g.tags.extend(tags.clone());
+            }
+        }
+        Action::UntagSecurityGroup { id, keys } => {
+            if let Some(g) = state.security_groups.iter_mut().find(|g| &g.id == id) {
+                g.tags.retain(|k, _| !keys.contains(k));
             }
         }
         Action::AddListenerCertificates {

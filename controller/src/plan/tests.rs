@@ -419,9 +419,12 @@ fn tags_and_attributes_follow_annotations_both_ways() {
     );
     let lb_arn = format!("arn:lb/{LB}");
     let tg_arn = format!("arn:tg/{TG80}");
+    // The managed frontend SG (sg-0f1 in `converged`) follows first: the
+    // plan handles security groups before the NLB.
     assert_eq!(
         plan_lines(Some(&tagged), &converged(&plain)),
         [
+            "tag security group sg-0f1: team=web".to_string(),
             format!(
                 "set attributes of load balancer {lb_arn}: load_balancing.cross_zone.enabled=true"
             ),
@@ -432,12 +435,22 @@ fn tags_and_attributes_follow_annotations_both_ways() {
     assert_eq!(
         plan_lines(Some(&plain), &converged(&tagged)),
         [
+            "untag security group sg-0f1: team".to_string(),
             format!(
                 "set attributes of load balancer {lb_arn}: load_balancing.cross_zone.enabled=false"
             ),
             format!("untag {lb_arn}: team"),
             format!("untag {tg_arn}: team"),
         ]
+    );
+    // Tags AWS sets on its own are left alone.
+    let mut with_aws_tag = converged(&plain);
+    with_aws_tag.security_groups[0]
+        .tags
+        .insert("aws:cloudformation:stack-name".into(), "x".into());
+    assert_eq!(
+        plan_lines(Some(&plain), &with_aws_tag),
+        Vec::<String>::new()
     );
 }
 
