@@ -878,20 +878,32 @@ fn converge(d: &Desired, o: &Observed) -> Vec<Action> {
                         target_group: tg_ref,
                     });
                 }
-                let (add, remove) =
-                    sni_certificate_changes(want, have.certificates.get(1..).unwrap_or_default());
-                if !add.is_empty() {
-                    out.push(Action::AddListenerCertificates {
-                        listener: Ref::Arn(have.arn.clone()),
-                        port: want.port,
-                        certificates: add,
-                    });
+                // A default that ModifyListener replaces stays in the
+                // listener's list as an SNI certificate (AWS's behaviour),
+                // so it counts among the ones to compare.
+                let mut have_extra = have.certificates.get(1..).unwrap_or_default().to_vec();
+                if let Some(old_default) = have.certificates.first()
+                    && have.protocol == Protocol::Tls
+                    && want.certificates.first() != Some(old_default)
+                    && !have_extra.contains(old_default)
+                {
+                    have_extra.push(old_default.clone());
                 }
+                let (add, remove) = sni_certificate_changes(want, &have_extra);
+                // Removals first: a listener at its certificate quota can
+                // still swap one.
                 if !remove.is_empty() {
                     out.push(Action::RemoveListenerCertificates {
                         arn: have.arn.clone(),
                         port: want.port,
                         certificates: remove,
+                    });
+                }
+                if !add.is_empty() {
+                    out.push(Action::AddListenerCertificates {
+                        listener: Ref::Arn(have.arn.clone()),
+                        port: want.port,
+                        certificates: add,
                     });
                 }
                 let attributes = changed_from_defaults(

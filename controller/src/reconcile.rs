@@ -565,7 +565,8 @@ async fn report_nodes(svc: &Service, ctx: &Context, desired: &Desired) {
 
 /// Deletes everything tagged with the Service UID, then drops the finalizer.
 async fn cleanup(svc: &Service, ctx: &Context, uid: &str) -> Result<(), Error> {
-    let observed = ctx.aws.observe(uid, None).await?;
+    // Fresh: the finalizer comes off on what this observe finds.
+    let observed = ctx.aws.observe_fresh(uid).await?;
     let actions = plan(None, &observed);
     if !actions.is_empty() {
         ctx.event(

@@ -537,38 +537,48 @@ impl Aws {
                 }
                 self.call("DeleteTags", request.send()).await?;
             }
+            // ELBv2 takes one certificate per call for both.
             Action::AddListenerCertificates {
                 listener,
                 certificates,
                 ..
             } => {
                 let arn = known.arn(listener)?;
-                self.call(
-                    "AddListenerCertificates",
-                    self.elb
-                        .add_listener_certificates()
-                        .listener_arn(arn)
-                        .set_certificates(Some(certificate_list(certificates)))
-                        .send(),
-                )
-                .await?;
+                for certificate in certificates {
+                    self.call(
+                        "AddListenerCertificates",
+                        self.elb
+                            .add_listener_certificates()
+                            .listener_arn(&arn)
+                            .set_certificates(Some(certificate_list(std::slice::from_ref(
+                                certificate,
+                            ))))
+                            .send(),
+                    )
+                    .await?;
+                }
             }
             Action::RemoveListenerCertificates {
                 arn, certificates, ..
             } => {
-                let result = self
-                    .call(
-                        "RemoveListenerCertificates",
-                        self.elb
-                            .remove_listener_certificates()
-                            .listener_arn(arn)
-                            .set_certificates(Some(certificate_list(certificates)))
-                            .send(),
-                    )
-                    .await
-                    .map(|_| ());
-                // Gone with its listener: nothing left to remove.
-                done_if(result, &["ListenerNotFound"])?;
+                for certificate in certificates {
+                    let result = self
+                        .call(
+                            "RemoveListenerCertificates",
+                            self.elb
+                                .remove_listener_certificates()
+                                .listener_arn(arn)
+                                .set_certificates(Some(certificate_list(std::slice::from_ref(
+                                    certificate,
+                                ))))
+                                .send(),
+                        )
+                        .await
+                        .map(|_| ());
+                    // Gone with its listener, or not in its list: nothing
+                    // left to remove.
+                    done_if(result, &["ListenerNotFound", "CertificateNotFound"])?;
+                }
             }
             Action::AddTags { resource, tags } => {
                 let arn = known.arn(resource)?;
@@ -972,9 +982,10 @@ fn apply(action: &Action, known: &Known, state: &mut Observed) {
         } => {
             if let Some(l) = listener_mut(state, arn) {
                 // ModifyListener leaves the listener's attributes and its
-                // other certificates as they were.
+                // other certificates as they were; a replaced default stays
+                // in the list (the plan removes it next when unwanted).
                 let attributes = std::mem::take(&mut l.attributes);
-                let others: Vec<String> = l.certificates.drain(..).skip(1).collect();
+                let others: Vec<String> = l.certificates.drain(..).collect();
                 *l = observed_listener(
                     arn.clone(),
                     l.load_balancer_arn.clone(),

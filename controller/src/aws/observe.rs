@@ -242,6 +242,13 @@ impl Aws {
         }
     }
 
+    /// [`Self::observe`] from a new listing, for decisions that must not
+    /// rest on one made up to a TTL ago (removing the finalizer).
+    pub async fn observe_fresh(&self, uid: &str) -> Result<Observed, AwsError> {
+        *self.inventory.lock().await = None;
+        self.observe(uid, None).await
+    }
+
     async fn observe_listed(
         &self,
         uid: &str,

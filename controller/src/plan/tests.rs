@@ -837,12 +837,13 @@ fn sni_certificates_are_added_and_removed_beside_the_default() {
         ]
     );
 
-    // Others swapped: no ModifyListener, which would only set the default.
+    // Others swapped: no ModifyListener, which would only set the default;
+    // removals first, so that a listener at its quota can swap.
     assert_eq!(
         plan_lines(Some(&tls(&["a", "c"])), &converged(&tls(&["a", "b"]))),
         [
-            format!("add certificates to {listener}: {}", arn("c")),
             format!("remove certificates from {listener}: {}", arn("b")),
+            format!("add certificates to {listener}: {}", arn("c")),
         ]
     );
     // The list's order and repeats mean nothing.
@@ -854,9 +855,26 @@ fn sni_certificates_are_added_and_removed_beside_the_default() {
         Vec::<String>::new()
     );
     // An SNI certificate that becomes the default is not removed (AWS
-    // refuses to remove a listener's default certificate).
+    // refuses to remove a listener's default certificate); the replaced
+    // default, which AWS keeps in the list, is.
     assert_eq!(
         plan_lines(Some(&tls(&["b"])), &converged(&tls(&["a", "b"]))),
+        [
+            format!("modify listener arn:listener/80: TLS 80 → arn:tg/{TG80}"),
+            format!("remove certificates from {listener}: {}", arn("a")),
+        ]
+    );
+    // A rotation of the only certificate, likewise.
+    assert_eq!(
+        plan_lines(Some(&tls(&["b"])), &converged(&tls(&["a"]))),
+        [
+            format!("modify listener arn:listener/80: TLS 80 → arn:tg/{TG80}"),
+            format!("remove certificates from {listener}: {}", arn("a")),
+        ]
+    );
+    // The old default kept as the new list's SNI certificate stays.
+    assert_eq!(
+        plan_lines(Some(&tls(&["b", "a"])), &converged(&tls(&["a"]))),
         [format!(
             "modify listener arn:listener/80: TLS 80 → arn:tg/{TG80}"
         )]
