@@ -392,7 +392,7 @@ pub fn desired(
             cfg.node_health_port,
             &lb_spec,
         );
-        check_timeout_within_interval(&health_check, service)?;
+        check_timeout_within_interval(&health_check, &lb_spec)?;
         // Not from the targets: a node or pod coming, going or turning
         // unready must never change security-group rules.
         let traffic_ports: BTreeSet<u16> = match lb_spec.target_type {
@@ -800,29 +800,29 @@ fn health_check(
 
 /// ELBv2 refuses a health-check timeout longer than the interval. The two
 /// annotations are valid alone (or with the other's default), so the pair is
-/// checked here, before any AWS write; the error names the one that was set.
-fn check_timeout_within_interval(hc: &HealthCheck, svc: &Service) -> Result<(), DesiredError> {
+/// checked here, before any AWS write; the error names the one that was set
+/// (the timeout when both were).
+fn check_timeout_within_interval(hc: &HealthCheck, spec: &LbSpec) -> Result<(), DesiredError> {
     if hc.timeout_seconds <= hc.interval_seconds {
         return Ok(());
     }
-    let annotations = svc.metadata.annotations.as_ref();
-    let set = |key: &str| annotations.and_then(|a| a.get(key)).cloned();
-    let (key, value, other) = match set(annotations::keys::HEALTHCHECK_TIMEOUT) {
-        Some(value) => (
+    let (key, value, other) = if spec.health_check.timeout_seconds.is_some() {
+        (
             annotations::keys::HEALTHCHECK_TIMEOUT,
-            value,
+            hc.timeout_seconds,
             annotations::keys::HEALTHCHECK_INTERVAL,
-        ),
-        None => (
+        )
+    } else {
+        (
             annotations::keys::HEALTHCHECK_INTERVAL,
-            set(annotations::keys::HEALTHCHECK_INTERVAL).unwrap_or_default(),
+            hc.interval_seconds,
             annotations::keys::HEALTHCHECK_TIMEOUT,
-        ),
+        )
     };
     Err(DesiredError::InvalidAnnotations(AnnotationErrors(vec![
         AnnotationError {
             key: key.to_string(),
-            value,
+            value: value.to_string(),
             accepted: format!(
                 "a health-check timeout no longer than its interval (here timeout {} s, interval {} s)",
                 hc.timeout_seconds, hc.interval_seconds

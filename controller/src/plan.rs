@@ -605,24 +605,33 @@ fn changed(
 }
 
 /// Tag actions for one resource. Tags set by AWS itself (`aws:`) are left alone.
+/// Tags to set and tag keys to remove so that `current` becomes `desired`;
+/// `aws:` tags are AWS's and stay.
+fn tag_changes(
+    desired: &BTreeMap<String, String>,
+    current: &BTreeMap<String, String>,
+) -> (BTreeMap<String, String>, Vec<String>) {
+    let remove = current
+        .keys()
+        .filter(|k| !desired.contains_key(*k) && !k.starts_with("aws:"))
+        .cloned()
+        .collect();
+    (changed(desired, current), remove)
+}
+
 fn tag_actions(
     resource: &Ref,
     desired: &BTreeMap<String, String>,
     current: &BTreeMap<String, String>,
     out: &mut Vec<Action>,
 ) {
-    let add = changed(desired, current);
+    let (add, remove) = tag_changes(desired, current);
     if !add.is_empty() {
         out.push(Action::AddTags {
             resource: resource.clone(),
             tags: add,
         });
     }
-    let remove: Vec<String> = current
-        .keys()
-        .filter(|k| !desired.contains_key(*k) && !k.starts_with("aws:"))
-        .cloned()
-        .collect();
     if !remove.is_empty() {
         out.push(Action::RemoveTags {
             resource: resource.clone(),
@@ -1152,21 +1161,14 @@ fn frontend_sg_actions(
                     rules: extra,
                 });
             }
-            // As for the NLB and target groups: added, changed and removed
-            // tags follow the annotation; `aws:` tags are AWS's.
-            let tags = changed(&want.tags, &have.tags);
+            // As for the NLB and target groups (EC2 has its own calls).
+            let (tags, keys) = tag_changes(&want.tags, &have.tags);
             if !tags.is_empty() {
                 out.push(Action::TagSecurityGroup {
                     id: have.id.clone(),
                     tags,
                 });
             }
-            let keys: Vec<String> = have
-                .tags
-                .keys()
-                .filter(|k| !want.tags.contains_key(*k) && !k.starts_with("aws:"))
-                .cloned()
-                .collect();
             if !keys.is_empty() {
                 out.push(Action::UntagSecurityGroup {
                     id: have.id.clone(),

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use causeway_tests::cluster::{Cluster, ClusterOptions};
 use causeway_tests::paths::{cache_dir, repo_root, workspace_bin};
+use k8s_openapi::api::core::v1::PodSpec;
 
 const RELEASE: &str = "causeway";
 const NAMESPACE: &str = "causeway-system";
@@ -147,44 +148,32 @@ fn rendered_flags(rendered: &str, source: &str) -> Vec<Vec<String>> {
     containers
 }
 
+/// The pod spec of the Deployment or DaemonSet the template `source`
+/// rendered.
+fn rendered_pod_spec(rendered: &str, source: &str) -> Option<PodSpec> {
+    let object: serde_json::Value = serde_yaml::from_str(document(rendered, source)?).ok()?;
+    serde_json::from_value(object["spec"]["template"]["spec"].clone()).ok()
+}
+
 /// The environment of each container of the template `source`, in order
 /// (init containers first): name to value, "" for a `valueFrom`.
 fn rendered_env(rendered: &str, source: &str) -> Vec<BTreeMap<String, String>> {
-    let Some(doc) = document(rendered, source) else {
+    let Some(spec) = rendered_pod_spec(rendered, source) else {
         return Vec::new();
     };
-    let indent = |line: &str| line.len() - line.trim_start().len();
-    let mut containers = Vec::new();
-    // The indentation of the current `env:`, while inside one.
-    let mut env_indent = None;
-    let mut name = None;
-    for line in doc.lines() {
-        let trimmed = line.trim();
-        if trimmed == "env:" {
-            env_indent = Some(indent(line));
-            containers.push(BTreeMap::new());
-            continue;
-        }
-        let Some(at) = env_indent else { continue };
-        if trimmed.is_empty() || trimmed.starts_with('#') {
-            continue;
-        }
-        if indent(line) <= at {
-            env_indent = None;
-            continue;
-        }
-        let Some(env) = containers.last_mut() else {
-            continue;
-        };
-        if let Some(n) = trimmed.strip_prefix("- name: ") {
-            let n = n.trim_matches('"').to_string();
-            env.insert(n.clone(), String::new());
-            name = Some(n);
-        } else if let (Some(v), Some(n)) = (trimmed.strip_prefix("value: "), &name) {
-            env.insert(n.clone(), v.trim_matches('"').to_string());
-        }
-    }
-    containers
+    spec.init_containers
+        .unwrap_or_default()
+        .into_iter()
+        .chain(spec.containers)
+        .map(|container| {
+            container
+                .env
+                .unwrap_or_default()
+                .into_iter()
+                .map(|var| (var.name, var.value.unwrap_or_default()))
+                .collect()
+        })
+        .collect()
 }
 
 /// `helm template` with `clusterName=demo` and each of `sets` as a `--set`.

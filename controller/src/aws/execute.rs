@@ -550,9 +550,7 @@ impl Aws {
                         self.elb
                             .add_listener_certificates()
                             .listener_arn(&arn)
-                            .set_certificates(Some(certificate_list(std::slice::from_ref(
-                                certificate,
-                            ))))
+                            .certificates(certificate_of(certificate))
                             .send(),
                     )
                     .await?;
@@ -568,9 +566,7 @@ impl Aws {
                             self.elb
                                 .remove_listener_certificates()
                                 .listener_arn(arn)
-                                .set_certificates(Some(certificate_list(std::slice::from_ref(
-                                    certificate,
-                                ))))
+                                .certificates(certificate_of(certificate))
                                 .send(),
                         )
                         .await
@@ -1177,10 +1173,8 @@ fn observed_listener(
     }
 }
 
-fn certificate_list(arns: &[String]) -> Vec<Certificate> {
-    arns.iter()
-        .map(|arn| Certificate::builder().certificate_arn(arn).build())
-        .collect()
+fn certificate_of(arn: &str) -> Certificate {
+    Certificate::builder().certificate_arn(arn).build()
 }
 
 /// The ELBv2 forward action to one target group.
@@ -1196,7 +1190,7 @@ fn listener_tls(listener: &Listener) -> (Option<Vec<Certificate>>, Option<Vec<St
     let certificates = listener
         .certificates
         .first()
-        .map(|arn| certificate_list(std::slice::from_ref(arn)));
+        .map(|arn| vec![certificate_of(arn)]);
     // Always said on a TLS listener: a ModifyListener without it would keep
     // a policy the annotation no longer asks for.
     let alpn = (listener.protocol == crate::model::Protocol::Tls).then(|| {

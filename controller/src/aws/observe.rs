@@ -620,20 +620,15 @@ impl Aws {
                 let Some(protocol) = protocol(l.protocol().map(|p| p.as_str())) else {
                     continue;
                 };
-                // The default certificate (AWS reports no other here; the
-                // rest are read below).
-                let mut certificates: Vec<(bool, String)> = l
+                // The default certificate (AWS reports no other here, moto
+                // all of them, the default first; the rest are read below).
+                let default_certificate = l
                     .certificates()
                     .iter()
-                    .filter_map(|c| {
-                        Some((
-                            !c.is_default().unwrap_or(false),
-                            c.certificate_arn()?.to_string(),
-                        ))
-                    })
-                    .collect();
-                certificates.sort_by_key(|(not_default, _)| *not_default);
-                certificates.truncate(1);
+                    .find(|c| c.is_default().unwrap_or(false))
+                    .or_else(|| l.certificates().first())
+                    .and_then(|c| c.certificate_arn())
+                    .map(str::to_string);
                 // TLS settings mean nothing on other listeners; moto reports
                 // a policy anyway.
                 let tls = protocol == Protocol::Tls;
@@ -642,11 +637,7 @@ impl Aws {
                     load_balancer_arn: lb_arn.to_string(),
                     port: l.port().and_then(|p| u16::try_from(p).ok()).unwrap_or(0),
                     protocol,
-                    certificates: if tls {
-                        certificates.into_iter().map(|(_, c)| c).collect()
-                    } else {
-                        Vec::new()
-                    },
+                    certificates: default_certificate.filter(|_| tls).into_iter().collect(),
                     ssl_policy: l.ssl_policy().filter(|_| tls).map(str::to_string),
                     alpn_policy: l
                         .alpn_policy()
