@@ -622,9 +622,9 @@ async fn an_aws_refusal_is_reported_on_its_service_and_others_proceed() -> Resul
 }
 
 /// A restarted controller reads every Service's resources back. The region's
-/// NLBs and target groups are listed once for all of them (a listing per
-/// Service made a restart, or a drift-audit round, cost calls in the square
-/// of the number of Services).
+/// NLBs and target groups, and the cluster's security groups, are listed once
+/// for all of them (a listing per Service made a restart, or a drift-audit
+/// round, cost calls in the square of the number of Services).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_lists_the_load_balancers_once_for_every_service() -> Result<()> {
     const SERVICES: usize = 12;
@@ -669,11 +669,13 @@ async fn a_restart_lists_the_load_balancers_once_for_every_service() -> Result<(
     );
     // The listing: one page of each, and the tags of 24 resources in batches
     // of 20, at start (the orphan sweep) and for the observes, which may
-    // outlive one listing's 30 s on a slow machine.
+    // outlive one listing's 30 s on a slow machine. The security groups (the
+    // node SG and 12 frontend SGs) come in the same listing.
     for (operation, once) in [
         ("DescribeLoadBalancers", 1),
         ("DescribeTargetGroups", 1),
         ("DescribeTags", 2),
+        ("DescribeSecurityGroups", 1),
     ] {
         let n = calls.get(operation).copied().unwrap_or(0);
         assert!(

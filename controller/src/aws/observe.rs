@@ -171,15 +171,17 @@ fn sg_tags(sg: &Ec2SecurityGroup) -> BTreeMap<String, String> {
     tag_map(sg.tags().iter().map(|t| (t.key(), t.value())))
 }
 
-/// Every NLB and target group of the region with its tags: what each
-/// Service's observe filters by its UID. Listing them costs a call per page
-/// and one `DescribeTags` per 20 resources, so a listing per observe made a
+/// Every NLB and target group of the region with its tags, and every
+/// security group carrying our cluster tag: what each Service's observe
+/// filters by its UID. Listing them costs a call per page and one
+/// `DescribeTags` per 20 resources, so a listing per observe made a
 /// drift-audit round, or a restart, cost calls in the square of the number
-/// of Services. One listing now serves every observe for the inventory TTL,
+/// of Services (the node SG's listing alone returned every Service's
+/// frontend SG, since they carry the cluster tag too). One listing now serves every observe for the inventory TTL,
 /// unless this client writes in between: a write makes it stale, so a
 /// Service's own changes are always seen, and other programs' changes within
 /// the TTL. The details of a Service's own resources (attributes, listeners,
-/// targets) are still read for each observe.
+/// targets) are still read for each observe: ELBv2 lists them per resource.
 #[derive(Debug)]
 pub(super) struct Inventory {
     taken_at: std::time::Instant,
@@ -188,6 +190,8 @@ pub(super) struct Inventory {
     load_balancers: Vec<ElbLoadBalancer>,
     target_groups: Vec<ElbTargetGroup>,
     tags: HashMap<String, BTreeMap<String, String>>,
+    /// The node SG and every Service's frontend SG, with their rules.
+    security_groups: Vec<Ec2SecurityGroup>,
 }
 
 impl Aws {
@@ -213,12 +217,14 @@ impl Aws {
                     .chain(target_groups.iter().filter_map(|t| t.target_group_arn())),
             )
             .await?;
+        let security_groups = self.cluster_security_groups().await?;
         let inventory = std::sync::Arc::new(Inventory {
             taken_at,
             writes,
             load_balancers,
             target_groups,
             tags,
+            security_groups,
         });
         *slot = Some(inventory.clone());
         Ok(inventory)
@@ -260,13 +266,20 @@ impl Aws {
                 && t.get(tags::SERVICE_UID).map(String::as_str) == Some(uid)
         };
 
-        let frontend = self.frontend_security_groups(uid).await?;
+        let inventory = self.inventory().await?;
+        let frontend: Vec<&Ec2SecurityGroup> = inventory
+            .security_groups
+            .iter()
+            .filter(|g| {
+                let tags = sg_tags(g);
+                tags.get(&cluster_tag).map(String::as_str) == Some("owned")
+                    && tags.get(tags::SERVICE_UID).map(String::as_str) == Some(uid)
+            })
+            .collect();
         let managed_sg = frontend
             .first()
             .and_then(|g| g.group_id())
             .map(str::to_string);
-
-        let inventory = self.inventory().await?;
         let mut observed = Observed::default();
         for lb in &inventory.load_balancers {
             let Some(arn) = lb.load_balancer_arn() else {
@@ -353,7 +366,7 @@ impl Aws {
             });
         }
 
-        for sg in &frontend {
+        for sg in frontend {
             let id = sg.group_id().unwrap_or_default();
             let mut ingress: Vec<ObservedSgRule> = sg
                 .ip_permissions()
@@ -375,7 +388,7 @@ impl Aws {
         // their own) must be found to be revoked.
         {
             let owned_prefix = format!("causeway {uid} ");
-            if let Some(node_sg) = self.node_security_group_opt().await? {
+            if let Some(node_sg) = self.node_security_group_in(&inventory)? {
                 let mut rules: Vec<ObservedSgRule> = node_sg
                     .ip_permissions()
                     .iter()
@@ -439,29 +452,23 @@ impl Aws {
     pub async fn tagged_uids(&self) -> Result<std::collections::BTreeSet<String>, AwsError> {
         let cluster_tag = self.cluster_tag();
         let mut uids = std::collections::BTreeSet::new();
-        for tags in self.inventory().await?.tags.values() {
+        let inventory = self.inventory().await?;
+        for tags in inventory.tags.values() {
             if tags.contains_key(&cluster_tag)
                 && let Some(uid) = tags.get(tags::SERVICE_UID)
             {
                 uids.insert(uid.clone());
             }
         }
-        let resp = self
-            .call(
-                "DescribeSecurityGroups",
-                self.ec2
-                    .describe_security_groups()
-                    .filters(filter("tag-key", &[tags::SERVICE_UID]))
-                    .filters(filter(&format!("tag:{cluster_tag}"), &["owned"]))
-                    .send(),
-            )
-            .await?;
-        for sg in resp.security_groups() {
-            if let Some(uid) = sg_tags(sg).get(tags::SERVICE_UID) {
+        for sg in &inventory.security_groups {
+            let tags = sg_tags(sg);
+            if tags.get(&cluster_tag).map(String::as_str) == Some("owned")
+                && let Some(uid) = tags.get(tags::SERVICE_UID)
+            {
                 uids.insert(uid.clone());
             }
         }
-        if let Some(node_sg) = self.node_security_group_opt().await? {
+        if let Some(node_sg) = self.node_security_group_in(&inventory)? {
             for rule in node_sg
                 .ip_permissions()
                 .iter()
@@ -750,64 +757,56 @@ impl Aws {
         Ok(out)
     }
 
-    async fn frontend_security_groups(&self, uid: &str) -> Result<Vec<Ec2SecurityGroup>, AwsError> {
-        let resp = self
-            .call(
-                "DescribeSecurityGroups",
-                self.ec2
-                    .describe_security_groups()
-                    .filters(filter(&format!("tag:{}", tags::SERVICE_UID), &[uid]))
-                    .filters(filter(&format!("tag:{}", self.cluster_tag()), &["owned"]))
-                    .send(),
-            )
-            .await?;
-        Ok(resp.security_groups().to_vec())
+    /// Every security group carrying our cluster tag, whatever its value.
+    async fn cluster_security_groups(&self) -> Result<Vec<Ec2SecurityGroup>, AwsError> {
+        let mut out = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self
+                .call(
+                    "DescribeSecurityGroups",
+                    self.ec2
+                        .describe_security_groups()
+                        .filters(filter("tag-key", &[&self.cluster_tag()]))
+                        .set_next_token(token)
+                        .send(),
+                )
+                .await?;
+            out.extend(page.security_groups().iter().cloned());
+            token = page
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_string);
+            if token.is_none() {
+                return Ok(out);
+            }
+        }
     }
 
-    /// The node SG: tagged with our cluster tag and not one of ours. None when
-    /// the account has none; an error when the choice is ambiguous.
+    /// The node SG, from the current inventory: see [`node_security_group`].
     pub(super) async fn node_security_group_opt(
         &self,
     ) -> Result<Option<Ec2SecurityGroup>, AwsError> {
-        let resp = self
-            .call(
-                "DescribeSecurityGroups",
-                self.ec2
-                    .describe_security_groups()
-                    .filters(filter("tag-key", &[&self.cluster_tag()]))
-                    .send(),
-            )
-            .await?;
-        let mut nodes: Vec<&Ec2SecurityGroup> = resp
-            .security_groups()
-            .iter()
-            .filter(|g| !g.tags().iter().any(|t| t.key() == Some(tags::RESOURCE)))
-            .collect();
-        match nodes.len() {
-            0 => Ok(None),
-            1 => {
-                let sg = nodes.remove(0);
-                if let Some(vpc) = sg.vpc_id() {
-                    let _ = self.vpc_id.set(vpc.to_string());
-                }
-                if let Some(id) = sg.group_id() {
-                    *self.node_sg_id.lock().expect("node sg lock") = Some(id.to_string());
-                }
-                Ok(Some(sg.clone()))
+        let inventory = self.inventory().await?;
+        Ok(self.node_security_group_in(&inventory)?.cloned())
+    }
+
+    /// [`node_security_group`] in `inventory`, remembering the node SG's ID
+    /// and VPC for the writes that need them.
+    fn node_security_group_in<'a>(
+        &self,
+        inventory: &'a Inventory,
+    ) -> Result<Option<&'a Ec2SecurityGroup>, AwsError> {
+        let sg = node_security_group(&self.cluster_tag(), &inventory.security_groups)?;
+        if let Some(sg) = sg {
+            if let Some(vpc) = sg.vpc_id() {
+                let _ = self.vpc_id.set(vpc.to_string());
             }
-            n => Err(AwsError::setup(
-                "DescribeSecurityGroups",
-                format!(
-                    "{n} security groups carry the tag {} ({}); tag exactly one node security group, or set aws-load-balancer-manage-backend-security-group-rules: \"false\"",
-                    self.cluster_tag(),
-                    nodes
-                        .iter()
-                        .filter_map(|g| g.group_id())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            )),
+            if let Some(id) = sg.group_id() {
+                *self.node_sg_id.lock().expect("node sg lock") = Some(id.to_string());
+            }
         }
+        Ok(sg)
     }
 
     /// Subnets tagged for the scheme's role and our cluster (SPEC 1.2).
@@ -862,6 +861,34 @@ impl Aws {
     }
 }
 
+/// The node SG among the cluster's security groups: the one carrying the
+/// cluster tag that is not one of ours. None when there is none; an error
+/// when the choice is ambiguous.
+fn node_security_group<'a>(
+    cluster_tag: &str,
+    groups: &'a [Ec2SecurityGroup],
+) -> Result<Option<&'a Ec2SecurityGroup>, AwsError> {
+    let nodes: Vec<&Ec2SecurityGroup> = groups
+        .iter()
+        .filter(|g| !g.tags().iter().any(|t| t.key() == Some(tags::RESOURCE)))
+        .collect();
+    match nodes.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(one)),
+        many => Err(AwsError::setup(
+            "DescribeSecurityGroups",
+            format!(
+                "{} security groups carry the tag {cluster_tag} ({}); tag exactly one node security group, or set aws-load-balancer-manage-backend-security-group-rules: \"false\"",
+                many.len(),
+                many.iter()
+                    .filter_map(|g| g.group_id())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -882,5 +909,42 @@ mod tests {
             ]
         );
         assert!(pick_subnets(Vec::new()).is_empty());
+    }
+
+    fn group(id: &str, tags: &[(&str, &str)]) -> Ec2SecurityGroup {
+        let mut g = Ec2SecurityGroup::builder().group_id(id);
+        for (k, v) in tags {
+            g = g.tags(aws_sdk_ec2::types::Tag::builder().key(*k).value(*v).build());
+        }
+        g.build()
+    }
+
+    #[test]
+    fn the_node_security_group_is_the_one_not_made_for_a_service() {
+        let cluster = "kubernetes.io/cluster/demo";
+        let frontend = group(
+            "sg-front",
+            &[(cluster, "owned"), (tags::RESOURCE, "security-group")],
+        );
+        let nodes = group("sg-nodes", &[(cluster, "owned")]);
+        assert_eq!(node_security_group(cluster, &[]).unwrap(), None);
+        assert_eq!(
+            node_security_group(cluster, std::slice::from_ref(&frontend)).unwrap(),
+            None
+        );
+        let both = [frontend.clone(), nodes.clone()];
+        let found = node_security_group(cluster, &both).unwrap();
+        assert_eq!(found.and_then(|g| g.group_id()), Some("sg-nodes"));
+
+        let other = group("sg-other", &[(cluster, "shared")]);
+        let err = node_security_group(cluster, &[nodes, frontend, other]).unwrap_err();
+        assert_eq!(err.kind, crate::aws::AwsErrorKind::Setup);
+        assert!(
+            err.message.contains(
+                "2 security groups carry the tag kubernetes.io/cluster/demo (sg-nodes, sg-other)"
+            ),
+            "{}",
+            err.message
+        );
     }
 }
