@@ -12,13 +12,15 @@
 //! survives it fails the reconcile, which is retried per Service. Before a
 //! call is sent it takes a token from its category's client-side bucket
 //! ([`RateLimits`]: Describe, Register, Modify), so many Services at once
-//! queue here rather than get throttled by AWS.
+//! queue here rather than get throttled by AWS. Calls made inside
+//! [`in_background`] (drift audits, periodic orphan sweeps) take a token
+//! only when no other call wants it ([`Lane`]).
 
 mod execute;
 mod observe;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
@@ -66,16 +68,59 @@ fn category(operation: &str) -> &'static str {
     }
 }
 
-/// A token bucket that hands out reservations: a caller takes a token now
-/// (the level may go negative) and sleeps until its token would have been
-/// there, so waiters are served in order and the rate holds under any
-/// concurrency.
+/// Who is waiting for an AWS call's result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    /// A change someone waits for: a Service edited, a node or a pod come or
+    /// gone, a deletion. The default.
+    Foreground,
+    /// Reading back what should not have changed: a drift audit, a periodic
+    /// orphan sweep. At a thousand Services an audit round is thousands of
+    /// Describe calls; in the foreground lane they would be ahead of a
+    /// user's change for minutes.
+    Background,
+}
+
+tokio::task_local! {
+    static LANE: Lane;
+}
+
+/// Runs `work` with its AWS calls in the background lane: each takes a
+/// token only when one is free, after every foreground call waiting.
+pub async fn in_background<F: Future>(work: F) -> F::Output {
+    LANE.scope(Lane::Background, work).await
+}
+
+fn current_lane() -> Lane {
+    LANE.try_with(|lane| *lane).unwrap_or(Lane::Foreground)
+}
+
+/// A token bucket with two lanes. A foreground caller takes a reservation:
+/// its token now (the level may go negative), then it sleeps until that
+/// token would have been there, so foreground callers are served in order
+/// and the rate holds under any concurrency. Background callers queue
+/// behind each other and take a token only when one is there, so they never
+/// hold a reservation ahead of a foreground caller that comes later.
 #[derive(Debug)]
 struct TokenBucket {
     rate: f64,
     burst: f64,
-    /// Tokens and when they were counted.
-    level: std::sync::Mutex<(f64, std::time::Instant)>,
+    /// Tokens and when they were counted (tokio's clock, so tests can pause it).
+    level: std::sync::Mutex<(f64, tokio::time::Instant)>,
+    /// The background queue: one background caller at a time waits for a token.
+    background: tokio::sync::Mutex<()>,
+    /// Background callers in the queue or waiting at its head.
+    background_waiting: AtomicUsize,
+}
+
+/// Counts a background caller as waiting until dropped (also when its call
+/// is cancelled).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl TokenBucket {
@@ -85,23 +130,76 @@ impl TokenBucket {
             TokenBucket {
                 rate,
                 burst,
-                level: std::sync::Mutex::new((burst, std::time::Instant::now())),
+                level: std::sync::Mutex::new((burst, tokio::time::Instant::now())),
+                background: tokio::sync::Mutex::new(()),
+                background_waiting: AtomicUsize::new(0),
             }
         })
     }
 
-    /// How long the caller must wait for its token (already taken).
+    /// The level now, refilled since it was last counted.
+    fn refilled(&self, level: &mut (f64, tokio::time::Instant)) -> f64 {
+        let now = tokio::time::Instant::now();
+        let refill = now.duration_since(level.1).as_secs_f64() * self.rate;
+        *level = ((level.0 + refill).min(self.burst), now);
+        level.0
+    }
+
+    /// Foreground: how long the caller must wait for its token (already taken).
     fn reserve(&self) -> std::time::Duration {
         let mut level = self.level.lock().expect("token bucket lock");
-        let now = std::time::Instant::now();
-        let refilled = now.duration_since(level.1).as_secs_f64() * self.rate;
-        let tokens = (level.0 + refilled).min(self.burst) - 1.0;
-        *level = (tokens, now);
+        let tokens = self.refilled(&mut level) - 1.0;
+        level.0 = tokens;
         if tokens >= 0.0 {
             std::time::Duration::ZERO
         } else {
             std::time::Duration::from_secs_f64(-tokens / self.rate)
         }
+    }
+
+    /// A token if one is there; else how long until one will be, unless a
+    /// foreground caller takes it first.
+    fn try_take(&self) -> Result<(), std::time::Duration> {
+        let mut level = self.level.lock().expect("token bucket lock");
+        let tokens = self.refilled(&mut level);
+        if tokens >= 1.0 {
+            level.0 = tokens - 1.0;
+            Ok(())
+        } else {
+            Err(std::time::Duration::from_secs_f64(
+                (1.0 - tokens) / self.rate,
+            ))
+        }
+    }
+
+    /// Background: waits in the queue, then until a token is there; returns
+    /// how long it waited (zero when it did not).
+    async fn take_background(&self) -> std::time::Duration {
+        self.background_waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.background_waiting);
+        let started = tokio::time::Instant::now();
+        let mut waited = false;
+        let _turn = match self.background.try_lock() {
+            Ok(turn) => turn,
+            Err(_) => {
+                waited = true;
+                self.background.lock().await
+            }
+        };
+        while let Err(wait) = self.try_take() {
+            waited = true;
+            tokio::time::sleep(wait).await;
+        }
+        if waited {
+            started.elapsed()
+        } else {
+            std::time::Duration::ZERO
+        }
+    }
+
+    /// Whether a background caller is waiting for a token.
+    fn background_busy(&self) -> bool {
+        self.background_waiting.load(Ordering::Relaxed) > 0
     }
 }
 
@@ -345,6 +443,16 @@ impl Aws {
         &self.calls
     }
 
+    /// Whether background Describe calls are already waiting for the rate
+    /// limit: a drift audit started now would only queue behind them, and
+    /// hold a reconcile worker that a Service's change may need.
+    pub fn audits_backlogged(&self) -> bool {
+        self.limiter
+            .describe
+            .as_ref()
+            .is_some_and(TokenBucket::background_busy)
+    }
+
     fn cluster_tag(&self) -> String {
         format!(
             "{}{}",
@@ -365,10 +473,18 @@ impl Aws {
     {
         let category = category(operation);
         if let Some(bucket) = self.limiter.bucket(category) {
-            let wait = bucket.reserve();
-            if !wait.is_zero() {
-                self.calls.throttled(category, wait);
-                tokio::time::sleep(wait).await;
+            let waited = match current_lane() {
+                Lane::Foreground => {
+                    let wait = bucket.reserve();
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    wait
+                }
+                Lane::Background => bucket.take_background().await,
+            };
+            if !waited.is_zero() {
+                self.calls.throttled(category, waited);
             }
         }
         match request.await {
@@ -435,6 +551,62 @@ mod tests {
         assert!(waits[20].as_secs_f64() > 0.05 && waits[20].as_secs_f64() <= 0.1);
         assert!(waits[24].as_secs_f64() > 0.45 && waits[24].as_secs_f64() <= 0.5);
         assert!(TokenBucket::new(0.0).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_foreground_call_passes_queued_background_calls() {
+        let bucket = std::sync::Arc::new(TokenBucket::new(10.0).unwrap());
+        let start = tokio::time::Instant::now();
+        // An audit round: 60 background calls, 20 from the burst, then 10/s.
+        let audits: Vec<_> = (0..60)
+            .map(|_| {
+                let bucket = bucket.clone();
+                tokio::spawn(async move {
+                    bucket.take_background().await;
+                    start.elapsed()
+                })
+            })
+            .collect();
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        assert!(bucket.background_busy());
+        // About 30 background calls still wait; a change waits for one token
+        // at most (it waited 3 s behind them when all calls queued in order).
+        let wait = bucket.reserve();
+        assert!(wait <= std::time::Duration::from_millis(100), "{wait:?}");
+        let mut done = Vec::new();
+        for audit in audits {
+            done.push(audit.await.unwrap());
+        }
+        done.sort();
+        // The rate held for both lanes together: 61 tokens, 20 of them the
+        // burst, so the last at 4.1 s.
+        let last = done[59].as_millis();
+        assert!((4050..=4200).contains(&last), "{last} ms");
+        assert!(!bucket.background_busy());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_background_call_waits_for_foreground_reservations() {
+        let bucket = TokenBucket::new(10.0).unwrap();
+        // The burst of 20 and 5 tokens more reserved by foreground calls.
+        for _ in 0..25 {
+            bucket.reserve();
+        }
+        let waited = bucket.take_background().await;
+        // Those 5 tokens first (0.5 s), then its own (0.1 s).
+        assert!((590..=610).contains(&waited.as_millis()), "{waited:?}");
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        assert_eq!(bucket.take_background().await, std::time::Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn calls_are_foreground_unless_run_in_background() {
+        assert_eq!(current_lane(), Lane::Foreground);
+        assert_eq!(
+            in_background(async { current_lane() }).await,
+            Lane::Background
+        );
+        assert_eq!(current_lane(), Lane::Foreground);
     }
 
     #[test]

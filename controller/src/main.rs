@@ -300,6 +300,8 @@ async fn run(args: RunArgs) -> Result<()> {
     let settings = Settings {
         cluster: cluster.config(),
         drift_audit_period,
+        // Half the workers at most: the rest stay free for changes.
+        max_concurrent_audits: usize::from(workers / 2).max(1),
     };
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -405,7 +407,8 @@ async fn run(args: RunArgs) -> Result<()> {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(drift_audit_period).await;
-                sweep().await;
+                // Its reads give way to the changes of Services.
+                causeway_controller::aws::in_background(sweep()).await;
             }
         });
     }

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub rest_client: Arc<RestClientMetrics>,
     pub reconciles: Family<ReconcileLabels, Counter>,
     pub reconcile_duration: Histogram,
+    /// Drift audits put off because others already waited for the Describe budget.
+    pub audits_postponed: Counter,
     /// Set once the caches are synced and reconciling has started.
     pub ready: AtomicBool,
     /// Set while this replica holds the leader lease.
@@ -61,6 +63,12 @@ impl Default for Metrics {
             "Time one Service reconcile took",
             reconcile_duration.clone(),
         );
+        let audits_postponed = Counter::default();
+        registry.register(
+            "causeway_drift_audits_postponed",
+            "Drift audits put off because other audits already waited for the AWS Describe rate limit",
+            audits_postponed.clone(),
+        );
         let leader = Arc::new(AtomicBool::new(false));
         let leader_gauge = leader.clone();
         registry.register_collector(Box::new(LeaderCollector(leader_gauge)));
@@ -73,6 +81,7 @@ impl Default for Metrics {
             rest_client,
             reconciles,
             reconcile_duration,
+            audits_postponed,
             ready: AtomicBool::new(false),
             leader,
         }

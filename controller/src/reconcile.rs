@@ -7,6 +7,8 @@
 //!    slices in the EndpointSlice cache; a parse error is a Warning event and
 //!    nothing else (no AWS call, the LB stays as it is);
 //! 2. unchanged since the last successful apply and audited recently → done;
+//!    unchanged but due for a drift audit → read back in the background lane
+//!    of the rate limits, or put off while other audits wait for it;
 //! 3. only targets changed (a node, or a pod for ip targets) → the target
 //!    actions are planned against the cached observation and executed (one
 //!    call per target group);
@@ -17,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -92,6 +95,9 @@ pub struct Settings {
     pub cluster: ClusterConfig,
     /// How long a cached observation is trusted before it is read back (drift audit).
     pub drift_audit_period: Duration,
+    /// Drift audits that may run at once: fewer than the workers, so that a
+    /// changed Service always finds one free.
+    pub max_concurrent_audits: usize,
 }
 
 /// What the last successful reconcile of one Service applied and saw.
@@ -113,6 +119,16 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     applied: Mutex<HashMap<String, Applied>>,
     failures: Mutex<HashMap<String, Failure>>,
+    audits_running: AtomicUsize,
+}
+
+/// A running drift audit's place among [`Settings::max_concurrent_audits`].
+struct AuditSlot<'a>(&'a AtomicUsize);
+
+impl Drop for AuditSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A Service in retry backoff.
@@ -176,7 +192,23 @@ impl Context {
             metrics,
             applied: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
+            audits_running: AtomicUsize::new(0),
         }
+    }
+
+    /// A place for one more drift audit, unless as many as allowed run or
+    /// audits already wait for the Describe budget.
+    fn start_audit(&self) -> Option<AuditSlot<'_>> {
+        if self.aws.audits_backlogged() {
+            return None;
+        }
+        let max = self.settings.max_concurrent_audits.max(1);
+        self.audits_running
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| AuditSlot(&self.audits_running))
     }
 
     async fn event(&self, svc: &Service, type_: EventType, reason: &str, note: String) {
@@ -220,6 +252,16 @@ fn audit_requeue(period: Duration, uid: &str) -> Duration {
     uid.hash(&mut h);
     let spread = period.as_millis() as u64 / 10;
     period + Duration::from_millis(h.finish() % spread.max(1))
+}
+
+/// When a postponed audit tries again: a tenth of the period (at most a
+/// minute), spread over as much again so the postponed do not return
+/// together.
+fn audit_postponement(period: Duration, uid: &str) -> Duration {
+    let base = (period / 10).min(Duration::from_secs(60));
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (uid, "postponed").hash(&mut h);
+    base + Duration::from_millis(h.finish() % (base.as_millis() as u64).max(1))
 }
 
 /// Same resources, possibly different targets: a node change.
@@ -339,15 +381,36 @@ async fn reconcile_inner(
     let audit = audit_requeue(ctx.settings.drift_audit_period, &uid);
 
     // Steady state and node changes: work from the cache.
-    let cached = {
+    // A drift audit: the Service is as last applied, and that was read back
+    // longer than a period ago. (A change whose Service was also due for
+    // an audit is a change: it is applied and reported as one.)
+    let (cached, drift_audit) = {
         let cache = ctx.applied.lock().expect("cache lock");
-        cache.get(&uid).and_then(|a| {
-            (a.audited_at.elapsed() < ctx.settings.drift_audit_period)
-                .then(|| (a.desired.clone(), a.observed.clone()))
-        })
+        match cache.get(&uid) {
+            Some(a) if a.audited_at.elapsed() < ctx.settings.drift_audit_period => {
+                (Some((a.desired.clone(), a.observed.clone())), false)
+            }
+            Some(a) => (None, a.desired == desired),
+            None => (None, false),
+        }
     };
-    let drift_audit =
-        ctx.applied.lock().expect("cache lock").contains_key(&uid) && cached.is_none();
+    // An audit of a Service nobody changed waits its turn: while the
+    // allowed number of audits run, or audits already wait for the Describe
+    // budget. Queued, it would hold a worker that a changed Service needs,
+    // and its reads would come before that Service's. Changes run at once,
+    // whatever is due.
+    let _audit_slot = if drift_audit {
+        let Some(slot) = ctx.start_audit() else {
+            ctx.metrics.audits_postponed.inc();
+            return Ok(Requeue::requeue(audit_postponement(
+                ctx.settings.drift_audit_period,
+                &uid,
+            )));
+        };
+        Some(slot)
+    } else {
+        None
+    };
     if let Some((cached_desired, cached_observed)) = &cached {
         if *cached_desired == desired {
             return Ok(Requeue::requeue(audit));
@@ -388,6 +451,9 @@ async fn reconcile_inner(
     let first_write = !svc.finalizers().iter().any(|f| f == FINALIZER);
     let mut observed = if first_write {
         ctx.aws.observe_nothing(&desired).await?
+    } else if drift_audit {
+        // Reading back what should not have changed: after every change's calls.
+        crate::aws::in_background(ctx.aws.observe(&uid, Some(&desired))).await?
     } else {
         ctx.aws.observe(&uid, Some(&desired)).await?
     };
@@ -822,6 +888,24 @@ mod tests {
     fn retry_grows_from_five_seconds_to_five_minutes() {
         let delays: Vec<u64> = (0..9).map(|n| retry_delay(n).as_secs()).collect();
         assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+    }
+
+    #[test]
+    fn postponed_audits_come_back_spread_over_a_tenth_of_the_period() {
+        let minute = Duration::from_secs(60);
+        let delays: Vec<Duration> = (0..200)
+            .map(|i| audit_postponement(Duration::from_secs(600), &format!("uid-{i}")))
+            .collect();
+        assert!(delays.iter().all(|d| (minute..2 * minute).contains(d)));
+        // Spread, not together: 200 Services over more than 40 of the 60 seconds.
+        let seconds: std::collections::BTreeSet<u64> =
+            delays.iter().map(Duration::as_secs).collect();
+        assert!(seconds.len() > 40, "{seconds:?}");
+        // A long period still comes back within two minutes; a short one soon.
+        let long = audit_postponement(Duration::from_secs(36_000), "uid");
+        assert!((minute..2 * minute).contains(&long));
+        let short = audit_postponement(Duration::from_secs(10), "uid");
+        assert!((Duration::from_secs(1)..Duration::from_secs(2)).contains(&short));
     }
 
     #[test]

@@ -690,3 +690,104 @@ async fn a_restart_lists_the_load_balancers_once_for_every_service() -> Result<(
     assert!(writes.is_empty(), "nothing to change: {calls:?}");
     Ok(())
 }
+
+/// Drift audits give way to changes. Eight Services under a Describe limit
+/// of one call per second and a 10 s audit period: each audit reads about
+/// ten things back, so the audits are always late. A Service edited then is
+/// applied at once. (When audits queued like changes, the edit waited for a
+/// worker behind every overdue audit, and its reads behind theirs: minutes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_goes_ahead_of_overdue_drift_audits() -> Result<()> {
+    const SERVICES: usize = 8;
+    let cluster = Cluster::start(ClusterOptions::nodes(2)).await?;
+    let client = cluster.client();
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let controller = ControllerProcess::start(
+        &cluster,
+        &["--drift-audit-period", "10s", "--aws-describe-rate", "1"],
+    )?;
+    controller.wait_ready(Duration::from_secs(60))?;
+    for i in 0..SERVICES {
+        services
+            .create(
+                &PostParams::default(),
+                &named(&format!("web-{i}"), json!({}))?,
+            )
+            .await?;
+    }
+    for i in 0..SERVICES {
+        wait_for_hostname(&services, &format!("web-{i}"), Duration::from_secs(180))
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))?;
+    }
+    // Audits under way, and calls waiting for the Describe limit.
+    eventually(Duration::from_secs(120), "audits to queue", || async {
+        let metrics = controller.metrics()?;
+        let waited = metrics
+            .get("causeway_aws_throttle_wait_seconds_total{category=\"describe\"}")
+            .copied()
+            .unwrap_or(0.0);
+        let audited = controller
+            .aws_calls()?
+            .get("DescribeTargetHealth")
+            .copied()
+            .unwrap_or(0);
+        Ok((waited >= 20.0 && audited >= 4).then_some(()))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))?;
+
+    let edited = services.get("web-3").await?;
+    let uid = edited.metadata.uid.clone().unwrap_or_default();
+    let started = Instant::now();
+    services
+        .patch(
+            "web-3",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {
+                "service.beta.kubernetes.io/aws-load-balancer-additional-resource-tags": "team=checkout"
+            }}})),
+        )
+        .await?;
+    wait_for_event(
+        &client,
+        &uid,
+        "Normal",
+        "UpdatedLoadBalancer",
+        Duration::from_secs(120),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))?;
+    let took = started.elapsed();
+    eprintln!("the edit was applied {took:?} after it was made");
+    let aws = aws_resources_of(&cluster, &uid)?;
+    assert_eq!(
+        aws["load_balancers"][0]["tags"]["team"], "checkout",
+        "{aws}"
+    );
+    // About ten reads at one per second, and the writes; the audits that were
+    // due before it would have taken minutes.
+    assert!(
+        took < Duration::from_secs(40),
+        "the edit took {took:?} to apply; controller log:\n{}",
+        controller.log()
+    );
+    // The audits still run, two at a time (half the four workers); the
+    // others are put off. They find nothing to change.
+    let metrics = controller.metrics()?;
+    let postponed = metrics
+        .get("causeway_drift_audits_postponed_total")
+        .copied()
+        .unwrap_or(0.0);
+    assert!(postponed > 0.0, "{metrics:?}");
+    for svc in services.list(&Default::default()).await? {
+        let events = events_of(&client, &svc.metadata.uid.unwrap_or_default()).await?;
+        assert!(
+            !events
+                .iter()
+                .any(|(_, reason, _)| reason == "DriftCorrected"),
+            "{events:?}"
+        );
+    }
+    Ok(())
+}

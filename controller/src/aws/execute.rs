@@ -160,7 +160,9 @@ impl Aws {
         known.managed_sg = observed.security_groups.first().map(|g| g.id.clone());
         for action in actions {
             tracing::debug!(%action, "executing");
-            self.execute_one(action, &mut known).await?;
+            // Boxed: one future per kind of action makes a large state,
+            // and debug builds overflowed a worker thread's stack with it.
+            Box::pin(self.execute_one(action, &mut known)).await?;
             apply(action, &known, &mut state);
         }
         Ok(state)

@@ -237,12 +237,13 @@ impl Aws {
         uid: &str,
         desired: Option<&Desired>,
     ) -> Result<Observed, AwsError> {
-        match self.observe_listed(uid, desired).await {
+        // Boxed, as in `execute`: the state is large in debug builds.
+        match Box::pin(self.observe_listed(uid, desired)).await {
             // A resource the inventory lists is gone (deleted out of band
             // since the listing): list again, once.
             Err(e) if e.kind == super::AwsErrorKind::NotFound => {
                 *self.inventory.lock().await = None;
-                self.observe_listed(uid, desired).await
+                Box::pin(self.observe_listed(uid, desired)).await
             }
             other => other,
         }
