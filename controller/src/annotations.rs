@@ -1222,7 +1222,7 @@ impl<'a> Parser<'a> {
                     &item,
                     "tag keys not starting with aws: (reserved by AWS)",
                 );
-            } else if !k.chars().chain(v.chars()).all(is_tag_character) {
+            } else if !(is_tag_text(&k) && is_tag_text(&v)) {
                 self.invalid(
                     keys::ADDITIONAL_RESOURCE_TAGS,
                     &item,
@@ -1503,12 +1503,15 @@ fn parse_bool(v: &str) -> Option<bool> {
     }
 }
 
-/// A character ELBv2 and EC2 both accept in tags (ELBv2's pattern
-/// `[\p{L}\p{Z}\p{N}_.:/=+\-@]`).
-fn is_tag_character(c: char) -> bool {
-    c.is_alphanumeric()
-        || (c.is_whitespace() && !c.is_control())
-        || matches!(c, '_' | '.' | ':' | '/' | '=' | '+' | '-' | '@')
+/// A tag key or value that ELBv2 and EC2 both accept: ELBv2's own pattern.
+/// Letters are `\p{L}` only: marks such as Devanagari vowel signs and
+/// symbols such as circled letters, which Rust's `is_alphanumeric` counts
+/// as alphabetic, are refused by AWS.
+fn is_tag_text(text: &str) -> bool {
+    static TAG: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"^[\p{L}\p{Z}\p{N}_.:/=+\-@]*$").expect("AWS's tag pattern")
+    });
+    TAG.is_match(text)
 }
 
 fn is_aws_id(v: &str, prefix: &str) -> bool {

@@ -786,6 +786,22 @@ fn additional_resource_tags() {
                     "service.beta.kubernetes.io/aws-load-balancer-additional-resource-tags: invalid value \"ticket=x#1\"; accepted: keys and values of letters, digits, spaces and _ . : / = + - @",
                 ),
             ),
+            // Letters are \p{L}: a Devanagari vowel sign (U+093E, a mark) and a
+            // circled letter (U+24D0, a symbol) are alphabetic to Rust, not to AWS.
+            (
+                "team=\u{915}\u{93e}",
+                Err(
+                    "service.beta.kubernetes.io/aws-load-balancer-additional-resource-tags: invalid value \"team=\u{915}\u{93e}\"; accepted: keys and values of letters, digits, spaces and _ . : / = + - @",
+                ),
+            ),
+            (
+                "\u{24d0}=x",
+                Err(
+                    "service.beta.kubernetes.io/aws-load-balancer-additional-resource-tags: invalid value \"\u{24d0}=x\"; accepted: keys and values of letters, digits, spaces and _ . : / = + - @",
+                ),
+            ),
+            // Separators are \p{Z}: a no-break space is one, a tab is not.
+            ("note=a\u{a0}b", Ok(map(&[("note", "a\u{a0}b")]))),
         ],
     );
     let many = (0..47)
