@@ -791,3 +791,87 @@ async fn a_change_goes_ahead_of_overdue_drift_audits() -> Result<()> {
     }
     Ok(())
 }
+
+/// An NLB deleted behind the controller's back while the listing it read
+/// still names it: the next observe finds it gone (a NotFound on its
+/// attributes), lists again at once and creates a new one, with no failed
+/// reconcile. (Without the second listing the Service failed until the
+/// listing expired, 30 s later.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_nlb_deleted_since_the_listing_is_listed_again_and_recreated() -> Result<()> {
+    let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
+    let client = cluster.client();
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let controller = ControllerProcess::start(&cluster, &[])?;
+    controller.wait_ready(Duration::from_secs(60))?;
+    let svc = services
+        .create(&PostParams::default(), &named("web", json!({}))?)
+        .await?;
+    let uid = svc.metadata.uid.clone().unwrap_or_default();
+    wait_for_hostname(&services, "web", Duration::from_secs(120)).await?;
+    let first = aws_resources_of(&cluster, &uid)?["load_balancers"][0]["arn"].clone();
+    drop(controller);
+
+    // A restarted controller lists everything once and reads the Service
+    // back, writing nothing: its listing stays in use for 30 s.
+    let controller = ControllerProcess::start(&cluster, &[])?;
+    controller.wait_ready(Duration::from_secs(60))?;
+    eventually(Duration::from_secs(30), "the Service read back", || async {
+        let calls = controller.aws_calls()?;
+        Ok((calls.get("DescribeTargetHealth") >= Some(&1)).then_some(()))
+    })
+    .await?;
+    let before = controller.aws_calls()?;
+    delete_load_balancers_of(&cluster, &uid)?;
+    services
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {
+                "service.beta.kubernetes.io/aws-load-balancer-additional-resource-tags": "team=checkout"
+            }}})),
+        )
+        .await?;
+    let second = eventually(Duration::from_secs(60), "a new NLB", || {
+        let cluster = &cluster;
+        let uid = uid.clone();
+        async move {
+            let aws = aws_resources_of(cluster, &uid)?;
+            let lb = &aws["load_balancers"][0];
+            let listeners = lb["listeners"].as_array().map_or(0, Vec::len);
+            Ok((lb["tags"]["team"] == "checkout" && listeners == 1)
+                .then(|| (lb["arn"].clone(), lb["dns"].clone())))
+        }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))?;
+    assert_ne!(second.0, first, "a new NLB");
+    let hostname = wait_for_hostname(&services, "web", Duration::from_secs(30)).await?;
+    assert_eq!(second.1, hostname.as_str());
+
+    // The deleted NLB was found gone through its attributes, and the region
+    // listed once more.
+    let metrics = controller.metrics()?;
+    let not_found = metrics
+        .iter()
+        .filter(|(k, _)| {
+            k.contains("operation=\"DescribeLoadBalancerAttributes\"")
+                && k.contains("outcome=\"error\"")
+        })
+        .map(|(_, v)| *v)
+        .sum::<f64>();
+    assert_eq!(not_found, 1.0, "{metrics:?}");
+    let calls = calls_between(&before, &controller.aws_calls()?);
+    assert!(
+        calls.get("DescribeLoadBalancers") >= Some(&1),
+        "listed again: {calls:?}"
+    );
+    let events = events_of(&client, &uid).await?;
+    assert!(
+        !events
+            .iter()
+            .any(|(kind, reason, _)| kind == "Warning" || reason == "SyncLoadBalancerFailed"),
+        "no failed reconcile: {events:?}"
+    );
+    Ok(())
+}
