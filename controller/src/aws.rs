@@ -20,7 +20,7 @@ mod execute;
 mod observe;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
@@ -91,6 +91,13 @@ pub async fn in_background<F: Future>(work: F) -> F::Output {
     LANE.scope(Lane::Background, work).await
 }
 
+/// Runs `work` in the foreground lane whoever asks: for work that others
+/// wait for, such as the inventory's listing, which a change may be blocked
+/// on while an audit makes it.
+async fn in_foreground<F: Future>(work: F) -> F::Output {
+    LANE.scope(Lane::Foreground, work).await
+}
+
 fn current_lane() -> Lane {
     LANE.try_with(|lane| *lane).unwrap_or(Lane::Foreground)
 }
@@ -109,18 +116,6 @@ struct TokenBucket {
     level: std::sync::Mutex<(f64, tokio::time::Instant)>,
     /// The background queue: one background caller at a time waits for a token.
     background: tokio::sync::Mutex<()>,
-    /// Background callers in the queue or waiting at its head.
-    background_waiting: AtomicUsize,
-}
-
-/// Counts a background caller as waiting until dropped (also when its call
-/// is cancelled).
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 impl TokenBucket {
@@ -132,7 +127,6 @@ impl TokenBucket {
                 burst,
                 level: std::sync::Mutex::new((burst, tokio::time::Instant::now())),
                 background: tokio::sync::Mutex::new(()),
-                background_waiting: AtomicUsize::new(0),
             }
         })
     }
@@ -175,8 +169,6 @@ impl TokenBucket {
     /// Background: waits in the queue, then until a token is there; returns
     /// how long it waited (zero when it did not).
     async fn take_background(&self) -> std::time::Duration {
-        self.background_waiting.fetch_add(1, Ordering::Relaxed);
-        let _waiting = Waiting(&self.background_waiting);
         let started = tokio::time::Instant::now();
         let mut waited = false;
         let _turn = match self.background.try_lock() {
@@ -195,11 +187,6 @@ impl TokenBucket {
         } else {
             std::time::Duration::ZERO
         }
-    }
-
-    /// Whether a background caller is waiting for a token.
-    fn background_busy(&self) -> bool {
-        self.background_waiting.load(Ordering::Relaxed) > 0
     }
 }
 
@@ -374,13 +361,15 @@ pub struct Aws {
     calls: std::sync::Arc<AwsCalls>,
     /// The cluster's VPC (target groups need it), from the node SG.
     vpc_id: OnceCell<String>,
-    /// The node SG's ID, from its last lookup (rules are always read fresh).
+    /// The node SG's ID, from its last lookup (its rules come from the
+    /// inventory, like the frontend SGs').
     node_sg_id: std::sync::Mutex<Option<String>>,
     /// Subnet discovery results by scheme, reused for [`SUBNET_CACHE_TTL`].
     subnets: std::sync::Mutex<std::collections::HashMap<crate::model::Scheme, DiscoveredAt>>,
-    /// The region's NLBs and target groups with their tags, shared by the
-    /// observes of every Service (`observe::Inventory`). An async lock: one
-    /// observe lists while the others wait for its listing.
+    /// The region's NLBs and target groups with their tags, and the
+    /// cluster's security groups, shared by the observes of every Service
+    /// (`observe::Inventory`). An async lock: one observe lists while the
+    /// others wait for its listing.
     inventory: tokio::sync::Mutex<Option<std::sync::Arc<observe::Inventory>>>,
     inventory_ttl: std::time::Duration,
     /// Test-only stop point: abort the process after this many successful
@@ -389,8 +378,8 @@ pub struct Aws {
     limiter: Limiter,
 }
 
-/// How long a listing of NLBs and target groups is reused at most (the
-/// controller shortens it to a tenth of the drift-audit period).
+/// How long a listing of NLBs, target groups and security groups is reused
+/// at most (the controller shortens it to a tenth of the drift-audit period).
 pub const DEFAULT_INVENTORY_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How long a subnet discovery is reused for new load balancers.
@@ -426,8 +415,9 @@ impl Aws {
         }
     }
 
-    /// How long one listing of the region's NLBs and target groups serves
-    /// every Service's observe, unless this client writes meanwhile.
+    /// How long one listing of the region's NLBs, target groups and the
+    /// cluster's security groups serves every Service's observe, unless this
+    /// client writes meanwhile.
     pub fn with_inventory_ttl(mut self, ttl: std::time::Duration) -> Aws {
         self.inventory_ttl = ttl;
         self
@@ -441,16 +431,6 @@ impl Aws {
 
     pub fn calls(&self) -> &AwsCalls {
         &self.calls
-    }
-
-    /// Whether background Describe calls are already waiting for the rate
-    /// limit: a drift audit started now would only queue behind them, and
-    /// hold a reconcile worker that a Service's change may need.
-    pub fn audits_backlogged(&self) -> bool {
-        self.limiter
-            .describe
-            .as_ref()
-            .is_some_and(TokenBucket::background_busy)
     }
 
     fn cluster_tag(&self) -> String {
@@ -568,7 +548,7 @@ mod tests {
             })
             .collect();
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        assert!(bucket.background_busy());
+        assert!(bucket.background.try_lock().is_err(), "audits queue");
         // About 30 background calls still wait; a change waits for one token
         // at most (it waited 3 s behind them when all calls queued in order).
         let wait = bucket.reserve();
@@ -582,7 +562,7 @@ mod tests {
         // burst, so the last at 4.1 s.
         let last = done[59].as_millis();
         assert!((4050..=4200).contains(&last), "{last} ms");
-        assert!(!bucket.background_busy());
+        assert!(bucket.background.try_lock().is_ok());
     }
 
     #[tokio::test(start_paused = true)]

@@ -38,7 +38,7 @@ pub struct Metrics {
     pub rest_client: Arc<RestClientMetrics>,
     pub reconciles: Family<ReconcileLabels, Counter>,
     pub reconcile_duration: Histogram,
-    /// Drift audits put off because others already waited for the Describe budget.
+    /// Drift audits put off because as many as allowed were running.
     pub audits_postponed: Counter,
     /// Set once the caches are synced and reconciling has started.
     pub ready: AtomicBool,
@@ -66,7 +66,7 @@ impl Default for Metrics {
         let audits_postponed = Counter::default();
         registry.register(
             "causeway_drift_audits_postponed",
-            "Drift audits put off because other audits already waited for the AWS Describe rate limit",
+            "Drift audits put off because as many as allowed (half the workers) were running",
             audits_postponed.clone(),
         );
         let leader = Arc::new(AtomicBool::new(false));

@@ -8,7 +8,7 @@
 //!    nothing else (no AWS call, the LB stays as it is);
 //! 2. unchanged since the last successful apply and audited recently → done;
 //!    unchanged but due for a drift audit → read back in the background lane
-//!    of the rate limits, or put off while other audits wait for it;
+//!    of the rate limits, or put off while as many audits as allowed run;
 //! 3. only targets changed (a node, or a pod for ip targets) → the target
 //!    actions are planned against the cached observation and executed (one
 //!    call per target group);
@@ -95,8 +95,9 @@ pub struct Settings {
     pub cluster: ClusterConfig,
     /// How long a cached observation is trusted before it is read back (drift audit).
     pub drift_audit_period: Duration,
-    /// Drift audits that may run at once: fewer than the workers, so that a
-    /// changed Service always finds one free.
+    /// Drift audits that may run at once: fewer than the workers (with two
+    /// or more), so that audits alone never hold every worker a changed
+    /// Service could use.
     pub max_concurrent_audits: usize,
 }
 
@@ -196,12 +197,8 @@ impl Context {
         }
     }
 
-    /// A place for one more drift audit, unless as many as allowed run or
-    /// audits already wait for the Describe budget.
+    /// A place for one more drift audit, unless as many as allowed run.
     fn start_audit(&self) -> Option<AuditSlot<'_>> {
-        if self.aws.audits_backlogged() {
-            return None;
-        }
         let max = self.settings.max_concurrent_audits.max(1);
         self.audits_running
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
@@ -254,11 +251,11 @@ fn audit_requeue(period: Duration, uid: &str) -> Duration {
     period + Duration::from_millis(h.finish() % spread.max(1))
 }
 
-/// When a postponed audit tries again: a tenth of the period (at most a
-/// minute), spread over as much again so the postponed do not return
-/// together.
+/// When a postponed audit tries again: a tenth of the period (at least a
+/// second, at most a minute), spread over as much again so the postponed
+/// do not return together.
 fn audit_postponement(period: Duration, uid: &str) -> Duration {
-    let base = (period / 10).min(Duration::from_secs(60));
+    let base = (period / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (uid, "postponed").hash(&mut h);
     base + Duration::from_millis(h.finish() % (base.as_millis() as u64).max(1))
@@ -394,11 +391,10 @@ async fn reconcile_inner(
             None => (None, false),
         }
     };
-    // An audit of a Service nobody changed waits its turn: while the
-    // allowed number of audits run, or audits already wait for the Describe
-    // budget. Queued, it would hold a worker that a changed Service needs,
-    // and its reads would come before that Service's. Changes run at once,
-    // whatever is due.
+    // An audit of a Service nobody changed waits its turn while the allowed
+    // number of audits run: queued, it would hold a worker that a changed
+    // Service needs. Its reads come after every change's (background lane).
+    // Changes run at once, whatever is due.
     let _audit_slot = if drift_audit {
         let Some(slot) = ctx.start_audit() else {
             ctx.metrics.audits_postponed.inc();
@@ -906,6 +902,9 @@ mod tests {
         assert!((minute..2 * minute).contains(&long));
         let short = audit_postponement(Duration::from_secs(10), "uid");
         assert!((Duration::from_secs(1)..Duration::from_secs(2)).contains(&short));
+        // Never a busy loop, however short the period.
+        let tiny = audit_postponement(Duration::from_millis(10), "uid");
+        assert!((Duration::from_secs(1)..Duration::from_secs(2)).contains(&tiny));
     }
 
     #[test]

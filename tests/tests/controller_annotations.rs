@@ -322,9 +322,10 @@ async fn a_realistic_annotation_set_is_applied_edited_in_place_and_restored() ->
     drop(controller);
     controller = ControllerProcess::start(&cluster, &[])?;
     controller.wait_ready(Duration::from_secs(60))?;
-    // The Service's read-back ends with its two target groups' targets. (The
-    // count of reconciles could not tell: the apiserver's own `kubernetes`
-    // Service is reconciled too, with no AWS call.)
+    // The Service's read-back has come to its two target groups' targets
+    // (then only name lookups and the plan follow). The count of reconciles
+    // could not tell: the apiserver's own `kubernetes` Service is reconciled
+    // too, with no AWS call.
     eventually(Duration::from_secs(30), "the Service read back", || async {
         let calls = controller.aws_calls()?;
         Ok((calls.get("DescribeTargetHealth") >= Some(&2)).then_some(()))

@@ -739,6 +739,10 @@ async fn a_change_goes_ahead_of_overdue_drift_audits() -> Result<()> {
 
     let edited = services.get("web-3").await?;
     let uid = edited.metadata.uid.clone().unwrap_or_default();
+    let targets_read = |calls: &std::collections::BTreeMap<String, u64>| {
+        calls.get("DescribeTargetHealth").copied().unwrap_or(0)
+    };
+    let audited_before = targets_read(&controller.aws_calls()?);
     let started = Instant::now();
     services
         .patch(
@@ -774,6 +778,11 @@ async fn a_change_goes_ahead_of_overdue_drift_audits() -> Result<()> {
     );
     // The audits still run, two at a time (half the four workers); the
     // others are put off. They find nothing to change.
+    eventually(Duration::from_secs(60), "more audits", || async {
+        let audited = targets_read(&controller.aws_calls()?);
+        Ok((audited >= audited_before + 3).then_some(()))
+    })
+    .await?;
     let metrics = controller.metrics()?;
     let postponed = metrics
         .get("causeway_drift_audits_postponed_total")

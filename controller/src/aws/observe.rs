@@ -205,6 +205,15 @@ impl Aws {
         {
             return Ok(inventory.clone());
         }
+        // In the foreground lane even for an audit: every observe waits for
+        // the listing while this one holds the lock.
+        let inventory = super::in_foreground(self.list_inventory()).await?;
+        let inventory = std::sync::Arc::new(inventory);
+        *slot = Some(inventory.clone());
+        Ok(inventory)
+    }
+
+    async fn list_inventory(&self) -> Result<Inventory, AwsError> {
         let taken_at = std::time::Instant::now();
         let writes = self.calls.writes();
         let load_balancers = self.all_load_balancers().await?;
@@ -218,16 +227,14 @@ impl Aws {
             )
             .await?;
         let security_groups = self.cluster_security_groups().await?;
-        let inventory = std::sync::Arc::new(Inventory {
+        Ok(Inventory {
             taken_at,
             writes,
             load_balancers,
             target_groups,
             tags,
             security_groups,
-        });
-        *slot = Some(inventory.clone());
-        Ok(inventory)
+        })
     }
 
     /// Everything tagged with `uid` in our cluster, plus subnet discovery when
@@ -785,6 +792,9 @@ impl Aws {
     }
 
     /// The node SG, from the current inventory: see [`node_security_group`].
+    /// (A write makes the inventory stale, so the first lookup after one
+    /// lists the region again; the writes that need the node SG's ID or the
+    /// VPC look it up only until it is known.)
     pub(super) async fn node_security_group_opt(
         &self,
     ) -> Result<Option<Ec2SecurityGroup>, AwsError> {

@@ -21,7 +21,10 @@
 //!    until every target group has it registered, AWS calls by operation
 //!    (target: one RegisterTargets per target group, nothing else), checked
 //!    in moto afterwards;
-//! 4. the controller's CPU time over the whole run and its RSS (VmRSS, VmHWM).
+//! 4. the controller's CPU time over the whole run and its RSS (VmRSS, VmHWM);
+//! 5. **restart**: a new controller process reads every Service back (no
+//!    cache, so each is observed): time until every target group's targets
+//!    were read, AWS calls by operation and per Service, writes (target 0).
 //!
 //! Prints Markdown for docs/benchmarks.md on stdout, progress on stderr.
 //!
@@ -726,6 +729,30 @@ print(have, len(tgs))
     let controller_cpu = cpu_seconds(controller.pid());
     let (rss, hwm) = memory_mib(controller.pid());
 
+    // 5. A restart reads every Service back.
+    drop(controller);
+    eprintln!("restarting the controller…");
+    let start_restart = Instant::now();
+    let restarted = ControllerProcess::start(&cluster, &controller_args)?;
+    wait_for("every Service read back", timeout, || {
+        let calls = restarted.aws_calls().unwrap_or_default();
+        Ok(calls.get("DescribeTargetHealth").copied().unwrap_or(0) >= n
+            && restarted.reconciles().unwrap_or(0) >= n)
+    })
+    .await
+    .with_context(|| restarted.log())?;
+    let restart_wall = start_restart.elapsed();
+    let restart_cpu = cpu_seconds(restarted.pid());
+    // Calls a reconcile might still make after the counters moved.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let restart_calls = restarted.aws_calls()?;
+    let restart_total: u64 = restart_calls.values().sum();
+    let restart_writes: BTreeMap<String, u64> = restart_calls
+        .iter()
+        .filter(|(op, _)| !op.starts_with("Describe"))
+        .map(|(op, n)| (op.clone(), *n))
+        .collect();
+
     let moto_floor = total_calls as f64 / replay.rate();
     let ratio = total.as_secs_f64() / moto_floor;
     let per_create = total_calls as f64 / args.services as f64;
@@ -842,5 +869,31 @@ print(have, len(tgs))
     println!("|---|---|");
     println!("| CPU time (utime + stime), start-up included | {controller_cpu:.2} s |");
     println!("| RSS now / peak (VmRSS / VmHWM) | {rss:.1} MiB / {hwm:.1} MiB |");
+    println!();
+    println!(
+        "**A restarted controller reads the {} Services back**",
+        args.services
+    );
+    println!();
+    println!("| | |");
+    println!("|---|---|");
+    println!(
+        "| process start → every Service's targets read | {:.2} s |",
+        restart_wall.as_secs_f64()
+    );
+    println!(
+        "| AWS calls, start-up lookups and orphan sweep included (per Service) | {restart_total} ({:.2}) |",
+        restart_total as f64 / args.services as f64
+    );
+    println!(
+        "| AWS calls by operation | {} |",
+        by_operation(&restart_calls)
+    );
+    println!(
+        "| writes (target: none) | {} ({}) |",
+        by_operation(&restart_writes),
+        verdict(restart_writes.is_empty())
+    );
+    println!("| controller CPU time | {restart_cpu:.2} s |");
     Ok(())
 }
