@@ -175,12 +175,24 @@ impl ClusterArgs {
     }
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    match Cli::parse().command {
-        Command::Run(args) => run(args).await,
-        Command::Plan(args) => plan_command(args).await,
-    }
+/// Stack of each runtime thread. The AWS SDK's request futures are large
+/// in debug builds, and a periodic orphan sweep (a spawned task, so on a
+/// worker thread) overflowed tokio's default of 2 MiB deleting a listener.
+/// Only the pages a thread touches are ever allocated.
+const THREAD_STACK: usize = 8 << 20;
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(THREAD_STACK)
+        .build()?
+        .block_on(async {
+            match cli.command {
+                Command::Run(args) => run(args).await,
+                Command::Plan(args) => plan_command(args).await,
+            }
+        })
 }
 
 fn init_logs(json: bool) {
