@@ -441,6 +441,33 @@ impl Aws {
         )
     }
 
+    /// Every page of a listing, each page one [`Self::call`]. `request`
+    /// sends the request for a page marker (none for the first page), and
+    /// `next` reads the marker of the page after it: ELBv2's `NextMarker`,
+    /// EC2's `NextToken` (an empty one ends the listing too).
+    async fn all_pages<P, E, R, Fut>(
+        &self,
+        operation: &'static str,
+        request: impl Fn(Option<String>) -> Fut,
+        next: impl Fn(&P) -> Option<&str>,
+    ) -> Result<Vec<P>, AwsError>
+    where
+        Fut: Future<Output = Result<P, SdkError<E, R>>>,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug,
+    {
+        let mut pages = Vec::new();
+        let mut marker = None;
+        loop {
+            let page = self.call(operation, request(marker)).await?;
+            marker = next(&page).filter(|m| !m.is_empty()).map(str::to_string);
+            pages.push(page);
+            if marker.is_none() {
+                return Ok(pages);
+            }
+        }
+    }
+
     /// Runs one SDK call, counting it and classifying its error.
     async fn call<T, E, R>(
         &self,

@@ -533,10 +533,8 @@ mod tests {
 
     #[test]
     fn the_drift_audit_period_takes_go_durations_but_not_zero() {
-        assert_eq!(parse_period("10m"), Ok(Duration::from_secs(600)));
+        // The syntax is causeway_telemetry::duration's, tested there.
         assert_eq!(parse_period("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_period("10m0s"), Ok(Duration::from_secs(600)));
-        assert_eq!(parse_period("90"), Ok(Duration::from_secs(90)));
         assert_eq!(
             parse_period("0m0s"),
             Err("\"0m0s\": must be more than zero".to_string())

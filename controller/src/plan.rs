@@ -604,7 +604,6 @@ fn changed(
         .collect()
 }
 
-/// Tag actions for one resource. Tags set by AWS itself (`aws:`) are left alone.
 /// Tags to set and tag keys to remove so that `current` becomes `desired`;
 /// `aws:` tags are AWS's and stay.
 fn tag_changes(
@@ -619,6 +618,7 @@ fn tag_changes(
     (changed(desired, current), remove)
 }
 
+/// Tag actions for one resource.
 fn tag_actions(
     resource: &Ref,
     desired: &BTreeMap<String, String>,

@@ -6,7 +6,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use aws_sdk_ec2::operation::describe_security_groups::DescribeSecurityGroupsOutput;
 use aws_sdk_ec2::types::{Filter, IpPermission, SecurityGroup as Ec2SecurityGroup};
+use aws_sdk_elasticloadbalancingv2::operation::describe_listener_certificates::DescribeListenerCertificatesOutput;
+use aws_sdk_elasticloadbalancingv2::operation::describe_listeners::DescribeListenersOutput;
+use aws_sdk_elasticloadbalancingv2::operation::describe_load_balancers::DescribeLoadBalancersOutput;
+use aws_sdk_elasticloadbalancingv2::operation::describe_target_groups::DescribeTargetGroupsOutput;
 use aws_sdk_elasticloadbalancingv2::types::{
     LoadBalancer as ElbLoadBalancer, TargetGroup as ElbTargetGroup, TargetHealthStateEnum,
 };
@@ -171,16 +176,25 @@ fn sg_tags(sg: &Ec2SecurityGroup) -> BTreeMap<String, String> {
     tag_map(sg.tags().iter().map(|t| (t.key(), t.value())))
 }
 
+/// The UID of the Service whose managed frontend SG `sg` is: ours (the
+/// cluster tag `owned`) and tagged with a UID.
+fn frontend_of(sg: &Ec2SecurityGroup, cluster_tag: &str) -> Option<String> {
+    let mut tags = sg_tags(sg);
+    (tags.get(cluster_tag).map(String::as_str) == Some("owned"))
+        .then(|| tags.remove(tags::SERVICE_UID))
+        .flatten()
+}
+
 /// Every NLB and target group of the region with its tags, and every
 /// security group carrying our cluster tag: what each Service's observe
 /// filters by its UID. Listing them costs a call per page and one
 /// `DescribeTags` per 20 resources, so a listing per observe made a
 /// drift-audit round, or a restart, cost calls in the square of the number
 /// of Services (the node SG's listing alone returned every Service's
-/// frontend SG, since they carry the cluster tag too). One listing now serves every observe for the inventory TTL,
-/// unless this client writes in between: a write makes it stale, so a
-/// Service's own changes are always seen, and other programs' changes within
-/// the TTL. The details of a Service's own resources (attributes, listeners,
+/// frontend SG, since they carry the cluster tag too). One listing now
+/// serves every observe for the inventory TTL, unless this client writes in
+/// between: a write makes it stale, so a Service's own changes are always
+/// seen, and other programs' changes within the TTL. The details of a Service's own resources (attributes, listeners,
 /// targets) are still read for each observe: ELBv2 lists them per resource.
 #[derive(Debug)]
 pub(super) struct Inventory {
@@ -278,11 +292,7 @@ impl Aws {
         let frontend: Vec<&Ec2SecurityGroup> = inventory
             .security_groups
             .iter()
-            .filter(|g| {
-                let tags = sg_tags(g);
-                tags.get(&cluster_tag).map(String::as_str) == Some("owned")
-                    && tags.get(tags::SERVICE_UID).map(String::as_str) == Some(uid)
-            })
+            .filter(|g| frontend_of(g, &cluster_tag).as_deref() == Some(uid))
             .collect();
         let managed_sg = frontend
             .first()
@@ -468,14 +478,12 @@ impl Aws {
                 uids.insert(uid.clone());
             }
         }
-        for sg in &inventory.security_groups {
-            let tags = sg_tags(sg);
-            if tags.get(&cluster_tag).map(String::as_str) == Some("owned")
-                && let Some(uid) = tags.get(tags::SERVICE_UID)
-            {
-                uids.insert(uid.clone());
-            }
-        }
+        uids.extend(
+            inventory
+                .security_groups
+                .iter()
+                .filter_map(|g| frontend_of(g, &cluster_tag)),
+        );
         if let Some(node_sg) = self.node_security_group_in(&inventory)? {
             for rule in node_sg
                 .ip_permissions()
@@ -518,39 +526,33 @@ impl Aws {
     }
 
     async fn all_load_balancers(&self) -> Result<Vec<ElbLoadBalancer>, AwsError> {
-        let mut out = Vec::new();
-        let mut marker = None;
-        loop {
-            let page = self
-                .call(
-                    "DescribeLoadBalancers",
-                    self.elb.describe_load_balancers().set_marker(marker).send(),
-                )
-                .await?;
-            out.extend(page.load_balancers().iter().cloned());
-            marker = page.next_marker().map(str::to_string);
-            if marker.is_none() {
-                return Ok(out);
-            }
-        }
+        let pages = self
+            .all_pages(
+                "DescribeLoadBalancers",
+                |marker| self.elb.describe_load_balancers().set_marker(marker).send(),
+                DescribeLoadBalancersOutput::next_marker,
+            )
+            .await?;
+        Ok(pages
+            .iter()
+            .flat_map(|p| p.load_balancers())
+            .cloned()
+            .collect())
     }
 
     async fn all_target_groups(&self) -> Result<Vec<ElbTargetGroup>, AwsError> {
-        let mut out = Vec::new();
-        let mut marker = None;
-        loop {
-            let page = self
-                .call(
-                    "DescribeTargetGroups",
-                    self.elb.describe_target_groups().set_marker(marker).send(),
-                )
-                .await?;
-            out.extend(page.target_groups().iter().cloned());
-            marker = page.next_marker().map(str::to_string);
-            if marker.is_none() {
-                return Ok(out);
-            }
-        }
+        let pages = self
+            .all_pages(
+                "DescribeTargetGroups",
+                |marker| self.elb.describe_target_groups().set_marker(marker).send(),
+                DescribeTargetGroupsOutput::next_marker,
+            )
+            .await?;
+        Ok(pages
+            .iter()
+            .flat_map(|p| p.target_groups())
+            .cloned()
+            .collect())
     }
 
     async fn tags_of<'a>(
@@ -618,68 +620,64 @@ impl Aws {
     }
 
     async fn listeners(&self, lb_arn: &str) -> Result<Vec<ObservedListener>, AwsError> {
-        let mut out = Vec::new();
-        let mut marker = None;
-        loop {
-            let page = self
-                .call(
-                    "DescribeListeners",
+        let pages = self
+            .all_pages(
+                "DescribeListeners",
+                |marker| {
                     self.elb
                         .describe_listeners()
                         .load_balancer_arn(lb_arn)
                         .set_marker(marker)
-                        .send(),
-                )
-                .await?;
-            for l in page.listeners() {
-                let Some(protocol) = protocol(l.protocol().map(|p| p.as_str())) else {
-                    continue;
-                };
-                // The default certificate (AWS reports no other here, moto
-                // all of them, the default first; the rest are read below).
-                let default_certificate = l
-                    .certificates()
+                        .send()
+                },
+                DescribeListenersOutput::next_marker,
+            )
+            .await?;
+        let mut out = Vec::new();
+        for l in pages.iter().flat_map(|p| p.listeners()) {
+            let Some(protocol) = protocol(l.protocol().map(|p| p.as_str())) else {
+                continue;
+            };
+            // The default certificate (AWS reports no other here, moto
+            // all of them, the default first; the rest are read below).
+            let default_certificate = l
+                .certificates()
+                .iter()
+                .find(|c| c.is_default().unwrap_or(false))
+                .or_else(|| l.certificates().first())
+                .and_then(|c| c.certificate_arn())
+                .map(str::to_string);
+            // TLS settings mean nothing on other listeners; moto reports
+            // a policy anyway.
+            let tls = protocol == Protocol::Tls;
+            out.push(ObservedListener {
+                arn: l.listener_arn().unwrap_or_default().to_string(),
+                load_balancer_arn: lb_arn.to_string(),
+                port: l.port().and_then(|p| u16::try_from(p).ok()).unwrap_or(0),
+                protocol,
+                certificates: default_certificate.filter(|_| tls).into_iter().collect(),
+                ssl_policy: l.ssl_policy().filter(|_| tls).map(str::to_string),
+                alpn_policy: l
+                    .alpn_policy()
+                    .first()
+                    .filter(|_| tls)
+                    .and_then(|p| AlpnPolicy::ALL.into_iter().find(|a| a.as_str() == p))
+                    .filter(|p| *p != AlpnPolicy::None),
+                target_group_arn: l
+                    .default_actions()
                     .iter()
-                    .find(|c| c.is_default().unwrap_or(false))
-                    .or_else(|| l.certificates().first())
-                    .and_then(|c| c.certificate_arn())
-                    .map(str::to_string);
-                // TLS settings mean nothing on other listeners; moto reports
-                // a policy anyway.
-                let tls = protocol == Protocol::Tls;
-                out.push(ObservedListener {
-                    arn: l.listener_arn().unwrap_or_default().to_string(),
-                    load_balancer_arn: lb_arn.to_string(),
-                    port: l.port().and_then(|p| u16::try_from(p).ok()).unwrap_or(0),
-                    protocol,
-                    certificates: default_certificate.filter(|_| tls).into_iter().collect(),
-                    ssl_policy: l.ssl_policy().filter(|_| tls).map(str::to_string),
-                    alpn_policy: l
-                        .alpn_policy()
-                        .first()
-                        .filter(|_| tls)
-                        .and_then(|p| AlpnPolicy::ALL.into_iter().find(|a| a.as_str() == p))
-                        .filter(|p| *p != AlpnPolicy::None),
-                    target_group_arn: l
-                        .default_actions()
-                        .iter()
-                        .find_map(|a| {
-                            a.target_group_arn().map(str::to_string).or_else(|| {
-                                a.forward_config()?
-                                    .target_groups()
-                                    .first()?
-                                    .target_group_arn()
-                                    .map(str::to_string)
-                            })
+                    .find_map(|a| {
+                        a.target_group_arn().map(str::to_string).or_else(|| {
+                            a.forward_config()?
+                                .target_groups()
+                                .first()?
+                                .target_group_arn()
+                                .map(str::to_string)
                         })
-                        .unwrap_or_default(),
-                    attributes: BTreeMap::new(),
-                });
-            }
-            marker = page.next_marker().map(str::to_string);
-            if marker.is_none() {
-                break;
-            }
+                    })
+                    .unwrap_or_default(),
+                attributes: BTreeMap::new(),
+            });
         }
         for listener in &mut out {
             if listener.protocol == Protocol::Tls {
@@ -710,30 +708,25 @@ impl Aws {
     /// The certificates of a TLS listener's list that are not its default
     /// one (the SNI certificates), in the order AWS reports them.
     async fn sni_certificates(&self, listener_arn: &str) -> Result<Vec<String>, AwsError> {
-        let mut out = Vec::new();
-        let mut marker = None;
-        loop {
-            let page = self
-                .call(
-                    "DescribeListenerCertificates",
+        let pages = self
+            .all_pages(
+                "DescribeListenerCertificates",
+                |marker| {
                     self.elb
                         .describe_listener_certificates()
                         .listener_arn(listener_arn)
                         .set_marker(marker)
-                        .send(),
-                )
-                .await?;
-            out.extend(
-                page.certificates()
-                    .iter()
-                    .filter(|c| !c.is_default().unwrap_or(false))
-                    .filter_map(|c| c.certificate_arn().map(str::to_string)),
-            );
-            marker = page.next_marker().map(str::to_string);
-            if marker.is_none() {
-                return Ok(out);
-            }
-        }
+                        .send()
+                },
+                DescribeListenerCertificatesOutput::next_marker,
+            )
+            .await?;
+        Ok(pages
+            .iter()
+            .flat_map(|p| p.certificates())
+            .filter(|c| !c.is_default().unwrap_or(false))
+            .filter_map(|c| c.certificate_arn().map(str::to_string))
+            .collect())
     }
 
     /// Registered targets, without those already draining (they are leaving).
@@ -767,28 +760,25 @@ impl Aws {
 
     /// Every security group carrying our cluster tag, whatever its value.
     async fn cluster_security_groups(&self) -> Result<Vec<Ec2SecurityGroup>, AwsError> {
-        let mut out = Vec::new();
-        let mut token = None;
-        loop {
-            let page = self
-                .call(
-                    "DescribeSecurityGroups",
+        let cluster_tag = self.cluster_tag();
+        let pages = self
+            .all_pages(
+                "DescribeSecurityGroups",
+                |token| {
                     self.ec2
                         .describe_security_groups()
-                        .filters(filter("tag-key", &[&self.cluster_tag()]))
+                        .filters(filter("tag-key", &[&cluster_tag]))
                         .set_next_token(token)
-                        .send(),
-                )
-                .await?;
-            out.extend(page.security_groups().iter().cloned());
-            token = page
-                .next_token()
-                .filter(|t| !t.is_empty())
-                .map(str::to_string);
-            if token.is_none() {
-                return Ok(out);
-            }
-        }
+                        .send()
+                },
+                DescribeSecurityGroupsOutput::next_token,
+            )
+            .await?;
+        Ok(pages
+            .iter()
+            .flat_map(|p| p.security_groups())
+            .cloned()
+            .collect())
     }
 
     /// The node SG, from the current inventory: see [`node_security_group`].
