@@ -42,6 +42,7 @@ use crate::rules::{
 };
 use crate::serve::{self, ConnectionBudget};
 use crate::sysctl;
+use causeway_telemetry::listen::listen;
 
 /// A full sync also runs this often, whatever else happens (kube-proxy's
 /// `FullSyncPeriod`): it repairs rules another program deleted without
@@ -413,11 +414,11 @@ async fn serve_in_background(
 fn listen_on(address: &str) -> std::io::Result<tokio::net::TcpListener> {
     use std::net::ToSocketAddrs as _;
     if let Ok(parsed) = address.parse() {
-        return serve::listen(parsed, false);
+        return listen(parsed, false);
     }
     let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "the name has no address");
     for resolved in address.to_socket_addrs()? {
-        match serve::listen(resolved, false) {
+        match listen(resolved, false) {
             Ok(listener) => return Ok(listener),
             Err(e) => last = e,
         }

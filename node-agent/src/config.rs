@@ -226,8 +226,6 @@ impl ProxyOptions {
     }
 }
 
-pub use causeway_telemetry::duration::parse_duration;
-
 /// How `run` writes its log: kube-proxy's `--logging-format` (and the
 /// configuration file's `logging.format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -28,6 +28,7 @@ use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::rules::NodePortAddresses;
 use crate::serve::{ConnectionBudget, serve_port};
+use causeway_telemetry::listen::listen;
 
 /// The taint the cluster autoscaler puts on a node it is about to remove.
 pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
@@ -467,7 +468,7 @@ impl ServiceHealthServers {
             } else {
                 sockets
                     .iter()
-                    .map(|(at, family_only)| crate::serve::listen(*at, *family_only))
+                    .map(|(at, family_only)| listen(*at, *family_only))
                     .collect()
             };
             match opened {

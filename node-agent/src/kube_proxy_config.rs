@@ -16,7 +16,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use crate::config::{DetectLocalMode, LogFormat, check_proxy_mode, parse_duration};
+use crate::config::{DetectLocalMode, LogFormat, check_proxy_mode};
+use causeway_telemetry::duration::parse_duration;
 
 const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 

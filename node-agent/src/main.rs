@@ -17,8 +17,7 @@ use clap::{
 use causeway_agent::addr::IpFamily;
 use causeway_agent::agent::{self, RunConfig};
 use causeway_agent::config::{
-    DetectLocalMode, LogFormat, ProxyOptions, check_proxy_mode, log_filter, parse_duration,
-    parse_go_bool,
+    DetectLocalMode, LogFormat, ProxyOptions, check_proxy_mode, log_filter, parse_go_bool,
 };
 use causeway_agent::conntrack_tuning::{self, Tuning};
 use causeway_agent::kube_proxy_config::{self, FileSettings};
@@ -29,6 +28,7 @@ use causeway_agent::netfilter::Backend;
 use causeway_agent::nfacct;
 use causeway_agent::rules::{self, Accounting, RenderOptions};
 use causeway_agent::trace;
+use causeway_telemetry::duration::parse_duration;
 
 /// Programs Services into iptables on this node, like kube-proxy.
 #[derive(Parser)]

@@ -215,8 +215,6 @@ fn client_group(ip: IpAddr) -> IpAddr {
     }
 }
 
-pub use causeway_telemetry::listen::listen;
-
 /// The addresses of this node's interfaces (none when they cannot be read).
 pub fn local_addresses() -> Vec<IpAddr> {
     match if_addrs::get_if_addrs() {
@@ -303,6 +301,7 @@ mod tests {
     use super::*;
 
     use axum::routing::get;
+    use causeway_telemetry::listen::listen;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
