@@ -155,6 +155,28 @@ impl ControllerProcess {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+
+    /// Waits until this controller has read the targets of `target_groups`
+    /// target groups (`DescribeTargetHealth`): after a restart, that many
+    /// have been read back. Only name lookups and the plan follow in each
+    /// Service's reconcile.
+    pub async fn wait_targets_read(&self, target_groups: u64, timeout: Duration) -> Result<()> {
+        crate::wait::eventually(timeout, "the Services read back", || async {
+            let read = self.aws_calls()?.get("DescribeTargetHealth").copied();
+            Ok((read >= Some(target_groups)).then_some(()))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", self.log()))
+    }
+}
+
+/// The writes among AWS calls by operation: every operation but `Describe*`.
+pub fn writes(calls: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    calls
+        .iter()
+        .filter(|(op, _)| !op.starts_with("Describe"))
+        .map(|(op, n)| (op.clone(), *n))
+        .collect()
 }
 
 impl Drop for ControllerProcess {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use causeway_tests::controller::{
     ControllerProcess, aws_resources_of, calls_between, events_of, moto_python, plan,
-    wait_for_event, wait_for_hostname, wait_until_deleted,
+    wait_for_event, wait_for_hostname, wait_until_deleted, writes,
 };
 use causeway_tests::wait::eventually;
 use causeway_tests::{Cluster, ClusterOptions};
@@ -142,14 +142,6 @@ fn pairs(items: &[(&str, &str)]) -> BTreeMap<String, String> {
 }
 
 /// Everything the apply wrote: operations other than Describe*.
-fn writes(calls: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
-    calls
-        .iter()
-        .filter(|(op, _)| !op.starts_with("Describe"))
-        .map(|(op, n)| (op.clone(), *n))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_realistic_annotation_set_is_applied_edited_in_place_and_restored() -> Result<()> {
     let cluster = Cluster::start(ClusterOptions::nodes(2)).await?;
@@ -322,15 +314,12 @@ async fn a_realistic_annotation_set_is_applied_edited_in_place_and_restored() ->
     drop(controller);
     controller = ControllerProcess::start(&cluster, &[])?;
     controller.wait_ready(Duration::from_secs(60))?;
-    // The Service's read-back has come to its two target groups' targets
-    // (then only name lookups and the plan follow). The count of reconciles
-    // could not tell: the apiserver's own `kubernetes` Service is reconciled
-    // too, with no AWS call.
-    eventually(Duration::from_secs(30), "the Service read back", || async {
-        let calls = controller.aws_calls()?;
-        Ok((calls.get("DescribeTargetHealth") >= Some(&2)).then_some(()))
-    })
-    .await?;
+    // Its two target groups read back. (The count of reconciles could not
+    // tell: the apiserver's own `kubernetes` Service is reconciled too, with
+    // no AWS call.)
+    controller
+        .wait_targets_read(2, Duration::from_secs(30))
+        .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let calls = controller.aws_calls()?;
     assert!(

@@ -92,11 +92,7 @@ async fn crash_at_write<T>(
 }
 
 fn writes(calls: &BTreeMap<String, u64>) -> u64 {
-    calls
-        .iter()
-        .filter(|(op, _)| !op.starts_with("Describe"))
-        .map(|(_, n)| n)
-        .sum()
+    causeway_tests::controller::writes(calls).values().sum()
 }
 
 /// Every live Service has exactly `expected` in moto; nothing else is tagged.

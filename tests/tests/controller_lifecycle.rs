@@ -11,6 +11,7 @@ use anyhow::Result;
 use causeway_tests::controller::{
     ControllerProcess, aws_resources_of, calls_between, delete_load_balancers_of, events_of,
     node_sg_rule_ports, plan, targets, wait_for_event, wait_for_hostname, wait_until_deleted,
+    writes,
 };
 use causeway_tests::wait::eventually;
 use causeway_tests::{Cluster, ClusterOptions};
@@ -365,12 +366,8 @@ async fn invalid_annotation_is_a_warning_event_and_no_aws_write() -> Result<()> 
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     let calls = controller.aws_calls()?;
-    let writes: Vec<&String> = calls
-        .keys()
-        .filter(|op| !op.starts_with("Describe"))
-        .collect();
     assert!(
-        writes.is_empty(),
+        writes(&calls).is_empty(),
         "no AWS write for an invalid Service: {calls:?}"
     );
     let svc = services.get("service-python").await?;
@@ -544,6 +541,42 @@ fn named(name: &str, annotations: Value) -> Result<Service> {
     Ok(svc)
 }
 
+/// Creates `web-0` … `web-{count-1}` and waits until each has its hostname.
+async fn create_web_services(
+    services: &Api<Service>,
+    controller: &ControllerProcess,
+    count: usize,
+) -> Result<()> {
+    for i in 0..count {
+        services
+            .create(
+                &PostParams::default(),
+                &named(&format!("web-{i}"), json!({}))?,
+            )
+            .await?;
+    }
+    for i in 0..count {
+        wait_for_hostname(services, &format!("web-{i}"), Duration::from_secs(180))
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))?;
+    }
+    Ok(())
+}
+
+/// The edit the tests make to an existing Service: a tag for its resources.
+async fn tag_for_checkout(services: &Api<Service>, name: &str) -> Result<()> {
+    services
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {
+                "service.beta.kubernetes.io/aws-load-balancer-additional-resource-tags": "team=checkout"
+            }}})),
+        )
+        .await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aws_refusal_is_reported_on_its_service_and_others_proceed() -> Result<()> {
     let cluster = Cluster::start(ClusterOptions::nodes(1)).await?;
@@ -632,32 +665,14 @@ async fn a_restart_lists_the_load_balancers_once_for_every_service() -> Result<(
     let services: Api<Service> = Api::namespaced(cluster.client(), "default");
     let controller = ControllerProcess::start(&cluster, &[])?;
     controller.wait_ready(Duration::from_secs(60))?;
-    for i in 0..SERVICES {
-        services
-            .create(
-                &PostParams::default(),
-                &named(&format!("web-{i}"), json!({}))?,
-            )
-            .await?;
-    }
-    for i in 0..SERVICES {
-        wait_for_hostname(&services, &format!("web-{i}"), Duration::from_secs(120)).await?;
-    }
+    create_web_services(&services, &controller, SERVICES).await?;
     drop(controller);
 
     let controller = ControllerProcess::start(&cluster, &[])?;
     controller.wait_ready(Duration::from_secs(60))?;
-    eventually(
-        Duration::from_secs(60),
-        "every Service read back",
-        || async {
-            let targets_read = controller.aws_calls()?.get("DescribeTargetHealth").copied();
-            let done = controller.reconciles()? >= SERVICES as u64
-                && targets_read >= Some(SERVICES as u64);
-            Ok(done.then_some(()))
-        },
-    )
-    .await?;
+    controller
+        .wait_targets_read(SERVICES as u64, Duration::from_secs(60))
+        .await?;
     // Nothing more is coming: no Service has anything to change.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let calls = controller.aws_calls()?;
@@ -683,11 +698,7 @@ async fn a_restart_lists_the_load_balancers_once_for_every_service() -> Result<(
             "{operation}: {n} calls for {SERVICES} Services: {calls:?}"
         );
     }
-    let writes: Vec<&String> = calls
-        .keys()
-        .filter(|op| !op.starts_with("Describe"))
-        .collect();
-    assert!(writes.is_empty(), "nothing to change: {calls:?}");
+    assert!(writes(&calls).is_empty(), "nothing to change: {calls:?}");
     Ok(())
 }
 
@@ -707,19 +718,7 @@ async fn a_change_goes_ahead_of_overdue_drift_audits() -> Result<()> {
         &["--drift-audit-period", "10s", "--aws-describe-rate", "1"],
     )?;
     controller.wait_ready(Duration::from_secs(60))?;
-    for i in 0..SERVICES {
-        services
-            .create(
-                &PostParams::default(),
-                &named(&format!("web-{i}"), json!({}))?,
-            )
-            .await?;
-    }
-    for i in 0..SERVICES {
-        wait_for_hostname(&services, &format!("web-{i}"), Duration::from_secs(180))
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}; controller log:\n{}", controller.log()))?;
-    }
+    create_web_services(&services, &controller, SERVICES).await?;
     // Audits under way, and calls waiting for the Describe limit.
     eventually(Duration::from_secs(120), "audits to queue", || async {
         let metrics = controller.metrics()?;
@@ -744,15 +743,7 @@ async fn a_change_goes_ahead_of_overdue_drift_audits() -> Result<()> {
     };
     let audited_before = targets_read(&controller.aws_calls()?);
     let started = Instant::now();
-    services
-        .patch(
-            "web-3",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {
-                "service.beta.kubernetes.io/aws-load-balancer-additional-resource-tags": "team=checkout"
-            }}})),
-        )
-        .await?;
+    tag_for_checkout(&services, "web-3").await?;
     wait_for_event(
         &client,
         &uid,
@@ -825,22 +816,12 @@ async fn an_nlb_deleted_since_the_listing_is_listed_again_and_recreated() -> Res
     // back, writing nothing: its listing stays in use for 30 s.
     let controller = ControllerProcess::start(&cluster, &[])?;
     controller.wait_ready(Duration::from_secs(60))?;
-    eventually(Duration::from_secs(30), "the Service read back", || async {
-        let calls = controller.aws_calls()?;
-        Ok((calls.get("DescribeTargetHealth") >= Some(&1)).then_some(()))
-    })
-    .await?;
+    controller
+        .wait_targets_read(1, Duration::from_secs(30))
+        .await?;
     let before = controller.aws_calls()?;
     delete_load_balancers_of(&cluster, &uid)?;
-    services
-        .patch(
-            "web",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {
-                "service.beta.kubernetes.io/aws-load-balancer-additional-resource-tags": "team=checkout"
-            }}})),
-        )
-        .await?;
+    tag_for_checkout(&services, "web").await?;
     let second = eventually(Duration::from_secs(60), "a new NLB", || {
         let cluster = &cluster;
         let uid = uid.clone();
@@ -877,9 +858,7 @@ async fn an_nlb_deleted_since_the_listing_is_listed_again_and_recreated() -> Res
     );
     let events = events_of(&client, &uid).await?;
     assert!(
-        !events
-            .iter()
-            .any(|(kind, reason, _)| kind == "Warning" || reason == "SyncLoadBalancerFailed"),
+        !events.iter().any(|(kind, _, _)| kind == "Warning"),
         "no failed reconcile: {events:?}"
     );
     Ok(())

@@ -747,11 +747,7 @@ print(have, len(tgs))
     tokio::time::sleep(Duration::from_secs(2)).await;
     let restart_calls = restarted.aws_calls()?;
     let restart_total: u64 = restart_calls.values().sum();
-    let restart_writes: BTreeMap<String, u64> = restart_calls
-        .iter()
-        .filter(|(op, _)| !op.starts_with("Describe"))
-        .map(|(op, n)| (op.clone(), *n))
-        .collect();
+    let restart_writes = causeway_tests::controller::writes(&restart_calls);
 
     let moto_floor = total_calls as f64 / replay.rate();
     let ratio = total.as_secs_f64() / moto_floor;
