@@ -69,7 +69,8 @@ fn camel(snake: &str) -> String {
 /// Every SDK operation the controller's AWS adapter calls, as IAM actions,
 /// read from the source: `self.elb.<op>()` / `self.ec2.<op>()` (whitespace
 /// ignored, so chains split over lines count). Also checks that the operation
-/// names the adapter counts (`self.call("Op", …)`) are exactly these.
+/// names the adapter counts (`self.call("Op", …)`, `self.all_pages("Op", …)`)
+/// are exactly these.
 fn actions_in_source() -> Result<BTreeSet<String>> {
     let mut actions = BTreeSet::new();
     let mut counted = BTreeSet::new();
@@ -86,10 +87,13 @@ fn actions_in_source() -> Result<BTreeSet<String>> {
                 }
             }
         }
-        for (at, _) in text.match_indices(".call(\"") {
-            let rest = &text[at + ".call(\"".len()..];
-            if let Some(end) = rest.find('"') {
-                counted.insert(rest[..end].to_string());
+        // `all_pages` counts each page through `call`.
+        for label in [".call(\"", ".all_pages(\""] {
+            for (at, _) in text.match_indices(label) {
+                let rest = &text[at + label.len()..];
+                if let Some(end) = rest.find('"') {
+                    counted.insert(rest[..end].to_string());
+                }
             }
         }
     }
